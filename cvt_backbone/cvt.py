@@ -1,0 +1,667 @@
+"""CvT: Convolutional vision Transformer (Wu et al. 2021, arXiv 2103.15808) in Flax.
+
+One file for the model family: its blocks, the multi-scale `CvTBackbone`, the
+`CvT` ImageNet classifier and the variant table. Module and parameter names
+mirror the official checkpoints (microsoft/CvT, `lib/models/cls_cvt.py`), so
+`stage{i}.blocks.{j}.attn.conv_proj_q.bn.running_mean` becomes
+`batch_stats/stage{i}/blocks_{j}/attn/conv_proj_q/bn/mean`. Note the official
+stage modules count from 0 (`stage0..stage2`) while the backbone's outputs are
+named by the paper's stage numbers (`'stage1'..'stage3'`, strides 4/8/16).
+
+Facts matched to the official model (see DESIGN.md):
+- conv token embedding with explicit symmetric padding, then LayerNorm (eps 1e-5);
+- no positional embedding; a cls token in the last stage only, prepended after
+  the embedding norm, bypassing the conv projections;
+- attention: separate depthwise conv + BatchNorm ("dw_bn") for q, k and v (q
+  stride 1, k/v stride 2), Linear projections with bias, scale `D**-0.5` with D
+  the full stage width (not the head dim), output Linear;
+- pre-norm blocks with per-block drop path `linspace(0, rate, depth)`;
+- QuickGELU MLP by default (the official code); exact GELU is what Hugging Face
+  `CvtModel` runs on the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cvt_backbone import attention as attention_lib
+from cvt_backbone import depthwise as depthwise_lib
+
+Dtype = Any
+MIN_INPUT_SIZE = 16
+
+# PyTorch LayerNorm/BatchNorm defaults, which the official weights were trained with.
+LN_EPS = 1e-5
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9  # = 1 - PyTorch's momentum of 0.1.
+
+# Official init: trunc_normal(std=0.02) for Linear weights and the cls token.
+_dense_init = nn.initializers.truncated_normal(0.02)
+
+
+# ---------------------------------------------------------------------------
+# Variants
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CvTSpec:
+  """The architecture of a CvT: one entry per stage (official `SPEC` of the yaml configs)."""
+
+  embed_dims: tuple[int, ...] = (64, 192, 384)
+  num_heads: tuple[int, ...] = (1, 3, 6)
+  depths: tuple[int, ...] = (1, 2, 10)
+  mlp_ratios: tuple[float, ...] = (4.0, 4.0, 4.0)
+  patch_sizes: tuple[int, ...] = (7, 3, 3)
+  patch_strides: tuple[int, ...] = (4, 2, 2)
+  patch_paddings: tuple[int, ...] = (2, 1, 1)
+  kernel_qkv: tuple[int, ...] = (3, 3, 3)
+  stride_q: tuple[int, ...] = (1, 1, 1)
+  stride_kv: tuple[int, ...] = (2, 2, 2)
+  cls_token: tuple[bool, ...] = (False, False, True)
+  drop_path_rates: tuple[float, ...] = (0.0, 0.0, 0.1)
+  qkv_bias: bool = True
+
+  def __post_init__(self):
+    per_stage = ('embed_dims', 'num_heads', 'depths', 'mlp_ratios', 'patch_sizes',
+                 'patch_strides', 'patch_paddings', 'kernel_qkv', 'stride_q', 'stride_kv',
+                 'cls_token', 'drop_path_rates')
+    lengths = {name: len(getattr(self, name)) for name in per_stage}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(f'CvTSpec fields must all have one entry per stage; got lengths {lengths}.')
+    for dim, heads in zip(self.embed_dims, self.num_heads):
+      if dim % heads:
+        raise ValueError(f'Stage width {dim} is not divisible by its {heads} heads.')
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.embed_dims)
+
+  @property
+  def strides(self) -> tuple[int, ...]:
+    """Cumulative stride of each stage's output map (4, 8, 16 for the official models)."""
+    return tuple(int(s) for s in np.cumprod(self.patch_strides))
+
+  def output_sizes(self, height: int, width: int) -> tuple[tuple[int, int], ...]:
+    """The exact `(H_i, W_i)` of each stage's map for an input of `height` x `width`.
+
+    Each axis goes through `floor((n + 2p - k) / s) + 1` per embedding conv, which
+    for the official models is `floor((n+1)/4)`, then `ceil(n/2)` twice.
+    """
+    sizes = []
+    for k, s, p in zip(self.patch_sizes, self.patch_strides, self.patch_paddings):
+      height = (height + 2 * p - k) // s + 1
+      width = (width + 2 * p - k) // s + 1
+      sizes.append((height, width))
+    return tuple(sizes)
+
+
+VARIANTS: dict[str, CvTSpec] = {
+    # microsoft/CvT experiments/imagenet/cvt/cvt-13-224x224.yaml etc.
+    'cvt-13': CvTSpec(),
+    'cvt-21': CvTSpec(depths=(1, 4, 16)),
+    'cvt-w24': CvTSpec(embed_dims=(192, 768, 1024), num_heads=(3, 12, 16), depths=(2, 2, 20),
+                       drop_path_rates=(0.0, 0.0, 0.3)),
+    # A few-thousand-parameter model with every structural feature, for tests.
+    'cvt-tiny': CvTSpec(embed_dims=(16, 32, 48), num_heads=(1, 2, 3), depths=(1, 1, 2)),
+}
+
+
+def canonical_variant_name(name: str) -> str:
+  """'CvT-13', 'cvt_13' and '13' all name 'cvt-13'."""
+  key = name.strip().lower().replace('_', '-')
+  if not key.startswith('cvt-'):
+    key = 'cvt-' + key.removeprefix('cvt')
+  return key
+
+
+def get_spec(variant: str) -> CvTSpec:
+  """The `CvTSpec` of a named variant ('cvt-13', 'cvt-21', 'cvt-w24', 'cvt-tiny')."""
+  key = canonical_variant_name(variant)
+  if key not in VARIANTS:
+    raise ValueError(f'Unknown CvT variant {variant!r}; expected one of {sorted(VARIANTS)}.')
+  return VARIANTS[key]
+
+
+ACTIVATIONS = {
+    # Official code (cls_cvt.py QuickGELU).
+    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),
+    # Hugging Face CvtModel (nn.GELU): the exact erf form.
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def _activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f'Unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}.')
+  return ACTIVATIONS[name]
+
+
+# ---------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------
+
+
+class ConvEmbed(nn.Module):
+  """Convolutional token embedding: strided conv with explicit padding, then LayerNorm."""
+
+  dim: int
+  patch_size: int
+  stride: int
+  padding: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[N, H, W, C_in]` -> `[N, H', W', dim]`."""
+    # Explicit padding: 'SAME' pads asymmetrically and shifts every feature.
+    p = self.padding
+    x = nn.Conv(self.dim, (self.patch_size, self.patch_size), strides=self.stride,
+                padding=((p, p), (p, p)), dtype=self.dtype, param_dtype=self.param_dtype,
+                name='proj')(x)
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name='norm')(x)
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise conv without bias; the kernel is `[k, k, 1, C]` as in `nn.Conv(groups=C)`."""
+
+  kernel_size: int
+  stride: int
+  padding: int
+  implementation: str = 'auto'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (self.kernel_size, self.kernel_size, 1, x.shape[-1]), self.param_dtype)
+    return depthwise_lib.depthwise_conv2d(
+        x.astype(self.dtype), kernel, stride=self.stride, padding=self.padding,
+        implementation=self.implementation)
+
+
+class ConvProjection(nn.Module):
+  """The 'dw_bn' projection of CvT: depthwise conv then BatchNorm, on the token grid."""
+
+  kernel_size: int
+  stride: int
+  depthwise: str = 'auto'
+  bn_axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+    """`[N, h, w, C]` -> `[N, h', w', C]`."""
+    x = DepthwiseConv(self.kernel_size, self.stride, self.kernel_size // 2, self.depthwise,
+                      self.dtype, self.param_dtype, name='conv')(x)
+    return nn.BatchNorm(use_running_average=use_running_average, momentum=BN_MOMENTUM,
+                        epsilon=BN_EPS, axis_name=self.bn_axis_name, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name='bn')(x)
+
+
+class ConvAttention(nn.Module):
+  """Multi-head attention with convolutional projections (official `Attention`)."""
+
+  dim: int
+  num_heads: int
+  spatial: tuple[int, int]
+  with_cls_token: bool
+  kernel_size: int = 3
+  stride_q: int = 1
+  stride_kv: int = 2
+  qkv_bias: bool = True
+  dropout_rate: float = 0.0
+  implementation: str = 'auto'
+  chunk_size: int | None = None
+  budget_bytes: int = attention_lib.DEFAULT_MEMORY_BUDGET_BYTES
+  depthwise: str = 'auto'
+  bn_axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool, deterministic: bool) -> jax.Array:
+    """`[N, T, C]` tokens (cls first when present, then the `h*w` grid) -> `[N, T, dim]`."""
+    n, _, c = x.shape
+    h, w = self.spatial
+    cls_token, grid = (x[:, :1], x[:, 1:]) if self.with_cls_token else (None, x)
+    grid = grid.reshape(n, h, w, c)
+
+    def project(name: str, stride: int) -> jax.Array:
+      y = ConvProjection(self.kernel_size, stride, self.depthwise, self.bn_axis_name,
+                         self.dtype, self.param_dtype, name=f'conv_proj_{name}')(
+                             grid, use_running_average)
+      y = y.reshape(n, -1, c)
+      if cls_token is not None:
+        # The cls token skips the conv projection and joins q, k and v in front.
+        y = jnp.concatenate([cls_token.astype(y.dtype), y], axis=1)
+      y = nn.Dense(self.dim, use_bias=self.qkv_bias, kernel_init=_dense_init, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=f'proj_{name}')(y)
+      # Heads split the channels as head * head_dim + j (einops 'b t (h d)').
+      return y.reshape(n, y.shape[1], self.num_heads, self.dim // self.num_heads)
+
+    q = project('q', self.stride_q)
+    k = project('k', self.stride_kv)
+    v = project('v', self.stride_kv)
+    # Official scale: the full stage width, not the head dim.
+    out = attention_lib.attention(
+        q, k, v, scale=self.dim**-0.5, implementation=self.implementation,
+        chunk_size=self.chunk_size, budget_bytes=self.budget_bytes)
+    out = out.reshape(n, -1, self.dim)
+    out = nn.Dense(self.dim, kernel_init=_dense_init, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name='proj')(out)
+    return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+  """fc1 (D -> ratio*D), activation, fc2."""
+
+  dim: int
+  hidden_dim: int
+  activation: str = 'quick_gelu'
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    dense = lambda features, name: nn.Dense(features, kernel_init=_dense_init, dtype=self.dtype,
+                                            param_dtype=self.param_dtype, name=name)
+    x = _activation(self.activation)(dense(self.hidden_dim, 'fc1')(x))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(self.dim, 'fc2')(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + DropPath(Attn(LN1(x))); x + DropPath(MLP(LN2(x)))."""
+
+  dim: int
+  num_heads: int
+  spatial: tuple[int, int]
+  with_cls_token: bool
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  attention_kwargs: tuple[tuple[str, Any], ...] = ()
+  activation: str = 'quick_gelu'
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool, deterministic: bool) -> jax.Array:
+    """`[N, T, dim]` -> `[N, T, dim]`."""
+    norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    # Drop path: one Bernoulli draw per sample, broadcast over tokens and channels.
+    drop_path = lambda y: nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(
+        y, deterministic=deterministic)
+    y = ConvAttention(self.dim, self.num_heads, self.spatial, self.with_cls_token,
+                      dropout_rate=self.dropout_rate, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name='attn',
+                      **dict(self.attention_kwargs))(
+                          norm('norm1')(x), use_running_average, deterministic)
+    x = x + drop_path(y)
+    y = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.activation, self.dropout_rate,
+            self.dtype, self.param_dtype, name='mlp')(norm('norm2')(x), deterministic)
+    return x + drop_path(y)
+
+
+class CvTStage(nn.Module):
+  """One stage (official `VisionTransformer`): conv embedding, optional cls token, blocks."""
+
+  spec: CvTSpec
+  index: int
+  activation: str = 'quick_gelu'
+  dropout_rate: float = 0.0
+  attention_kwargs: tuple[tuple[str, Any], ...] = ()
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool,
+               deterministic: bool) -> tuple[jax.Array, jax.Array | None]:
+    """`[N, H, W, C_in]` -> (`[N, H', W', D]` map, `[N, D]` cls token or None)."""
+    spec, i = self.spec, self.index
+    dim, depth = spec.embed_dims[i], spec.depths[i]
+    x = ConvEmbed(dim, spec.patch_sizes[i], spec.patch_strides[i], spec.patch_paddings[i],
+                  self.dtype, self.param_dtype, name='patch_embed')(x)
+    n, h, w, _ = x.shape
+    x = x.reshape(n, h * w, dim)
+    with_cls = spec.cls_token[i]
+    if with_cls:
+      cls = self.param('cls_token', _dense_init, (1, 1, dim), self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, dim)).astype(x.dtype), x], axis=1)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+    attention_kwargs = dict(self.attention_kwargs, kernel_size=spec.kernel_qkv[i],
+                            stride_q=spec.stride_q[i], stride_kv=spec.stride_kv[i],
+                            qkv_bias=spec.qkv_bias)
+    block_cls = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
+    rates = np.linspace(0.0, spec.drop_path_rates[i], depth)
+    for j in range(depth):
+      x = block_cls(dim, spec.num_heads[i], (h, w), with_cls, spec.mlp_ratios[i],
+                    float(rates[j]), tuple(sorted(attention_kwargs.items())), self.activation,
+                    self.dropout_rate, self.dtype, self.param_dtype,
+                    name=f'blocks_{j}')(x, use_running_average, deterministic)
+    cls_out = x[:, 0] if with_cls else None
+    grid = x[:, 1:] if with_cls else x
+    return grid.reshape(n, h, w, dim), cls_out
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+
+def _check_images(images: jax.Array, in_chans: int) -> None:
+  if images.ndim != 4:
+    raise ValueError(f'CvT expects NHWC images [N, H, W, {in_chans}]; got shape {images.shape}.')
+  if images.shape[-1] != in_chans:
+    raise ValueError(f'CvT expects {in_chans} channels last (NHWC); got shape {images.shape}.')
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise TypeError(f'CvT expects floating-point images; got dtype {images.dtype}. '
+                    'Convert and normalize them first (e.g. images.astype(jnp.float32) / 255).')
+  if min(images.shape[1:3]) < MIN_INPUT_SIZE:
+    raise ValueError(f'CvT needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels; '
+                     f'got {images.shape[1]}x{images.shape[2]}.')
+
+
+def _run_stages(spec: CvTSpec, x: jax.Array, *, train: bool, norm_eval: bool,
+                frozen_stages: int, stage_kwargs: dict[str, Any]):
+  """Runs every stage inside the calling module (submodules `stage0`, `stage1`, ...).
+
+  Returns the list of stage maps and the cls token of the last stage (or None).
+  """
+  maps, cls = [], None
+  for i in range(spec.num_stages):
+    frozen = i < frozen_stages
+    # Frozen stages behave as in eval (mmseg `_freeze_stages`); norm_eval keeps
+    # BatchNorm on its running statistics while the rest trains.
+    x, cls = CvTStage(spec, i, name=f'stage{i}', **stage_kwargs)(
+        x, use_running_average=not train or norm_eval or frozen,
+        deterministic=not train or frozen)
+    if frozen:
+      x = jax.lax.stop_gradient(x)
+      cls = None if cls is None else jax.lax.stop_gradient(cls)
+    maps.append(x)
+  return maps, cls
+
+
+class CvTBackbone(nn.Module):
+  """CvT as a dense-prediction backbone: NHWC maps at strides 4, 8 and 16.
+
+  No classifier and no positional encoding, so it runs at any input size >= 16.
+  The cls token of the last stage is still used inside the blocks (the
+  released weights were trained with it) but is not part of the maps; set
+  `return_cls_token` to get it as `out['cls_token']` `[N, C3]`.
+
+  Attributes:
+    variant: 'cvt-13', 'cvt-21', 'cvt-w24' or 'cvt-tiny' (tests).
+    spec: a custom `CvTSpec`; overrides `variant` when given.
+    out_features: outputs to return, by name ('stage1'..'stage3') or timm-style
+      index (0..2, negatives allowed); None returns all three.
+    out_norm: apply a LayerNorm (own parameters, `out_norm_{name}`) to each output.
+    return_cls_token: also return the last stage's cls token.
+    drop_path_rate: stochastic depth of the last stage (`linspace(0, rate, depth)`
+      over its blocks, as the official models); None keeps the variant's.
+    frozen_stages: the first this many stages get no gradient and run in eval mode.
+    norm_eval: keep BatchNorm on running statistics in train mode.
+    remat: rematerialize each block in the backward pass (less memory).
+    activation: 'quick_gelu' (official weights) or 'gelu' (Hugging Face).
+    attention: 'auto', 'plain', 'chunked' or 'fused' (see `attention.py`).
+    attention_chunk_size: queries per block for 'chunked' (None: from the budget).
+    attention_budget_mb: memory for attention logits before 'auto' chunks them.
+    depthwise: depthwise conv implementation, 'auto', 'slices' or 'conv'.
+    dropout_rate: dropout after attention and MLP projections (0 in the official models).
+    bn_axis_name: axis name for cross-device BatchNorm statistics.
+    in_chans: input channels.
+    dtype: compute dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
+  """
+
+  variant: str = 'cvt-13'
+  spec: CvTSpec | None = None
+  out_features: Sequence[str | int] | None = None
+  out_norm: bool = False
+  return_cls_token: bool = False
+  drop_path_rate: float | None = None
+  frozen_stages: int = 0
+  norm_eval: bool = False
+  remat: bool = False
+  activation: str = 'quick_gelu'
+  attention: str = 'auto'
+  attention_chunk_size: int | None = None
+  attention_budget_mb: float = attention_lib.DEFAULT_MEMORY_BUDGET_BYTES / 2**20
+  depthwise: str = 'auto'
+  dropout_rate: float = 0.0
+  bn_axis_name: str | None = None
+  in_chans: int = 3
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  # --- static metadata: no init needed -------------------------------------
+
+  @property
+  def resolved_spec(self) -> CvTSpec:
+    spec = self.spec if self.spec is not None else get_spec(self.variant)
+    if self.drop_path_rate is not None:
+      rates = spec.drop_path_rates[:-1] + (float(self.drop_path_rate),)
+      spec = dataclasses.replace(spec, drop_path_rates=rates)
+    return spec
+
+  @property
+  def stage_names(self) -> tuple[str, ...]:
+    return tuple(f'stage{i + 1}' for i in range(self.resolved_spec.num_stages))
+
+  @property
+  def out_names(self) -> tuple[str, ...]:
+    """The selected outputs, fine to coarse."""
+    names = self.stage_names
+    if self.out_features is None:
+      return names
+    if isinstance(self.out_features, (str, int)):
+      raise TypeError(f'out_features must be a sequence of names or indices; '
+                      f'got {self.out_features!r}.')
+    picked = set()
+    for feature in self.out_features:
+      if isinstance(feature, str):
+        if feature not in names:
+          raise ValueError(f'Unknown output {feature!r}; expected one of {names} '
+                           f'or an index in [-{len(names)}, {len(names) - 1}].')
+        picked.add(names.index(feature))
+      else:
+        if not -len(names) <= int(feature) < len(names):
+          raise ValueError(f'Output index {feature} out of range; expected one of {names} '
+                           f'or an index in [-{len(names)}, {len(names) - 1}].')
+        picked.add(int(feature) % len(names))
+    return tuple(names[i] for i in sorted(picked))
+
+  @property
+  def output_channels(self) -> dict[str, int]:
+    spec = self.resolved_spec
+    return {name: spec.embed_dims[self.stage_names.index(name)] for name in self.out_names}
+
+  @property
+  def output_strides(self) -> dict[str, int]:
+    spec = self.resolved_spec
+    return {name: spec.strides[self.stage_names.index(name)] for name in self.out_names}
+
+  @property
+  def feature_info(self) -> list[dict[str, Any]]:
+    """timm-style metadata of the selected outputs: name, channels, reduction."""
+    return [{'name': name, 'num_chs': self.output_channels[name],
+             'reduction': self.output_strides[name], 'module': f'stage{int(name[-1]) - 1}'}
+            for name in self.out_names]
+
+  def output_sizes(self, height: int, width: int) -> dict[str, tuple[int, int]]:
+    """Exact `(H_i, W_i)` of each selected output for an input of `height` x `width`."""
+    sizes = self.resolved_spec.output_sizes(height, width)
+    return {name: sizes[self.stage_names.index(name)] for name in self.out_names}
+
+  def output_shapes(self, height: int, width: int) -> dict[str, tuple[int, int, int]]:
+    """detectron2-style `(H_i, W_i, C_i)` of each selected output (batch excluded)."""
+    return {name: (*size, self.output_channels[name])
+            for name, size in self.output_sizes(height, width).items()}
+
+  # --- forward -------------------------------------------------------------
+
+  def stage_kwargs(self) -> dict[str, Any]:
+    attention_kwargs = dict(
+        implementation=self.attention, chunk_size=self.attention_chunk_size,
+        budget_bytes=int(self.attention_budget_mb * 2**20), depthwise=self.depthwise,
+        bn_axis_name=self.bn_axis_name)
+    return dict(activation=self.activation, dropout_rate=self.dropout_rate,
+                attention_kwargs=tuple(sorted(attention_kwargs.items())), remat=self.remat,
+                dtype=self.dtype, param_dtype=self.param_dtype)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+    """Multi-scale features.
+
+    Args:
+      images: `[N, H, W, in_chans]` float images, H and W >= 16.
+      train: batch statistics and drop path (needs a 'dropout' rng when drop path > 0).
+
+    Returns:
+      {'stage1': `[N, H1, W1, C1]`, 'stage2': ..., 'stage3': ...} restricted to
+      `out_names`, plus 'cls_token' `[N, C3]` when `return_cls_token`.
+    """
+    _check_images(images, self.in_chans)
+    out_names = self.out_names
+    spec = self.resolved_spec
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f'Unknown attention implementation {self.attention!r}; '
+                       f'expected one of {attention_lib.IMPLEMENTATIONS}.')
+    maps, cls = _run_stages(spec, images.astype(self.dtype), train=train,
+                            norm_eval=self.norm_eval, frozen_stages=self.frozen_stages,
+                            stage_kwargs=self.stage_kwargs())
+    out = {}
+    for name, x in zip(self.stage_names, maps):
+      if name not in out_names:
+        continue
+      if self.out_norm:
+        x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name=f'out_norm_{name}')(x)
+      out[name] = x
+    if self.return_cls_token:
+      if cls is None:
+        raise ValueError('return_cls_token=True but this CvT has no cls token in its last stage.')
+      out['cls_token'] = cls
+    return out
+
+
+class CvT(nn.Module):
+  """The CvT ImageNet classifier: the official head (LayerNorm on the cls token, Linear).
+
+  The constructor keeps the seed API, whose defaults are CvT-13:
+
+    v = CvT(num_classes=1000, s1_emb_dim=64, s1_emb_kernel=7, s1_emb_stride=4,
+            s1_proj_kernel=3, s1_kv_proj_stride=2, s1_heads=1, s1_depth=1, s1_mlp_mult=4,
+            s2_..., s3_..., dropout=0.)
+    variables = v.init({'params': k1, 'dropout': k2}, img)
+    logits, state = v.apply(variables, img, mutable=['batch_stats'], rngs={'dropout': k3})
+
+  Named variants: `CvT.from_variant('cvt-21', num_classes=1000)`. The embedding
+  padding is `(kernel - stride + 1) // 2`, which gives the official (7, 4, 2)
+  and (3, 2, 1); the attention projections pad `kernel // 2`.
+  `num_classes=0` returns the normalized cls token `[N, C3]` instead of logits.
+  """
+
+  num_classes: int = 1000
+  s1_emb_dim: int = 64
+  s1_emb_kernel: int = 7
+  s1_emb_stride: int = 4
+  s1_proj_kernel: int = 3
+  s1_kv_proj_stride: int = 2
+  s1_heads: int = 1
+  s1_depth: int = 1
+  s1_mlp_mult: float = 4
+  s2_emb_dim: int = 192
+  s2_emb_kernel: int = 3
+  s2_emb_stride: int = 2
+  s2_proj_kernel: int = 3
+  s2_kv_proj_stride: int = 2
+  s2_heads: int = 3
+  s2_depth: int = 2
+  s2_mlp_mult: float = 4
+  s3_emb_dim: int = 384
+  s3_emb_kernel: int = 3
+  s3_emb_stride: int = 2
+  s3_proj_kernel: int = 3
+  s3_kv_proj_stride: int = 2
+  s3_heads: int = 6
+  s3_depth: int = 10
+  s3_mlp_mult: float = 4
+  dropout: float = 0.0
+  channels: int = 3
+  drop_path_rate: float = 0.0
+  activation: str = 'quick_gelu'
+  attention: str = 'auto'
+  attention_chunk_size: int | None = None
+  depthwise: str = 'auto'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @classmethod
+  def from_variant(cls, variant: str, num_classes: int = 1000, **kwargs) -> CvT:
+    """The classifier of a named variant with its official drop path rate."""
+    spec = get_spec(variant)
+    fields = {'drop_path_rate': spec.drop_path_rates[-1]}
+    for i in range(3):
+      s = f's{i + 1}_'
+      fields.update({
+          s + 'emb_dim': spec.embed_dims[i], s + 'emb_kernel': spec.patch_sizes[i],
+          s + 'emb_stride': spec.patch_strides[i], s + 'proj_kernel': spec.kernel_qkv[i],
+          s + 'kv_proj_stride': spec.stride_kv[i], s + 'heads': spec.num_heads[i],
+          s + 'depth': spec.depths[i], s + 'mlp_mult': spec.mlp_ratios[i]})
+    fields.update(kwargs)
+    return cls(num_classes=num_classes, **fields)
+
+  @property
+  def resolved_spec(self) -> CvTSpec:
+    stage = lambda key: tuple(getattr(self, f's{i}_{key}') for i in (1, 2, 3))
+    kernels, strides = stage('emb_kernel'), stage('emb_stride')
+    return CvTSpec(
+        embed_dims=stage('emb_dim'), num_heads=stage('heads'), depths=stage('depth'),
+        mlp_ratios=tuple(float(m) for m in stage('mlp_mult')), patch_sizes=kernels,
+        patch_strides=strides,
+        patch_paddings=tuple((k - s + 1) // 2 for k, s in zip(kernels, strides)),
+        kernel_qkv=stage('proj_kernel'), stride_q=(1, 1, 1), stride_kv=stage('kv_proj_stride'),
+        cls_token=(False, False, True), drop_path_rates=(0.0, 0.0, float(self.drop_path_rate)))
+
+  @nn.compact
+  def __call__(self, img: jax.Array, train: bool = False) -> jax.Array:
+    """`[N, H, W, channels]` float images -> `[N, num_classes]` logits."""
+    _check_images(img, self.channels)
+    attention_kwargs = dict(implementation=self.attention, chunk_size=self.attention_chunk_size,
+                            depthwise=self.depthwise)
+    stage_kwargs = dict(activation=self.activation, dropout_rate=self.dropout,
+                        attention_kwargs=tuple(sorted(attention_kwargs.items())),
+                        dtype=self.dtype, param_dtype=self.param_dtype)
+    _, cls = _run_stages(self.resolved_spec, img.astype(self.dtype), train=train,
+                         norm_eval=False, frozen_stages=0, stage_kwargs=stage_kwargs)
+    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='norm')(cls)
+    if self.num_classes == 0:
+      return x
+    return nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name='head')(x)
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a parameter tree."""
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
