@@ -1,0 +1,179 @@
+"""CvT-13 forward pass: this package (JAX) against Hugging Face `CvtModel` (PyTorch), side by side.
+
+Each measurement runs in its own process, so peak RSS is that model's alone
+(interpreter and framework included, as a user would see it). Both models run
+float32 inference on the same random inputs with random weights of the same
+architecture (weights do not change the speed). Prints one table: resolution,
+batch, median latency, images/s, achieved GFLOP/s (FLOPs from XLA's cost
+analysis of our forward pass, the same count for both), peak RSS, and the
+ratios, plus the machine's measured matmul peak.
+
+  python benchmarks/backbone_speed.py                       # 224x8, 512, 1024, 2048
+  python benchmarks/backbone_speed.py --sizes 224x8,512 --repeats 5
+  python benchmarks/backbone_speed.py --torch-threads 2     # the default: the machine's cores
+
+Needs the test extra (torch, transformers) for the reference column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+# Hugging Face's reference stops at 1024: at 2048 it needs about 4x the 8.9 GB it
+# takes at 1024 (stage 1 logits grow with the square of the pixel count).
+REFERENCE_MAX_SIZE = 1024
+
+
+def _peak_rss_gb() -> float:
+  # Linux reports ru_maxrss in KiB.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _time(fn, repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def worker_jax(size: int, batch: int, repeats: int, dtype: str, attention: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from cvt_backbone import CvTBackbone
+
+  model = CvTBackbone(variant='cvt-13', attention=attention, dtype=getattr(jnp, dtype))
+  images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
+  start = time.perf_counter()
+  compiled = jax.jit(model.apply).lower(variables, images).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  jax.block_until_ready(compiled(variables, images))  # warm-up
+  times = _time(lambda: jax.block_until_ready(compiled(variables, images)), repeats)
+  return {'times': times, 'compile_s': compile_s, 'flops': float(cost.get('flops', 0.0)),
+          'device': str(jax.devices()[0])}
+
+
+def worker_torch(size: int, batch: int, repeats: int, threads: int) -> dict:
+  import torch
+  from transformers import CvtConfig, CvtModel
+
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  model = CvtModel(CvtConfig(), add_pooling_layer=False).eval()  # CvtConfig() is CvT-13.
+  images = torch.randn(batch, 3, size, size)
+  with torch.inference_mode():
+    model(pixel_values=images)  # warm-up
+    times = _time(lambda: model(pixel_values=images), repeats)
+  return {'times': times, 'compile_s': 0.0, 'flops': 0.0, 'device': f'cpu ({threads} threads)'}
+
+
+def worker_matmul_peak() -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  n = 2048
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  jax.block_until_ready(dot(a, a))
+  times = _time(lambda: jax.block_until_ready(dot(a, a)), 5)
+  return {'gflops': 2 * n**3 / min(times) / 1e9}
+
+
+def _run_worker(args: list[str]) -> dict | None:
+  cmd = [sys.executable, os.path.abspath(__file__), '--worker', *args]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    print(f'  worker {" ".join(args)} failed (exit {proc.returncode}): {" | ".join(tail)}',
+          file=sys.stderr)
+    return None
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+  sizes = []
+  for item in text.split(','):
+    size, _, batch = item.partition('x')
+    sizes.append((int(size), int(batch or 1)))
+  return sizes
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--sizes', default='224x8,512,1024,2048',
+                      help='comma-separated SIZE[xBATCH] square inputs')
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--attention', default='auto')
+  parser.add_argument('--torch-threads', type=int, default=os.cpu_count())
+  parser.add_argument('--skip-reference', action='store_true')
+  parser.add_argument('--json', help='also write the results to this file')
+  parser.add_argument('--worker', nargs='+', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+
+  if args.worker:
+    kind, *rest = args.worker
+    if kind == 'peak':
+      result = worker_matmul_peak()
+    elif kind == 'jax':
+      size, batch = int(rest[0]), int(rest[1])
+      result = worker_jax(size, batch, args.repeats, args.dtype, args.attention)
+    else:
+      size, batch = int(rest[0]), int(rest[1])
+      result = worker_torch(size, batch, args.repeats, args.torch_threads)
+    result['peak_rss_gb'] = _peak_rss_gb()
+    print(json.dumps(result))
+    return
+
+  peak = _run_worker(['peak'])
+  peak_gflops = peak['gflops'] if peak else float('nan')
+  print(f'CvT-13 forward, {args.dtype} (reference float32), {os.cpu_count()} CPU cores; '
+        f'float32 matmul peak (jnp.dot 2048^2): {peak_gflops:.1f} GFLOP/s')
+  header = (f'{"input":>14} | {"impl":<22} | {"median s":>8} | {"img/s":>7} | {"GFLOP/s":>7} | '
+            f'{"% peak":>6} | {"peak RSS GB":>11} | {"speed-up":>8} | {"RSS ratio":>9}')
+  print(header)
+  print('-' * len(header))
+  rows = []
+  for size, batch in _parse_sizes(args.sizes):
+    ours = _run_worker(['jax', str(size), str(batch)])
+    ref = None
+    if not args.skip_reference and size <= REFERENCE_MAX_SIZE:
+      ref = _run_worker(['torch', str(size), str(batch)])
+    flops = ours['flops'] if ours else 0.0
+    for name, result in (('cvt-dense (JAX)', ours), ('HF CvtModel (PyTorch)', ref)):
+      if result is None:
+        continue
+      median = statistics.median(result['times'])
+      gflops = flops / median / 1e9
+      row = {'size': size, 'batch': batch, 'impl': name, 'median_s': median,
+             'images_per_s': batch / median, 'gflops': gflops, 'peak_rss_gb': result['peak_rss_gb'],
+             'compile_s': result['compile_s'], 'device': result['device']}
+      speedup = rss_ratio = ''
+      if name.startswith('cvt-dense') and ref is not None:
+        speedup = f'{statistics.median(ref["times"]) / median:.2f}x'
+        rss_ratio = f'{result["peak_rss_gb"] / ref["peak_rss_gb"]:.2f}'
+        row['speedup'] = statistics.median(ref['times']) / median
+        row['rss_ratio'] = result['peak_rss_gb'] / ref['peak_rss_gb']
+      rows.append(row)
+      print(f'{f"{size}x{size} b{batch}":>14} | {name:<22} | {median:8.3f} | {batch / median:7.2f} | '
+            f'{gflops:7.1f} | {100 * gflops / peak_gflops:5.0f}% | {result["peak_rss_gb"]:11.2f} | '
+            f'{speedup:>8} | {rss_ratio:>9}', flush=True)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'matmul_peak_gflops': peak_gflops, 'rows': rows}, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
