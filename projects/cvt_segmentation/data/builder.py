@@ -1,0 +1,291 @@
+"""Dataset builders: 'synthetic', 'ade20k', 'cityscapes', 'folder' -> Scenic-style `Dataset`.
+
+`get_dataset(name, batch_size=..., eval_batch_size=..., **dataset_kwargs)` returns
+`Dataset(train_iter, valid_iter, test_iter, meta_data)` with the fields of Scenic's
+`dataset_utils.Dataset`; `build_loaders` returns the underlying `TrainLoader` and
+`EvalLoader` for callers that resume at a given step or want single eval passes.
+`register_with_scenic()` adds the builders to Scenic's dataset registry when Scenic
+is installed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from projects.cvt_segmentation.data import folders
+from projects.cvt_segmentation.data.loader import EvalLoader, TrainLoader
+from projects.cvt_segmentation.data.synthetic import SyntheticSegmentation
+from projects.cvt_segmentation.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
+
+# Same fields as scenic.dataset_lib.dataset_utils.Dataset.
+Dataset = collections.namedtuple('Dataset', ['train_iter', 'valid_iter', 'test_iter', 'meta_data'])
+
+DATASET_NAMES = ('synthetic', 'ade20k', 'cityscapes', 'folder')
+
+# Augmentation defaults per dataset, from the mmseg 1.x configs
+# (configs/_base_/datasets/ade20k.py, cityscapes.py). Synthetic images are used at their
+# own size, and photometric distortion is off there because hue identifies the class.
+_TRAIN_DEFAULTS = {
+    'ade20k': dict(crop_size=(512, 512), scale=(2048, 512), cat_max_ratio=0.75, photometric=True),
+    'cityscapes': dict(
+        crop_size=(512, 1024), scale=(2048, 1024), cat_max_ratio=0.75, photometric=True
+    ),
+    'folder': dict(crop_size=(512, 512), scale=(2048, 512), cat_max_ratio=0.75, photometric=True),
+    'synthetic': dict(crop_size=None, scale=None, cat_max_ratio=1.0, photometric=False),
+}
+_TEST_SCALE = {'ade20k': (2048, 512), 'cityscapes': (2048, 1024), 'folder': (2048, 512)}
+_AUG_KEYS = ('crop_size', 'scale', 'ratio_range', 'cat_max_ratio', 'flip_prob', 'photometric')
+
+
+def _dtype(dtype_str: str):
+  if dtype_str == 'bfloat16':
+    import ml_dtypes  # installed with jax
+
+    return ml_dtypes.bfloat16
+  return np.dtype(dtype_str).type
+
+
+def _sources(name: str, kw: dict):
+  """(train source, eval source, default image size) for dataset `name`; pops its kwargs."""
+  if name == 'synthetic':
+    common = dict(
+        num_classes=kw.pop('num_classes', 6),
+        image_size=tuple(kw.pop('image_size', (64, 64))),
+        seed=kw.pop('data_seed', 0),
+        max_objects=kw.pop('max_objects', 4),
+    )
+    train = SyntheticSegmentation(num_examples=kw.pop('num_train', 1000), split='train', **common)
+    val = SyntheticSegmentation(num_examples=kw.pop('num_eval', 100), split='validation', **common)
+    return train, val, common['image_size']
+  if name == 'ade20k':
+    root = _pop_required(kw, 'data_dir', name)
+    return folders.ade20k(root, 'training'), folders.ade20k(root, 'validation'), None
+  if name == 'cityscapes':
+    root = _pop_required(kw, 'data_dir', name)
+    return folders.cityscapes(root, 'train'), folders.cityscapes(root, 'val'), None
+  if name == 'folder':
+    common = dict(
+        num_classes=_pop_required(kw, 'num_classes', name),
+        class_names=kw.pop('class_names', None),
+        reduce_zero_label=kw.pop('reduce_zero_label', False),
+        mask_suffix=kw.pop('mask_suffix', '.png'),
+    )
+    train = folders.image_mask_folders(
+        _pop_required(kw, 'train_images', name), _pop_required(kw, 'train_masks', name), **common
+    )
+    val = folders.image_mask_folders(
+        _pop_required(kw, 'val_images', name), _pop_required(kw, 'val_masks', name), **common
+    )
+    return train, val, None
+  raise ValueError(f'unknown dataset {name!r}; expected one of {DATASET_NAMES}')
+
+
+def _pop_required(kw: dict, key: str, name: str):
+  if key not in kw:
+    raise ValueError(f'dataset {name!r} needs the argument {key!r}')
+  return kw.pop(key)
+
+
+def build_loaders(
+    name: str,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_shards: int | None = None,
+    dtype_str: str = 'float32',
+    num_threads: int = 2,
+    num_workers: int = 0,
+    eval_pad_shape: tuple[int, int] | None = None,
+    eval_label_pad_shape: tuple[int, int] | None = None,
+    eval_size_divisor: int = 32,
+    test_scale: tuple[int, int] | None | str = 'default',
+    **dataset_kwargs: Any,
+) -> tuple[TrainLoader, EvalLoader, dict]:
+  """Builds the train and validation loaders of a dataset and its meta data.
+
+  Args:
+    name: 'synthetic', 'ade20k', 'cityscapes' or 'folder'.
+    batch_size: global training batch size.
+    eval_batch_size: global evaluation batch size.
+    seed: shuffling and augmentation seed.
+    process_index: this process (`jax.process_index()`).
+    process_count: number of processes (`jax.process_count()`).
+    num_shards: reshape batches to `[num_shards, per_shard, ...]` (pmap); None keeps `[b, ...]`.
+    dtype_str: dtype of `inputs`: 'float32' or 'bfloat16'.
+    num_threads: loading threads per process.
+    num_workers: Grain worker processes for training (0: threads only).
+    eval_pad_shape: fixed eval input shape (see `EvalLoader`).
+    eval_label_pad_shape: fixed eval label shape.
+    eval_size_divisor: eval input padding multiple when `eval_pad_shape` is None.
+    test_scale: `(long, short)` eval resize limits; None keeps the size; 'default' uses
+      the mmseg value of the dataset.
+    **dataset_kwargs: per dataset:
+      synthetic: num_classes=6, image_size=(64, 64), num_train=1000, num_eval=100,
+        data_seed=0, max_objects=4.
+      ade20k, cityscapes: data_dir.
+      folder: train_images, train_masks, val_images, val_masks, num_classes,
+        class_names=None, reduce_zero_label=False, mask_suffix='.png'.
+      All: augmentation overrides crop_size, scale, ratio_range, cat_max_ratio,
+        flip_prob, photometric (see `TrainTransform`).
+
+  Returns:
+    `(train_loader, eval_loader, meta_data)`.
+  """
+  kw = dict(dataset_kwargs)
+  train_src, eval_src, image_size = _sources(name, kw)
+  aug = dict(_TRAIN_DEFAULTS[name])
+  aug.update({k: kw.pop(k) for k in _AUG_KEYS if k in kw})
+  if kw:
+    raise ValueError(f'unexpected arguments for dataset {name!r}: {sorted(kw)}')
+  if aug['crop_size'] is None:
+    aug['crop_size'] = image_size
+  aug['crop_size'] = tuple(aug['crop_size'])
+  if aug['scale'] is not None:
+    aug['scale'] = tuple(aug['scale'])
+  if test_scale == 'default':
+    test_scale = _TEST_SCALE.get(name)
+  dtype = _dtype(dtype_str)
+  train = TrainLoader(
+      train_src,
+      TrainTransform(**aug),
+      batch_size=batch_size,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+      num_shards=num_shards,
+      num_threads=num_threads,
+      num_workers=num_workers,
+      dtype=dtype,
+  )
+  evaluation = EvalLoader(
+      eval_src,
+      EvalTransform(scale=None if test_scale is None else tuple(test_scale)),
+      batch_size=eval_batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      num_shards=num_shards,
+      pad_shape=eval_pad_shape,
+      label_pad_shape=eval_label_pad_shape,
+      size_divisor=eval_size_divisor,
+      num_threads=num_threads,
+      dtype=dtype,
+  )
+  meta_data = {
+      'input_shape': (-1,) + aug['crop_size'] + (3,),
+      'num_classes': train_src.num_classes,
+      'num_train_examples': len(train_src),
+      'num_eval_examples': len(eval_src),
+      'input_dtype': dtype,
+      'target_is_onehot': False,
+      'class_names': tuple(train_src.class_names),
+      'ignore_index': IGNORE_INDEX,
+      'num_eval_batches': evaluation.num_batches,
+  }
+  return train, evaluation, meta_data
+
+
+def get_dataset(
+    name: str,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int = 0,
+    start_step: int = 0,
+    **kwargs: Any,
+) -> Dataset:
+  """Scenic-style dataset: endless train batches from `start_step`, endless eval passes.
+
+  `valid_iter` repeats the padded validation pass forever, as Scenic's trainers expect
+  (they take `meta_data['num_eval_batches']` batches, or compute it from
+  `num_eval_examples`); `test_iter` is None (no public test labels). Batches are dicts of
+  numpy arrays, see `TrainLoader` and `EvalLoader`.
+
+  Args:
+    name: 'synthetic', 'ade20k', 'cityscapes' or 'folder'.
+    batch_size: global training batch size.
+    eval_batch_size: global evaluation batch size.
+    seed: shuffling and augmentation seed.
+    start_step: first training step to produce (resuming).
+    **kwargs: forwarded to `build_loaders`.
+
+  Returns:
+    `Dataset(train_iter, valid_iter, test_iter, meta_data)`.
+  """
+  train, evaluation, meta_data = build_loaders(
+      name, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, **kwargs
+  )
+  return Dataset(train.iterate(start_step), evaluation.repeat(), None, meta_data)
+
+
+def register_with_scenic(prefix: str = 'cvt_seg_') -> list[str]:
+  """Registers the builders in Scenic's dataset registry as `prefix + name`.
+
+  The registered builders follow Scenic's signature (`batch_size, eval_batch_size,
+  num_shards, dtype_str, shuffle_seed, rng, dataset_configs, dataset_service_address`);
+  `dataset_configs` holds the keyword arguments of `build_loaders` (plus `start_step`),
+  and the host slice and dtype come from jax. Registering twice is harmless.
+
+  Args:
+    prefix: name prefix; it keeps clear of Scenic's own 'cityscapes'.
+
+  Returns:
+    The registered names, or an empty list when Scenic is not installed.
+  """
+  try:
+    import scenic.model_lib  # noqa: F401  (the PyPI package `scenic` is unrelated)
+    from scenic.dataset_lib import datasets as scenic_datasets
+  except ImportError:
+    logging.info('Scenic is not installed; no datasets registered.')
+    return []
+  names = []
+  for name in DATASET_NAMES:
+    full = prefix + name
+    if full not in scenic_datasets.DatasetRegistry.list():
+      scenic_datasets.add_dataset(full)(_scenic_builder(name))
+    names.append(full)
+  return names
+
+
+def _scenic_builder(name: str):
+  def builder(
+      *,
+      batch_size: int,
+      eval_batch_size: int,
+      num_shards: int,
+      dtype_str: str = 'float32',
+      shuffle_seed: int | None = 0,
+      rng=None,
+      dataset_configs: Mapping | None = None,
+      dataset_service_address: str | None = None,
+  ) -> Dataset:
+    import jax
+    import jax.numpy as jnp
+
+    del rng  # the data stream is keyed by shuffle_seed and the step
+    if dataset_service_address:
+      raise ValueError('tf.data service is not supported by the cvt_segmentation datasets')
+    configs = dataset_configs or {}
+    configs = dict(configs.to_dict() if hasattr(configs, 'to_dict') else configs)
+    ds = get_dataset(
+        name,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        seed=0 if shuffle_seed is None else shuffle_seed,
+        num_shards=num_shards,
+        dtype_str=dtype_str,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        **configs,
+    )
+    return ds._replace(meta_data=dict(ds.meta_data, input_dtype=getattr(jnp, dtype_str)))
+
+  builder.__name__ = f'get_{name}_dataset'
+  return builder

@@ -1,0 +1,238 @@
+"""Step-indexed training batches, padded eval batches, and the dataset builders."""
+
+import itertools
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from projects.cvt_segmentation.data import (
+    EvalLoader,
+    EvalTransform,
+    SyntheticSegmentation,
+    TrainLoader,
+    TrainTransform,
+    build_loaders,
+    get_dataset,
+    register_with_scenic,
+)
+
+SIZE = (16, 24)
+
+
+def _train_loader(seed=0, backend='threads', num_examples=10, batch_size=4, **kw):
+  src = SyntheticSegmentation(num_classes=4, image_size=SIZE, num_examples=num_examples)
+  transform = TrainTransform(crop_size=(12, 16), scale=(48, 16), cat_max_ratio=0.75)
+  return TrainLoader(src, transform, batch_size=batch_size, seed=seed, backend=backend, **kw)
+
+
+def _assert_batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_train_batch_format():
+  batch = _train_loader().batch(0)
+  assert batch['inputs'].shape == (4, 12, 16, 3) and batch['inputs'].dtype == np.float32
+  assert batch['label'].shape == (4, 12, 16) and batch['label'].dtype == np.int32
+  assert batch['batch_mask'].dtype == np.float32 and (batch['batch_mask'] == 1).all()
+  assert set(np.unique(batch['label'])) <= {0, 1, 2, 3, 255}
+
+
+@pytest.mark.parametrize('backend', ['threads', 'grain'])
+def test_resume_sees_the_same_batches(backend):
+  if backend == 'grain':
+    pytest.importorskip('grain')
+  loader = _train_loader(backend=backend)
+  from_start = list(itertools.islice(loader.iterate(0), 8))
+  resumed = list(itertools.islice(_train_loader(backend=backend).iterate(start_step=5), 3))
+  for a, b in zip(from_start[5:8], resumed, strict=True):
+    _assert_batches_equal(a, b)
+  _assert_batches_equal(from_start[6], loader.batch(6))  # pure function of the step
+  # Batches 5..7 cross epoch boundaries (10 examples, batch 4): still identical.
+  assert not np.array_equal(from_start[0]['inputs'], from_start[1]['inputs'])
+
+
+def test_backends_agree_and_seed_matters():
+  a = list(itertools.islice(_train_loader(backend='threads', num_threads=0).iterate(2), 2))
+  b = list(itertools.islice(_train_loader(backend='threads', num_threads=2).iterate(2), 2))
+  for x, y in zip(a, b, strict=True):
+    _assert_batches_equal(x, y)
+  other = _train_loader(seed=1).batch(2)
+  assert not np.array_equal(a[0]['inputs'], other['inputs'])
+
+
+def test_epochs_are_permutations():
+  loader = _train_loader(num_examples=12, batch_size=4)
+  for epoch in range(2):
+    seen = [loader.record(epoch * 12 + i) for i in range(12)]
+    assert {e for e, _ in seen} == {epoch}
+    assert sorted(i for _, i in seen) == list(range(12))
+  assert [loader.record(i)[1] for i in range(12)] != [loader.record(12 + i)[1] for i in range(12)]
+
+
+def test_processes_load_disjoint_slices_of_the_global_batch():
+  whole = _train_loader(batch_size=4).batch(3)
+  parts = [_train_loader(batch_size=4, process_index=p, process_count=2).batch(3) for p in range(2)]
+  for k in whole:
+    np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k])
+  sharded = _train_loader(batch_size=4, num_shards=2).batch(3)
+  assert sharded['inputs'].shape == (2, 2, 12, 16, 3) and sharded['label'].shape == (2, 2, 12, 16)
+  np.testing.assert_array_equal(sharded['inputs'].reshape(whole['inputs'].shape), whole['inputs'])
+  with pytest.raises(ValueError, match='multiple of the process count'):
+    _train_loader(batch_size=3, process_count=2)
+  with pytest.raises(ValueError, match='num_shards'):
+    _train_loader(batch_size=4, num_shards=3)
+
+
+def test_grain_worker_processes_give_the_same_batches():
+  pytest.importorskip('grain')
+  loader = _train_loader(backend='grain', num_workers=2, num_threads=1)
+  it = loader.iterate(start_step=1, num_steps=4)
+  got = list(it)
+  assert len(got) == 4
+  for s, batch in enumerate(got, start=1):
+    _assert_batches_equal(batch, loader.batch(s))
+
+
+def test_eval_batches_are_padded():
+  src = SyntheticSegmentation(num_classes=4, image_size=SIZE, num_examples=5, split='validation')
+  loader = EvalLoader(src, EvalTransform(scale=(48, 8)), batch_size=2, size_divisor=8)
+  batches = list(loader.iterate())
+  assert loader.num_batches == 3 and len(batches) == 3
+  last = batches[-1]
+  np.testing.assert_array_equal(last['batch_mask'], [1, 0])
+  assert (last['label'][1] == 255).all() and (last['inputs'][1] == 0).all()
+  # Resized input 8x12 (short edge 8) padded to 8x16; labels at the original 16x24.
+  assert last['inputs'].shape == (2, 8, 16, 3) and last['label'].shape == (2, 16, 24)
+  np.testing.assert_array_equal(last['input_size'][0], [8, 12])
+  np.testing.assert_array_equal(last['label_size'][0], [16, 24])
+  np.testing.assert_array_equal(last['label'][0], src[4]['label'])
+  assert (last['inputs'][0, :, 12:] == 0).all()
+  # Two processes split each global batch; padding lands on whichever holds it.
+  p1 = EvalLoader(src, EvalTransform(), batch_size=2, process_index=1, process_count=2)
+  assert p1.batch(2)['batch_mask'].tolist() == [0.0]
+  assert (p1.batch(2)['label'] == 255).all()
+
+
+def test_eval_one_unpadded_example_at_a_time(tmp_path):
+  images, masks = tmp_path / 'images', tmp_path / 'masks'
+  for i, (h, w) in enumerate([(10, 14), (13, 9), (11, 11)]):
+    os.makedirs(images, exist_ok=True)
+    os.makedirs(masks, exist_ok=True)
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(images / f'{i}.png')
+    Image.fromarray(np.full((h, w), i, np.uint8)).save(masks / f'{i}.png')
+  _, evaluation, meta = build_loaders(
+      'folder',
+      batch_size=1,
+      eval_batch_size=1,
+      eval_size_divisor=1,
+      test_scale=None,
+      train_images=str(images),
+      train_masks=str(masks),
+      val_images=str(images),
+      val_masks=str(masks),
+      num_classes=3,
+      crop_size=(8, 8),
+  )
+  shapes = [(b['inputs'].shape, b['label'].shape) for b in evaluation.iterate()]
+  assert shapes == [
+      ((1, 10, 14, 3), (1, 10, 14)),
+      ((1, 13, 9, 3), (1, 13, 9)),
+      ((1, 11, 11, 3), (1, 11, 11)),
+  ]
+  assert meta['num_eval_examples'] == 3 and meta['class_names'] == ('class_0', 'class_1', 'class_2')
+  # Padded batches of different sizes: inputs to the batch max rounded to 32, labels to the max.
+  ev = EvalLoader(evaluation.source, EvalTransform(), batch_size=3, size_divisor=32)
+  b = ev.batch(0)
+  assert b['inputs'].shape == (3, 32, 32, 3) and b['label'].shape == (3, 13, 14)
+  assert (b['label'][1, :, 9:] == 255).all()
+
+
+def test_get_dataset_synthetic_meta_and_iterators():
+  kwargs = dict(num_classes=5, image_size=(16, 16), num_train=8, num_eval=4)
+  ds = get_dataset('synthetic', batch_size=4, eval_batch_size=3, seed=1, start_step=2, **kwargs)
+  meta = ds.meta_data
+  assert meta['input_shape'] == (-1, 16, 16, 3) and meta['num_classes'] == 5
+  assert meta['num_train_examples'] == 8 and meta['num_eval_examples'] == 4
+  assert meta['target_is_onehot'] is False and meta['ignore_index'] == 255
+  assert meta['input_dtype'] == np.float32 and len(meta['class_names']) == 5
+  assert meta['num_eval_batches'] == 2 and ds.test_iter is None
+  train, _, _ = build_loaders('synthetic', batch_size=4, eval_batch_size=3, seed=1, **kwargs)
+  _assert_batches_equal(next(ds.train_iter), train.batch(2))
+  evals = [next(ds.valid_iter)['batch_mask'].tolist() for _ in range(4)]
+  assert evals == [[1, 1, 1], [1, 0, 0], [1, 1, 1], [1, 0, 0]]  # endless padded passes
+  bf16 = get_dataset('synthetic', batch_size=2, eval_batch_size=2, dtype_str='bfloat16', **kwargs)
+  assert str(next(bf16.train_iter)['inputs'].dtype) == 'bfloat16'
+
+
+def test_get_dataset_ade20k_folder(tmp_path):
+  base = tmp_path / 'ADEChallengeData2016'
+  for split in ('training', 'validation'):
+    for stem in ('a', 'b', 'c'):
+      os.makedirs(base / 'images' / split, exist_ok=True)
+      os.makedirs(base / 'annotations' / split, exist_ok=True)
+      image = np.full((20, 30, 3), 100, np.uint8)
+      Image.fromarray(image).save(base / 'images' / split / f'{stem}.jpg')
+      lab = np.zeros((20, 30), np.uint8)
+      lab[:, 10:] = 5
+      Image.fromarray(lab).save(base / 'annotations' / split / f'{stem}.png')
+  ds = get_dataset(
+      'ade20k', batch_size=2, eval_batch_size=2, data_dir=str(tmp_path), crop_size=(16, 16)
+  )
+  batch = next(ds.train_iter)
+  assert batch['inputs'].shape == (2, 16, 16, 3)
+  assert set(np.unique(batch['label'])) <= {4, 255}  # 0 -> ignore, 5 -> 4
+  assert ds.meta_data['num_classes'] == 150 and ds.meta_data['class_names'][0] == 'wall'
+  ev = next(ds.valid_iter)
+  assert ev['label'].shape == (2, 20, 30)  # original resolution for scoring
+  assert ev['inputs'].shape == (2, 512, 768, 3)  # short side 512 at the ADE20K test scale
+
+
+def test_get_dataset_bad_arguments():
+  with pytest.raises(ValueError, match='unknown dataset'):
+    get_dataset('voc', batch_size=2, eval_batch_size=2)
+  with pytest.raises(ValueError, match='unexpected arguments.*colour'):
+    get_dataset('synthetic', batch_size=2, eval_batch_size=2, colour=1)
+  with pytest.raises(ValueError, match='data_dir'):
+    get_dataset('cityscapes', batch_size=2, eval_batch_size=2)
+
+
+def test_register_with_scenic(monkeypatch):
+  assert register_with_scenic() == []  # Scenic is not installed here
+  registry = {}
+
+  def add_dataset(name):
+    def inner(fn):
+      registry[name] = fn
+      return fn
+
+    return inner
+
+  fake = {
+      'scenic': types.ModuleType('scenic'),
+      'scenic.model_lib': types.ModuleType('scenic.model_lib'),
+      'scenic.dataset_lib': types.ModuleType('scenic.dataset_lib'),
+      'scenic.dataset_lib.datasets': types.ModuleType('scenic.dataset_lib.datasets'),
+  }
+  fake['scenic.dataset_lib.datasets'].add_dataset = add_dataset
+  registry_cls = types.SimpleNamespace(list=lambda: list(registry))
+  fake['scenic.dataset_lib.datasets'].DatasetRegistry = registry_cls
+  fake['scenic.dataset_lib'].datasets = fake['scenic.dataset_lib.datasets']
+  for name, module in fake.items():
+    monkeypatch.setitem(sys.modules, name, module)
+  names = register_with_scenic()
+  assert names == ['cvt_seg_synthetic', 'cvt_seg_ade20k', 'cvt_seg_cityscapes', 'cvt_seg_folder']
+  assert register_with_scenic() == names  # idempotent
+  ds = registry['cvt_seg_synthetic'](
+      batch_size=4, eval_batch_size=2, num_shards=2, dtype_str='float32', shuffle_seed=0,
+      dataset_configs={'image_size': (16, 16), 'num_train': 4, 'num_eval': 2},
+  )
+  assert next(ds.train_iter)['inputs'].shape == (2, 2, 16, 16, 3)
+  import jax.numpy as jnp
+
+  assert ds.meta_data['input_dtype'] is jnp.float32
