@@ -1,6 +1,21 @@
 """CvT (Convolutional vision Transformer) in Flax: dense backbone, classifier, weights."""
 
 from cvt_backbone.attention import choose_implementation
+from cvt_backbone.checkpoint import (
+    convert_checkpoint,
+    load_backbone,
+    load_classifier,
+    load_converted,
+    load_pretrained,
+    save_converted,
+)
+from cvt_backbone.convert import (
+    CheckpointError,
+    CheckpointMismatchError,
+    convert_state_dict,
+    infer_architecture,
+    merge_variables,
+)
 from cvt_backbone.cvt import (
     VARIANTS,
     CvT,
@@ -9,13 +24,26 @@ from cvt_backbone.cvt import (
     count_params,
     get_spec,
 )
+from cvt_backbone.readers import read_state_dict
 
 __all__ = [
     'VARIANTS',
+    'CheckpointError',
+    'CheckpointMismatchError',
     'CvT',
     'CvTBackbone',
     'CvTSpec',
     'choose_implementation',
+    'convert_checkpoint',
+    'convert_state_dict',
     'count_params',
     'get_spec',
+    'infer_architecture',
+    'load_backbone',
+    'load_classifier',
+    'load_converted',
+    'load_pretrained',
+    'merge_variables',
+    'read_state_dict',
+    'save_converted',
 ]

@@ -1,0 +1,499 @@
+"""Released CvT weights into Flax models: the `cvt-convert` tool, the converted format, loaders.
+
+Converted format: one `.msgpack` file written by `flax.serialization.msgpack_serialize`
+holding `{'variables': {'params': ..., 'batch_stats': ...}, 'metadata': {...}}`, with
+metadata `format`, `format_version`, `variant` ('cvt-13', ... or 'custom'), `spec`
+(the `CvTSpec` fields), `activation`, `num_classes` (0 without a head),
+`backbone_only`, `in_chans`, `source` (`file`, `sha256`, `naming`) and `converter`.
+It is read back with `flax.serialization.msgpack_restore` (no pickle), and is
+written to a temporary file in the destination folder, then renamed, so a failed
+or interrupted conversion never leaves a partial file.
+
+    cvt-convert CvT-13-224x224-IN-1k.pth cvt-13-224.msgpack
+    backbone, variables = load_backbone('cvt-13-224.msgpack')
+    features = backbone.apply(variables, images)   # {'stage1': [N, H/4, W/4, 64], ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import serialization, traverse_util
+
+from cvt_backbone import convert as convert_lib
+from cvt_backbone.convert import CheckpointError, CheckpointMismatchError
+from cvt_backbone.cvt import (
+    ACTIVATIONS,
+    CvT,
+    CvTBackbone,
+    CvTSpec,
+    canonical_variant_name,
+    get_spec,
+)
+from cvt_backbone.readers import read_state_dict, resolve_weights_file
+
+FORMAT = 'cvt-dense/flax-msgpack'
+FORMAT_VERSION = 1
+
+_logger = logging.getLogger(__name__)
+
+# The spatial size used to initialise models before loading: parameter shapes do not
+# depend on it and a small one keeps `init` cheap.
+_INIT_SIZE = 32
+
+
+# ---------------------------------------------------------------------------
+# Converted files
+# ---------------------------------------------------------------------------
+
+
+def spec_to_dict(spec: CvTSpec) -> dict[str, Any]:
+  """A `CvTSpec` as msgpack/JSON-friendly lists."""
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}
+
+
+def spec_from_dict(fields: Mapping[str, Any]) -> CvTSpec:
+  """Inverse of `spec_to_dict`."""
+  return CvTSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _check_destination(path: Path, overwrite: bool) -> None:
+  folder = path.parent
+  if not folder.is_dir():
+    raise FileNotFoundError(f'The output folder {folder} does not exist (writing {path}); '
+                            'create it first.')
+  if path.is_dir():
+    raise IsADirectoryError(f'{path} is a folder; give the output file name.')
+  if path.exists() and not overwrite:
+    raise FileExistsError(f'{path} exists; pass --force (overwrite=True) to replace it.')
+
+
+def _atomic_write(path: Path, data: bytes, overwrite: bool) -> None:
+  """Writes to a temporary file beside `path`, then renames it over `path`."""
+  _check_destination(path, overwrite)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a weights file is not.
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def save_converted(path: str | os.PathLike, variables: Mapping[str, Any],
+                   metadata: Mapping[str, Any], *, overwrite: bool = False) -> Path:
+  """Writes converted variables and their metadata as one msgpack file, atomically.
+
+  Raises:
+    FileNotFoundError: the output folder does not exist.
+    FileExistsError: `path` exists and `overwrite` is False.
+  """
+  path = Path(path)
+  _check_destination(path, overwrite)
+  tree = {'variables': {c: dict(v) for c, v in variables.items()},
+          'metadata': {'format': FORMAT, 'format_version': FORMAT_VERSION, **metadata}}
+  _atomic_write(path, serialization.msgpack_serialize(tree), overwrite)
+  return path
+
+
+def _is_converted_file(path: Path) -> bool:
+  if path.suffix == '.msgpack':
+    return True
+  # Renamed files: a converted file starts with a two-entry msgpack map (0x82) whose
+  # first key is the fixstr 'metadata' or 'variables' (0xa0 + length, then the bytes).
+  with open(path, 'rb') as f:
+    return f.read(11).startswith((b'\x82\xa8metadata', b'\x82\xa9variables'))
+
+
+def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads a file written by `cvt-convert` / `save_converted`.
+
+  Returns:
+    (variables `{'params', 'batch_stats'}` of numpy arrays, metadata dict).
+
+  Raises:
+    CheckpointError: a truncated or corrupt file, or not a converted CvT checkpoint.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'No converted checkpoint at {path}.')
+  try:
+    tree = serialization.msgpack_restore(path.read_bytes())
+  except Exception as e:  # msgpack raises its own ExtraData/FormatError/ValueError types.
+    raise CheckpointError(f'{path}: truncated or corrupt converted checkpoint '
+                          f'({type(e).__name__}: {e}).') from None
+  metadata = tree.get('metadata') if isinstance(tree, dict) else None
+  if not isinstance(metadata, dict) or metadata.get('format') != FORMAT:
+    raise CheckpointError(f'{path} is not a cvt-convert checkpoint (no {FORMAT!r} metadata).')
+  if metadata.get('format_version', 0) > FORMAT_VERSION:
+    raise CheckpointError(f'{path} has format version {metadata["format_version"]}; this '
+                          f'cvt-dense reads up to {FORMAT_VERSION}. Upgrade cvt-dense.')
+  return tree['variables'], metadata
+
+
+# ---------------------------------------------------------------------------
+# Conversion of released files
+# ---------------------------------------------------------------------------
+
+
+def _hf_config_num_heads(src: Path) -> tuple[int, ...] | None:
+  """Heads from a Hugging Face `config.json` beside the weights (shapes do not tell them)."""
+  config = src.parent / 'config.json'
+  if not config.is_file():
+    return None
+  try:
+    fields = json.loads(config.read_text())
+  except (OSError, ValueError):
+    return None
+  if fields.get('model_type') != 'cvt' or 'num_heads' not in fields:
+    return None
+  return tuple(int(h) for h in fields['num_heads'])
+
+
+def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
+                       variant: str | None = None, backbone_only: bool = False,
+                       drop_head: bool = False, activation: str = 'quick_gelu',
+                       num_heads: Sequence[int] | None = None,
+                       overwrite: bool = False) -> dict[str, Any]:
+  """Converts a released weight file (`.pth`, `.bin`, `.safetensors`) to a Flax msgpack file.
+
+  Args:
+    src: official or Hugging Face checkpoint file, or a Hugging Face model folder.
+    out: the `.msgpack` file to write; its folder must exist.
+    variant: the expected variant; checked against the shapes. None infers it.
+    backbone_only: drop the classifier (final norm and head).
+    drop_head: drop only the head Linear (to fine-tune with another class count).
+    activation: recorded for loaders: 'quick_gelu' (the official training
+      activation) or 'gelu' (what Hugging Face `CvtModel` runs).
+    num_heads: heads per stage of a custom architecture (known variants and
+      Hugging Face folders with a `config.json` do not need it).
+    overwrite: replace an existing `out`.
+
+  Returns:
+    The metadata written.
+  """
+  out = Path(out)
+  _check_destination(out, overwrite)  # Fail before reading a large file.
+  src = resolve_weights_file(src)
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}.')
+  if backbone_only and drop_head:
+    raise ValueError('backbone_only already drops the head; pass one of them.')
+  state_dict = read_state_dict(src)
+  naming = convert_lib.detect_naming(state_dict)
+  variables = convert_lib.convert_state_dict(state_dict, backbone=backbone_only)
+  if num_heads is None:
+    num_heads = _hf_config_num_heads(src)
+  arch = convert_lib.infer_architecture(variables, num_heads=num_heads)
+  if variant is not None:
+    name = canonical_variant_name(variant)
+    get_spec(name)  # An unknown name fails here, listing the known ones.
+    if arch.variant != name:
+      raise CheckpointMismatchError(summary=(
+          f'{src} holds {arch.name} weights ({convert_lib.describe_spec(arch.spec)}), '
+          f'not {name}.'))
+  if drop_head:
+    variables['params'].pop('head', None)
+  metadata = {
+      'variant': arch.name,
+      'spec': spec_to_dict(arch.spec),
+      'activation': activation,
+      'num_classes': 0 if drop_head else arch.num_classes,
+      # A Hugging Face `CvtModel` file has no classifier to begin with.
+      'backbone_only': backbone_only or not arch.has_norm,
+      'in_chans': arch.in_chans,
+      'source': {'file': src.name, 'sha256': _sha256(src), 'naming': naming},
+      'converter': 'cvt-dense convert_checkpoint',
+  }
+  save_converted(out, variables, metadata, overwrite=overwrite)
+  return metadata
+
+
+# ---------------------------------------------------------------------------
+# Loading into models
+# ---------------------------------------------------------------------------
+
+
+def _model_spec(model: Any) -> CvTSpec:
+  if not isinstance(model, (CvT, CvTBackbone)):
+    raise TypeError(f'Expected a CvT or CvTBackbone; got {type(model).__name__}.')
+  return model.resolved_spec
+
+
+def _init(model: CvT | CvTBackbone, rng: jax.Array, paths: Sequence[str] | None = None) -> Any:
+  """The model's fresh variables: all as shapes (`paths` None), or the values at `paths`."""
+  chans = model.channels if isinstance(model, CvT) else model.in_chans
+  images = jnp.zeros((1, _INIT_SIZE, _INIT_SIZE, chans), jnp.float32)
+  if paths is None:
+    return jax.eval_shape(lambda key: model.init(key, images), rng)
+
+  def init(key):
+    flat = traverse_util.flatten_dict(model.init(key, images), sep='/')
+    return {path: flat[path] for path in paths}
+
+  # Returning only these leaves lets jit drop the forward pass: about 1 s instead of
+  # compiling the whole model (6-15 s on CPU).
+  return jax.jit(init)(rng)
+
+
+def _check_architecture(model: CvT | CvTBackbone, variables: Mapping[str, Any],
+                        metadata: Mapping[str, Any] | None, where: str,
+                        keep_cls_token: bool) -> None:
+  """Names both variants when they differ: clearer than the list of keys that follows."""
+  spec = _model_spec(model)
+  if metadata is not None:
+    found, name = spec_from_dict(metadata['spec']), metadata['variant']
+    fields = convert_lib.STRUCTURAL_FIELDS
+  else:
+    try:
+      # Heads are invisible in shapes; take the model's so that only shapes are compared.
+      arch = convert_lib.infer_architecture(variables, num_heads=spec.num_heads)
+    except CheckpointError:
+      return  # Incomplete checkpoints: the strict merge lists what is missing.
+    found, name = arch.spec, arch.name
+    fields = tuple(f for f in convert_lib.STRUCTURAL_FIELDS if f != 'num_heads')
+  if not keep_cls_token:
+    fields = tuple(f for f in fields if f != 'cls_token')
+  differences = convert_lib.spec_differences(found, spec, fields)
+  if differences:
+    model_name = convert_lib.variant_of(spec) or 'a custom CvT'
+    hints = []
+    if found.cls_token != spec.cls_token:
+      hints.append('keep_cls_token=False discards the checkpoint\'s cls token.')
+    raise CheckpointMismatchError(hints=hints, summary=(
+        f'{where} holds {name} weights ({convert_lib.describe_spec(found)}) but the model is '
+        f'{model_name} ({convert_lib.describe_spec(spec)}); checkpoint vs model: '
+        + '; '.join(differences) + '.'))
+
+
+def _load_into(model: CvT | CvTBackbone, variables: Mapping[str, Any],
+               metadata: Mapping[str, Any] | None, where: str, *, drop_head: bool,
+               keep_cls_token: bool, rng: jax.Array | None,
+               activation_chosen: bool = False) -> dict[str, Any]:
+  if isinstance(model, CvTBackbone):
+    variables = convert_lib.convert_state_dict(variables, backbone=True)
+  _check_architecture(model, variables, metadata, where, keep_cls_token)
+  if (metadata is not None and not activation_chosen
+      and metadata.get('activation') != model.activation):
+    warnings.warn(
+        f'{where} was converted for activation {metadata.get("activation")!r} but the model '
+        f'runs {model.activation!r}. The released weights were trained with quick_gelu; '
+        'gelu reproduces Hugging Face outputs.', stacklevel=3)
+  rng = jax.random.key(0) if rng is None else rng
+  options = dict(drop_head=drop_head, keep_cls_token=keep_cls_token)
+  # Shapes only (no compute); initial values only for what the checkpoint lacks.
+  merged, report = convert_lib.merge_variables(_init(model, rng), variables, **options)
+  if report.kept_init:
+    flat = traverse_util.flatten_dict(merged, sep='/')
+    flat.update(_init(model, rng, list(report.kept_init)))
+    merged = traverse_util.unflatten_dict(flat, sep='/')
+    _logger.warning('Loaded %s into %s; %d variables kept at their fresh initialisation:\n%s',
+                    where, type(model).__name__, len(report.kept_init),
+                    '\n'.join(f'  {p} ({why})' for p, why in report.kept_init.items()))
+  if report.discarded:
+    _logger.info('Discarded from %s: %s', where, ', '.join(report.discarded))
+  return jax.tree_util.tree_map(jnp.asarray, merged)
+
+
+def load_pretrained(model: CvT | CvTBackbone, source: str | os.PathLike | Mapping[str, Any], *,
+                    drop_head: bool = False, keep_cls_token: bool = True,
+                    rng: jax.Array | None = None) -> dict[str, Any]:
+  """Variables for `model` from a checkpoint, merged strictly into a fresh init.
+
+  Args:
+    model: a `CvT` classifier or a `CvTBackbone` (which drops the classifier).
+    source: a converted `.msgpack` file, a released `.pth` / `.bin` / `.safetensors`
+      file, a Hugging Face model folder, or an in-memory state_dict (any naming)
+      or converted variables.
+    drop_head: keep a fresh classifier head (a different class count).
+    keep_cls_token: load the checkpoint's cls token; False discards it (a model
+      with a cls token keeps its fresh one, a model without one loads the rest).
+    rng: initialises what the checkpoint lacks (`out_norm_*`, a dropped head).
+
+  Returns:
+    `{'params': ..., 'batch_stats': ...}` for `model.apply`.
+
+  Raises:
+    CheckpointMismatchError: another variant than the model, or any missing key,
+      unexpected key or shape mismatch (all listed).
+    CheckpointError: an unreadable file or not a CvT checkpoint.
+
+  Warns:
+    UserWarning: a converted file records another activation than the model runs.
+  """
+  _model_spec(model)
+  if isinstance(source, Mapping):
+    variables, metadata, where = convert_lib.convert_state_dict(source), None, 'The state_dict'
+  else:
+    path = resolve_weights_file(source)
+    where = str(path)
+    if _is_converted_file(path):
+      variables, metadata = load_converted(path)
+    else:
+      variables, metadata = convert_lib.convert_state_dict(read_state_dict(path)), None
+  return _load_into(model, variables, metadata, where, drop_head=drop_head,
+                    keep_cls_token=keep_cls_token, rng=rng)
+
+
+def load_backbone(path: str | os.PathLike, *, keep_cls_token: bool = True,
+                  rng: jax.Array | None = None,
+                  **backbone_kwargs: Any) -> tuple[CvTBackbone, dict[str, Any]]:
+  """The `CvTBackbone` of a converted file, built from its metadata, and its variables.
+
+  Args:
+    path: a file written by `cvt-convert` (with or without the classifier).
+    keep_cls_token: see `load_pretrained`.
+    rng: initialises what the checkpoint lacks (`out_norm_*`).
+    **backbone_kwargs: `CvTBackbone` fields (`out_features`, `out_norm`,
+      `frozen_stages`, `activation`, ...); the variant and activation default to
+      the file's (an activation passed here is taken as intended: no warning).
+
+  Returns:
+    (model, variables): `model.apply(variables, images)` gives the stage maps.
+  """
+  variables, metadata = load_converted(path)
+  kwargs: dict[str, Any] = dict(activation=metadata['activation'], in_chans=metadata['in_chans'])
+  if metadata['variant'] in convert_lib.VARIANTS:
+    kwargs['variant'] = metadata['variant']
+  else:
+    kwargs['spec'] = spec_from_dict(metadata['spec'])
+  kwargs.update(backbone_kwargs)
+  model = CvTBackbone(**kwargs)
+  return model, _load_into(model, variables, metadata, str(path), drop_head=False,
+                           keep_cls_token=keep_cls_token, rng=rng,
+                           activation_chosen='activation' in backbone_kwargs)
+
+
+def _classifier(spec: CvTSpec, variant: str, num_classes: int, **kwargs: Any) -> CvT:
+  if variant in convert_lib.VARIANTS:
+    return CvT.from_variant(variant, num_classes=num_classes, **kwargs)
+  fields: dict[str, Any] = {'drop_path_rate': spec.drop_path_rates[-1]}
+  if spec.num_stages == 3:
+    for i in range(3):
+      s = f's{i + 1}_'
+      fields.update({
+          s + 'emb_dim': spec.embed_dims[i], s + 'emb_kernel': spec.patch_sizes[i],
+          s + 'emb_stride': spec.patch_strides[i], s + 'proj_kernel': spec.kernel_qkv[i],
+          s + 'kv_proj_stride': spec.stride_kv[i], s + 'heads': spec.num_heads[i],
+          s + 'depth': spec.depths[i], s + 'mlp_mult': spec.mlp_ratios[i]})
+    fields.update(kwargs)
+    model = CvT(num_classes=num_classes, **fields)
+    if not convert_lib.spec_differences(spec, model.resolved_spec):
+      return model
+  raise CheckpointError(f'The custom architecture ({convert_lib.describe_spec(spec)}, cls token '
+                        f'{spec.cls_token}) is not a CvT classifier; use load_backbone.')
+
+
+def load_classifier(path: str | os.PathLike, *, num_classes: int | None = None,
+                    drop_head: bool = False, rng: jax.Array | None = None,
+                    **cvt_kwargs: Any) -> tuple[CvT, dict[str, Any]]:
+  """The `CvT` classifier of a converted file, built from its metadata, and its variables.
+
+  Args:
+    path: a file written by `cvt-convert` without `--backbone-only`.
+    num_classes: defaults to the file's head; another count needs `drop_head=True`
+      (implied when the file was converted with `--drop-head`).
+    drop_head: keep a fresh head instead of the file's.
+    rng: initialises a dropped head.
+    **cvt_kwargs: `CvT` fields (`activation`, `dtype`, ...); the activation
+      defaults to the file's.
+
+  Returns:
+    (model, variables): `model.apply(variables, images)` gives `[N, num_classes]` logits.
+  """
+  variables, metadata = load_converted(path)
+  if metadata['backbone_only']:
+    raise CheckpointError(f'{path} was converted with --backbone-only and has no classifier; '
+                          'use load_backbone, or convert again without --backbone-only.')
+  head_in_file = metadata['num_classes']
+  if num_classes is None:
+    if not head_in_file:
+      raise CheckpointError(f'{path} was converted with --drop-head; pass num_classes.')
+    num_classes = head_in_file
+  kwargs = dict(activation=metadata['activation'], channels=metadata['in_chans'])
+  kwargs.update(cvt_kwargs)
+  model = _classifier(spec_from_dict(metadata['spec']), metadata['variant'], num_classes,
+                      **kwargs)
+  return model, _load_into(model, variables, metadata, str(path),
+                           drop_head=drop_head or not head_in_file, keep_cls_token=True, rng=rng,
+                           activation_chosen='activation' in cvt_kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _heads(text: str) -> tuple[int, ...]:
+  return tuple(int(h) for h in text.split(','))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`cvt-convert SRC OUT`: a released CvT checkpoint -> a Flax msgpack file."""
+  parser = argparse.ArgumentParser(
+      prog='cvt-convert',
+      description='Convert an official (CvT-13-224x224-IN-1k.pth, ...) or Hugging Face '
+      '(microsoft/cvt-13 model.safetensors / pytorch_model.bin) CvT checkpoint to a Flax '
+      'msgpack file for cvt_backbone.load_backbone / load_classifier.')
+  parser.add_argument('src', type=Path,
+                      help='the .pth, .bin or .safetensors file, or a Hugging Face model folder')
+  parser.add_argument('out', type=Path, help='the .msgpack file to write (its folder must exist)')
+  parser.add_argument('--variant', help="expected variant ('cvt-13', 'cvt-21', 'cvt-w24'); "
+                      'checked against the shapes. Default: inferred from them.')
+  head = parser.add_mutually_exclusive_group()
+  head.add_argument('--backbone-only', action='store_true',
+                    help='drop the classifier (final norm and head) for CvTBackbone')
+  head.add_argument('--drop-head', action='store_true',
+                    help='drop only the head Linear, to fine-tune with another class count')
+  parser.add_argument('--activation', choices=sorted(ACTIVATIONS), default='quick_gelu',
+                      help='activation recorded for the loaders: quick_gelu (default, what the '
+                      'weights were trained with) or gelu (what Hugging Face runs)')
+  parser.add_argument('--num-heads', type=_heads, metavar='H1,H2,H3',
+                      help='heads per stage, only for custom architectures')
+  parser.add_argument('--force', action='store_true', help='overwrite OUT if it exists')
+  args = parser.parse_args(argv)
+  try:
+    metadata = convert_checkpoint(
+        args.src, args.out, variant=args.variant, backbone_only=args.backbone_only,
+        drop_head=args.drop_head, activation=args.activation, num_heads=args.num_heads,
+        overwrite=args.force)
+  except (CheckpointError, OSError, ValueError) as e:
+    print(f'cvt-convert: error: {e}', file=sys.stderr)
+    return 1
+  head_text = (f'{metadata["num_classes"]}-class head' if metadata['num_classes']
+               else 'backbone only' if metadata['backbone_only'] else 'head dropped')
+  print(f'Wrote {args.out}: {metadata["variant"]}, {head_text}, activation '
+        f'{metadata["activation"]}, from {metadata["source"]["file"]} '
+        f'({metadata["source"]["naming"]} names, sha256 {metadata["source"]["sha256"][:12]}...).')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,524 @@
+"""Official and Hugging Face CvT state_dicts -> Flax variables, and a strict merge.
+
+Pure functions on in-memory arrays (no file access, no torch): reading files is
+`readers.py`, the command line tool and the converted-file format are
+`checkpoint.py`.
+
+Two namings hold the same values (see DESIGN.md):
+- official microsoft/CvT (`CvT-13-224x224-IN-1k.pth`, `lib/models/cls_cvt.py`):
+  `stage0.blocks.3.attn.conv_proj_q.bn.running_mean`, `norm.weight`, `head.weight`;
+- Hugging Face (`microsoft/cvt-13`, `modeling_cvt.py`):
+  `cvt.encoder.stages.0.layers.3.attention.attention.convolution_projection_query.
+  convolution_projection.normalization.running_mean`, `layernorm.weight`, `classifier.weight`.
+Hugging Face names are first renamed to the official ones, which `cvt.py` mirrors,
+then every tensor is moved to its Flax path and layout:
+
+  conv weight   (O, I/g, kh, kw) -> kernel (kh, kw, I/g, O)
+  linear weight (out, in)        -> kernel (in, out)
+  norm weight                    -> scale
+  BN running_mean / running_var  -> batch_stats mean / var (num_batches_tracked dropped)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from cvt_backbone.cvt import VARIANTS, CvTSpec
+
+OFFICIAL = 'official'
+HUGGING_FACE = 'hugging_face'
+FLAX = 'flax'
+
+# Keys of wrapped checkpoints ({'state_dict': ..., 'epoch': ...}) searched for the weights.
+_WRAPPER_KEYS = ('state_dict', 'model', 'module', 'model_state', 'model_state_dict')
+
+# Parameters a checkpoint never holds and a model may have.
+_OUT_NORM = re.compile(r'params/out_norm_[^/]+/')
+_CLS_TOKEN = re.compile(r'params/stage\d+/cls_token')
+_HEAD = 'params/head/'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read or converted (corrupt file, not a CvT, ...)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint that does not fit the model it is loaded into."""
+
+  def __init__(self, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
+               mismatched: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+               hints: Iterable[str] = (), summary: str | None = None):
+    self.missing = list(missing)
+    self.unexpected = list(unexpected)
+    self.mismatched = list(mismatched)
+    lines = [summary or 'The checkpoint does not fit the model:']
+    if self.missing:
+      lines.append(f'  missing from the checkpoint ({len(self.missing)}):')
+      lines += [f'    {key}' for key in self.missing]
+    if self.unexpected:
+      lines.append(f'  unexpected in the checkpoint ({len(self.unexpected)}):')
+      lines += [f'    {key}' for key in self.unexpected]
+    if self.mismatched:
+      lines.append(f'  shape mismatches ({len(self.mismatched)}), checkpoint vs model:')
+      lines += [f'    {key}: {tuple(c)} vs {tuple(m)}' for key, c, m in self.mismatched]
+    lines += [f'  hint: {hint}' for hint in hints]
+    super().__init__('\n'.join(lines))
+
+
+# ---------------------------------------------------------------------------
+# Naming
+# ---------------------------------------------------------------------------
+
+_HF_LAYER = r'encoder\.stages\.(\d+)\.layers\.(\d+)\.'
+# 'query' / 'key' / 'value' -> 'q' / 'k' / 'v': the first letter is captured.
+_HF_QKV = r'([qkv])(?:uery|ey|alue)'
+_BN_LEAF = r'(weight|bias|running_mean|running_var|num_batches_tracked)'
+_HF_RULES = tuple((re.compile(pattern), replacement) for pattern, replacement in (
+    (r'encoder\.stages\.(\d+)\.embedding\.convolution_embeddings\.projection\.(weight|bias)',
+     r'stage\1.patch_embed.proj.\2'),
+    (r'encoder\.stages\.(\d+)\.embedding\.convolution_embeddings\.normalization\.(weight|bias)',
+     r'stage\1.patch_embed.norm.\2'),
+    (r'encoder\.stages\.(\d+)\.cls_token', r'stage\1.cls_token'),
+    (_HF_LAYER + r'layernorm_before\.(weight|bias)', r'stage\1.blocks.\2.norm1.\3'),
+    (_HF_LAYER + r'layernorm_after\.(weight|bias)', r'stage\1.blocks.\2.norm2.\3'),
+    (_HF_LAYER + rf'attention\.attention\.convolution_projection_{_HF_QKV}'
+     r'\.convolution_projection\.convolution\.weight',
+     r'stage\1.blocks.\2.attn.conv_proj_\3.conv.weight'),
+    (_HF_LAYER + rf'attention\.attention\.convolution_projection_{_HF_QKV}'
+     rf'\.convolution_projection\.normalization\.{_BN_LEAF}',
+     r'stage\1.blocks.\2.attn.conv_proj_\3.bn.\4'),
+    (_HF_LAYER + rf'attention\.attention\.projection_{_HF_QKV}\.(weight|bias)',
+     r'stage\1.blocks.\2.attn.proj_\3.\4'),
+    (_HF_LAYER + r'attention\.output\.dense\.(weight|bias)', r'stage\1.blocks.\2.attn.proj.\3'),
+    (_HF_LAYER + r'intermediate\.dense\.(weight|bias)', r'stage\1.blocks.\2.mlp.fc1.\3'),
+    (_HF_LAYER + r'output\.dense\.(weight|bias)', r'stage\1.blocks.\2.mlp.fc2.\3'),
+    (r'layernorm\.(weight|bias)', r'norm.\1'),
+    (r'classifier\.(weight|bias)', r'head.\1'),
+))
+
+# Every key of an official state_dict (cls_cvt.py; Dropout/Rearrange have no state).
+_OFFICIAL_KEYS = tuple(re.compile(pattern) for pattern in (
+    r'stage\d+\.patch_embed\.(proj|norm)\.(weight|bias)',
+    r'stage\d+\.cls_token',
+    r'stage\d+\.blocks\.\d+\.norm[12]\.(weight|bias)',
+    r'stage\d+\.blocks\.\d+\.attn\.conv_proj_[qkv]\.conv\.weight',
+    rf'stage\d+\.blocks\.\d+\.attn\.conv_proj_[qkv]\.bn\.{_BN_LEAF}',
+    r'stage\d+\.blocks\.\d+\.attn\.proj(_[qkv])?\.(weight|bias)',
+    r'stage\d+\.blocks\.\d+\.mlp\.fc[12]\.(weight|bias)',
+    r'(norm|head)\.(weight|bias)',
+))
+
+_HF_MARK = re.compile(r'(cvt\.)?encoder\.stages\.\d+\.')
+_OFFICIAL_MARK = re.compile(r'(module\.)?stage\d+\.')
+
+
+def _is_array(value: Any) -> bool:
+  return hasattr(value, 'shape') and hasattr(value, 'dtype')
+
+
+def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The weights inside `{'state_dict': ..., 'epoch': ...}`-style training checkpoints."""
+  while not any(_is_array(v) for v in state_dict.values()):
+    inner = next((state_dict[k] for k in _WRAPPER_KEYS
+                  if isinstance(state_dict.get(k), Mapping)), None)
+    if inner is None:
+      break
+    state_dict = inner
+  return state_dict
+
+
+def _is_flax(state_dict: Mapping[str, Any]) -> bool:
+  if isinstance(state_dict.get('params'), Mapping):
+    return True
+  return bool(state_dict) and all(
+      isinstance(k, str) and k.startswith(('params/', 'batch_stats/')) for k in state_dict)
+
+
+def _preview(keys: Iterable[str], limit: int = 8) -> str:
+  keys = list(keys)
+  shown = ', '.join(keys[:limit])
+  return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def detect_naming(state_dict: Mapping[str, Any]) -> str:
+  """Which naming a checkpoint uses: 'official', 'hugging_face' or 'flax' (already converted).
+
+  Raises:
+    CheckpointError: the keys follow neither naming (another architecture).
+  """
+  state_dict = _unwrap(state_dict)
+  if _is_flax(state_dict):
+    return FLAX
+  keys = [k for k in state_dict if isinstance(k, str)]
+  hf = any(_HF_MARK.match(k) for k in keys)
+  official = any(_OFFICIAL_MARK.match(k) for k in keys)
+  if hf and official:
+    raise CheckpointError('The state_dict mixes official (stage0...) and Hugging Face '
+                          '(cvt.encoder.stages...) CvT key names; convert one at a time.')
+  if hf:
+    return HUGGING_FACE
+  if official:
+    return OFFICIAL
+  raise CheckpointError(
+      f'This is not a CvT state_dict: none of its {len(keys)} keys follow the official '
+      f"('stage0.patch_embed.proj.weight', ...) or Hugging Face "
+      f"('cvt.encoder.stages.0.embedding...', ...) naming. Its keys: {_preview(keys)}.")
+
+
+def hf_to_official(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """Renames a Hugging Face CvT state_dict (`CvtForImageClassification` or `CvtModel`) to
+  the official key names, values untouched.
+
+  Raises:
+    CheckpointError: listing the keys that are not part of a Hugging Face CvT.
+  """
+  renamed, unknown = {}, []
+  for key, value in state_dict.items():
+    bare = key.removeprefix('cvt.')
+    for pattern, replacement in _HF_RULES:
+      if pattern.fullmatch(bare):
+        renamed[pattern.sub(replacement, bare)] = value
+        break
+    else:
+      unknown.append(key)
+  if unknown:
+    raise CheckpointError(f'Unexpected keys in a Hugging Face CvT state_dict ({len(unknown)}): '
+                          f'{_preview(unknown)}.')
+  return renamed
+
+
+# ---------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------
+
+
+def _flax_entry(key: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray] | None:
+  """One official key -> (Flax path including the collection, array in Flax layout)."""
+  *modules, leaf = key.split('.')
+  # 'blocks.3' is one Flax module, 'blocks_3'.
+  path = tuple(re.sub(r'blocks\.(\d+)', r'blocks_\1', '.'.join(modules)).split('.')) \
+      if modules else ()
+  parent = modules[-1] if modules else ''
+  grandparent = modules[-2] if len(modules) > 1 else ''
+
+  def expect(ndim: int) -> None:
+    if value.ndim != ndim:
+      raise CheckpointError(f'{key} has shape {value.shape}; a CvT has {ndim}-D tensors there.')
+
+  if leaf == 'num_batches_tracked':
+    return None  # A training counter; Flax BatchNorm has no equivalent.
+  if leaf in ('running_mean', 'running_var'):
+    expect(1)
+    return ('batch_stats', *path, leaf.removeprefix('running_')), value
+  if leaf == 'cls_token':
+    expect(3)
+    return ('params', *path, 'cls_token'), value
+  if leaf == 'bias':
+    expect(1)
+    return ('params', *path, 'bias'), value
+  # leaf == 'weight'
+  if parent in ('norm', 'norm1', 'norm2', 'bn'):
+    expect(1)
+    return ('params', *path, 'scale'), value
+  if parent == 'conv' or (parent == 'proj' and grandparent == 'patch_embed'):
+    expect(4)
+    return ('params', *path, 'kernel'), np.transpose(value, (2, 3, 1, 0))
+  expect(2)
+  return ('params', *path, 'kernel'), np.transpose(value)
+
+
+def _copy_converted(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  if isinstance(state_dict.get('params'), Mapping):
+    flat = traverse_util.flatten_dict(
+        {c: v for c, v in state_dict.items() if c in ('params', 'batch_stats')})
+  else:
+    flat = {tuple(k.split('/')): v for k, v in state_dict.items()}
+  return {path: np.asarray(value) for path, value in flat.items()}
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], *,
+                       backbone: bool = False) -> dict[str, dict[str, Any]]:
+  """A CvT state_dict -> Flax variables `{'params': ..., 'batch_stats': ...}`.
+
+  Detects the naming by itself (official, Hugging Face `CvtForImageClassification`
+  or `CvtModel`, with or without a `module.` prefix or a `{'state_dict': ...}`
+  wrapper) and is idempotent: already converted variables (nested, or flattened
+  with '/' separators) come back as they are.
+
+  Args:
+    state_dict: name -> array (numpy, or anything `np.asarray` accepts).
+    backbone: drop the classifier (`norm` and `head`) for `CvTBackbone`.
+
+  Returns:
+    Nested dicts of numpy arrays mirroring `CvT` (or `CvTBackbone`) variables:
+    conv kernels `[kh, kw, I, O]`, dense kernels `[in, out]`, the cls token
+    `[1, 1, D]`, BatchNorm running statistics under 'batch_stats'.
+
+  Raises:
+    CheckpointError: not a CvT state_dict, with the offending keys listed.
+  """
+  state_dict = _unwrap(state_dict)
+  naming = detect_naming(state_dict)
+  if naming == FLAX:
+    flat = _copy_converted(state_dict)
+  else:
+    if naming == HUGGING_FACE:
+      state_dict = hf_to_official(state_dict)
+    elif all(k.startswith('module.') for k in state_dict):
+      # Saved from a DistributedDataParallel wrapper.
+      state_dict = {k.removeprefix('module.'): v for k, v in state_dict.items()}
+    unknown = [k for k in state_dict if not any(p.fullmatch(k) for p in _OFFICIAL_KEYS)]
+    if unknown:
+      raise CheckpointError(f'Unexpected keys in an official CvT state_dict ({len(unknown)}): '
+                            f'{_preview(unknown)}.')
+    flat = {}
+    for key, value in state_dict.items():
+      entry = _flax_entry(key, np.asarray(value))
+      if entry is not None:
+        flat[entry[0]] = entry[1]
+  if backbone:
+    flat = {path: v for path, v in flat.items()
+            if not (path[0] == 'params' and path[1] in ('norm', 'head'))}
+  variables = traverse_util.unflatten_dict(flat)
+  variables.setdefault('params', {})
+  variables.setdefault('batch_stats', {})
+  return variables
+
+
+# ---------------------------------------------------------------------------
+# Architecture from shapes
+# ---------------------------------------------------------------------------
+
+# What the shapes of a checkpoint determine; the rest (strides, heads, drop path)
+# is taken from the matching variant.
+_SHAPE_FIELDS = ('embed_dims', 'depths', 'mlp_ratios', 'patch_sizes', 'kernel_qkv',
+                 'cls_token', 'qkv_bias')
+# What must agree between a checkpoint and a model (heads are invisible in the shapes
+# and checked only where the checkpoint records them).
+STRUCTURAL_FIELDS = _SHAPE_FIELDS + ('num_heads',)
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """What a checkpoint holds, inferred from its shapes.
+
+  Attributes:
+    spec: the `CvTSpec` (a known variant's when the shapes match one).
+    variant: 'cvt-13', 'cvt-21', 'cvt-w24' or 'cvt-tiny', or None for a custom spec.
+    num_classes: classifier outputs; 0 when the checkpoint has no head.
+    has_norm: whether it holds the classifier's final LayerNorm.
+    in_chans: input channels of the first embedding conv.
+  """
+
+  spec: CvTSpec
+  variant: str | None
+  num_classes: int
+  has_norm: bool
+  in_chans: int
+
+  @property
+  def name(self) -> str:
+    return self.variant or 'custom'
+
+
+def describe_spec(spec: CvTSpec) -> str:
+  """'dims (64, 192, 384), depths (1, 2, 10), heads (1, 3, 6)' for error messages."""
+  return f'dims {spec.embed_dims}, depths {spec.depths}, heads {spec.num_heads}'
+
+
+def variant_of(spec: CvTSpec) -> str | None:
+  """The name of the known variant with the same structure as `spec`, or None."""
+  for name, known in VARIANTS.items():
+    if all(getattr(known, f) == getattr(spec, f) for f in STRUCTURAL_FIELDS):
+      return name
+  return None
+
+
+def _blocks(stage: Mapping[str, Any]) -> list[int]:
+  return sorted(int(m.group(1)) for k in stage if (m := re.fullmatch(r'blocks_(\d+)', k)))
+
+
+def infer_architecture(state_dict: Mapping[str, Any], *,
+                       num_heads: Iterable[int] | None = None) -> Architecture:
+  """The architecture of a checkpoint (any naming, or converted variables).
+
+  Widths, depths, MLP ratios, kernel sizes, the cls token and the class count are
+  read from the shapes. The number of heads is not visible in any shape: it comes
+  from the matching known variant, else from `num_heads`, else from the official
+  head width of 64.
+
+  Raises:
+    CheckpointError: not a CvT, an incomplete one, or heads that cannot be inferred.
+  """
+  variables = convert_state_dict(state_dict)
+  params = variables['params']
+  stages = sorted(int(m.group(1)) for k in params if (m := re.fullmatch(r'stage(\d+)', k)))
+  if not stages or stages != list(range(len(stages))):
+    raise CheckpointError(f'The checkpoint has stages {stages}; a CvT has stage0, stage1, ...')
+  fields = {f: [] for f in _SHAPE_FIELDS}
+  in_chans = 0
+  try:
+    for i in stages:
+      stage = params[f'stage{i}']
+      kernel = stage['patch_embed']['proj']['kernel']  # [k, k, I, O]
+      dim = int(kernel.shape[-1])
+      in_chans = in_chans or int(kernel.shape[2])
+      blocks = _blocks(stage)
+      if blocks != list(range(len(blocks))) or not blocks:
+        raise CheckpointError(f'stage{i} has blocks {blocks}; expected blocks_0 .. blocks_N.')
+      first = stage['blocks_0']
+      fields['embed_dims'].append(dim)
+      fields['depths'].append(len(blocks))
+      fields['mlp_ratios'].append(first['mlp']['fc1']['kernel'].shape[1] / dim)
+      fields['patch_sizes'].append(int(kernel.shape[0]))
+      fields['kernel_qkv'].append(int(first['attn']['conv_proj_q']['conv']['kernel'].shape[0]))
+      fields['cls_token'].append('cls_token' in stage)
+      fields['qkv_bias'].append('bias' in first['attn']['proj_q'])
+  except KeyError as e:
+    raise CheckpointError(f'Incomplete CvT checkpoint: no {e} where expected.') from None
+  shape_fields = {f: tuple(v) for f, v in fields.items()}
+  shape_fields['qkv_bias'] = all(fields['qkv_bias'])
+  heads = tuple(int(h) for h in num_heads) if num_heads is not None else None
+
+  head = params.get('head', {})
+  num_classes = int(head['bias'].shape[0]) if 'bias' in head else 0
+  common = dict(num_classes=num_classes, has_norm='norm' in params, in_chans=in_chans)
+  for name, known in VARIANTS.items():
+    if all(getattr(known, f) == v for f, v in shape_fields.items()) and (
+        heads is None or heads == known.num_heads):
+      return Architecture(spec=known, variant=name, **common)
+
+  dims = shape_fields['embed_dims']
+  if heads is None:
+    if any(d % 64 for d in dims):
+      raise CheckpointError(
+          f'Cannot infer the heads of a custom CvT with dims {dims} (not multiples of the '
+          'official head width 64); pass num_heads (--num-heads).')
+    heads = tuple(d // 64 for d in dims)
+  n = len(dims)
+  strides = tuple(4 if i == 0 else 2 for i in range(n))
+  spec = CvTSpec(
+      num_heads=heads,
+      patch_strides=strides,
+      # The official rule, (7, 4) -> 2 and (3, 2) -> 1.
+      patch_paddings=tuple((k - s + 1) // 2
+                           for k, s in zip(shape_fields['patch_sizes'], strides, strict=True)),
+      stride_q=(1,) * n, stride_kv=(2,) * n,
+      drop_path_rates=(0.0,) * (n - 1) + (0.1,),
+      **shape_fields)
+  return Architecture(spec=spec, variant=None, **common)
+
+
+def spec_differences(expected: CvTSpec, found: CvTSpec,
+                     fields: Iterable[str] = STRUCTURAL_FIELDS) -> list[str]:
+  """'depths: (1, 2, 10) vs (1, 4, 16)' for each structural field that differs."""
+  return [f'{f}: {getattr(expected, f)} vs {getattr(found, f)}' for f in fields
+          if getattr(expected, f) != getattr(found, f)]
+
+
+# ---------------------------------------------------------------------------
+# Strict merge
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What `merge_variables` did, by '/'-joined variable path.
+
+  Attributes:
+    loaded: paths set from the checkpoint.
+    kept_init: model paths left at their fresh initialisation, with the reason.
+    discarded: checkpoint paths not used, with the reason.
+  """
+
+  loaded: list[str] = dataclasses.field(default_factory=list)
+  kept_init: dict[str, str] = dataclasses.field(default_factory=dict)
+  discarded: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  def summary(self) -> str:
+    lines = [f'{len(self.loaded)} arrays loaded from the checkpoint.']
+    if self.kept_init:
+      lines.append(f'{len(self.kept_init)} kept at their fresh initialisation:')
+      lines += [f'  {path} ({why})' for path, why in self.kept_init.items()]
+    if self.discarded:
+      lines.append(f'{len(self.discarded)} checkpoint arrays discarded:')
+      lines += [f'  {path} ({why})' for path, why in self.discarded.items()]
+    return '\n'.join(lines)
+
+
+def merge_variables(fresh: Mapping[str, Any], converted: Mapping[str, Any], *,
+                    drop_head: bool = False, keep_cls_token: bool = True,
+                    ) -> tuple[dict[str, Any], LoadReport]:
+  """Strictly merges converted weights into a model's freshly initialised variables.
+
+  Every model variable must come from the checkpoint, with the same shape, and
+  every checkpoint array must be used, except:
+  - `out_norm_*` LayerNorms of `CvTBackbone(out_norm=True)`, which no checkpoint
+    has: kept at their initialisation (and reported);
+  - the classifier head with `drop_head=True` (a different class count): the
+    checkpoint's is discarded, the fresh one kept;
+  - the cls token with `keep_cls_token=False`: the checkpoint's is discarded; a
+    model that has one keeps its fresh initialisation.
+
+  Args:
+    fresh: the model's variables from `init`, or their `jax.eval_shape` (then the
+      leaves kept at initialisation come back as `ShapeDtypeStruct`s to fill in).
+    converted: output of `convert_state_dict`.
+    drop_head: discard the checkpoint's classifier head.
+    keep_cls_token: use the checkpoint's cls token.
+
+  Returns:
+    The merged variables (checkpoint arrays cast to the model's dtypes) and a report.
+
+  Raises:
+    CheckpointMismatchError: naming every missing key, unexpected key and shape mismatch.
+  """
+  model = traverse_util.flatten_dict(dict(fresh), sep='/')
+  ckpt = traverse_util.flatten_dict(dict(converted), sep='/')
+  merged, report = {}, LoadReport()
+  unexpected, mismatched, hints = [], [], []
+  for path, value in ckpt.items():
+    if drop_head and path.startswith(_HEAD):
+      report.discarded[path] = 'classifier head dropped (drop_head=True)'
+      continue
+    if not keep_cls_token and _CLS_TOKEN.fullmatch(path):
+      report.discarded[path] = 'cls token discarded (keep_cls_token=False)'
+      continue
+    if path not in model:
+      unexpected.append(path)
+      if _CLS_TOKEN.fullmatch(path):
+        hints.append('the model has no cls token there; keep_cls_token=False discards it.')
+      continue
+    target = model[path]
+    if tuple(value.shape) != tuple(target.shape):
+      mismatched.append((path, tuple(value.shape), tuple(target.shape)))
+      if path.startswith(_HEAD):
+        hints.append('a different class count? drop_head=True keeps a fresh head.')
+      continue
+    merged[path] = np.asarray(value, dtype=target.dtype)
+    report.loaded.append(path)
+  missing, shape_mismatch = [], {path for path, _, _ in mismatched}
+  for path, target in model.items():
+    if path in merged or path in shape_mismatch:
+      continue
+    if _OUT_NORM.match(path):
+      report.kept_init[path] = 'backbone output norm; not part of CvT checkpoints'
+    elif drop_head and path.startswith(_HEAD):
+      report.kept_init[path] = 'classifier head dropped (drop_head=True)'
+    elif not keep_cls_token and _CLS_TOKEN.fullmatch(path):
+      report.kept_init[path] = 'cls token discarded (keep_cls_token=False)'
+    else:
+      missing.append(path)
+      if path.startswith(_HEAD):
+        hints.append('a checkpoint without a head? drop_head=True keeps a fresh head.')
+      continue
+    merged[path] = target
+  if missing or unexpected or mismatched:
+    raise CheckpointMismatchError(missing, unexpected, mismatched, dict.fromkeys(hints))
+  return traverse_util.unflatten_dict(merged, sep='/'), report
