@@ -9,6 +9,7 @@ from projects.cvt_segmentation.data.builder import (
     build_loaders,
     get_dataset,
     register_with_scenic,
+    resolve_test_scale,
 )
 from projects.cvt_segmentation.data.folders import (
     ADE20K_CLASSES,
@@ -75,6 +76,7 @@ __all__ = [
     'reduce_zero_label',
     'register_with_scenic',
     'rescale_size',
+    'resolve_test_scale',
     'resize_image',
     'resize_label',
     'synthetic_class_names',

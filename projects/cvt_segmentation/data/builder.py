@@ -42,6 +42,17 @@ _TEST_SCALE = {'ade20k': (2048, 512), 'cityscapes': (2048, 1024), 'folder': (204
 _AUG_KEYS = ('crop_size', 'scale', 'ratio_range', 'cat_max_ratio', 'flip_prob', 'photometric')
 
 
+def resolve_test_scale(
+    name: str, test_scale: tuple[int, int] | None | str = 'default'
+) -> tuple[int, int] | None:
+  """The `(long, short)` eval resize limits of dataset `name`; 'default' gives mmseg's."""
+  if isinstance(test_scale, str):
+    if test_scale != 'default':
+      raise ValueError(f"test_scale must be (long, short), None or 'default', got {test_scale!r}")
+    return _TEST_SCALE.get(name)
+  return None if test_scale is None else (int(test_scale[0]), int(test_scale[1]))
+
+
 def _dtype(dtype_str: str):
   if dtype_str == 'bfloat16':
     import ml_dtypes  # installed with jax
@@ -150,8 +161,7 @@ def build_loaders(
   aug['crop_size'] = tuple(aug['crop_size'])
   if aug['scale'] is not None:
     aug['scale'] = tuple(aug['scale'])
-  if test_scale == 'default':
-    test_scale = _TEST_SCALE.get(name)
+  test_scale = resolve_test_scale(name, test_scale)
   dtype = _dtype(dtype_str)
   train = TrainLoader(
       train_src,
@@ -167,7 +177,7 @@ def build_loaders(
   )
   evaluation = EvalLoader(
       eval_src,
-      EvalTransform(scale=None if test_scale is None else tuple(test_scale)),
+      EvalTransform(scale=test_scale),
       batch_size=eval_batch_size,
       process_index=process_index,
       process_count=process_count,
@@ -222,6 +232,9 @@ def get_dataset(
   train, evaluation, meta_data = build_loaders(
       name, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, **kwargs
   )
+  # The loaders themselves, for trainers that resume at a step known only after
+  # restoring a checkpoint, and for exact full-resolution evaluation passes.
+  meta_data = dict(meta_data, train_loader=train, eval_loader=evaluation, train_start_step=start_step)
   return Dataset(train.iterate(start_step), evaluation.repeat(), None, meta_data)
 
 

@@ -1,0 +1,81 @@
+"""What every cvt_segmentation config shares: training defaults, argument parsing, runlocal.
+
+Configs are `get_config(arg=None)` functions returning a locked ConfigDict, so a
+misspelled key (`config.optimiser = ...` or `--config.optimizer.base_rl=...`) is an
+error naming it instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from projects.cvt_segmentation import models
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses big_vision-style arguments: 'variant=21,runlocal' -> {variant: '21', runlocal: True}.
+
+  Only keys present in `defaults` are accepted; values take the type of their default.
+  """
+  parsed = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, eq, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r}; expected one of {sorted(defaults)}.')
+    default = defaults[key]
+    if not eq:
+      parsed[key] = True
+    elif isinstance(default, bool):
+      parsed[key] = value.lower() in ('1', 'true', 'yes')
+    elif default is not None:
+      parsed[key] = type(default)(value)
+    else:
+      parsed[key] = value
+  return ml_collections.ConfigDict(parsed)
+
+
+def base_config(model_name: str, dataset_name: str) -> ml_collections.ConfigDict:
+  """mmseg's fine-tuning recipe (AdamW, warmup + poly, 160k steps, batch 16)."""
+  config = ml_collections.ConfigDict()
+  config.experiment_name = f'{model_name}_{dataset_name}'
+  config.rng_seed = 0
+  config.model_name = model_name
+  config.model = models.default_model_config(model_name)
+  config.loss = ml_collections.ConfigDict(
+      dict(label_smoothing=0.0, aux_weight=0.4, avg_non_ignore=True))
+
+  config.dataset_name = dataset_name
+  config.dataset_configs = ml_collections.ConfigDict()
+  config.data_dtype_str = 'float32'
+  config.batch_size = 16
+  config.eval_batch_size = 1
+  config.num_training_steps = 160_000
+  config.log_summary_steps = 50
+  config.log_eval_steps = 16_000
+  config.checkpoint_steps = 4_000
+  config.max_checkpoints_to_keep = 3
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      base_lr=6e-5, weight_decay=0.01, b1=0.9, b2=0.999, warmup_steps=1500,
+      warmup_ratio=1e-6, power=1.0, min_lr=0.0, layer_decay=0.9, head_lr_mult=10.0,
+      grad_clip_norm=0.0, accumulation_steps=1))
+
+  # Inference for evaluation (evaluate.py and the trainer's periodic evaluation).
+  config.eval = ml_collections.ConfigDict(dict(
+      mode='whole', crop_size=(512, 512), stride=(341, 341), scales=(1.0,), flip=False))
+  return config
+
+
+def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any config to a minutes-long check of the whole pipeline on a CPU."""
+  config.model.backbone.variant = 'cvt-tiny'
+  config.model.backbone.pretrained = ''
+  config.batch_size = 2
+  config.num_training_steps = 4
+  config.log_summary_steps = 2
+  config.log_eval_steps = 4
+  config.checkpoint_steps = 2
+  config.optimizer.warmup_steps = 1
+  return config

@@ -1,0 +1,689 @@
+"""Segmentation inference as mmsegmentation runs it: whole image, sliding window, TTA.
+
+Every function is model-agnostic: it takes `logits_fn(images [B, h, w, 3]) -> logits
+[B, h, w, K]`, logits at the size of the images it was given (what `Segmentor` returns;
+`make_logits_fn` wraps a Flax model). The reference is mmseg's `EncoderDecoder`
+(mmseg/models/segmentors/encoder_decoder.py) and its test-time augmentation:
+
+- whole: one forward pass over the (test-resized) image.
+- slide: windows of `crop_size` every `stride`, clamped to the image edge
+  (`y1 = max(y2 - h_crop, 0)`), logits summed and divided by the per-pixel window count.
+  An image smaller than the crop is one smaller window, not padded (mmseg 1.x does not
+  pad either; `pad_to_crop=True` pads windows to the crop size instead).
+- scoring: the logits of the valid image region are resized to the label's original size
+  with bilinear, half-pixel-centre interpolation without antialiasing (mmseg's
+  `resize(..., mode='bilinear', align_corners=False)`), then argmax.
+- TTA: each scale and flip is inferred, flipped back, resized to the original size and
+  turned into softmax probabilities; the probabilities are averaged (mmseg 0.x
+  `aug_test`, 1.x `SegTTAModel.merge_preds`).
+
+`evaluate_dataset` scores a model over padded `EvalLoader` batches (the trainer's periodic
+evaluation and the `evaluate` command). Post-processing (window accumulation, resizing,
+softmax, argmax, scoring) is jitted with static shapes; jax caches one executable per
+shape, so repeated sizes do not recompile. `logits_fn` is called as given (jit it, with
+the parameters as an argument rather than a closed-over constant: `make_logits_fn` does).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from heads.resampling import resize_bilinear
+from projects.cvt_segmentation import metrics
+from projects.cvt_segmentation.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    normalize,
+    rescale_size,
+    resize_image,
+)
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+MODES = ('whole', 'slide')
+# CvT needs at least 16 px per side; images (or windows) smaller than this are padded
+# (bottom/right, zeros after normalization) and their logits cropped back. A no-op for
+# ordinary images; it lets extreme aspect ratios run (a 10 x 3000 strip resized to
+# (2048, 512) is 7 px high).
+DEFAULT_MIN_SIZE = 32
+
+
+def _pair(x: int | Sequence[int], what: str) -> tuple[int, int]:
+  pair = (x, x) if isinstance(x, int | np.integer) else tuple(x)
+  if len(pair) != 2 or any(int(v) != v or v < 1 for v in pair):
+    raise ValueError(f'{what} must be a positive int or (height, width), got {x!r}')
+  return int(pair[0]), int(pair[1])
+
+
+def make_logits_fn(model: Any, variables: Any, **apply_kwargs: Any) -> LogitsFn:
+  """`logits_fn` of a Flax model: `model.apply(variables, images, train=False)`, jitted.
+
+  The variables are an argument of the jitted function (not baked in as constants), and
+  the executable is cached per input shape. A dict output (`Segmentor` returns
+  `{'logits': ...}`) gives its `'logits'`.
+
+  Args:
+    model: a Flax module whose `apply(variables, images, train=False)` returns logits
+      `[B, h, w, K]` at the input size, or a dict holding them under 'logits'.
+    variables: its variables (`{'params': ..., 'batch_stats': ...}`).
+    **apply_kwargs: extra static keyword arguments of `apply`.
+
+  Returns:
+    `logits_fn(images [B, h, w, C]) -> [B, h, w, K]`.
+  """
+  @jax.jit
+  def apply(v, images):
+    return _as_logits(model.apply(v, images, train=False, **apply_kwargs))
+
+  def logits_fn(images):
+    return apply(variables, images)
+
+  return logits_fn
+
+
+def _as_logits(out: Any) -> jax.Array:
+  if isinstance(out, Mapping):
+    if 'logits' not in out:
+      raise ValueError(f"the model returned a dict without 'logits' (keys {sorted(out)})")
+    return out['logits']
+  return out
+
+
+def _call(logits_fn: LogitsFn, images: jax.Array, num_classes: int | None) -> jax.Array:
+  logits = _as_logits(logits_fn(images))
+  shape = tuple(getattr(logits, 'shape', ()))
+  if len(shape) != 4 or shape[:3] != tuple(images.shape[:3]):
+    raise ValueError(
+        f'logits_fn must return [B, h, w, K] logits at the size of its input '
+        f'{tuple(images.shape[:3])}, got shape {shape}'
+    )
+  if num_classes is not None and shape[3] != num_classes:
+    raise ValueError(
+        f'the model predicts {shape[3]} classes but {num_classes} were expected '
+        '(does the checkpoint match the config and dataset?)'
+    )
+  return logits
+
+
+def _call_padded(
+    logits_fn: LogitsFn, images: jax.Array, min_size: tuple[int, int], num_classes: int | None
+) -> jax.Array:
+  """`logits_fn` on images padded (bottom/right, zeros) to at least `min_size`, cropped back."""
+  _, h, w, _ = images.shape
+  ph, pw = max(h, min_size[0]), max(w, min_size[1])
+  if (ph, pw) == (h, w):
+    return _call(logits_fn, images, num_classes)
+  padded = jnp.pad(images, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)))
+  return _call(logits_fn, padded, num_classes)[:, :h, :w]
+
+
+def _as_batch(images: Any) -> tuple[jax.Array, bool]:
+  images = jnp.asarray(images)
+  if images.ndim == 3:
+    return images[None], True
+  if images.ndim != 4:
+    raise ValueError(f'expected images [B, h, w, C] or one image [h, w, C], got {images.shape}')
+  return images, False
+
+
+def whole_inference(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    *,
+    num_classes: int | None = None,
+    min_size: int | Sequence[int] = 0,
+) -> jax.Array:
+  """Logits of whole images (mmseg `whole_inference`).
+
+  Args:
+    logits_fn: `images [B, h, w, C] -> logits [B, h, w, K]`.
+    images: `[B, h, w, C]` normalized images.
+    num_classes: expected K (checked) or None.
+    min_size: images smaller than this (per axis) are padded for the model and the
+      logits cropped back; 0 never pads.
+
+  Returns:
+    `[B, h, w, K]`.
+  """
+  images, _ = _as_batch(images)
+  min_hw = (0, 0) if not min_size else _pair(min_size, 'min_size')
+  return _call_padded(logits_fn, images, min_hw, num_classes)
+
+
+def slide_windows(
+    image_size: Sequence[int], crop_size: int | Sequence[int], stride: int | Sequence[int]
+) -> list[tuple[int, int, int, int]]:
+  """The `(y1, y2, x1, x2)` windows of mmseg `slide_inference`, in its order.
+
+  `h_grids = max(h - h_crop + h_stride - 1, 0) // h_stride + 1` rows of windows (likewise
+  columns); window `(i, j)` starts at `(i * h_stride, j * w_stride)`, ends at most at the
+  image edge, and is shifted back so that it keeps the crop size where the image allows.
+
+  Args:
+    image_size: `(h, w)`.
+    crop_size: `(h_crop, w_crop)` or an int.
+    stride: `(h_stride, w_stride)` or an int, at most the crop size.
+
+  Returns:
+    Windows, each `min(h, h_crop) x min(w, w_crop)`.
+  """
+  h, w = (int(s) for s in image_size)
+  (hc, wc), (hs, ws) = _pair(crop_size, 'crop_size'), _pair(stride, 'stride')
+  if hs > hc or ws > wc:
+    raise ValueError(f'stride {(hs, ws)} larger than crop_size {(hc, wc)} leaves pixels uncovered')
+  h_grids = max(h - hc + hs - 1, 0) // hs + 1
+  w_grids = max(w - wc + ws - 1, 0) // ws + 1
+  windows = []
+  for i in range(h_grids):
+    for j in range(w_grids):
+      y2, x2 = min(i * hs + hc, h), min(j * ws + wc, w)
+      windows.append((max(y2 - hc, 0), y2, max(x2 - wc, 0), x2))
+  return windows
+
+
+def slide_count(
+    image_size: Sequence[int], crop_size: int | Sequence[int], stride: int | Sequence[int]
+) -> np.ndarray:
+  """How many windows cover each pixel (mmseg's `count_mat`): int32 `[h, w]`, all >= 1."""
+  count = np.zeros(tuple(int(s) for s in image_size), np.int32)
+  for y1, y2, x1, x2 in slide_windows(image_size, crop_size, stride):
+    count[y1:y2, x1:x2] += 1
+  return count
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _accumulate(total: jax.Array, window: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
+  # Offsets are traced, so every window of one shape shares one executable; the donated
+  # total is updated in place.
+  start = (0, y, x, 0)
+  current = jax.lax.dynamic_slice(total, start, window.shape)
+  return jax.lax.dynamic_update_slice(total, current + window.astype(total.dtype), start)
+
+
+@jax.jit
+def _divide(total: jax.Array, count: jax.Array) -> jax.Array:
+  return total / count[None, :, :, None]
+
+
+def slide_inference(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    crop_size: int | Sequence[int],
+    stride: int | Sequence[int],
+    num_classes: int | None = None,
+    *,
+    pad_to_crop: bool = False,
+    min_size: int | Sequence[int] = 0,
+) -> jax.Array:
+  """Sliding-window logits (mmseg `slide_inference`).
+
+  Each window of `slide_windows` is run through `logits_fn` for the whole batch, its
+  logits added into a float32 `[B, h, w, K]` sum, and the sum divided by `slide_count`.
+
+  Args:
+    logits_fn: `images [B, h, w, C] -> logits [B, h, w, K]`.
+    images: `[B, h, w, C]` normalized images (one size).
+    crop_size: `(h_crop, w_crop)` or an int.
+    stride: `(h_stride, w_stride)` or an int.
+    num_classes: expected K (checked) or None.
+    pad_to_crop: pad windows smaller than the crop (image smaller than the crop) to the
+      crop size for the model; mmseg runs them at their own size (False).
+    min_size: windows smaller than this are padded for the model (see `whole_inference`).
+
+  Returns:
+    float32 `[B, h, w, K]`.
+  """
+  images, _ = _as_batch(images)
+  b, h, w, _ = images.shape
+  crop = _pair(crop_size, 'crop_size')
+  windows = slide_windows((h, w), crop, stride)
+  min_hw = (0, 0) if not min_size else _pair(min_size, 'min_size')
+  if pad_to_crop:
+    min_hw = (max(min_hw[0], crop[0]), max(min_hw[1], crop[1]))
+  total = None
+  for y1, y2, x1, x2 in windows:
+    logits = _call_padded(logits_fn, images[:, y1:y2, x1:x2], min_hw, num_classes)
+    if total is None:
+      total = jnp.zeros((b, h, w, logits.shape[-1]), jnp.float32)
+    total = _accumulate(total, logits, y1, x1)
+  count = jnp.asarray(slide_count((h, w), crop, stride), jnp.float32)
+  return _divide(total, count)
+
+
+def infer_logits(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    *,
+    mode: str = 'whole',
+    crop_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    num_classes: int | None = None,
+    min_size: int | Sequence[int] = 0,
+    pad_to_crop: bool = False,
+) -> jax.Array:
+  """Logits at the input size by `mode` ('whole' or 'slide'); `[B, h, w, K]`."""
+  if mode == 'whole':
+    return whole_inference(logits_fn, images, num_classes=num_classes, min_size=min_size)
+  if mode == 'slide':
+    if crop_size is None or stride is None:
+      raise ValueError("mode 'slide' needs crop_size and stride")
+    return slide_inference(
+        logits_fn, images, crop_size, stride, num_classes, pad_to_crop=pad_to_crop,
+        min_size=min_size,
+    )
+  raise ValueError(f'unknown inference mode {mode!r}; expected one of {MODES}')
+
+
+@functools.partial(jax.jit, static_argnames=('size',))
+def resize_logits(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """float32 logits `[B, h, w, K]` resized to `size` as mmseg's `resize(..., 'bilinear',
+  align_corners=False)`: half-pixel centres, no antialiasing."""
+  return resize_bilinear(logits.astype(jnp.float32), size)
+
+
+@functools.partial(jax.jit, static_argnames=('size',))
+def _resize_softmax(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
+  return jax.nn.softmax(resize_bilinear(logits.astype(jnp.float32), size), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=('size',))
+def _resize_argmax(logits: jax.Array, size: tuple[int, int]) -> jax.Array:
+  return jnp.argmax(resize_bilinear(logits.astype(jnp.float32), size), axis=-1).astype(jnp.int32)
+
+
+def _output_size(output_size: Sequence[int] | None, images: jax.Array) -> tuple[int, int]:
+  if output_size is None:
+    return int(images.shape[-3]), int(images.shape[-2])
+  return _pair(output_size, 'output_size')
+
+
+def predict_logits(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    output_size: Sequence[int] | None = None,
+    **infer_kwargs: Any,
+) -> jax.Array:
+  """Logits by `infer_logits`, resized to `output_size` (the label's original size).
+
+  Args:
+    logits_fn: `images [B, h, w, C] -> logits [B, h, w, K]`.
+    images: `[B, h, w, C]` or one image `[h, w, C]`, normalized.
+    output_size: `(H, W)` to resize to; None keeps `(h, w)`.
+    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
+
+  Returns:
+    float32 `[B, H, W, K]` (`[H, W, K]` for one image).
+  """
+  batch, single = _as_batch(images)
+  logits = resize_logits(infer_logits(logits_fn, batch, **infer_kwargs),
+                         _output_size(output_size, batch))
+  return logits[0] if single else logits
+
+
+def predict_probs(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    output_size: Sequence[int] | None = None,
+    **infer_kwargs: Any,
+) -> jax.Array:
+  """Softmax of `predict_logits` (mmseg `inference`): float32 `[B, H, W, K]` or `[H, W, K]`."""
+  batch, single = _as_batch(images)
+  probs = _resize_softmax(infer_logits(logits_fn, batch, **infer_kwargs),
+                          _output_size(output_size, batch))
+  return probs[0] if single else probs
+
+
+def predict_labels(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    output_size: Sequence[int] | None = None,
+    **infer_kwargs: Any,
+) -> jax.Array:
+  """Argmax of `predict_logits`: int32 `[B, H, W]` (or `[H, W]` for one image)."""
+  batch, single = _as_batch(images)
+  labels = _resize_argmax(infer_logits(logits_fn, batch, **infer_kwargs),
+                          _output_size(output_size, batch))
+  return labels[0] if single else labels
+
+
+# ------------------------------------------------------------- test-time augmentation
+
+
+def scaled_size(
+    size: Sequence[int], ratio: float, test_scale: Sequence[int] | None = None
+) -> tuple[int, int]:
+  """Input size of TTA scale `ratio` for an image of original `size`.
+
+  With a test scale, as mmseg 0.x `MultiScaleFlipAug(img_scale, img_ratios)` (the protocol
+  of published multi-scale results): keep-ratio rescale into `(int(long * ratio),
+  int(short * ratio))`. Without one, as mmseg 1.x `Resize(scale_factor=ratio,
+  keep_ratio=True)`: `int(size * ratio + 0.5)`.
+
+  Args:
+    size: original `(H, W)`.
+    ratio: scale ratio, e.g. one of 0.5, 0.75, ..., 1.75.
+    test_scale: `(long, short)` edge limits of single-scale testing, e.g. `(2048, 512)`.
+
+  Returns:
+    `(h, w)`.
+  """
+  if test_scale is not None:
+    return rescale_size(size, (int(test_scale[0] * ratio), int(test_scale[1] * ratio)))
+  return int(size[0] * ratio + 0.5), int(size[1] * ratio + 0.5)
+
+
+def aug_inference(
+    logits_fn: LogitsFn,
+    image: np.ndarray,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    output_size: Sequence[int] | None = None,
+    test_scale: Sequence[int] | None = None,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
+    **infer_kwargs: Any,
+) -> jax.Array:
+  """Multi-scale and flip test-time augmentation: averaged softmax probabilities.
+
+  For each ratio in `scales` the original image is resized to `scaled_size(...)` (OpenCV
+  bilinear, as mmseg's pipeline, uint8 rounded for uint8 input) and normalized; it is
+  inferred as is and, with `flip`, mirrored (the logits mirrored back). Each result is
+  resized to `output_size` and softmaxed; the mean over all `len(scales) * (1 + flip)`
+  variants is returned. With `scales=(1.0,)`, `flip=False` and the dataset's test scale
+  this is exactly the single-scale evaluation pipeline (`EvalTransform` + `predict_probs`).
+
+  Args:
+    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
+    image: the original image, `[H, W, 3]` or a batch `[B, H, W, 3]` of one size: RGB on
+      the 0-255 scale (uint8 or float) when `mean` is set, else already normalized.
+    scales: resize ratios, e.g. `(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)`.
+    flip: also infer the horizontally flipped image.
+    output_size: `(H_out, W_out)` of the probabilities; None: the original `(H, W)`.
+    test_scale: `(long, short)` single-scale test resize the ratios multiply (see
+      `scaled_size`); None: ratios of the original size.
+    mean: normalization mean applied after resizing; None if `image` is normalized.
+    std: normalization std.
+    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
+
+  Returns:
+    float32 probabilities `[H_out, W_out, K]` (`[B, H_out, W_out, K]` for a batch).
+  """
+  image = np.asarray(image)
+  single = image.ndim == 3
+  batch = image[None] if single else image
+  if batch.ndim != 4:
+    raise ValueError(f'expected an image [H, W, C] or a batch [B, H, W, C], got {image.shape}')
+  if not scales:
+    raise ValueError('scales must hold at least one ratio')
+  size = batch.shape[1:3]
+  out_size = _pair(output_size, 'output_size') if output_size is not None else tuple(size)
+  total, count = None, 0
+  for ratio in scales:
+    if ratio <= 0:
+      raise ValueError(f'scale ratios must be positive, got {ratio}')
+    new_size = scaled_size(size, ratio, test_scale)
+    resized = np.stack([resize_image(x, new_size) for x in batch])
+    if mean is not None:
+      resized = normalize(resized, mean, std if std is not None else (1.0, 1.0, 1.0))
+    for flipped in (False, True) if flip else (False,):
+      x = jnp.asarray(resized[:, :, ::-1] if flipped else resized)
+      logits = infer_logits(logits_fn, x, **infer_kwargs)
+      if flipped:
+        logits = jnp.flip(logits, axis=2)
+      probs = _resize_softmax(logits, out_size)
+      total = probs if total is None else total + probs
+      count += 1
+  probs = total / count
+  return probs[0] if single else probs
+
+
+@jax.jit
+def _argmax(probs: jax.Array) -> jax.Array:
+  return jnp.argmax(probs, axis=-1).astype(jnp.int32)
+
+
+def segment_image(
+    logits_fn: LogitsFn,
+    image: np.ndarray,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    output_size: Sequence[int] | None = None,
+    test_scale: Sequence[int] | None = None,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
+    **infer_kwargs: Any,
+) -> np.ndarray:
+  """mmseg's whole test pipeline from an original image to its label map.
+
+  Single scale without flip: resize to `test_scale` (keep ratio), normalize, infer, resize
+  the logits to `output_size` and argmax (as `EvalTransform` + `predict_labels`).
+  Otherwise the argmax of `aug_inference`'s averaged probabilities.
+
+  Args:
+    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
+    image: original `[H, W, 3]` RGB (0-255, uint8 or float) when `mean` is set, else
+      normalized.
+    scales: TTA ratios.
+    flip: flip TTA.
+    output_size: `(H_out, W_out)`; None: `(H, W)`.
+    test_scale: `(long, short)` single-scale resize limits; None keeps the size.
+    mean: normalization mean, or None.
+    std: normalization std.
+    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
+
+  Returns:
+    int32 `[H_out, W_out]` class indices (numpy).
+  """
+  image = np.asarray(image)
+  if image.ndim != 3:
+    raise ValueError(f'expected one image [H, W, C], got shape {image.shape}')
+  out_size = tuple(image.shape[:2]) if output_size is None else _pair(output_size, 'output_size')
+  if tuple(scales) != (1.0,) or flip:
+    probs = aug_inference(
+        logits_fn, image, scales=scales, flip=flip, output_size=out_size, test_scale=test_scale,
+        mean=mean, std=std, **infer_kwargs,
+    )
+    return np.asarray(_argmax(probs))
+  x = resize_image(image, scaled_size(image.shape[:2], 1.0, test_scale))
+  if mean is not None:
+    x = normalize(x, mean, std if std is not None else (1.0, 1.0, 1.0))
+  return np.asarray(predict_labels(logits_fn, x, out_size, **infer_kwargs))
+
+
+# ------------------------------------------------------------- padded eval batches
+
+
+def flatten_shards(batch: Mapping[str, Any]) -> dict:
+  """`[num_shards, b, ...]` arrays (pmap layout) -> `[num_shards * b, ...]`."""
+  batch = dict(batch)
+  if np.ndim(batch['inputs']) == 5:
+    batch = {k: np.reshape(v, (-1,) + np.shape(v)[2:]) for k, v in batch.items()}
+  return batch
+
+
+def batch_logit_groups(
+    logits_fn: LogitsFn,
+    batch: Mapping[str, Any],
+    *,
+    exact: bool = True,
+    **infer_kwargs: Any,
+) -> Iterator[tuple[np.ndarray, jax.Array, tuple[int, int]]]:
+  """Logits of the valid examples of a padded eval batch, at their valid input size.
+
+  The batch is an `EvalLoader` batch: `inputs [B, Hp, Wp, 3]` (example `i` valid in
+  `[:input_size[i, 0], :input_size[i, 1]]`), `label_size [B, 2]`, `batch_mask [B]`;
+  without `input_size` / `label_size` / `batch_mask` the whole arrays are valid. Pmap
+  layouts `[num_shards, b, ...]` are flattened.
+
+  With `exact` (default) padding never reaches the model: examples are grouped by
+  `(input_size, label_size)` and each group is cropped to its own size and inferred on its
+  own, so every prediction equals that of the image alone (mmseg tests unpadded images).
+  With `exact=False` the padded batch is inferred at once and the logits cropped (fewer
+  calls and shapes; a model with global context then sees the padding).
+
+  Args:
+    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
+    batch: the eval batch.
+    exact: infer each size group unpadded.
+    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
+
+  Yields:
+    `(indices int [g], logits [g, h, w, K], (label_h, label_w))` per group, where `indices`
+    are rows of the (flattened) batch; examples with `batch_mask` 0 are skipped.
+  """
+  batch = flatten_shards(batch)
+  inputs = batch['inputs']
+  n, hp, wp = np.shape(inputs)[:3]
+  input_size = np.asarray(batch.get('input_size', np.tile([hp, wp], (n, 1))))
+  if 'label_size' in batch:
+    label_size = np.asarray(batch['label_size'])
+  elif 'label' in batch:
+    label_size = np.tile(np.shape(batch['label'])[1:3], (n, 1))
+  else:
+    label_size = input_size
+  mask = np.asarray(batch.get('batch_mask', np.ones(n)))
+  groups: dict[tuple[int, int, int, int], list[int]] = {}
+  for i in np.flatnonzero(mask > 0):
+    key = (*(int(s) for s in input_size[i]), *(int(s) for s in label_size[i]))
+    groups.setdefault(key, []).append(int(i))
+  if not exact and groups:
+    all_logits = infer_logits(logits_fn, inputs, **infer_kwargs)
+  for (h, w, lh, lw), rows in groups.items():
+    idx = np.asarray(rows)
+    if exact:
+      logits = infer_logits(logits_fn, np.asarray(inputs)[idx, :h, :w], **infer_kwargs)
+    else:
+      logits = all_logits[idx, :h, :w]
+    yield idx, logits, (lh, lw)
+
+
+def predict_batch(
+    logits_fn: LogitsFn,
+    batch: Mapping[str, Any],
+    *,
+    exact: bool = True,
+    **infer_kwargs: Any,
+) -> list[np.ndarray | None]:
+  """Predicted label maps of an eval batch at each example's original label size.
+
+  Args:
+    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
+    batch: an `EvalLoader` batch (see `batch_logit_groups`).
+    exact: infer each size group unpadded (see `batch_logit_groups`).
+    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
+
+  Returns:
+    One int32 `[label_h, label_w]` map per row of the (flattened) batch; None for padding
+    rows (`batch_mask` 0).
+  """
+  n = np.shape(flatten_shards(batch)['inputs'])[0]
+  out: list[np.ndarray | None] = [None] * n
+  for idx, logits, size in batch_logit_groups(logits_fn, batch, exact=exact, **infer_kwargs):
+    labels = np.asarray(_resize_argmax(logits, size))
+    for row, pred in zip(idx, labels, strict=True):
+      out[row] = pred
+  return out
+
+
+# ------------------------------------------------------------------- evaluation
+
+
+@functools.partial(jax.jit, static_argnames=('size', 'num_classes', 'ignore_index'))
+def _score(logits, labels, *, size, num_classes, ignore_index):
+  """Confusion matrix of logits `[g, h, w, K]` resized to `size` against labels `[g, *size]`."""
+  pred = jnp.argmax(resize_bilinear(logits.astype(jnp.float32), size), axis=-1)
+  return metrics.confusion_matrix_jax(labels, pred, num_classes, ignore_index=ignore_index)
+
+
+def _progress(iterable: Iterable, enabled: bool, total: int | None, desc: str, unit: str):
+  if not enabled:
+    return iterable
+  from tqdm import tqdm
+
+  return tqdm(iterable, total=total, desc=desc, unit=unit)
+
+
+def evaluate_dataset(
+    logits_fn: LogitsFn,
+    batches: Iterable[Mapping[str, Any]],
+    num_classes: int,
+    *,
+    mode: str = 'whole',
+    crop_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    ignore_index: int = metrics.IGNORE_INDEX,
+    exact: bool = True,
+    min_size: int | Sequence[int] = 0,
+    pad_to_crop: bool = False,
+    num_batches: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+  """Confusion matrix of a model over eval batches, at the original label resolution.
+
+  For each batch (an `EvalLoader` batch: padded `inputs`, `label` at original resolution
+  padded with 255, `input_size`, `label_size`, `batch_mask`; or any batch with `inputs`
+  and `label`, all valid), the logits of each example's valid input region are resized
+  to its label size (bilinear, half-pixel centres), argmaxed and counted against its
+  label; padding rows (`batch_mask` 0), padded label pixels and `ignore_index` are left
+  out. The trainer's periodic evaluation and the `evaluate` command share this code
+  (also importable as `evaluate.evaluate_dataset`).
+
+  Args:
+    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]` (e.g. `make_logits_fn`).
+    batches: an `EvalLoader` (one pass) or any iterable of batches; pmap layouts
+      `[num_shards, b, ...]` are flattened.
+    num_classes: K; the model's logits are checked against it.
+    mode: 'whole' or 'slide'.
+    crop_size: slide window `(h, w)`.
+    stride: slide stride `(h, w)`.
+    ignore_index: label value to skip.
+    exact: infer each group of equal-size examples unpadded, so padding never changes a
+      prediction (see `inference.batch_logit_groups`); False infers the padded batch.
+    min_size: pad smaller inputs / windows to this size for the model.
+    pad_to_crop: pad slide windows smaller than the crop to the crop size.
+    num_batches: stop after this many batches (needed for endless iterators).
+    progress: show a progress bar.
+
+  Returns:
+    int64 `[K, K]` confusion matrix (rows ground truth); pass it to
+    `metrics.segmentation_metrics` or `metrics.metrics_report`. With several processes,
+    sum the matrices of all processes.
+  """
+  if hasattr(batches, 'iterate') and hasattr(batches, 'num_batches'):  # an EvalLoader
+    total = batches.num_batches if num_batches is None else min(num_batches, batches.num_batches)
+    batches = batches.iterate()
+  else:
+    total = num_batches if num_batches is not None else _len_or_none(batches)
+  infer_kwargs = dict(
+      mode=mode, crop_size=crop_size, stride=stride, num_classes=num_classes,
+      min_size=min_size, pad_to_crop=pad_to_crop,
+  )
+  if num_batches is not None:  # islice: an endless iterator loses no batch past the last
+    batches = itertools.islice(batches, num_batches)
+  cm = np.zeros((num_classes, num_classes), np.int64)
+  for batch in _progress(batches, progress, total, 'eval', 'batch'):
+    batch = flatten_shards(batch)
+    labels = np.asarray(batch['label'])
+    groups = batch_logit_groups(logits_fn, batch, exact=exact, **infer_kwargs)
+    for idx, logits, (lh, lw) in groups:
+      counts = _score(
+          logits, labels[idx, :lh, :lw], size=(lh, lw), num_classes=num_classes,
+          ignore_index=ignore_index,
+      )
+      cm += np.asarray(counts, np.int64)
+  return cm
+
+
+def _len_or_none(x: Any) -> int | None:
+  try:
+    return len(x)
+  except TypeError:
+    return None

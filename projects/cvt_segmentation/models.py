@@ -1,0 +1,273 @@
+"""CvT segmentation models in Scenic's model-class protocol, and their registry.
+
+A model class is built as `Model(config, dataset_meta_data)` and offers
+`build_flax_model`, `default_flax_model_config`, `loss_function(logits, batch,
+model_params=None)`, `get_metrics_fn(split)` and `flax_model`, as Scenic's
+`BaseModel` does, without importing Scenic (it is an optional extra).
+
+The flax model is a `heads.Segmentor` over a `CvTBackbone`, configured by:
+
+  config.model_name                  'cvt_upernet', 'cvt_semantic_fpn', 'cvt_segformer', ...
+  config.model.backbone              CvTBackbone settings + `pretrained` (converted checkpoint)
+  config.model.neck                  FPN settings (models with a neck)
+  config.model.decode_head           decode-head settings
+  config.model.auxiliary_head        FCN settings (models with an auxiliary head)
+  config.loss                        label_smoothing, aux_weight, avg_non_ignore
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+import heads
+from cvt_backbone import CvTBackbone
+
+IGNORE_INDEX = 255
+
+# Settings of config.model.backbone that are not CvTBackbone fields.
+_BACKBONE_EXTRAS = ('pretrained', 'keep_cls_token')
+
+
+def _backbone_defaults() -> dict[str, Any]:
+  return dict(variant='cvt-13', pretrained='', keep_cls_token=True, drop_path_rate=0.1,
+              frozen_stages=0, norm_eval=False, attention='auto', attention_chunk_size=None,
+              remat=False, dtype='float32', activation='quick_gelu', out_norm=False)
+
+
+def segmentation_loss(logits: jax.Array, labels: jax.Array, batch_mask: jax.Array | None = None,
+                      *, label_smoothing: float = 0.0,
+                      avg_non_ignore: bool = True) -> tuple[jax.Array, jax.Array]:
+  """Per-pixel cross-entropy that ignores label 255 and padded examples.
+
+  Args:
+    logits: `[B, H, W, K]`.
+    labels: `[B, H, W]` int, 255 = ignore.
+    batch_mask: `[B]` (1 real, 0 padding) or `[B, H, W]`; None: all real.
+    label_smoothing: mass spread uniformly over the K classes.
+    avg_non_ignore: average over the valid pixels (mmseg `avg_non_ignore=True`);
+      False divides by every pixel of the real examples, as mmseg's default.
+
+  Returns:
+    (mean loss, number of pixels it was averaged over).
+  """
+  num_classes = logits.shape[-1]
+  valid = labels != IGNORE_INDEX
+  weights = valid.astype(jnp.float32)
+  real = jnp.ones_like(weights)
+  if batch_mask is not None:
+    mask = batch_mask.astype(jnp.float32)
+    mask = mask.reshape(mask.shape + (1,) * (weights.ndim - mask.ndim))
+    weights, real = weights * mask, real * mask
+  targets = jax.nn.one_hot(jnp.where(valid, labels, 0), num_classes)
+  if label_smoothing:
+    targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
+  losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  denominator = weights.sum() if avg_non_ignore else real.sum()
+  denominator = jnp.maximum(denominator, 1.0)
+  return (losses * weights).sum() / denominator, denominator
+
+
+class SegmentationModel:
+  """A CvT backbone with a decode head (and optionally a neck and auxiliary head).
+
+  Subclasses set `DECODE_HEAD`, `NECK` and `AUXILIARY_HEAD` (registered head names
+  of the `heads` package, or None) and their default settings.
+  """
+
+  DECODE_HEAD: str = 'upernet'
+  DECODE_HEAD_DEFAULTS: dict[str, Any] = {}
+  NECK: str | None = None
+  NECK_DEFAULTS: dict[str, Any] = {}
+  AUXILIARY_HEAD: str | None = None
+  AUXILIARY_HEAD_DEFAULTS: dict[str, Any] = {}
+
+  def __init__(self, config: ml_collections.ConfigDict | None,
+               dataset_meta_data: dict[str, Any]):
+    if config is None:
+      config = ml_collections.ConfigDict({'model': self.default_flax_model_config()})
+    self.config = config
+    self.dataset_meta_data = dataset_meta_data
+    self.flax_model = self.build_flax_model()
+
+  # --- configuration ---------------------------------------------------------
+
+  @classmethod
+  def default_model_config(cls) -> ml_collections.ConfigDict:
+    """The `config.model` of this model with every default (one place for them)."""
+    model = {'backbone': _backbone_defaults(), 'decode_head': dict(cls.DECODE_HEAD_DEFAULTS)}
+    if cls.NECK:
+      model['neck'] = dict(cls.NECK_DEFAULTS)
+    if cls.AUXILIARY_HEAD:
+      model['auxiliary_head'] = dict(cls.AUXILIARY_HEAD_DEFAULTS)
+    config = ml_collections.ConfigDict(model)
+    # Optional integers must accept a value later although their default is None.
+    config.backbone.attention_chunk_size = ml_collections.config_dict.placeholder(int)
+    return config
+
+  def default_flax_model_config(self) -> ml_collections.ConfigDict:
+    return self.default_model_config()
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.dataset_meta_data['num_classes'])
+
+  def _model_config(self, key: str) -> dict[str, Any]:
+    section = self.config.model.get(key)
+    return {} if section is None else dict(section.to_dict() if hasattr(section, 'to_dict')
+                                           else section)
+
+  # --- the flax model ---------------------------------------------------------
+
+  def build_backbone(self) -> CvTBackbone:
+    settings = {k: v for k, v in self._model_config('backbone').items()
+                if k not in _BACKBONE_EXTRAS}
+    dtype = settings.pop('dtype', 'float32')
+    unknown = set(settings) - {f for f in CvTBackbone.__dataclass_fields__}
+    if unknown:
+      raise ValueError(f'Unknown config.model.backbone settings {sorted(unknown)}.')
+    return CvTBackbone(dtype=jnp.dtype(dtype), **settings)
+
+  def build_flax_model(self) -> nn.Module:
+    backbone = self.build_backbone()
+    features = list(backbone.feature_info)
+    neck = None
+    if self.NECK:
+      neck = heads.build_head(self.NECK, feature_info=features, **self._model_config('neck'))
+      features = list(neck.feature_info)
+    decode_head = heads.build_head(self.DECODE_HEAD, feature_info=features,
+                                   num_classes=self.num_classes,
+                                   **self._model_config('decode_head'))
+    auxiliary_head = None
+    if self.AUXILIARY_HEAD:
+      aux = self._model_config('auxiliary_head')
+      in_feature = aux.pop('in_feature', 'stage3')
+      info = [f for f in backbone.feature_info if f['name'] == in_feature]
+      if not info:
+        raise ValueError(f'config.model.auxiliary_head.in_feature {in_feature!r} is not a '
+                         f'backbone output; outputs: {backbone.out_names}.')
+      auxiliary_head = heads.build_head(self.AUXILIARY_HEAD, feature_info=info,
+                                        num_classes=self.num_classes, **aux)
+    return heads.Segmentor(backbone=backbone, decode_head=decode_head, neck=neck,
+                           auxiliary_head=auxiliary_head)
+
+  def init_variables(self, rng: jax.Array, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Fresh variables, with the backbone from `config.model.backbone.pretrained` if set."""
+    dummy = jnp.zeros((1, *input_shape[1:]), jnp.float32)
+    variables = jax.jit(functools.partial(self.flax_model.init, train=False))(rng, dummy)
+    variables = jax.tree.map(lambda x: x, dict(variables))  # mutable copy
+    pretrained = self._model_config('backbone').get('pretrained')
+    if pretrained:
+      from cvt_backbone.checkpoint import load_pretrained
+
+      loaded = load_pretrained(
+          self.flax_model.backbone, pretrained,
+          keep_cls_token=self._model_config('backbone').get('keep_cls_token', True), rng=rng)
+      for collection, tree in loaded.items():
+        variables[collection] = dict(variables[collection], backbone=tree)
+    return variables
+
+  # --- loss and metrics -------------------------------------------------------
+
+  def loss_function(self, logits: Any, batch: dict[str, jax.Array],
+                    model_params: Any = None) -> jax.Array:
+    """Cross-entropy of the decode head plus `aux_weight` times that of the auxiliary head.
+
+    Args:
+      logits: the Segmentor's output dict (`'logits'`, optional `'aux_logits'`) or
+        a `[B, H, W, K]` array.
+      batch: `'label'` `[B, H, W]`, optional `'batch_mask'`.
+      model_params: unused (weight decay is decoupled, in the optimizer).
+    """
+    del model_params
+    loss_cfg = self.config.get('loss', ml_collections.ConfigDict())
+    outputs = logits if isinstance(logits, dict) else {'logits': logits}
+    kwargs = dict(label_smoothing=loss_cfg.get('label_smoothing', 0.0),
+                  avg_non_ignore=loss_cfg.get('avg_non_ignore', True))
+    mask = batch.get('batch_mask')
+    loss, _ = segmentation_loss(outputs['logits'], batch['label'], mask, **kwargs)
+    if 'aux_logits' in outputs:
+      aux, _ = segmentation_loss(outputs['aux_logits'], batch['label'], mask, **kwargs)
+      loss = loss + loss_cfg.get('aux_weight', 0.4) * aux
+    return loss
+
+  def get_metrics_fn(self, split: str | None = None):
+    """`metrics_fn(logits, batch) -> {name: (sum, normalizer)}`, Scenic's convention.
+
+    Pixel accuracy and loss over the valid pixels of the batch; mIoU needs the
+    whole split and is computed by the trainer from a confusion matrix.
+    """
+    del split
+
+    def metrics_fn(logits: Any, batch: dict[str, jax.Array]) -> dict[str, tuple]:
+      logits = logits['logits'] if isinstance(logits, dict) else logits
+      labels = batch['label']
+      loss, count = segmentation_loss(logits, labels, batch.get('batch_mask'))
+      valid = labels != IGNORE_INDEX
+      if batch.get('batch_mask') is not None:
+        mask = batch['batch_mask'].astype(bool)
+        valid = valid & mask.reshape(mask.shape + (1,) * (valid.ndim - mask.ndim))
+      correct = ((jnp.argmax(logits, -1) == labels) & valid).sum()
+      return {'accuracy': (correct, valid.sum()), 'loss': (loss * count, count)}
+
+    return metrics_fn
+
+
+class CvTUperNet(SegmentationModel):
+  """CvT + UPerNet (PPM + FPN fuse, 512 channels) + FCN auxiliary head on stage 3."""
+
+  DECODE_HEAD = 'upernet'
+  DECODE_HEAD_DEFAULTS = dict(channels=512, dropout_rate=0.1, norm='batch')
+  AUXILIARY_HEAD = 'fcn'
+  AUXILIARY_HEAD_DEFAULTS = dict(in_feature='stage3', channels=256, dropout_rate=0.1,
+                                 norm='batch')
+
+
+class CvTSemanticFPN(SegmentationModel):
+  """CvT + FPN neck (256 channels) + Semantic FPN head (128 channels, GroupNorm)."""
+
+  NECK = 'fpn'
+  NECK_DEFAULTS = dict(out_channels=256)
+  DECODE_HEAD = 'semantic_fpn'
+  DECODE_HEAD_DEFAULTS = dict(channels=128, dropout_rate=0.1, norm='group')
+
+
+class CvTSegFormer(SegmentationModel):
+  """CvT + SegFormer all-MLP head (256 channels)."""
+
+  DECODE_HEAD = 'segformer'
+  DECODE_HEAD_DEFAULTS = dict(channels=256, dropout_rate=0.1, norm='batch')
+
+
+class CvTFPNLinear(SegmentationModel):
+  """CvT + FPN neck + a linear classifier on the fused levels: the lightest head."""
+
+  NECK = 'fpn'
+  NECK_DEFAULTS = dict(out_channels=128)
+  DECODE_HEAD = 'linear'
+  DECODE_HEAD_DEFAULTS = dict(dropout_rate=0.1, norm='batch')
+
+
+MODELS: dict[str, type[SegmentationModel]] = {
+    'cvt_upernet': CvTUperNet,
+    'cvt_semantic_fpn': CvTSemanticFPN,
+    'cvt_segformer': CvTSegFormer,
+    'cvt_fpn_linear': CvTFPNLinear,
+}
+
+
+def get_model_cls(name: str) -> type[SegmentationModel]:
+  if name not in MODELS:
+    raise ValueError(f'Unknown model {name!r}; expected one of {sorted(MODELS)}.')
+  return MODELS[name]
+
+
+def default_model_config(name: str) -> ml_collections.ConfigDict:
+  """`config.model` defaults of a registered model, for config files."""
+  return get_model_cls(name).default_model_config()

@@ -1,0 +1,132 @@
+"""The fine-tuning optimizer users of mmsegmentation expect, in optax.
+
+AdamW with linear warmup then poly decay; no weight decay on norms, biases and
+the cls token; layer-wise learning-rate decay over the backbone (BEiT/Swin
+style: the deepest block gets the base rate, each earlier one `decay` times
+less); a learning-rate multiplier for the heads; gradient clipping; gradient
+accumulation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_STAGE = re.compile(r'stage(\d+)$')
+_BLOCK = re.compile(r'blocks_(\d+)$')
+
+
+def warmup_poly_schedule(base_lr: float, total_steps: int, warmup_steps: int = 1500,
+                         warmup_ratio: float = 1e-6, power: float = 1.0,
+                         min_lr: float = 0.0) -> optax.Schedule:
+  """mmseg's `LinearLR` warmup from `base_lr * warmup_ratio` then `PolyLR` to `min_lr`."""
+  warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = base_lr * (warmup_ratio + (1 - warmup_ratio) * step / max(warmup_steps, 1))
+    progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+    poly = (base_lr - min_lr) * (1 - progress)**power + min_lr
+    return jnp.where(step < warmup_steps, warm, poly)
+
+  return schedule
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True where weight decay applies: matrices and conv kernels, not norms, biases, cls token."""
+
+  def decays(path, leaf):
+    names = _path_names(path)
+    return leaf.ndim > 1 and 'cls_token' not in names
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def backbone_layer_ids(params: Mapping[str, Any], depths: tuple[int, ...]) -> Any:
+  """Layer id of every backbone parameter: 0 for the first embedding, block k (over all stages) k+1.
+
+  A stage's conv embedding (and cls token) shares the id of the block before it,
+  so it trains at the rate of the layers it feeds from.
+  """
+  starts = [sum(depths[:i]) for i in range(len(depths))]
+
+  def layer_id(path, _):
+    names = _path_names(path)
+    stage = next((int(m.group(1)) for n in names if (m := _STAGE.match(n))), None)
+    block = next((int(m.group(1)) for n in names if (m := _BLOCK.match(n))), None)
+    if stage is None:  # Output norms sit after the last block.
+      return sum(depths) + 1
+    if block is None:
+      return starts[stage]
+    return starts[stage] + block + 1
+
+  return jax.tree_util.tree_map_with_path(layer_id, params)
+
+
+def lr_multipliers(params: Mapping[str, Any], *, depths: tuple[int, ...],
+                   layer_decay: float = 1.0, head_lr_mult: float = 1.0,
+                   backbone_key: str = 'backbone') -> Any:
+  """Per-parameter multiplier of the learning rate (same tree as `params`)."""
+  num_layers = sum(depths) + 1
+
+  def for_subtree(key, subtree):
+    if key != backbone_key:
+      return jax.tree.map(lambda _: head_lr_mult, subtree)
+    ids = backbone_layer_ids(subtree, depths)
+    return jax.tree.map(lambda i: float(layer_decay**(num_layers - i)), ids)
+
+  return {key: for_subtree(key, subtree) for key, subtree in params.items()}
+
+
+def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its entry of a fixed tree of scalars."""
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(config: Any, params: Mapping[str, Any], depths: tuple[int, ...],
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer of `config.optimizer` and its learning-rate schedule.
+
+  `config.optimizer`: base_lr, weight_decay, b1, b2, warmup_steps, warmup_ratio,
+  power, min_lr, layer_decay, head_lr_mult, grad_clip_norm (0: off),
+  accumulation_steps.
+  """
+  opt = config.optimizer
+  # With accumulation, `total_steps` counts micro-batches; the schedule counts updates.
+  updates = max(total_steps // max(opt.accumulation_steps, 1), 1)
+  schedule = warmup_poly_schedule(opt.base_lr, updates, opt.warmup_steps, opt.warmup_ratio,
+                                  opt.power, opt.min_lr)
+  multipliers = lr_multipliers(params, depths=depths, layer_decay=opt.layer_decay,
+                               head_lr_mult=opt.head_lr_mult)
+  parts = []
+  if opt.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  parts += [
+      optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=1e-8),
+      # Decoupled weight decay (AdamW): added after Adam, scaled by the learning rate.
+      optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask(params)),
+      optax.scale_by_learning_rate(schedule),
+      scale_by_tree(multipliers),
+  ]
+  tx = optax.chain(*parts)
+  if opt.accumulation_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=opt.accumulation_steps)
+  return tx, schedule

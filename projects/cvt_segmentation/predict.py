@@ -1,0 +1,307 @@
+"""Segment image files: palette PNG masks and side-by-side overlays.
+
+  python -m projects.cvt_segmentation.predict \\
+      --config projects/cvt_segmentation/configs/ade20k.py:variant=13 \\
+      --checkpoint /tmp/workdir/checkpoints --output /tmp/masks \\
+      photos/ more/*.jpg one.png [--palette auto] [--scales 0.75,1.0,1.25 --flip] \\
+      [--overwrite] [--strict]
+
+For every input image `<stem>.<ext>` it writes `OUTPUT/<stem>_mask.png` (mode 'P': pixel
+values are class indices, the palette colours them) and `OUTPUT/<stem>_overlay.png` (the
+input and the input blended with the coloured mask, side by side), both at the input's
+size. Images go through the evaluation pipeline (`inference.segment_image`: keep-ratio
+resize to the dataset's test scale, ImageNet normalization, whole or sliding-window
+inference, optional multi-scale / flip TTA, logits resized back to the original size).
+
+Inputs are files, folders (searched recursively; outputs keep the sub-folders) and glob
+patterns. Missing paths, unreadable or non-image files, and images whose outputs exist
+(without --overwrite) are reported by name and skipped; with --strict they are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from projects.cvt_segmentation import cli, palettes
+from projects.cvt_segmentation.inference import LogitsFn, make_logits_fn, segment_image
+
+MASK_SUFFIX = '_mask.png'
+OVERLAY_SUFFIX = '_overlay.png'
+_GLOB_CHARS = ('*', '?', '[')
+
+
+@dataclasses.dataclass(frozen=True)
+class InputImage:
+  """One input file and the output name stem (relative to the output folder)."""
+
+  path: str
+  stem: str
+
+
+class PredictError(Exception):
+  """A problem with an input or output that --strict turns into a failure."""
+
+
+def collect_inputs(
+    inputs: Sequence[str], exclude_dir: str | None = None
+) -> tuple[list[InputImage], list[str]]:
+  """Expands files, folders and globs into input files with unique output stems.
+
+  Folders are walked recursively (hidden files and folders skipped) and their files keep
+  their relative sub-folder in the stem; a file given directly (or matched by a glob)
+  keeps its base name. Files are not opened here: non-images are found when read. Stems
+  that clash (`a.jpg` and `a.png`) get their extension appended (`a_png`).
+
+  Args:
+    inputs: paths, folders and glob patterns.
+    exclude_dir: skip files under this folder (the output folder).
+
+  Returns:
+    `(images, problems)`: the inputs in order, without duplicates, and one message per
+    path that does not exist or pattern that matches nothing.
+  """
+  problems: list[str] = []
+  found: list[tuple[str, str]] = []  # (path, stem)
+  exclude = os.path.realpath(exclude_dir) + os.sep if exclude_dir else None
+
+  def add_folder(folder: str):
+    for dirpath, dirnames, filenames in os.walk(folder):
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+      for name in sorted(f for f in filenames if not f.startswith('.')):
+        path = os.path.join(dirpath, name)
+        rel = os.path.relpath(path, folder)
+        found.append((path, os.path.splitext(rel)[0]))
+
+  for item in inputs:
+    if os.path.isdir(item):
+      add_folder(item)
+    elif os.path.isfile(item):
+      found.append((item, os.path.splitext(os.path.basename(item))[0]))
+    elif any(c in item for c in _GLOB_CHARS):
+      matches = sorted(glob.glob(item, recursive=True))
+      if not matches:
+        problems.append(f'{item}: no file matches this pattern')
+      for path in matches:
+        if os.path.isdir(path):
+          add_folder(path)
+        elif os.path.isfile(path):
+          found.append((path, os.path.splitext(os.path.basename(path))[0]))
+    else:
+      problems.append(f'{item}: no such file or folder')
+
+  images, seen_paths, stems = [], set(), set()
+  for path, stem in found:
+    real = os.path.realpath(path)
+    if real in seen_paths or (exclude and real.startswith(exclude)):
+      continue
+    seen_paths.add(real)
+    if stem in stems:
+      stem = f'{stem}_{os.path.splitext(path)[1].lstrip(".").lower() or "file"}'
+    base, k = stem, 2
+    while stem in stems:
+      stem, k = f'{base}_{k}', k + 1
+    stems.add(stem)
+    images.append(InputImage(path, stem))
+  return images, problems
+
+
+def read_image(path: str) -> np.ndarray:
+  """Reads an image file as uint8 RGB `[H, W, 3]`, applying its EXIF orientation.
+
+  OpenCV's `imread` (mmcv's reader) applies the EXIF orientation too, so the mask lines up
+  with the image as viewers show it.
+
+  Raises:
+    PredictError: the file is not an image PIL can read.
+  """
+  try:
+    with Image.open(path) as im:
+      im = ImageOps.exif_transpose(im)
+      return np.asarray(im.convert('RGB'))
+  except UnidentifiedImageError:
+    raise PredictError(f'{path}: not an image file') from None
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise PredictError(f'{path}: unreadable image ({e})') from None
+
+
+def check_image_header(path: str) -> None:
+  """Raises `PredictError` unless PIL recognises `path` as an image (reads the header only)."""
+  try:
+    with Image.open(path):
+      pass
+  except UnidentifiedImageError:
+    raise PredictError(f'{path}: not an image file') from None
+  except OSError as e:
+    raise PredictError(f'{path}: unreadable image ({e})') from None
+
+
+def output_paths(output_dir: str, stem: str) -> tuple[str, str]:
+  """`(mask path, overlay path)` of an output stem."""
+  base = os.path.join(output_dir, stem)
+  return base + MASK_SUFFIX, base + OVERLAY_SUFFIX
+
+
+def _report(message: str, progress_bar: Any) -> None:
+  if progress_bar is not None:
+    progress_bar.write(f'skipped {message}', file=sys.stderr)
+  else:
+    print(f'skipped {message}', file=sys.stderr)
+
+
+def predict_images(
+    logits_fn: LogitsFn,
+    images: Sequence[InputImage],
+    output_dir: str,
+    *,
+    palette: np.ndarray,
+    settings: cli.InferenceSettings | None = None,
+    test_scale: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    overwrite: bool = False,
+    strict: bool = False,
+    progress: bool = True,
+    alpha: float = 0.5,
+) -> dict:
+  """Segments `images` and writes their masks and overlays.
+
+  Args:
+    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
+    images: inputs from `collect_inputs`.
+    output_dir: folder of the outputs (created).
+    palette: `[K, 3]` uint8 class colours.
+    settings: inference mode and TTA (default: whole image, single scale).
+    test_scale: `(long, short)` resize limits before inference, or None.
+    num_classes: expected K (checked against the model), or None.
+    overwrite: replace existing outputs; otherwise images whose outputs exist are skipped
+      (an error with `strict`), checked before any inference.
+    strict: raise `PredictError` on the first problem instead of skipping.
+    progress: show a tqdm progress bar.
+    alpha: mask weight in the overlay blend.
+
+  Returns:
+    `{'written': [(input, mask, overlay)], 'skipped': [message], 'existing': [message]}`:
+    unreadable inputs in 'skipped', inputs whose outputs exist in 'existing'.
+  """
+  settings = settings or cli.InferenceSettings()
+  written, skipped, existing_outputs, todo = [], [], [], []
+  for item in images:
+    mask_path, overlay_path = output_paths(output_dir, item.stem)
+    existing = [p for p in (mask_path, overlay_path) if os.path.exists(p)]
+    if existing and not overwrite:
+      message = f'{item.path}: output exists ({", ".join(existing)}); pass --overwrite'
+      if strict:
+        raise PredictError(message)
+      existing_outputs.append(message)
+      _report(message, None)
+      continue
+    todo.append((item, mask_path, overlay_path))
+  bar = None
+  iterator = todo
+  if progress:
+    from tqdm import tqdm
+
+    bar = tqdm(todo, desc='predict', unit='img')
+    iterator = bar
+  for item, mask_path, overlay_path in iterator:
+    try:
+      image = read_image(item.path)
+    except PredictError as e:
+      if strict:
+        raise
+      skipped.append(str(e))
+      _report(str(e), bar)
+      continue
+    labels = segment_image(
+        logits_fn, image, scales=settings.scales, flip=settings.flip, test_scale=test_scale,
+        num_classes=num_classes, **settings.infer_kwargs(),
+    )
+    os.makedirs(os.path.dirname(mask_path) or '.', exist_ok=True)
+    palettes.mask_image(labels, palette).save(mask_path)
+    Image.fromarray(palettes.overlay_image(image, labels, palette, alpha)).save(overlay_path)
+    written.append((item.path, mask_path, overlay_path))
+  if bar is not None:
+    bar.close()
+  return {'written': written, 'skipped': skipped, 'existing': existing_outputs}
+
+
+def _model_num_classes(logits_fn: LogitsFn) -> int:
+  """K of a model whose config does not say: one forward pass on a small blank image."""
+  probe = np.zeros((1, 64, 64, 3), np.float32)
+  return int(np.shape(logits_fn(probe))[-1])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='python -m projects.cvt_segmentation.predict',
+      description='Segment images: palette PNG masks and side-by-side overlays.',
+  )
+  cli.add_common_flags(parser)
+  parser.add_argument('--output', required=True, help='output folder')
+  parser.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
+  parser.add_argument('--palette', choices=palettes.PALETTE_NAMES, default='auto',
+                      help="mask colours (auto: the config's dataset)")
+  parser.add_argument('--alpha', type=float, default=0.5, help='mask weight in the overlay')
+  parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
+  parser.add_argument('--strict', action='store_true',
+                      help='fail on the first missing, unreadable or existing file')
+  parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | None = None) -> int:
+  """Command-line entry point; returns the exit status.
+
+  Args:
+    argv: arguments (default `sys.argv[1:]`).
+    model_loader: replaces `checkpoints.restore_for_inference` (tests inject models).
+
+  Returns:
+    0 on success (skipped inputs are reported on stderr), 1 on an error or when no image
+    could be read, 2 on bad arguments (argparse).
+  """
+  args = parse_args(argv)
+  try:
+    images, problems = collect_inputs(args.inputs, exclude_dir=args.output)
+    for message in problems:
+      if args.strict:
+        raise PredictError(message)
+      _report(message, None)
+    if not images:
+      raise PredictError('no input files found')
+    if args.strict:  # fail on a non-image before loading the model
+      for item in images:
+        check_image_header(item.path)
+    config = cli.load_config(args.config)
+    settings = cli.inference_settings(config, args)
+    scale = cli.test_scale(config, args.test_scale)
+    model, variables = cli.load_model(config, args.checkpoint, model_loader)
+    logits_fn = make_logits_fn(model, variables)
+    num_classes = cli.expected_num_classes(config) or _model_num_classes(logits_fn)
+    dataset_name = cli.config_get(config, 'dataset_name')
+    palette = palettes.get_palette(args.palette, num_classes, dataset_name)
+    summary = predict_images(
+        logits_fn, images, args.output, palette=palette, settings=settings, test_scale=scale,
+        num_classes=num_classes, overwrite=args.overwrite, strict=args.strict,
+        progress=not args.no_progress, alpha=args.alpha,
+    )
+  except (PredictError, FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  skipped = len(summary['skipped']) + len(summary['existing']) + len(problems)
+  print(f'{len(summary["written"])} images segmented into {args.output}'
+        + (f', {skipped} skipped' if skipped else ''), file=sys.stderr)
+  failed = not summary['written'] and not summary['existing']
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,554 @@
+"""Extract CvT stage maps from images of any size, on a memory budget.
+
+    cvt-extract --checkpoint cvt-13-384-22k.msgpack --output features/ \\
+        tiles/ more/*.tif one.png [--stages stage1,stage3] [--format npz|safetensors] \\
+        [--dtype float16|float32] [--max-side 4096] [--batch-size 4] \\
+        [--memory-budget-mb 2048] [--attention auto|plain|chunked|fused] [--chunk-size N] \\
+        [--pca] [--overwrite] [--strict]
+
+(`python -m projects.feature_extraction` runs the same command.) The checkpoint is a
+file written by `cvt-convert` (`cvt_backbone.checkpoint.load_backbone`);
+`--random-weights --variant cvt-13` runs untrained weights to try the pipeline.
+
+For every input `<stem>.<ext>` it writes `OUTPUT/<stem>.npz` (or `.safetensors`) with
+one `[H_i, W_i, C_i]` array per selected stage (strides 4, 8, 16), and with `--pca`
+`OUTPUT/<stem>_<stage>_pca.png` (see `writers.pca_rgb`). Images are read as in
+`images.py` (RGB, EXIF orientation, ImageNet normalization, optional `--max-side`
+shrinking), grouped by size and run in batches, compiling once per size.
+
+Attention: stage 1 attends globally, so its logits grow with the square of the
+image area. For each size, `planning.plan_attention` picks plain attention when its
+logits fit in `--memory-budget-mb`, else chunked attention with the largest query
+chunk that fits; batches are halved when even that does not fit. `--attention` and
+`--chunk-size` override the choice and are checked against the budget too.
+
+Errors and skipping: an output folder that cannot be created or written, a budget
+too small for an image size (the message names the chunk size the budget allows and
+the budget needed), or bad flags stop the run before any image is processed. Missing
+paths, non-images, corrupt or too-small images are reported by name on stderr and
+skipped; inputs whose outputs exist are skipped unless `--overwrite`. `--strict`
+turns every one of these into an error. The exit status is 1 when any input failed
+or nothing could run, 0 otherwise (existing outputs are not failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from cvt_backbone.cvt import VARIANTS, CvTBackbone
+from projects.feature_extraction import images as images_lib
+from projects.feature_extraction import planning, writers
+from projects.feature_extraction.images import InputError, InputImage
+from projects.feature_extraction.planning import (
+    DEFAULT_MEMORY_BUDGET_MB,
+    AttentionPlan,
+    MemoryBudgetError,
+)
+
+DTYPES = ('float16', 'float32')
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+_NORMALIZATION = 'RGB/255, minus ImageNet mean (0.485,0.456,0.406), over std (0.229,0.224,0.225)'
+
+
+class ExtractionError(Exception):
+  """A problem that stops the run (or, with --strict, any skipped input)."""
+
+
+# ---------------------------------------------------------------------------
+# Python API
+# ---------------------------------------------------------------------------
+
+
+class FeatureExtractor:
+  """Runs a `CvTBackbone` on batches, with attention planned per input size.
+
+  Compiled functions are cached per attention plan, and jit caches them per shape,
+  so each image size compiles once. The variables are passed as arguments, not
+  baked into the program as constants.
+
+    extractor = FeatureExtractor(backbone, variables, memory_budget_mb=1024)
+    maps = extractor(images)   # [N, H, W, 3] normalized -> {'stage1': [N, H1, W1, C1], ...}
+
+  Attributes:
+    backbone: the backbone, restricted to the selected stages.
+    memory_budget_mb: attention memory budget (see `planning.plan_attention`).
+    attention: 'auto', 'plain', 'chunked' or 'fused'.
+    chunk_size: forced query chunk for chunked attention, or None.
+  """
+
+  def __init__(self, backbone: CvTBackbone, variables: Mapping[str, Any], *,
+               stages: Sequence[str] | None = None,
+               memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, attention: str = 'auto',
+               chunk_size: int | None = None):
+    """Binds the backbone, its variables and the attention settings.
+
+    Raises:
+      ValueError: an unknown stage or attention implementation, or a chunk size with
+        plain or fused attention.
+    """
+    if stages is not None:
+      backbone = backbone.clone(out_features=tuple(stages))
+    if not backbone.out_names:  # Unknown stage names fail here, listing the known ones.
+      raise ValueError('No stage selected.')
+    planning.check_settings(memory_budget_mb, attention, chunk_size)
+    self.backbone = backbone
+    self.memory_budget_mb = memory_budget_mb
+    self.attention = attention
+    self.chunk_size = chunk_size
+    self._variables = jax.device_put(variables)
+    self._functions: dict[tuple[str, int | None], Callable[..., Any]] = {}
+
+  @property
+  def spec(self):
+    return self.backbone.resolved_spec
+
+  @property
+  def out_names(self) -> tuple[str, ...]:
+    return self.backbone.out_names
+
+  def plan(self, height: int, width: int, batch: int) -> AttentionPlan:
+    """The attention plan for a batch of `height` x `width` inputs (may raise MemoryBudgetError)."""
+    return planning.plan_attention(height, width, batch, self.memory_budget_mb, self.spec,
+                                   implementation=self.attention, chunk_size=self.chunk_size)
+
+  def _function(self, plan: AttentionPlan) -> Callable[..., Any]:
+    key = (plan.implementation, plan.chunk_size)
+    if key not in self._functions:
+      model = self.backbone.clone(attention=plan.implementation,
+                                  attention_chunk_size=plan.chunk_size,
+                                  attention_budget_mb=self.memory_budget_mb)
+      self._functions[key] = jax.jit(lambda variables, x: model.apply(variables, x))
+    return self._functions[key]
+
+  def __call__(self, images: np.ndarray, plan: AttentionPlan | None = None
+               ) -> dict[str, np.ndarray]:
+    """Stage maps of a batch.
+
+    Args:
+      images: `[N, H, W, 3]` normalized float32 images.
+      plan: the attention plan (default: `self.plan(H, W, N)`).
+
+    Returns:
+      {stage: `[N, H_i, W_i, C_i]` float32 numpy array} for the selected stages.
+    """
+    n, height, width, _ = images.shape
+    plan = plan or self.plan(height, width, n)
+    out = self._function(plan)(self._variables, jnp.asarray(images, jnp.float32))
+    return {name: np.asarray(value) for name, value in out.items()}
+
+
+def extract_features(
+    backbone: CvTBackbone,
+    variables: Mapping[str, Any],
+    image: np.ndarray,
+    *,
+    stages: Sequence[str] | None = None,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    attention: str = 'auto',
+    chunk_size: int | None = None,
+    max_side: int | None = None,
+    normalize: bool = True,
+    dtype: Any = np.float32,
+) -> dict[str, np.ndarray]:
+  """Stage maps of one image.
+
+  Each call compiles the backbone for the image's size; `FeatureExtractor` keeps
+  the compiled functions for many images.
+
+  Args:
+    backbone: e.g. from `cvt_backbone.checkpoint.load_backbone`.
+    variables: its variables.
+    image: `[H, W, 3]` RGB pixel values in [0, 255] (uint8 or float), or, with
+      `normalize=False`, an already normalized float image.
+    stages: stage names to return (default: the backbone's outputs).
+    memory_budget_mb: attention memory budget (see `planning.plan_attention`).
+    attention: 'auto', 'plain', 'chunked' or 'fused'.
+    chunk_size: forced query chunk for chunked attention.
+    max_side: shrink the image so that its longer side is at most this (bilinear,
+      antialiased; see `images.resize`).
+    normalize: apply the ImageNet normalization of the released weights.
+    dtype: dtype of the returned maps (computed in float32).
+
+  Returns:
+    {stage: `[H_i, W_i, C_i]`} numpy arrays.
+
+  Raises:
+    MemoryBudgetError: the budget cannot hold the attention for this size.
+  """
+  image = np.asarray(image)
+  if image.ndim != 3:
+    raise ValueError(f'Expected one [H, W, C] image; got shape {image.shape}.')
+  pixels = image.astype(np.float32)
+  pixels = images_lib.resize(pixels, images_lib.target_size(*pixels.shape[:2], max_side))
+  if normalize:
+    pixels = images_lib.normalize(pixels)
+  extractor = FeatureExtractor(backbone, variables, stages=stages,
+                               memory_budget_mb=memory_budget_mb, attention=attention,
+                               chunk_size=chunk_size)
+  return {name: value[0].astype(dtype) for name, value in extractor(pixels[None]).items()}
+
+
+# ---------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------
+
+
+def prepare_output_dir(path: str) -> None:
+  """Creates the output folder if needed and checks that a file can be written in it.
+
+  Raises:
+    ExtractionError: it is not a folder, cannot be created, or cannot be written.
+  """
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ExtractionError(f'the output folder {path} exists and is not a folder')
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ExtractionError(f'cannot create the output folder {path}: {e.strerror or e}') from None
+  try:
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise ExtractionError(f'cannot write to the output folder {path}: {e.strerror or e}') from None
+
+
+@dataclasses.dataclass
+class Summary:
+  """What `extract_files` did: feature files written, inputs skipped, inputs that failed."""
+
+  written: list[str] = dataclasses.field(default_factory=list)
+  existing: list[str] = dataclasses.field(default_factory=list)
+  failed: list[str] = dataclasses.field(default_factory=list)
+
+
+class _Console:
+  """Messages on stderr that do not break the progress bar."""
+
+  def __init__(self) -> None:
+    self.bar: Any = None
+
+  def write(self, message: str) -> None:
+    if self.bar is not None:
+      self.bar.write(message, file=sys.stderr)
+    else:
+      print(message, file=sys.stderr)
+
+
+@dataclasses.dataclass
+class _Pending:
+  item: InputImage
+  original_size: tuple[int, int]
+  size: tuple[int, int]
+
+
+def _batch_plan(extractor: FeatureExtractor, height: int, width: int,
+                batch: int) -> tuple[int, AttentionPlan]:
+  """The largest batch (halving from `batch`) whose attention fits, and its plan."""
+  while True:
+    try:
+      return batch, extractor.plan(height, width, batch)
+    except MemoryBudgetError:
+      if batch == 1:
+        raise
+      batch = max(1, batch // 2)
+
+
+def extract_files(
+    extractor: FeatureExtractor,
+    inputs: Sequence[InputImage],
+    output_dir: str,
+    *,
+    fmt: str = 'npz',
+    dtype: str = 'float32',
+    max_side: int | None = None,
+    batch_size: int = 1,
+    pca: bool = False,
+    overwrite: bool = False,
+    strict: bool = False,
+    progress: bool = True,
+    console: _Console | None = None,
+) -> Summary:
+  """Extracts and writes the features of image files.
+
+  Everything that can be checked without running the model is checked first (existing
+  outputs, non-image files, image sizes against the memory budget), so these errors
+  come before any work.
+
+  Args:
+    extractor: the backbone and attention settings.
+    inputs: from `images.collect_inputs`.
+    output_dir: an existing, writable folder (`prepare_output_dir`).
+    fmt: 'npz' or 'safetensors'.
+    dtype: 'float16' or 'float32' for the stored maps.
+    max_side: shrink images whose longer side exceeds this.
+    batch_size: images of the same size per forward pass (at most).
+    pca: also write a PCA picture of each stage map.
+    overwrite: replace existing outputs (else the input is skipped).
+    strict: raise `ExtractionError` on any input that would be skipped.
+    progress: show a tqdm progress bar (only on a terminal).
+    console: where messages go (default stderr).
+
+  Returns:
+    The `Summary`.
+
+  Raises:
+    ExtractionError: with `strict`, a skipped input.
+    MemoryBudgetError: the budget cannot hold an image size even in batches of 1.
+  """
+  console = console or _Console()
+  summary = Summary()
+  stages = extractor.out_names
+  strides = dict(zip(extractor.backbone.stage_names, extractor.spec.strides, strict=True))
+
+  def skip(message: str, into: list[str]) -> None:
+    if strict:
+      raise ExtractionError(message)
+    into.append(message)
+    console.write(f'skipped {message}')
+
+  def outputs_of(stem: str) -> list[str]:
+    paths = [writers.feature_path(output_dir, stem, fmt)]
+    if pca:
+      paths += [writers.pca_path(output_dir, stem, stage) for stage in stages]
+    return paths
+
+  # 1. Existing outputs, non-images and sizes: headers only.
+  groups: dict[tuple[int, int], list[_Pending]] = collections.defaultdict(list)
+  for item in inputs:
+    existing = [p for p in outputs_of(item.stem) if os.path.exists(p)]
+    if existing and not overwrite:
+      skip(f'{item.path}: output exists ({", ".join(existing)}); pass --overwrite to replace it',
+           summary.existing)
+      continue
+    try:
+      original = images_lib.probe_size(item.path)
+      size = images_lib.target_size(*original, max_side)
+      images_lib.check_size(*size, item.path)
+    except InputError as e:
+      skip(str(e), summary.failed)
+      continue
+    groups[size].append(_Pending(item, original, size))
+
+  # 2. A plan per size, before any work: a budget too small for a size stops the run.
+  plans = {}
+  for (height, width), pending in groups.items():
+    try:
+      plans[height, width] = _batch_plan(extractor, height, width,
+                                         min(batch_size, len(pending)))
+    except MemoryBudgetError as e:
+      raise MemoryBudgetError(f'{pending[0].item.path}: {e}',
+                              allowed_chunk_size=e.allowed_chunk_size,
+                              needed_chunk_size=e.needed_chunk_size,
+                              needed_budget_mb=e.needed_budget_mb) from None
+  for (height, width), (batch, plan) in plans.items():
+    count = len(groups[height, width])
+    reduced = f' (batches reduced from {batch_size} to fit the budget)' if (
+        batch < min(batch_size, count)) else ''
+    console.write(f'{count} image{"s" if count > 1 else ""} at '
+                  + planning.describe_plan(plan, height, width, batch, extractor.spec) + reduced)
+
+  # 3. Extraction, a batch at a time.
+  from tqdm import tqdm
+
+  total = sum(len(p) for p in groups.values())
+  console.bar = tqdm(total=total, unit='img', desc='extract', disable=None if progress else True,
+                     file=sys.stderr)
+  try:
+    for size, pending in groups.items():
+      batch, plan = plans[size]
+      ready: list[tuple[_Pending, np.ndarray]] = []
+      for index, entry in enumerate(pending):
+        try:
+          ready.append((entry, images_lib.read_image(entry.item.path, entry.size)))
+        except InputError as e:
+          skip(str(e), summary.failed)
+          console.bar.update(1)
+        if len(ready) == batch or (index == len(pending) - 1 and ready):
+          _run_batch(extractor, ready, plan if len(ready) == batch else None, output_dir,
+                     fmt=fmt, dtype=dtype, pca=pca, strides=strides, summary=summary,
+                     console=console)
+          console.bar.update(len(ready))
+          ready = []
+  finally:
+    console.bar.close()
+    console.bar = None
+  return summary
+
+
+def _run_batch(extractor: FeatureExtractor, ready: list[tuple[_Pending, np.ndarray]],
+               plan: AttentionPlan | None, output_dir: str, *, fmt: str, dtype: str, pca: bool,
+               strides: Mapping[str, int], summary: Summary, console: _Console) -> None:
+  batch = np.stack([images_lib.normalize(pixels) for _, pixels in ready])
+  maps = extractor(batch, plan)
+  for i, (entry, _) in enumerate(ready):
+    features = {}
+    for stage, value in maps.items():
+      value = value[i]
+      if dtype == 'float16' and np.abs(value).max(initial=0) > _FLOAT16_MAX:
+        console.write(f'warning: {entry.item.path}: {stage} has values beyond the float16 '
+                      'range (stored as inf); use --dtype float32')
+      features[stage] = value.astype(dtype)
+    height, width = entry.size
+    metadata = {
+        'source': entry.item.path,
+        'input_size': f'{height}x{width}',
+        'original_size': '{}x{}'.format(*entry.original_size),
+        'strides': json.dumps({s: strides[s] for s in features if s in strides}),
+        'normalization': _NORMALIZATION,
+        'layout': 'HWC',
+    }
+    path = writers.feature_path(output_dir, entry.item.stem, fmt)
+    writers.write_features(path, features, fmt, metadata)
+    if pca:
+      for stage in features:
+        if stage in strides:  # Not the cls token.
+          writers.write_pca(writers.pca_path(output_dir, entry.item.stem, stage),
+                            maps[stage][i], strides[stage])
+    summary.written.append(path)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
+  return value
+
+
+def _positive_float(text: str) -> float:
+  value = float(text)
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f'expected a positive number, got {text}')
+  return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='cvt-extract',
+      description='Extract CvT stage maps (strides 4, 8, 16) from images of any size, one '
+      '.npz or .safetensors file per image, with attention chunked to fit a memory budget.')
+  parser.add_argument('inputs', nargs='+', help='image files, folders (recursive) or glob patterns')
+  weights = parser.add_mutually_exclusive_group(required=True)
+  weights.add_argument('--checkpoint', help='a converted checkpoint (.msgpack from cvt-convert)')
+  weights.add_argument('--random-weights', action='store_true',
+                       help='untrained weights, to try the pipeline only: the features mean nothing')
+  parser.add_argument('--variant', default='cvt-13', choices=sorted(VARIANTS),
+                      help='architecture for --random-weights (a checkpoint knows its own)')
+  parser.add_argument('--seed', type=int, default=0, help='initialisation seed for --random-weights')
+  parser.add_argument('--output', required=True, help='output folder (created if missing)')
+  parser.add_argument('--stages', default=None,
+                      help='comma-separated stages to store, e.g. stage1,stage3 (default: all)')
+  parser.add_argument('--format', choices=writers.FORMATS, default='npz', help='feature file format')
+  parser.add_argument('--dtype', choices=DTYPES, default='float32',
+                      help='stored dtype (computed in float32)')
+  parser.add_argument('--max-side', type=_positive_int, default=None,
+                      help='shrink images whose longer side exceeds this (default: any size)')
+  parser.add_argument('--batch-size', type=_positive_int, default=1,
+                      help='images of the same size per forward pass (halved when the memory '
+                      'budget needs it)')
+  parser.add_argument('--memory-budget-mb', type=_positive_float,
+                      default=DEFAULT_MEMORY_BUDGET_MB,
+                      help='memory for attention logits in MiB; decides plain vs chunked '
+                      'attention and the chunk size (default %(default)g)')
+  parser.add_argument('--attention', choices=('auto', 'plain', 'chunked', 'fused'),
+                      default='auto', help='force an attention implementation (default: from '
+                      'the image size and the budget)')
+  parser.add_argument('--chunk-size', type=_positive_int, default=None,
+                      help='force queries per chunk for chunked attention')
+  parser.add_argument('--pca', action='store_true',
+                      help='also write OUTPUT/<stem>_<stage>_pca.png, the first three principal '
+                      'components of each map as RGB')
+  parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
+  parser.add_argument('--strict', action='store_true',
+                      help='stop on any missing, unreadable or non-image input or existing output')
+  parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+  args = parser.parse_args(argv)
+  if args.chunk_size is not None and args.attention in ('plain', 'fused'):
+    parser.error(f'--chunk-size applies to chunked attention, not --attention {args.attention}')
+  return args
+
+
+def load_model(args: argparse.Namespace,
+               console: _Console) -> tuple[CvTBackbone, dict[str, Any], str]:
+  """`(backbone, variables, description)` from --checkpoint or --random-weights."""
+  if args.random_weights:
+    console.write(f'WARNING: --random-weights: {args.variant} with untrained weights (seed '
+                  f'{args.seed}). The features are for testing the pipeline only.')
+    backbone = CvTBackbone(variant=args.variant)
+    variables = jax.jit(backbone.init)(jax.random.key(args.seed),
+                                       jnp.zeros((1, 32, 32, 3), jnp.float32))
+    return backbone, variables, f'{args.variant} (random weights, seed {args.seed})'
+  # Imported here: only this path reads checkpoints.
+  from cvt_backbone.checkpoint import load_backbone
+
+  backbone, variables = load_backbone(args.checkpoint)
+  name = backbone.variant if backbone.spec is None else 'a custom CvT'
+  return backbone, variables, f'{name} from {args.checkpoint}'
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the exit status (see the module docstring)."""
+  args = parse_args(argv)
+  console = _Console()
+  # The tool is for very large images; PIL's decompression-bomb limit (about 179
+  # megapixels) guards servers against hostile uploads, not local files.
+  Image.MAX_IMAGE_PIXELS = None
+  start = time.perf_counter()
+  try:
+    prepare_output_dir(args.output)
+    stages = args.stages.split(',') if args.stages else None
+    backbone, variables, description = load_model(args, console)
+    extractor = FeatureExtractor(backbone, variables, stages=stages,
+                                 memory_budget_mb=args.memory_budget_mb,
+                                 attention=args.attention, chunk_size=args.chunk_size)
+    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(variables))
+    console.write(f'Loaded {description}: stages {", ".join(extractor.out_names)}, weights '
+                  f'{planning.format_bytes(weight_bytes)}')
+    inputs, problems, notes = images_lib.collect_inputs(args.inputs, exclude_dir=args.output)
+    for message in problems:
+      if args.strict:
+        raise ExtractionError(message)
+      console.write(f'skipped {message}')
+    for note in notes:
+      console.write(f'note: {note}')
+    if not inputs:
+      raise ExtractionError('no input files found')
+    summary = extract_files(
+        extractor, inputs, args.output, fmt=args.format, dtype=args.dtype,
+        max_side=args.max_side, batch_size=args.batch_size, pca=args.pca,
+        overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress,
+        console=console)
+  except (ExtractionError, MemoryBudgetError, InputError, OSError, ValueError) as e:
+    print(f'cvt-extract: error: {e}', file=sys.stderr)
+    return 1
+  failed = len(summary.failed) + len(problems)
+  parts = [f'{len(summary.written)} feature file{"s" if len(summary.written) != 1 else ""} '
+           f'written to {args.output} in {time.perf_counter() - start:.1f} s']
+  if summary.existing:
+    parts.append(f'{len(summary.existing)} skipped (outputs exist)')
+  if failed:
+    parts.append(f'{failed} failed')
+  console.write('; '.join(parts))
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

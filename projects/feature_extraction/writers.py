@@ -1,0 +1,160 @@
+"""Feature files (`.npz`, `.safetensors`) and PCA pictures of feature maps.
+
+One file per image, `OUTPUT/<stem>.npz` or `OUTPUT/<stem>.safetensors`, holding one
+`[H_i, W_i, C_i]` array per selected stage, named by stage ('stage1', ...). The
+safetensors header also records, as string metadata, the source file, the size fed
+to the model, the strides and the normalization. Both are written to a temporary
+file beside the destination and renamed, so an interrupted run never leaves a
+partial file that a later run would take as done.
+
+Safetensors files are written and read with numpy alone (the format is an 8-byte
+little-endian header length, a JSON header, then the raw little-endian tensors);
+the `safetensors` package reads them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+
+FORMATS = ('npz', 'safetensors')
+_SAFETENSORS_DTYPES = {'float16': 'F16', 'float32': 'F32', 'float64': 'F64'}
+_NUMPY_DTYPES = {v: np.dtype(k).newbyteorder('<') for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def feature_path(output_dir: str, stem: str, fmt: str) -> str:
+  """`OUTPUT/<stem>.<fmt>`."""
+  return os.path.join(output_dir, f'{stem}.{fmt}')
+
+
+def pca_path(output_dir: str, stem: str, stage: str) -> str:
+  """`OUTPUT/<stem>_<stage>_pca.png`."""
+  return os.path.join(output_dir, f'{stem}_{stage}_pca.png')
+
+
+def _write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+  """Calls `write(file)` on a temporary file beside `path`, then renames it to `path`."""
+  folder = os.path.dirname(path) or '.'
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      write(f)
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are ordinary files.
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def _safetensors_bytes(f: BinaryIO, tensors: Mapping[str, np.ndarray],
+                       metadata: Mapping[str, str]) -> None:
+  header: dict[str, object] = {'__metadata__': dict(metadata)} if metadata else {}
+  arrays, offset = [], 0
+  for name, array in tensors.items():
+    dtype = _SAFETENSORS_DTYPES.get(array.dtype.name)
+    if dtype is None:
+      raise TypeError(f'Cannot write {name} of dtype {array.dtype} as safetensors; '
+                      f'expected one of {sorted(_SAFETENSORS_DTYPES)}.')
+    array = np.ascontiguousarray(array, array.dtype.newbyteorder('<'))
+    header[name] = {'dtype': dtype, 'shape': list(array.shape),
+                    'data_offsets': [offset, offset + array.nbytes]}
+    arrays.append(array)
+    offset += array.nbytes
+  raw = json.dumps(header, separators=(',', ':')).encode()
+  raw += b' ' * (-len(raw) % 8)  # The reference writer aligns the data to 8 bytes.
+  f.write(struct.pack('<Q', len(raw)))
+  f.write(raw)
+  for array in arrays:
+    f.write(array.tobytes())
+
+
+def write_features(path: str, features: Mapping[str, np.ndarray], fmt: str,
+                   metadata: Mapping[str, str] | None = None) -> None:
+  """Writes `{name: array}` to `path` as `.npz` (uncompressed) or `.safetensors`, atomically.
+
+  Args:
+    path: the destination; its folder is created.
+    features: arrays by name, e.g. `{'stage1': [H1, W1, C1]}`.
+    fmt: 'npz' or 'safetensors'.
+    metadata: string metadata for the safetensors header (npz has none).
+  """
+  if fmt == 'npz':
+    _write_atomically(path, lambda f: np.savez(f, **features))
+  elif fmt == 'safetensors':
+    _write_atomically(path, lambda f: _safetensors_bytes(f, features, metadata or {}))
+  else:
+    raise ValueError(f'Unknown feature format {fmt!r}; expected one of {FORMATS}.')
+
+
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """`(tensors, metadata)` of a safetensors file with float tensors, using numpy only."""
+  with open(path, 'rb') as f:
+    (size,) = struct.unpack('<Q', f.read(8))
+    header = json.loads(f.read(size))
+    data = f.read()
+  metadata = header.pop('__metadata__', {})
+  tensors = {}
+  for name, entry in header.items():
+    start, end = entry['data_offsets']
+    tensors[name] = np.frombuffer(data[start:end], _NUMPY_DTYPES[entry['dtype']]).reshape(
+        entry['shape'])
+  return tensors, metadata
+
+
+def read_features(path: str) -> dict[str, np.ndarray]:
+  """The arrays of a file written by `write_features`, by name."""
+  if path.endswith('.safetensors'):
+    return read_safetensors(path)[0]
+  with np.load(path) as data:
+    return {name: data[name] for name in data.files}
+
+
+def pca_rgb(features: np.ndarray) -> np.ndarray:
+  """The first three principal components of a feature map as colours.
+
+  The PCA is per map: the `C` channels of its `h * w` positions are centred and
+  projected on the three leading eigenvectors of their covariance; each component
+  is min-max scaled to 0-255 on its own. A component's sign is arbitrary, so each is
+  flipped to make its largest loading positive, which keeps colours stable.
+
+  Args:
+    features: `[h, w, C]`.
+
+  Returns:
+    `[h, w, 3]` uint8 (R, G, B = components 1, 2, 3; zero when C < 3).
+  """
+  h, w, c = features.shape
+  x = features.reshape(-1, c).astype(np.float32)
+  x = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)
+  covariance = (x.T.astype(np.float64) @ x.astype(np.float64)) / max(1, len(x) - 1)
+  _, vectors = np.linalg.eigh(covariance)  # Ascending eigenvalues.
+  components = vectors[:, ::-1][:, :3]
+  signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(components.shape[1])])
+  projected = x @ (components * signs).astype(np.float32)
+  low, high = projected.min(axis=0), projected.max(axis=0)
+  scaled = (projected - low) / np.where(high > low, high - low, 1)
+  rgb = np.zeros((len(x), 3), np.uint8)
+  rgb[:, :scaled.shape[1]] = np.round(scaled * 255).astype(np.uint8)
+  return rgb.reshape(h, w, 3)
+
+
+def write_pca(path: str, features: np.ndarray, stride: int) -> None:
+  """Saves `pca_rgb(features)` as a PNG, each position a `stride` x `stride` block.
+
+  Nearest-neighbour upsampling by the stage's stride makes every picture about the
+  size of the image fed to the model (within `stride - 1` pixels), so pictures of
+  all stages overlay it, and no colour is invented between positions.
+  """
+  rgb = pca_rgb(features)
+  rgb = np.repeat(np.repeat(rgb, stride, axis=0), stride, axis=1)
+  _write_atomically(path, lambda f: Image.fromarray(rgb).save(f, format='PNG'))

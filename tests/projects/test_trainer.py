@@ -1,0 +1,138 @@
+"""The segmentation trainer: resume after SIGKILL, data parallel, folder datasets, bad input."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from projects.cvt_segmentation import checkpoints, main, models
+from projects.cvt_segmentation.configs import synthetic_demo
+
+from . import trainer_support as support
+
+
+def _final_variables(config, workdir):
+  _, variables = checkpoints.restore_for_inference(config, workdir)
+  return variables
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+  overrides = {'num_training_steps': 12, 'checkpoint_steps': 4, 'log_eval_steps': 12,
+               'log_summary_steps': 4}
+  config = support.tiny_config(**overrides)
+  straight = tmp_path / 'straight'
+  support.run_training_subprocess(straight, overrides)
+
+  # The same run, killed with SIGKILL as soon as its first checkpoint is complete.
+  resumed = tmp_path / 'resumed'
+  cmd = [sys.executable, '-m', 'tests.projects.trainer_support', str(resumed),
+         json.dumps(overrides)]
+  proc = subprocess.Popen(cmd, cwd=support.REPO, env=support.subprocess_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (resumed / 'checkpoints' / '4').is_dir():
+    assert proc.poll() is None, 'the run ended before its first checkpoint'
+    assert time.time() < deadline, 'no checkpoint after 300 s'
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  killed_at = checkpoints.latest_step(resumed)
+  assert killed_at is not None and killed_at < 12
+
+  scalars = support.run_training_subprocess(resumed, overrides)
+  assert min(scalars) > killed_at, 'the restarted run did not resume from the checkpoint'
+  a, b = _final_variables(config, straight), _final_variables(config, resumed)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_data_parallel_matches_one_device(tmp_path):
+  overrides = {'num_training_steps': 3, 'log_summary_steps': 1, 'log_eval_steps': 3,
+               'checkpoint_steps': 3, 'batch_size': 4}
+  one = support.run_training_subprocess(tmp_path / 'one', overrides)
+  four = support.run_training_subprocess(
+      tmp_path / 'four', overrides, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  for step in (1, 2, 3):
+    np.testing.assert_allclose(four[step]['train/loss'], one[step]['train/loss'], rtol=1e-4)
+  np.testing.assert_allclose(four[3]['valid/mIoU'], one[3]['valid/mIoU'], atol=1e-3)
+
+
+@pytest.mark.parametrize('dataset', ['ade20k', 'cityscapes'])
+def test_folder_datasets_train_two_steps(tmp_path, dataset):
+  root = (support.make_ade20k if dataset == 'ade20k' else support.make_cityscapes)(tmp_path)
+  config = support.tiny_config(
+      dataset_name=dataset, num_training_steps=2, log_summary_steps=1, log_eval_steps=2,
+      checkpoint_steps=2, eval_batch_size=1,
+      dataset_configs=ml_collections.ConfigDict(
+          dict(data_dir=str(root), crop_size=(64, 64), scale=(128, 64), test_scale=None)))
+  config.model.decode_head.channels = 16
+  scalars = support.run_training(config, tmp_path / 'workdir')
+  assert set(scalars) == {1, 2}
+  assert np.isfinite(scalars[2]['train/loss'])
+  assert 0.0 <= scalars[2]['valid/aAcc'] <= 1.0
+  assert checkpoints.latest_step(tmp_path / 'workdir') == 2
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+  overrides = {'num_training_steps': 2, 'checkpoint_steps': 2, 'log_eval_steps': 2}
+  config = support.tiny_config(**overrides)
+  support.run_training(config, tmp_path)
+  other = support.tiny_config(**overrides)
+  other.model_name = 'cvt_segformer'
+  other.model = models.default_model_config('cvt_segformer')
+  other.model.backbone.variant = 'cvt-tiny'
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='cvt_upernet.*cvt_segformer'):
+    support.run_training(other, tmp_path)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='model_name'):
+    checkpoints.restore_for_inference(other, tmp_path)
+
+
+def test_misspelled_config_keys_are_errors():
+  config = synthetic_demo.get_config('runlocal')
+  with pytest.raises(AttributeError, match='optimiser'):
+    config.optimiser = 1
+  with pytest.raises(AttributeError, match='base_rl'):
+    config.optimizer.base_rl = 1e-3
+  with pytest.raises(ValueError, match="Unknown config argument 'stpes'"):
+    synthetic_demo.get_config('stpes=3')
+  config = synthetic_demo.get_config('runlocal')
+  with config.unlocked():
+    config.model.backbone.drop_pth_rate = 0.1
+  with pytest.raises(ValueError, match='drop_pth_rate'):
+    models.get_model_cls(config.model_name)(config, {'num_classes': 6})
+
+
+def test_loss_ignores_255_and_padding():
+  logits = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 3))
+  labels = jnp.zeros((2, 4, 4), jnp.int32).at[0, :2].set(255)
+  loss, count = models.segmentation_loss(logits, labels, jnp.array([1.0, 0.0]))
+  assert int(count) == 8  # 16 pixels of example 0, 8 ignored; example 1 is padding.
+  expected = -jax.nn.log_softmax(logits[0, 2:])[..., 0].mean()
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  # Changing ignored or padded pixels' labels changes nothing.
+  other = labels.at[1].set(2)
+  np.testing.assert_allclose(models.segmentation_loss(logits, other, jnp.array([1.0, 0.0]))[0],
+                             loss, rtol=1e-6)
+  smooth, _ = models.segmentation_loss(logits, labels, None, label_smoothing=0.1)
+  assert float(smooth) != pytest.approx(float(loss))
+
+
+@pytest.mark.skipif(not main.scenic_available(),
+                    reason='google-research/scenic is not importable (it is not on PyPI; '
+                           'install the `scenic` extra or put a checkout on PYTHONPATH)')
+def test_main_runs_under_scenic_app(tmp_path):
+  cmd = [sys.executable, '-m', 'projects.cvt_segmentation.main',
+         f'--config={support.REPO}/projects/cvt_segmentation/configs/synthetic_demo.py:runlocal',
+         f'--workdir={tmp_path}', '--config.num_training_steps=2']
+  proc = subprocess.run(cmd, cwd=support.REPO, env=support.subprocess_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Final validation: mIoU' in proc.stdout
+  assert checkpoints.latest_step(tmp_path) == 2
