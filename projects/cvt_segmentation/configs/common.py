@@ -78,4 +78,7 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.log_eval_steps = 4
   config.checkpoint_steps = 2
   config.optimizer.warmup_steps = 1
+  if 'crop_size' in config.dataset_configs:
+    config.dataset_configs.crop_size = (128, 128)
+    config.dataset_configs.scale = (256, 128)
   return config
