@@ -1,0 +1,141 @@
+"""Conv + norm + ReLU, the building block of every head, and the shared norm and classifier.
+
+Mirrors mmcv's `ConvModule` and Hugging Face's `UperNetConvModule`: the conv has no bias when a
+norm follows it (the norm's shift makes it redundant), and the norm sub-module is named after
+its kind (`batch_norm`, as in Hugging Face, `group_norm`, `layer_norm`) so converted PyTorch
+weights land on the same names.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+NORMS = ('batch', 'group', 'layer', 'none')
+
+# PyTorch's defaults (BatchNorm2d momentum 0.1 is Flax momentum 0.9; eps 1e-5 for all three):
+# converted weights and running statistics only reproduce PyTorch logits with these.
+BATCH_NORM_MOMENTUM = 0.9
+NORM_EPSILON = 1e-5
+
+
+def check_norm(norm: str, owner: str) -> None:
+  if norm not in NORMS:
+    raise ValueError(f'{owner}: unknown norm {norm!r}; expected one of {NORMS}.')
+
+
+def group_count(channels: int, num_groups: int) -> int:
+  """The largest divisor of `channels` that is at most `num_groups`.
+
+  GroupNorm needs `channels % groups == 0`; the usual 32 groups do not divide the narrow
+  widths of test and tiny variants (e.g. 48 or 20 channels), so fall back to fewer groups.
+  """
+  for groups in range(min(num_groups, channels), 0, -1):
+    if channels % groups == 0:
+      return groups
+  return 1
+
+
+def apply_norm(
+    x: jax.Array,
+    norm: str,
+    *,
+    train: bool,
+    axis_name: str | None = None,
+    num_groups: int = 32,
+) -> jax.Array:
+  """Applies the norm named by `norm` over the channels of `x` ([N, H, W, C]).
+
+  Must be called inside a compact method: the norm becomes a sub-module of the caller, named
+  `batch_norm`, `group_norm` or `layer_norm`.
+
+  Args:
+    x: `[N, H, W, C]`.
+    norm: 'batch' (running statistics in eval, batch statistics in train, averaged across
+      devices over `axis_name` when given), 'group', 'layer' or 'none'.
+    train: training mode.
+    axis_name: the mapped axis for cross-device BatchNorm statistics, or None.
+    num_groups: GroupNorm groups (reduced to a divisor of the channels when needed).
+
+  Returns:
+    `[N, H, W, C]`.
+  """
+  if norm == 'batch':
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=NORM_EPSILON,
+        axis_name=axis_name, name='batch_norm')(x)
+  if norm == 'group':
+    return nn.GroupNorm(
+        num_groups=group_count(x.shape[-1], num_groups), epsilon=NORM_EPSILON,
+        name='group_norm')(x)
+  if norm == 'layer':
+    return nn.LayerNorm(epsilon=NORM_EPSILON, name='layer_norm')(x)
+  if norm == 'none':
+    return x
+  raise ValueError(f'Unknown norm {norm!r}; expected one of {NORMS}.')
+
+
+class ConvModule(nn.Module):
+  """Conv2d with symmetric zero padding, then an optional norm, then an optional ReLU.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel size.
+    stride: stride on both axes.
+    padding: zero padding per side; None means `dilation * (kernel_size // 2)` (same size
+      at stride 1). Explicit padding, never 'SAME', so strided outputs match PyTorch.
+    dilation: kernel dilation.
+    norm: 'batch', 'group', 'layer' or 'none'.
+    axis_name: mapped axis for cross-device BatchNorm statistics.
+    num_groups: GroupNorm groups.
+    activation: apply ReLU.
+    use_bias: conv bias; None means "only without a norm".
+  """
+
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  padding: int | None = None
+  dilation: int = 1
+  norm: str = 'batch'
+  axis_name: str | None = None
+  num_groups: int = 32
+  activation: bool = True
+  use_bias: bool | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Maps `[N, H, W, C_in]` to `[N, H', W', features]`."""
+    check_norm(self.norm, type(self).__name__)
+    pad = self.dilation * (self.kernel_size // 2) if self.padding is None else self.padding
+    use_bias = self.norm == 'none' if self.use_bias is None else self.use_bias
+    x = nn.Conv(
+        self.features, (self.kernel_size, self.kernel_size), strides=(self.stride, self.stride),
+        padding=((pad, pad), (pad, pad)), kernel_dilation=(self.dilation, self.dilation),
+        use_bias=use_bias, name='conv')(x)
+    x = apply_norm(x, self.norm, train=train, axis_name=self.axis_name,
+                   num_groups=self.num_groups)
+    return nn.relu(x) if self.activation else x
+
+
+def classify(
+    x: jax.Array, *, num_classes: int, dropout_rate: float, train: bool
+) -> jax.Array:
+  """Dropout, then the 1x1 classifier conv (named `classifier`, as in Hugging Face).
+
+  The dropout drops whole channels (PyTorch `Dropout2d`, as in mmsegmentation's
+  `BaseDecodeHead`), using the 'dropout' rng, and only in train mode. Must be called inside
+  a compact method.
+
+  Args:
+    x: `[N, H, W, C]`.
+    num_classes: output channels K.
+    dropout_rate: probability of dropping a channel.
+    train: training mode.
+
+  Returns:
+    `[N, H, W, K]` logits.
+  """
+  if dropout_rate > 0:
+    x = nn.Dropout(dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
+  return nn.Conv(num_classes, (1, 1), name='classifier')(x)

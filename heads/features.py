@@ -1,0 +1,119 @@
+"""The feature-dict contract between backbones (or necks) and heads.
+
+A backbone returns `{name: [N, H, W, C]}` maps and describes them, without init, with a
+timm-style `feature_info`: `[{'name': 'stage1', 'num_chs': 64, 'reduction': 4}, ...]`.
+Heads name the levels they use (`in_features`, fine to coarse) and may declare the channels
+they expect (`in_channels`); `select_features` checks a feature dict against both and raises
+errors that name the level and the shapes, instead of failing deep inside a conv.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+
+
+def select_features(
+    features: Mapping[str, jax.Array],
+    in_features: Sequence[str],
+    in_channels: Sequence[int] | None,
+    *,
+    owner: str,
+) -> list[jax.Array]:
+  """Picks and checks the levels a head uses.
+
+  Args:
+    features: `{name: [N, H, W, C]}` maps from a backbone or neck.
+    in_features: the level names to use, ordered fine to coarse.
+    in_channels: declared channels per level, or None to accept whatever comes.
+    owner: the head's class name, for error messages.
+
+  Returns:
+    The maps of `in_features`, in that order.
+
+  Raises:
+    ValueError: a level is missing, a map is not 4-D, channels disagree with `in_channels`,
+      batch sizes differ, or the levels are not ordered fine to coarse.
+  """
+  if not isinstance(features, Mapping):
+    raise ValueError(
+        f'{owner} expects a dict of [N, H, W, C] feature maps, got {type(features).__name__}.')
+  if isinstance(in_features, str):
+    raise ValueError(f'{owner}.in_features must be a sequence of names, got {in_features!r}.')
+  if not in_features:
+    raise ValueError(f'{owner}.in_features is empty.')
+  if in_channels is not None and len(in_channels) != len(in_features):
+    raise ValueError(
+        f'{owner} declares {len(in_channels)} in_channels {tuple(in_channels)} for '
+        f'{len(in_features)} in_features {tuple(in_features)}.')
+  available = ', '.join(f'{k!r}: {_shape(v)}' for k, v in features.items())
+  missing = [name for name in in_features if name not in features]
+  if missing:
+    raise ValueError(
+        f'{owner} needs feature level(s) {missing} but the features have only '
+        f'{{{available}}}.')
+  selected = [features[name] for name in in_features]
+  for i, (name, x) in enumerate(zip(in_features, selected, strict=True)):
+    if getattr(x, 'ndim', None) != 4:
+      raise ValueError(
+          f'{owner}: feature level {name!r} must be an [N, H, W, C] (NHWC) array, '
+          f'got shape {_shape(x)}.')
+    if in_channels is not None and x.shape[-1] != in_channels[i]:
+      raise ValueError(
+          f'{owner}: feature level {name!r} should have {in_channels[i]} channels on the '
+          f'last axis ([N, H, W, {in_channels[i]}], NHWC), got shape {_shape(x)}.')
+  levels = list(zip(in_features, selected, strict=True))
+  first, first_map = levels[0]
+  for name, x in levels[1:]:
+    if x.shape[0] != first_map.shape[0]:
+      raise ValueError(
+          f'{owner}: feature levels {first!r} {_shape(first_map)} and {name!r} {_shape(x)} '
+          f'have different batch sizes.')
+  for (fine_name, fine), (coarse_name, coarse) in itertools.pairwise(levels):
+    if coarse.shape[1] > fine.shape[1] or coarse.shape[2] > fine.shape[2]:
+      raise ValueError(
+          f'{owner}.in_features must be ordered fine to coarse, but {coarse_name!r} '
+          f'{_shape(coarse)} is larger than {fine_name!r} {_shape(fine)}.')
+  return selected
+
+
+def _shape(x: Any) -> tuple[int, ...] | str:
+  shape = getattr(x, 'shape', None)
+  return tuple(shape) if shape is not None else type(x).__name__
+
+
+def feature_kwargs(
+    feature_info: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None
+) -> dict[str, tuple[Any, ...]]:
+  """Head settings derived from a backbone's (or neck's) `feature_info`.
+
+  Args:
+    feature_info: timm-style `[{'name': ..., 'num_chs': ..., 'reduction': ...}, ...]`.
+    names: the levels to use (default: all, in `feature_info` order).
+
+  Returns:
+    `{'in_features': names, 'in_channels': channels, 'in_strides': strides}` for those levels.
+  """
+  by_name = {info['name']: info for info in feature_info}
+  if names is None:
+    names = [info['name'] for info in feature_info]
+  unknown = [name for name in names if name not in by_name]
+  if unknown:
+    raise ValueError(f'Levels {unknown} are not in feature_info {list(by_name)}.')
+  return {
+      'in_features': tuple(names),
+      'in_channels': tuple(int(by_name[name]['num_chs']) for name in names),
+      'in_strides': tuple(int(by_name[name]['reduction']) for name in names),
+  }
+
+
+def stride_level(stride: int) -> int:
+  """Pyramid level of a stride (detectron2 naming: stride 4 is level 2, `'p2'`)."""
+  level = math.log2(stride) if stride > 0 else float('nan')
+  if not level.is_integer():
+    raise ValueError(f'Strides must be powers of two to name pyramid levels, got {stride}.')
+  return int(level)

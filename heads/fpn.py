@@ -1,0 +1,143 @@
+"""Feature Pyramid Network neck (Lin et al. 2017, arXiv 1612.03144).
+
+1x1 lateral convs bring every level to `out_channels`; a top-down pass adds each coarser
+lateral, upsampled to the exact shape of the finer one (backbone maps are ceil-sized, e.g.
+62/31/16 for a 250 px image, so the factor is not always 2); a 3x3 conv smooths each sum.
+Optional extra coarser levels follow mmdet's `FPN` (`num_outs > len(in_channels)`): a 1x1
+stride-2 max-pool of the coarsest output, or 3x3 stride-2 convs on the coarsest input or
+output (RetinaNet's P6/P7). Outputs are named by stride, detectron2 style: `'p2'` is stride 4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from heads.conv_module import ConvModule, check_norm
+from heads.features import select_features, stride_level
+from heads.resampling import resize_bilinear, resize_nearest
+
+UPSAMPLE_MODES = ('nearest', 'bilinear')
+EXTRA_TYPES = ('maxpool', 'conv')
+EXTRA_SOURCES = ('output', 'input')
+
+
+class FPN(nn.Module):
+  """Feature pyramid neck: `{level: [N, H_i, W_i, C_i]}` -> `{'p<k>': [N, H_i, W_i, D]}`.
+
+  Attributes:
+    in_features: input level names, fine to coarse.
+    in_strides: stride of each input level (names the outputs: stride 2**k is `'p<k>'`).
+    in_channels: declared channels of each input level; None to accept any.
+    out_channels: D, the width of every output level (256 in the paper).
+    norm: norm after lateral and output convs: 'none' (the paper), 'batch', 'group', 'layer'.
+    axis_name: mapped axis for cross-device BatchNorm statistics.
+    num_groups: GroupNorm groups.
+    upsample_mode: top-down upsampling, 'nearest' (paper, mmdet, detectron2; PyTorch's legacy
+      `floor(dst * in / out)` indexing) or 'bilinear' (half-pixel centres).
+    num_extra_levels: extra levels coarser than the last input, each at twice the stride.
+    extra_type: 'maxpool' (1x1 kernel, stride 2, on the coarsest output; Faster R-CNN's P6)
+      or 'conv' (3x3 stride-2 conv; RetinaNet's P6/P7).
+    extra_source: for 'conv', where the first extra conv reads: 'output' (the coarsest FPN
+      output) or 'input' (the coarsest backbone map). Later extra convs read the previous one.
+    relu_before_extra_convs: ReLU before every extra conv after the first (RetinaNet P7).
+  """
+
+  in_features: Sequence[str] = ('stage1', 'stage2', 'stage3')
+  in_strides: Sequence[int] = (4, 8, 16)
+  in_channels: Sequence[int] | None = None
+  out_channels: int = 256
+  norm: str = 'none'
+  axis_name: str | None = None
+  num_groups: int = 32
+  upsample_mode: str = 'nearest'
+  num_extra_levels: int = 0
+  extra_type: str = 'maxpool'
+  extra_source: str = 'output'
+  relu_before_extra_convs: bool = False
+
+  @property
+  def out_strides(self) -> tuple[int, ...]:
+    """Strides of the outputs: the inputs', then doubling for each extra level."""
+    strides = tuple(int(s) for s in self.in_strides)
+    return strides + tuple(strides[-1] * 2 ** (i + 1) for i in range(self.num_extra_levels))
+
+  @property
+  def out_features(self) -> tuple[str, ...]:
+    """Output names, `'p<log2 stride>'`, fine to coarse."""
+    return tuple(f'p{stride_level(s)}' for s in self.out_strides)
+
+  @property
+  def feature_info(self) -> list[dict[str, Any]]:
+    """timm-style metadata of the outputs, available without init."""
+    return [{'name': name, 'num_chs': self.out_channels, 'reduction': stride}
+            for name, stride in zip(self.out_features, self.out_strides, strict=True)]
+
+  def _check_config(self) -> None:
+    owner = type(self).__name__
+    check_norm(self.norm, owner)
+    if len(self.in_strides) != len(self.in_features):
+      raise ValueError(
+          f'{owner}: {len(self.in_strides)} in_strides {tuple(self.in_strides)} for '
+          f'{len(self.in_features)} in_features {tuple(self.in_features)}.')
+    if self.upsample_mode not in UPSAMPLE_MODES:
+      raise ValueError(
+          f'{owner}: unknown upsample_mode {self.upsample_mode!r}; expected {UPSAMPLE_MODES}.')
+    if self.extra_type not in EXTRA_TYPES:
+      raise ValueError(f'{owner}: unknown extra_type {self.extra_type!r}; expected {EXTRA_TYPES}.')
+    if self.extra_source not in EXTRA_SOURCES:
+      raise ValueError(
+          f'{owner}: unknown extra_source {self.extra_source!r}; expected {EXTRA_SOURCES}.')
+    if self.num_extra_levels and self.extra_type == 'maxpool' and self.extra_source == 'input':
+      raise ValueError(
+          f"{owner}: extra_type='maxpool' pools the coarsest FPN output; pooling the input "
+          f"would give maps with the backbone's channels. Use extra_type='conv' with "
+          f"extra_source='input'.")
+    self.out_features  # noqa: B018  (validates that the strides are powers of two)
+
+  @nn.compact
+  def __call__(
+      self, features: Mapping[str, jax.Array], *, train: bool = False
+  ) -> dict[str, jax.Array]:
+    """Builds the pyramid.
+
+    Args:
+      features: `{name: [N, H_i, W_i, C_i]}` containing every level of `in_features`.
+      train: training mode (batch statistics for BatchNorm).
+
+    Returns:
+      `{'p<k>': [N, H_i, W_i, out_channels]}` for every output level, fine to coarse; extra
+      level sizes are `ceil(H / 2)` of the level before.
+    """
+    self._check_config()
+    inputs = select_features(features, self.in_features, self.in_channels,
+                             owner=type(self).__name__)
+    conv = dict(norm=self.norm, axis_name=self.axis_name, num_groups=self.num_groups,
+                activation=False)
+    laterals = [ConvModule(self.out_channels, 1, name=f'lateral_convs_{i}', **conv)(
+        x, train=train) for i, x in enumerate(inputs)]
+    for i in range(len(laterals) - 1, 0, -1):
+      size = laterals[i - 1].shape[1:3]
+      if self.upsample_mode == 'nearest':
+        up = resize_nearest(laterals[i], size)
+      else:
+        up = resize_bilinear(laterals[i], size)
+      laterals[i - 1] = laterals[i - 1] + up
+    outs = [ConvModule(self.out_channels, 3, name=f'fpn_convs_{i}', **conv)(x, train=train)
+            for i, x in enumerate(laterals)]
+
+    for j in range(self.num_extra_levels):
+      if self.extra_type == 'maxpool':
+        # A 1x1 window at stride 2 is a subsampling: ceil(H / 2) rows, as F.max_pool2d(x, 1, 2).
+        outs.append(outs[-1][:, ::2, ::2, :])
+        continue
+      if j == 0:
+        source = inputs[-1] if self.extra_source == 'input' else outs[-1]
+      else:
+        source = nn.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
+      outs.append(ConvModule(self.out_channels, 3, stride=2, padding=1,
+                             name=f'extra_convs_{j}', **conv)(source, train=train))
+    return dict(zip(self.out_features, outs, strict=True))
