@@ -1,7 +1,18 @@
-"""Shared test settings: float32 matmuls at full precision for numerical comparisons."""
+"""Shared test settings."""
+
+import os
+import tempfile
 
 import jax
 
 # Numerics are compared against references in float32; XLA:CPU defaults are
 # already exact, but GPUs/TPUs would otherwise use reduced-precision passes.
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+# XLA:CPU compiles dominate the suite's time, and many tests (and the training
+# subprocesses, which inherit the variable) compile the same programs: share them
+# through JAX's persistent cache, in a fresh folder unless one is given.
+if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='cvt-dense-jax-cache-')
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cvt_backbone.cvt import VARIANTS, CvTBackbone
+from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
 from projects.feature_extraction import images as images_lib
 from projects.feature_extraction import planning, writers
 from projects.feature_extraction.images import InputError, InputImage
@@ -113,7 +113,7 @@ class FeatureExtractor:
     self._functions: dict[tuple[str, int | None], Callable[..., Any]] = {}
 
   @property
-  def spec(self):
+  def spec(self) -> CvTSpec:
     return self.backbone.resolved_spec
 
   @property
@@ -486,10 +486,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def load_model(args: argparse.Namespace,
+def load_model(args: argparse.Namespace, stages: Sequence[str] | None,
                console: _Console) -> tuple[CvTBackbone, dict[str, Any], str]:
   """`(backbone, variables, description)` from --checkpoint or --random-weights."""
   if args.random_weights:
+    if stages is not None:  # Fails on unknown stages before the initialisation (seconds).
+      _ = CvTBackbone(variant=args.variant, out_features=tuple(stages)).out_names
     console.write(f'WARNING: --random-weights: {args.variant} with untrained weights (seed '
                   f'{args.seed}). The features are for testing the pipeline only.')
     backbone = CvTBackbone(variant=args.variant)
@@ -514,14 +516,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   start = time.perf_counter()
   try:
     prepare_output_dir(args.output)
-    stages = args.stages.split(',') if args.stages else None
-    backbone, variables, description = load_model(args, console)
-    extractor = FeatureExtractor(backbone, variables, stages=stages,
-                                 memory_budget_mb=args.memory_budget_mb,
-                                 attention=args.attention, chunk_size=args.chunk_size)
-    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(variables))
-    console.write(f'Loaded {description}: stages {", ".join(extractor.out_names)}, weights '
-                  f'{planning.format_bytes(weight_bytes)}')
     inputs, problems, notes = images_lib.collect_inputs(args.inputs, exclude_dir=args.output)
     for message in problems:
       if args.strict:
@@ -531,6 +525,14 @@ def main(argv: Sequence[str] | None = None) -> int:
       console.write(f'note: {note}')
     if not inputs:
       raise ExtractionError('no input files found')
+    stages = args.stages.split(',') if args.stages else None
+    backbone, variables, description = load_model(args, stages, console)
+    extractor = FeatureExtractor(backbone, variables, stages=stages,
+                                 memory_budget_mb=args.memory_budget_mb,
+                                 attention=args.attention, chunk_size=args.chunk_size)
+    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(variables))
+    console.write(f'Loaded {description}: stages {", ".join(extractor.out_names)}, weights '
+                  f'{planning.format_bytes(weight_bytes)}')
     summary = extract_files(
         extractor, inputs, args.output, fmt=args.format, dtype=args.dtype,
         max_side=args.max_side, batch_size=args.batch_size, pca=args.pca,

@@ -15,7 +15,11 @@ fit, or forced 'plain' / 'fused' attention over the budget raise
 the budget the request needs.
 
 The budget is for attention only (it is what grows quadratically); the plan also
-estimates the other activations so that the total can be logged.
+estimates the other activations so that the total can be logged. It counts two
+logits-sized buffers per query row, as the backbone does; XLA:CPU was measured a
+little above that (benchmarks/extraction_check.py, CvT-13 at 1024x1024: 1.7 GiB peak
+RSS with a 512 MiB budget, 0.8 GiB of it before extraction; 10.9 GiB for plain
+attention, estimated at 8.3 GiB).
 """
 
 from __future__ import annotations
@@ -34,14 +38,14 @@ DEFAULT_MEMORY_BUDGET_MB = 2048.0
 # stage-1 queries). A forced `chunk_size` may go lower.
 MIN_AUTO_CHUNK_SIZE = 64
 
-# Logits and their exponentials live together during the softmax: the factor of
+# Logits-sized buffers alive during the softmax: the factor of
 # `attention.chunk_size_for_budget` (tests check the two agree).
-_SOFTMAX_BUFFERS = 2
+_SOFTMAX_BUFFERS = attention_lib.SOFTMAX_BUFFERS
 
 # Besides attention, a stage-1 block holds about a dozen and a half buffers the size
 # of the stage-1 map: its input, the norm, q, k, v, the attention output and its
 # projection, the residual sums, and the 4x-wide MLP hidden layer before and after
-# the activation (4 + 4). Measured peaks are in benchmarks/extraction_check.py.
+# the activation (4 + 4).
 _ACTIVATION_MAPS = 16
 
 

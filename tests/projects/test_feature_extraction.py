@@ -108,16 +108,16 @@ def folder_run(tmp_path_factory, checkpoint, image_folder):
 def test_plan_plain_when_the_logits_fit():
   plan = plan_attention(224, 224, 8, 2048, 'cvt-13')
   assert plan.implementation == 'plain' and plan.chunk_size is None
-  # 8 images x 3,136 queries x 784 keys, float32, twice (logits and exponentials).
-  assert plan.estimated_bytes > 2 * 4 * 8 * 3136 * 784
+  # 8 images x 3,136 queries x 784 keys, float32, three softmax buffers.
+  assert plan.estimated_bytes > 3 * 4 * 8 * 3136 * 784
 
 
 @pytest.mark.parametrize('height,width,budget_mb,chunk', [
-    # CvT-13 stage 1 at 1024x1024: 65,536 queries x 16,384 keys, 128 KiB per query.
-    (1024, 1024, 2048, 16384),
-    # 1024x2048: 131,072 x 32,768 (16 GiB of logits in full), 256 KiB per query.
-    (1024, 2048, 2048, 8192),
-    (1024, 2048, 100, 400),
+    # CvT-13 stage 1 at 1024x1024: 65,536 queries x 16,384 keys, 3 x 64 KiB per query.
+    (1024, 1024, 2048, 10922),
+    # 1024x2048: 131,072 x 32,768 (16 GiB of logits in full), 3 x 128 KiB per query.
+    (1024, 2048, 2048, 5461),
+    (1024, 2048, 100, 266),
 ])
 def test_plan_chunks_large_images(height, width, budget_mb, chunk):
   plan = plan_attention(height, width, 1, budget_mb, 'cvt-13')
@@ -144,25 +144,25 @@ def test_budget_too_small_names_the_chunk_size():
   with pytest.raises(MemoryBudgetError) as info:
     plan_attention(1024, 2048, 1, 10, 'cvt-13')
   e = info.value
-  assert (e.allowed_chunk_size, e.needed_chunk_size, e.needed_budget_mb) == (40, 64, 16)
-  assert 'chunks of 40 queries' in str(e) and 'chunks of 64 queries' in str(e)
-  assert 'at least 16 MiB' in str(e)
+  assert (e.allowed_chunk_size, e.needed_chunk_size, e.needed_budget_mb) == (26, 64, 24)
+  assert 'chunks of 26 queries' in str(e) and 'chunks of 64 queries' in str(e)
+  assert 'at least 24 MiB' in str(e)
 
 
 def test_forced_chunk_over_budget_names_the_allowed_chunk():
-  with pytest.raises(MemoryBudgetError, match=r'use a chunk size of 8,192') as info:
+  with pytest.raises(MemoryBudgetError, match=r'use a chunk size of 5,461') as info:
     plan_attention(1024, 1024, 1, 1024, 'cvt-13', chunk_size=20000)
-  assert info.value.allowed_chunk_size == 8192
-  assert plan_attention(1024, 1024, 1, 1024, 'cvt-13', chunk_size=8192).chunk_size == 8192
+  assert info.value.allowed_chunk_size == 5461
+  assert plan_attention(1024, 1024, 1, 1024, 'cvt-13', chunk_size=5461).chunk_size == 5461
   # A forced chunk may go under the automatic minimum.
-  assert plan_attention(1024, 1024, 1, 1, 'cvt-13', chunk_size=8).chunk_size == 8
+  assert plan_attention(1024, 1024, 1, 1, 'cvt-13', chunk_size=5).chunk_size == 5
 
 
 @pytest.mark.parametrize('implementation', ['plain', 'fused'])
 def test_forced_plain_over_budget(implementation):
-  with pytest.raises(MemoryBudgetError, match=r'needs 8\.0 GiB.*at least 8192 MiB'):
+  with pytest.raises(MemoryBudgetError, match=r'needs 12\.0 GiB.*at least 12288 MiB'):
     plan_attention(1024, 1024, 1, 2048, 'cvt-13', implementation=implementation)
-  assert plan_attention(1024, 1024, 1, 8192, 'cvt-13',
+  assert plan_attention(1024, 1024, 1, 12288, 'cvt-13',
                         implementation=implementation).implementation == implementation
 
 
@@ -178,10 +178,10 @@ def test_plan_rejects_bad_settings(kwargs):
 
 def test_batches_are_halved_to_fit(backbone_and_variables):
   extractor = extract.FeatureExtractor(*backbone_and_variables, memory_budget_mb=0.06)
-  # 64x80: 320 stage-1 queries over 80 keys, 640 B per query and image: chunks of 64
-  # queries need 80 KiB for 2 images, 40 KiB for one; 0.06 MiB holds 98 queries of one.
+  # 64x80: 320 stage-1 queries over 80 keys, 960 B per query and image: chunks of 64
+  # queries need 120 KiB for 2 images, 60 KiB for one; 0.06 MiB holds 65 queries of one.
   batch, plan = extract._batch_plan(extractor, 64, 80, 4)
-  assert batch == 1 and plan.implementation == 'chunked' and plan.chunk_size == 98
+  assert batch == 1 and plan.implementation == 'chunked' and plan.chunk_size == 65
 
 
 # ---------------------------------------------------------------------------
@@ -312,9 +312,9 @@ def test_budget_too_small_fails_before_any_work(tmp_path, checkpoint, image_fold
   status, err = _run('--checkpoint', checkpoint, '--output', out, '--memory-budget-mb', '0.01',
                      image_folder / 'a.png')
   assert status == 1
-  # 64x80: 320 stage-1 queries over 80 keys, 640 B per query: 16 fit in 0.01 MiB.
+  # 64x80: 320 stage-1 queries over 80 keys, 960 B per query: 10 fit in 0.01 MiB.
   assert 'too small for 64x80 images' in err
-  assert 'the budget allows chunks of 16 queries' in err and 'chunks of 64 queries' in err
+  assert 'the budget allows chunks of 10 queries' in err and 'chunks of 64 queries' in err
   assert not list(out.iterdir())
 
 
