@@ -77,7 +77,7 @@ class CvTSpec:
     lengths = {name: len(getattr(self, name)) for name in per_stage}
     if len(set(lengths.values())) != 1:
       raise ValueError(f'CvTSpec fields must all have one entry per stage; got lengths {lengths}.')
-    for dim, heads in zip(self.embed_dims, self.num_heads):
+    for dim, heads in zip(self.embed_dims, self.num_heads, strict=True):
       if dim % heads:
         raise ValueError(f'Stage width {dim} is not divisible by its {heads} heads.')
 
@@ -97,7 +97,7 @@ class CvTSpec:
     for the official models is `floor((n+1)/4)`, then `ceil(n/2)` twice.
     """
     sizes = []
-    for k, s, p in zip(self.patch_sizes, self.patch_strides, self.patch_paddings):
+    for k, s, p in zip(self.patch_sizes, self.patch_strides, self.patch_paddings, strict=True):
       height = (height + 2 * p - k) // s + 1
       width = (width + 2 * p - k) // s + 1
       sizes.append((height, width))
@@ -550,7 +550,7 @@ class CvTBackbone(nn.Module):
                             norm_eval=self.norm_eval, frozen_stages=self.frozen_stages,
                             stage_kwargs=self.stage_kwargs())
     out = {}
-    for name, x in zip(self.stage_names, maps):
+    for name, x in zip(self.stage_names, maps, strict=True):
       if name not in out_names:
         continue
       if self.out_norm:
@@ -639,7 +639,7 @@ class CvT(nn.Module):
         embed_dims=stage('emb_dim'), num_heads=stage('heads'), depths=stage('depth'),
         mlp_ratios=tuple(float(m) for m in stage('mlp_mult')), patch_sizes=kernels,
         patch_strides=strides,
-        patch_paddings=tuple((k - s + 1) // 2 for k, s in zip(kernels, strides)),
+        patch_paddings=tuple((k - s + 1) // 2 for k, s in zip(kernels, strides, strict=True)),
         kernel_qkv=stage('proj_kernel'), stride_q=(1, 1, 1), stride_kv=stage('kv_proj_stride'),
         cls_token=(False, False, True), drop_path_rates=(0.0, 0.0, float(self.drop_path_rate)))
 

@@ -30,9 +30,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from projects.cvt_segmentation import checkpoints
+from projects.cvt_segmentation import checkpoints, optim
 from projects.cvt_segmentation import metrics as metrics_lib
-from projects.cvt_segmentation import optim
 
 log = logging.getLogger(__name__)
 

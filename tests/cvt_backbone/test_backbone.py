@@ -29,7 +29,7 @@ def _formula(n: int) -> list[int]:
   return [n1, n2, -(-n2 // 2)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_variables(**kwargs):
   model = CvTBackbone(variant='cvt-tiny', **kwargs)
   return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
@@ -55,9 +55,9 @@ def test_contract_every_variant(variant, size):
   assert [info['name'] for info in model.feature_info] == list(out)
   assert model.output_strides == {'stage1': 4, 'stage2': 8, 'stage3': 16}
   expected_sizes = EXPECTED[size]
-  assert expected_sizes == [tuple(hw) for hw in zip(_formula(size[0]), _formula(size[1]))]
+  assert expected_sizes == [tuple(hw) for hw in zip(_formula(size[0]), _formula(size[1]), strict=True)]
   assert list(model.output_sizes(*size).values()) == expected_sizes
-  for (name, feature), hw in zip(out.items(), expected_sizes):
+  for (name, feature), hw in zip(out.items(), expected_sizes, strict=True):
     channels = model.output_channels[name]
     assert feature.shape == (2, *hw, channels)
     assert feature.dtype == jnp.float32
@@ -260,11 +260,11 @@ def test_bad_images(images, error):
 
 def test_bad_names():
   with pytest.raises(ValueError, match="Unknown CvT variant 'cvt-99'.*cvt-13"):
-    CvTBackbone(variant='cvt-99').feature_info
+    _ = CvTBackbone(variant='cvt-99').feature_info
   with pytest.raises(ValueError, match="Unknown output 'stage4'.*stage1"):
-    CvTBackbone(variant='cvt-tiny', out_features=('stage4',)).out_names
+    _ = CvTBackbone(variant='cvt-tiny', out_features=('stage4',)).out_names
   with pytest.raises(ValueError, match='Output index 3 out of range'):
-    CvTBackbone(variant='cvt-tiny', out_features=(3,)).out_names
+    _ = CvTBackbone(variant='cvt-tiny', out_features=(3,)).out_names
   with pytest.raises(ValueError, match="Unknown attention implementation 'flash'"):
     CvTBackbone(variant='cvt-tiny', attention='flash').init(jax.random.PRNGKey(0), _images())
 

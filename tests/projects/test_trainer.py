@@ -49,7 +49,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
   scalars = support.run_training_subprocess(resumed, overrides)
   assert min(scalars) > killed_at, 'the restarted run did not resume from the checkpoint'
   a, b = _final_variables(config, straight), _final_variables(config, resumed)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
