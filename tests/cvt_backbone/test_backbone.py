@@ -171,6 +171,20 @@ def test_attention_implementations_equal_plain(with_cls, implementation, chunk):
   assert float(jnp.abs(plain - other).max()) <= 1e-5
 
 
+@pytest.mark.parametrize('chunk', [None, 5, 64])
+def test_per_head_and_batched_layouts_agree(chunk):
+  """CPU maps over (batch, head) pairs; other backends batch them: same numbers."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  q = jax.random.normal(keys[0], (2, 41, 3, 8))
+  k = jax.random.normal(keys[1], (2, 11, 3, 8))
+  v = jax.random.normal(keys[2], (2, 11, 3, 8))
+  per_head = attention_lib._multi_head(q, k, v, 0.3, chunk, per_head=True)
+  batched = attention_lib._multi_head(q, k, v, 0.3, chunk, per_head=False)
+  reference = jax.nn.dot_product_attention(q, k, v, scale=0.3)
+  assert float(jnp.abs(per_head - batched).max()) <= 1e-6
+  assert float(jnp.abs(per_head - reference).max()) <= 1e-5
+
+
 @pytest.mark.parametrize('implementation', ['chunked', 'fused'])
 def test_model_attention_implementations_agree(implementation):
   """Through the whole model: stage 1 has no cls token, stage 3 has one."""
