@@ -171,6 +171,27 @@ def test_attention_implementations_equal_plain(with_cls, implementation, chunk):
   assert float(jnp.abs(plain - other).max()) <= 1e-5
 
 
+@pytest.mark.parametrize('per_head', [True, False])
+@pytest.mark.parametrize('kv_len', [40, 37])
+def test_key_blocks_online_softmax_equals_plain(monkeypatch, per_head, kv_len):
+  """Key blocks (flash-style) kick in at 4 blocks of keys: shrink the block to test them."""
+  monkeypatch.setattr(attention_lib, 'KEY_BLOCK', 8)
+  keys = jax.random.split(jax.random.PRNGKey(4), 3)
+  q = jax.random.normal(keys[0], (2, 29, 2, 8)) * 3
+  k = jax.random.normal(keys[1], (2, kv_len, 2, 8)) * 3
+  v = jax.random.normal(keys[2], (2, kv_len, 2, 8))
+
+  def loss(q, k, v, chunk):
+    out = attention_lib._multi_head(q, k, v, 0.5, chunk, per_head)
+    return jnp.sum(out * jnp.cos(out)), out
+
+  (_, plain), grads_plain = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v, None)
+  (_, blocked), grads_blocked = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v, 6)
+  assert float(jnp.abs(plain - blocked).max()) <= 1e-5
+  for a, b in zip(grads_plain, grads_blocked, strict=True):
+    assert float(jnp.abs(a - b).max()) <= 1e-4
+
+
 @pytest.mark.parametrize('chunk', [None, 5, 64])
 def test_per_head_and_batched_layouts_agree(chunk):
   """CPU maps over (batch, head) pairs; other backends batch them: same numbers."""
