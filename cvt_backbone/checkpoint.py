@@ -394,17 +394,8 @@ def load_backbone(path: str | os.PathLike, *, keep_cls_token: bool = True,
 def _classifier(spec: CvTSpec, variant: str, num_classes: int, **kwargs: Any) -> CvT:
   if variant in convert_lib.VARIANTS:
     return CvT.from_variant(variant, num_classes=num_classes, **kwargs)
-  fields: dict[str, Any] = {'drop_path_rate': spec.drop_path_rates[-1]}
   if spec.num_stages == 3:
-    for i in range(3):
-      s = f's{i + 1}_'
-      fields.update({
-          s + 'emb_dim': spec.embed_dims[i], s + 'emb_kernel': spec.patch_sizes[i],
-          s + 'emb_stride': spec.patch_strides[i], s + 'proj_kernel': spec.kernel_qkv[i],
-          s + 'kv_proj_stride': spec.stride_kv[i], s + 'heads': spec.num_heads[i],
-          s + 'depth': spec.depths[i], s + 'mlp_mult': spec.mlp_ratios[i]})
-    fields.update(kwargs)
-    model = CvT(num_classes=num_classes, **fields)
+    model = CvT.from_spec(spec, num_classes, **kwargs)
     if not convert_lib.spec_differences(spec, model.resolved_spec):
       return model
   raise CheckpointError(f'The custom architecture ({convert_lib.describe_spec(spec)}, cls token '

@@ -619,7 +619,13 @@ class CvT(nn.Module):
   @classmethod
   def from_variant(cls, variant: str, num_classes: int = 1000, **kwargs) -> CvT:
     """The classifier of a named variant with its official drop path rate."""
-    spec = get_spec(variant)
+    return cls.from_spec(get_spec(variant), num_classes, **kwargs)
+
+  @classmethod
+  def from_spec(cls, spec: CvTSpec, num_classes: int = 1000, **kwargs) -> CvT:
+    """The classifier of a three-stage `CvTSpec` (the seed fields cannot express others)."""
+    if spec.num_stages != 3:
+      raise ValueError(f'The CvT classifier has 3 stages; the spec has {spec.num_stages}.')
     fields = {'drop_path_rate': spec.drop_path_rates[-1]}
     for i in range(3):
       s = f's{i + 1}_'

@@ -54,6 +54,30 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in flat}
 
 
+def _check_shapes(expected_tree: Any, found_tree: Any, where: Any) -> None:
+  expected, found = _shapes(expected_tree), _shapes(found_tree)
+  if expected != found:
+    diff = sorted(set(expected.items()) ^ set(found.items()))[:6]
+    raise CheckpointMismatchError(
+        f'The checkpoint at {where} does not fit this model\'s variables; first differences '
+        f'(path, shape): {diff}')
+
+
+def _saved_metadata(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  saved = mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+  return dict(saved.metadata or {})
+
+
+def _check_metadata(saved: Mapping[str, Any], expected: Mapping[str, Any], where: Any) -> None:
+  differences = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+  if differences:
+    detail = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}'
+                       for k, (a, b) in differences.items())
+    raise CheckpointMismatchError(
+        f'The checkpoint at {where} was written by another model ({detail}). Use another '
+        '--workdir, or the config it was trained with.')
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any,
          metadata: Mapping[str, Any]) -> None:
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -64,15 +88,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
             metadata: Mapping[str, Any]) -> Any:
   """Restores `step` into the structure of `abstract_state` after checking `metadata`."""
   where = checkpoint_dir(mngr.directory.parent) / str(step)
-  saved = mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-  saved = dict(saved.metadata or {})
-  differences = {k: (saved.get(k), v) for k, v in metadata.items() if saved.get(k) != v}
-  if differences:
-    detail = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}'
-                       for k, (a, b) in differences.items())
-    raise CheckpointMismatchError(
-        f'The checkpoint at {where} was written by another model ({detail}). Use another '
-        '--workdir, or the config it was trained with.')
+  _check_metadata(_saved_metadata(mngr, step), metadata, where)
   try:
     restored = mngr.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
@@ -80,12 +96,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
     raise CheckpointMismatchError(
         f'The checkpoint at {where} does not fit this model\'s variables: {error}') from error
   state = restored.state
-  expected, found = _shapes(abstract_state), _shapes(state)
-  if expected != found:
-    diff = sorted(set(expected.items()) ^ set(found.items()))[:6]
-    raise CheckpointMismatchError(
-        f'The checkpoint at {where} does not fit this model\'s variables; first differences '
-        f'(path, shape): {diff}')
+  _check_shapes(abstract_state, state, where)
   return state
 
 
@@ -115,35 +126,22 @@ def restore_for_inference(config: Any, checkpoint: str | os.PathLike,
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'No complete checkpoint in {path}.')
-    saved = mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-    saved = dict(saved.metadata or {})
+    saved = _saved_metadata(mngr, step)
     classes = num_classes or saved.get('num_classes')
+    _check_metadata(saved, model_metadata(config, classes), path / str(step))
     model = models.get_model_cls(config.model_name)(config, {'num_classes': classes})
     shape = (1, 64, 64, 3)
     abstract = jax.eval_shape(lambda: model.flax_model.init(jax.random.PRNGKey(0),
                                                             np.zeros(shape, np.float32)))
     abstract_state = {'params': abstract['params'],
                       'batch_stats': abstract.get('batch_stats', {})}
-    mngr_metadata = model_metadata(config, classes)
     # Only the variables: the optimizer state is not needed (and may be large).
     restored = mngr.restore(step, args=ocp.args.Composite(
-        metadata=ocp.args.JsonRestore(),
         state=ocp.args.PyTreeRestore(
             item={'variables': abstract_state},
             restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                       {'variables': abstract_state}),
             partial_restore=True)))
-    differences = {k: (saved.get(k), v) for k, v in mngr_metadata.items() if saved.get(k) != v}
-    if differences:
-      raise CheckpointMismatchError(
-          f'The checkpoint at {path / str(step)} does not match the config: '
-          + ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in
-                      differences.items()))
     variables = restored.state['variables']
-  expected, found = _shapes(abstract_state), _shapes(variables)
-  if expected != found:
-    diff = sorted(set(expected.items()) ^ set(found.items()))[:6]
-    raise CheckpointMismatchError(
-        f'The checkpoint at {path / str(step)} does not fit the config\'s model; first '
-        f'differences (path, shape): {diff}')
+  _check_shapes(abstract_state, variables, path / str(step))
   return model.flax_model, variables

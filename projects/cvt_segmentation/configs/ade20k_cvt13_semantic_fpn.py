@@ -20,9 +20,7 @@ def get_config(arg=None):
   config.experiment_name = f'cvt{args.variant}_semantic_fpn_ade20k_512x512_40k'
   config.model.backbone.variant = f'cvt-{args.variant}'
   config.model.backbone.pretrained = args.pretrained
-  config.dataset_configs = dict(data_dir=args.data_dir, crop_size=(512, 512),
-                                scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
-                                num_workers=4)
+  config.dataset_configs = common.mmseg_dataset_configs(args.data_dir, (512, 512), (2048, 512))
   config.num_training_steps = 40_000
   config.log_eval_steps = 4_000
   config.optimizer.base_lr = 1e-4

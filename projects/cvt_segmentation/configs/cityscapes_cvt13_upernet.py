@@ -22,9 +22,7 @@ def get_config(arg=None):
   config.experiment_name = f'cvt{args.variant}_upernet_cityscapes_512x1024_80k'
   config.model.backbone.variant = f'cvt-{args.variant}'
   config.model.backbone.pretrained = args.pretrained
-  config.dataset_configs = dict(data_dir=args.data_dir, crop_size=(512, 1024),
-                                scale=(2048, 1024), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
-                                num_workers=4)
+  config.dataset_configs = common.mmseg_dataset_configs(args.data_dir, (512, 1024), (2048, 1024))
   config.batch_size = 8
   config.num_training_steps = 80_000
   config.log_eval_steps = 8_000

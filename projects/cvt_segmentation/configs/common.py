@@ -68,6 +68,13 @@ def base_config(model_name: str, dataset_name: str) -> ml_collections.ConfigDict
   return config
 
 
+def mmseg_dataset_configs(data_dir: str, crop_size: tuple[int, int],
+                          scale: tuple[int, int]) -> dict[str, Any]:
+  """mmseg's training pipeline for a folder dataset: resize 0.5-2.0 of `scale`, crop, flip."""
+  return dict(data_dir=data_dir, crop_size=crop_size, scale=scale, ratio_range=(0.5, 2.0),
+              cat_max_ratio=0.75, num_workers=4)
+
+
 def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any config to a minutes-long check of the whole pipeline on a CPU."""
   config.model.backbone.variant = 'cvt-tiny'
