@@ -10,6 +10,7 @@ the same --workdir resumes from the latest checkpoint.
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 import jax
@@ -51,7 +52,10 @@ def main(rng: jax.Array, config: Any, workdir: str, writer: Any) -> dict[str, An
 
 def _run_without_scenic() -> None:
   """The same flags and setup as `scenic.app.run`, without Scenic."""
+  # clu's TensorBoard writer imports TensorFlow, whose start-up notices are noise here.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   from absl import app, flags
+  from absl import logging as absl_logging
   from clu import metric_writers
   from ml_collections import config_flags
 
@@ -61,6 +65,10 @@ def _run_without_scenic() -> None:
 
   def run(argv):
     del argv
+    if not flags.FLAGS['verbosity'].present:
+      # The progress and evaluation lines are printed; library INFO logs (orbax,
+      # clu's logging writer) are noise unless asked for with --verbosity=0.
+      absl_logging.set_verbosity(absl_logging.WARNING)
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True)
