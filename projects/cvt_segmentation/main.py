@@ -13,10 +13,14 @@ import importlib.util
 import os
 from typing import Any
 
-import jax
+# TensorFlow (imported by clu's TensorBoard writer and Scenic) prints start-up
+# notices; silence them before anything imports it.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from projects.cvt_segmentation import checkpoints, models, trainer
-from projects.cvt_segmentation.data import builder
+import jax  # noqa: E402
+
+from projects.cvt_segmentation import checkpoints, models, trainer  # noqa: E402
+from projects.cvt_segmentation.data import builder  # noqa: E402
 
 
 def scenic_available() -> bool:
@@ -52,8 +56,6 @@ def main(rng: jax.Array, config: Any, workdir: str, writer: Any) -> dict[str, An
 
 def _run_without_scenic() -> None:
   """The same flags and setup as `scenic.app.run`, without Scenic."""
-  # clu's TensorBoard writer imports TensorFlow, whose start-up notices are noise here.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   from absl import app, flags
   from absl import logging as absl_logging
   from clu import metric_writers
