@@ -32,8 +32,10 @@ IMPLEMENTATIONS = ('auto', 'plain', 'chunked', 'fused')
 # Logits above this size are computed in query chunks by 'auto'.
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
 
-# Logits-sized float32 buffers XLA keeps alive around the softmax (logits,
-# exponentials, normalized weights): measured about 2.5 for CvT-13 at 1024 px.
+# Logits-sized float32 buffers counted per query when sizing chunks: an upper
+# bound. With the softmax normalizing the weights XLA kept about 2.5 alive; with
+# the normalization moved to the output (`_attend`) about 1 (CvT-13 at 1024 px,
+# plain: 4.3 GiB above the model for 4 GiB of logits; benchmarks/extraction_check.py).
 SOFTMAX_BUFFERS = 3
 
 # Chunks of at most this many logits (32 MB in float32) run fastest on CPU: larger
