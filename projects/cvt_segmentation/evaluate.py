@@ -2,7 +2,7 @@
 
   python -m projects.cvt_segmentation.evaluate \\
       --config projects/cvt_segmentation/configs/ade20k.py:variant=13 \\
-      --checkpoint /tmp/workdir/checkpoints [--mode slide --crop-size 512 --stride 341] \\
+      --checkpoint workdirs/demo/checkpoints [--mode slide --crop-size 512 --stride 341] \\
       [--scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip] [--output results.json] [--overwrite]
 
 Predictions are scored at the original label resolution: one integer confusion matrix

@@ -2,7 +2,7 @@
 
   python -m projects.cvt_segmentation.predict \\
       --config projects/cvt_segmentation/configs/ade20k.py:variant=13 \\
-      --checkpoint /tmp/workdir/checkpoints --output /tmp/masks \\
+      --checkpoint workdirs/demo/checkpoints --output masks \\
       photos/ more/*.jpg one.png [--palette auto] [--scales 0.75,1.0,1.25 --flip] \\
       [--overwrite] [--strict]
 

@@ -1,4 +1,4 @@
-"""The seed API, exactly as its users wrote it (with today's jax.tree.* in place of jax.tree_map)."""
+"""The seed API, exactly as its users wrote it, with today's jax.tree.* functions."""
 
 import jax
 import numpy

@@ -6,7 +6,7 @@ iterations, the ADE20K augmentations of mmsegmentation; whole-image evaluation.
 
   python -m projects.cvt_segmentation.main \
     --config=projects/cvt_segmentation/configs/ade20k_cvt13_semantic_fpn.py:pretrained=cvt-13.msgpack,data_dir=/data/ade \
-    --workdir=/tmp/cvt13_semantic_fpn_ade20k
+    --workdir=workdirs/cvt13_semantic_fpn_ade20k
 
 Arguments: variant (13, 21, w24), pretrained, data_dir, runlocal.
 """

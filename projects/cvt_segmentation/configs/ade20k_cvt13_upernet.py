@@ -9,7 +9,7 @@ batch 16, random resize 0.5-2.0 of (2048, 512), crop 512 with cat_max_ratio
   cvt-convert CvT-13-224x224-IN-1k.pth cvt-13.msgpack --backbone-only
   python -m projects.cvt_segmentation.main \
     --config=projects/cvt_segmentation/configs/ade20k_cvt13_upernet.py:pretrained=cvt-13.msgpack,data_dir=/data/ade \
-    --workdir=/tmp/cvt13_upernet_ade20k
+    --workdir=workdirs/cvt13_upernet_ade20k
 
 Arguments: variant (13, 21, w24), pretrained, data_dir, runlocal.
 """

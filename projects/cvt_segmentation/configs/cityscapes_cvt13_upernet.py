@@ -8,7 +8,7 @@ ADE20K UPerNet config.
 
   python -m projects.cvt_segmentation.main \
     --config=projects/cvt_segmentation/configs/cityscapes_cvt13_upernet.py:pretrained=cvt-13.msgpack,data_dir=/data/cityscapes \
-    --workdir=/tmp/cvt13_upernet_cityscapes
+    --workdir=workdirs/cvt13_upernet_cityscapes
 
 Arguments: variant (13, 21, w24), pretrained, data_dir, runlocal.
 """

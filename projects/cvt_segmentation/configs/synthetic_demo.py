@@ -6,7 +6,7 @@ logs went.
 
   python -m projects.cvt_segmentation.main \
     --config=projects/cvt_segmentation/configs/synthetic_demo.py \
-    --workdir=/tmp/cvt_synthetic_demo
+    --workdir=workdirs/cvt_synthetic_demo
 
 Arguments (`--config=...synthetic_demo.py:steps=600,runlocal`): steps, runlocal.
 """
