@@ -161,7 +161,7 @@ class SegmentationModel:
     """Fresh variables, with the backbone from `config.model.backbone.pretrained` if set."""
     dummy = jnp.zeros((1, *input_shape[1:]), jnp.float32)
     variables = jax.jit(functools.partial(self.flax_model.init, train=False))(rng, dummy)
-    variables = jax.tree.map(lambda x: x, dict(variables))  # mutable copy
+    variables = dict(variables)
     pretrained = self._model_config('backbone').get('pretrained')
     if pretrained:
       from cvt_backbone.checkpoint import load_pretrained
