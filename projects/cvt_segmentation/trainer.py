@@ -127,7 +127,8 @@ def _progress(step: int, total: int, start_step: int, started: float,
   rate = (step - start_step) / max(elapsed, 1e-9)
   eta = (total - step) / max(rate, 1e-9)
   values = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
-  return (f'step {step}/{total} | {rate:.2f} steps/s | ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}'
+  hours, rest = divmod(int(eta), 3600)
+  return (f'step {step}/{total} | {rate:.2f} steps/s | ETA {hours}:{rest // 60:02d}:{rest % 60:02d}'
           f' | {values}')
 
 
