@@ -320,10 +320,16 @@ def predict_logits(
   Returns:
     float32 `[B, H, W, K]` (`[H, W, K]` for one image).
   """
+  return _predict(resize_logits, logits_fn, images, output_size, infer_kwargs)
+
+
+def _predict(resize: Callable[[jax.Array, tuple[int, int]], jax.Array], logits_fn: LogitsFn,
+             images: jax.Array, output_size: Sequence[int] | None,
+             infer_kwargs: dict[str, Any]) -> jax.Array:
+  """Infers logits for a batch or one image, then `resize` (+ softmax/argmax) to the output size."""
   batch, single = _as_batch(images)
-  logits = resize_logits(infer_logits(logits_fn, batch, **infer_kwargs),
-                         _output_size(output_size, batch))
-  return logits[0] if single else logits
+  out = resize(infer_logits(logits_fn, batch, **infer_kwargs), _output_size(output_size, batch))
+  return out[0] if single else out
 
 
 def predict_probs(
@@ -333,10 +339,7 @@ def predict_probs(
     **infer_kwargs: Any,
 ) -> jax.Array:
   """Softmax of `predict_logits` (mmseg `inference`): float32 `[B, H, W, K]` or `[H, W, K]`."""
-  batch, single = _as_batch(images)
-  probs = _resize_softmax(infer_logits(logits_fn, batch, **infer_kwargs),
-                          _output_size(output_size, batch))
-  return probs[0] if single else probs
+  return _predict(_resize_softmax, logits_fn, images, output_size, infer_kwargs)
 
 
 def predict_labels(
@@ -346,10 +349,7 @@ def predict_labels(
     **infer_kwargs: Any,
 ) -> jax.Array:
   """Argmax of `predict_logits`: int32 `[B, H, W]` (or `[H, W]` for one image)."""
-  batch, single = _as_batch(images)
-  labels = _resize_argmax(infer_logits(logits_fn, batch, **infer_kwargs),
-                          _output_size(output_size, batch))
-  return labels[0] if single else labels
+  return _predict(_resize_argmax, logits_fn, images, output_size, infer_kwargs)
 
 
 # ------------------------------------------------------------- test-time augmentation
