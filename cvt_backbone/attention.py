@@ -51,7 +51,7 @@ KEY_BLOCK = 1024
 QUERY_BLOCK_WITH_KEY_BLOCKS = 1024
 
 
-def _check_implementation(implementation: str) -> None:
+def check_implementation(implementation: str) -> None:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f'Unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}.')
@@ -217,7 +217,7 @@ def attention(
   Returns:
     `[B, Tq, N, H]` in the dtype of `v`.
   """
-  _check_implementation(implementation)
+  check_implementation(implementation)
   batch, q_len, heads, _ = q.shape
   kv_len = k.shape[1]
   if implementation == 'auto':

@@ -381,6 +381,20 @@ def _check_images(images: jax.Array, in_chans: int) -> None:
                      f'got {images.shape[1]}x{images.shape[2]}.')
 
 
+def _stage_kwargs(activation: str, dropout_rate: float, attention: str, chunk_size: int | None,
+                  depthwise: str, dtype: Dtype, param_dtype: Dtype, *,
+                  budget_bytes: int = attention_lib.DEFAULT_MEMORY_BUDGET_BYTES,
+                  bn_axis_name: str | None = None, remat: bool = False) -> dict[str, Any]:
+  """`CvTStage` settings shared by the backbone and the classifier."""
+  attention_lib.check_implementation(attention)
+  attention_kwargs = dict(implementation=attention, chunk_size=chunk_size,
+                          budget_bytes=budget_bytes, depthwise=depthwise,
+                          bn_axis_name=bn_axis_name)
+  return dict(activation=activation, dropout_rate=dropout_rate,
+              attention_kwargs=tuple(sorted(attention_kwargs.items())), remat=remat,
+              dtype=dtype, param_dtype=param_dtype)
+
+
 def _run_stages(spec: CvTSpec, x: jax.Array, *, train: bool, norm_eval: bool,
                 frozen_stages: int, stage_kwargs: dict[str, Any]):
   """Runs every stage inside the calling module (submodules `stage0`, `stage1`, ...).
@@ -519,15 +533,6 @@ class CvTBackbone(nn.Module):
 
   # --- forward -------------------------------------------------------------
 
-  def stage_kwargs(self) -> dict[str, Any]:
-    attention_kwargs = dict(
-        implementation=self.attention, chunk_size=self.attention_chunk_size,
-        budget_bytes=int(self.attention_budget_mb * 2**20), depthwise=self.depthwise,
-        bn_axis_name=self.bn_axis_name)
-    return dict(activation=self.activation, dropout_rate=self.dropout_rate,
-                attention_kwargs=tuple(sorted(attention_kwargs.items())), remat=self.remat,
-                dtype=self.dtype, param_dtype=self.param_dtype)
-
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
     """Multi-scale features.
@@ -543,12 +548,14 @@ class CvTBackbone(nn.Module):
     _check_images(images, self.in_chans)
     out_names = self.out_names
     spec = self.resolved_spec
-    if self.attention not in attention_lib.IMPLEMENTATIONS:
-      raise ValueError(f'Unknown attention implementation {self.attention!r}; '
-                       f'expected one of {attention_lib.IMPLEMENTATIONS}.')
+    stage_kwargs = _stage_kwargs(
+        self.activation, self.dropout_rate, self.attention, self.attention_chunk_size,
+        self.depthwise, self.dtype, self.param_dtype,
+        budget_bytes=int(self.attention_budget_mb * 2**20), bn_axis_name=self.bn_axis_name,
+        remat=self.remat)
     maps, cls = _run_stages(spec, images.astype(self.dtype), train=train,
                             norm_eval=self.norm_eval, frozen_stages=self.frozen_stages,
-                            stage_kwargs=self.stage_kwargs())
+                            stage_kwargs=stage_kwargs)
     out = {}
     for name, x in zip(self.stage_names, maps, strict=True):
       if name not in out_names:
@@ -653,11 +660,9 @@ class CvT(nn.Module):
   def __call__(self, img: jax.Array, train: bool = False) -> jax.Array:
     """`[N, H, W, channels]` float images -> `[N, num_classes]` logits."""
     _check_images(img, self.channels)
-    attention_kwargs = dict(implementation=self.attention, chunk_size=self.attention_chunk_size,
-                            depthwise=self.depthwise)
-    stage_kwargs = dict(activation=self.activation, dropout_rate=self.dropout,
-                        attention_kwargs=tuple(sorted(attention_kwargs.items())),
-                        dtype=self.dtype, param_dtype=self.param_dtype)
+    stage_kwargs = _stage_kwargs(self.activation, self.dropout, self.attention,
+                                 self.attention_chunk_size, self.depthwise, self.dtype,
+                                 self.param_dtype)
     _, cls = _run_stages(self.resolved_spec, img.astype(self.dtype), train=train,
                          norm_eval=False, frozen_stages=0, stage_kwargs=stage_kwargs)
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,

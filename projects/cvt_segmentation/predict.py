@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import os
 import sys
 from collections.abc import Sequence
@@ -33,10 +32,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from projects.cvt_segmentation import cli, palettes
 from projects.cvt_segmentation.inference import LogitsFn, make_logits_fn, segment_image
+from projects.input_files import expand_inputs
 
 MASK_SUFFIX = '_mask.png'
 OVERLAY_SUFFIX = '_overlay.png'
-_GLOB_CHARS = ('*', '?', '[')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,41 +68,9 @@ def collect_inputs(
     `(images, problems)`: the inputs in order, without duplicates, and one message per
     path that does not exist or pattern that matches nothing.
   """
-  problems: list[str] = []
-  found: list[tuple[str, str]] = []  # (path, stem)
-  exclude = os.path.realpath(exclude_dir) + os.sep if exclude_dir else None
-
-  def add_folder(folder: str):
-    for dirpath, dirnames, filenames in os.walk(folder):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-      for name in sorted(f for f in filenames if not f.startswith('.')):
-        path = os.path.join(dirpath, name)
-        rel = os.path.relpath(path, folder)
-        found.append((path, os.path.splitext(rel)[0]))
-
-  for item in inputs:
-    if os.path.isdir(item):
-      add_folder(item)
-    elif os.path.isfile(item):
-      found.append((item, os.path.splitext(os.path.basename(item))[0]))
-    elif any(c in item for c in _GLOB_CHARS):
-      matches = sorted(glob.glob(item, recursive=True))
-      if not matches:
-        problems.append(f'{item}: no file matches this pattern')
-      for path in matches:
-        if os.path.isdir(path):
-          add_folder(path)
-        elif os.path.isfile(path):
-          found.append((path, os.path.splitext(os.path.basename(path))[0]))
-    else:
-      problems.append(f'{item}: no such file or folder')
-
-  images, seen_paths, stems = [], set(), set()
+  found, problems = expand_inputs(inputs, exclude_dir)
+  images, stems = [], set()
   for path, stem in found:
-    real = os.path.realpath(path)
-    if real in seen_paths or (exclude and real.startswith(exclude)):
-      continue
-    seen_paths.add(real)
     if stem in stems:
       stem = f'{stem}_{os.path.splitext(path)[1].lstrip(".").lower() or "file"}'
     base, k = stem, 2

@@ -94,24 +94,20 @@ def _train_batches(dataset: Any, start_step: int) -> Iterator[dict[str, np.ndarr
   return meta['train_loader'].iterate(start_step)
 
 
-def evaluate(logits_fn: Any, dataset: Any, num_classes: int,
-             eval_config: Any = None) -> dict[str, Any]:
+def evaluate(logits_fn: Any, dataset: Any, num_classes: int, config: Any) -> dict[str, Any]:
   """mIoU, aAcc, mAcc over one pass of the validation split (exact, full resolution).
 
-  The same code as `evaluate.py`; `eval_config` (config.eval) picks whole-image or
-  sliding-window inference.
+  The same code and settings (`config.eval`: whole-image or sliding-window) as `evaluate.py`.
   """
-  from projects.cvt_segmentation import inference
+  from projects.cvt_segmentation import cli, inference
 
   meta = dataset.meta_data
   if 'eval_loader' in meta:
     batches = meta['eval_loader'].iterate()
   else:
     batches = (next(dataset.valid_iter) for _ in range(meta['num_eval_batches']))
-  kwargs = {}
-  if eval_config is not None and eval_config.get('mode', 'whole') == 'slide':
-    kwargs = dict(mode='slide', crop_size=tuple(eval_config.crop_size),
-                  stride=tuple(eval_config.stride))
+  # config.eval read exactly as `evaluate.py` reads it.
+  kwargs = cli.inference_settings(config).infer_kwargs()
   confusion = inference.evaluate_dataset(logits_fn, batches, num_classes, **kwargs)
   if jax.process_count() > 1:
     # Each process scored its own slice of the split.
@@ -199,7 +195,7 @@ def train(*, rng: jax.Array, config: Any, model_cls: Any, dataset: Any, workdir:
         writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
         print(_progress(step, total_steps, start_step, started, scalars), flush=True)
       if step % eval_every == 0 or step == total_steps:
-        summary = evaluate(logits_fn, dataset, num_classes, config.get('eval'))
+        summary = evaluate(logits_fn, dataset, num_classes, config)
         writer.write_scalars(step, {f'valid/{k}': float(summary[k])
                                     for k in ('mIoU', 'aAcc', 'mAcc')})
         print(f'step {step}: validation mIoU {summary["mIoU"]:.4f} aAcc {summary["aAcc"]:.4f} '

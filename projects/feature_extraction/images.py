@@ -17,19 +17,17 @@ mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), NHWC float32.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cvt_backbone.cvt import MIN_INPUT_SIZE
+from projects.input_files import expand_inputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_GLOB_CHARS = ('*', '?', '[')
 _SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 # EXIF orientations 5-8 are transposed or rotated by 90 degrees: width and height swap.
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
@@ -68,45 +66,10 @@ def collect_inputs(
     `(images, problems, notes)`: the inputs without duplicates; one message per path
     that does not exist or pattern that matches nothing; one note per renamed stem.
   """
-  problems: list[str] = []
-  found: list[tuple[str, str]] = []  # (path, stem)
-  exclude = os.path.join(os.path.realpath(exclude_dir), '') if exclude_dir else None
-
-  def add_folder(folder: str) -> None:
-    for dirpath, dirnames, filenames in os.walk(folder):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-      for name in sorted(f for f in filenames if not f.startswith('.')):
-        path = os.path.join(dirpath, name)
-        found.append((path, os.path.splitext(os.path.relpath(path, folder))[0]))
-
-  def add_file(path: str) -> None:
-    found.append((path, os.path.splitext(os.path.basename(path))[0]))
-
-  for item in inputs:
-    if os.path.isdir(item):
-      add_folder(item)
-    elif os.path.isfile(item):
-      add_file(item)
-    elif any(c in item for c in _GLOB_CHARS):
-      matches = sorted(glob.glob(item, recursive=True))
-      if not matches:
-        problems.append(f'{item}: no file matches this pattern')
-      for path in matches:
-        if os.path.isdir(path):
-          add_folder(path)
-        elif os.path.isfile(path):
-          add_file(path)
-    else:
-      problems.append(f'{item}: no such file or folder')
-
+  found, problems = expand_inputs(inputs, exclude_dir)
   images, notes = [], []
-  seen_paths: set[str] = set()
   taken: dict[str, str] = {}  # casefolded stem -> the path that has it
   for path, stem in found:
-    real = os.path.realpath(path)
-    if real in seen_paths or (exclude and real.startswith(exclude)):
-      continue
-    seen_paths.add(real)
     unique, k = stem, 2
     while unique.casefold() in taken:
       unique, k = f'{stem}_{k}', k + 1
