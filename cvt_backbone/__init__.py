@@ -9,6 +9,13 @@ from cvt_backbone.checkpoint import (
     load_pretrained,
     save_converted,
 )
+from cvt_backbone.config import (
+    PretrainedBackboneInit,
+    build_backbone,
+    load_backbone_into_train_state,
+    load_backbone_weights,
+    pretrained_settings,
+)
 from cvt_backbone.convert import (
     CheckpointError,
     CheckpointMismatchError,
@@ -33,17 +40,22 @@ __all__ = [
     'CvT',
     'CvTBackbone',
     'CvTSpec',
+    'PretrainedBackboneInit',
+    'build_backbone',
     'choose_implementation',
     'convert_checkpoint',
     'convert_state_dict',
     'count_params',
     'get_spec',
     'infer_architecture',
+    'load_backbone_into_train_state',
+    'load_backbone_weights',
     'load_backbone',
     'load_classifier',
     'load_converted',
     'load_pretrained',
     'merge_variables',
+    'pretrained_settings',
     'read_state_dict',
     'save_converted',
 ]

@@ -657,8 +657,12 @@ class CvT(nn.Module):
         cls_token=(False, False, True), drop_path_rates=(0.0, 0.0, float(self.drop_path_rate)))
 
   @nn.compact
-  def __call__(self, img: jax.Array, train: bool = False) -> jax.Array:
-    """`[N, H, W, channels]` float images -> `[N, num_classes]` logits."""
+  def __call__(self, img: jax.Array, train: bool = False, debug: bool = False) -> jax.Array:
+    """`[N, H, W, channels]` float images -> `[N, num_classes]` logits.
+
+    `debug` is accepted for Scenic's trainers (they pass it to every model) and unused.
+    """
+    del debug
     _check_images(img, self.channels)
     stage_kwargs = _stage_kwargs(self.activation, self.dropout, self.attention,
                                  self.attention_chunk_size, self.depthwise, self.dtype,

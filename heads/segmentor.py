@@ -27,6 +27,9 @@ class Segmentor(nn.Module):
   logits are resized to the input size with bilinear interpolation (half-pixel centres, no
   antialiasing, unless `align_corners`).
 
+  Call convention: Scenic's, `apply(variables, images, train=..., debug=...,
+  mutable=['batch_stats'], rngs={'dropout': key})`.
+
   Return convention: always a dict, the same type in both modes,
     - `'logits'`: `[N, H, W, K]`, always;
     - `'aux_logits'`: `[N, H, W, K_aux]`, only when `train=True` and there is an auxiliary
@@ -48,13 +51,15 @@ class Segmentor(nn.Module):
   auxiliary_head: nn.Module | None = None
   align_corners: bool = False
 
-  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               debug: bool = False) -> dict[str, jax.Array]:
     """Segments a batch of images.
 
     Args:
       images: `[N, H, W, C]` float images.
       train: training mode: batch statistics (pass `mutable=['batch_stats']`), dropout and
         drop path (pass `rngs={'dropout': key}`), auxiliary logits.
+      debug: accepted for Scenic's trainers, which call every model with it; unused.
 
     Returns:
       `{'logits': [N, H, W, K]}`, plus `'aux_logits': [N, H, W, K_aux]` in train mode when an
@@ -67,6 +72,7 @@ class Segmentor(nn.Module):
       raise ValueError(
           f'Segmentor expects channels-last [N, H, W, C] images; shape {tuple(images.shape)} '
           f'looks channels-first ([N, C, H, W]). Transpose with x.transpose(0, 2, 3, 1).')
+    del debug
     features = self.backbone(images, train=train)
     return self.decode(features, images.shape[1:3], train=train)
 

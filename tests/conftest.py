@@ -5,6 +5,11 @@ import tempfile
 
 import jax
 
+from tests import scenic_support
+
+# Scenic tests run against the real Scenic: installed, or the snapshot beside the checkout.
+scenic_support.use_snapshot()
+
 # Numerics are compared against references in float32; XLA:CPU defaults are
 # already exact, but GPUs/TPUs would otherwise use reduced-precision passes.
 jax.config.update('jax_default_matmul_precision', 'highest')

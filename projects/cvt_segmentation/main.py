@@ -9,7 +9,6 @@ the same --workdir resumes from the latest checkpoint.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any
 
@@ -21,14 +20,7 @@ import jax  # noqa: E402
 
 from projects.cvt_segmentation import checkpoints, models, trainer  # noqa: E402
 from projects.cvt_segmentation.data import builder  # noqa: E402
-
-
-def scenic_available() -> bool:
-  """True when google-research/scenic is importable (the PyPI `scenic` is unrelated)."""
-  try:
-    return importlib.util.find_spec('scenic.model_lib') is not None
-  except ModuleNotFoundError:
-    return False
+from projects.scenic_compat import quiet_library_logs, scenic_available  # noqa: E402, F401
 
 
 def build_dataset(config: Any, start_step: int = 0) -> builder.Dataset:
@@ -57,7 +49,6 @@ def main(rng: jax.Array, config: Any, workdir: str, writer: Any) -> dict[str, An
 def _run_without_scenic() -> None:
   """The same flags and setup as `scenic.app.run`, without Scenic."""
   from absl import app, flags
-  from absl import logging as absl_logging
   from clu import metric_writers
   from ml_collections import config_flags
 
@@ -67,10 +58,6 @@ def _run_without_scenic() -> None:
 
   def run(argv):
     del argv
-    if not flags.FLAGS['verbosity'].present:
-      # The progress and evaluation lines are printed; library INFO logs (orbax,
-      # clu's logging writer) are noise unless asked for with --verbosity=0.
-      absl_logging.set_verbosity(absl_logging.WARNING)
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True)
@@ -81,6 +68,9 @@ def _run_without_scenic() -> None:
 
 
 if __name__ == '__main__':
+  # The progress and evaluation lines are printed; library INFO logs (orbax, clu,
+  # Scenic's start-up) are noise unless asked for with --verbosity=0.
+  quiet_library_logs()
   if scenic_available():
     from scenic import app as scenic_app
 

@@ -1,11 +1,22 @@
-"""CvT segmentation models in Scenic's model-class protocol, and their registry.
+"""CvT segmentation models: Scenic model classes, and their registry.
 
 A model class is built as `Model(config, dataset_meta_data)` and offers
 `build_flax_model`, `default_flax_model_config`, `loss_function(logits, batch,
-model_params=None)`, `get_metrics_fn(split)` and `flax_model`, as Scenic's
-`BaseModel` does, without importing Scenic (it is an optional extra).
+model_params=None)`, `get_metrics_fn(split)` (pmap: sums over Scenic's 'batch' axis),
+`get_metrics_fn_jit(split)`, `init_from_train_state` and `flax_model`. When Scenic is
+importable the classes subclass Scenic's `SegmentationModel` (so its `get_global_metrics_fn`
+and type checks apply); without it they are plain classes with the same protocol.
+`register_with_scenic()` adds them to Scenic's model registry.
 
-The flax model is a `heads.Segmentor` over a `CvTBackbone`, configured by:
+The flax model is a `heads.Segmentor` over a `CvTBackbone`, called as Scenic's trainers
+call models (`apply(variables, x, train=..., debug=..., mutable=['batch_stats'],
+rngs=...)`). It returns a dict, `{'logits': [B, H, W, K]}` plus `'aux_logits'` in training
+when the model has an auxiliary head; `loss_function` and the metrics functions accept that
+dict or a bare logits array. Its `init` loads `config.model.backbone.pretrained`, so any
+trainer that initialises the model (Scenic's `classification_trainer` included) starts from
+the converted weights.
+
+Configured by:
 
   config.model_name                  'cvt_upernet', 'cvt_semantic_fpn', 'cvt_segformer', ...
   config.model.backbone              CvTBackbone settings + `pretrained` (converted checkpoint)
@@ -17,7 +28,6 @@ The flax model is a `heads.Segmentor` over a `CvTBackbone`, configured by:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -27,13 +37,11 @@ import ml_collections
 import optax
 
 import heads
-from cvt_backbone import CvTBackbone
+from cvt_backbone import CvTBackbone, PretrainedBackboneInit, build_backbone, pretrained_settings
+from cvt_backbone.config import load_backbone_into_train_state
+from projects import scenic_compat
 
 IGNORE_INDEX = 255
-
-# Settings of config.model.backbone that are not CvTBackbone fields.
-_BACKBONE_EXTRAS = ('pretrained', 'keep_cls_token')
-
 
 def _backbone_defaults() -> dict[str, Any]:
   return dict(variant='cvt-13', pretrained='', keep_cls_token=True, drop_path_rate=0.1,
@@ -74,10 +82,17 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, batch_mask: jax.Arra
   return (losses * weights).sum() / denominator, denominator
 
 
-class SegmentationModel:
+class PretrainedSegmentor(PretrainedBackboneInit, heads.Segmentor):
+  """`heads.Segmentor` whose `init` loads `pretrained` into the backbone (if set)."""
+
+  pretrained: str = ''
+  keep_cls_token: bool = True
+
+
+class SegmentationModel(scenic_compat.segmentation_model_base()):
   """A CvT backbone with a decode head (and optionally a neck and auxiliary head).
 
-  Subclasses set `DECODE_HEAD`, `NECK` and `AUXILIARY_HEAD` (registered head names
+  A subclass of Scenic's `SegmentationModel` when Scenic is importable. Subclasses set `DECODE_HEAD`, `NECK` and `AUXILIARY_HEAD` (registered head names
   of the `heads` package, or None) and their default settings.
   """
 
@@ -119,20 +134,12 @@ class SegmentationModel:
     return int(self.dataset_meta_data['num_classes'])
 
   def _model_config(self, key: str) -> dict[str, Any]:
-    section = self.config.model.get(key)
-    return {} if section is None else dict(section.to_dict() if hasattr(section, 'to_dict')
-                                           else section)
+    return scenic_compat.model_config_dict(self.config.model.get(key))
 
   # --- the flax model ---------------------------------------------------------
 
   def build_backbone(self) -> CvTBackbone:
-    settings = {k: v for k, v in self._model_config('backbone').items()
-                if k not in _BACKBONE_EXTRAS}
-    dtype = settings.pop('dtype', 'float32')
-    unknown = set(settings) - {f for f in CvTBackbone.__dataclass_fields__}
-    if unknown:
-      raise ValueError(f'Unknown config.model.backbone settings {sorted(unknown)}.')
-    return CvTBackbone(dtype=jnp.dtype(dtype), **settings)
+    return build_backbone(self._model_config('backbone'))
 
   def build_flax_model(self) -> nn.Module:
     backbone = self.build_backbone()
@@ -154,24 +161,51 @@ class SegmentationModel:
                          f'backbone output; outputs: {backbone.out_names}.')
       auxiliary_head = heads.build_head(self.AUXILIARY_HEAD, feature_info=info,
                                         num_classes=self.num_classes, **aux)
-    return heads.Segmentor(backbone=backbone, decode_head=decode_head, neck=neck,
-                           auxiliary_head=auxiliary_head)
+    pretrained, keep_cls_token = pretrained_settings(self._model_config('backbone'))
+    return PretrainedSegmentor(backbone=backbone, decode_head=decode_head, neck=neck,
+                               auxiliary_head=auxiliary_head, pretrained=pretrained,
+                               keep_cls_token=keep_cls_token)
 
   def init_variables(self, rng: jax.Array, input_shape: tuple[int, ...]) -> dict[str, Any]:
     """Fresh variables, with the backbone from `config.model.backbone.pretrained` if set."""
     dummy = jnp.zeros((1, *input_shape[1:]), jnp.float32)
-    variables = jax.jit(functools.partial(self.flax_model.init, train=False))(rng, dummy)
-    variables = dict(variables)
-    pretrained = self._model_config('backbone').get('pretrained')
-    if pretrained:
-      from cvt_backbone.checkpoint import load_pretrained
+    return dict(self.flax_model.init(rng, dummy, train=False))
 
-      loaded = load_pretrained(
-          self.flax_model.backbone, pretrained,
-          keep_cls_token=self._model_config('backbone').get('keep_cls_token', True), rng=rng)
-      for collection, tree in loaded.items():
-        variables[collection] = dict(variables[collection], backbone=tree)
-    return variables
+  def init_from_train_state(self, train_state: Any, restored_train_state: Any = None,
+                            restored_model_cfg: Any = None) -> Any:
+    """Scenic project trainers' pretrained hook: the backbone of `train_state` loaded.
+
+    Args:
+      train_state: a Scenic `TrainState` (`params`, `model_state`) of this model.
+      restored_train_state: a restored Scenic `TrainState` whose params hold a CvT
+        backbone: this model's (`params['backbone']`), a `CvTBackbone`'s or a `CvT`
+        classifier's. None: load `config.model.backbone.pretrained` instead.
+      restored_model_cfg: unused (the architecture is checked from the weights).
+
+    Returns:
+      `train_state` with the backbone's params and batch statistics replaced, checked
+      strictly (variant and every shape); unchanged when there is nothing to load.
+
+    Raises:
+      FileNotFoundError: `pretrained` is set but no such file exists.
+      CheckpointMismatchError: weights of another variant or shape.
+    """
+    del restored_model_cfg
+    backbone = self.flax_model.backbone
+    _, keep_cls_token = pretrained_settings(self._model_config('backbone'))
+    if restored_train_state is None:
+      source = self.flax_model.pretrained
+      if not source:
+        return train_state
+    else:
+      params = restored_train_state.params
+      state = dict(restored_train_state.model_state or {})
+      if 'backbone' in params:
+        params = params['backbone']
+        state = {k: v['backbone'] for k, v in state.items() if 'backbone' in v}
+      source = {'params': params, **state}
+    return load_backbone_into_train_state(train_state, source, backbone,
+                                          keep_cls_token=keep_cls_token)
 
   # --- loss and metrics -------------------------------------------------------
 
@@ -198,13 +232,22 @@ class SegmentationModel:
     return loss
 
   def get_metrics_fn(self, split: str | None = None):
-    """`metrics_fn(logits, batch) -> {name: (sum, normalizer)}`, Scenic's convention.
+    """`metrics_fn(logits, batch) -> {name: (sum, normalizer)}` for pmap-based trainers.
 
-    Pixel accuracy and loss over the valid pixels of the batch; mIoU needs the
-    whole split and is computed by the trainer from a confusion matrix.
+    Pixel accuracy and loss over the valid pixels (label not 255, `batch_mask` not 0) of
+    the batch, summed over Scenic's `'batch'` axis as Scenic's metrics functions are, so
+    every device holds the totals of the global batch. mIoU needs the whole split and is
+    computed from a confusion matrix (`evaluate.py`, the project's trainer).
     """
     del split
+    return self._metrics_fn(scenic_compat.SCENIC_AXIS_NAME)
 
+  def get_metrics_fn_jit(self, split: str | None = None):
+    """As `get_metrics_fn`, for jit-based trainers (global arrays: no cross-device sum)."""
+    del split
+    return self._metrics_fn(None)
+
+  def _metrics_fn(self, axis_name: str | None):
     def metrics_fn(logits: Any, batch: dict[str, jax.Array]) -> dict[str, tuple]:
       logits = logits['logits'] if isinstance(logits, dict) else logits
       labels = batch['label']
@@ -214,7 +257,8 @@ class SegmentationModel:
         mask = batch['batch_mask'].astype(bool)
         valid = valid & mask.reshape(mask.shape + (1,) * (valid.ndim - mask.ndim))
       correct = ((jnp.argmax(logits, -1) == labels) & valid).sum()
-      return {'accuracy': (correct, valid.sum()), 'loss': (loss * count, count)}
+      return scenic_compat.psum_metrics(
+          {'accuracy': (correct, valid.sum()), 'loss': (loss * count, count)}, axis_name)
 
     return metrics_fn
 
@@ -266,6 +310,15 @@ def get_model_cls(name: str) -> type[SegmentationModel]:
   if name not in MODELS:
     raise ValueError(f'Unknown model {name!r}; expected one of {sorted(MODELS)}.')
   return MODELS[name]
+
+
+def register_with_scenic() -> list[str]:
+  """Adds the model classes to Scenic's model registry (`model_name='cvt_upernet'`, ...).
+
+  Returns:
+    The registered names, or an empty list when Scenic is not importable.
+  """
+  return scenic_compat.register_models(MODELS)
 
 
 def default_model_config(name: str) -> ml_collections.ConfigDict:

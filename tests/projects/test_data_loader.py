@@ -2,8 +2,6 @@
 
 import itertools
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -17,7 +15,6 @@ from projects.cvt_segmentation.data import (
     TrainTransform,
     build_loaders,
     get_dataset,
-    register_with_scenic,
 )
 
 SIZE = (16, 24)
@@ -200,39 +197,3 @@ def test_get_dataset_bad_arguments():
     get_dataset('synthetic', batch_size=2, eval_batch_size=2, colour=1)
   with pytest.raises(ValueError, match='data_dir'):
     get_dataset('cityscapes', batch_size=2, eval_batch_size=2)
-
-
-def test_register_with_scenic(monkeypatch):
-  assert register_with_scenic() == []  # Scenic is not installed here
-  registry = {}
-
-  def add_dataset(name):
-    def inner(fn):
-      registry[name] = fn
-      return fn
-
-    return inner
-
-  fake = {
-      'scenic': types.ModuleType('scenic'),
-      'scenic.model_lib': types.ModuleType('scenic.model_lib'),
-      'scenic.dataset_lib': types.ModuleType('scenic.dataset_lib'),
-      'scenic.dataset_lib.datasets': types.ModuleType('scenic.dataset_lib.datasets'),
-  }
-  fake['scenic.dataset_lib.datasets'].add_dataset = add_dataset
-  registry_cls = types.SimpleNamespace(list=lambda: list(registry))
-  fake['scenic.dataset_lib.datasets'].DatasetRegistry = registry_cls
-  fake['scenic.dataset_lib'].datasets = fake['scenic.dataset_lib.datasets']
-  for name, module in fake.items():
-    monkeypatch.setitem(sys.modules, name, module)
-  names = register_with_scenic()
-  assert names == ['cvt_seg_synthetic', 'cvt_seg_ade20k', 'cvt_seg_cityscapes', 'cvt_seg_folder']
-  assert register_with_scenic() == names  # idempotent
-  ds = registry['cvt_seg_synthetic'](
-      batch_size=4, eval_batch_size=2, num_shards=2, dtype_str='float32', shuffle_seed=0,
-      dataset_configs={'image_size': (16, 16), 'num_train': 4, 'num_eval': 2},
-  )
-  assert next(ds.train_iter)['inputs'].shape == (2, 2, 16, 16, 3)
-  import jax.numpy as jnp
-
-  assert ds.meta_data['input_dtype'] is jnp.float32

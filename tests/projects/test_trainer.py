@@ -12,8 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from projects.cvt_segmentation import checkpoints, main, models
+from projects.cvt_segmentation import checkpoints, models
 from projects.cvt_segmentation.configs import synthetic_demo
+from tests.scenic_support import requires_scenic
 
 from . import trainer_support as support
 
@@ -124,9 +125,7 @@ def test_loss_ignores_255_and_padding():
   assert float(smooth) != pytest.approx(float(loss))
 
 
-@pytest.mark.skipif(not main.scenic_available(),
-                    reason='google-research/scenic is not importable (it is not on PyPI; '
-                           'install the `scenic` extra or put a checkout on PYTHONPATH)')
+@requires_scenic
 def test_main_runs_under_scenic_app(tmp_path):
   cmd = [sys.executable, '-m', 'projects.cvt_segmentation.main',
          f'--config={support.REPO}/projects/cvt_segmentation/configs/synthetic_demo.py:runlocal',

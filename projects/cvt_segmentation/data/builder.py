@@ -21,6 +21,7 @@ from projects.cvt_segmentation.data import folders
 from projects.cvt_segmentation.data.loader import EvalLoader, TrainLoader
 from projects.cvt_segmentation.data.synthetic import SyntheticSegmentation
 from projects.cvt_segmentation.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
+from projects.scenic_compat import scenic_available
 
 # Same fields as scenic.dataset_lib.dataset_utils.Dataset.
 Dataset = collections.namedtuple('Dataset', ['train_iter', 'valid_iter', 'test_iter', 'meta_data'])
@@ -118,6 +119,7 @@ def build_loaders(
     eval_label_pad_shape: tuple[int, int] | None = None,
     eval_size_divisor: int = 32,
     test_scale: tuple[int, int] | None | str = 'default',
+    pixel_batch_mask: bool = False,
     **dataset_kwargs: Any,
 ) -> tuple[TrainLoader, EvalLoader, dict]:
   """Builds the train and validation loaders of a dataset and its meta data.
@@ -138,6 +140,8 @@ def build_loaders(
     eval_size_divisor: eval input padding multiple when `eval_pad_shape` is None.
     test_scale: `(long, short)` eval resize limits; None keeps the size; 'default' uses
       the mmseg value of the dataset.
+    pixel_batch_mask: Scenic's segmentation layout: per-pixel `batch_mask` (0 on padding
+      and ignored pixels), eval labels at the input size and padded like the inputs.
     **dataset_kwargs: per dataset:
       synthetic: num_classes=6, image_size=(64, 64), num_train=1000, num_eval=100,
         data_seed=0, max_objects=4.
@@ -174,6 +178,7 @@ def build_loaders(
       num_threads=num_threads,
       num_workers=num_workers,
       dtype=dtype,
+      pixel_batch_mask=pixel_batch_mask,
   )
   evaluation = EvalLoader(
       eval_src,
@@ -187,6 +192,7 @@ def build_loaders(
       size_divisor=eval_size_divisor,
       num_threads=num_threads,
       dtype=dtype,
+      pixel_batch_mask=pixel_batch_mask,
   )
   meta_data = {
       'input_shape': (-1,) + aug['crop_size'] + (3,),
@@ -242,9 +248,13 @@ def register_with_scenic(prefix: str = 'cvt_seg_') -> list[str]:
   """Registers the builders in Scenic's dataset registry as `prefix + name`.
 
   The registered builders follow Scenic's signature (`batch_size, eval_batch_size,
-  num_shards, dtype_str, shuffle_seed, rng, dataset_configs, dataset_service_address`);
-  `dataset_configs` holds the keyword arguments of `build_loaders` (plus `start_step`),
-  and the host slice and dtype come from jax. Registering twice is harmless.
+  num_shards, dtype_str, shuffle_seed, rng, dataset_configs, dataset_service_address`)
+  and conventions: `batch_size` and `eval_batch_size` are per host (Scenic's
+  `train_utils.get_dataset` divides the config's by the process count), batches carry
+  a per-pixel `batch_mask` (0 on padding and ignored pixels) and eval labels are at the
+  input size, padded like the inputs (`eval_pad_shape` fixes that shape). Batches are
+  reshaped to `[num_shards, ...]` for pmap. `dataset_configs` holds the keyword
+  arguments of `build_loaders` (plus `start_step`). Registering twice is harmless.
 
   Args:
     prefix: name prefix; it keeps clear of Scenic's own 'cityscapes'.
@@ -252,12 +262,11 @@ def register_with_scenic(prefix: str = 'cvt_seg_') -> list[str]:
   Returns:
     The registered names, or an empty list when Scenic is not installed.
   """
-  try:
-    import scenic.model_lib  # noqa: F401  (the PyPI package `scenic` is unrelated)
-    from scenic.dataset_lib import datasets as scenic_datasets
-  except ImportError:
+  if not scenic_available():
     logging.info('Scenic is not installed; no datasets registered.')
     return []
+  from scenic.dataset_lib import datasets as scenic_datasets
+
   names = []
   for name in DATASET_NAMES:
     full = prefix + name
@@ -287,10 +296,12 @@ def _scenic_builder(name: str):
       raise ValueError('tf.data service is not supported by the cvt_segmentation datasets')
     configs = dataset_configs or {}
     configs = dict(configs.to_dict() if hasattr(configs, 'to_dict') else configs)
+    configs.setdefault('pixel_batch_mask', True)
+    # Scenic passes per-host sizes; the loaders take global ones and slice them per host.
     ds = get_dataset(
         name,
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
+        batch_size=batch_size * jax.process_count(),
+        eval_batch_size=eval_batch_size * jax.process_count(),
         seed=0 if shuffle_seed is None else shuffle_seed,
         num_shards=num_shards,
         dtype_str=dtype_str,

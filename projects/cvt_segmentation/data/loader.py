@@ -28,7 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from projects.cvt_segmentation.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
+from projects.cvt_segmentation.data.transforms import (
+    IGNORE_INDEX,
+    EvalTransform,
+    TrainTransform,
+    resize_label,
+)
 
 # A stream long enough to never run out (Grain datasets need a finite length).
 _ENDLESS_STEPS = 2**40
@@ -77,7 +82,9 @@ class TrainLoader:
 
   `batch(step)` returns `{'inputs': [b, H, W, 3], 'label': int32 [b, H, W],
   'batch_mask': float32 [b]}` (all ones), `b` the per-process batch size; with
-  `num_shards` every array gains a leading `[num_shards, b // num_shards]` split.
+  `pixel_batch_mask` the mask is per pixel, `[b, H, W]`, 0 where the label is ignored
+  (Scenic's segmentation convention). With `num_shards` every array gains a leading
+  `[num_shards, b // num_shards]` split.
 
   Args:
     source: random-access split; `source[k]` gives `{'image', 'label', ...}`.
@@ -92,6 +99,7 @@ class TrainLoader:
     prefetch: batches computed ahead of the consumer (thread backend) or per worker.
     dtype: dtype of `inputs` (e.g. np.float32 or ml_dtypes.bfloat16).
     backend: 'grain', 'threads', or 'auto' (Grain when installed).
+    pixel_batch_mask: per-pixel `batch_mask` (Scenic's segmentation models need it).
   """
 
   def __init__(
@@ -109,6 +117,7 @@ class TrainLoader:
       prefetch: int = 2,
       dtype: Any = np.float32,
       backend: str = 'auto',
+      pixel_batch_mask: bool = False,
   ):
     if len(source) == 0:
       raise ValueError('the training split is empty')
@@ -129,6 +138,7 @@ class TrainLoader:
     self.prefetch = prefetch
     self.dtype = dtype
     self.backend = ('grain' if _have_grain() else 'threads') if backend == 'auto' else backend
+    self.pixel_batch_mask = pixel_batch_mask
 
   @property
   def num_examples(self) -> int:
@@ -158,11 +168,12 @@ class TrainLoader:
 
   def _collate(self, examples) -> dict:
     inputs, labels = zip(*examples, strict=True)
-    batch = {
-        'inputs': np.stack(inputs),
-        'label': np.stack(labels).astype(np.int32),
-        'batch_mask': np.ones(len(inputs), np.float32),
-    }
+    labels = np.stack(labels).astype(np.int32)
+    if self.pixel_batch_mask:
+      batch_mask = (labels != IGNORE_INDEX).astype(np.float32)
+    else:
+      batch_mask = np.ones(len(inputs), np.float32)
+    batch = {'inputs': np.stack(inputs), 'label': labels, 'batch_mask': batch_mask}
     return _shard(batch, self.num_shards)
 
   def batch(self, step: int) -> dict:
@@ -207,6 +218,11 @@ class EvalLoader:
   With `batch_size=1` and `size_divisor=1`, batches are single unpadded examples:
   exact full-resolution evaluation, one shape per image.
 
+  With `pixel_batch_mask` (Scenic's segmentation convention) labels are instead resized
+  (nearest) to the resized image and padded like the inputs, so `inputs` and `label`
+  share `[b, Hp, Wp]`, and `batch_mask` is per pixel, `[b, Hp, Wp]`: 1 on the real,
+  labelled pixels of real examples, 0 on padding and ignored pixels.
+
   Args:
     source: random-access split.
     transform: `EvalTransform` (keep-ratio resize of the image, label untouched).
@@ -220,6 +236,7 @@ class EvalLoader:
     size_divisor: rounding of the input size when `pad_shape` is None.
     num_threads: threads loading examples.
     dtype: dtype of `inputs`.
+    pixel_batch_mask: Scenic's layout (see above).
   """
 
   def __init__(
@@ -237,11 +254,13 @@ class EvalLoader:
       num_threads: int = 2,
       prefetch: int = 2,
       dtype: Any = np.float32,
+      pixel_batch_mask: bool = False,
   ):
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index {process_index} not in [0, {process_count})')
     self.source = source
     self.transform = transform
+    self.pixel_batch_mask = pixel_batch_mask
     self.batch_size = batch_size
     self.local_batch_size = _local_batch_size(batch_size, process_count, num_shards)
     self.process_index = process_index
@@ -267,6 +286,8 @@ class EvalLoader:
     """`(inputs float [h, w, 3], label int32 [H, W])` of example `index`."""
     item = self.source[index]
     image, label = self.transform(item['image'], item['label'])
+    if self.pixel_batch_mask and label.shape != image.shape[:2]:
+      label = resize_label(label, image.shape[:2])
     return image.astype(self.dtype, copy=False), label
 
   def batch(self, i: int) -> dict:
@@ -282,7 +303,11 @@ class EvalLoader:
     in_shape = self.pad_shape or _round_up(
         np.max([x.shape[:2] for x, _ in real_shapes], axis=0), self.size_divisor
     )
-    label_shape = self.label_pad_shape or tuple(np.max([y.shape for _, y in real_shapes], axis=0))
+    if self.pixel_batch_mask:
+      label_shape = tuple(in_shape)
+    else:
+      label_shape = self.label_pad_shape or tuple(
+          np.max([y.shape for _, y in real_shapes], axis=0))
     inputs = np.zeros((b,) + tuple(in_shape) + (3,), self.dtype)
     labels = np.full((b,) + tuple(label_shape), IGNORE_INDEX, np.int32)
     input_size = np.zeros((b, 2), np.int32)
@@ -299,6 +324,8 @@ class EvalLoader:
       labels[j, : y.shape[0], : y.shape[1]] = y
       input_size[j], label_size[j] = x.shape[:2], y.shape
     batch_mask = np.array([k < self.num_examples for k in indices], np.float32)
+    if self.pixel_batch_mask:
+      batch_mask = batch_mask[:, None, None] * (labels != IGNORE_INDEX)
     batch = {
         'inputs': inputs,
         'label': labels,

@@ -1,0 +1,55 @@
+"""Trains a CvT model with Scenic's own `classification_trainer`, models and dataset registry.
+
+  python -m projects.cvt_scenic_example.main \
+    --config=projects/cvt_scenic_example/configs/synthetic.py --workdir=workdirs/scenic_example
+
+Needs google-research/scenic (the `scenic` extra, or a checkout on PYTHONPATH). This is
+what `scenic.main` does (it cannot be imported without big_vision): look the model and the
+dataset up in Scenic's registries and hand them to the trainer. The project's models
+(`cvt_upernet`, ...) and the user model of `model.py` (`cvt_linear_segmentation`) are
+registered first, with the project's datasets (`cvt_seg_synthetic`, `cvt_seg_folder`, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import jax  # noqa: E402
+from scenic import app  # noqa: E402
+from scenic.model_lib import models as scenic_models  # noqa: E402
+from scenic.train_lib import classification_trainer, train_utils  # noqa: E402
+
+from projects import scenic_compat  # noqa: E402
+from projects.cvt_scenic_example.model import CvTLinearSegmentationModel  # noqa: E402
+from projects.cvt_segmentation import models as segmentation_models  # noqa: E402
+from projects.cvt_segmentation.data import register_with_scenic as register_datasets  # noqa: E402
+
+
+def register() -> None:
+  """Adds the CvT models and the project's datasets to Scenic's registries."""
+  segmentation_models.register_with_scenic()
+  scenic_compat.register_models({'cvt_linear_segmentation': CvTLinearSegmentationModel})
+  register_datasets()
+
+
+def main(rng: jax.Array, config: Any, workdir: str, writer: Any) -> tuple[Any, Any, Any]:
+  """Scenic's `main(rng, config, workdir, writer)`: registries -> `classification_trainer`."""
+  register()
+  model_cls = scenic_models.get_model_cls(config.model_name)
+  data_rng, rng = jax.random.split(rng)
+  dataset = train_utils.get_dataset(config, data_rng)
+  result = classification_trainer.train(rng=rng, config=config, model_cls=model_cls,
+                                        dataset=dataset, workdir=workdir, writer=writer)
+  eval_summary = result[2]
+  print('Final validation: ' + '  '.join(f'{k} {float(v):.4f}'
+                                          for k, v in sorted(eval_summary.items())))
+  print(f'Checkpoints and TensorBoard logs: {workdir}')
+  return result
+
+
+if __name__ == '__main__':
+  scenic_compat.quiet_library_logs()
+  app.run(main)
