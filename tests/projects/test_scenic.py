@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvt_backbone import CvTBackbone, get_spec
-from cvt_backbone import checkpoint as checkpoint_lib
+from cvt_backbone import CvTBackbone
 from projects.cvt_segmentation import models
 from tests.scenic_support import requires_scenic
+from tests.weights_support import write_converted_backbone
 
 from . import trainer_support as support
 
@@ -81,18 +81,9 @@ def _write_folder(root, sizes, num_classes=6, seed=0):
               test_scale=None)
 
 
-def _tiny_backbone_file(tmp_path, seed=0):
-  backbone = CvTBackbone(variant='cvt-tiny')
-  shapes = jax.eval_shape(backbone.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-  rng = np.random.default_rng(seed)
-  weights = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
-  weights['batch_stats'] = jax.tree.map(np.abs, weights['batch_stats'])
+def _tiny_backbone_file(tmp_path):
   path = tmp_path / 'tiny.msgpack'
-  checkpoint_lib.save_converted(path, weights, {
-      'variant': 'cvt-tiny', 'spec': checkpoint_lib.spec_to_dict(get_spec('cvt-tiny')),
-      'activation': 'quick_gelu', 'num_classes': 0, 'backbone_only': True, 'in_chans': 3,
-      'source': {'file': 'random', 'sha256': '', 'naming': 'flax'}, 'converter': 'test'})
-  return path, weights
+  return path, write_converted_backbone(path)
 
 
 def _assert_tree_equal(got, want):
@@ -134,7 +125,10 @@ def test_registered_builder_takes_the_per_host_batch_size(monkeypatch):
 
   from projects.cvt_segmentation.data import builder, register_with_scenic
 
-  register_with_scenic()
+  names = ['cvt_seg_synthetic', 'cvt_seg_ade20k', 'cvt_seg_cityscapes', 'cvt_seg_folder']
+  assert register_with_scenic() == names
+  assert register_with_scenic() == names  # idempotent
+  assert set(names) <= set(datasets.DatasetRegistry.list())
   configs = {'image_size': (24, 24), 'num_train': 16, 'num_eval': 5}
   reference = builder.get_dataset('synthetic', batch_size=8, eval_batch_size=4, **configs)
   whole = next(reference.train_iter)

@@ -135,21 +135,15 @@ def test_main_runs_under_scenic_app(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Final validation: mIoU' in proc.stdout
   assert checkpoints.latest_step(tmp_path) == 2
+  # As quiet as without Scenic: its start-up INFO logs stay off unless --verbosity is given.
+  assert 'JAX devices' not in proc.stderr and 'RNG:' not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_pretrained_backbone_is_loaded_into_the_segmentor(tmp_path):
-  from cvt_backbone import CvTBackbone, get_spec
-  from cvt_backbone import checkpoint as checkpoint_lib
+  from tests.weights_support import write_converted_backbone
 
-  backbone = CvTBackbone(variant='cvt-tiny')
-  shapes = jax.eval_shape(backbone.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
-  rng = np.random.default_rng(0)
-  weights = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   path = tmp_path / 'tiny.msgpack'
-  checkpoint_lib.save_converted(path, weights, {
-      'variant': 'cvt-tiny', 'spec': checkpoint_lib.spec_to_dict(get_spec('cvt-tiny')),
-      'activation': 'quick_gelu', 'num_classes': 0, 'backbone_only': True, 'in_chans': 3,
-      'source': {'file': 'random', 'sha256': '', 'naming': 'flax'}, 'converter': 'test'})
+  weights = write_converted_backbone(path)
   config = support.tiny_config()
   config.model.backbone.pretrained = str(path)
   model = models.get_model_cls(config.model_name)(config, {'num_classes': 6})
