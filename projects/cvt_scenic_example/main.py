@@ -35,9 +35,31 @@ def register() -> None:
   register_datasets()
 
 
+class EchoWriter:
+  """A clu metric writer that also prints the train and validation summaries.
+
+  Scenic's trainer reports them through the writer only (its logging writer logs at INFO,
+  which is off unless `--verbosity=0`).
+  """
+
+  def __init__(self, writer: Any):
+    self._writer = writer
+
+  def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+    self._writer.write_scalars(step, scalars)
+    if not any(k.startswith(('train_', 'valid_')) for k in scalars):
+      return
+    values = '  '.join(f'{k} {float(v):.4g}' for k, v in sorted(scalars.items()))
+    print(f'step {step}: {values}', flush=True)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._writer, name)
+
+
 def main(rng: jax.Array, config: Any, workdir: str, writer: Any) -> tuple[Any, Any, Any]:
   """Scenic's `main(rng, config, workdir, writer)`: registries -> `classification_trainer`."""
   register()
+  writer = EchoWriter(writer)
   model_cls = scenic_models.get_model_cls(config.model_name)
   data_rng, rng = jax.random.split(rng)
   dataset = train_utils.get_dataset(config, data_rng)

@@ -43,6 +43,7 @@ from projects import scenic_compat
 
 IGNORE_INDEX = 255
 
+
 def _backbone_defaults() -> dict[str, Any]:
   return dict(variant='cvt-13', pretrained='', keep_cls_token=True, drop_path_rate=0.1,
               frozen_stages=0, norm_eval=False, attention='auto', attention_chunk_size=None,
@@ -92,8 +93,9 @@ class PretrainedSegmentor(PretrainedBackboneInit, heads.Segmentor):
 class SegmentationModel(scenic_compat.segmentation_model_base()):
   """A CvT backbone with a decode head (and optionally a neck and auxiliary head).
 
-  A subclass of Scenic's `SegmentationModel` when Scenic is importable. Subclasses set `DECODE_HEAD`, `NECK` and `AUXILIARY_HEAD` (registered head names
-  of the `heads` package, or None) and their default settings.
+  A subclass of Scenic's `SegmentationModel` when Scenic is importable. Subclasses set
+  `DECODE_HEAD`, `NECK` and `AUXILIARY_HEAD` (registered head names of the `heads`
+  package, or None) and their default settings.
   """
 
   DECODE_HEAD: str = 'upernet'
@@ -122,8 +124,9 @@ class SegmentationModel(scenic_compat.segmentation_model_base()):
     if cls.AUXILIARY_HEAD:
       model['auxiliary_head'] = dict(cls.AUXILIARY_HEAD_DEFAULTS)
     config = ml_collections.ConfigDict(model)
-    # Optional integers must accept a value later although their default is None.
+    # Optional settings must accept a value later although their default is None.
     config.backbone.attention_chunk_size = ml_collections.config_dict.placeholder(int)
+    config.backbone.bn_axis_name = ml_collections.config_dict.placeholder(str)
     return config
 
   def default_flax_model_config(self) -> ml_collections.ConfigDict:

@@ -252,6 +252,14 @@ def test_init_from_train_state_loads_the_backbone(tmp_path):
   _assert_tree_equal(loaded.params['decode_head'], fresh['params']['decode_head'])
   again = model.init_from_train_state(state, loaded, config)
   _assert_tree_equal(again.params, loaded.params)
+  # A CvT classifier's train state (e.g. fine-tuned in Scenic on ImageNet): its stages.
+  from cvt_backbone import CvT
+
+  classifier = CvT.from_variant('cvt-tiny', num_classes=10)
+  clf_vars = classifier.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))
+  from_clf = model.init_from_train_state(state, _scenic_train_state(model, clf_vars))
+  _assert_tree_equal(from_clf.params['backbone'],
+                     {k: v for k, v in clf_vars['params'].items() if k.startswith('stage')})
 
   # No restored state: the configured file; none configured: unchanged.
   assert model.init_from_train_state(state) is state

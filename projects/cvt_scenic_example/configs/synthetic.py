@@ -13,6 +13,7 @@ Arguments (`:model=...,steps=...,pretrained=...,runlocal`):
     num_classes).
   steps: training steps.
   pretrained: a converted CvT checkpoint (`cvt-convert ... --backbone-only`) for the backbone.
+  sync_bn: BatchNorm statistics over all devices (the pmap axis 'batch'), backbone and heads.
   runlocal: a seconds-long CPU check (tiny images, 3 steps).
 """
 
@@ -24,7 +25,7 @@ from projects.cvt_segmentation.configs import common
 
 def get_config(arg=None):
   args = common.parse_arg(arg, model='cvt_linear_segmentation', dataset='cvt_seg_synthetic',
-                          steps=300, pretrained='', runlocal=False)
+                          steps=300, pretrained='', sync_bn=False, runlocal=False)
   config = ml_collections.ConfigDict()
   config.experiment_name = f'{args.model}_{args.dataset}'
   config.rng_seed = 0
@@ -44,6 +45,11 @@ def get_config(arg=None):
   config.model.backbone.variant = 'cvt-tiny'
   config.model.backbone.drop_path_rate = 0.0
   config.model.backbone.pretrained = args.pretrained
+  if args.sync_bn:
+    config.model.backbone.bn_axis_name = 'batch'
+    for head in ('decode_head', 'auxiliary_head'):
+      if config.model.get(head, {}).get('norm') == 'batch':
+        config.model[head].axis_name = 'batch'
   config.loss = ml_collections.ConfigDict(dict(aux_weight=0.4))
 
   # Scenic's optimizer and schedule settings (scenic.train_lib.optimizers, lr_schedules).
