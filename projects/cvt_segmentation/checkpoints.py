@@ -130,9 +130,12 @@ def restore_for_inference(config: Any, checkpoint: str | os.PathLike,
     classes = num_classes or saved.get('num_classes')
     _check_metadata(saved, model_metadata(config, classes), path / str(step))
     model = models.get_model_cls(config.model_name)(config, {'num_classes': classes})
+    # The checkpoint holds every weight: the backbone's pretrained file (which `init`
+    # would read) is neither needed nor required to exist here.
+    flax_model = model.flax_model.clone(pretrained='')
     shape = (1, 64, 64, 3)
-    abstract = jax.eval_shape(lambda: model.flax_model.init(jax.random.PRNGKey(0),
-                                                            np.zeros(shape, np.float32)))
+    abstract = jax.eval_shape(lambda: flax_model.init(jax.random.PRNGKey(0),
+                                                      np.zeros(shape, np.float32)))
     abstract_state = {'params': abstract['params'],
                       'batch_stats': abstract.get('batch_stats', {})}
     # Only the variables: the optimizer state is not needed (and may be large).
@@ -144,4 +147,4 @@ def restore_for_inference(config: Any, checkpoint: str | os.PathLike,
             partial_restore=True)))
     variables = restored.state['variables']
   _check_shapes(abstract_state, variables, path / str(step))
-  return model.flax_model, variables
+  return flax_model, variables

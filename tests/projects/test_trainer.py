@@ -93,6 +93,11 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     support.run_training(other, tmp_path)
   with pytest.raises(checkpoints.CheckpointMismatchError, match='model_name'):
     checkpoints.restore_for_inference(other, tmp_path)
+  # Evaluation needs the checkpoint only, not the pretrained file the training started from.
+  with config.unlocked():
+    config.model.backbone.pretrained = str(tmp_path / 'gone.msgpack')
+  _, variables = checkpoints.restore_for_inference(config, tmp_path)
+  assert 'decode_head' in variables['params']
 
 
 def test_misspelled_config_keys_are_errors():
