@@ -136,7 +136,8 @@ def _check_pretrained_path(pretrained: str | os.PathLike) -> None:
 
 
 def load_backbone_weights(variables: Mapping[str, Any],
-                          pretrained: str | os.PathLike | Mapping[str, Any], backbone: CvTBackbone, *, path: Sequence[str] = ('backbone',),
+                          pretrained: str | os.PathLike | Mapping[str, Any],
+                          backbone: CvTBackbone, *, path: Sequence[str] = ('backbone',),
                           keep_cls_token: bool = True,
                           rng: jax.Array | None = None) -> dict[str, Any]:
   """`variables` with the backbone subtree at `path` replaced by a checkpoint's weights.
@@ -171,22 +172,31 @@ def load_backbone_weights(variables: Mapping[str, Any],
     else:
       current = _subtree(variables[collection], path, f'variables[{collection!r}]')
       out[collection] = _replace_subtree(variables[collection], path, tree)
-    want = jax.tree_util.tree_map(jnp.shape, flax_core.unfreeze(current))
-    got = jax.tree_util.tree_map(jnp.shape, tree)
+    want, got = _leaf_shapes(flax_core.unfreeze(current)), _leaf_shapes(tree)
     if want != got:
-      raise ValueError(f'The backbone at {"/".join(path) or "the root"} in {collection!r} does '
-                       f'not have the structure of the backbone {backbone.variant!r}: model '
-                       f'{want} vs loaded {got}.')
+      differences = sorted(set(want.items()) ^ set(got.items()))
+      listed = '; '.join(f'{p} {s} ({"model" if want.get(p) == s else "loaded"})'
+                         for p, s in differences[:6])
+      raise ValueError(f'The subtree at {"/".join(path) or "the root"} in {collection!r} does '
+                       f'not have the structure of the backbone {backbone.variant!r} '
+                       f'({len(differences)} differences): {listed}.')
   return out
 
 
-def load_backbone_into_train_state(train_state: Any, pretrained: str | os.PathLike,
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p): tuple(jnp.shape(leaf)) for p, leaf in flat}
+
+
+def load_backbone_into_train_state(train_state: Any,
+                                   pretrained: str | os.PathLike | Mapping[str, Any],
                                    backbone: CvTBackbone, *,
                                    path: Sequence[str] = ('backbone',),
                                    keep_cls_token: bool = True) -> Any:
-  """A Scenic `TrainState` (`params`, `model_state`) with the backbone loaded from a file.
+  """A Scenic `TrainState` (`params`, `model_state`) with the backbone loaded.
 
-  The optimizer state is left as it is: call this before the first step (Scenic project
+  `pretrained` is what `load_backbone_weights` takes: a file, a folder or in-memory
+  weights. The optimizer state is left as it is: call this before the first step (Scenic project
   trainers do so in `model.init_from_train_state`).
   """
   model_state = flax_core.unfreeze(train_state.model_state or {})
