@@ -45,10 +45,13 @@ def _free_compiled_programs():
   gc.collect()
 
 
-def _scenic_config(model_name: str, dataset: str = 'cvt_seg_synthetic', **overrides):
-  from projects.cvt_scenic_example.configs import synthetic
+def _scenic_config(model_name: str, config_module: str = 'synthetic', arg: str = '',
+                   **overrides):
+  """An example-project config (runlocal) with the shapes the tests share."""
+  import importlib
 
-  config = synthetic.get_config(f'model={model_name},dataset={dataset},runlocal')
+  module = importlib.import_module(f'projects.cvt_scenic_example.configs.{config_module}')
+  config = module.get_config(f'model={model_name},runlocal' + (f',{arg}' if arg else ''))
   config.dataset_configs.update(SHARED_SHAPES)
   for key, value in overrides.items():
     target = config
@@ -68,20 +71,21 @@ def _scenic_train(config, workdir):
 
 
 def _write_folder(root, sizes, num_classes=6, seed=0):
-  """Images and masks whose sizes are not multiples of 32, some pixels ignored (255)."""
+  """Images and masks in mmseg's layout whose sizes are not multiples of 32, some pixels
+  ignored (255); returns the `build_loaders` arguments for them."""
   rng = np.random.default_rng(seed)
   for split in ('train', 'val'):
     for i, (h, w) in enumerate(sizes):
       image = rng.integers(0, 255, (h, w, 3), np.uint8)
       mask = rng.integers(0, num_classes, (h, w), np.uint8)
       mask[: h // 5] = 255
-      (root / split / 'images').mkdir(parents=True, exist_ok=True)
-      (root / split / 'masks').mkdir(parents=True, exist_ok=True)
-      Image.fromarray(image).save(root / split / 'images' / f'{i}.jpg')
-      Image.fromarray(mask).save(root / split / 'masks' / f'{i}.png')
-  return dict(train_images=str(root / 'train/images'), train_masks=str(root / 'train/masks'),
-              val_images=str(root / 'val/images'), val_masks=str(root / 'val/masks'),
-              num_classes=num_classes, crop_size=(32, 48), scale=(64, 40), photometric=False,
+      (root / 'img_dir' / split).mkdir(parents=True, exist_ok=True)
+      (root / 'ann_dir' / split).mkdir(parents=True, exist_ok=True)
+      Image.fromarray(image).save(root / 'img_dir' / split / f'{i}.jpg')
+      Image.fromarray(mask).save(root / 'ann_dir' / split / f'{i}.png')
+  return dict(train_images=str(root / 'img_dir/train'), train_masks=str(root / 'ann_dir/train'),
+              val_images=str(root / 'img_dir/val'), val_masks=str(root / 'ann_dir/val'),
+              num_classes=num_classes, crop_size=(32, 32), scale=(64, 32), photometric=False,
               test_scale=None)
 
 
@@ -117,9 +121,8 @@ def test_scenic_classification_trainer_trains_each_model_on_synthetic(tmp_path, 
 
 @pytest.mark.parametrize('model_name', MODEL_NAMES)
 def test_scenic_classification_trainer_on_a_folder_of_odd_sizes(tmp_path, model_name):
-  folder = _write_folder(tmp_path / 'data', sizes=[(45, 61), (50, 70), (37, 83)])
-  config = _scenic_config(model_name, 'cvt_seg_folder')
-  config.dataset_configs = dict(folder, **SHARED_SHAPES)
+  _write_folder(tmp_path / 'data', sizes=[(45, 61), (50, 70), (37, 83)])
+  config = _scenic_config(model_name, 'folder', f'data_dir={tmp_path / "data"},num_classes=6')
   _, train_summary, eval_summary = _scenic_train(config, tmp_path / 'work')
   assert np.isfinite(train_summary['loss']) and np.isfinite(eval_summary['loss'])
 
@@ -170,7 +173,7 @@ def test_scenic_eval_batches_pad_inputs_and_labels_alike(tmp_path):
   np.testing.assert_array_equal(mask[:3] > 0, label[:3] != 255)
   assert mask[0, :45, :61].sum() == (label[0, :45, :61] != 255).sum() > 0
   first = next(ds.train_iter)
-  assert first['batch_mask'].shape == first['label'].shape == (1, 2, 32, 48)
+  assert first['batch_mask'].shape == first['label'].shape == (1, 2, 32, 32)
 
 
 def test_scenic_metrics_on_four_devices_equal_one_device():
