@@ -223,9 +223,10 @@ class PretrainedBackboneInit:
   `CheckpointMismatchError`: never a silent start from scratch.
 
   The initialisation itself is compiled as one program when the positional inputs are
-  arrays (Scenic's `initialize_model` calls `init` eagerly, op by op: 16 s instead of
-  about 4 for CvT-tiny + UPerNet on a CPU); the checkpoint is read outside it, so its
-  arrays are not compiled in as constants.
+  arrays (Scenic's `initialize_model` calls `init` eagerly, op by op: 17.5 s instead of
+  6.7 for CvT-tiny + UPerNet, 14.7 instead of 9.2 for CvT-13 + SegFormer on 2 CPU cores,
+  `benchmarks/init_time.py`); the checkpoint is read outside it, so its arrays are not
+  compiled in as constants.
   """
 
   BACKBONE_PATH: ClassVar[tuple[str, ...]] = ('backbone',)
