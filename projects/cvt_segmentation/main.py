@@ -38,6 +38,8 @@ def main(rng: jax.Array, config: Any, workdir: str, writer: Any) -> dict[str, An
   model_cls = models.get_model_cls(config.model_name)
   _, summary = trainer.train(rng=rng, config=config, model_cls=model_cls, dataset=dataset,
                              workdir=workdir, writer=writer)
+  if jax.process_index() > 0:
+    return summary
   if summary:
     print(f'Final validation: mIoU {summary["mIoU"]:.4f}  aAcc {summary["aAcc"]:.4f}  '
           f'mAcc {summary["mAcc"]:.4f}')
@@ -67,10 +69,29 @@ def _run_without_scenic() -> None:
   app.run(run)
 
 
+def _define_distributed_flags() -> None:
+  """`--coordinator_address`, `--num_processes`, `--process_id`: a multi-process run."""
+  from absl import app, flags
+
+  from projects import distributed
+
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process)')
+  flags.DEFINE_integer('num_processes', None, 'processes in a multi-process run')
+  flags.DEFINE_integer('process_id', None, 'this process in a multi-process run')
+
+  def start() -> None:
+    f = flags.FLAGS
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+
+  # After the flags are parsed and before anything uses a JAX device.
+  app.call_after_init(start)
+
+
 if __name__ == '__main__':
   # The progress and evaluation lines are printed; library INFO logs (orbax, clu,
   # Scenic's start-up) are noise unless asked for with --verbosity=0.
   quiet_library_logs()
+  _define_distributed_flags()
   if scenic_available():
     from scenic import app as scenic_app
 

@@ -174,8 +174,14 @@ def train(*, rng: jax.Array, config: Any, model_cls: Any, dataset: Any, workdir:
   logits_jit = jax.jit(functools.partial(eval_logits, flax_model=flax_model))
 
   def logits_fn(images):
-    return logits_jit(state.variables, images)
+    variables = state.variables
+    if jax.process_count() > 1:
+      # Each process scores its own slice of the split: a local copy of the replicated
+      # variables, on a local device.
+      variables = jax.tree.map(lambda x: x.addressable_data(0), variables)
+    return logits_jit(variables, images)
 
+  lead = jax.process_index() == 0  # prints once, not once per process
   log_every = int(config.get('log_summary_steps', 50))
   eval_every = int(config.get('log_eval_steps', 0)) or total_steps
   ckpt_every = int(config.get('checkpoint_steps', 0)) or total_steps
@@ -193,13 +199,15 @@ def train(*, rng: jax.Array, config: Any, model_cls: Any, dataset: Any, workdir:
         scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         pending = []
         writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
-        print(_progress(step, total_steps, start_step, started, scalars), flush=True)
+        if lead:
+          print(_progress(step, total_steps, start_step, started, scalars), flush=True)
       if step % eval_every == 0 or step == total_steps:
         summary = evaluate(logits_fn, dataset, num_classes, config)
         writer.write_scalars(step, {f'valid/{k}': float(summary[k])
                                     for k in ('mIoU', 'aAcc', 'mAcc')})
-        print(f'step {step}: validation mIoU {summary["mIoU"]:.4f} aAcc {summary["aAcc"]:.4f} '
-              f'mAcc {summary["mAcc"]:.4f}', flush=True)
+        if lead:
+          print(f'step {step}: validation mIoU {summary["mIoU"]:.4f} '
+                f'aAcc {summary["aAcc"]:.4f} mAcc {summary["mAcc"]:.4f}', flush=True)
       if step % ckpt_every == 0 or step == total_steps:
         checkpoints.save(mngr, step, state, metadata)
       writer.flush()

@@ -1,0 +1,151 @@
+"""Multi-process training through jax.distributed: real processes on localhost (gloo)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from projects import distributed
+from projects.cvt_segmentation import checkpoints
+from projects.cvt_segmentation.configs import synthetic_demo
+
+from . import trainer_support as support
+
+CONFIG = 'projects/cvt_segmentation/configs/synthetic_demo.py:runlocal'
+
+
+def _main(workdir, steps: int, *extra: str) -> list[str]:
+  return [sys.executable, '-m', 'projects.cvt_segmentation.main', f'--config={CONFIG}',
+          f'--workdir={workdir}', '--config.batch_size=8', f'--config.num_training_steps={steps}',
+          '--config.log_eval_steps=100', *extra]
+
+
+def _two_processes(workdir, steps: int, **popen) -> subprocess.Popen:
+  cmd = [sys.executable, '-m', 'projects.launch', '--num_processes', '2',
+         '--devices_per_process', '2', '--', *_main(workdir, steps)]
+  return subprocess.Popen(cmd, cwd=support.REPO, env=support.subprocess_env(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def _one_process(workdir, steps: int) -> str:
+  proc = subprocess.run(_main(workdir, steps), cwd=support.REPO, capture_output=True, text=True,
+                        timeout=600, env=support.subprocess_env(
+                            XLA_FLAGS='--xla_force_host_platform_device_count=4'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def _validation(stdout: str) -> str:
+  return re.findall(r'Final validation: .*', stdout)[-1]
+
+
+def _params(workdir):
+  _, variables = checkpoints.restore_for_inference(synthetic_demo.get_config('runlocal'), workdir)
+  return variables
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    # Gradients are summed across processes by gloo in another order than within one
+    # process; after Adam's normalisation that leaves float32 rounding differences.
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-4)
+
+
+def test_two_processes_train_as_one_and_their_checkpoint_restores_in_one(tmp_path):
+  two = _two_processes(tmp_path / 'two', 4)
+  out, err = two.communicate(timeout=600)
+  assert two.returncode == 0, err[-3000:]
+  # Process 0 alone prints; the other stays quiet.
+  assert out.count('Final validation') == 1 and out.count('step 4/4') == 1
+  one = _one_process(tmp_path / 'one', 4)
+  assert _validation(out) == _validation(one)
+  _assert_same(_params(tmp_path / 'two'), _params(tmp_path / 'one'))
+
+  # The 2-process checkpoint restores in a 1-process run, which continues to the
+  # parameters of a 1-process run that was never interrupted.
+  _one_process(tmp_path / 'two', 6)
+  _one_process(tmp_path / 'uninterrupted', 6)
+  assert checkpoints.latest_step(tmp_path / 'two') == 6
+  _assert_same(_params(tmp_path / 'two'), _params(tmp_path / 'uninterrupted'))
+
+
+@pytest.mark.parametrize('num_examples', [5, 8])
+def test_processes_evaluate_every_example_once(num_examples):
+  from projects.cvt_segmentation.data import EvalLoader, EvalTransform, SyntheticSegmentation
+
+  src = SyntheticSegmentation(num_classes=4, image_size=(8, 8), num_examples=num_examples,
+                              split='validation')
+  seen = []
+  for p in range(2):
+    loader = EvalLoader(src, EvalTransform(), batch_size=4, process_index=p, process_count=2)
+    for batch in loader.iterate():
+      seen += [img for img, real in zip(batch['inputs'], batch['batch_mask'], strict=True) if real]
+  whole = [b['inputs'][i] for b in EvalLoader(src, EvalTransform(), batch_size=4).iterate()
+           for i in np.flatnonzero(b['batch_mask'])]
+  assert len(seen) == num_examples
+  key = lambda x: x.tobytes()
+  assert sorted(map(key, seen)) == sorted(map(key, whole))
+
+
+def _children(pid: int) -> list[int]:
+  path = f'/proc/{pid}/task/{pid}/children'
+  with open(path) as f:
+    return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/task'), reason='needs /proc (Linux)')
+def test_a_killed_process_stops_the_run_and_a_restart_resumes(tmp_path):
+  workdir = tmp_path / 'run'
+  launcher = _two_processes(workdir, 400, start_new_session=True)
+  try:
+    deadline = time.monotonic() + 300
+    while checkpoints.latest_step(workdir) is None:
+      assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
+      time.sleep(1)
+    children = _children(launcher.pid)
+    assert len(children) == 2
+    os.kill(children[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, err = launcher.communicate(timeout=60)
+  finally:
+    if launcher.poll() is None:
+      os.killpg(launcher.pid, signal.SIGKILL)
+  assert time.monotonic() - killed_at < 30
+  assert launcher.returncode != 0
+  assert 'process 1 of 2 exited with code -9; stopping the others' in err
+  for pid in children:
+    assert not os.path.exists(f'/proc/{pid}') or open(f'/proc/{pid}/stat').read().split()[2] == 'Z'
+
+  saved = checkpoints.latest_step(workdir)
+  restart = _two_processes(workdir, saved + 2)
+  out, err = restart.communicate(timeout=600)
+  assert restart.returncode == 0, err[-3000:]
+  first = int(re.findall(r'step (\d+)/', out)[0])
+  assert first > saved  # resumed, not restarted from scratch
+  assert checkpoints.latest_step(workdir) == saved + 2
+
+
+@pytest.mark.parametrize('args, message', [
+    (dict(num_processes=2), 'needs --coordinator_address'),
+    (dict(coordinator_address='h:1', num_processes=2, process_id=2), r'not in \[0, 2\)'),
+    (dict(num_processes=0), 'must be >= 1'),
+])
+def test_bad_distributed_settings(args, message):
+  with pytest.raises(ValueError, match=message):
+    distributed.initialize(**args)
+
+
+def test_one_process_is_left_alone(monkeypatch):
+  monkeypatch.delenv('SLURM_NTASKS', raising=False)
+  monkeypatch.delenv('TPU_WORKER_HOSTNAMES', raising=False)
+  assert distributed.initialize() is False
+  assert distributed.initialize(num_processes=1) is False
+
