@@ -93,9 +93,3 @@ def quiet_library_logs() -> None:
 
   app.call_after_init(quiet)
 
-
-def model_config_dict(section: Any) -> dict[str, Any]:
-  """A config section (ConfigDict, mapping or None) as a plain dict."""
-  if section is None:
-    return {}
-  return dict(section.to_dict() if hasattr(section, 'to_dict') else section)

@@ -40,6 +40,7 @@ import heads
 from cvt_backbone import CvTBackbone, PretrainedBackboneInit, build_backbone, pretrained_settings
 from cvt_backbone.config import load_backbone_into_train_state
 from projects import scenic_compat
+from projects.cvt_segmentation import cli
 
 IGNORE_INDEX = 255
 
@@ -137,7 +138,7 @@ class SegmentationModel(scenic_compat.segmentation_model_base()):
     return int(self.dataset_meta_data['num_classes'])
 
   def _model_config(self, key: str) -> dict[str, Any]:
-    return scenic_compat.model_config_dict(self.config.model.get(key))
+    return cli.as_dict(self.config.model.get(key))
 
   # --- the flax model ---------------------------------------------------------
 

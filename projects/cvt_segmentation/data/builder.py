@@ -294,8 +294,9 @@ def _scenic_builder(name: str):
     del rng  # the data stream is keyed by shuffle_seed and the step
     if dataset_service_address:
       raise ValueError('tf.data service is not supported by the cvt_segmentation datasets')
-    configs = dataset_configs or {}
-    configs = dict(configs.to_dict() if hasattr(configs, 'to_dict') else configs)
+    from projects.cvt_segmentation.cli import as_dict
+
+    configs = as_dict(dataset_configs)
     configs.setdefault('pixel_batch_mask', True)
     # Scenic passes per-host sizes; the loaders take global ones and slice them per host.
     ds = get_dataset(
