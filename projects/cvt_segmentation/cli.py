@@ -66,7 +66,7 @@ def load_model(config: Any, checkpoint: str, model_loader: ModelLoader | None = 
   Args:
     config: the experiment config.
     checkpoint: checkpoint directory.
-    model_loader: replaces `checkpoints.restore_for_inference` (tests inject models).
+    model_loader: replaces `models.restore_for_inference` (tests inject models).
 
   Returns:
     `(flax_model, variables)`; `flax_model.apply(variables, images, train=False)` gives
@@ -76,7 +76,7 @@ def load_model(config: Any, checkpoint: str, model_loader: ModelLoader | None = 
     if not os.path.exists(checkpoint):
       raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
     # Imported here: the checkpoint module pulls in the trainer's dependencies.
-    from projects.cvt_segmentation.checkpoints import restore_for_inference
+    from projects.cvt_segmentation.models import restore_for_inference
 
     model_loader = restore_for_inference
   return model_loader(config, checkpoint)

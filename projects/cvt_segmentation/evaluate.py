@@ -165,7 +165,7 @@ def run_evaluation(
     max_examples: evaluate only the first examples (quick checks).
     num_threads: data loading threads.
     progress: show a progress bar.
-    model_loader: replaces `checkpoints.restore_for_inference`.
+    model_loader: replaces `models.restore_for_inference`.
     print_table: print the per-class table to stdout.
 
   Returns:

@@ -328,3 +328,11 @@ def register_with_scenic() -> list[str]:
 def default_model_config(name: str) -> ml_collections.ConfigDict:
   """`config.model` defaults of a registered model, for config files."""
   return get_model_cls(name).default_model_config()
+
+
+def restore_for_inference(config: Any, checkpoint: str, num_classes: int | None = None):
+  """`(flax_model, variables)` of a trained segmentation checkpoint (`projects.training`)."""
+  from projects.training import checkpoints
+
+  return checkpoints.restore_for_inference(
+      config, checkpoint, model_cls=get_model_cls(config.model_name), num_classes=num_classes)

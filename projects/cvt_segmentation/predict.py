@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | N
 
   Args:
     argv: arguments (default `sys.argv[1:]`).
-    model_loader: replaces `checkpoints.restore_for_inference` (tests inject models).
+    model_loader: replaces `models.restore_for_inference` (tests inject models).
 
   Returns:
     0 on success (skipped inputs are reported on stderr), 1 on an error or when no image

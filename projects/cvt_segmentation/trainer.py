@@ -1,228 +1,75 @@
-"""Segmentation fine-tuning trainer with Scenic's signature.
+"""Segmentation fine-tuning: the shared training loop with mIoU evaluation.
 
-`train(*, rng, config, model_cls, dataset, workdir, writer)`:
-- `jax.jit` over a mesh of every device with named shardings: batches split on
-  the 'data' axis, parameters and optimizer state replicated (data parallel;
-  multi-host after `jax.distributed.initialize()`, each process feeding its slice).
-  BatchNorm statistics are those of the global batch: under jit the mean over
-  the sharded batch axis is a cross-device reduction.
-- optax AdamW with warmup + poly decay, layer-wise lr decay, clipping,
-  accumulation (`optim.py`); bf16 compute and remat come from the model config.
-- periodic evaluation of mIoU/aAcc/mAcc on the validation split with the same
-  metric code as `evaluate.py`; orbax checkpoints every `checkpoint_steps` and
-  automatic resume from the latest; the batches and dropout keys of step s are
-  functions of (seed, s), so a resumed run repeats an uninterrupted one.
+`train(*, rng, config, model_cls, dataset, workdir, writer)` is Scenic's trainer signature;
+the loop itself (mesh, optimizer, checkpoints and exact resume, progress, writers) is
+`projects.training.loop`. This module adds what is particular to segmentation: the periodic
+evaluation of mIoU/aAcc/mAcc on the validation split with the same code and settings
+(`config.eval`: whole-image or sliding-window) as `evaluate.py`.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import time
-from collections.abc import Iterator
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from projects.cvt_segmentation import checkpoints, optim
 from projects.cvt_segmentation import metrics as metrics_lib
-
-log = logging.getLogger(__name__)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...}
-  opt_state: Any
-  rng: jax.Array
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, flax_model: Any, loss_fn: Any,
-               tx: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer micro-step on a global batch."""
-  dropout_rng = jax.random.fold_in(state.rng, state.step)
-
-  def compute_loss(params):
-    outputs, mutated = flax_model.apply(
-        {**state.variables, 'params': params}, batch['inputs'], train=True,
-        mutable=['batch_stats'], rngs={'dropout': dropout_rng})
-    return loss_fn(outputs, batch), mutated
-
-  params = state.variables['params']
-  (loss, mutated), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
-  updates, opt_state = tx.update(grads, state.opt_state, params)
-  params = optax.apply_updates(params, updates)
-  variables = {**state.variables, **mutated, 'params': params}
-  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-             'learning_rate': schedule(_update_count(opt_state, state.step))}
-  return state.replace(step=state.step + 1, variables=variables, opt_state=opt_state), metrics
-
-
-def _update_count(opt_state: Any, step: jax.Array) -> jax.Array:
-  """The optimizer-update count (differs from the step with gradient accumulation)."""
-  if isinstance(opt_state, optax.MultiStepsState):
-    return opt_state.gradient_step
-  return step
+from projects.training import loop
 
 
 def eval_logits(variables: dict[str, Any], images: jax.Array, *, flax_model: Any) -> jax.Array:
   return flax_model.apply(variables, images, train=False)['logits']
 
 
-def _put(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Process-local numpy batch -> global arrays sharded over the 'data' axis."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+class SegmentationEvaluation:
+  """mIoU, aAcc, mAcc over one pass of the validation split (exact, full resolution)."""
 
+  scalars = ('mIoU', 'aAcc', 'mAcc')
 
-def _train_batches(dataset: Any, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-  meta = dataset.meta_data
-  if meta.get('train_start_step', 0) == start_step:
-    return dataset.train_iter
-  if 'train_loader' not in meta:
-    raise ValueError(
-        f'Resuming at step {start_step}, but the dataset iterator starts at step '
-        f'{meta.get("train_start_step", 0)} and has no train_loader to restart it.')
-  return meta['train_loader'].iterate(start_step)
+  def __init__(self, flax_model: Any, dataset: Any, num_classes: int, config: Any):
+    from projects.cvt_segmentation import cli
 
+    self.dataset = dataset
+    self.num_classes = num_classes
+    # config.eval read exactly as `evaluate.py` reads it.
+    self.infer_kwargs = cli.inference_settings(config).infer_kwargs()
+    # Built once: one compiled program per input shape for the whole run.
+    self.logits_jit = jax.jit(functools.partial(eval_logits, flax_model=flax_model))
 
-def evaluate(logits_fn: Any, dataset: Any, num_classes: int, config: Any) -> dict[str, Any]:
-  """mIoU, aAcc, mAcc over one pass of the validation split (exact, full resolution).
+  def __call__(self, variables: dict[str, Any]) -> dict[str, Any]:
+    from projects.cvt_segmentation import inference
 
-  The same code and settings (`config.eval`: whole-image or sliding-window) as `evaluate.py`.
-  """
-  from projects.cvt_segmentation import cli, inference
+    meta = self.dataset.meta_data
+    if 'eval_loader' in meta:
+      batches = meta['eval_loader'].iterate()
+    else:
+      batches = (next(self.dataset.valid_iter) for _ in range(meta['num_eval_batches']))
+    confusion = inference.evaluate_dataset(
+        functools.partial(self.logits_jit, variables), batches, self.num_classes,
+        **self.infer_kwargs)
+    if jax.process_count() > 1:
+      # Each process scored its own slice of the split.
+      from jax.experimental import multihost_utils
 
-  meta = dataset.meta_data
-  if 'eval_loader' in meta:
-    batches = meta['eval_loader'].iterate()
-  else:
-    batches = (next(dataset.valid_iter) for _ in range(meta['num_eval_batches']))
-  # config.eval read exactly as `evaluate.py` reads it.
-  kwargs = cli.inference_settings(config).infer_kwargs()
-  confusion = inference.evaluate_dataset(logits_fn, batches, num_classes, **kwargs)
-  if jax.process_count() > 1:
-    # Each process scored its own slice of the split.
-    from jax.experimental import multihost_utils
+      confusion = np.asarray(multihost_utils.process_allgather(confusion)).sum(0)
+    return {'confusion': confusion, **metrics_lib.segmentation_metrics(confusion)}
 
-    confusion = np.asarray(multihost_utils.process_allgather(confusion)).sum(0)
-  return {'confusion': confusion, **metrics_lib.segmentation_metrics(confusion)}
-
-
-def _progress(step: int, total: int, start_step: int, started: float,
-              metrics: dict[str, float]) -> str:
-  elapsed = time.perf_counter() - started
-  rate = (step - start_step) / max(elapsed, 1e-9)
-  eta = (total - step) / max(rate, 1e-9)
-  values = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
-  hours, rest = divmod(int(eta), 3600)
-  return (f'step {step}/{total} | {rate:.2f} steps/s | ETA {hours}:{rest // 60:02d}:{rest % 60:02d}'
-          f' | {values}')
+  def describe(self, summary: dict[str, Any]) -> str:
+    return (f'mIoU {summary["mIoU"]:.4f} aAcc {summary["aAcc"]:.4f} '
+            f'mAcc {summary["mAcc"]:.4f}')
 
 
 def train(*, rng: jax.Array, config: Any, model_cls: Any, dataset: Any, workdir: str,
-          writer: Any) -> tuple[TrainState, dict[str, Any]]:
+          writer: Any) -> tuple[loop.TrainState, dict[str, Any]]:
   """Trains `model_cls(config, dataset.meta_data)`; Scenic's trainer signature.
 
   Returns:
     The final state and the last evaluation summary.
   """
-  meta = dataset.meta_data
-  model = model_cls(config, meta)
-  flax_model = model.flax_model
-  num_classes = int(meta['num_classes'])
-  total_steps = int(config.num_training_steps)
-
-  # Auto axes: XLA propagates the batch sharding through the model (GSPMD).
-  mesh = jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  replicated = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P('data'))
-  if config.batch_size % jax.device_count():
-    raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
-                     f'{jax.device_count()} devices.')
-
-  init_rng, train_rng = jax.random.split(rng)
-  variables = model.init_variables(init_rng, tuple(meta['input_shape']))
-  depths = flax_model.backbone.resolved_spec.depths
-  tx, schedule = optim.make_optimizer(config, variables['params'], depths, total_steps)
-  state = TrainState(step=jnp.asarray(0, jnp.int32), variables=variables,
-                     opt_state=tx.init(variables['params']), rng=train_rng)
-  state = jax.device_put(state, replicated)
-
-  metadata = checkpoints.model_metadata(config, num_classes)
-  mngr = checkpoints.manager(workdir, max_to_keep=config.get('max_checkpoints_to_keep', 3))
-  start_step = mngr.latest_step() or 0
-  if start_step:
-    log.info('Resuming from the checkpoint of step %d in %s', start_step, workdir)
-    abstract = jax.tree.map(ocp_abstract(replicated), state)
-    state = checkpoints.restore(mngr, start_step, abstract, metadata)
-
-  step_fn = jax.jit(
-      functools.partial(train_step, flax_model=flax_model, loss_fn=model.loss_function, tx=tx,
-                        schedule=schedule),
-      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
-      donate_argnums=(0,))
-  logits_jit = jax.jit(functools.partial(eval_logits, flax_model=flax_model))
-
-  def logits_fn(images):
-    variables = state.variables
-    if jax.process_count() > 1:
-      # Each process scores its own slice of the split: a local copy of the replicated
-      # variables, on a local device.
-      variables = jax.tree.map(lambda x: x.addressable_data(0), variables)
-    return logits_jit(variables, images)
-
-  lead = jax.process_index() == 0  # prints once, not once per process
-  log_every = int(config.get('log_summary_steps', 50))
-  eval_every = int(config.get('log_eval_steps', 0)) or total_steps
-  ckpt_every = int(config.get('checkpoint_steps', 0)) or total_steps
-  batches = _train_batches(dataset, start_step)
-  started = time.perf_counter()
-  summary: dict[str, Any] = {}
-  pending: list[dict[str, jax.Array]] = []
-  try:
-    for step in range(start_step + 1, total_steps + 1):
-      state, step_metrics = step_fn(state, _put(next(batches), data_sharding))
-      pending.append(step_metrics)
-      if step % log_every == 0 or step == total_steps:
-        # One host transfer per summary, not per step.
-        host = jax.device_get(pending)
-        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        pending = []
-        writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
-        if lead:
-          print(_progress(step, total_steps, start_step, started, scalars), flush=True)
-      if step % eval_every == 0 or step == total_steps:
-        summary = evaluate(logits_fn, dataset, num_classes, config)
-        writer.write_scalars(step, {f'valid/{k}': float(summary[k])
-                                    for k in ('mIoU', 'aAcc', 'mAcc')})
-        if lead:
-          print(f'step {step}: validation mIoU {summary["mIoU"]:.4f} '
-                f'aAcc {summary["aAcc"]:.4f} mAcc {summary["mAcc"]:.4f}', flush=True)
-      if step % ckpt_every == 0 or step == total_steps:
-        checkpoints.save(mngr, step, state, metadata)
-      writer.flush()
-  finally:
-    # Never exit with a checkpoint half-written by the async saver.
-    mngr.wait_until_finished()
-    mngr.close()
-  return state, summary
-
-
-def ocp_abstract(sharding: NamedSharding):
-  """Leaf -> ShapeDtypeStruct with `sharding`, the target orbax restores into."""
-
-  def to_abstract(leaf):
-    leaf = jnp.asarray(leaf)
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-  return to_abstract
+  model = model_cls(config, dataset.meta_data)
+  evaluation = SegmentationEvaluation(model.flax_model, dataset,
+                                      int(dataset.meta_data['num_classes']), config)
+  return loop.train(rng=rng, config=config, model=model, dataset=dataset, workdir=workdir,
+                    writer=writer, evaluation=evaluation)

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from projects import distributed
-from projects.cvt_segmentation import checkpoints
+from projects.cvt_segmentation import models
 from projects.cvt_segmentation.configs import synthetic_demo
+from projects.training import checkpoints
 
 from . import trainer_support as support
 
@@ -50,7 +51,7 @@ def _validation(stdout: str) -> str:
 
 
 def _params(workdir):
-  _, variables = checkpoints.restore_for_inference(synthetic_demo.get_config('runlocal'), workdir)
+  _, variables = models.restore_for_inference(synthetic_demo.get_config('runlocal'), workdir)
   return variables
 
 

@@ -12,15 +12,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from projects.cvt_segmentation import checkpoints, models
+from projects.cvt_segmentation import models
 from projects.cvt_segmentation.configs import synthetic_demo
+from projects.training import checkpoints
 from tests.scenic_support import requires_scenic
 
 from . import trainer_support as support
 
 
 def _final_variables(config, workdir):
-  _, variables = checkpoints.restore_for_inference(config, workdir)
+  _, variables = models.restore_for_inference(config, workdir)
   return variables
 
 
@@ -92,11 +93,11 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
   with pytest.raises(checkpoints.CheckpointMismatchError, match='cvt_upernet.*cvt_segformer'):
     support.run_training(other, tmp_path)
   with pytest.raises(checkpoints.CheckpointMismatchError, match='model_name'):
-    checkpoints.restore_for_inference(other, tmp_path)
+    models.restore_for_inference(other, tmp_path)
   # Evaluation needs the checkpoint only, not the pretrained file the training started from.
   with config.unlocked():
     config.model.backbone.pretrained = str(tmp_path / 'gone.msgpack')
-  _, variables = checkpoints.restore_for_inference(config, tmp_path)
+  _, variables = models.restore_for_inference(config, tmp_path)
   assert 'decode_head' in variables['params']
 
 

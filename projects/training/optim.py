@@ -1,6 +1,7 @@
-"""The fine-tuning optimizer users of mmsegmentation expect, in optax.
+"""The fine-tuning optimizer users of mmsegmentation and mmdetection expect, in optax.
 
-AdamW with linear warmup then poly decay; no weight decay on norms, biases and
+AdamW with linear warmup then poly decay (mmseg) or step decay at given steps (mmdet's 1x
+`MultiStepLR`); no weight decay on norms, biases and
 the cls token; layer-wise learning-rate decay over the backbone (BEiT/Swin
 style: the deepest block gets the base rate, each earlier one `decay` times
 less); a learning-rate multiplier for the heads; gradient clipping; gradient
@@ -33,6 +34,24 @@ def warmup_poly_schedule(base_lr: float, total_steps: int, warmup_steps: int = 1
     progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
     poly = (base_lr - min_lr) * (1 - progress)**power + min_lr
     return jnp.where(step < warmup_steps, warm, poly)
+
+  return schedule
+
+
+def warmup_step_schedule(base_lr: float, decay_steps: tuple[int, ...], decay_factor: float = 0.1,
+                         warmup_steps: int = 500, warmup_ratio: float = 1e-3) -> optax.Schedule:
+  """mmdet's 1x schedule: `LinearLR` warmup, then the rate times `decay_factor` at each step.
+
+  mmdet `schedule_1x.py`: warmup over 500 iterations from 0.001 of the rate, then
+  `MultiStepLR(milestones=[8, 11], gamma=0.1)` over 12 epochs; here milestones are steps.
+  """
+  boundaries = tuple(sorted(int(s) for s in decay_steps))
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = warmup_ratio + (1 - warmup_ratio) * step / max(warmup_steps, 1)
+    decays = sum((step >= b).astype(jnp.float32) for b in boundaries) if boundaries else 0.0
+    return base_lr * jnp.where(step < warmup_steps, warm, 1.0) * decay_factor**decays
 
   return schedule
 
@@ -106,14 +125,22 @@ def make_optimizer(config: Any, params: Mapping[str, Any], depths: tuple[int, ..
   """The optimizer of `config.optimizer` and its learning-rate schedule.
 
   `config.optimizer`: base_lr, weight_decay, b1, b2, warmup_steps, warmup_ratio,
-  power, min_lr, layer_decay, head_lr_mult, grad_clip_norm (0: off),
+  schedule ('poly', the default: power, min_lr; or 'step': decay_steps, decay_factor,
+  counted in optimizer updates), layer_decay, head_lr_mult, grad_clip_norm (0: off),
   accumulation_steps.
   """
   opt = config.optimizer
   # With accumulation, `total_steps` counts micro-batches; the schedule counts updates.
   updates = max(total_steps // max(opt.accumulation_steps, 1), 1)
-  schedule = warmup_poly_schedule(opt.base_lr, updates, opt.warmup_steps, opt.warmup_ratio,
-                                  opt.power, opt.min_lr)
+  kind = opt.get('schedule', 'poly')
+  if kind == 'poly':
+    schedule = warmup_poly_schedule(opt.base_lr, updates, opt.warmup_steps, opt.warmup_ratio,
+                                    opt.power, opt.min_lr)
+  elif kind == 'step':
+    schedule = warmup_step_schedule(opt.base_lr, tuple(opt.decay_steps), opt.decay_factor,
+                                    opt.warmup_steps, opt.warmup_ratio)
+  else:
+    raise ValueError(f"config.optimizer.schedule must be 'poly' or 'step', got {kind!r}.")
   multipliers = lr_multipliers(params, depths=depths, layer_decay=opt.layer_decay,
                                head_lr_mult=opt.head_lr_mult)
   parts = []

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from projects.cvt_segmentation import optim
 from projects.cvt_segmentation.configs import common
+from projects.training import optim
 
 
 def _params():
@@ -85,3 +85,20 @@ def test_config_optimizer_is_complete():
   tx, schedule = optim.make_optimizer(config, _params(), (1, 2, 1), total_steps=10_000)
   assert float(schedule(config.optimizer.warmup_steps)) == pytest.approx(
       config.optimizer.base_lr)
+
+
+def test_warmup_then_step_decay_as_mmdet_1x():
+  schedule = optim.warmup_step_schedule(1e-4, decay_steps=(80, 110), decay_factor=0.1,
+                                        warmup_steps=10, warmup_ratio=1e-3)
+  np.testing.assert_allclose(schedule(0), 1e-7, rtol=1e-5)
+  np.testing.assert_allclose(schedule(5), 1e-4 * (1e-3 + (1 - 1e-3) * 0.5), rtol=1e-5)
+  np.testing.assert_allclose([schedule(s) for s in (10, 79, 80, 109, 110, 119)],
+                             [1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6], rtol=1e-5)
+
+
+def test_unknown_schedule_is_an_error():
+  config = common.base_config('cvt_upernet', 'synthetic')
+  with config.unlocked():
+    config.optimizer.schedule = 'cosine'
+  with pytest.raises(ValueError, match="'poly' or 'step'"):
+    optim.make_optimizer(config, _params(), (1, 2, 1), 100)

@@ -100,20 +100,21 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
   return state
 
 
-def restore_for_inference(config: Any, checkpoint: str | os.PathLike,
+def restore_for_inference(config: Any, checkpoint: str | os.PathLike, *, model_cls: Any,
                           num_classes: int | None = None) -> tuple[Any, dict[str, Any]]:
   """The flax model of `config` and its trained variables, for `apply(v, x, train=False)`.
 
   Args:
     config: the training config (`config.model_name`, `config.model`, dataset).
     checkpoint: a workdir, its `checkpoints` folder, or one step folder in it.
+    model_cls: the project's model class for `config.model_name`, built as
+      `model_cls(config, {'num_classes': K})` with a `flax_model` whose `pretrained`
+      field names the backbone file `init` would load.
     num_classes: the class count; by default the checkpoint's.
 
   Returns:
     (flax_model, {'params': ..., 'batch_stats': ...}).
   """
-  from projects.cvt_segmentation import models
-
   path = Path(checkpoint).absolute()
   step = None
   if path.name.isdigit() and (path / 'state').exists():
@@ -129,7 +130,7 @@ def restore_for_inference(config: Any, checkpoint: str | os.PathLike,
     saved = _saved_metadata(mngr, step)
     classes = num_classes or saved.get('num_classes')
     _check_metadata(saved, model_metadata(config, classes), path / str(step))
-    model = models.get_model_cls(config.model_name)(config, {'num_classes': classes})
+    model = model_cls(config, {'num_classes': classes})
     # The checkpoint holds every weight: the backbone's pretrained file (which `init`
     # would read) is neither needed nor required to exist here.
     flax_model = model.flax_model.clone(pretrained='')

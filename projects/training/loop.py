@@ -1,0 +1,227 @@
+"""The training loop both projects run, with Scenic's trainer signature.
+
+`train(*, rng, config, model, dataset, workdir, writer, evaluation)`:
+- `jax.jit` over a mesh of every device with named shardings: batches split on
+  the 'data' axis, parameters and optimizer state replicated (data parallel;
+  multi-host after `jax.distributed.initialize()`, each process feeding its slice).
+  BatchNorm statistics are those of the global batch: under jit the mean over
+  the sharded batch axis is a cross-device reduction.
+- optax AdamW with warmup and poly or step decay, layer-wise lr decay, clipping,
+  accumulation (`optim.py`); bf16 compute and remat come from the model config.
+- periodic evaluation by the project's `Evaluation` (mIoU for segmentation, COCO AP for
+  detection) with the same code as its `evaluate` tool; orbax checkpoints every
+  `checkpoint_steps` and automatic resume from the latest; the batches and dropout keys
+  of step s are functions of (seed, s), so a resumed run repeats an uninterrupted one.
+
+What a project provides: a model object (`flax_model`, `init_variables(rng, input_shape)`,
+`loss_function(outputs, batch)` or `loss_and_metrics(outputs, batch) -> (loss, {name:
+scalar})`), a dataset (`meta_data` with `input_shape`, `num_classes`, and `train_loader` to
+restart the stream at a step), and an `Evaluation`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from projects.training import checkpoints, optim
+
+log = logging.getLogger(__name__)
+
+
+class Evaluation(Protocol):
+  """A project's periodic evaluation, run on process-local copies of the variables.
+
+  `__call__(variables)` scores the validation split and returns a summary dict;
+  `scalars` names its entries written to TensorBoard as `valid/<name>`; `describe(summary)`
+  is the one-line report printed after `step N: validation `.
+  """
+
+  scalars: Sequence[str]
+
+  def __call__(self, variables: dict[str, Any]) -> dict[str, Any]: ...
+
+  def describe(self, summary: dict[str, Any]) -> str: ...
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...}
+  opt_state: Any
+  rng: jax.Array
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, flax_model: Any, loss_fn: Any,
+               tx: optax.GradientTransformation,
+               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer micro-step on a global batch.
+
+  `loss_fn(outputs, batch)` returns the loss, or `(loss, {name: scalar})` whose entries are
+  logged next to it (e.g. the parts of a detection loss).
+  """
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def compute_loss(params):
+    outputs, mutated = flax_model.apply(
+        {**state.variables, 'params': params}, batch['inputs'], train=True,
+        mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+    loss = loss_fn(outputs, batch)
+    loss, parts = loss if isinstance(loss, tuple) else (loss, {})
+    return loss, (mutated, parts)
+
+  params = state.variables['params']
+  (loss, (mutated, parts)), grads = jax.value_and_grad(compute_loss, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, state.opt_state, params)
+  params = optax.apply_updates(params, updates)
+  variables = {**state.variables, **mutated, 'params': params}
+  metrics = {'loss': loss, **parts, 'grad_norm': optax.global_norm(grads),
+             'learning_rate': schedule(_update_count(opt_state, state.step))}
+  return state.replace(step=state.step + 1, variables=variables, opt_state=opt_state), metrics
+
+
+def _update_count(opt_state: Any, step: jax.Array) -> jax.Array:
+  """The optimizer-update count (differs from the step with gradient accumulation)."""
+  if isinstance(opt_state, optax.MultiStepsState):
+    return opt_state.gradient_step
+  return step
+
+
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global arrays sharded over the 'data' axis."""
+  return jax.tree.map(
+      lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), batch)
+
+
+def local_variables(variables: Any) -> Any:
+  """Process-local copies of replicated variables (each process scores its own slice)."""
+  if jax.process_count() == 1:
+    return variables
+  return jax.tree.map(lambda x: x.addressable_data(0), variables)
+
+
+def _train_batches(dataset: Any, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+  meta = dataset.meta_data
+  if meta.get('train_start_step', 0) == start_step:
+    return dataset.train_iter
+  if 'train_loader' not in meta:
+    raise ValueError(
+        f'Resuming at step {start_step}, but the dataset iterator starts at step '
+        f'{meta.get("train_start_step", 0)} and has no train_loader to restart it.')
+  return meta['train_loader'].iterate(start_step)
+
+
+def progress_line(step: int, total: int, start_step: int, started: float,
+                  metrics: dict[str, float]) -> str:
+  """`step 50/500 | 1.23 steps/s | ETA 0:06:05 | loss=... ...`."""
+  elapsed = time.perf_counter() - started
+  rate = (step - start_step) / max(elapsed, 1e-9)
+  eta = (total - step) / max(rate, 1e-9)
+  values = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
+  hours, rest = divmod(int(eta), 3600)
+  return (f'step {step}/{total} | {rate:.2f} steps/s | ETA {hours}:{rest // 60:02d}:{rest % 60:02d}'
+          f' | {values}')
+
+
+def _loss_fn(model: Any) -> Any:
+  return getattr(model, 'loss_and_metrics', None) or model.loss_function
+
+
+def train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: str, writer: Any,
+          evaluation: Evaluation) -> tuple[TrainState, dict[str, Any]]:
+  """Trains `model` on `dataset` as `config` says, evaluating with `evaluation`.
+
+  Returns:
+    The final state and the last evaluation summary.
+  """
+  meta = dataset.meta_data
+  flax_model = model.flax_model
+  num_classes = int(meta['num_classes'])
+  total_steps = int(config.num_training_steps)
+
+  # Auto axes: XLA propagates the batch sharding through the model (GSPMD).
+  mesh = jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P('data'))
+  if config.batch_size % jax.device_count():
+    raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
+                     f'{jax.device_count()} devices.')
+
+  init_rng, train_rng = jax.random.split(rng)
+  variables = model.init_variables(init_rng, tuple(meta['input_shape']))
+  depths = flax_model.backbone.resolved_spec.depths
+  tx, schedule = optim.make_optimizer(config, variables['params'], depths, total_steps)
+  state = TrainState(step=jnp.asarray(0, jnp.int32), variables=variables,
+                     opt_state=tx.init(variables['params']), rng=train_rng)
+  state = jax.device_put(state, replicated)
+
+  metadata = checkpoints.model_metadata(config, num_classes)
+  mngr = checkpoints.manager(workdir, max_to_keep=config.get('max_checkpoints_to_keep', 3))
+  start_step = mngr.latest_step() or 0
+  if start_step:
+    log.info('Resuming from the checkpoint of step %d in %s', start_step, workdir)
+    abstract = jax.tree.map(ocp_abstract(replicated), state)
+    state = checkpoints.restore(mngr, start_step, abstract, metadata)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, flax_model=flax_model, loss_fn=_loss_fn(model), tx=tx,
+                        schedule=schedule),
+      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
+      donate_argnums=(0,))
+
+  lead = jax.process_index() == 0  # prints once, not once per process
+  log_every = int(config.get('log_summary_steps', 50))
+  eval_every = int(config.get('log_eval_steps', 0)) or total_steps
+  ckpt_every = int(config.get('checkpoint_steps', 0)) or total_steps
+  batches = _train_batches(dataset, start_step)
+  started = time.perf_counter()
+  summary: dict[str, Any] = {}
+  pending: list[dict[str, jax.Array]] = []
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      state, step_metrics = step_fn(state, put_batch(next(batches), data_sharding))
+      pending.append(step_metrics)
+      if step % log_every == 0 or step == total_steps:
+        # One host transfer per summary, not per step.
+        host = jax.device_get(pending)
+        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        pending = []
+        writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
+        if lead:
+          print(progress_line(step, total_steps, start_step, started, scalars), flush=True)
+      if step % eval_every == 0 or step == total_steps:
+        summary = evaluation(local_variables(state.variables))
+        writer.write_scalars(step, {f'valid/{k}': float(summary[k])
+                                    for k in evaluation.scalars})
+        if lead:
+          print(f'step {step}: validation {evaluation.describe(summary)}', flush=True)
+      if step % ckpt_every == 0 or step == total_steps:
+        checkpoints.save(mngr, step, state, metadata)
+      writer.flush()
+  finally:
+    # Never exit with a checkpoint half-written by the async saver.
+    mngr.wait_until_finished()
+    mngr.close()
+  return state, summary
+
+
+def ocp_abstract(sharding: NamedSharding):
+  """Leaf -> ShapeDtypeStruct with `sharding`, the target orbax restores into."""
+
+  def to_abstract(leaf):
+    leaf = jnp.asarray(leaf)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+  return to_abstract
