@@ -248,3 +248,36 @@ class PretrainedBackboneInit:
         flax_core.unfreeze(variables), self.pretrained, self.backbone, path=self.BACKBONE_PATH,
         keep_cls_token=getattr(self, 'keep_cls_token', True))
     return flax_core.freeze(loaded) if isinstance(variables, flax_core.FrozenDict) else loaded
+
+  @nn.nowrap
+  def load_into_train_state(self, train_state: Any, restored_train_state: Any = None) -> Any:
+    """Scenic's `init_from_train_state` hook: `train_state` with its backbone loaded.
+
+    Args:
+      train_state: a Scenic `TrainState` (`params`, `model_state`) of this module.
+      restored_train_state: a restored Scenic `TrainState` whose params hold a CvT backbone:
+        this module's (`params['backbone']`), a `CvTBackbone`'s or a `CvT` classifier's.
+        None: load `self.pretrained` instead.
+
+    Returns:
+      `train_state` with the backbone's params and batch statistics replaced, checked
+      strictly (variant and every shape); unchanged when there is nothing to load.
+
+    Raises:
+      FileNotFoundError: `pretrained` is set but no such file exists.
+      CheckpointMismatchError: weights of another variant or shape.
+    """
+    if restored_train_state is None:
+      source = getattr(self, 'pretrained', '')
+      if not source:
+        return train_state
+    else:
+      params = restored_train_state.params
+      state = dict(restored_train_state.model_state or {})
+      if 'backbone' in params:
+        params = params['backbone']
+        state = {k: v['backbone'] for k, v in state.items() if 'backbone' in v}
+      source = {'params': params, **state}
+    return load_backbone_into_train_state(train_state, source, self.backbone,
+                                          path=self.BACKBONE_PATH,
+                                          keep_cls_token=getattr(self, 'keep_cls_token', True))

@@ -5,10 +5,16 @@ levels; decode heads (`SemanticFPNHead`, `UPerNetHead`, `FCNHead`, `SegFormerHea
 `LinearHead`) return `[N, h, w, K]` logits at their finest input's resolution; `Segmentor` ties
 a backbone, neck and heads together and returns logits at the input size. `build_head` builds
 heads from names or config dicts.
+
+Detection: `Detector` ties a backbone, the P3-P7 neck of `detection_fpn` and an `ATSSHead`
+(FCOS/ATSS family) and returns per-point predictions; `atss` assigns targets with static
+shapes, `detection_losses` holds the focal, GIoU and centerness losses, `nms` the jit
+post-processing, `boxes` the box utilities.
 """
 
 from heads.checkpoint import merge_variables, torch_to_flax
 from heads.conv_module import NORMS, ConvModule
+from heads.detection import ATSSHead, Detector, detection_fpn, flatten_levels, split_levels
 from heads.features import feature_kwargs, select_features
 from heads.fpn import FPN
 from heads.linear import LinearHead
@@ -20,6 +26,8 @@ from heads.semantic_fpn import SemanticFPNHead
 from heads.upernet import FCNHead, UPerNetHead, convert_hf_fcn_head, convert_hf_upernet_head
 
 __all__ = [
+    'ATSSHead',
+    'Detector',
     'FPN',
     'HEADS',
     'NORMS',
@@ -35,11 +43,14 @@ __all__ = [
     'convert_hf_fcn_head',
     'convert_hf_segformer_head',
     'convert_hf_upernet_head',
+    'detection_fpn',
     'feature_kwargs',
+    'flatten_levels',
     'merge_variables',
     'register_head',
     'resize_bilinear',
     'resize_nearest',
     'select_features',
+    'split_levels',
     'torch_to_flax',
 ]

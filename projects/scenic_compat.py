@@ -38,6 +38,15 @@ def segmentation_model_base() -> type:
   return SegmentationModel
 
 
+def base_model_class() -> type:
+  """Scenic's `BaseModel` when Scenic is importable, else `object`."""
+  if not scenic_available():
+    return object
+  from scenic.model_lib.base_models.base_model import BaseModel
+
+  return BaseModel
+
+
 def psum_metrics(metrics: Mapping[str, tuple[Any, Any]],
                  axis_name: str | None) -> dict[str, tuple[Any, Any]]:
   """`{name: (sum, normalizer)}` summed over `axis_name` (Scenic's `psum_metric_normalizer`).

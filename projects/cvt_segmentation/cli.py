@@ -13,37 +13,16 @@ import argparse
 import dataclasses
 import importlib.util
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from projects.cvt_segmentation.inference import DEFAULT_MIN_SIZE, MODES
+from projects.training.configs import as_dict, config_get
 
 # `model_loader(config, checkpoint_dir) -> (flax_model, variables)`.
 ModelLoader = Callable[[Any, str], tuple[Any, Any]]
 # Classes of the datasets whose size the config does not spell out.
 _DATASET_NUM_CLASSES = {'ade20k': 150, 'cityscapes': 19}
-
-
-def config_get(config: Any, key: str, default: Any = None) -> Any:
-  """`config.key` for a ConfigDict, dict or object; `default` when absent or None."""
-  if config is None:
-    return default
-  if isinstance(config, Mapping):
-    value = config.get(key, default)
-  elif hasattr(config, 'get'):  # ConfigDict, also when locked
-    value = config.get(key, default)
-  else:
-    value = getattr(config, key, default)
-  return default if value is None else value
-
-
-def as_dict(config: Any) -> dict:
-  """A ConfigDict or mapping as a plain dict (None -> {})."""
-  if config is None:
-    return {}
-  if hasattr(config, 'to_dict'):
-    return config.to_dict()
-  return dict(config)
 
 
 def load_config(spec: str) -> Any:

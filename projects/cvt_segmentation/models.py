@@ -38,17 +38,11 @@ import optax
 
 import heads
 from cvt_backbone import CvTBackbone, PretrainedBackboneInit, build_backbone, pretrained_settings
-from cvt_backbone.config import load_backbone_into_train_state
 from projects import scenic_compat
 from projects.cvt_segmentation import cli
+from projects.training.configs import backbone_config
 
 IGNORE_INDEX = 255
-
-
-def _backbone_defaults() -> dict[str, Any]:
-  return dict(variant='cvt-13', pretrained='', keep_cls_token=True, drop_path_rate=0.1,
-              frozen_stages=0, norm_eval=False, attention='auto', attention_chunk_size=None,
-              remat=False, dtype='float32', activation='quick_gelu', out_norm=False)
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, batch_mask: jax.Array | None = None,
@@ -119,15 +113,13 @@ class SegmentationModel(scenic_compat.segmentation_model_base()):
   @classmethod
   def default_model_config(cls) -> ml_collections.ConfigDict:
     """The `config.model` of this model with every default (one place for them)."""
-    model = {'backbone': _backbone_defaults(), 'decode_head': dict(cls.DECODE_HEAD_DEFAULTS)}
+    model = {'decode_head': dict(cls.DECODE_HEAD_DEFAULTS)}
     if cls.NECK:
       model['neck'] = dict(cls.NECK_DEFAULTS)
     if cls.AUXILIARY_HEAD:
       model['auxiliary_head'] = dict(cls.AUXILIARY_HEAD_DEFAULTS)
     config = ml_collections.ConfigDict(model)
-    # Optional settings must accept a value later although their default is None.
-    config.backbone.attention_chunk_size = ml_collections.config_dict.placeholder(int)
-    config.backbone.bn_axis_name = ml_collections.config_dict.placeholder(str)
+    config.backbone = backbone_config()
     return config
 
   def default_flax_model_config(self) -> ml_collections.ConfigDict:
@@ -195,21 +187,7 @@ class SegmentationModel(scenic_compat.segmentation_model_base()):
       CheckpointMismatchError: weights of another variant or shape.
     """
     del restored_model_cfg
-    backbone = self.flax_model.backbone
-    _, keep_cls_token = pretrained_settings(self._model_config('backbone'))
-    if restored_train_state is None:
-      source = self.flax_model.pretrained
-      if not source:
-        return train_state
-    else:
-      params = restored_train_state.params
-      state = dict(restored_train_state.model_state or {})
-      if 'backbone' in params:
-        params = params['backbone']
-        state = {k: v['backbone'] for k, v in state.items() if 'backbone' in v}
-      source = {'params': params, **state}
-    return load_backbone_into_train_state(train_state, source, backbone,
-                                          keep_cls_token=keep_cls_token)
+    return self.flax_model.load_into_train_state(train_state, restored_train_state)
 
   # --- loss and metrics -------------------------------------------------------
 

@@ -12,28 +12,9 @@ from typing import Any
 import ml_collections
 
 from projects.cvt_segmentation import models
+from projects.training.configs import parse_arg
 
-
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """Parses big_vision-style arguments: 'variant=21,runlocal' -> {variant: '21', runlocal: True}.
-
-  Only keys present in `defaults` are accepted; values take the type of their default.
-  """
-  parsed = dict(defaults)
-  for item in filter(None, (arg or '').split(',')):
-    key, eq, value = item.partition('=')
-    if key not in defaults:
-      raise ValueError(f'Unknown config argument {key!r}; expected one of {sorted(defaults)}.')
-    default = defaults[key]
-    if not eq:
-      parsed[key] = True
-    elif isinstance(default, bool):
-      parsed[key] = value.lower() in ('1', 'true', 'yes')
-    elif default is not None:
-      parsed[key] = type(default)(value)
-    else:
-      parsed[key] = value
-  return ml_collections.ConfigDict(parsed)
+__all__ = ['apply_runlocal', 'base_config', 'mmseg_dataset_configs', 'parse_arg']
 
 
 def base_config(model_name: str, dataset_name: str) -> ml_collections.ConfigDict:

@@ -10,9 +10,6 @@ is installed.
 
 from __future__ import annotations
 
-import collections
-import logging
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -21,10 +18,9 @@ from projects.cvt_segmentation.data import folders
 from projects.cvt_segmentation.data.loader import EvalLoader, TrainLoader
 from projects.cvt_segmentation.data.synthetic import SyntheticSegmentation
 from projects.cvt_segmentation.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
-from projects.scenic_compat import scenic_available
+from projects.training import datasets
 
-# Same fields as scenic.dataset_lib.dataset_utils.Dataset.
-Dataset = collections.namedtuple('Dataset', ['train_iter', 'valid_iter', 'test_iter', 'meta_data'])
+Dataset = datasets.Dataset
 
 DATASET_NAMES = ('synthetic', 'ade20k', 'cityscapes', 'folder')
 
@@ -238,10 +234,7 @@ def get_dataset(
   train, evaluation, meta_data = build_loaders(
       name, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, **kwargs
   )
-  # The loaders themselves, for trainers that resume at a step known only after
-  # restoring a checkpoint, and for exact full-resolution evaluation passes.
-  meta_data = dict(meta_data, train_loader=train, eval_loader=evaluation, train_start_step=start_step)
-  return Dataset(train.iterate(start_step), evaluation.repeat(), None, meta_data)
+  return datasets.scenic_dataset(train, evaluation, meta_data, start_step)
 
 
 def register_with_scenic(prefix: str = 'cvt_seg_') -> list[str]:
@@ -262,55 +255,7 @@ def register_with_scenic(prefix: str = 'cvt_seg_') -> list[str]:
   Returns:
     The registered names, or an empty list when Scenic is not installed.
   """
-  if not scenic_available():
-    logging.info('Scenic is not installed; no datasets registered.')
-    return []
-  from scenic.dataset_lib import datasets as scenic_datasets
-
-  names = []
-  for name in DATASET_NAMES:
-    full = prefix + name
-    if full not in scenic_datasets.DatasetRegistry.list():
-      scenic_datasets.add_dataset(full)(_scenic_builder(name))
-    names.append(full)
-  return names
-
-
-def _scenic_builder(name: str):
-  def builder(
-      *,
-      batch_size: int,
-      eval_batch_size: int,
-      num_shards: int,
-      dtype_str: str = 'float32',
-      shuffle_seed: int | None = 0,
-      rng=None,
-      dataset_configs: Mapping | None = None,
-      dataset_service_address: str | None = None,
-  ) -> Dataset:
-    import jax
-    import jax.numpy as jnp
-
-    del rng  # the data stream is keyed by shuffle_seed and the step
-    if dataset_service_address:
-      raise ValueError('tf.data service is not supported by the cvt_segmentation datasets')
-    from projects.cvt_segmentation.cli import as_dict
-
-    configs = as_dict(dataset_configs)
-    configs.setdefault('pixel_batch_mask', True)
-    # Scenic passes per-host sizes; the loaders take global ones and slice them per host.
-    ds = get_dataset(
-        name,
-        batch_size=batch_size * jax.process_count(),
-        eval_batch_size=eval_batch_size * jax.process_count(),
-        seed=0 if shuffle_seed is None else shuffle_seed,
-        num_shards=num_shards,
-        dtype_str=dtype_str,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        **configs,
-    )
-    return ds._replace(meta_data=dict(ds.meta_data, input_dtype=getattr(jnp, dtype_str)))
-
-  builder.__name__ = f'get_{name}_dataset'
-  return builder
+  # Scenic's segmentation models read a per-pixel batch_mask.
+  return datasets.register_builders(DATASET_NAMES, get_dataset, prefix=prefix,
+                                    scenic_defaults={'pixel_batch_mask': True},
+                                    project='cvt_segmentation')

@@ -1,0 +1,224 @@
+"""ATSS target assignment with static shapes (Zhang et al. 2020, arXiv 1912.02424, Alg. 1).
+
+Adaptive Training Sample Selection picks, for each ground-truth box and each pyramid level,
+the `topk` anchor points nearest the box centre; the IoUs of their anchor boxes with the gt
+give a threshold `mean + std`, and candidates at or above it whose point lies inside the gt
+are positives. This follows mmdet's `ATSSAssigner`
+(mmdet/models/task_modules/assigners/atss_assigner.py) line by line, with every shape static:
+per-level `lax.top_k` instead of Python lists, masks instead of boolean indexing, and gt boxes
+padded to a fixed `G` per image with a `gt_valid` mask. `atss_assign` is jit-able (with
+`level_sizes` and `topk` static) and vmap-able over images; `assign_targets` does the batch.
+
+Points are `(x, y)` pixel centres of feature-map cells, `((col + 0.5) * stride,
+(row + 0.5) * stride)` (mmdet's `MlvlPointGenerator(offset=0.5)`), levels concatenated fine to
+coarse, each row-major. Assignments are gt indices, -1 for negatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from heads.boxes import encode_ltrb, pairwise_iou
+
+# Anchor side in strides: mmdet's ATSS config uses `octave_base_scale=8, scales_per_octave=1`
+# (configs/atss/atss_r50_fpn_1x_coco.py), one square anchor per location.
+ANCHOR_SCALE = 8.0
+# Number of candidates per level and gt (the paper's k = 9, Sec. 3.2; mmdet `topk=9`).
+TOPK = 9
+# A positive's point must be farther than this from every side of its gt (mmdet's `> 0.01`).
+MIN_INSIDE_DISTANCE = 0.01
+
+
+def _check_levels(level_shapes: Sequence[tuple[int, int]], strides: Sequence[int]) -> None:
+  if len(level_shapes) != len(strides):
+    raise ValueError(
+        f'{len(level_shapes)} level_shapes {tuple(level_shapes)} for {len(strides)} strides '
+        f'{tuple(strides)}; expected one (height, width) per stride.')
+  for shape in level_shapes:
+    if len(shape) != 2:
+      raise ValueError(f'Expected (height, width) level shapes, got {tuple(shape)}.')
+
+
+def anchor_points(level_shapes: Sequence[tuple[int, int]], strides: Sequence[int]) -> jax.Array:
+  """Cell-centre points of every level, fine to coarse, each level row-major.
+
+  Args:
+    level_shapes: `(H_l, W_l)` of each level's feature map.
+    strides: stride of each level in input pixels.
+
+  Returns:
+    `[P, 2]` float32 `(x, y)` with `P = sum(H_l * W_l)`.
+  """
+  _check_levels(level_shapes, strides)
+  points = []
+  for (h, w), stride in zip(level_shapes, strides, strict=True):
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+    points.append(np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=-1) * stride)
+  return jnp.asarray(np.concatenate(points, axis=0), jnp.float32)
+
+
+def point_strides(level_shapes: Sequence[tuple[int, int]], strides: Sequence[int]) -> jax.Array:
+  """Stride of every point of `anchor_points(level_shapes, strides)`: `[P]` float32."""
+  _check_levels(level_shapes, strides)
+  return jnp.asarray(np.concatenate(
+      [np.full(int(h) * int(w), s, np.float32) for (h, w), s in zip(level_shapes, strides,
+                                                                     strict=True)]))
+
+
+def level_sizes_of(level_shapes: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+  """Points per level, `H_l * W_l`, the static `level_sizes` that `atss_assign` takes."""
+  return tuple(int(h) * int(w) for h, w in level_shapes)
+
+
+def anchor_boxes(points: jax.Array, strides: jax.Array, scale: float = ANCHOR_SCALE) -> jax.Array:
+  """Square anchors of side `scale * stride` centred on each point.
+
+  Args:
+    points: `[P, 2]` `(x, y)`.
+    strides: `[P]` stride of each point (`point_strides`).
+    scale: anchor side in strides (8 in mmdet's ATSS).
+
+  Returns:
+    `[P, 4]` xyxy anchors.
+  """
+  points, strides = jnp.asarray(points), jnp.asarray(strides)
+  if points.ndim != 2 or points.shape[-1] != 2 or strides.shape != points.shape[:1]:
+    raise ValueError(f'anchor_boxes expects points [P, 2] and strides [P], got '
+                     f'{tuple(points.shape)} and {tuple(strides.shape)}.')
+  half = (0.5 * scale * strides)[:, None]
+  return jnp.concatenate([points - half, points + half], axis=-1)
+
+
+def atss_assign(
+    anchors: jax.Array,
+    points: jax.Array,
+    level_sizes: Sequence[int],
+    gt_boxes: jax.Array,
+    gt_valid: jax.Array,
+    topk: int = TOPK,
+) -> jax.Array:
+  """Assigns each anchor point to a gt box or to the background, for one image.
+
+  Steps (mmdet `ATSSAssigner.assign`): IoU of every anchor with every gt; per level and gt the
+  `min(topk, level size)` points nearest the gt centre (ties: lower index first) are
+  candidates; per gt the threshold is `mean + std` of the candidates' IoUs (`std` unbiased,
+  `ddof=1`, as `torch.Tensor.std`; 0 when there is a single candidate); candidates with
+  `IoU >= threshold` whose point is more than 0.01 px inside the gt are positives. A point
+  positive for several gts takes the one with the highest IoU (mmdet and the reference ATSS
+  code; ties go to the lower gt index), not the smallest-area one as FCOS does. Padded gts
+  (`gt_valid` False) are never matched and change nothing for the others, since every gt's
+  threshold uses only its own candidates.
+
+  Args:
+    anchors: `[P, 4]` xyxy anchor boxes (`anchor_boxes`).
+    points: `[P, 2]` anchor centres (`anchor_points`), used for distances and the inside test.
+    level_sizes: static points per level, fine to coarse, summing to `P`.
+    gt_boxes: `[G, 4]` xyxy gt boxes, padded to a fixed `G`.
+    gt_valid: `[G]` bool, False for padding.
+    topk: candidates per level and gt.
+
+  Returns:
+    `[P]` int32 index into `gt_boxes` of the matched gt, -1 for negatives.
+  """
+  anchors, points = jnp.asarray(anchors), jnp.asarray(points)
+  gt_boxes, gt_valid = jnp.asarray(gt_boxes), jnp.asarray(gt_valid)
+  level_sizes = tuple(int(n) for n in level_sizes)
+  num_points = points.shape[0]
+  if points.ndim != 2 or points.shape[-1] != 2 or anchors.shape != (num_points, 4):
+    raise ValueError(f'atss_assign expects anchors [P, 4] and points [P, 2], got '
+                     f'{tuple(anchors.shape)} and {tuple(points.shape)}.')
+  if sum(level_sizes) != num_points or min(level_sizes, default=0) <= 0:
+    raise ValueError(f'level_sizes {level_sizes} must be positive and sum to the {num_points} '
+                     f'points.')
+  if gt_boxes.ndim != 2 or gt_boxes.shape[-1] != 4 or gt_valid.shape != gt_boxes.shape[:1]:
+    raise ValueError(f'atss_assign expects gt_boxes [G, 4] and gt_valid [G], got '
+                     f'{tuple(gt_boxes.shape)} and {tuple(gt_valid.shape)}.')
+  if topk < 1:
+    raise ValueError(f'topk must be at least 1, got {topk}.')
+  num_gt = gt_boxes.shape[0]
+  if num_gt == 0:
+    return jnp.full((num_points,), -1, jnp.int32)
+
+  gt_valid = gt_valid.astype(bool)
+  ious = pairwise_iou(gt_boxes, anchors)  # [G, P]
+  centres = 0.5 * (gt_boxes[:, :2] + gt_boxes[:, 2:])
+  # Squared distance ranks the points as mmdet's Euclidean distance does.
+  dist2 = jnp.sum(jnp.square(points[None, :, :] - centres[:, None, :]), axis=-1)  # [G, P]
+
+  candidates = []
+  start = 0
+  for size in level_sizes:
+    # lax.top_k puts the lower index first among equal values.
+    _, idx = jax.lax.top_k(-dist2[:, start:start + size], min(topk, size))
+    candidates.append(idx + start)
+    start += size
+  candidates = jnp.concatenate(candidates, axis=1)  # [G, C], distinct within a row.
+  cand_ious = jnp.take_along_axis(ious, candidates, axis=1)
+  num_candidates = candidates.shape[1]
+  std = jnp.std(cand_ious, axis=1, ddof=1) if num_candidates > 1 else 0.0
+  threshold = jnp.mean(cand_ious, axis=1) + std
+
+  ltrb = encode_ltrb(points[candidates], gt_boxes[:, None, :])  # [G, C, 4]
+  inside = jnp.min(ltrb, axis=-1) > MIN_INSIDE_DISTANCE
+  cand_pos = (cand_ious >= threshold[:, None]) & inside & gt_valid[:, None]
+
+  # Scatter the positives' IoUs into a [G, P] map, -inf elsewhere (candidates are distinct
+  # within a row, so `set` has no collisions); every point then takes its highest-IoU gt.
+  rows = jnp.broadcast_to(jnp.arange(num_gt)[:, None], candidates.shape)
+  pos_ious = jnp.full((num_gt, num_points), -jnp.inf, ious.dtype).at[rows, candidates].set(
+      jnp.where(cand_pos, cand_ious, -jnp.inf))
+  best = jnp.argmax(pos_ious, axis=0).astype(jnp.int32)  # first gt among equal IoUs
+  return jnp.where(jnp.max(pos_ious, axis=0) > -jnp.inf, best, -1)
+
+
+def assign_targets(
+    anchors: jax.Array,
+    points: jax.Array,
+    level_sizes: Sequence[int],
+    gt_boxes: jax.Array,
+    gt_labels: jax.Array,
+    gt_valid: jax.Array,
+    topk: int = TOPK,
+) -> dict[str, jax.Array]:
+  """ATSS targets for a batch, the inputs of `detection_losses.atss_losses`.
+
+  Args:
+    anchors: `[P, 4]` xyxy anchors shared by the batch.
+    points: `[P, 2]` anchor centres.
+    level_sizes: static points per level.
+    gt_boxes: `[B, G, 4]` xyxy gt boxes, padded per image.
+    gt_labels: `[B, G]` int class ids in `[0, K)`.
+    gt_valid: `[B, G]` bool, False for padding (an image may have none).
+    topk: candidates per level and gt.
+
+  Returns:
+    `{'cls_targets': [B, P] int32 class id of the matched gt, -1 for background,
+      'box_targets': [B, P, 4] xyxy of the matched gt, zeros for background,
+      'positive': [B, P] bool}`.
+  """
+  gt_boxes, gt_labels, gt_valid = (jnp.asarray(gt_boxes), jnp.asarray(gt_labels),
+                                   jnp.asarray(gt_valid))
+  if (gt_boxes.ndim != 3 or gt_boxes.shape[-1] != 4 or gt_labels.shape != gt_boxes.shape[:2]
+      or gt_valid.shape != gt_boxes.shape[:2]):
+    raise ValueError(
+        f'assign_targets expects gt_boxes [B, G, 4], gt_labels [B, G] and gt_valid [B, G], got '
+        f'{tuple(gt_boxes.shape)}, {tuple(gt_labels.shape)} and {tuple(gt_valid.shape)}.')
+  if gt_boxes.shape[1] == 0:
+    # Nothing to gather from: pad one invalid gt so the static gathers below have a source.
+    gt_boxes = jnp.zeros((gt_boxes.shape[0], 1, 4), gt_boxes.dtype)
+    gt_labels = jnp.zeros((gt_boxes.shape[0], 1), gt_labels.dtype)
+    gt_valid = jnp.zeros((gt_boxes.shape[0], 1), bool)
+
+  def one_image(boxes, labels, valid):
+    assigned = atss_assign(anchors, points, level_sizes, boxes, valid, topk)
+    positive = assigned >= 0
+    safe = jnp.maximum(assigned, 0)
+    cls_targets = jnp.where(positive, labels[safe].astype(jnp.int32), -1)
+    box_targets = jnp.where(positive[:, None], boxes[safe], 0).astype(boxes.dtype)
+    return {'cls_targets': cls_targets, 'box_targets': box_targets, 'positive': positive}
+
+  return jax.vmap(one_image)(gt_boxes, gt_labels, gt_valid)

@@ -1,0 +1,147 @@
+"""Axis-aligned boxes for dense detection: areas, IoU, GIoU and FCOS-style distance coding.
+
+Boxes are `[..., 4]` float `(x0, y0, x1, y1)` in pixels (xyxy, no `+1`: a box from 0 to 10 is
+10 px wide, as mmdet and torchvision). Points are `[..., 2]` `(x, y)`. Every function is pure
+jnp, works on NumPy inputs, and is safe on zero-area or inverted boxes (the zero padding of a
+static-shape batch): areas clamp negative extents to 0 and divisions are guarded, so no NaN
+reaches a loss or its gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Lower bound on union and enclosing areas, as mmdet's `bbox_overlaps(..., eps=1e-6)`
+# (mmdet/structures/bbox/bbox_overlaps.py).
+EPS = 1e-6
+
+
+def _check_last_dim(x: jax.Array, size: int, what: str) -> None:
+  if x.ndim == 0 or x.shape[-1] != size:
+    raise ValueError(f'{what} expects an array of shape [..., {size}], got {tuple(x.shape)}.')
+
+
+def box_area(boxes: jax.Array) -> jax.Array:
+  """Areas of `[..., 4]` xyxy boxes -> `[...]`; inverted extents count as 0."""
+  boxes = jnp.asarray(boxes)
+  _check_last_dim(boxes, 4, 'box_area')
+  w = jnp.maximum(boxes[..., 2] - boxes[..., 0], 0)
+  h = jnp.maximum(boxes[..., 3] - boxes[..., 1], 0)
+  return w * h
+
+
+def pairwise_iou(a: jax.Array, b: jax.Array, eps: float = EPS) -> jax.Array:
+  """IoU of every box of `a` `[N, 4]` with every box of `b` `[M, 4]` -> `[N, M]`.
+
+  The union is clamped to `eps` as mmdet's `BboxOverlaps2D`, so two zero-area boxes have IoU 0
+  rather than NaN.
+  """
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  if a.ndim != 2 or a.shape[-1] != 4 or b.ndim != 2 or b.shape[-1] != 4:
+    raise ValueError(
+        f'pairwise_iou expects boxes [N, 4] and [M, 4], got {tuple(a.shape)} and {tuple(b.shape)}.')
+  lt = jnp.maximum(a[:, None, :2], b[None, :, :2])
+  rb = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
+  wh = jnp.maximum(rb - lt, 0)
+  inter = wh[..., 0] * wh[..., 1]
+  union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+  return inter / jnp.maximum(union, eps)
+
+
+def elementwise_giou(a: jax.Array, b: jax.Array, eps: float = EPS) -> jax.Array:
+  """Generalized IoU (Rezatofighi et al. 2019, arXiv 1902.09630) of aligned boxes.
+
+  Follows mmdet's `bbox_overlaps(mode='giou', is_aligned=True)`: union and enclosing area are
+  clamped to `eps`, so degenerate boxes give a finite value.
+
+  Args:
+    a: `[..., 4]` xyxy boxes.
+    b: `[..., 4]` xyxy boxes, broadcastable against `a`.
+    eps: lower bound on the union and the enclosing area.
+
+  Returns:
+    `[...]` GIoU in `[-1, 1]`.
+  """
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  _check_last_dim(a, 4, 'elementwise_giou')
+  _check_last_dim(b, 4, 'elementwise_giou')
+  lt = jnp.maximum(a[..., :2], b[..., :2])
+  rb = jnp.minimum(a[..., 2:], b[..., 2:])
+  wh = jnp.maximum(rb - lt, 0)
+  inter = wh[..., 0] * wh[..., 1]
+  union = jnp.maximum(box_area(a) + box_area(b) - inter, eps)
+  enclose_wh = jnp.maximum(
+      jnp.maximum(a[..., 2:], b[..., 2:]) - jnp.minimum(a[..., :2], b[..., :2]), 0)
+  enclose = jnp.maximum(enclose_wh[..., 0] * enclose_wh[..., 1], eps)
+  return inter / union - (enclose - union) / enclose
+
+
+def encode_ltrb(points: jax.Array, boxes: jax.Array) -> jax.Array:
+  """Distances from points to box sides, FCOS's regression targets (Tian et al. 2019).
+
+  Args:
+    points: `[P, 2]` `(x, y)`.
+    boxes: `[..., P, 4]` xyxy, one box per point.
+
+  Returns:
+    `[..., P, 4]` `(x - x0, y - y0, x1 - x, y1 - y)`: all positive iff the point is inside.
+  """
+  points, boxes = jnp.asarray(points), jnp.asarray(boxes)
+  _check_last_dim(points, 2, 'encode_ltrb points')
+  _check_last_dim(boxes, 4, 'encode_ltrb boxes')
+  x, y = points[..., 0], points[..., 1]
+  return jnp.stack([x - boxes[..., 0], y - boxes[..., 1], boxes[..., 2] - x, boxes[..., 3] - y],
+                   axis=-1)
+
+
+def decode_ltrb(points: jax.Array, distances: jax.Array) -> jax.Array:
+  """Inverse of `encode_ltrb`: `[P, 2]` points and `[..., P, 4]` distances -> `[..., P, 4]` xyxy."""
+  points, distances = jnp.asarray(points), jnp.asarray(distances)
+  _check_last_dim(points, 2, 'decode_ltrb points')
+  _check_last_dim(distances, 4, 'decode_ltrb distances')
+  x, y = points[..., 0], points[..., 1]
+  return jnp.stack([x - distances[..., 0], y - distances[..., 1], x + distances[..., 2],
+                    y + distances[..., 3]], axis=-1)
+
+
+def clip_boxes(boxes: jax.Array, height_width: jax.Array) -> jax.Array:
+  """Clamps x to `[0, width]` and y to `[0, height]`, as mmdet's `distance2bbox(max_shape=)`.
+
+  Args:
+    boxes: `[..., 4]` xyxy.
+    height_width: `[..., 2]` `(height, width)` broadcastable against `boxes[..., :2]`, e.g.
+      `[2]` for one image or `[B, 1, 2]` for boxes `[B, N, 4]`.
+
+  Returns:
+    `[..., 4]` clipped boxes.
+  """
+  boxes, height_width = jnp.asarray(boxes), jnp.asarray(height_width)
+  _check_last_dim(boxes, 4, 'clip_boxes boxes')
+  _check_last_dim(height_width, 2, 'clip_boxes height_width')
+  hw = height_width.astype(boxes.dtype)
+  upper = jnp.stack([hw[..., 1], hw[..., 0], hw[..., 1], hw[..., 0]], axis=-1)
+  return jnp.clip(boxes, 0, upper)
+
+
+def centerness_targets(ltrb: jax.Array) -> jax.Array:
+  """FCOS centerness `sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))` of distances.
+
+  As mmdet's `FCOSHead.centerness_target`, negative minima clamp to 0 (points outside the box
+  get 0); where a maximum is not positive the ratio is undefined and the target is 0.
+
+  Args:
+    ltrb: `[..., 4]` distances from `encode_ltrb`.
+
+  Returns:
+    `[...]` in `[0, 1]`.
+  """
+  ltrb = jnp.asarray(ltrb)
+  _check_last_dim(ltrb, 4, 'centerness_targets')
+
+  def ratio(near, far):
+    lo, hi = jnp.minimum(near, far), jnp.maximum(near, far)
+    ok = hi > 0
+    return jnp.where(ok, jnp.maximum(lo, 0) / jnp.where(ok, hi, 1), 0)
+
+  return jnp.sqrt(ratio(ltrb[..., 0], ltrb[..., 2]) * ratio(ltrb[..., 1], ltrb[..., 3]))

@@ -1,0 +1,222 @@
+"""Detection dataset builders: 'synthetic', 'coco', 'coco_format' -> Scenic-style `Dataset`.
+
+`build_loaders(name, batch_size=..., eval_batch_size=..., **dataset_kwargs)` returns the
+step-indexed `TrainLoader`, the padded `EvalLoader` and the meta data; `get_dataset` wraps
+them as Scenic's `Dataset(train_iter, valid_iter, test_iter, meta_data)`, and
+`register_with_scenic()` adds the builders to Scenic's dataset registry as `cvt_det_<name>`.
+
+Datasets (`dataset_configs`):
+- 'synthetic': the embedded set (`SyntheticDetection`): num_classes, image_size, num_train,
+  num_eval; images used at their size.
+- 'coco': a COCO 2017 folder, `data_dir` holding `train2017/`, `val2017/` and
+  `annotations/instances_{train,val}2017.json`.
+- 'coco_format': any dataset in COCO's format: `train_annotations`, `train_images`,
+  `val_annotations`, `val_images`.
+Common settings: `scale` (keep-ratio resize to fit, mmdet's (1333, 800)), `flip_prob`,
+`max_boxes` (boxes per image after padding), `canvas_sizes` (the padded batch shapes;
+default: landscape, portrait and square canvases of `scale`), `num_threads`, `num_workers`.
+
+Meta data: `num_classes`, `input_shape`, `class_names`, `label_to_category_id`,
+`ground_truth` (the validation annotations, for COCO evaluation), example counts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from projects.cvt_detection.data.coco import CocoDetection, coco_ground_truth
+from projects.cvt_detection.data.synthetic import SyntheticDetection
+from projects.cvt_detection.data.transforms import (
+    DEFAULT_MAX_BOXES,
+    DEFAULT_SCALE,
+    DetectionEvalTransform,
+    DetectionTrainTransform,
+    collate,
+    default_canvas_sizes,
+    pad_batch,
+)
+from projects.training import datasets
+from projects.training.step_loader import SplitPass, StepIndexedLoader
+
+Dataset = datasets.Dataset
+DATASET_NAMES = ('synthetic', 'coco', 'coco_format')
+# What a training step reads; the rest (ids, original sizes) stays on the host.
+TRAIN_KEYS = ('inputs', 'boxes', 'labels', 'box_mask', 'batch_mask')
+# What evaluation puts on the device (the boxes are scored against the annotation file).
+EVAL_DEVICE_KEYS = ('inputs', 'image_size', 'scale_factor')
+
+
+class TrainLoader(StepIndexedLoader):
+  """Step-indexed training batches of `TRAIN_KEYS` (see `transforms.collate`).
+
+  Args:
+    source: random-access split (`CocoDetection`, `SyntheticDetection`).
+    transform: `DetectionTrainTransform`.
+    canvas_sizes: the padded `(H, W)` shapes a batch may take (bounded compiles).
+    max_boxes: boxes per image after padding.
+    dtype: dtype of `inputs`.
+    **kwargs: `StepIndexedLoader` settings (batch_size, seed, process slicing, threads).
+  """
+
+  def __init__(self, source, transform: DetectionTrainTransform, *,
+               canvas_sizes: Sequence[tuple[int, int]], max_boxes: int = DEFAULT_MAX_BOXES,
+               dtype: Any = np.float32, **kwargs: Any):
+    super().__init__(source, **kwargs)
+    self.transform = transform
+    self.canvas_sizes = tuple(tuple(c) for c in canvas_sizes)
+    self.max_boxes = max_boxes
+    self.dtype = dtype
+
+  def augment(self, item: dict, rng: np.random.Generator) -> dict:
+    return self.transform(item, rng)
+
+  def collate(self, examples: Sequence[dict]) -> dict:
+    batch = collate(examples, self.canvas_sizes, self.max_boxes)
+    batch['inputs'] = batch['inputs'].astype(self.dtype, copy=False)
+    return {k: batch[k] for k in TRAIN_KEYS}
+
+
+class EvalLoader(SplitPass):
+  """One pass over a split: batches of `transforms.collate`, the last padded (`batch_mask` 0).
+
+  Every batch has `local_batch_size` entries and one of `canvas_sizes` as its input shape.
+  """
+
+  def __init__(self, source, transform: DetectionEvalTransform, *,
+               canvas_sizes: Sequence[tuple[int, int]], max_boxes: int = DEFAULT_MAX_BOXES,
+               dtype: Any = np.float32, **kwargs: Any):
+    super().__init__(source, **kwargs)
+    self.transform = transform
+    self.canvas_sizes = tuple(tuple(c) for c in canvas_sizes)
+    self.max_boxes = max_boxes
+    self.dtype = dtype
+
+  def batch(self, i: int) -> dict:
+    indices = [k for k in self.local_indices(i) if k < self.num_examples]
+    # A process past the end of the split still sends a (fully masked) batch.
+    examples = [self.transform(self.source[k]) for k in indices or [self.num_examples - 1]]
+    batch = collate(examples, self.canvas_sizes, self.max_boxes)
+    if not indices:
+      batch = {k: v[:0] for k, v in batch.items()}
+    batch = pad_batch(batch, self.local_batch_size)
+    batch['inputs'] = batch['inputs'].astype(self.dtype, copy=False)
+    return batch
+
+
+def _sources(name: str, kw: dict[str, Any]) -> tuple[Any, Any, Any]:
+  """`(train source, eval source, ground truth)` of dataset `name`; pops its settings."""
+  if name == 'synthetic':
+    settings = dict(num_classes=kw.pop('num_classes', 4),
+                    image_size=tuple(kw.pop('image_size', (128, 128))))
+    train = SyntheticDetection(kw.pop('num_train', 512), split='train', **settings)
+    evaluation = SyntheticDetection(kw.pop('num_eval', 64), split='val', **settings)
+    return train, evaluation, coco_ground_truth(evaluation)
+  if name == 'coco':
+    root = kw.pop('data_dir', None)
+    if not root:
+      raise ValueError("dataset 'coco' needs dataset_configs.data_dir, the folder holding "
+                       'train2017/, val2017/ and annotations/.')
+    paths = {f'{s}_{k}': (os.path.join(root, 'annotations', f'instances_{s}2017.json')
+                          if k == 'annotations' else os.path.join(root, f'{s}2017'))
+             for s in ('train', 'val') for k in ('annotations', 'images')}
+  elif name == 'coco_format':
+    paths = {}
+    for key in ('train_annotations', 'train_images', 'val_annotations', 'val_images'):
+      if not kw.get(key):
+        raise ValueError(f"dataset 'coco_format' needs dataset_configs.{key}.")
+      paths[key] = kw.pop(key)
+  else:
+    raise ValueError(f'Unknown detection dataset {name!r}; known: {DATASET_NAMES}.')
+  # mmdet's train dataloader filters images without boxes (`filter_empty_gt=True`).
+  train = CocoDetection(paths['train_annotations'], paths['train_images'], filter_empty=True)
+  evaluation = CocoDetection(paths['val_annotations'], paths['val_images'])
+  return train, evaluation, evaluation.ground_truth
+
+
+def build_loaders(
+    name: str,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_shards: int | None = None,
+    dtype_str: str = 'float32',
+    **kwargs: Any,
+) -> tuple[TrainLoader, EvalLoader, dict[str, Any]]:
+  """The train and validation loaders of a detection dataset and its meta data.
+
+  Args:
+    name: 'synthetic', 'coco' or 'coco_format'.
+    batch_size: global training batch size.
+    eval_batch_size: global evaluation batch size.
+    seed: shuffling and augmentation seed.
+    process_index: this process among `process_count` (each loads its slice).
+    process_count: processes sharing every batch.
+    num_shards: reshape batches to `[num_shards, per_shard, ...]` (pmap); None keeps `[b, ...]`.
+    dtype_str: dtype of `inputs`.
+    **kwargs: the dataset's settings (module docstring).
+
+  Returns:
+    `(train_loader, eval_loader, meta_data)`.
+  """
+  kw = dict(kwargs)
+  train_src, eval_src, ground_truth = _sources(name, kw)
+  default_scale = tuple(train_src[0]['image'].shape[1::-1]) if name == 'synthetic' else None
+  scale = tuple(kw.pop('scale', None) or default_scale or DEFAULT_SCALE)
+  canvas_sizes = kw.pop('canvas_sizes', None) or default_canvas_sizes(scale)
+  max_boxes = int(kw.pop('max_boxes', DEFAULT_MAX_BOXES))
+  flip_prob = float(kw.pop('flip_prob', 0.5))
+  threads = dict(num_threads=kw.pop('num_threads', 2), prefetch=kw.pop('prefetch', 2))
+  num_workers = kw.pop('num_workers', 0)
+  kw.pop('start_step', None)  # Scenic builders pass it; get_dataset takes it
+  if kw:
+    raise ValueError(f'Unknown settings for detection dataset {name!r}: {sorted(kw)}.')
+  import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+  dtype = np.dtype(dtype_str)
+  slicing = dict(process_index=process_index, process_count=process_count,
+                 num_shards=num_shards)
+  common = dict(canvas_sizes=canvas_sizes, max_boxes=max_boxes, dtype=dtype)
+  train = TrainLoader(train_src, DetectionTrainTransform(scale=scale, flip_prob=flip_prob),
+                      batch_size=batch_size, seed=seed, num_workers=num_workers, **slicing,
+                      **threads, **common)
+  evaluation = EvalLoader(eval_src, DetectionEvalTransform(scale=scale),
+                          batch_size=eval_batch_size, **slicing, **threads, **common)
+  canvas = min(train.canvas_sizes, key=lambda c: c[0] * c[1])
+  meta_data = {
+      'num_classes': int(train_src.num_classes),
+      'input_shape': (-1, *canvas, 3),
+      'num_train_examples': len(train_src),
+      'num_eval_examples': len(eval_src),
+      'input_dtype': dtype,
+      'target_is_onehot': False,
+      'class_names': tuple(train_src.class_names),
+      'label_to_category_id': tuple(int(c) for c in eval_src.label_to_category_id),
+      'ground_truth': ground_truth,
+      'max_boxes': max_boxes,
+  }
+  return train, evaluation, meta_data
+
+
+def get_dataset(name: str, *, batch_size: int, eval_batch_size: int, seed: int = 0,
+                start_step: int = 0, **kwargs: Any) -> Dataset:
+  """Scenic-style dataset: endless train batches from `start_step`, endless eval passes."""
+  train, evaluation, meta_data = build_loaders(
+      name, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, **kwargs)
+  return datasets.scenic_dataset(train, evaluation, meta_data, start_step)
+
+
+def register_with_scenic(prefix: str = 'cvt_det_') -> list[str]:
+  """Registers the builders in Scenic's dataset registry as `prefix + name`.
+
+  Scenic's conventions (per-host batch sizes, `[num_shards, ...]` batches for pmap,
+  `dataset_configs` the settings above); see `projects.training.datasets.register_builders`.
+  """
+  return datasets.register_builders(DATASET_NAMES, get_dataset, prefix=prefix,
+                                    project='cvt_detection')

@@ -1,0 +1,102 @@
+"""Scenic-style datasets from a project's loaders, and their registration with Scenic.
+
+A project's `build_loaders(name, batch_size=..., eval_batch_size=..., seed=..., **kwargs)`
+returns `(train_loader, eval_loader, meta_data)` (`step_loader` subclasses);
+`scenic_dataset` turns those into `Dataset(train_iter, valid_iter, test_iter, meta_data)`
+with the fields of Scenic's `dataset_utils.Dataset`, and `register_builders` adds a
+project's builders to Scenic's dataset registry.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from projects.scenic_compat import scenic_available
+from projects.training.configs import as_dict
+
+# Same fields as scenic.dataset_lib.dataset_utils.Dataset.
+Dataset = collections.namedtuple('Dataset', ['train_iter', 'valid_iter', 'test_iter', 'meta_data'])
+
+GetDataset = Callable[..., Dataset]
+
+
+def scenic_dataset(train: Any, evaluation: Any, meta_data: Mapping[str, Any],
+                   start_step: int = 0) -> Dataset:
+  """Endless train batches from `start_step`, endless eval passes (Scenic's `valid_iter`).
+
+  `meta_data` gains the loaders themselves, for trainers that resume at a step known only
+  after restoring a checkpoint and for exact single evaluation passes. `test_iter` is None.
+  """
+  meta_data = dict(meta_data, train_loader=train, eval_loader=evaluation,
+                   train_start_step=start_step, num_eval_batches=evaluation.num_batches)
+  return Dataset(train.iterate(start_step), evaluation.repeat(), None, meta_data)
+
+
+def register_builders(names: Sequence[str], get_dataset: GetDataset, *, prefix: str,
+                      scenic_defaults: Mapping[str, Any] | None = None,
+                      project: str = 'cvt') -> list[str]:
+  """Registers `get_dataset(name, ...)` for each name in Scenic's registry as `prefix + name`.
+
+  The registered builders follow Scenic's signature (`batch_size, eval_batch_size,
+  num_shards, dtype_str, shuffle_seed, rng, dataset_configs, dataset_service_address`)
+  and conventions: `batch_size` and `eval_batch_size` are per host (Scenic's
+  `train_utils.get_dataset` divides the config's by the process count; the loaders take
+  global sizes and slice them per host), batches are reshaped to `[num_shards, ...]` for
+  pmap, and `dataset_configs` holds the keyword arguments of the project's `build_loaders`
+  (plus `start_step`), over `scenic_defaults`. Registering twice is harmless.
+
+  Returns:
+    The registered names, or an empty list when Scenic is not installed.
+  """
+  if not scenic_available():
+    logging.info('Scenic is not installed; no datasets registered.')
+    return []
+  from scenic.dataset_lib import datasets as scenic_datasets
+
+  registered = []
+  for name in names:
+    full = prefix + name
+    if full not in scenic_datasets.DatasetRegistry.list():
+      scenic_datasets.add_dataset(full)(
+          _scenic_builder(name, get_dataset, dict(scenic_defaults or {}), project))
+    registered.append(full)
+  return registered
+
+
+def _scenic_builder(name: str, get_dataset: GetDataset, defaults: dict[str, Any], project: str):
+  def builder(
+      *,
+      batch_size: int,
+      eval_batch_size: int,
+      num_shards: int,
+      dtype_str: str = 'float32',
+      shuffle_seed: int | None = 0,
+      rng=None,
+      dataset_configs: Mapping | None = None,
+      dataset_service_address: str | None = None,
+  ) -> Dataset:
+    import jax
+    import jax.numpy as jnp
+
+    del rng  # the data stream is keyed by shuffle_seed and the step
+    if dataset_service_address:
+      raise ValueError(f'tf.data service is not supported by the {project} datasets')
+    configs = {**defaults, **as_dict(dataset_configs)}
+    ds = get_dataset(
+        name,
+        batch_size=batch_size * jax.process_count(),
+        eval_batch_size=eval_batch_size * jax.process_count(),
+        seed=0 if shuffle_seed is None else shuffle_seed,
+        num_shards=num_shards,
+        dtype_str=dtype_str,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        **configs,
+    )
+    return ds._replace(meta_data=dict(ds.meta_data, input_dtype=getattr(jnp, dtype_str)))
+
+  builder.__name__ = f'get_{name}_dataset'
+  return builder

@@ -1,0 +1,396 @@
+"""Detection data: COCO-format reading and writing, the synthetic set, mmdet's 1x pipeline."""
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from projects.cvt_detection.data import (
+    CocoDetection,
+    DetectionEvalTransform,
+    DetectionTrainTransform,
+    SyntheticDetection,
+    collate,
+    default_canvas_sizes,
+    flip_boxes,
+    pad_batch,
+    random_flip,
+    resize_keep_ratio,
+    transforms,
+    write_coco,
+)
+from projects.cvt_segmentation.data import IMAGENET_MEAN, IMAGENET_STD
+
+# ---------------------------------------------------------------- COCO format
+
+
+def _synthetic(**kwargs):
+  args = dict(num_images=4, image_size=(48, 64), num_classes=3, seed=1)
+  return SyntheticDetection(**{**args, **kwargs})
+
+
+def test_coco_round_trip(tmp_path):
+  source = _synthetic()
+  ann_file, image_dir = write_coco(tmp_path, source)
+  assert ann_file == os.path.join(tmp_path, 'annotations', 'instances_train.json')
+  ds = CocoDetection(ann_file, image_dir)
+  assert len(ds) == len(source) and ds.class_names == source.class_names
+  assert ds.image_ids == [1, 2, 3, 4]
+  for k in range(len(source)):
+    a, b = source[k], ds[k]
+    np.testing.assert_array_equal(b['image'], a['image'])
+    np.testing.assert_array_equal(b['boxes'], a['boxes'])
+    np.testing.assert_array_equal(b['labels'], a['labels'])
+    np.testing.assert_array_equal(b['crowd'], a['crowd'])
+    assert b['image_id'] == a['image_id'] and b['orig_size'] == a['orig_size'] == (48, 64)
+    assert b['boxes'].dtype == np.float32 and b['labels'].dtype == np.int32
+  x1, y1, x2, y2 = source[0]['boxes'][0].tolist()
+  assert ds.ground_truth['annotations'][0]['bbox'] == [x1, y1, x2 - x1, y2 - y1]  # COCO xywh
+
+
+def test_non_contiguous_category_ids(tmp_path):
+  source = _synthetic()
+  ann_file, image_dir = write_coco(tmp_path, source, category_ids=(1, 3, 90))
+  # Categories listed out of order still map in sorted-id order.
+  gt = json.load(open(ann_file))
+  gt['categories'] = gt['categories'][::-1]
+  json.dump(gt, open(ann_file, 'w'))
+  ds = CocoDetection(ann_file, image_dir)
+  assert ds.category_ids == (1, 3, 90) and ds.num_classes == 3
+  np.testing.assert_array_equal(ds.label_to_category_id, [1, 3, 90])
+  assert ds.category_id_to_label == {1: 0, 3: 1, 90: 2}
+  assert ds.class_names == source.class_names
+  for k in range(len(source)):
+    np.testing.assert_array_equal(ds[k]['labels'], source[k]['labels'])
+  ids = [a['category_id'] for a in gt['annotations'] if a['image_id'] == 1]
+  np.testing.assert_array_equal(ds.label_to_category_id[ds[0]['labels']], ids)
+
+
+def _write_json(tmp_path, images, annotations, categories=None, sizes=None):
+  """Writes small grey PNGs for `images` (id -> (h, w)) and a json; returns CocoDetection args."""
+  image_dir = tmp_path / 'images'
+  image_dir.mkdir(exist_ok=True)
+  infos = []
+  for image_id, (h, w) in images.items():
+    name = f'{image_id}.png'
+    Image.fromarray(np.full((h, w), 90, np.uint8)).save(image_dir / name)  # grayscale file
+    file_h, file_w = (sizes or {}).get(image_id, (h, w))
+    infos.append({'id': image_id, 'file_name': name, 'height': file_h, 'width': file_w})
+  for j, ann in enumerate(annotations):
+    ann.setdefault('id', j + 1)
+    ann.setdefault('category_id', 7)
+    ann.setdefault('iscrowd', 0)
+    ann.setdefault('area', ann['bbox'][2] * ann['bbox'][3])
+  gt = {
+      'images': infos,
+      'annotations': annotations,
+      'categories': categories or [{'id': 7, 'name': 'thing'}],
+  }
+  ann_file = tmp_path / 'instances.json'
+  ann_file.write_text(json.dumps(gt))
+  return str(ann_file), str(image_dir)
+
+
+def test_crowd_empty_and_dropped_boxes(tmp_path):
+  anns = [
+      {'image_id': 1, 'bbox': [2, 3, 10, 5]},
+      {'image_id': 1, 'bbox': [0, 0, 20, 20], 'iscrowd': 1},
+      {'image_id': 1, 'bbox': [4, 4, 0.5, 6]},  # w < 1: mmdet drops it
+      {'image_id': 1, 'bbox': [4, 4, 6, 0]},  # h = 0
+      {'image_id': 1, 'bbox': [40, 4, 6, 6]},  # entirely right of the 32-px-wide image
+      {'image_id': 1, 'bbox': [4, 4, 6, 6], 'ignore': 1},
+      {'image_id': 3, 'bbox': [1, 1, 8, 8], 'iscrowd': 1},
+  ]
+  args = _write_json(tmp_path, {1: (24, 32), 2: (16, 16), 3: (20, 20)}, anns)
+  ds = CocoDetection(*args)
+  assert len(ds) == 3 and ds.class_names == ('thing',)
+  first = ds[0]
+  np.testing.assert_array_equal(first['boxes'], [[2, 3, 12, 8], [0, 0, 20, 20]])
+  np.testing.assert_array_equal(first['crowd'], [False, True])
+  np.testing.assert_array_equal(first['labels'], [0, 0])
+  assert first['image'].shape == (24, 32, 3) and first['image'].dtype == np.uint8
+  empty = ds[1]
+  assert empty['boxes'].shape == (0, 4) and empty['labels'].shape == (0,)
+  assert empty['crowd'].shape == (0,) and empty['orig_size'] == (16, 16)
+  # filter_empty keeps images with any annotation, crowd-only ones included (as mmdet).
+  assert CocoDetection(*args, filter_empty=True).image_ids == [1, 3]
+  assert CocoDetection(*args, min_size=18).image_ids == [1, 3]
+  # The training pipeline drops crowd boxes.
+  out = DetectionTrainTransform(scale=(32, 24), flip_prob=0.0)(first, None)
+  np.testing.assert_array_equal(out['boxes'], [[2, 3, 12, 8]])
+
+
+def test_errors_name_what_is_wrong(tmp_path):
+  args = _write_json(tmp_path, {1: (8, 8), 2: (8, 8)}, [{'image_id': 1, 'bbox': [1, 1, 3, 3]}])
+  os.remove(os.path.join(args[1], '2.png'))
+  missing = r'1 of the 2 images .* missing .*2\.png \(image id 2\)'
+  with pytest.raises(FileNotFoundError, match=missing):
+    CocoDetection(*args)
+  with pytest.raises(FileNotFoundError, match='annotation file not found: .*nope.json'):
+    CocoDetection(tmp_path / 'nope.json', args[1])
+  with pytest.raises(FileNotFoundError, match='image folder not found'):
+    CocoDetection(args[0], tmp_path / 'nope')
+  bad = tmp_path / 'bad'
+  bad.mkdir()
+  args = _write_json(bad, {1: (8, 8)}, [{'image_id': 1, 'bbox': [1, 1, 3, 3], 'category_id': 5}])
+  with pytest.raises(ValueError, match=r'category id 5, which is not in `categories` \[7\]'):
+    CocoDetection(*args)
+  args = _write_json(bad, {1: (8, 8)}, [{'image_id': 9, 'bbox': [1, 1, 3, 3]}])
+  with pytest.raises(ValueError, match='image id 9, which is not in `images`'):
+    CocoDetection(*args)
+  args = _write_json(bad, {1: (8, 8)}, [], sizes={1: (8, 10)})
+  with pytest.raises(ValueError, match='is 8x8 .* says 8x10'):
+    CocoDetection(*args)[0]
+
+
+def test_coco_eval_reads_written_ground_truth(tmp_path):
+  # faster-coco-eval scores the ground truth itself as detections at AP 1.
+  from faster_coco_eval import COCO, COCOeval_faster
+
+  ds = CocoDetection(*write_coco(tmp_path, _synthetic(), category_ids=(1, 3, 90)))
+  dets = []
+  for k in range(len(ds)):
+    item = ds[k]
+    for box, label in zip(item['boxes'], item['labels'], strict=True):
+      x1, y1, x2, y2 = box.tolist()
+      category = int(ds.label_to_category_id[label])
+      dets.append({'image_id': item['image_id'], 'category_id': category,
+                   'bbox': [x1, y1, x2 - x1, y2 - y1], 'score': 0.9})
+  gt = COCO(ds.annotation_file)
+  evaluator = COCOeval_faster(gt, gt.loadRes(dets), 'bbox', print_function=lambda *a: None)
+  evaluator.evaluate()
+  evaluator.accumulate()
+  evaluator.summarize()
+  assert evaluator.stats[0] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ synthetic
+
+
+def _same(a, b):
+  return all(np.array_equal(a[k], b[k]) for k in ('image', 'boxes', 'labels'))
+
+
+def test_synthetic_deterministic_by_seed_and_split():
+  a, b = _synthetic(), _synthetic()
+  assert all(_same(a[k], b[k]) for k in range(4))
+  assert not any(_same(a[k], _synthetic(seed=2)[k]) for k in range(4))
+  assert not any(_same(a[k], _synthetic(split='val')[k]) for k in range(4))
+  assert _same(_synthetic(split='val')[1], _synthetic(split='validation')[1])
+  with pytest.raises(IndexError):
+    a[4]
+  with pytest.raises(ValueError, match='num_classes must be in'):
+    _synthetic(num_classes=9)
+
+
+def test_synthetic_set_properties():
+  ds = SyntheticDetection(num_images=64, image_size=(128, 128), num_classes=5, seed=0)
+  items = [ds[k] for k in range(len(ds))]
+  counts = np.array([len(x['labels']) for x in items])
+  assert counts.min() >= 2 and counts.max() <= 6 and len(set(counts)) >= 4
+  boxes = np.concatenate([x['boxes'] for x in items])
+  labels = np.concatenate([x['labels'] for x in items])
+  assert np.all(boxes[:, :2] >= 0) and np.all(boxes[:, 2:] <= 128)
+  assert np.all(boxes[:, 2:] > boxes[:, :2])
+  sides = (boxes[:, 2:] - boxes[:, :2]).max(axis=1)
+  assert sides.max() / sides.min() >= 4, (sides.min(), sides.max())
+  assert sides.min() >= 8 and sides.max() <= 48
+  assert set(labels.tolist()) == set(range(5)) and ds.class_names == (
+      'rectangle', 'ellipse', 'triangle', 'ring', 'cross')
+  overlapping = touching = 0
+  for x in items:
+    b = x['boxes']
+    lo = np.maximum(b[:, None, :2], b[None, :, :2])
+    hi = np.minimum(b[:, None, 2:], b[None, :, 2:])
+    gap = np.triu(np.ones((len(b), len(b)), bool), 1)
+    overlapping += np.sum(gap & np.all(hi > lo, axis=-1))
+    touching += np.sum(gap & np.all(hi >= lo - 1, axis=-1))
+  assert overlapping >= 10 and touching > overlapping, (overlapping, touching)
+
+
+def test_synthetic_classes_differ_in_colour():
+  # Object pixels (mean colour inside each box) cluster by class: a nearest-class-mean rule
+  # fitted on one split labels most boxes of another; shape is the remaining cue.
+  def box_colours(ds):
+    feats, labels = [], []
+    for k in range(len(ds)):
+      x = ds[k]
+      for (x1, y1, x2, y2), label in zip(x['boxes'].astype(int), x['labels'], strict=True):
+        cy = (y1 + y2) // 2  # a strip across the middle crosses every shape
+        feats.append(x['image'][cy - 1 : cy + 2, x1:x2].reshape(-1, 3).mean(0))
+        labels.append(label)
+    return np.array(feats), np.array(labels)
+
+  xt, yt = box_colours(SyntheticDetection(num_images=24, num_classes=5))
+  xv, yv = box_colours(SyntheticDetection(num_images=12, num_classes=5, split='val'))
+  means = np.stack([xt[yt == c].mean(0) for c in range(5)])
+  pred = np.argmin(((xv[:, None] - means[None]) ** 2).sum(-1), axis=1)
+  assert np.mean(pred == yv) > 0.6
+
+
+# ----------------------------------------------------------------- transforms
+
+
+@pytest.mark.parametrize(
+    'size, expected',
+    [
+        # (h, w) -> (h, w); mmcv.rescale_size: factor min(1333 / long, 800 / short),
+        # int(side * factor + 0.5). COCO's 640x480 images become 1067x800 in mmdet logs.
+        ((480, 640), (800, 1067)),
+        ((2000, 500), (1333, 333)),
+        ((500, 2000), (333, 1333)),
+        ((800, 1333), (800, 1333)),
+        ((100, 100), (800, 800)),
+        ((640, 427), (1199, 800)),
+    ],
+)
+def test_resize_keep_ratio_matches_mmdet(size, expected):
+  image = np.zeros(size + (3,), np.uint8)
+  boxes = np.array([[0, 0, size[1], size[0]], [10, 20, 30, 40]], np.float32)
+  out, out_boxes, (h_ratio, w_ratio) = resize_keep_ratio(image, boxes, (1333, 800))
+  assert out.shape == expected + (3,) and out.dtype == np.uint8
+  assert (h_ratio, w_ratio) == (expected[0] / size[0], expected[1] / size[1])
+  np.testing.assert_allclose(out_boxes[0], [0, 0, expected[1], expected[0]], rtol=1e-6)
+  np.testing.assert_allclose(
+      out_boxes[1], [10 * w_ratio, 20 * h_ratio, 30 * w_ratio, 40 * h_ratio], rtol=1e-6
+  )
+  assert resize_keep_ratio(image, boxes, (800, 1333))[0].shape == out.shape  # order free
+
+
+def test_resize_clips_boxes_to_the_image():
+  _, boxes, _ = resize_keep_ratio(np.zeros((10, 20, 3), np.uint8), [[-2, 1, 25, 12]], (40, 20))
+  np.testing.assert_allclose(boxes, [[0, 2, 40, 20]])
+
+
+def test_flip_boxes():
+  boxes = np.array([[2, 3, 10, 8], [0, 0, 32, 5]], np.float32)
+  np.testing.assert_array_equal(flip_boxes(boxes, 32), [[22, 3, 30, 8], [0, 0, 32, 5]])
+  np.testing.assert_array_equal(flip_boxes(flip_boxes(boxes, 32), 32), boxes)
+  assert flip_boxes(np.zeros((0, 4)), 32).shape == (0, 4)
+  image = np.arange(2 * 32 * 3, dtype=np.uint8).reshape(2, 32, 3)
+  rng = np.random.default_rng(0)
+  flipped, fb = random_flip(rng, image, boxes, prob=1.0)
+  np.testing.assert_array_equal(flipped, image[:, ::-1])
+  np.testing.assert_array_equal(fb, flip_boxes(boxes, 32))
+  same, sb = random_flip(rng, image, boxes, prob=0.0)
+  assert same is image and np.array_equal(sb, boxes)
+  # The flipped box covers the mirrored pixels.
+  marked = np.zeros((10, 32), bool)
+  marked[3:8, 2:10] = True
+  x1, y1, x2, y2 = flip_boxes(boxes[:1], 32)[0].astype(int)
+  assert marked[:, ::-1][y1:y2, x1:x2].all() and marked[:, ::-1].sum() == (y2 - y1) * (x2 - x1)
+
+
+def test_train_and_eval_transforms():
+  example = _synthetic(image_size=(40, 60))[0]
+  train = DetectionTrainTransform(scale=(120, 80), flip_prob=0.5)
+  flips = set()
+  for seed in range(8):
+    out = train(example, np.random.default_rng(seed))
+    assert out['image'].shape == (80, 120, 3) and out['image'].dtype == np.float32
+    assert out['image_size'] == (80, 120) and out['orig_size'] == (40, 60)
+    assert out['scale_factor'] == (2.0, 2.0)
+    flips.add(bool(np.array_equal(out['boxes'], example['boxes'] * 2)))
+    again = train(example, np.random.default_rng(seed))
+    np.testing.assert_array_equal(again['image'], out['image'])  # a pure function of rng
+  assert flips == {True, False}  # both outcomes occur
+  out = DetectionEvalTransform(scale=(120, 80))(example)
+  np.testing.assert_array_equal(out['boxes'], example['boxes'] * 2)
+  np.testing.assert_array_equal(out['labels'], example['labels'])
+  pixel = example['image'][0, 0].astype(np.float32)
+  np.testing.assert_allclose(
+      out['image'][0, 0], (pixel - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), atol=1e-5
+  )
+  with pytest.raises(ValueError, match='needs an np.random.Generator'):
+    train(example, None)
+
+
+# -------------------------------------------------------------------- collate
+
+
+def _example(h, w, num_boxes, image_id=1):
+  boxes = np.array([[i, i, i + 2 + i, i + 3] for i in range(num_boxes)], np.float32)
+  return {
+      'image': np.ones((h, w, 3), np.float32),
+      'boxes': boxes.reshape(-1, 4),
+      'labels': np.arange(num_boxes, dtype=np.int32),
+      'image_id': image_id,
+      'orig_size': (2 * h, 2 * w),
+      'image_size': (h, w),
+      'scale_factor': (0.5, 0.5),
+  }
+
+
+def test_default_canvas_sizes():
+  assert default_canvas_sizes((1333, 800)) == ((800, 1344), (1344, 800), (1344, 1344))
+  assert default_canvas_sizes((800, 1333)) == ((800, 1344), (1344, 800), (1344, 1344))
+  assert default_canvas_sizes((64, 64)) == ((64, 64),)
+
+
+def test_collate_canvas_choice_and_masks():
+  canvases = default_canvas_sizes((64, 40), divisor=8)
+  assert canvases == ((40, 64), (64, 40), (64, 64))
+  landscape = collate([_example(40, 64, 2), _example(30, 50, 0, 2)], canvases, max_boxes=4)
+  assert landscape['inputs'].shape == (2, 40, 64, 3)
+  portrait = collate([_example(64, 40, 1), _example(20, 20, 3)], canvases, max_boxes=4)
+  assert portrait['inputs'].shape == (2, 64, 40, 3)
+  mixed = collate([_example(40, 64, 1), _example(64, 40, 1)], canvases, max_boxes=4)
+  assert mixed['inputs'].shape == (2, 64, 64, 3)
+  with pytest.raises(ValueError, match=r'needs 70x10 .*height from image 5'):
+    collate([_example(70, 10, 1, image_id=5)], canvases)
+
+  b = landscape
+  assert b['inputs'].dtype == np.float32
+  assert b['inputs'][1, :30, :50].min() == 1 and b['inputs'][1, 30:].max() == 0
+  assert b['inputs'][1, :, 50:].max() == 0
+  np.testing.assert_array_equal(b['box_mask'], [[1, 1, 0, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(b['labels'], [[0, 1, -1, -1], [-1, -1, -1, -1]])
+  np.testing.assert_array_equal(b['boxes'][0, :2], _example(40, 64, 2)['boxes'])
+  assert not b['boxes'][0, 2:].any() and not b['boxes'][1].any()
+  np.testing.assert_array_equal(b['image_size'], [[40, 64], [30, 50]])
+  np.testing.assert_array_equal(b['orig_size'], [[80, 128], [60, 100]])
+  np.testing.assert_array_equal(b['image_id'], [1, 2])
+  np.testing.assert_array_equal(b['batch_mask'], [1, 1])
+  dtypes = {k: v.dtype for k, v in b.items()}
+  assert dtypes == {
+      'inputs': np.float32, 'boxes': np.float32, 'labels': np.int32, 'box_mask': bool,
+      'image_size': np.int32, 'orig_size': np.int32, 'scale_factor': np.float32,
+      'image_id': np.int64, 'batch_mask': np.float32,
+  }
+
+  padded = pad_batch(b, 4)
+  assert {k: v.shape[0] for k, v in padded.items()} == dict.fromkeys(b, 4)
+  np.testing.assert_array_equal(padded['batch_mask'], [1, 1, 0, 0])
+  assert not padded['box_mask'][2:].any() and (padded['labels'][2:] == -1).all()
+  assert (padded['scale_factor'][2:] == 1).all() and (padded['image_id'][2:] == -1).all()
+  assert not padded['inputs'][2:].any()
+  with pytest.raises(ValueError, match='cannot pad a batch of 2 entries to the smaller'):
+    pad_batch(b, 1)
+
+
+def test_collate_keeps_the_largest_boxes_and_warns_once(monkeypatch):
+  monkeypatch.setattr(transforms, '_warned_max_boxes', False)
+  example = _example(40, 64, 6, image_id=17)  # box i has area (2 + i) * 3
+  with pytest.warns(UserWarning, match='image 17 has 6 boxes, more than max_boxes=4'):
+    b = collate([example], [(40, 64)], max_boxes=4)
+  np.testing.assert_array_equal(b['labels'][0], [2, 3, 4, 5])
+  assert b['box_mask'].all()
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    collate([example], [(40, 64)], max_boxes=4)  # silent the second time
+
+
+def test_synthetic_through_the_pipeline():
+  source = _synthetic(image_size=(64, 96))
+  train = DetectionTrainTransform(scale=(120, 80))
+  rng = np.random.default_rng(0)
+  batch = collate(
+      [train(source[k], rng) for k in range(3)], default_canvas_sizes((120, 80)), max_boxes=8
+  )
+  assert batch['inputs'].shape == (3, 96, 128, 3)
+  counts = [len(source[k]['labels']) for k in range(3)]
+  np.testing.assert_array_equal(batch['box_mask'].sum(1), counts)
+  np.testing.assert_allclose(batch['scale_factor'], 1.25)
