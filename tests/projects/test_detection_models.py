@@ -1,0 +1,135 @@
+"""The detection model classes: ATSS loss on padded batches, detections, configs, Scenic."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from projects.cvt_detection import models
+from projects.cvt_detection.configs import coco_cvt13_atss_1x, synthetic_demo
+from projects.cvt_detection.data import build_loaders
+from tests.scenic_support import requires_scenic
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  """The runlocal demo model, its variables and one training batch of 2 synthetic images."""
+  config = synthetic_demo.get_config('runlocal')
+  train, _, meta = build_loaders('synthetic', batch_size=2, eval_batch_size=2, num_classes=4,
+                                 image_size=(128, 128), num_train=4, num_eval=2, max_boxes=8)
+  model = models.get_model_cls(config.model_name)(config, meta)
+  variables = model.init_variables(jax.random.PRNGKey(0), meta['input_shape'])
+  batch = {k: jnp.asarray(v) for k, v in train.batch(0).items()}
+  outputs = jax.jit(lambda v, x: model.flax_model.apply(v, x))(variables, batch['inputs'])
+  return model, variables, batch, outputs
+
+
+def _loss(model, outputs, batch):
+  return jax.jit(model.loss_and_metrics)(outputs, batch)
+
+
+def test_loss_is_finite_and_has_positives(tiny):
+  model, _, batch, outputs = tiny
+  loss, parts = _loss(model, outputs, batch)
+  assert np.isfinite(loss) and float(loss) > 0
+  assert float(parts['num_pos']) >= int(batch['box_mask'].sum())  # ATSS: >= 1 point per box
+  np.testing.assert_allclose(
+      loss, parts['loss_cls'] + 2.0 * parts['loss_box'] + parts['loss_centerness'], rtol=1e-6)
+
+
+def test_padded_boxes_change_nothing(tiny):
+  model, _, batch, outputs = tiny
+  loss, _ = _loss(model, outputs, batch)
+  # Garbage in the padding slots (box_mask False) must not match any point.
+  garbage = dict(batch)
+  pad = ~batch['box_mask']
+  garbage['boxes'] = jnp.where(pad[..., None], jnp.asarray([5.0, 5.0, 120.0, 120.0]),
+                               batch['boxes'])
+  garbage['labels'] = jnp.where(pad, 3, batch['labels'])
+  np.testing.assert_allclose(_loss(model, outputs, garbage)[0], loss, rtol=1e-6)
+
+
+def test_masked_batch_entry_contributes_nothing(tiny):
+  model, _, batch, outputs = tiny
+  first = {k: v[:1] for k, v in batch.items()}
+  first_outputs = {k: v[:1] for k, v in outputs.items()}
+  alone, _ = _loss(model, first_outputs, first)
+  masked = dict(batch, batch_mask=jnp.asarray([1.0, 0.0]))
+  np.testing.assert_allclose(_loss(model, outputs, masked)[0], alone, rtol=1e-5)
+
+
+def test_detect_returns_fixed_count_in_original_pixels(tiny):
+  model, variables, batch, _ = tiny
+  # An untrained head scores every point at its prior, 0.01: keep all candidates.
+  config = model.config.copy_and_resolve_references()
+  config.eval.score_threshold = 0.0
+  predict = models.get_model_cls(config.model_name)(config, model.dataset_meta_data).predict_fn()
+  # Inputs resized x2 from 64 px originals: boxes come back in the 64 px frame.
+  size = jnp.asarray([[128, 128], [128, 128]])
+  dets = predict(variables, batch['inputs'], size, jnp.full((2, 2), 2.0))
+  assert dets['boxes'].shape == (2, 100, 4) and dets['classes'].shape == (2, 100)
+  boxes = np.asarray(dets['boxes'])[np.asarray(dets['valid'])]
+  assert boxes.size and boxes.min() >= 0 and boxes.max() <= 64
+
+
+def test_unknown_loss_setting_is_an_error(tiny):
+  model, _, batch, outputs = tiny
+  with model.config.unlocked():
+    model.config.loss.box_wieght = 1.0
+  try:
+    with pytest.raises(ValueError, match='box_wieght'):
+      model.loss_function(outputs, batch)
+  finally:
+    with model.config.unlocked():
+      del model.config.loss['box_wieght']
+
+
+# Backbones as the official CvT-13 / CvT-21 without their classifier (20.0M / 31.6M with it);
+# neck: laterals 192/384 -> 256, two 3x3 outputs, P5 from stage 3 (384 -> 256), P6, P7;
+# head: 8 tower convs 256 -> 256 with GroupNorm, 3x3 predictors for 80 classes, 4, 1.
+@pytest.mark.parametrize('arg, backbone', [('', 19_611_712), ('variant=21', 31_236_928)])
+def test_coco_configs_build_cvt13_and_cvt21(arg, backbone):
+  config = coco_cvt13_atss_1x.get_config(arg)
+  assert config.optimizer.schedule == 'step' and config.optimizer.decay_steps == (58_640, 80_630)
+  assert config.num_training_steps == 87_960
+  model = models.get_model_cls(config.model_name)(config, {'num_classes': 80})
+  shapes = jax.eval_shape(model.flax_model.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 256, 320, 3)))
+  counts = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v))
+            for k, v in shapes['params'].items()}
+  assert counts == {'backbone': backbone, 'neck': 3_393_280, 'head': 4_918_618}
+  assert model.flax_model.level_shapes(800, 1344) == (
+      (100, 168), (50, 84), (25, 42), (13, 21), (7, 11))
+
+
+def test_config_typo_is_an_error():
+  config = synthetic_demo.get_config('runlocal')
+  with pytest.raises(AttributeError):
+    config.optimizer.base_rl = 1.0
+
+
+@requires_scenic
+def test_registered_with_scenic_and_metrics_psum_over_batch(tiny):
+  from scenic.dataset_lib import datasets as scenic_datasets
+  from scenic.model_lib import models as scenic_models
+
+  from projects.cvt_detection.data import register_with_scenic
+
+  assert models.register_with_scenic() == ['cvt_atss']
+  assert scenic_models.get_model_cls('cvt_atss') is models.CvTATSS
+  assert 'cvt_det_synthetic' in register_with_scenic()
+  builder = scenic_datasets.get_dataset('cvt_det_synthetic')
+  ds = builder(batch_size=2, eval_batch_size=2, num_shards=1, dataset_configs=dict(
+      num_classes=4, image_size=(128, 128), num_train=4, num_eval=2, max_boxes=8))
+  train_batch = next(ds.train_iter)
+  assert train_batch['inputs'].shape == (1, 2, 128, 128, 3)
+  assert train_batch['boxes'].shape == (1, 2, 8, 4)
+
+  model, _, batch, outputs = tiny
+  metrics_fn = models.get_model_cls('cvt_atss')(model.config, ds.meta_data).get_metrics_fn()
+  sharded = jax.tree.map(lambda x: x[None], (outputs, batch))
+  metrics = jax.pmap(metrics_fn, axis_name='batch')(*sharded)
+  loss, _ = _loss(model, outputs, batch)
+  np.testing.assert_allclose(metrics['loss'][0][0] / metrics['loss'][1][0], loss, rtol=1e-5)
