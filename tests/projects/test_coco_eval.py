@@ -202,3 +202,43 @@ def test_format_table():
   assert lines[0].split() == ['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl']
   assert lines[1].split() == ['100.0'] * 6
   assert 'cat' in table and 'dog' in table and 'nan' in table
+
+
+def test_faster_coco_eval_equals_pycocotools():
+  """The same AP as pycocotools (the reference implementation) on noisy detections."""
+  pycocotools = pytest.importorskip('pycocotools.cocoeval')
+  from pycocotools.coco import COCO as ReferenceCOCO
+
+  from projects.cvt_detection.data import SyntheticDetection, coco_ground_truth
+
+  gt = coco_ground_truth(SyntheticDetection(40, image_size=(128, 128), num_classes=4, seed=3))
+  # A crowd region and an image without objects, handled as COCO does.
+  gt['annotations'].append(_ann(10_000, 1, 2, [2.0, 2.0, 40.0, 30.0], iscrowd=1))
+  gt['images'].append({'id': 999, 'file_name': 'empty.png', 'height': 128, 'width': 128})
+  rng = np.random.default_rng(0)
+  results = []
+  for ann in gt['annotations']:
+    for _ in range(rng.integers(0, 3)):  # missed, found once, or duplicated
+      x, y, w, h = np.asarray(ann['bbox']) + rng.normal(0, 2.0, 4)
+      category = ann['category_id'] if rng.random() < 0.85 else int(rng.integers(1, 5))
+      results.append(_result(ann['image_id'], category, [x, y, max(w, 1), max(h, 1)],
+                             float(rng.random())))
+  results += [_result(int(rng.integers(1, 41)), int(rng.integers(1, 5)),
+                      list(rng.uniform(0, 60, 4) + [0, 0, 4, 4]), float(rng.random()))
+              for _ in range(30)]  # false positives
+  ours = evaluate_boxes(gt, results)
+
+  reference_gt = ReferenceCOCO()
+  reference_gt.dataset = copy.deepcopy(gt)
+  reference_gt.createIndex()
+  reference = pycocotools.COCOeval(reference_gt, reference_gt.loadRes(copy.deepcopy(results)),
+                                   'bbox')
+  reference.evaluate()
+  reference.accumulate()
+  reference.summarize()
+  names = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm',
+           'ARl')
+  for name, value in zip(names, reference.stats, strict=True):
+    expected = math.nan if value == -1 else value
+    np.testing.assert_allclose(ours[name], expected, atol=1e-6, err_msg=name)
+  assert 0.1 < ours['AP'] < 0.9  # a case with misses, duplicates and confusions

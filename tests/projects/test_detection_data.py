@@ -1,7 +1,9 @@
 """Detection data: COCO-format reading and writing, the synthetic set, mmdet's 1x pipeline."""
 
 import json
+import logging
 import os
+import re
 import warnings
 
 import numpy as np
@@ -13,6 +15,7 @@ from projects.cvt_detection.data import (
     DetectionEvalTransform,
     DetectionTrainTransform,
     SyntheticDetection,
+    builder,
     collate,
     default_canvas_sizes,
     flip_boxes,
@@ -83,7 +86,9 @@ def _write_json(tmp_path, images, annotations, categories=None, sizes=None):
     ann.setdefault('id', j + 1)
     ann.setdefault('category_id', 7)
     ann.setdefault('iscrowd', 0)
-    ann.setdefault('area', ann['bbox'][2] * ann['bbox'][3])
+    bbox = ann.get('bbox')
+    if isinstance(bbox, list) and len(bbox) == 4 and all(type(v) in (int, float) for v in bbox):
+      ann.setdefault('area', bbox[2] * bbox[3])
   gt = {
       'images': infos,
       'annotations': annotations,
@@ -94,18 +99,31 @@ def _write_json(tmp_path, images, annotations, categories=None, sizes=None):
   return str(ann_file), str(image_dir)
 
 
-def test_crowd_empty_and_dropped_boxes(tmp_path):
+COCO_LOGGER = 'projects.cvt_detection.data.coco'
+
+
+def _warnings(caplog):
+  return [r.getMessage() for r in caplog.records
+          if r.name == COCO_LOGGER and r.levelno == logging.WARNING]
+
+
+def test_crowd_empty_and_dropped_boxes(tmp_path, caplog):
   anns = [
       {'image_id': 1, 'bbox': [2, 3, 10, 5]},
       {'image_id': 1, 'bbox': [0, 0, 20, 20], 'iscrowd': 1},
       {'image_id': 1, 'bbox': [4, 4, 0.5, 6]},  # w < 1: mmdet drops it
-      {'image_id': 1, 'bbox': [4, 4, 6, 0]},  # h = 0
-      {'image_id': 1, 'bbox': [40, 4, 6, 6]},  # entirely right of the 32-px-wide image
+      {'image_id': 1, 'bbox': [4, 4, 6, 0.25]},  # h < 1
+      {'image_id': 1, 'bbox': [4, 4, 6, 6], 'area': 0},  # area <= 0: mmdet drops it
       {'image_id': 1, 'bbox': [4, 4, 6, 6], 'ignore': 1},
       {'image_id': 3, 'bbox': [1, 1, 8, 8], 'iscrowd': 1},
   ]
   args = _write_json(tmp_path, {1: (24, 32), 2: (16, 16), 3: (20, 20)}, anns)
-  ds = CocoDetection(*args)
+  with caplog.at_level(logging.WARNING, logger=COCO_LOGGER):
+    ds = CocoDetection(*args)
+  assert _warnings(caplog) == [
+      f'Dropped 3 of the 7 annotations in {args[0]} as mmdetection does: 2 with a box side '
+      'under 1 px, 1 with area <= 0 (annotation ids 3, 4, 5).'
+  ]
   assert len(ds) == 3 and ds.class_names == ('thing',)
   first = ds[0]
   np.testing.assert_array_equal(first['boxes'], [[2, 3, 12, 8], [0, 0, 20, 20]])
@@ -123,6 +141,161 @@ def test_crowd_empty_and_dropped_boxes(tmp_path):
   np.testing.assert_array_equal(out['boxes'], [[2, 3, 12, 8]])
 
 
+def test_boxes_up_to_one_pixel_beyond_the_image_are_clipped(tmp_path, caplog):
+  anns = [
+      {'image_id': 1, 'bbox': [-0.4, -1.0, 10, 8]},  # COCO's rounding: kept, clipped
+      {'image_id': 1, 'bbox': [20.5, 16.25, 12.4, 8.5]},  # right 0.9 px, bottom 0.75 px
+      {'image_id': 1, 'bbox': [31.5, 2, 1.4, 6], 'iscrowd': 1},  # 0.5 px inside once clipped
+  ]
+  args = _write_json(tmp_path, {1: (24, 32)}, anns)
+  with caplog.at_level(logging.WARNING, logger=COCO_LOGGER):
+    item = CocoDetection(*args)[0]
+  np.testing.assert_allclose(item['boxes'], [[0, 0, 9.6, 7], [20.5, 16.25, 32, 24]])
+  assert len(_warnings(caplog)) == 1 and 'annotation ids 3)' in _warnings(caplog)[0]
+
+
+@pytest.mark.parametrize(
+    'ann, problem',
+    [
+        ({'bbox': [28, 2, 7, 4]}, 'bbox [28, 2, 7, 4] extends 3 px beyond the right edge of the '
+         '32x24 (w x h) image (up to 1 px is allowed and clipped)'),
+        ({'bbox': [-1.5, -4, 5, 9]}, 'bbox [-1.5, -4, 5, 9] extends 1.5 px beyond the left edge '
+         'and 4 px beyond the top edge of'),
+        ({'bbox': [2, 20, 5, 5.25]}, 'bbox [2, 20, 5, 5.25] extends 1.25 px beyond the bottom '
+         'edge'),
+        ({'bbox': [40, 4, 6, 6]}, 'bbox [40, 4, 6, 6] lies outside the 32x24 (w x h) image'),
+        ({'bbox': [32, 4, 0.5, 6]}, 'bbox [32, 4, 0.5, 6] lies outside'),  # no overlap: error
+        ({'bbox': [-3, 4, 3, 6]}, 'bbox [-3, 4, 3, 6] lies outside'),  # touches the left edge only
+        ({'bbox': [4, 4, 0, 6]}, 'bbox [4, 4, 0, 6] has width 0 (must be > 0)'),
+        ({'bbox': [4, 4, 6, -2]}, 'bbox [4, 4, 6, -2] has height -2 (must be > 0)'),
+        ({'bbox': [4, 4, 0, 6], 'iscrowd': 1}, 'bbox [4, 4, 0, 6] has width 0'),  # crowd alike
+        ({'bbox': [4, float('nan'), 6, 6]}, 'bbox [4, nan, 6, 6] has a non-finite value'),
+        ({'bbox': [4, 4, float('inf'), 6]}, 'bbox [4, 4, inf, 6] has a non-finite value'),
+        ({'bbox': [4, 4, 6, 6], 'area': float('nan')}, 'area nan is not a finite number'),
+        ({'bbox': [4, 4, 6]}, 'bbox [4, 4, 6] is not 4 numbers [x, y, width, height]'),
+        ({'bbox': [4, 4, '6', 6]}, "bbox [4, 4, '6', 6] is not 4 numbers"),
+        ({'bbox': None}, 'bbox None is not 4 numbers'),
+        ({}, "has no 'bbox'"),
+        ({'bbox': [4, 4, 6, 6], 'area': 'big'}, "area 'big' is not a finite number"),
+    ],
+)
+def test_invalid_box_errors_name_file_and_annotation(tmp_path, ann, problem):
+  anns = [{'image_id': 1, 'bbox': [2, 3, 10, 5]}, {'id': 42, 'image_id': 1, **ann}]
+  args = _write_json(tmp_path, {1: (24, 32)}, anns)
+  with pytest.raises(ValueError) as error:
+    CocoDetection(*args)
+  message = str(error.value)
+  assert message.startswith(f'1 of the 2 annotations in {args[0]} are invalid')
+  assert f'\n  annotation 42 (image 1, 1.png): {problem}' in message
+  assert "set invalid_boxes='drop' (dataset_configs.invalid_boxes)" in message
+  # 'drop' keeps the good box.
+  ds = CocoDetection(*args, invalid_boxes='drop')
+  np.testing.assert_array_equal(ds[0]['boxes'], [[2, 3, 12, 8]])
+
+
+def test_unknown_ids_name_the_annotation(tmp_path):
+  anns = [
+      {'id': 11, 'image_id': 1, 'bbox': [1, 1, 3, 3], 'category_id': 5},
+      {'id': 12, 'image_id': 9, 'bbox': [1, 1, 3, 3]},
+      {'id': 13, 'image_id': 1, 'bbox': [1, 1, 3, 3]},
+  ]
+  args = _write_json(tmp_path, {1: (8, 8)}, anns)
+  gt = json.loads(open(args[0]).read())
+  gt['annotations'].append('not an annotation')
+  with open(args[0], 'w') as f:
+    json.dump(gt, f)
+  for mode in ('error', 'drop'):  # unknown ids are not boxes to drop
+    with pytest.raises(ValueError) as error:
+      CocoDetection(*args, invalid_boxes=mode)
+    message = str(error.value)
+    assert f'3 of the 4 annotations in {args[0]} are invalid' in message
+    assert "\n  annotations[3]: is a str, not an object\n" in message
+    assert ('annotation 11 (image 1, 1.png): has category id 5, which is not in `categories`'
+            in message)
+    assert 'annotation 12: refers to image id 9, which is not in `images`' in message
+    assert '`categories` has ids [7].' in message
+    assert 'annotation 13' not in message
+  assert "drops invalid boxes only" in message
+
+
+def test_all_invalid_annotations_listed_in_one_error(tmp_path):
+  anns = [
+      {'id': 1, 'image_id': 1, 'bbox': [2, 3, 10, 5]},
+      {'id': 7, 'image_id': 1, 'bbox': [4, 4, 0, 6]},
+      {'id': 8, 'image_id': 2, 'bbox': [1, 1, 3, 3], 'category_id': 99},
+      {'id': 9, 'image_id': 2, 'bbox': [-5, 1, 8, 8], 'iscrowd': 1},
+      {'id': 10, 'image_id': 2, 'bbox': [1, 1, 3, 3]},
+  ]
+  args = _write_json(tmp_path, {1: (24, 32), 2: (16, 16)}, anns)
+  with pytest.raises(ValueError) as error:
+    CocoDetection(*args)
+  lines = str(error.value).splitlines()
+  assert lines[0] == (f'3 of the 5 annotations in {args[0]} are invalid (COCO bbox: [x, y, '
+                      'width, height] in image pixels):')
+  assert lines[1] == '  annotation 7 (image 1, 1.png): bbox [4, 4, 0, 6] has width 0 (must be > 0)'
+  assert lines[2] == ('  annotation 8 (image 2, 2.png): has category id 99, which is not in '
+                      '`categories`')
+  assert lines[3] == ('  annotation 9 (image 2, 2.png): bbox [-5, 1, 8, 8] extends 5 px beyond the '
+                      'left edge of the 16x16 (w x h) image (up to 1 px is allowed and clipped)')
+  assert lines[4:] == [
+      '`categories` has ids [7].',
+      "Fix the file, or set invalid_boxes='drop' (dataset_configs.invalid_boxes) to drop the "
+      'invalid boxes with a warning.',
+      "invalid_boxes='drop' drops invalid boxes only: fix the annotations with an unknown image "
+      'or category id in the file.',
+  ]
+
+
+def test_long_error_shows_ten_and_the_count(tmp_path):
+  anns = [{'id': 100 + k, 'image_id': 1, 'bbox': [4, 4, 6, -1]} for k in range(13)]
+  anns.append({'id': 1, 'image_id': 1, 'bbox': [1, 1, 4, 4]})
+  args = _write_json(tmp_path, {1: (24, 32)}, anns)
+  with pytest.raises(ValueError, match=r'^13 of the 14 annotations in .*instances\.json') as error:
+    CocoDetection(*args)
+  message = str(error.value)
+  assert all(f'annotation {100 + k} ' in message for k in range(10))
+  assert 'annotation 110 ' not in message and '\n  ... and 3 more\n' in message
+
+
+def test_drop_invalid_boxes_warns_once(tmp_path, caplog):
+  anns = [
+      {'id': 1, 'image_id': 1, 'bbox': [2, 3, 10, 5]},
+      *({'id': 20 + k, 'image_id': 1, 'bbox': [40, 4, 6, 6]} for k in range(6)),
+      {'id': 30, 'image_id': 2, 'bbox': [1, 1, 3, float('nan')], 'iscrowd': 1},
+      {'id': 31, 'image_id': 2, 'bbox': [1, 1, 5, 4], 'iscrowd': 1},
+      {'id': 32, 'image_id': 2, 'bbox': [1, 1, 5, 0.5]},  # sub-pixel: its own warning
+  ]
+  args = _write_json(tmp_path, {1: (24, 32), 2: (16, 16)}, anns)
+  with caplog.at_level(logging.WARNING, logger=COCO_LOGGER):
+    ds = CocoDetection(*args, invalid_boxes='drop')
+  first, second = _warnings(caplog)
+  assert first == (
+      f"Dropped 7 of the 10 annotations in {args[0]} with invalid boxes (invalid_boxes='drop'); "
+      'annotation ids 20, 21, 22, 23, 24, ...; first: annotation 20 (image 1, 1.png): bbox '
+      '[40, 4, 6, 6] lies outside the 32x24 (w x h) image'
+  )
+  assert second.startswith('Dropped 1 of the 10') and '(annotation ids 32)' in second
+  np.testing.assert_array_equal(ds[0]['boxes'], [[2, 3, 12, 8]])
+  np.testing.assert_array_equal(ds[1]['boxes'], [[1, 1, 6, 5]])
+  np.testing.assert_array_equal(ds[1]['crowd'], [True])
+  with pytest.raises(ValueError, match="invalid_boxes must be one of \\('error', 'drop'\\)"):
+    CocoDetection(*args, invalid_boxes='skip')
+
+
+def test_builder_passes_invalid_boxes(tmp_path):
+  anns = [{'image_id': 1, 'bbox': [2, 3, 10, 5]}, {'id': 5, 'image_id': 1, 'bbox': [4, 4, 0, 6]}]
+  ann_file, image_dir = _write_json(tmp_path, {1: (24, 32)}, anns)
+  paths = dict(train_annotations=ann_file, train_images=image_dir, val_annotations=ann_file,
+               val_images=image_dir)
+  with pytest.raises(ValueError, match=re.escape(f'1 of the 2 annotations in {ann_file}')):
+    builder._sources('coco_format', dict(paths))
+  kw = dict(paths, invalid_boxes='drop')
+  train, evaluation, ground_truth = builder._sources('coco_format', kw)
+  assert not kw and train.invalid_boxes == evaluation.invalid_boxes == 'drop'
+  np.testing.assert_array_equal(train[0]['boxes'], [[2, 3, 12, 8]])
+  assert len(ground_truth['annotations']) == 2  # evaluation reads the file as it is
+
+
 def test_errors_name_what_is_wrong(tmp_path):
   args = _write_json(tmp_path, {1: (8, 8), 2: (8, 8)}, [{'image_id': 1, 'bbox': [1, 1, 3, 3]}])
   os.remove(os.path.join(args[1], '2.png'))
@@ -133,17 +306,62 @@ def test_errors_name_what_is_wrong(tmp_path):
     CocoDetection(tmp_path / 'nope.json', args[1])
   with pytest.raises(FileNotFoundError, match='image folder not found'):
     CocoDetection(args[0], tmp_path / 'nope')
-  bad = tmp_path / 'bad'
-  bad.mkdir()
-  args = _write_json(bad, {1: (8, 8)}, [{'image_id': 1, 'bbox': [1, 1, 3, 3], 'category_id': 5}])
-  with pytest.raises(ValueError, match=r'category id 5, which is not in `categories` \[7\]'):
-    CocoDetection(*args)
-  args = _write_json(bad, {1: (8, 8)}, [{'image_id': 9, 'bbox': [1, 1, 3, 3]}])
-  with pytest.raises(ValueError, match='image id 9, which is not in `images`'):
-    CocoDetection(*args)
-  args = _write_json(bad, {1: (8, 8)}, [], sizes={1: (8, 10)})
+  args = _write_json(tmp_path, {1: (8, 8)}, [], sizes={1: (8, 10)})
   with pytest.raises(ValueError, match='is 8x8 .* says 8x10'):
     CocoDetection(*args)[0]
+
+
+def _valid_text():
+  return json.dumps({
+      'images': [{'id': 1, 'file_name': '1.png', 'height': 8, 'width': 8}],
+      'annotations': [{'id': 1, 'image_id': 1, 'category_id': 7, 'bbox': [1, 1, 3, 3]}],
+      'categories': [{'id': 7, 'name': 'thing'}],
+  }, indent=1)
+
+
+@pytest.mark.parametrize(
+    'content, problem',
+    [
+        (_valid_text()[:100], r'is not valid JSON \(100 characters\): Unterminated string '
+         r'starting at: line 10 column 2 \(char 95\); the file ends early: truncated \(an '
+         r'interrupted download or copy\?\)$'),
+        (_valid_text()[:-3], r"is not valid JSON \(\d+ characters\): Expecting ',' delimiter: "
+         r'line \d+ column \d+ \(char \d+\); the file ends early: truncated'),
+        ('images: []\n', r'is not valid JSON \(11 characters\): Expecting value: line 1 column 1 '
+         r'\(char 0\)$'),
+        ('{"images": [], "categories": [}', r'is not valid JSON \(31 characters\): Expecting '
+         r'value: line 1 column 31 \(char 30\)$'),
+        ('', 'is empty'),
+        (' \n', 'is empty'),
+        (b'\x89PNG\r\n\x1a\n\xff', 'is not UTF-8 text'),
+        ('[1, 2]', "holds a JSON list, not an object; expected a COCO detection file"),
+        ('{"images": [], "annotations": []}', r"has no 'categories' list; expected a COCO .* "
+         r"\(found keys \['annotations', 'images'\]\)"),
+        ('{"categories": [{"id": 1, "name": "a"}]}', "has no 'images' list"),
+        ('{"images": {}, "categories": [{"id": 1, "name": "a"}]}',
+         "'images' is a dict, not a list"),
+        ('{"images": [], "categories": []}', 'lists no categories'),
+        ('{"images": [], "categories": [{"id": "cat", "name": "a"}]}',
+         r"1 of the 1 categories in .* lack an integer 'id' or a 'name':\n  categories\[0\]"),
+        ('{"images": [{"id": 3, "file_name": "3.png", "height": 8}], "categories": '
+         '[{"id": 1, "name": "a"}]}', r"1 of the 1 images listed in .* are invalid:\n  "
+         r"images\[0\] \(id 3\) has no \['width'\]"),
+        ('{"images": [{"id": 3, "file_name": "3.png", "height": 8, "width": 0}], "categories": '
+         '[{"id": 1, "name": "a"}]}', 'image 3 \\(3.png\\) has height 8 and width 0; expected '
+         'positive integers'),
+    ],
+)
+def test_corrupt_json_errors(tmp_path, content, problem):
+  path = tmp_path / 'instances.json'
+  if isinstance(content, bytes):
+    path.write_bytes(content)
+  else:
+    path.write_text(content)
+  with pytest.raises(ValueError) as error:
+    CocoDetection(path, tmp_path)
+  message = str(error.value)
+  assert str(path) in message and re.search(problem, message), message
+  assert error.value.__cause__ is None  # the message says it all, no chained traceback
 
 
 def test_coco_eval_reads_written_ground_truth(tmp_path):

@@ -133,3 +133,42 @@ def test_registered_with_scenic_and_metrics_psum_over_batch(tiny):
   metrics = jax.pmap(metrics_fn, axis_name='batch')(*sharded)
   loss, _ = _loss(model, outputs, batch)
   np.testing.assert_allclose(metrics['loss'][0][0] / metrics['loss'][1][0], loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize('height, width', [(97, 131), (250, 250)])
+def test_any_input_size_gives_boxes_inside_the_image(tiny, height, width):
+  """A photo of any size: keep-ratio resize, padding to a canvas, boxes back in its pixels."""
+  from projects.cvt_detection.data import DetectionEvalTransform, collate, default_canvas_sizes
+
+  model, variables, _, _ = tiny
+  config = model.config.copy_and_resolve_references()
+  config.eval.score_threshold = 0.0  # untrained: keep every candidate
+  predict = models.get_model_cls(config.model_name)(config, model.dataset_meta_data).predict_fn()
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 255, (height, width, 3), np.uint8)
+  item = {'image': image, 'boxes': np.zeros((0, 4), np.float32),
+          'labels': np.zeros((0,), np.int32), 'crowd': np.zeros((0,), bool), 'image_id': 1,
+          'orig_size': (height, width)}
+  scale = (160, 96)
+  batch = collate([DetectionEvalTransform(scale=scale)(item)], default_canvas_sizes(scale))
+  dets = predict(variables, batch['inputs'], batch['image_size'], batch['scale_factor'])
+  boxes = np.asarray(dets['boxes'][0])[np.asarray(dets['valid'][0])]
+  assert len(boxes) == 100
+  assert boxes[:, [0, 2]].min() >= 0 and boxes[:, [0, 2]].max() <= width + 1e-3
+  assert boxes[:, [1, 3]].min() >= 0 and boxes[:, [1, 3]].max() <= height + 1e-3
+
+
+def test_full_size_input_traces(tiny):
+  """800x1333 (mmdet's test scale) through model and post-processing, shapes only."""
+  model, variables, _, _ = tiny
+  images = jax.ShapeDtypeStruct((1, 800, 1344, 3), jnp.float32)
+  size = jax.ShapeDtypeStruct((1, 2), jnp.float32)
+
+  def predict(variables, images, size, scale):
+    outputs = model.flax_model.apply(variables, images)
+    return model.detect(outputs, images.shape[1:3], size, scale)
+
+  dets = jax.eval_shape(predict, variables, images, size, size)
+  assert dets['boxes'].shape == (1, 100, 4) and dets['valid'].shape == (1, 100)
+  points = sum(h * w for h, w in model.flax_model.level_shapes(800, 1344))
+  assert points == 100 * 168 + 50 * 84 + 25 * 42 + 13 * 21 + 7 * 11

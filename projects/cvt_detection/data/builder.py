@@ -12,6 +12,10 @@ Datasets (`dataset_configs`):
   `annotations/instances_{train,val}2017.json`.
 - 'coco_format': any dataset in COCO's format: `train_annotations`, `train_images`,
   `val_annotations`, `val_images`.
+- Both COCO ones: `invalid_boxes`, 'error' (default: building the dataset raises, listing
+  the annotations whose boxes are invalid) or 'drop' (drop them with a warning, as
+  mmdetection does silently); see `CocoDetection`. Evaluation still scores against the
+  annotation file as it is.
 Common settings: `scale` (keep-ratio resize to fit, mmdet's (1333, 800)), `flip_prob`,
 `max_boxes` (boxes per image after padding), `canvas_sizes` (the padded batch shapes;
 default: landscape, portrait and square canvases of `scale`), `num_threads`, `num_workers`.
@@ -107,12 +111,13 @@ class EvalLoader(SplitPass):
     return batch
 
 
-def _sources(name: str, kw: dict[str, Any]) -> tuple[Any, Any, Any]:
-  """`(train source, eval source, ground truth)` of dataset `name`; pops its settings."""
+def _sources(name: str, kw: dict[str, Any], with_train: bool = True) -> tuple[Any, Any, Any]:
+  """`(train source or None, eval source, ground truth)` of `name`; pops its settings."""
   if name == 'synthetic':
     settings = dict(num_classes=kw.pop('num_classes', 4),
                     image_size=tuple(kw.pop('image_size', (128, 128))))
-    train = SyntheticDetection(kw.pop('num_train', 512), split='train', **settings)
+    num_train = kw.pop('num_train', 512)
+    train = SyntheticDetection(num_train, split='train', **settings) if with_train else None
     evaluation = SyntheticDetection(kw.pop('num_eval', 64), split='val', **settings)
     return train, evaluation, coco_ground_truth(evaluation)
   if name == 'coco':
@@ -131,9 +136,14 @@ def _sources(name: str, kw: dict[str, Any]) -> tuple[Any, Any, Any]:
       paths[key] = kw.pop(key)
   else:
     raise ValueError(f'Unknown detection dataset {name!r}; known: {DATASET_NAMES}.')
-  # mmdet's train dataloader filters images without boxes (`filter_empty_gt=True`).
-  train = CocoDetection(paths['train_annotations'], paths['train_images'], filter_empty=True)
-  evaluation = CocoDetection(paths['val_annotations'], paths['val_images'])
+  invalid_boxes = kw.pop('invalid_boxes', 'error')
+  # mmdet's train dataloader filters images without boxes (`filter_empty_gt=True`). Only
+  # built when asked: COCO's train annotations take a while to read.
+  train = (CocoDetection(paths['train_annotations'], paths['train_images'], filter_empty=True,
+                         invalid_boxes=invalid_boxes)
+           if with_train else None)
+  evaluation = CocoDetection(paths['val_annotations'], paths['val_images'],
+                             invalid_boxes=invalid_boxes)
   return train, evaluation, evaluation.ground_truth
 
 
@@ -147,8 +157,9 @@ def build_loaders(
     process_count: int = 1,
     num_shards: int | None = None,
     dtype_str: str = 'float32',
+    with_train: bool = True,
     **kwargs: Any,
-) -> tuple[TrainLoader, EvalLoader, dict[str, Any]]:
+) -> tuple[TrainLoader | None, EvalLoader, dict[str, Any]]:
   """The train and validation loaders of a detection dataset and its meta data.
 
   Args:
@@ -160,14 +171,15 @@ def build_loaders(
     process_count: processes sharing every batch.
     num_shards: reshape batches to `[num_shards, per_shard, ...]` (pmap); None keeps `[b, ...]`.
     dtype_str: dtype of `inputs`.
+    with_train: False: no training split is read (evaluation only); `train_loader` is None.
     **kwargs: the dataset's settings (module docstring).
 
   Returns:
     `(train_loader, eval_loader, meta_data)`.
   """
   kw = dict(kwargs)
-  train_src, eval_src, ground_truth = _sources(name, kw)
-  default_scale = tuple(train_src[0]['image'].shape[1::-1]) if name == 'synthetic' else None
+  train_src, eval_src, ground_truth = _sources(name, kw, with_train)
+  default_scale = tuple(eval_src.image_size[::-1]) if name == 'synthetic' else None
   scale = tuple(kw.pop('scale', None) or default_scale or DEFAULT_SCALE)
   canvas_sizes = kw.pop('canvas_sizes', None) or default_canvas_sizes(scale)
   max_boxes = int(kw.pop('max_boxes', DEFAULT_MAX_BOXES))
@@ -183,20 +195,23 @@ def build_loaders(
   slicing = dict(process_index=process_index, process_count=process_count,
                  num_shards=num_shards)
   common = dict(canvas_sizes=canvas_sizes, max_boxes=max_boxes, dtype=dtype)
-  train = TrainLoader(train_src, DetectionTrainTransform(scale=scale, flip_prob=flip_prob),
-                      batch_size=batch_size, seed=seed, num_workers=num_workers, **slicing,
-                      **threads, **common)
+  train = None
+  if with_train:
+    train = TrainLoader(train_src, DetectionTrainTransform(scale=scale, flip_prob=flip_prob),
+                        batch_size=batch_size, seed=seed, num_workers=num_workers, **slicing,
+                        **threads, **common)
   evaluation = EvalLoader(eval_src, DetectionEvalTransform(scale=scale),
                           batch_size=eval_batch_size, **slicing, **threads, **common)
-  canvas = min(train.canvas_sizes, key=lambda c: c[0] * c[1])
+  canvas = min(evaluation.canvas_sizes, key=lambda c: c[0] * c[1])
+  # Train and validation annotations share COCO's categories; the validation file's are read.
   meta_data = {
-      'num_classes': int(train_src.num_classes),
+      'num_classes': int(eval_src.num_classes),
       'input_shape': (-1, *canvas, 3),
-      'num_train_examples': len(train_src),
+      'num_train_examples': len(train_src) if with_train else 0,
       'num_eval_examples': len(eval_src),
       'input_dtype': dtype,
       'target_is_onehot': False,
-      'class_names': tuple(train_src.class_names),
+      'class_names': tuple(eval_src.class_names),
       'label_to_category_id': tuple(int(c) for c in eval_src.label_to_category_id),
       'ground_truth': ground_truth,
       'max_boxes': max_boxes,

@@ -4,23 +4,141 @@
 `annotations/instances_val2017.json`, or your own) with random access; `write_coco`
 writes any detection source in that layout, so a synthetic set exercises the same path.
 
-Annotation filtering follows mmdetection 3.x `CocoDataset.parse_data_info`
-(mmdet/datasets/coco.py): annotations flagged `ignore`, boxes that do not overlap the
-image, and boxes with `w < 1`, `h < 1` or `area <= 0` are dropped; crowd boxes are kept
-and flagged. Evaluation reads the ground truth from the json itself, so nothing dropped
-here changes the AP.
+The annotation file is checked when the dataset is constructed, before any training:
+a file that is not JSON or not a COCO detection file, and every invalid annotation (an
+unknown image or category id; a bbox that is not 4 finite numbers, has width or height
+<= 0, lies outside its image or extends more than 1 px beyond it) is reported in one
+error naming the file and the annotation ids. `invalid_boxes='drop'` drops the invalid
+boxes with a warning instead. Boxes up to 1 px beyond the image (COCO's own boxes are,
+by rounding) are clipped to it.
+
+Otherwise filtering follows mmdetection 3.x `CocoDataset.parse_data_info`
+(mmdet/datasets/coco.py): annotations flagged `ignore` are dropped, and so (with one
+warning giving the count) are boxes with `0 < w < 1` or `0 < h < 1` (after clipping) and
+`area <= 0`; crowd boxes are validated alike, kept and flagged. Evaluation reads the
+ground truth from the json itself, so nothing dropped here changes the AP.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from projects.cvt_segmentation.data.folders import read_image
+
+logger = logging.getLogger(__name__)
+
+INVALID_BOXES = ('error', 'drop')
+# A COCO bbox may extend this far (pixels) beyond its image; it is clipped to the image.
+BOX_TOLERANCE = 1.0
+_SHOWN = 10  # invalid entries listed in an error
+
+
+def _listing(lines: Sequence[str]) -> str:
+  """The first `_SHOWN` lines, indented, and how many more there are."""
+  text = '\n'.join(f'  {line}' for line in lines[:_SHOWN])
+  if len(lines) > _SHOWN:
+    text += f'\n  ... and {len(lines) - _SHOWN} more'
+  return text
+
+
+def _short(value: Any, limit: int = 60) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[: limit - 3] + '...'
+
+
+def _is_int(value: Any) -> bool:
+  return type(value) is int  # bool excluded
+
+
+def _is_number(value: Any) -> bool:
+  return type(value) is int or type(value) is float
+
+
+def _lookup(mapping: dict, key: Any) -> Any:
+  """`mapping.get(key)`, None for an unhashable key (a list where an id belongs)."""
+  try:
+    return mapping.get(key)
+  except TypeError:
+    return None
+
+
+def load_coco_json(path: str) -> dict:
+  """Parses a COCO annotation file; a clear `ValueError` if it is not JSON or not COCO's.
+
+  Checks the layout `CocoDetection` relies on: an object with an `images` list (each with
+  an integer `id`, a `file_name` and positive integer `height` and `width`), a non-empty
+  `categories` list (each with an integer `id` and a `name`) and, if present, an
+  `annotations` list. The annotations themselves are checked by `CocoDetection`.
+  """
+  try:
+    with open(path, encoding='utf-8-sig') as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(
+        f'COCO annotation file {path} is not UTF-8 text ({e.reason} at byte {e.start}); '
+        'expected an instances_*.json file'
+    ) from None
+  if not text or text.isspace():
+    raise ValueError(f'COCO annotation file {path} is empty')
+  try:
+    gt = json.loads(text)
+  except json.JSONDecodeError as e:
+    # An unterminated string or an error at the very end means the text stops early.
+    ends_early = e.msg.startswith('Unterminated string') or e.pos >= len(text.rstrip())
+    hint = ('; the file ends early: truncated (an interrupted download or copy?)'
+            if ends_early else '')
+    raise ValueError(
+        f'COCO annotation file {path} is not valid JSON ({len(text)} characters): {e}{hint}'
+    ) from None
+  expected = ("expected a COCO detection file, an object with 'images', 'annotations' and "
+              "'categories' lists")
+  if not isinstance(gt, dict):
+    raise ValueError(f'{path} holds a JSON {type(gt).__name__}, not an object; {expected}')
+  for key in ('images', 'categories'):
+    if key not in gt:
+      raise ValueError(f'{path} has no {key!r} list; {expected} (found keys {sorted(gt)})')
+  for key in ('images', 'categories', 'annotations'):
+    if key in gt and not isinstance(gt[key], list):
+      raise ValueError(
+          f'{path}: {key!r} is a {type(gt[key]).__name__}, not a list; {expected}'
+      )
+  if not gt['categories']:
+    raise ValueError(f'{path} lists no categories; {expected}')
+  bad = []
+  for k, info in enumerate(gt['images']):
+    if not isinstance(info, dict):
+      bad.append(f'images[{k}] is a {type(info).__name__}, not an object')
+      continue
+    missing = [key for key in ('id', 'file_name', 'height', 'width') if key not in info]
+    if missing:
+      bad.append(f'images[{k}] (id {_short(info.get("id"))}) has no {missing}')
+    elif not _is_int(info['id']):
+      bad.append(f'images[{k}] has id {_short(info["id"])}, not an integer')
+    elif not isinstance(info['file_name'], str) or not info['file_name']:
+      bad.append(f'image {info["id"]} has file_name {_short(info["file_name"])}, not a name')
+    elif not all(_is_int(info[key]) and info[key] > 0 for key in ('height', 'width')):
+      bad.append(f'image {info["id"]} ({info["file_name"]}) has height '
+                 f'{_short(info["height"])} and width {_short(info["width"])}; expected '
+                 'positive integers (pixels)')
+  if bad:
+    raise ValueError(f'{len(bad)} of the {len(gt["images"])} images listed in {path} are '
+                     f'invalid:\n{_listing(bad)}')
+  bad = []
+  for k, category in enumerate(gt['categories']):
+    if not isinstance(category, dict) or not _is_int(category.get('id')) or 'name' not in category:
+      bad.append(f'categories[{k}] = {_short(category)}')
+  if bad:
+    raise ValueError(f'{len(bad)} of the {len(gt["categories"])} categories in {path} lack an '
+                     f"integer 'id' or a 'name':\n{_listing(bad)}")
+  return gt
 
 
 class CocoDetection:
@@ -28,10 +146,15 @@ class CocoDetection:
 
   `ds[k]` returns `{'image': uint8 [H, W, 3] RGB, 'boxes': float32 [n, 4] xyxy pixels,
   'labels': int32 [n] in [0, num_classes), 'crowd': bool [n], 'image_id': int,
-  'orig_size': (H, W)}`. COCO's `[x, y, w, h]` boxes become `[x, y, x + w, y + h]`;
-  category ids map to contiguous labels in sorted-id order (COCO's 80 ids 1..90 give
-  labels 0..79). Images come in the order of the json's `images` list; images without
-  annotations are kept unless `filter_empty` is set.
+  'orig_size': (H, W)}`. COCO's `[x, y, w, h]` boxes become `[x, y, x + w, y + h]`,
+  clipped to the image; category ids map to contiguous labels in sorted-id order (COCO's
+  80 ids 1..90 give labels 0..79). Images come in the order of the json's `images` list;
+  images without annotations are kept unless `filter_empty` is set.
+
+  Construction checks the whole annotation file (module docstring) and raises a
+  `ValueError` naming the file and listing every invalid annotation (id, image id and
+  file name, what is wrong; the first ten and the count); a missing image file raises
+  `FileNotFoundError`.
 
   Args:
     annotation_file: the `instances_*.json` file. A file without an `annotations` list
@@ -40,9 +163,12 @@ class CocoDetection:
     filter_empty: drop images without annotations of a listed category, as mmdet's
       training `filter_cfg=dict(filter_empty_gt=True)` (configs/_base_/datasets/
       coco_detection.py). Like mmdet, an image whose only annotations are crowd or
-      degenerate ones is kept.
+      dropped ones is kept.
     min_size: drop images whose json width or height is below this (mmdet's training
       `filter_cfg` uses 32); 0 keeps all.
+    invalid_boxes: 'error' (default) raises for invalid boxes; 'drop' drops them with one
+      warning giving the count and the first annotation ids, as mmdetection drops them
+      silently. Annotations with an unknown image or category id raise either way.
 
   Attributes:
     annotation_file: path of the ground-truth json (what COCO evaluators load).
@@ -60,24 +186,21 @@ class CocoDetection:
       image_dir: str | os.PathLike,
       filter_empty: bool = False,
       min_size: int = 0,
+      invalid_boxes: str = 'error',
   ):
     self.annotation_file = os.fspath(annotation_file)
     self.image_dir = os.fspath(image_dir)
+    if invalid_boxes not in INVALID_BOXES:
+      raise ValueError(f'invalid_boxes must be one of {INVALID_BOXES}, got {invalid_boxes!r}')
+    self.invalid_boxes = invalid_boxes
     if not os.path.isfile(self.annotation_file):
       raise FileNotFoundError(f'COCO annotation file not found: {self.annotation_file}')
     if not os.path.isdir(self.image_dir):
       raise FileNotFoundError(
           f'image folder not found: {self.image_dir} (for {self.annotation_file})'
       )
-    with open(self.annotation_file) as f:
-      self.ground_truth = json.load(f)
+    self.ground_truth = load_coco_json(self.annotation_file)
     gt = self.ground_truth
-    for key in ('images', 'categories'):
-      if key not in gt:
-        raise ValueError(
-            f'{self.annotation_file} has no {key!r} list; expected a COCO detection file with '
-            f"'images', 'annotations' and 'categories' (found keys {sorted(gt)})"
-        )
     categories = sorted(gt['categories'], key=lambda c: c['id'])
     self.category_ids = tuple(int(c['id']) for c in categories)
     if len(set(self.category_ids)) != len(self.category_ids):
@@ -135,43 +258,113 @@ class CocoDetection:
         'orig_size': (int(image.shape[0]), int(image.shape[1])),
     }
 
-  def _parse_annotations(self, images: list[dict], anns: list[dict]) -> list[tuple]:
-    """Per image (json order): `(boxes, labels, crowd, number of annotations listed)`."""
-    if not images:
+  def _parse_annotations(self, images: list[dict], anns: list) -> list[tuple]:
+    """Per image (json order): `(boxes, labels, crowd, number of annotations listed)`.
+
+    Checks every annotation; raises for invalid ones (`invalid_boxes`), drops the rest of
+    mmdet's degenerate boxes with a warning.
+    """
+    if not images and not anns:
       return []
-    index_of = {int(info['id']): i for i, info in enumerate(images)}
+    index_of = {info['id']: i for i, info in enumerate(images)}
     if len(index_of) != len(images):
       raise ValueError(f'{self.annotation_file} lists an image id twice in `images`')
     n = len(anns)
-    image_index = np.empty(n, np.int64)
-    labels = np.empty(n, np.int32)
+    # Per annotation; placeholders where it is invalid. `bad_box` and `fatal` map an
+    # annotation index to what is wrong; fatal ones (unknown ids) raise whatever
+    # `invalid_boxes` says.
+    image_index, labels, boxes, areas, ignore, crowd = [], [], [], [], [], []
+    bad_box: dict[int, str] = {}
+    fatal: dict[int, str] = {}
+    bad_area: dict[int, str] = {}  # reported unless the box itself is invalid
     for j, ann in enumerate(anns):
-      if ann['image_id'] not in index_of:
-        raise ValueError(
-            f'annotation {ann.get("id")} in {self.annotation_file} refers to image id '
-            f'{ann["image_id"]}, which is not in `images`'
-        )
-      if ann['category_id'] not in self.category_id_to_label:
-        raise ValueError(
-            f'annotation {ann.get("id")} (image {ann["image_id"]}) in {self.annotation_file} '
-            f'has category id {ann["category_id"]}, which is not in `categories` '
-            f'{list(self.category_ids)}'
-        )
-      image_index[j] = index_of[ann['image_id']]
-      labels[j] = self.category_id_to_label[ann['category_id']]
-    xywh = np.asarray([ann['bbox'] for ann in anns], np.float64).reshape(n, 4)
-    area = np.asarray([ann.get('area', 1.0) for ann in anns], np.float64)
-    ignore = np.asarray([bool(ann.get('ignore', False)) for ann in anns], bool)
-    crowd = np.asarray([bool(ann.get('iscrowd', 0)) for ann in anns], bool)
-    wh = [(images[i]['width'], images[i]['height']) for i in image_index]
-    image_w, image_h = np.asarray(wh, np.float64).reshape(n, 2).T
+      if not isinstance(ann, dict):
+        fatal[j] = f'is a {type(ann).__name__}, not an object'
+        ann = {}
+      i = _lookup(index_of, ann.get('image_id'))
+      label = _lookup(self.category_id_to_label, ann.get('category_id'))
+      bbox, area = ann.get('bbox'), ann.get('area', 1.0)
+      image_index.append(-1 if i is None else i)
+      labels.append(0 if label is None else label)
+      ignore.append(bool(ann.get('ignore', False)))
+      crowd.append(bool(ann.get('iscrowd', 0)))
+      if j in fatal:
+        pass
+      elif i is None or label is None:
+        unknown = [f'refers to image id {_short(ann.get("image_id"))}, which is not in '
+                   '`images`'] if i is None else []
+        if label is None:
+          unknown.append(f'has category id {_short(ann.get("category_id"))}, which is not in '
+                         '`categories`')
+        fatal[j] = '; '.join(unknown)
+      elif not (type(bbox) is list and len(bbox) == 4 and all(map(_is_number, bbox))):
+        bad_box[j] = (f'bbox {_short(bbox)} is not 4 numbers [x, y, width, height]'
+                      if 'bbox' in ann else "has no 'bbox'")
+      elif not (_is_number(area) and math.isfinite(area)):
+        bad_area[j] = f'area {_short(area)} is not a finite number'
+        area = 1.0
+      if j in fatal or j in bad_box:
+        bbox, area = (0.0, 0.0, 1.0, 1.0), 1.0  # placeholder; not checked, not kept
+      boxes.append(bbox)
+      areas.append(area)
+    image_index = np.asarray(image_index, np.int64).reshape(n)
+    labels = np.asarray(labels, np.int32).reshape(n)
+    xywh = np.asarray(boxes, np.float64).reshape(n, 4)
+    area = np.asarray(areas, np.float64).reshape(n)
+    ignore = np.asarray(ignore, bool).reshape(n)
+    crowd = np.asarray(crowd, bool).reshape(n)
+
+    checked = np.ones(n, bool)
+    checked[[*fatal, *bad_box]] = False
+    sizes = [(images[i]['width'], images[i]['height']) for i in image_index]  # -1: unchecked
+    image_w, image_h = np.asarray(sizes, np.float64).reshape(n, 2).T
     x, y, w, h = xywh.T
-    # mmdet parse_data_info: no overlap with the image, or w < 1, h < 1, area <= 0 -> dropped.
-    inter_w = np.maximum(0, np.minimum(x + w, image_w) - np.maximum(x, 0))
-    inter_h = np.maximum(0, np.minimum(y + h, image_h) - np.maximum(y, 0))
-    valid = ~ignore & (inter_w * inter_h > 0) & (w >= 1) & (h >= 1) & (area > 0)
-    xyxy = np.stack([x, y, x + w, y + h], axis=1).astype(np.float32)
-    listed = np.bincount(image_index, minlength=len(images))
+    with np.errstate(invalid='ignore', over='ignore'):
+      x2, y2 = x + w, y + h
+      # How far the box reaches beyond each edge (left, top, right, bottom); clipped box.
+      beyond = np.stack([-x, -y, x2 - image_w, y2 - image_h], axis=1)
+      x1c, x2c = np.clip(x, 0, image_w), np.clip(x2, 0, image_w)
+      y1c, y2c = np.clip(y, 0, image_h), np.clip(y2, 0, image_h)
+      non_finite = checked & ~(np.isfinite(xywh).all(axis=1) & np.isfinite(beyond).all(axis=1))
+      non_positive = checked & ~non_finite & ((w <= 0) | (h <= 0))
+      rest = checked & ~non_finite & ~non_positive
+      outside = rest & ((x2c <= x1c) | (y2c <= y1c))
+      too_far = rest & ~outside & (beyond.max(axis=1) > BOX_TOLERANCE)
+    for j in np.flatnonzero(non_finite | non_positive | outside | too_far):
+      bbox = _short(anns[j]['bbox'])
+      size = f'the {image_w[j]:g}x{image_h[j]:g} (w x h) image'
+      if non_finite[j]:
+        bad_box[j] = f'bbox {bbox} has a non-finite value'
+      elif non_positive[j]:
+        side, value = ('width', w[j]) if w[j] <= 0 else ('height', h[j])
+        bad_box[j] = f'bbox {bbox} has {side} {value:g} (must be > 0)'
+      elif outside[j]:
+        bad_box[j] = f'bbox {bbox} lies outside {size}'
+      else:
+        edges = [f'{d:g} px beyond the {edge} edge'
+                 for edge, d in zip(('left', 'top', 'right', 'bottom'), beyond[j], strict=True)
+                 if d > BOX_TOLERANCE]
+        bad_box[j] = (f'bbox {bbox} extends {" and ".join(edges)} of {size} (up to '
+                      f'{BOX_TOLERANCE:g} px is allowed and clipped)')
+    for j, problem in bad_area.items():
+      bad_box.setdefault(j, problem)
+    self._report(anns, images, image_index, bad_box, fatal)
+
+    valid = checked.copy()
+    valid[list(bad_box)] = False
+    # mmdet parse_data_info drops boxes with w < 1, h < 1 or area <= 0 (here after clipping).
+    tiny = valid & ((x2c - x1c < 1) | (y2c - y1c < 1))
+    no_area = valid & ~tiny & (area <= 0)
+    if tiny.any() or no_area.any():
+      ids = [_short(anns[j].get('id')) for j in np.flatnonzero(tiny | no_area)[:5]]
+      logger.warning(
+          'Dropped %d of the %d annotations in %s as mmdetection does: %d with a box side '
+          'under 1 px, %d with area <= 0 (annotation ids %s%s).', tiny.sum() + no_area.sum(),
+          n, self.annotation_file, tiny.sum(), no_area.sum(), ', '.join(ids),
+          ', ...' if tiny.sum() + no_area.sum() > len(ids) else '')
+    valid &= ~tiny & ~no_area & ~ignore
+    xyxy = np.stack([x1c, y1c, x2c, y2c], axis=1).astype(np.float32)
+    listed = np.bincount(image_index[image_index >= 0], minlength=len(images))
     order = np.argsort(image_index[valid], kind='stable')
     kept = np.flatnonzero(valid)[order]
     splits = np.cumsum(np.bincount(image_index[kept], minlength=len(images)))[:-1]
@@ -179,6 +372,48 @@ class CocoDetection:
         (xyxy[k], labels[k], crowd[k], int(c))
         for k, c in zip(np.split(kept, splits), listed, strict=True)
     ]
+
+  def _report(self, anns: list, images: list[dict], image_index: np.ndarray,
+              bad_box: dict[int, str], fatal: dict[int, str]) -> None:
+    """Raises for invalid annotations, or warns about the boxes `invalid_boxes='drop'` drops."""
+
+    def line(j: int, problem: str) -> str:
+      ann = anns[j]
+      if not isinstance(ann, dict):
+        return f'annotations[{j}]: {problem}'
+      name = f'annotation {_short(ann["id"])}' if 'id' in ann else f'annotations[{j}] (no id)'
+      if image_index[j] >= 0:
+        info = images[image_index[j]]
+        name += f' (image {info["id"]}, {info["file_name"]})'
+      return f'{name}: {problem}'
+
+    drop = self.invalid_boxes == 'drop'
+    if bad_box and drop:
+      lines = [line(j, bad_box[j]) for j in sorted(bad_box)]
+      ids = [_short(anns[j].get('id')) for j in sorted(bad_box)[:5]]
+      logger.warning(
+          "Dropped %d of the %d annotations in %s with invalid boxes (invalid_boxes='drop'); "
+          'annotation ids %s%s; first: %s', len(bad_box), len(anns), self.annotation_file,
+          ', '.join(ids), ', ...' if len(bad_box) > len(ids) else '', lines[0])
+    problems = fatal if drop else {**fatal, **bad_box}
+    if not problems:
+      return
+    lines = [line(j, problems[j]) for j in sorted(problems)]
+    notes = []
+    if any('category id' in problem for problem in fatal.values()):
+      ids = ', '.join(map(str, self.category_ids[:20]))
+      notes.append(f'`categories` has ids [{ids}{", ..." if self.num_classes > 20 else ""}].')
+    if bad_box and not drop:
+      notes.append("Fix the file, or set invalid_boxes='drop' (dataset_configs.invalid_boxes) "
+                   'to drop the invalid boxes with a warning.')
+    if fatal and (bad_box or drop):
+      notes.append("invalid_boxes='drop' drops invalid boxes only: fix the annotations with an "
+                   'unknown image or category id in the file.')
+    raise ValueError(
+        f'{len(problems)} of the {len(anns)} annotations in {self.annotation_file} are invalid '
+        f'(COCO bbox: [x, y, width, height] in image pixels):\n{_listing(lines)}\n'
+        + '\n'.join(notes)
+    )
 
 
 def coco_ground_truth(

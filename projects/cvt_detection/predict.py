@@ -1,0 +1,431 @@
+"""Detect objects in image files: pictures with labelled boxes and COCO results.
+
+  python -m projects.cvt_detection.predict \\
+      --config=projects/cvt_detection/configs/synthetic_demo.py:runlocal \\
+      --checkpoint=workdirs/cvt_detection_demo --output=detections \\
+      photos/ more/*.jpg one.png [--score-threshold 0.3] [--max-detections 100] [--overwrite]
+
+For every input image `<stem>.<ext>` (any size and mode; EXIF orientation applied) it writes
+`OUTPUT/<stem>.png`: the image at its own size with the boxes drawn, one colour per class,
+labelled `<class> <score>`. Images go through the evaluation pipeline: keep-ratio resize to
+the dataset's scale (`dataset_configs.scale`; the synthetic set's image size, else mmdet's
+(1333, 800)), ImageNet normalisation, zero padding to one of a few fixed canvases (so the
+jitted model compiles at most once per canvas), the model and `config.eval`'s
+post-processing; boxes come back in original pixels, clipped to the image.
+
+Two files describe the run: `OUTPUT/results.json`, the detections in COCO results format
+(`{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}`), and `OUTPUT/images.json`
+mapping each image id to its input path. Image ids count the inputs from 1 in input order,
+except that an input whose file name is an image of the dataset's validation annotations
+(COCO datasets) gets that image's id, so the results can be scored against the
+annotations; an index that such an id already took moves past the largest id used.
+
+Detections scoring at least --score-threshold (mmdet's demo default 0.3) are drawn and
+written: the score shown is the final one (class probability x centerness). The
+post-processing (`config.eval`) keeps candidates whose class probability passes its own
+`score_threshold`; a lower --score-threshold lowers that one too, so `--score-threshold 0`
+gives the `max_detections` best of every image (what COCO AP wants).
+
+Inputs are files, folders (searched recursively; outputs keep the sub-folders) and glob
+patterns. Existing outputs are replaced only with --overwrite, checked before the model is
+loaded. Each image prints one progress line; a missing or unreadable input is reported by
+name and the others are still done. Exit status: 0 when every input was done, 1 when any
+failed (or on an error), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from projects.cvt_detection import coco_eval, models
+from projects.cvt_detection.data.builder import EVAL_DEVICE_KEYS
+from projects.cvt_detection.data.synthetic import SyntheticDetection
+from projects.cvt_detection.data.transforms import (
+    DEFAULT_SCALE,
+    DetectionEvalTransform,
+    collate,
+    default_canvas_sizes,
+)
+from projects.cvt_detection.evaluate import (
+    USER_ERRORS,
+    check_outputs,
+    load_detector,
+    with_eval_settings,
+    write_json,
+)
+from projects.cvt_segmentation import cli
+from projects.cvt_segmentation.predict import InputImage, PredictError, collect_inputs, read_image
+from projects.training.configs import as_dict, config_get
+
+RESULTS_FILE = 'results.json'
+IMAGES_FILE = 'images.json'
+# mmdet's image demo (demo/image_demo.py, DetInferencer) draws detections scoring >= 0.3.
+SCORE_THRESHOLD = 0.3
+
+
+# --- what the dataset says: class names, category ids, image ids ---------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What prediction needs from the config's dataset, without loading the dataset.
+
+  Attributes:
+    class_names: one name per label `0..K-1`.
+    category_ids: COCO category id of each label.
+    image_ids: validation image file name (base name) -> COCO image id; empty for the
+      synthetic set.
+    scale: `(long, short)` keep-ratio resize limits of evaluation.
+    canvas_sizes: padded `(H, W)` input shapes.
+  """
+
+  class_names: tuple[str, ...]
+  category_ids: tuple[int, ...]
+  image_ids: dict[str, int]
+  scale: tuple[int, int]
+  canvas_sizes: tuple[tuple[int, int], ...]
+
+
+def _val_annotation_file(name: str, dataset_configs: dict[str, Any]) -> str:
+  """The validation annotations of a COCO-format dataset (as `builder.build_loaders`)."""
+  if name == 'coco':
+    if not dataset_configs.get('data_dir'):
+      raise ValueError("dataset 'coco' needs dataset_configs.data_dir, the folder holding "
+                       'annotations/instances_val2017.json')
+    return os.path.join(dataset_configs['data_dir'], 'annotations', 'instances_val2017.json')
+  if not dataset_configs.get('val_annotations'):
+    raise ValueError("dataset 'coco_format' needs dataset_configs.val_annotations (its "
+                     'categories name the classes)')
+  return dataset_configs['val_annotations']
+
+
+def dataset_info(config: Any) -> DatasetInfo:
+  """Class names, category ids, validation image ids and resize settings of the config.
+
+  The synthetic set gives its shape names; 'coco' and 'coco_format' read the categories
+  and images of the validation annotation file (only that json: the images and the
+  training annotations are not opened).
+  """
+  name = config_get(config, 'dataset_name')
+  kw = as_dict(config_get(config, 'dataset_configs'))
+  default_scale = DEFAULT_SCALE
+  if name == 'synthetic':
+    settings = {k: kw[k] for k in ('num_classes', 'image_size') if kw.get(k) is not None}
+    source = SyntheticDetection(1, **settings)
+    names, ids, image_ids = source.class_names, source.label_to_category_id, {}
+    default_scale = source.image_size[::-1]  # as build_loaders: the images' own size
+  elif name in ('coco', 'coco_format'):
+    path = _val_annotation_file(name, kw)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'validation annotation file not found: {path} (its categories '
+                              'name the classes)')
+    with open(path) as f:
+      gt = json.load(f)
+    if not gt.get('categories'):
+      raise ValueError(f'{path} lists no categories; expected a COCO detection file')
+    categories = sorted(gt['categories'], key=lambda c: c['id'])  # labels in id order
+    names = [str(c['name']) for c in categories]
+    ids = [int(c['id']) for c in categories]
+    by_name: dict[str, list[int]] = {}
+    for info in gt.get('images', []):
+      by_name.setdefault(os.path.basename(info['file_name']), []).append(int(info['id']))
+    image_ids = {k: v[0] for k, v in by_name.items() if len(v) == 1}  # unambiguous names
+  else:
+    raise ValueError(f"unknown detection dataset {name!r}; expected 'synthetic', 'coco' or "
+                     "'coco_format'")
+  scale = tuple(int(s) for s in (kw.get('scale') or default_scale))
+  canvas_sizes = kw.get('canvas_sizes') or default_canvas_sizes(scale)
+  return DatasetInfo(tuple(str(n) for n in names), tuple(int(i) for i in ids), image_ids,
+                     scale, tuple(tuple(int(s) for s in c) for c in canvas_sizes))
+
+
+def assign_image_ids(paths: Sequence[str], coco_ids: dict[str, int]) -> list[int]:
+  """Image ids of the inputs: the COCO id of a known file name, else the 1-based index.
+
+  An index already taken by a COCO id of another input is replaced by the next id above
+  every id in use, so ids stay unique.
+  """
+  ids: list[int | None] = [coco_ids.get(os.path.basename(p)) for p in paths]
+  used = {i for i in ids if i is not None}
+  next_free = max(used | {len(paths)}) + 1
+  for k, image_id in enumerate(ids):
+    if image_id is None:
+      if k + 1 in used:
+        ids[k], next_free = next_free, next_free + 1
+      else:
+        ids[k] = k + 1
+      used.add(ids[k])
+  return [int(i) for i in ids]
+
+
+# --- drawing ----------------------------------------------------------------------------------
+
+
+def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
+  """Bright, distinct RGB colours: hues a golden-ratio turn apart, so neighbours differ."""
+  colors = []
+  for k in range(num_classes):
+    r, g, b = colorsys.hsv_to_rgb((0.08 + 0.618034 * k) % 1.0, 0.85, 0.95)
+    colors.append((round(255 * r), round(255 * g), round(255 * b)))
+  return colors
+
+
+def _text_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
+  """Black on light backgrounds, white on dark ones (ITU-R BT.601 luma)."""
+  luma = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+  return (0, 0, 0) if luma > 140 else (255, 255, 255)
+
+
+def draw_detections(
+    image: np.ndarray | Image.Image,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    colors: Sequence[tuple[int, int, int]] | None = None,
+) -> Image.Image:
+  """The image with each box outlined and labelled `<class> <score>` on a filled background.
+
+  Line width and text size follow the image size. A label sits above its box, or inside
+  it at the top when the box touches the image's top edge, and is shifted left when it
+  would leave the image on the right. Higher scores are drawn last (on top).
+
+  Args:
+    image: uint8 `[H, W, 3]` (or `[H, W]`) or a PIL image.
+    boxes: `[n, 4]` `(x1, y1, x2, y2)` in pixels of `image`.
+    scores: `[n]` in [0, 1].
+    classes: `[n]` labels in `[0, len(class_names))`.
+    class_names: one name per label.
+    colors: RGB colour per label (default `class_colors`).
+
+  Returns:
+    An RGB PIL image of the input's size.
+  """
+  canvas = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)))
+  canvas = canvas.convert('RGB')
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  scores = np.asarray(scores, np.float32).reshape(-1)
+  classes = np.asarray(classes).reshape(-1).astype(int)
+  if not len(boxes) == len(scores) == len(classes):
+    raise ValueError(f'draw_detections needs as many boxes, scores and classes; got '
+                     f'{len(boxes)}, {len(scores)} and {len(classes)}')
+  if len(classes) and not 0 <= classes.min() <= classes.max() < len(class_names):
+    raise ValueError(f'classes must be labels in [0, {len(class_names)}) of class_names; got '
+                     f'{sorted(set(classes.tolist()))}')
+  colors = list(colors) if colors is not None else class_colors(len(class_names))
+  width, height = canvas.size
+  line = max(2, round(max(width, height) / 320))
+  font = ImageFont.load_default(size=int(np.clip(round(max(width, height) / 40), 11, 40)))
+  ascent, descent = font.getmetrics()
+  pad = max(2, ascent // 5)
+  draw = ImageDraw.Draw(canvas)
+  order = np.argsort(scores, kind='stable')
+  for k in order:
+    x1, y1, x2, y2 = boxes[k].tolist()
+    draw.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=colors[classes[k]], width=line)
+  for k in order:  # labels after every box, so no outline crosses a label
+    x1, y1 = boxes[k, :2].tolist()
+    text = f'{class_names[classes[k]]} {scores[k]:.2f}'
+    label_w = round(draw.textlength(text, font=font)) + 2 * pad
+    label_h = ascent + descent + 2 * pad
+    x = max(0, min(round(x1), width - label_w))
+    y = round(y1) - label_h
+    if y < 0:  # the box touches the top: label inside it
+      y = max(0, min(round(y1), height - label_h))
+    color = colors[classes[k]]
+    draw.rectangle([x, y, x + label_w - 1, y + label_h - 1], fill=color)
+    draw.text((x + pad, y + pad), text, fill=_text_color(color), font=font, anchor='la')
+  return canvas
+
+
+def save_png(image: Image.Image, path: str) -> None:
+  """Saves `image` as PNG atomically: a temporary name beside `path`, then a rename."""
+  folder = os.path.dirname(path) or '.'
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      image.save(f, format='PNG')
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary outputs.
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+# --- prediction ---------------------------------------------------------------------------
+
+
+class Detector:
+  """A restored model that detects objects in one image of any size.
+
+  Args:
+    predict: `load_detector`'s jitted function.
+    variables: its variables.
+    scale: `(long, short)` keep-ratio resize limits.
+    canvas_sizes: padded input shapes (one compiled program each).
+    dtype: input dtype of the model (the config's `data_dtype_str`).
+  """
+
+  def __init__(self, predict: Any, variables: Any, scale: tuple[int, int],
+               canvas_sizes: Sequence[tuple[int, int]], dtype: Any = np.float32):
+    self.predict = predict
+    self.variables = variables
+    self.transform = DetectionEvalTransform(scale=tuple(scale))
+    self.canvas_sizes = tuple(canvas_sizes)
+    self.dtype = np.dtype(dtype)
+
+  def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Detections of a uint8 `[H, W, 3]` image.
+
+    Returns:
+      `{'boxes' float32 [n, 4] (x1, y1, x2, y2) in the image's pixels, clipped to it,
+      'scores' [n], 'classes' int32 [n]}`, the valid detections in decreasing score.
+    """
+    example = {'image': image, 'boxes': np.zeros((0, 4), np.float32),
+               'labels': np.zeros((0,), np.int32), 'image_id': 0}
+    batch = collate([self.transform(example)], self.canvas_sizes, max_boxes=1)
+    batch['inputs'] = batch['inputs'].astype(self.dtype, copy=False)
+    out = jax.device_get(self.predict(self.variables, *(batch[k] for k in EVAL_DEVICE_KEYS)))
+    valid = np.asarray(out['valid'][0], bool)
+    h, w = image.shape[:2]
+    boxes = np.clip(np.asarray(out['boxes'][0], np.float32)[valid], 0,
+                    np.float32([w, h, w, h]))
+    return {'boxes': boxes, 'scores': np.asarray(out['scores'][0], np.float32)[valid],
+            'classes': np.asarray(out['classes'][0], np.int32)[valid]}
+
+
+def output_path(output_dir: str, stem: str) -> str:
+  return os.path.join(output_dir, stem + '.png')
+
+
+def predict_images(
+    detector: Detector,
+    images: Sequence[InputImage],
+    output_dir: str,
+    info: DatasetInfo,
+    *,
+    score_threshold: float = SCORE_THRESHOLD,
+) -> dict[str, Any]:
+  """Detects, draws and saves every image; writes results.json and images.json.
+
+  Args:
+    detector: the restored model.
+    images: inputs from `collect_inputs`.
+    output_dir: output folder (created).
+    info: class names, category ids and COCO image ids (`dataset_info`).
+    score_threshold: draw and write the detections scoring at least this.
+
+  Returns:
+    `{'done': [(input, output png, image id, detections)], 'failed': [message],
+    'results': COCO result dicts}`.
+  """
+  image_ids = assign_image_ids([item.path for item in images], info.image_ids)
+  colors = class_colors(len(info.class_names))
+  done, failed, results, id_to_path = [], [], [], {}
+  n = len(images)
+  for k, (item, image_id) in enumerate(zip(images, image_ids, strict=True)):
+    try:
+      image = read_image(item.path)
+    except PredictError as e:
+      failed.append(str(e))
+      print(f'[{k + 1}/{n}] failed: {e}', file=sys.stderr, flush=True)
+      continue
+    found = detector(image)
+    keep = found['scores'] >= score_threshold
+    boxes, scores, classes = found['boxes'][keep], found['scores'][keep], found['classes'][keep]
+    path = output_path(output_dir, item.stem)
+    save_png(draw_detections(image, boxes, scores, classes, info.class_names, colors=colors),
+             path)
+    results += coco_eval.to_coco_results(boxes, scores, classes, image_id, info.category_ids)
+    id_to_path[str(image_id)] = os.path.abspath(item.path)
+    done.append((item.path, path, image_id, len(scores)))
+    print(f'[{k + 1}/{n}] {item.path} ({image.shape[1]}x{image.shape[0]}, id {image_id}): '
+          f'{len(scores)} detection{"" if len(scores) == 1 else "s"} -> {path}', flush=True)
+  if done:
+    coco_eval.write_results_json(results, os.path.join(output_dir, RESULTS_FILE))
+    write_json(id_to_path, os.path.join(output_dir, IMAGES_FILE))
+  return {'done': done, 'failed': failed, 'results': results}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='python -m projects.cvt_detection.predict',
+      description='Detect objects in images: pictures with labelled boxes and COCO results.',
+  )
+  parser.add_argument('--config', required=True, help='path/to/config.py[:arg]')
+  parser.add_argument('--checkpoint', required=True,
+                      help='workdir, its checkpoints folder, or one step folder')
+  parser.add_argument('--output', required=True, help='output folder')
+  parser.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
+  parser.add_argument('--score-threshold', type=float, default=SCORE_THRESHOLD,
+                      help='draw and write detections scoring at least this (default '
+                           '%(default)s; 0 keeps the max-detections best of each image)')
+  parser.add_argument('--max-detections', type=int, default=None,
+                      help='detections kept per image (default: config.eval)')
+  parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the exit status.
+
+  Returns:
+    0 when every input was done, 1 when an input failed or on an error, 2 on bad
+    arguments (argparse).
+  """
+  args = parse_args(argv)
+  try:
+    if not 0 <= args.score_threshold <= 1:
+      raise ValueError(f'--score-threshold must be in [0, 1], got {args.score_threshold}')
+    images, problems = collect_inputs(args.inputs, exclude_dir=args.output)
+    for message in problems:
+      print(f'failed: {message}', file=sys.stderr)
+    if not images:
+      raise PredictError('no input files found')
+    outputs = [output_path(args.output, item.stem) for item in images]
+    check_outputs(outputs + [os.path.join(args.output, name)
+                             for name in (RESULTS_FILE, IMAGES_FILE)], args.overwrite)
+    config = cli.load_config(args.config)
+    # Candidates pass config.eval's class-probability threshold before the final score
+    # (probability x centerness) is compared with ours: never filter more than asked.
+    eval_threshold = config_get(config_get(config, 'eval'), 'score_threshold',
+                                models.DETECT_DEFAULTS['score_threshold'])
+    config = with_eval_settings(config, score_threshold=min(eval_threshold, args.score_threshold),
+                                max_detections=args.max_detections)
+    info = dataset_info(config)
+    predict, variables = load_detector(config, args.checkpoint, len(info.class_names))
+    detector = Detector(predict, variables, info.scale, info.canvas_sizes,
+                        config_get(config, 'data_dtype_str', 'float32'))
+    summary = predict_images(detector, images, args.output, info,
+                             score_threshold=args.score_threshold)
+  except (PredictError, *USER_ERRORS) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  failed = problems + summary['failed']
+  print(f'{len(summary["done"])} of {len(images) + len(problems)} inputs done into '
+        f'{args.output}: {len(summary["results"])} detections in '
+        f'{os.path.join(args.output, RESULTS_FILE)}', file=sys.stderr)
+  if failed:
+    print(f'{len(failed)} failed: ' + '; '.join(failed), file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

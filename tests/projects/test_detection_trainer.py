@@ -1,0 +1,127 @@
+"""Detection training as a user runs it: `projects.cvt_detection.main` on a COCO-layout folder.
+
+The folder has COCO's real layout (`train2017/`, `val2017/`, `annotations/instances_*.json`),
+a crowd box, an image without boxes and category ids with gaps (1, 3, 90). One run trains,
+evaluates and checkpoints; a second, on 4 CPU devices, is killed with SIGKILL after its first
+checkpoint and restarted, and must end where the 1-device run ended.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from projects.cvt_detection import models
+from projects.cvt_detection.configs import coco_cvt13_atss_1x
+from projects.cvt_detection.data import SyntheticDetection, write_coco
+from projects.training import checkpoints
+
+from . import trainer_support as support
+
+CONFIG = 'projects/cvt_detection/configs/coco_cvt13_atss_1x.py:runlocal'
+CATEGORY_IDS = (1, 3, 90)
+STEPS = 6
+
+
+def make_coco_folder(root: Path) -> Path:
+  """A tiny COCO 2017 folder: 96x128 synthetic images, a crowd box, an image without boxes."""
+  for split, count in (('train2017', 6), ('val2017', 3)):
+    source = SyntheticDetection(count, image_size=(96, 128), num_classes=3, split='train'
+                                if split == 'train2017' else 'val')
+    annotations, image_dir = write_coco(root, source, split=split, category_ids=CATEGORY_IDS)
+    gt = json.loads(Path(annotations).read_text())
+    # A crowd region over the first image (ignored by training, handled by COCOeval).
+    gt['annotations'].append({'id': 10_000, 'image_id': 1, 'category_id': 3,
+                              'bbox': [4.0, 4.0, 30.0, 20.0], 'area': 600.0, 'iscrowd': 1})
+    # An image without any annotation.
+    Image.fromarray(np.full((96, 128, 3), 90, np.uint8)).save(Path(image_dir) / 'empty.png')
+    gt['images'].append({'id': 999, 'file_name': 'empty.png', 'height': 96, 'width': 128})
+    Path(annotations).write_text(json.dumps(gt))
+  return root
+
+
+@pytest.fixture(scope='module')
+def coco_root(tmp_path_factory) -> Path:
+  return make_coco_folder(tmp_path_factory.mktemp('coco'))
+
+
+def _command(workdir: Path, coco_root: Path) -> list[str]:
+  return [sys.executable, '-m', 'projects.cvt_detection.main', f'--config={CONFIG}',
+          f'--workdir={workdir}', f'--config.dataset_configs.data_dir={coco_root}',
+          f'--config.num_training_steps={STEPS}', '--config.batch_size=4',
+          '--config.log_summary_steps=1', f'--config.log_eval_steps={STEPS}',
+          '--config.checkpoint_steps=2']
+
+
+def _run(workdir: Path, coco_root: Path, **env: str) -> str:
+  proc = subprocess.run(_command(workdir, coco_root), cwd=support.REPO,
+                        env=support.subprocess_env(**env), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def _losses(stdout: str) -> dict[int, float]:
+  return {int(m.group(1)): float(m.group(2))
+          for m in re.finditer(r'^step (\d+)/\d+ .* loss=([0-9.e+-]+) ', stdout, re.M)}
+
+
+def _params(workdir: Path) -> list[np.ndarray]:
+  import jax
+
+  config = coco_cvt13_atss_1x.get_config('runlocal')
+  _, variables = models.restore_for_inference(config, workdir)
+  return [np.asarray(x) for x in jax.tree.leaves(variables)]
+
+
+@pytest.fixture(scope='module')
+def reference(coco_root, tmp_path_factory) -> tuple[Path, str]:
+  workdir = tmp_path_factory.mktemp('one_device')
+  return workdir, _run(workdir, coco_root)
+
+
+def test_coco_folder_trains_evaluates_and_checkpoints(reference):
+  workdir, stdout = reference
+  assert sorted(_losses(stdout)) == list(range(1, STEPS + 1))
+  assert all(np.isfinite(v) for v in _losses(stdout).values())
+  assert re.search(rf'^step {STEPS}: validation AP [0-9.]+ AP50 ', stdout, re.M), stdout
+  assert 'Final validation (COCO box metrics, %)' in stdout
+  # Per-class AP under the annotation file's category names.
+  assert all(name in stdout for name in ('rectangle', 'ellipse', 'triangle'))
+  assert checkpoints.latest_step(workdir) == STEPS
+  assert list(workdir.glob('events.out.tfevents*'))
+
+
+def test_killed_four_device_run_resumes_to_the_one_device_result(reference, coco_root,
+                                                                 tmp_path):
+  one_dir, one_stdout = reference
+  workdir = tmp_path / 'four_devices'
+  env = support.subprocess_env(XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  proc = subprocess.Popen(_command(workdir, coco_root), cwd=support.REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (workdir / 'checkpoints' / '2').is_dir():
+    assert proc.poll() is None, 'the run ended before its first checkpoint'
+    assert time.time() < deadline, 'no checkpoint after 300 s'
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  killed_at = checkpoints.latest_step(workdir)
+  assert killed_at is not None and killed_at < STEPS
+
+  stdout = _run(workdir, coco_root, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  resumed, reference_losses = _losses(stdout), _losses(one_stdout)
+  assert min(resumed) == killed_at + 1, 'the restarted run did not resume from the checkpoint'
+  for step, loss in resumed.items():
+    np.testing.assert_allclose(loss, reference_losses[step], rtol=1e-3)
+  for x, y in zip(_params(workdir), _params(one_dir), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
