@@ -59,16 +59,10 @@ from projects.cvt_detection.data.transforms import (
     collate,
     default_canvas_sizes,
 )
-from projects.cvt_detection.evaluate import (
-    USER_ERRORS,
-    check_outputs,
-    load_detector,
-    with_eval_settings,
-    write_json,
-)
-from projects.cvt_segmentation import cli
-from projects.cvt_segmentation.predict import InputImage, PredictError, collect_inputs, read_image
-from projects.training.configs import as_dict, config_get
+from projects.cvt_detection.evaluate import USER_ERRORS, load_detector, with_eval_settings
+from projects.input_files import InputImage, PredictError, collect_inputs, read_image
+from projects.output_files import check_outputs, write_json
+from projects.training.configs import as_dict, config_get, load_config
 
 RESULTS_FILE = 'results.json'
 IMAGES_FILE = 'images.json'
@@ -401,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     outputs = [output_path(args.output, item.stem) for item in images]
     check_outputs(outputs + [os.path.join(args.output, name)
                              for name in (RESULTS_FILE, IMAGES_FILE)], args.overwrite)
-    config = cli.load_config(args.config)
+    config = load_config(args.config)
     # Candidates pass config.eval's class-probability threshold before the final score
     # (probability x centerness) is compared with ours: never filter more than asked.
     eval_threshold = config_get(config_get(config, 'eval'), 'score_threshold',

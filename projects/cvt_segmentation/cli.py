@@ -11,32 +11,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from projects.cvt_segmentation.inference import DEFAULT_MIN_SIZE, MODES
-from projects.training.configs import as_dict, config_get
+from projects.output_files import check_output_free  # noqa: F401  (the tools' API)
+from projects.training.configs import as_dict, config_get, load_config  # noqa: F401
 
 # `model_loader(config, checkpoint_dir) -> (flax_model, variables)`.
 ModelLoader = Callable[[Any, str], tuple[Any, Any]]
 # Classes of the datasets whose size the config does not spell out.
 _DATASET_NUM_CLASSES = {'ade20k': 150, 'cityscapes': 19}
-
-
-def load_config(spec: str) -> Any:
-  """Loads `path/to/config.py[:arg]` by calling its `get_config()` or `get_config(arg)`."""
-  path, sep, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file not found: {path}')
-  name = 'cvt_seg_config_' + os.path.splitext(os.path.basename(path))[0]
-  module_spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
-    raise ValueError(f'config file {path} defines no get_config()')
-  return module.get_config(arg) if sep else module.get_config()
 
 
 def load_model(config: Any, checkpoint: str, model_loader: ModelLoader | None = None):
@@ -191,12 +177,3 @@ def test_scale(config: Any, flag: str | None = None) -> tuple[int, int] | None:
   # An explicit None (keep the size) differs from an absent key (the dataset's default).
   value = dataset_configs.get('test_scale', 'default')
   return resolve_test_scale(config_get(config, 'dataset_name'), value)
-
-
-def check_output_free(paths: Sequence[str], overwrite: bool) -> None:
-  """Raises FileExistsError naming the existing `paths` unless `overwrite`."""
-  existing = [p for p in paths if os.path.exists(p)]
-  if existing and not overwrite:
-    raise FileExistsError(
-        f'output exists: {", ".join(existing)} (pass --overwrite to replace it)'
-    )

@@ -21,94 +21,26 @@ patterns. Missing paths, unreadable or non-image files, and images whose outputs
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from projects.cvt_segmentation import cli, palettes
 from projects.cvt_segmentation.inference import LogitsFn, make_logits_fn, segment_image
-from projects.input_files import expand_inputs
+from projects.input_files import (  # noqa: F401  (PredictError and read_image: this API)
+    InputImage,
+    PredictError,
+    check_image_header,
+    collect_inputs,
+    read_image,
+)
 
 MASK_SUFFIX = '_mask.png'
 OVERLAY_SUFFIX = '_overlay.png'
-
-
-@dataclasses.dataclass(frozen=True)
-class InputImage:
-  """One input file and the output name stem (relative to the output folder)."""
-
-  path: str
-  stem: str
-
-
-class PredictError(Exception):
-  """A problem with an input or output that --strict turns into a failure."""
-
-
-def collect_inputs(
-    inputs: Sequence[str], exclude_dir: str | None = None
-) -> tuple[list[InputImage], list[str]]:
-  """Expands files, folders and globs into input files with unique output stems.
-
-  Folders are walked recursively (hidden files and folders skipped) and their files keep
-  their relative sub-folder in the stem; a file given directly (or matched by a glob)
-  keeps its base name. Files are not opened here: non-images are found when read. Stems
-  that clash (`a.jpg` and `a.png`) get their extension appended (`a_png`).
-
-  Args:
-    inputs: paths, folders and glob patterns.
-    exclude_dir: skip files under this folder (the output folder).
-
-  Returns:
-    `(images, problems)`: the inputs in order, without duplicates, and one message per
-    path that does not exist or pattern that matches nothing.
-  """
-  found, problems = expand_inputs(inputs, exclude_dir)
-  images, stems = [], set()
-  for path, stem in found:
-    if stem in stems:
-      stem = f'{stem}_{os.path.splitext(path)[1].lstrip(".").lower() or "file"}'
-    base, k = stem, 2
-    while stem in stems:
-      stem, k = f'{base}_{k}', k + 1
-    stems.add(stem)
-    images.append(InputImage(path, stem))
-  return images, problems
-
-
-def read_image(path: str) -> np.ndarray:
-  """Reads an image file as uint8 RGB `[H, W, 3]`, applying its EXIF orientation.
-
-  OpenCV's `imread` (mmcv's reader) applies the EXIF orientation too, so the mask lines up
-  with the image as viewers show it.
-
-  Raises:
-    PredictError: the file is not an image PIL can read.
-  """
-  try:
-    with Image.open(path) as im:
-      im = ImageOps.exif_transpose(im)
-      return np.asarray(im.convert('RGB'))
-  except UnidentifiedImageError:
-    raise PredictError(f'{path}: not an image file') from None
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise PredictError(f'{path}: unreadable image ({e})') from None
-
-
-def check_image_header(path: str) -> None:
-  """Raises `PredictError` unless PIL recognises `path` as an image (reads the header only)."""
-  try:
-    with Image.open(path):
-      pass
-  except UnidentifiedImageError:
-    raise PredictError(f'{path}: not an image file') from None
-  except OSError as e:
-    raise PredictError(f'{path}: unreadable image ({e})') from None
 
 
 def output_paths(output_dir: str, stem: str) -> tuple[str, str]:

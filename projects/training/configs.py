@@ -6,6 +6,8 @@ so a misspelled key is an error naming it instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,3 +73,17 @@ def backbone_config(**overrides: Any) -> ml_collections.ConfigDict:
   config.bn_axis_name = ml_collections.config_dict.placeholder(str)
   config.update(overrides)
   return config
+
+
+def load_config(spec: str) -> Any:
+  """Loads `path/to/config.py[:arg]` by calling its `get_config()` or `get_config(arg)`."""
+  path, sep, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file not found: {path}')
+  name = 'cvt_seg_config_' + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ValueError(f'config file {path} defines no get_config()')
+  return module.get_config(arg) if sep else module.get_config()

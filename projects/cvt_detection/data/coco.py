@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from projects.cvt_segmentation.data.folders import read_image
+from projects.input_files import read_stored_image
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class CocoDetection:
     if not -len(self) <= index < len(self):
       raise IndexError(f'index {index} out of range for {len(self)} images')
     info, path = self._images[index], self._paths[index]
-    image = read_image(path)
+    image = read_stored_image(path)
     # Boxes are in the json's pixel frame; a differently sized file would misplace them.
     if image.shape[:2] != (info['height'], info['width']):
       raise ValueError(

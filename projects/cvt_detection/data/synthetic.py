@@ -20,7 +20,7 @@ import colorsys
 
 import numpy as np
 
-from projects.cvt_segmentation.data.transforms import resize_image
+from projects.training.image_ops import resize_image
 
 SHAPES = ('rectangle', 'ellipse', 'triangle', 'ring', 'cross')
 # Texture of each class, in SHAPES order: a second cue besides shape and hue.

@@ -26,11 +26,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from projects.cvt_segmentation.data.transforms import (
+from projects.training.image_ops import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     normalize,
-    pad,
+    pad_image,
     rescale_size,
     resize_image,
 )
@@ -93,7 +93,7 @@ def random_flip(
 
 def pad_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Zero-pads `[h, w, C]` at the bottom and right to `size` (mmdet pads after normalising)."""
-  return pad(image, None, size, pad_value=0)[0]
+  return pad_image(image, size, pad_value=0)
 
 
 def _pack(

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from projects.input_files import read_stored_image
+
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -80,12 +82,6 @@ for _label_id, _train_id in CITYSCAPES_TRAIN_IDS.items():
   _CITYSCAPES_LUT[_label_id] = _train_id
 
 
-def read_image(path: str) -> np.ndarray:
-  """Reads an image file as uint8 RGB `[H, W, 3]`."""
-  with Image.open(path) as im:
-    return np.asarray(im.convert('RGB'))
-
-
 def read_label(path: str) -> np.ndarray:
   """Reads a single-channel label PNG (mode L, P or I) as `[H, W]` class indices.
 
@@ -141,7 +137,7 @@ class SegmentationFolder:
 
   def __getitem__(self, index: int) -> dict:
     image_path, label_path = self.image_paths[index], self.label_paths[index]
-    image = read_image(image_path)
+    image = read_stored_image(image_path)
     raw = read_label(label_path)
     if raw.shape != image.shape[:2]:
       raise ValueError(

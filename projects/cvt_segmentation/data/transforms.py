@@ -22,72 +22,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-IGNORE_INDEX = 255
-# ImageNet statistics on the 0-255 scale, RGB (mmseg `data_preprocessor`).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+from projects.training.image_ops import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    normalize,
+    pad_image,
+    rescale_size,
+    resize_image,
+)
 
+IGNORE_INDEX = 255
 
 # ------------------------------------------------------------------- resizing
-
-
-def rescale_size(size: tuple[int, int], scale: Sequence[int]) -> tuple[int, int]:
-  """Output size of a keep-ratio resize, as `mmcv.rescale_size`.
-
-  The image is scaled by one factor so that its long edge is at most `max(scale)` and
-  its short edge at most `min(scale)` (the order of `scale` does not matter).
-
-  Args:
-    size: input `(height, width)`.
-    scale: two edge limits, e.g. `(2048, 512)` for ADE20K.
-
-  Returns:
-    `(height, width)` after rescaling.
-  """
-  h, w = size
-  factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-  # mmcv `_scale_size`: int(x * factor + 0.5).
-  return int(h * factor + 0.5), int(w * factor + 0.5)
-
-
-def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Source indices and weights of OpenCV INTER_LINEAR along one axis."""
-  src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-  src = np.clip(src, 0, n_in - 1)
-  i0 = np.floor(src).astype(np.int64)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  return i0, i1, (src - i0).astype(np.float32)
-
-
-def resize_image(
-    image: np.ndarray, size: tuple[int, int], window: tuple[int, int, int, int] | None = None
-) -> np.ndarray:
-  """Bilinear resize with half-pixel centers and no antialiasing (cv2.INTER_LINEAR).
-
-  Args:
-    image: `[H, W, C]` uint8 or float.
-    size: output `(height, width)`.
-    window: optional `(y0, y1, x0, x1)` region of the output to compute; equal to
-      `resize_image(image, size)[y0:y1, x0:x1]` at the cost of the window only (the
-      training pipeline resizes up to 2x and then crops).
-
-  Returns:
-    `[height, width, C]` (or the window), same dtype as `image` (uint8 is rounded and
-    clipped).
-  """
-  h, w = image.shape[:2]
-  out_h, out_w = size
-  y_lo, y_hi, x_lo, x_hi = window or (0, out_h, 0, out_w)
-  if (h, w) == (out_h, out_w):
-    return image[y_lo:y_hi, x_lo:x_hi].copy()
-  y0, y1, wy = (a[y_lo:y_hi] for a in _linear_taps(h, out_h))
-  x0, x1, wx = (a[x_lo:x_hi] for a in _linear_taps(w, out_w))
-  x = image.astype(np.float32)
-  x = x[y0] * (1 - wy)[:, None, None] + x[y1] * wy[:, None, None]
-  x = x[:, x0] * (1 - wx)[None, :, None] + x[:, x1] * wx[None, :, None]
-  if image.dtype == np.uint8:
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-  return x.astype(image.dtype)
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -237,25 +183,8 @@ def pad(
     `(image [size..., C], label [size...] or None)`.
   """
 
-  def _pad(x, fill):
-    h, w = x.shape[:2]
-    if h > size[0] or w > size[1]:
-      raise ValueError(f'cannot pad an array of size {(h, w)} to the smaller size {tuple(size)}')
-    out = np.full(tuple(size) + x.shape[2:], fill, dtype=x.dtype)
-    out[:h, :w] = x
-    return out
-
-  return _pad(image, pad_value), None if label is None else _pad(label, label_pad_value)
-
-
-def normalize(
-    image: np.ndarray,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> np.ndarray:
-  """`(image - mean) / std` per channel on the 0-255 scale; returns float32 `[H, W, 3]`."""
-  image = image.astype(np.float32)
-  return (image - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  padded = pad_image(image, size, pad_value)
+  return padded, None if label is None else pad_image(label, size, label_pad_value)
 
 
 # ------------------------------------------------------- photometric distortion
