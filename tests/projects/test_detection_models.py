@@ -172,3 +172,24 @@ def test_full_size_input_traces(tiny):
   assert dets['boxes'].shape == (1, 100, 4) and dets['valid'].shape == (1, 100)
   points = sum(h * w for h, w in model.flax_model.level_shapes(800, 1344))
   assert points == 100 * 168 + 50 * 84 + 25 * 42 + 13 * 21 + 7 * 11
+
+
+@pytest.mark.parametrize('height, width', [(97, 131), (250, 250)])
+def test_detector_runs_on_unpadded_odd_sizes(tiny, height, width):
+  """No resize or padding: odd pyramid sizes, every point decoded, boxes inside the image."""
+  model, variables, _, _ = tiny
+  config = model.config.copy_and_resolve_references()
+  config.eval.score_threshold = 0.0
+  predict = models.get_model_cls(config.model_name)(config, model.dataset_meta_data).predict_fn()
+  images = jax.random.normal(jax.random.PRNGKey(1), (1, height, width, 3))
+  size = jnp.asarray([[height, width]])
+  dets = predict(variables, images, size, jnp.ones((1, 2)))
+  boxes = np.asarray(dets['boxes'][0])[np.asarray(dets['valid'][0])]
+  assert len(boxes) == 100
+  assert boxes.min() >= 0 and boxes[:, [0, 2]].max() <= width and boxes[:, [1, 3]].max() <= height
+  # P3, P4 at the backbone's exact stage-2 and stage-3 sizes; P5-P7 halve (rounding up).
+  p3, p4, *coarser = model.flax_model.level_shapes(height, width)
+  sizes = model.flax_model.backbone.output_sizes(height, width)
+  assert (p3, p4) == (sizes['stage2'], sizes['stage3'])
+  for finer, level in zip((p4, *coarser), coarser, strict=False):
+    assert level == (-(-finer[0] // 2), -(-finer[1] // 2))
