@@ -25,7 +25,7 @@ from projects.cvt_detection.data import (
     transforms,
     write_coco,
 )
-from projects.cvt_segmentation.data import IMAGENET_MEAN, IMAGENET_STD
+from projects.training.image_ops import IMAGENET_MEAN, IMAGENET_STD
 
 # ---------------------------------------------------------------- COCO format
 

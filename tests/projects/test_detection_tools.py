@@ -20,7 +20,7 @@ from PIL import Image
 
 from projects.cvt_detection import coco_eval, evaluate, predict
 from projects.cvt_detection.data import build_loaders
-from projects.cvt_segmentation import cli
+from projects.training.configs import load_config
 
 from .trainer_support import REPO, subprocess_env
 
@@ -55,7 +55,7 @@ def photos(tmp_path_factory):
 
 
 def _ground_truth():
-  config = cli.load_config(os.path.join(REPO, CONFIG))
+  config = load_config(os.path.join(REPO, CONFIG))
   return build_loaders('synthetic', batch_size=1, eval_batch_size=1,
                        **config.dataset_configs.to_dict())[2]['ground_truth']
 
@@ -251,7 +251,7 @@ def test_dataset_info_reads_class_names_and_image_ids_of_the_val_annotations(tmp
                  {'id': 8, 'file_name': 'q.jpg', 'width': 10, 'height': 10}],
       'annotations': [],
       'categories': [{'id': 5, 'name': 'dog'}, {'id': 2, 'name': 'cat'}]}))
-  config = cli.load_config(os.path.join(REPO, CONFIG))
+  config = load_config(os.path.join(REPO, CONFIG))
   with config.unlocked():
     config.dataset_name = 'coco_format'
     config.dataset_configs = dict(val_annotations=str(ann), scale=(640, 480))
@@ -260,7 +260,7 @@ def test_dataset_info_reads_class_names_and_image_ids_of_the_val_annotations(tmp
   assert info.image_ids == {'p.jpg': 7, 'q.jpg': 8}
   assert info.scale == (640, 480) and info.canvas_sizes == ((480, 640), (640, 480), (640, 640))
 
-  synthetic = predict.dataset_info(cli.load_config(os.path.join(REPO, CONFIG)))
+  synthetic = predict.dataset_info(load_config(os.path.join(REPO, CONFIG)))
   assert synthetic.class_names == tuple(SHAPE_NAMES) and synthetic.category_ids == (1, 2, 3, 4)
   assert synthetic.scale == (128, 128) and synthetic.canvas_sizes == ((128, 128),)
   with config.unlocked():

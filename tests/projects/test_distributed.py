@@ -23,31 +23,31 @@ from . import trainer_support as support
 CONFIG = 'projects/cvt_segmentation/configs/synthetic_demo.py:runlocal'
 
 
-def _main(workdir, steps: int, *extra: str) -> list[str]:
+def _main(workdir, steps: int, *extra: str, eval_every: int = 100) -> list[str]:
   # A constant rate after warmup (poly power 0): the schedule then does not depend on
   # num_training_steps, so a run extended from 4 to 6 steps can equal one of 6 from the start.
   return [sys.executable, '-m', 'projects.cvt_segmentation.main', f'--config={CONFIG}',
           f'--workdir={workdir}', '--config.batch_size=8', f'--config.num_training_steps={steps}',
-          '--config.log_eval_steps=100', '--config.optimizer.power=0.0', *extra]
+          f'--config.log_eval_steps={eval_every}', '--config.optimizer.power=0.0', *extra]
 
 
-def _two_processes(workdir, steps: int, **popen) -> subprocess.Popen:
+def _two_processes(workdir, steps: int, eval_every: int = 100, **popen) -> subprocess.Popen:
   cmd = [sys.executable, '-m', 'projects.launch', '--num_processes', '2',
-         '--devices_per_process', '2', '--', *_main(workdir, steps)]
+         '--devices_per_process', '2', '--', *_main(workdir, steps, eval_every=eval_every)]
   return subprocess.Popen(cmd, cwd=support.REPO, env=support.subprocess_env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
-def _one_process(workdir, steps: int) -> str:
-  proc = subprocess.run(_main(workdir, steps), cwd=support.REPO, capture_output=True, text=True,
+def _one_process(workdir, steps: int, eval_every: int = 100) -> str:
+  proc = subprocess.run(_main(workdir, steps, eval_every=eval_every), cwd=support.REPO, capture_output=True, text=True,
                         timeout=600, env=support.subprocess_env(
                             XLA_FLAGS='--xla_force_host_platform_device_count=4'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
 
-def _validation(stdout: str) -> str:
-  return re.findall(r'Final validation: .*', stdout)[-1]
+def _validation_at(stdout: str, step: int) -> str:
+  return re.findall(rf'^step {step}: validation .*$', stdout, re.M)[-1]
 
 
 def _params(workdir):
@@ -63,20 +63,22 @@ def _assert_same(a, b):
 
 
 def test_two_processes_train_as_one_and_their_checkpoint_restores_in_one(tmp_path):
-  two = _two_processes(tmp_path / 'two', 4)
+  two = _two_processes(tmp_path / 'two', 4, eval_every=4)
   out, err = two.communicate(timeout=600)
   assert two.returncode == 0, err[-3000:]
   # Process 0 alone prints and writes TensorBoard events; the other stays quiet.
   assert out.count('Final validation') == 1 and out.count('step 4/4') == 1
   assert len(list((tmp_path / 'two').glob('events.out.tfevents*'))) == 1
-  one = _one_process(tmp_path / 'one', 4)
-  assert _validation(out) == _validation(one)
-  _assert_same(_params(tmp_path / 'two'), _params(tmp_path / 'one'))
+  # One process of 4 devices, never interrupted, for 6 steps: its step-4 validation and
+  # checkpoint are those of the 2-process run.
+  one = _one_process(tmp_path / 'uninterrupted', 6, eval_every=4)
+  assert _validation_at(out, 4) == _validation_at(one, 4)
+  _assert_same(_params(tmp_path / 'two'),
+               _params(tmp_path / 'uninterrupted' / 'checkpoints' / '4'))
 
   # The 2-process checkpoint restores in a 1-process run, which continues to the
-  # parameters of a 1-process run that was never interrupted.
+  # parameters of the run that was never interrupted.
   _one_process(tmp_path / 'two', 6)
-  _one_process(tmp_path / 'uninterrupted', 6)
   assert checkpoints.latest_step(tmp_path / 'two') == 6
   _assert_same(_params(tmp_path / 'two'), _params(tmp_path / 'uninterrupted'))
 

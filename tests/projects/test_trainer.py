@@ -25,18 +25,22 @@ def _final_variables(config, workdir):
   return variables
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-  overrides = {'num_training_steps': 12, 'checkpoint_steps': 4, 'log_eval_steps': 12,
-               'log_summary_steps': 4}
-  config = support.tiny_config(**overrides)
-  straight = tmp_path / 'straight'
-  support.run_training_subprocess(straight, overrides)
+def test_killed_four_device_run_resumes_to_the_one_device_result(tmp_path):
+  """SIGKILL after the first checkpoint, restart: the same losses, mIoU and parameters.
 
-  # The same run, killed with SIGKILL as soon as its first checkpoint is complete.
+  The reference trains on 1 device without interruption; the other run shards each batch
+  over 4 CPU devices and is killed as soon as its first checkpoint is complete.
+  """
+  overrides = {'num_training_steps': 8, 'checkpoint_steps': 4, 'log_eval_steps': 8,
+               'log_summary_steps': 1, 'batch_size': 4}
+  config = support.tiny_config(**overrides)
+  one = support.run_training_subprocess(tmp_path / 'one', overrides)
+
+  four_devices = dict(XLA_FLAGS='--xla_force_host_platform_device_count=4')
   resumed = tmp_path / 'resumed'
   cmd = [sys.executable, '-m', 'tests.projects.trainer_support', str(resumed),
          json.dumps(overrides)]
-  proc = subprocess.Popen(cmd, cwd=support.REPO, env=support.subprocess_env(),
+  proc = subprocess.Popen(cmd, cwd=support.REPO, env=support.subprocess_env(**four_devices),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while not (resumed / 'checkpoints' / '4').is_dir():
@@ -46,24 +50,17 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
   proc.send_signal(signal.SIGKILL)
   assert proc.wait() == -signal.SIGKILL
   killed_at = checkpoints.latest_step(resumed)
-  assert killed_at is not None and killed_at < 12
+  assert killed_at is not None and killed_at < 8
 
-  scalars = support.run_training_subprocess(resumed, overrides)
-  assert min(scalars) > killed_at, 'the restarted run did not resume from the checkpoint'
-  a, b = _final_variables(config, straight), _final_variables(config, resumed)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-
-
-def test_data_parallel_matches_one_device(tmp_path):
-  overrides = {'num_training_steps': 3, 'log_summary_steps': 1, 'log_eval_steps': 3,
-               'checkpoint_steps': 3, 'batch_size': 4}
-  one = support.run_training_subprocess(tmp_path / 'one', overrides)
-  four = support.run_training_subprocess(
-      tmp_path / 'four', overrides, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  for step in (1, 2, 3):
+  four = support.run_training_subprocess(resumed, overrides, **four_devices)
+  assert min(four) > killed_at, 'the restarted run did not resume from the checkpoint'
+  for step in four:
     np.testing.assert_allclose(four[step]['train/loss'], one[step]['train/loss'], rtol=1e-4)
-  np.testing.assert_allclose(four[3]['valid/mIoU'], one[3]['valid/mIoU'], atol=1e-3)
+  np.testing.assert_allclose(four[8]['valid/mIoU'], one[8]['valid/mIoU'], atol=1e-3)
+  a, b = _final_variables(config, tmp_path / 'one'), _final_variables(config, resumed)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    # Sharded BatchNorm statistics and gradient sums add in another order than on 1 device.
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('dataset', ['ade20k', 'cityscapes'])
