@@ -39,8 +39,7 @@ import optax
 import heads
 from cvt_backbone import CvTBackbone, PretrainedBackboneInit, build_backbone, pretrained_settings
 from projects import scenic_compat
-from projects.cvt_segmentation import cli
-from projects.training.configs import backbone_config
+from projects.training.configs import as_dict, backbone_config
 
 IGNORE_INDEX = 255
 
@@ -130,7 +129,7 @@ class SegmentationModel(scenic_compat.segmentation_model_base()):
     return int(self.dataset_meta_data['num_classes'])
 
   def _model_config(self, key: str) -> dict[str, Any]:
-    return cli.as_dict(self.config.model.get(key))
+    return as_dict(self.config.model.get(key))
 
   # --- the flax model ---------------------------------------------------------
 
