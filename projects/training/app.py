@@ -8,7 +8,9 @@ with the same flags through absl when it is not (`--config=CONFIG.py[:ARGS]`,
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,25 @@ import jax  # noqa: E402
 from projects.scenic_compat import quiet_library_logs, scenic_available  # noqa: E402
 
 MainFn = Callable[[jax.Array, Any, str, Any], Any]
+
+
+def _user_errors_in_one_line(main: MainFn) -> MainFn:
+  """`main` printing invalid data and missing files as `error: ...`, exit status 1.
+
+  The message of these errors says what is wrong and where; a traceback would bury it.
+  Other exceptions (bugs) keep their traceback.
+  """
+  from projects.training.datasets import DatasetError
+
+  @functools.wraps(main)
+  def run(*args: Any, **kwargs: Any) -> Any:  # scenic.app passes keywords
+    try:
+      return main(*args, **kwargs)
+    except (DatasetError, FileNotFoundError) as error:
+      print(f'error: {error}', file=sys.stderr, flush=True)
+      sys.exit(1)
+
+  return run
 
 
 def _run_without_scenic(main: MainFn) -> None:
@@ -68,6 +89,7 @@ def run(main: MainFn) -> None:
   # Scenic's start-up) are noise unless asked for with --verbosity=0.
   quiet_library_logs()
   _define_distributed_flags()
+  main = _user_errors_in_one_line(main)
   if scenic_available():
     from scenic import app as scenic_app
 

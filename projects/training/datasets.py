@@ -23,6 +23,14 @@ Dataset = collections.namedtuple('Dataset', ['train_iter', 'valid_iter', 'test_i
 GetDataset = Callable[..., Dataset]
 
 
+class DatasetError(ValueError):
+  """A dataset's files are invalid; the message names the file, the entries and the fix.
+
+  Raised while a dataset is built, before training starts; the projects' `main` prints it
+  as one line (no traceback) and exits with status 1.
+  """
+
+
 def scenic_dataset(train: Any, evaluation: Any, meta_data: Mapping[str, Any],
                    start_step: int = 0) -> Dataset:
   """Endless train batches from `start_step`, endless eval passes (Scenic's `valid_iter`).

@@ -125,3 +125,22 @@ def test_killed_four_device_run_resumes_to_the_one_device_result(reference, coco
     np.testing.assert_allclose(loss, reference_losses[step], rtol=1e-3)
   for x, y in zip(_params(workdir), _params(one_dir), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_annotations_stop_the_run_before_training_in_one_line(tmp_path):
+  root = make_coco_folder(tmp_path / 'coco')
+  annotations = root / 'annotations' / 'instances_val2017.json'
+  gt = json.loads(annotations.read_text())
+  gt['annotations'][2]['bbox'] = [120.0, 10.0, 30.0, 20.0]  # past the right edge (128 px)
+  gt['annotations'][4]['bbox'][2] = -3.0  # negative width
+  annotations.write_text(json.dumps(gt))
+  workdir = tmp_path / 'work'
+  proc = subprocess.run(_command(workdir, root), cwd=support.REPO, env=support.subprocess_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  error = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(error) == 1 and str(annotations) in error[0] and '2 of the' in error[0]
+  for ann in (gt['annotations'][2], gt['annotations'][4]):
+    assert f"annotation {ann['id']} (image {ann['image_id']}" in proc.stderr
+  assert checkpoints.latest_step(workdir) is None

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from projects.input_files import read_stored_image
+from projects.training.datasets import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +83,12 @@ def load_coco_json(path: str) -> dict:
     with open(path, encoding='utf-8-sig') as f:
       text = f.read()
   except UnicodeDecodeError as e:
-    raise ValueError(
+    raise DatasetError(
         f'COCO annotation file {path} is not UTF-8 text ({e.reason} at byte {e.start}); '
         'expected an instances_*.json file'
     ) from None
   if not text or text.isspace():
-    raise ValueError(f'COCO annotation file {path} is empty')
+    raise DatasetError(f'COCO annotation file {path} is empty')
   try:
     gt = json.loads(text)
   except json.JSONDecodeError as e:
@@ -95,23 +96,23 @@ def load_coco_json(path: str) -> dict:
     ends_early = e.msg.startswith('Unterminated string') or e.pos >= len(text.rstrip())
     hint = ('; the file ends early: truncated (an interrupted download or copy?)'
             if ends_early else '')
-    raise ValueError(
+    raise DatasetError(
         f'COCO annotation file {path} is not valid JSON ({len(text)} characters): {e}{hint}'
     ) from None
   expected = ("expected a COCO detection file, an object with 'images', 'annotations' and "
               "'categories' lists")
   if not isinstance(gt, dict):
-    raise ValueError(f'{path} holds a JSON {type(gt).__name__}, not an object; {expected}')
+    raise DatasetError(f'{path} holds a JSON {type(gt).__name__}, not an object; {expected}')
   for key in ('images', 'categories'):
     if key not in gt:
-      raise ValueError(f'{path} has no {key!r} list; {expected} (found keys {sorted(gt)})')
+      raise DatasetError(f'{path} has no {key!r} list; {expected} (found keys {sorted(gt)})')
   for key in ('images', 'categories', 'annotations'):
     if key in gt and not isinstance(gt[key], list):
-      raise ValueError(
+      raise DatasetError(
           f'{path}: {key!r} is a {type(gt[key]).__name__}, not a list; {expected}'
       )
   if not gt['categories']:
-    raise ValueError(f'{path} lists no categories; {expected}')
+    raise DatasetError(f'{path} lists no categories; {expected}')
   bad = []
   for k, info in enumerate(gt['images']):
     if not isinstance(info, dict):
@@ -129,14 +130,14 @@ def load_coco_json(path: str) -> dict:
                  f'{_short(info["height"])} and width {_short(info["width"])}; expected '
                  'positive integers (pixels)')
   if bad:
-    raise ValueError(f'{len(bad)} of the {len(gt["images"])} images listed in {path} are '
+    raise DatasetError(f'{len(bad)} of the {len(gt["images"])} images listed in {path} are '
                      f'invalid:\n{_listing(bad)}')
   bad = []
   for k, category in enumerate(gt['categories']):
     if not isinstance(category, dict) or not _is_int(category.get('id')) or 'name' not in category:
       bad.append(f'categories[{k}] = {_short(category)}')
   if bad:
-    raise ValueError(f'{len(bad)} of the {len(gt["categories"])} categories in {path} lack an '
+    raise DatasetError(f'{len(bad)} of the {len(gt["categories"])} categories in {path} lack an '
                      f"integer 'id' or a 'name':\n{_listing(bad)}")
   return gt
 
@@ -204,7 +205,7 @@ class CocoDetection:
     categories = sorted(gt['categories'], key=lambda c: c['id'])
     self.category_ids = tuple(int(c['id']) for c in categories)
     if len(set(self.category_ids)) != len(self.category_ids):
-      raise ValueError(f'{self.annotation_file} lists a category id twice: {self.category_ids}')
+      raise DatasetError(f'{self.annotation_file} lists a category id twice: {self.category_ids}')
     self.class_names = tuple(str(c['name']) for c in categories)
     self.label_to_category_id = np.asarray(self.category_ids, np.int64)
     self.category_id_to_label = {c: i for i, c in enumerate(self.category_ids)}
@@ -244,7 +245,7 @@ class CocoDetection:
     image = read_stored_image(path)
     # Boxes are in the json's pixel frame; a differently sized file would misplace them.
     if image.shape[:2] != (info['height'], info['width']):
-      raise ValueError(
+      raise DatasetError(
           f'image {path} (id {info["id"]}) is {image.shape[0]}x{image.shape[1]} (h x w) but '
           f'{self.annotation_file} says {info["height"]}x{info["width"]}'
       )
@@ -268,7 +269,7 @@ class CocoDetection:
       return []
     index_of = {info['id']: i for i, info in enumerate(images)}
     if len(index_of) != len(images):
-      raise ValueError(f'{self.annotation_file} lists an image id twice in `images`')
+      raise DatasetError(f'{self.annotation_file} lists an image id twice in `images`')
     n = len(anns)
     # Per annotation; placeholders where it is invalid. `bad_box` and `fatal` map an
     # annotation index to what is wrong; fatal ones (unknown ids) raise whatever
@@ -409,7 +410,7 @@ class CocoDetection:
     if fatal and (bad_box or drop):
       notes.append("invalid_boxes='drop' drops invalid boxes only: fix the annotations with an "
                    'unknown image or category id in the file.')
-    raise ValueError(
+    raise DatasetError(
         f'{len(problems)} of the {len(anns)} annotations in {self.annotation_file} are invalid '
         f'(COCO bbox: [x, y, width, height] in image pixels):\n{_listing(lines)}\n'
         + '\n'.join(notes)
@@ -441,7 +442,7 @@ def coco_ground_truth(
     category_ids = getattr(source, 'label_to_category_id', range(1, len(class_names) + 1))
   category_ids = [int(c) for c in category_ids]
   if len(category_ids) != len(class_names):
-    raise ValueError(
+    raise DatasetError(
         f'{len(category_ids)} category ids for {len(class_names)} classes {class_names}'
     )
   images, annotations = [], []
