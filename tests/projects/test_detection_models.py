@@ -193,3 +193,35 @@ def test_detector_runs_on_unpadded_odd_sizes(tiny, height, width):
   assert (p3, p4) == (sizes['stage2'], sizes['stage3'])
   for finer, level in zip((p4, *coarser), coarser, strict=False):
     assert level == (-(-finer[0] // 2), -(-finer[1] // 2))
+
+
+def test_detections_of_processes_are_gathered_without_their_padding(monkeypatch):
+  """Two processes scoring 3 and 1 real images: each gets all 4, in process order."""
+  from jax.experimental import multihost_utils
+
+  from projects.cvt_detection import evaluation
+
+  def local(ids):
+    n = len(ids)
+    return {'boxes': np.full((n, 2, 4), ids[:, None, None], np.float32),
+            'scores': np.ones((n, 2), np.float32), 'classes': np.zeros((n, 2), np.int32),
+            'valid': np.ones((n, 2), bool), 'image_id': np.asarray(ids)}
+
+  parts = [local(np.array([1, 2, 3])), local(np.array([4]))]
+  calls = []
+
+  def allgather(tree):  # what process_allgather returns: a leading process axis
+    calls.append(tree)
+    if len(calls) == 1:
+      return np.array([3, 1])
+    padded = [jax.tree.map(lambda v, n=n: np.concatenate(
+        [v, np.zeros((3 - n, *v.shape[1:]), v.dtype)]), p)
+              for p, n in zip(parts, (3, 1), strict=True)]
+    return jax.tree.map(lambda *v: np.stack(v), *padded)
+
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', allgather)
+  gathered = evaluation.gather_processes(parts[0])
+  assert gathered['image_id'].tolist() == [1, 2, 3, 4]
+  assert gathered['boxes'][:, 0, 0].tolist() == [1, 2, 3, 4]
+  assert calls[1]['image_id'].shape == (3,)  # this process's 3 rows, padded to the largest
