@@ -27,7 +27,7 @@ from projects.training import checkpoints
 
 from . import trainer_support as support
 
-CONFIG = 'projects/cvt_detection/configs/coco_cvt13_atss_1x.py:runlocal'
+CONFIG = 'projects/cvt_detection/configs/coco_cvt13_atss_1x.py:runlocal,data_dir={}'
 CATEGORY_IDS = (1, 3, 90)
 STEPS = 6
 
@@ -55,8 +55,9 @@ def coco_root(tmp_path_factory) -> Path:
 
 
 def _command(workdir: Path, coco_root: Path) -> list[str]:
-  return [sys.executable, '-m', 'projects.cvt_detection.main', f'--config={CONFIG}',
-          f'--workdir={workdir}', f'--config.dataset_configs.data_dir={coco_root}',
+  # The folder as the config's `data_dir` argument (also settable as a --config. flag).
+  return [sys.executable, '-m', 'projects.cvt_detection.main',
+          f'--config={CONFIG.format(coco_root)}', f'--workdir={workdir}',
           f'--config.num_training_steps={STEPS}', '--config.batch_size=4',
           '--config.log_summary_steps=1', f'--config.log_eval_steps={STEPS}',
           '--config.checkpoint_steps=2']

@@ -1,12 +1,13 @@
 r"""CvT-13 (or CvT-21) + ATSS on COCO 2017, mmdet's 1x schedule with AdamW.
 
   python -m projects.cvt_detection.main \
-    --config=projects/cvt_detection/configs/coco_cvt13_atss_1x.py:pretrained=CvT-13-224x224-IN-1k.npz \
-    --workdir=workdirs/coco_cvt13_atss_1x \
-    --config.dataset_configs.data_dir=/data/coco
+    --config=projects/cvt_detection/configs/coco_cvt13_atss_1x.py:pretrained=cvt-13.msgpack,data_dir=/data/coco \
+    --workdir=workdirs/coco_cvt13_atss_1x
 
 Arguments: `variant=21` (CvT-21), `pretrained=PATH` (a `cvt-convert`ed ImageNet checkpoint),
-`runlocal` (a minutes-long check of the whole pipeline on tiny settings).
+`data_dir=PATH` (the folder holding train2017/, val2017/ and annotations/; also
+`--config.dataset_configs.data_dir`), `runlocal` (a minutes-long check of the whole pipeline
+on tiny settings).
 
 Recipe (mmdet configs/atss/atss_r50_fpn_1x_coco.py with the AdamW of its transformer-backbone
 configs): images resized to fit (1333, 800) keeping the ratio, random flip, batch 16, AdamW
@@ -18,14 +19,14 @@ from projects.cvt_detection.configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, variant='13', pretrained='', runlocal=False)
+  args = common.parse_arg(arg, variant='13', pretrained='', data_dir='', runlocal=False)
   config = common.base_config('cvt_atss', 'coco')
   config.experiment_name = f'coco_cvt{args.variant}_atss_1x'
   config.model.backbone.variant = f'cvt-{args.variant}'
   config.model.backbone.pretrained = args.pretrained
   config.model.backbone.drop_path_rate = 0.1
-  config.dataset_configs = dict(data_dir='', scale=(1333, 800), flip_prob=0.5, max_boxes=100,
-                                num_workers=4)
+  config.dataset_configs = dict(data_dir=args.data_dir, scale=(1333, 800), flip_prob=0.5,
+                                max_boxes=100, num_workers=4)
   if args.runlocal:
     common.apply_runlocal(config)
   config.lock()
