@@ -2,7 +2,7 @@
 
 `check_output_free` and `check_outputs` fail at once, naming the path, when an output
 exists (without overwrite) or cannot be written, so no inference is lost to a late error;
-`write_json` writes under a temporary name and renames.
+`write_atomically` (and `write_json` on it) writes under a temporary name and renames.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO
 
 
 def check_output_free(paths: Sequence[str], overwrite: bool) -> None:
@@ -60,25 +60,39 @@ def check_outputs(paths: Sequence[str], overwrite: bool) -> None:
     os.unlink(probe)
 
 
-def write_json(value: Any, path: str) -> str:
-  """Writes `value` as JSON atomically (temporary file beside `path`, then a rename).
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> str:
+  """Calls `write(file)` on a temporary file beside `path`, then renames it to `path`.
 
-  NaN floats (COCO's "no ground truth in this range") are written as null: JSON has no NaN.
+  A run killed at any point leaves either the previous file or the whole new one, never a
+  half-written file under the final name (the temporary one is removed on errors). The
+  folder is created if needed.
+
+  Returns:
+    `path` as a string.
   """
+  path = os.fspath(path)
   folder = os.path.dirname(path) or '.'
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
   try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(_nan_to_none(value), f, indent=2, allow_nan=False)
-      f.write('\n')
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary outputs.
+    with os.fdopen(fd, 'wb') as f:
+      write(f)
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are ordinary files.
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
   return path
+
+
+def write_json(value: Any, path: str | os.PathLike) -> str:
+  """Writes `value` as indented JSON atomically (`write_atomically`).
+
+  NaN floats (COCO's "no ground truth in this range") are written as null: JSON has no NaN.
+  """
+  text = json.dumps(_nan_to_none(value), indent=2, allow_nan=False) + '\n'
+  return write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def _nan_to_none(value: Any) -> Any:

@@ -17,17 +17,17 @@ crowd region is neither a true nor a false positive, and the crowd box is never 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
+
+from projects.output_files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def to_coco_results(
 
 
 def write_results_json(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
-  """Writes COCO results to `path` atomically (temporary file beside it, then a rename).
+  """Writes COCO results to `path` atomically (`projects.output_files.write_atomically`).
 
   Args:
     results: `to_coco_results` dicts.
@@ -113,20 +113,8 @@ def write_results_json(results: Sequence[Mapping[str, Any]], path: str | os.Path
   Returns:
     `path` as a string.
   """
-  path = os.fspath(path)
-  folder = os.path.dirname(path) or '.'
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(list(results), f, allow_nan=False)  # COCO tools reject NaN; fail here instead.
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; results are ordinary files.
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-  return path
+  text = json.dumps(list(results), allow_nan=False)  # COCO tools reject NaN; fail here.
+  return write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def load_ground_truth(ground_truth: str | os.PathLike | Mapping[str, Any] | COCO) -> COCO:

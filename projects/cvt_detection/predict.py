@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import contextlib
 import dataclasses
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,7 +59,7 @@ from projects.cvt_detection.data.transforms import (
 )
 from projects.cvt_detection.evaluate import USER_ERRORS, load_detector, with_eval_settings
 from projects.input_files import InputImage, PredictError, collect_inputs, read_image
-from projects.output_files import check_outputs, write_json
+from projects.output_files import check_outputs, write_atomically, write_json
 from projects.training.configs import as_dict, config_get, load_config
 
 RESULTS_FILE = 'results.json'
@@ -248,18 +246,7 @@ def draw_detections(
 
 def save_png(image: Image.Image, path: str) -> None:
   """Saves `image` as PNG atomically: a temporary name beside `path`, then a rename."""
-  folder = os.path.dirname(path) or '.'
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      image.save(f, format='PNG')
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary outputs.
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
+  write_atomically(path, lambda f: image.save(f, format='PNG'))
 
 
 # --- prediction ---------------------------------------------------------------------------

@@ -14,16 +14,16 @@ the `safetensors` package reads them too.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
+
+from projects.output_files import write_atomically
 
 FORMATS = ('npz', 'safetensors')
 _SAFETENSORS_DTYPES = {'float16': 'F16', 'float32': 'F32', 'float64': 'F64'}
@@ -38,22 +38,6 @@ def feature_path(output_dir: str, stem: str, fmt: str) -> str:
 def pca_path(output_dir: str, stem: str, stage: str) -> str:
   """`OUTPUT/<stem>_<stage>_pca.png`."""
   return os.path.join(output_dir, f'{stem}_{stage}_pca.png')
-
-
-def _write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
-  """Calls `write(file)` on a temporary file beside `path`, then renames it to `path`."""
-  folder = os.path.dirname(path) or '.'
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are ordinary files.
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
 
 
 def _safetensors_bytes(f: BinaryIO, tensors: Mapping[str, np.ndarray],
@@ -89,9 +73,9 @@ def write_features(path: str, features: Mapping[str, np.ndarray], fmt: str,
     metadata: string metadata for the safetensors header (npz has none).
   """
   if fmt == 'npz':
-    _write_atomically(path, lambda f: np.savez(f, **features))
+    write_atomically(path, lambda f: np.savez(f, **features))
   elif fmt == 'safetensors':
-    _write_atomically(path, lambda f: _safetensors_bytes(f, features, metadata or {}))
+    write_atomically(path, lambda f: _safetensors_bytes(f, features, metadata or {}))
   else:
     raise ValueError(f'Unknown feature format {fmt!r}; expected one of {FORMATS}.')
 
@@ -157,4 +141,4 @@ def write_pca(path: str, features: np.ndarray, stride: int) -> None:
   """
   rgb = pca_rgb(features)
   rgb = np.repeat(np.repeat(rgb, stride, axis=0), stride, axis=1)
-  _write_atomically(path, lambda f: Image.fromarray(rgb).save(f, format='PNG'))
+  write_atomically(path, lambda f: Image.fromarray(rgb).save(f, format='PNG'))

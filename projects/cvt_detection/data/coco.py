@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from projects.input_files import read_stored_image
+from projects.output_files import write_atomically
 from projects.training.datasets import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -504,11 +505,10 @@ def write_coco(
   os.makedirs(image_dir, exist_ok=True)
   os.makedirs(os.path.join(root, 'annotations'), exist_ok=True)
   for k, info in enumerate(gt['images']):
-    path = os.path.join(image_dir, info['file_name'])
-    Image.fromarray(source[k]['image']).save(path + '.tmp', format='PNG')
-    os.replace(path + '.tmp', path)
+    image = Image.fromarray(source[k]['image'])
+    write_atomically(os.path.join(image_dir, info['file_name']),
+                     lambda f, image=image: image.save(f, format='PNG'))
   annotation_file = os.path.join(root, 'annotations', f'instances_{split}.json')
-  with open(annotation_file + '.tmp', 'w') as f:
-    json.dump(gt, f)
-  os.replace(annotation_file + '.tmp', annotation_file)
+  text = json.dumps(gt)
+  write_atomically(annotation_file, lambda f: f.write(text.encode()))
   return annotation_file, image_dir
