@@ -4,9 +4,10 @@ Pixels go to the backbone as the released CvT weights were trained (microsoft/Cv
 `lib/dataset/build.py`): RGB in [0, 1], then `(x - mean) / std` with the ImageNet
 mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), NHWC float32.
 
-- Colour modes go to RGB through PIL (`convert('RGB')`: greyscale is repeated,
-  palettes and alpha are dropped). 16-bit greyscale (medical and aerial scans)
-  is scaled by 255 / 65535 instead, keeping its precision.
+- Pixels are read by the conversion every tool shares (`projects.input_files.rgb_pixels`):
+  greyscale repeated, palettes to their colours, alpha dropped; 16 bits per channel
+  (greyscale and colour: medical and aerial scans) scaled by 255 / 65535 as float32,
+  keeping the precision the other tools round to their 8-bit copy.
 - The EXIF orientation is applied, so maps line up with the image as viewers show it.
 - `max_side` only shrinks: the longer side becomes `max_side`, the other keeps the
   aspect ratio (rounded). Resizing uses PIL's bilinear filter, which on downscaling
@@ -20,18 +21,17 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from cvt_backbone.cvt import MIN_INPUT_SIZE
+from projects import input_files
 from projects.input_files import expand_inputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 # EXIF orientations 5-8 are transposed or rotated by 90 degrees: width and height swap.
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
-_EXIF_ORIENTATION = 0x0112
 
 
 class InputError(Exception):
@@ -98,10 +98,7 @@ def probe_size(path: str) -> tuple[int, int]:
   """
   with _open(path) as im:
     width, height = im.size
-    try:
-      orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # A damaged EXIF block: reading the pixels will tell.
-      orientation = 1
+    orientation = input_files.exif_orientation(im)  # The rule `read_image` applies.
   return (width, height) if orientation in _SWAPPING_ORIENTATIONS else (height, width)
 
 
@@ -127,29 +124,34 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def to_rgb_pixels(im: Image.Image) -> np.ndarray:
-  """A PIL image as float32 RGB pixel values in [0, 255], `[H, W, 3]`."""
-  if im.mode in _SIXTEEN_BIT_MODES:
-    grey = np.asarray(im, np.float32)
-    # 'I' is also how 16-bit PNGs open in some Pillow versions; 8-bit data opened as 'I'
-    # has no value above 255 and is kept as it is.
-    if im.mode != 'I' or grey.max(initial=0) > 255:
-      grey = grey * (255 / 65535)
-    return np.repeat(np.clip(grey, 0, 255)[..., None], 3, axis=-1)
-  return np.asarray(im.convert('RGB'), np.float32)
+  """A PIL image as float32 RGB pixel values in [0, 255], `[H, W, 3]` (no EXIF orientation).
+
+  The conversion all tools share (`projects.input_files.rgb_pixels`), unrounded.
+
+  Raises:
+    ImageModeError: float pixels or another mode without a defined RGB reading.
+  """
+  return input_files.rgb_pixels(im).astype(np.float32, copy=False)
 
 
 def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
   """Reads an image file as float32 RGB pixels in [0, 255], `[H, W, 3]`, resized to `size`.
 
+  The EXIF orientation is applied; the values are those `projects.input_files.read_image`
+  rounds to uint8.
+
   Raises:
-    InputError: not an image, or a truncated or corrupt one.
+    InputError: not an image, a truncated or corrupt one, or one without a defined RGB
+      reading (float pixels).
   """
-  with _open(path) as im:
-    try:
-      im = ImageOps.exif_transpose(im)
-      pixels = to_rgb_pixels(im)
-    except (OSError, ValueError, SyntaxError) as e:
-      raise InputError(f'{path}: unreadable image ({e})') from None
+  try:
+    pixels = input_files.read_pixels(path, apply_exif=True).astype(np.float32, copy=False)
+  except UnidentifiedImageError:
+    raise InputError(f'{path}: not an image file') from None
+  except input_files.ImageModeError as e:
+    raise InputError(str(e)) from None
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise InputError(f'{path}: unreadable image ({e})') from None
   return resize(pixels, size) if size is not None else pixels
 
 
