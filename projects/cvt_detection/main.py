@@ -14,6 +14,7 @@ from typing import Any
 import jax
 
 from projects.cvt_detection import coco_eval, models, trainer
+from projects.cvt_detection.configs import common
 from projects.cvt_detection.data import builder
 from projects.training import app, checkpoints
 
@@ -28,7 +29,13 @@ def build_dataset(config: Any, start_step: int = 0) -> builder.Dataset:
 
 
 def main(rng: jax.Array, config: Any, workdir: str, writer: Any) -> dict[str, Any]:
-  """Scenic's `main(rng, config, workdir, writer)`: builds the data and model, trains."""
+  """Scenic's `main(rng, config, workdir, writer)`: builds the data and model, trains.
+
+  Raises:
+    ConfigKeyError: a key of `config` that the project does not read (a typo), before any
+      work.
+  """
+  common.check_config(config)
   dataset = build_dataset(config, start_step=checkpoints.latest_step(workdir) or 0)
   model_cls = models.get_model_cls(config.model_name)
   _, summary = trainer.train(rng=rng, config=config, model_cls=model_cls, dataset=dataset,

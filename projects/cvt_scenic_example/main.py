@@ -13,6 +13,7 @@ registered first, with the project's datasets (`cvt_seg_synthetic`, `cvt_seg_fol
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -23,9 +24,11 @@ from scenic.model_lib import models as scenic_models  # noqa: E402
 from scenic.train_lib import classification_trainer, train_utils  # noqa: E402
 
 from projects import scenic_compat  # noqa: E402
+from projects.cvt_scenic_example.configs import common as configs_common  # noqa: E402
 from projects.cvt_scenic_example.model import CvTLinearSegmentationModel  # noqa: E402
 from projects.cvt_segmentation import models as segmentation_models  # noqa: E402
 from projects.cvt_segmentation.data import register_with_scenic as register_datasets  # noqa: E402
+from projects.training.app import check_config_flags  # noqa: E402
 
 
 def register() -> None:
@@ -57,7 +60,12 @@ class EchoWriter:
 
 
 def main(rng: jax.Array, config: Any, workdir: str, writer: Any) -> tuple[Any, Any, Any]:
-  """Scenic's `main(rng, config, workdir, writer)`: registries -> `classification_trainer`."""
+  """Scenic's `main(rng, config, workdir, writer)`: registries -> `classification_trainer`.
+
+  A key of `config` that nothing reads (a typo) is a `ConfigKeyError` first: Scenic's
+  configs are not locked and its trainer reads settings with defaults.
+  """
+  configs_common.check_config(config)
   register()
   writer = EchoWriter(writer)
   model_cls = scenic_models.get_model_cls(config.model_name)
@@ -73,5 +81,7 @@ def main(rng: jax.Array, config: Any, workdir: str, writer: Any) -> tuple[Any, A
 
 
 if __name__ == '__main__':
+  # A misspelled `--config.x` flag: one line, not the tracebacks of absl's flag parsing.
+  check_config_flags(sys.argv)
   scenic_compat.quiet_library_logs()
   app.run(main)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from projects.cvt_segmentation import metrics as metrics_lib
+from projects.cvt_segmentation.configs import common
 from projects.training import loop
 
 
@@ -67,7 +68,12 @@ def train(*, rng: jax.Array, config: Any, model_cls: Any, dataset: Any, workdir:
 
   Returns:
     The final state and the last evaluation summary.
+
+  Raises:
+    ConfigKeyError: a key of `config` that the project does not read (a typo), before any
+      work; also when Scenic's own main calls the trainer with a user's config.
   """
+  common.check_config(config)
   model = model_cls(config, dataset.meta_data)
   evaluation = SegmentationEvaluation(model.flax_model, dataset,
                                       int(dataset.meta_data['num_classes']), config)

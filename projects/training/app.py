@@ -4,6 +4,11 @@ Under `scenic.app` when Scenic is importable (its flags, logging and metric writ
 with the same flags through absl when it is not (`--config=CONFIG.py[:ARGS]`,
 `--workdir=DIR`, a clu metric writer). Both add the multi-process flags
 `--coordinator_address`, `--num_processes`, `--process_id` (`projects.distributed`).
+
+Mistakes a user can make print one line, `error: ...`, instead of a traceback: a
+`--config.x` flag naming no key of the config (exit status 2, before the flags are parsed),
+and from `main`, a config key the project does not read, invalid dataset files, a missing
+file, a workdir another run holds, unusable checkpoints or a full disk (exit status 1).
 """
 
 from __future__ import annotations
@@ -25,23 +30,84 @@ from projects.scenic_compat import quiet_library_logs, scenic_available  # noqa:
 MainFn = Callable[[jax.Array, Any, str, Any], Any]
 
 
+def _config_file() -> str | None:
+  """The `--config` file, once absl has parsed the flags."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  try:
+    return config_flags.get_config_filename(flags.FLAGS['config'])
+  except (KeyError, TypeError, AttributeError):
+    return None
+
+
 def _user_errors_in_one_line(main: MainFn) -> MainFn:
-  """`main` printing invalid data and missing files as `error: ...`, exit status 1.
+  """`main` printing a user's mistakes and faults as one line, `error: ...`, status 1.
+
+  Config typos, invalid data, missing files, a workdir in use by another run, checkpoints
+  of another model or all damaged, and a checkpoint that cannot be written (disk full).
 
   The message of these errors says what is wrong and where; a traceback would bury it.
   Other exceptions (bugs) keep their traceback.
   """
+  from projects.training import checkpoints
+  from projects.training.configs import ConfigKeyError
   from projects.training.datasets import DatasetError
+  from projects.training.workdir_lock import WorkdirInUseError
+
+  one_line = (DatasetError, FileNotFoundError, WorkdirInUseError,
+              checkpoints.CheckpointMismatchError, checkpoints.CheckpointCorruptError,
+              checkpoints.CheckpointWriteError)
 
   @functools.wraps(main)
   def run(*args: Any, **kwargs: Any) -> Any:  # scenic.app passes keywords
     try:
       return main(*args, **kwargs)
-    except (DatasetError, FileNotFoundError) as error:
+    except ConfigKeyError as error:
+      if error.source is None and _config_file():
+        error.source = f'config {_config_file()}'
+      print(f'error: {error}', file=sys.stderr, flush=True)
+      sys.exit(1)
+    except one_line as error:
       print(f'error: {error}', file=sys.stderr, flush=True)
       sys.exit(1)
 
   return run
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of `--config` in `argv` (`--config=SPEC` or `--config SPEC`), if any."""
+  for i, arg in enumerate(argv):
+    name, eq, value = arg.partition('=')
+    if name in ('--config', '-config'):
+      if eq:
+        return value
+      return argv[i + 1] if i + 1 < len(argv) else None
+  return None
+
+
+def check_config_flags(argv: list[str]) -> None:
+  """Exits with `error: unknown config key ...` (status 2) for a misspelled `--config.x`.
+
+  ml_collections raises for it while absl parses the flags, a chain of three tracebacks;
+  checked here first against the config file's keys. Anything else about the flags
+  (a config file that fails to load, a bad value) is left to absl to report.
+  """
+  from projects.training import configs
+
+  spec = _config_spec(argv)
+  overrides = ('--config.', '--noconfig.', '-config.', '-noconfig.')
+  if spec is None or not any(arg.startswith(overrides) for arg in argv):
+    return
+  try:
+    config = configs.load_config(spec, check=False)
+  except Exception:  # noqa: BLE001  (reported by absl's own parsing, as without this check)
+    return
+  try:
+    configs.check_config_overrides(config, argv)
+  except configs.ConfigKeyError as error:
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def _run_without_scenic(main: MainFn) -> None:
@@ -85,6 +151,7 @@ def _define_distributed_flags() -> None:
 
 def run(main: MainFn) -> None:
   """Parses the flags and calls `main(rng, config, workdir, writer)`."""
+  check_config_flags(sys.argv)
   # The progress and evaluation lines are printed; library INFO logs (orbax, clu,
   # Scenic's start-up) are noise unless asked for with --verbosity=0.
   quiet_library_logs()
