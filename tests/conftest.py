@@ -21,3 +21,7 @@ if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='cvt-dense-jax-cache-')
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+# The datasets' file index (projects/training/data_index.py) lives in the user cache: tests
+# and their subprocesses keep theirs in a fresh folder, not in the user's ~/.cache.
+os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='cvt-dense-test-cache-')

@@ -31,6 +31,13 @@ class DatasetError(ValueError):
   """
 
 
+class MissingFilesError(DatasetError, FileNotFoundError):
+  """Files a dataset lists (images, masks) do not exist; the message lists them.
+
+  Both a `DatasetError` and a `FileNotFoundError`, so either kind of handler catches it.
+  """
+
+
 def scenic_dataset(train: Any, evaluation: Any, meta_data: Mapping[str, Any],
                    start_step: int = 0) -> Dataset:
   """Endless train batches from `start_step`, endless eval passes (Scenic's `valid_iter`).

@@ -15,7 +15,9 @@ Datasets (`dataset_configs`):
 - Both COCO ones: `invalid_boxes`, 'error' (default: building the dataset raises, listing
   the annotations whose boxes are invalid) or 'drop' (drop them with a warning, as
   mmdetection does silently); see `CocoDetection`. Evaluation still scores against the
-  annotation file as it is.
+  annotation file as it is. `validate`: 'full' (default) or 'headers' lists every missing
+  image file and every image whose header size is not the json's (headers cached per
+  file), 'none' checks existence only.
 Common settings: `scale` (keep-ratio resize to fit, mmdet's (1333, 800)), `flip_prob`,
 `max_boxes` (boxes per image after padding), `canvas_sizes` (the padded batch shapes;
 default: landscape, portrait and square canvases of `scale`), `num_threads`, `num_workers`.
@@ -43,7 +45,7 @@ from projects.cvt_detection.data.transforms import (
     default_canvas_sizes,
     pad_batch,
 )
-from projects.training import datasets
+from projects.training import data_index, datasets
 from projects.training.step_loader import SplitPass, StepIndexedLoader
 
 Dataset = datasets.Dataset
@@ -114,6 +116,9 @@ class EvalLoader(SplitPass):
 def _sources(name: str, kw: dict[str, Any], with_train: bool = True) -> tuple[Any, Any, Any]:
   """`(train source or None, eval source, ground truth)` of `name`; pops its settings."""
   if name == 'synthetic':
+    validate = kw.pop('validate', 'full')  # accepted for every dataset; nothing to check here
+    if validate not in data_index.VALIDATE_MODES:
+      raise ValueError(f'validate must be one of {data_index.VALIDATE_MODES}, got {validate!r}')
     settings = dict(num_classes=kw.pop('num_classes', 4),
                     image_size=tuple(kw.pop('image_size', (128, 128))))
     num_train = kw.pop('num_train', 512)
@@ -137,13 +142,14 @@ def _sources(name: str, kw: dict[str, Any], with_train: bool = True) -> tuple[An
   else:
     raise ValueError(f'Unknown detection dataset {name!r}; known: {DATASET_NAMES}.')
   invalid_boxes = kw.pop('invalid_boxes', 'error')
+  validate = kw.pop('validate', 'full')
   # mmdet's train dataloader filters images without boxes (`filter_empty_gt=True`). Only
   # built when asked: COCO's train annotations take a while to read.
   train = (CocoDetection(paths['train_annotations'], paths['train_images'], filter_empty=True,
-                         invalid_boxes=invalid_boxes)
+                         invalid_boxes=invalid_boxes, validate=validate)
            if with_train else None)
   evaluation = CocoDetection(paths['val_annotations'], paths['val_images'],
-                             invalid_boxes=invalid_boxes)
+                             invalid_boxes=invalid_boxes, validate=validate)
   return train, evaluation, evaluation.ground_truth
 
 

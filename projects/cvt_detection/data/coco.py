@@ -10,7 +10,10 @@ unknown image or category id; a bbox that is not 4 finite numbers, has width or 
 <= 0, lies outside its image or extends more than 1 px beyond it) is reported in one
 error naming the file and the annotation ids. `invalid_boxes='drop'` drops the invalid
 boxes with a warning instead. Boxes up to 1 px beyond the image (COCO's own boxes are,
-by rounding) are clipped to it.
+by rounding) are clipped to it. The image files are checked too: every missing file and
+every file whose size (read from its header, cached per file by
+`projects.training.data_index`) is not the json's `height` x `width` is listed in one
+error, since the boxes are in the json's pixel frame.
 
 Otherwise filtering follows mmdetection 3.x `CocoDataset.parse_data_info`
 (mmdet/datasets/coco.py): annotations flagged `ignore` are dropped, and so (with one
@@ -33,7 +36,8 @@ from PIL import Image
 
 from projects.input_files import read_stored_image
 from projects.output_files import write_atomically
-from projects.training.datasets import DatasetError
+from projects.training import data_index
+from projects.training.datasets import DatasetError, MissingFilesError
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +158,10 @@ class CocoDetection:
   images without annotations are kept unless `filter_empty` is set.
 
   Construction checks the whole annotation file (module docstring) and raises a
-  `ValueError` naming the file and listing every invalid annotation (id, image id and
-  file name, what is wrong; the first ten and the count); a missing image file raises
-  `FileNotFoundError`.
+  `DatasetError` (a `ValueError`) naming the file and listing every invalid annotation
+  (id, image id and file name, what is wrong; the first ten and the count); likewise
+  every missing image file (a `MissingFilesError`, also a `FileNotFoundError`) and every
+  image whose header size differs from the json's.
 
   Args:
     annotation_file: the `instances_*.json` file. A file without an `annotations` list
@@ -171,6 +176,9 @@ class CocoDetection:
     invalid_boxes: 'error' (default) raises for invalid boxes; 'drop' drops them with one
       warning giving the count and the first annotation ids, as mmdetection drops them
       silently. Annotations with an unknown image or category id raise either way.
+    validate: 'full' or 'headers' (the same here: there are no masks) checks that each
+      image file exists and that its header size is the json's; 'none' checks existence
+      only (`data_index.VALIDATE_MODES`).
 
   Attributes:
     annotation_file: path of the ground-truth json (what COCO evaluators load).
@@ -189,12 +197,15 @@ class CocoDetection:
       filter_empty: bool = False,
       min_size: int = 0,
       invalid_boxes: str = 'error',
+      validate: str = 'full',
   ):
     self.annotation_file = os.fspath(annotation_file)
     self.image_dir = os.fspath(image_dir)
     if invalid_boxes not in INVALID_BOXES:
       raise ValueError(f'invalid_boxes must be one of {INVALID_BOXES}, got {invalid_boxes!r}')
     self.invalid_boxes = invalid_boxes
+    if validate not in data_index.VALIDATE_MODES:
+      raise ValueError(f'validate must be one of {data_index.VALIDATE_MODES}, got {validate!r}')
     if not os.path.isfile(self.annotation_file):
       raise FileNotFoundError(f'COCO annotation file not found: {self.annotation_file}')
     if not os.path.isdir(self.image_dir):
@@ -224,13 +235,7 @@ class CocoDetection:
     self._targets = [k[1:] for k in keep]
     self.image_ids = [int(info['id']) for info in self._images]
     self._paths = [os.path.join(self.image_dir, info['file_name']) for info in self._images]
-    missing = [k for k, path in enumerate(self._paths) if not os.path.isfile(path)]
-    if missing:
-      path, image_id = self._paths[missing[0]], self.image_ids[missing[0]]
-      raise FileNotFoundError(
-          f'{len(missing)} of the {len(self._paths)} images listed in {self.annotation_file} '
-          f'are missing from {self.image_dir}; first: {path} (image id {image_id})'
-      )
+    self._check_image_files(validate)
 
   @property
   def num_classes(self) -> int:
@@ -259,6 +264,34 @@ class CocoDetection:
         'image_id': int(info['id']),
         'orig_size': (int(image.shape[0]), int(image.shape[1])),
     }
+
+  def _check_image_files(self, validate: str) -> None:
+    """Raises, listing every image file that is missing or whose size is not the json's."""
+    if validate == 'none':
+      facts = [None if os.path.isfile(p) else FileNotFoundError(p) for p in self._paths]
+    else:
+      index = data_index.FileIndex(self.image_dir)
+      facts = data_index.probe_files(index, self._paths, data_index.read_header)
+      index.save()
+    lines, missing = [], 0
+    for info, path, found in zip(self._images, self._paths, facts, strict=True):
+      who = f'{path} (image id {info["id"]})'
+      if isinstance(found, FileNotFoundError):
+        missing += 1
+        lines.append(f'{who} is missing')
+      elif isinstance(found, Exception):
+        lines.append(data_index.describe_error('image', who, found))
+      elif found is not None and (found['height'], found['width']) != (info['height'],
+                                                                       info['width']):
+        lines.append(f'{who} is {found["height"]}x{found["width"]} (h x w) but '
+                     f'{self.annotation_file} says {info["height"]}x{info["width"]}')
+    if not lines:
+      return
+    # Boxes are in the json's pixel frame: a differently sized file would misplace them.
+    text = (f'{len(lines)} of the {len(self._paths)} images listed in {self.annotation_file} '
+            f'are missing from {self.image_dir} or do not match the json')
+    text += f': {lines[0]}' if len(lines) == 1 else f':\n{_listing(lines)}'
+    raise (MissingFilesError if missing else DatasetError)(text)
 
   def _parse_annotations(self, images: list[dict], anns: list) -> list[tuple]:
     """Per image (json order): `(boxes, labels, crowd, number of annotations listed)`.

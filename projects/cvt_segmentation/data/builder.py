@@ -4,6 +4,10 @@
 `Dataset(train_iter, valid_iter, test_iter, meta_data)` with the fields of Scenic's
 `dataset_utils.Dataset`; `build_loaders` returns the underlying `TrainLoader` and
 `EvalLoader` for callers that resume at a given step or want single eval passes.
+
+The folder datasets are checked when built, before any training: every image has its
+mask, sizes and modes agree and (`validate='full'`, the default) every mask's label values
+are valid; one `DatasetError` lists every bad file (`folders.validate_splits`).
 `register_with_scenic()` adds the builders to Scenic's dataset registry when Scenic
 is installed.
 """
@@ -58,8 +62,13 @@ def _dtype(dtype_str: str):
   return np.dtype(dtype_str).type
 
 
-def _sources(name: str, kw: dict):
-  """(train source, eval source, default image size) for dataset `name`; pops its kwargs."""
+def _sources(name: str, kw: dict, validate: str = 'full'):
+  """(train source, eval source, default image size) for dataset `name`; pops its kwargs.
+
+  Folder datasets are validated (`folders.validate_splits` in mode `validate`).
+  """
+  if validate not in folders.VALIDATE_MODES:
+    raise ValueError(f'validate must be one of {folders.VALIDATE_MODES}, got {validate!r}')
   if name == 'synthetic':
     common = dict(
         num_classes=kw.pop('num_classes', 6),
@@ -70,18 +79,22 @@ def _sources(name: str, kw: dict):
     train = SyntheticSegmentation(num_examples=kw.pop('num_train', 1000), split='train', **common)
     val = SyntheticSegmentation(num_examples=kw.pop('num_eval', 100), split='validation', **common)
     return train, val, common['image_size']
+  # Images without a mask are kept aside, so that one error lists them with the rest.
   if name == 'ade20k':
     root = _pop_required(kw, 'data_dir', name)
-    return folders.ade20k(root, 'training'), folders.ade20k(root, 'validation'), None
-  if name == 'cityscapes':
+    train, val = (folders.ade20k(root, split, missing_masks='keep')
+                  for split in ('training', 'validation'))
+  elif name == 'cityscapes':
     root = _pop_required(kw, 'data_dir', name)
-    return folders.cityscapes(root, 'train'), folders.cityscapes(root, 'val'), None
-  if name == 'folder':
+    train, val = (folders.cityscapes(root, split, missing_masks='keep')
+                  for split in ('train', 'val'))
+  elif name == 'folder':
     common = dict(
         num_classes=_pop_required(kw, 'num_classes', name),
         class_names=kw.pop('class_names', None),
         reduce_zero_label=kw.pop('reduce_zero_label', False),
         mask_suffix=kw.pop('mask_suffix', '.png'),
+        missing_masks='keep',
     )
     train = folders.image_mask_folders(
         _pop_required(kw, 'train_images', name), _pop_required(kw, 'train_masks', name), **common
@@ -89,8 +102,10 @@ def _sources(name: str, kw: dict):
     val = folders.image_mask_folders(
         _pop_required(kw, 'val_images', name), _pop_required(kw, 'val_masks', name), **common
     )
-    return train, val, None
-  raise ValueError(f'unknown dataset {name!r}; expected one of {DATASET_NAMES}')
+  else:
+    raise ValueError(f'unknown dataset {name!r}; expected one of {DATASET_NAMES}')
+  folders.validate_splits({'train': train, 'validation': val}, validate)
+  return train, val, None
 
 
 def _pop_required(kw: dict, key: str, name: str):
@@ -116,6 +131,7 @@ def build_loaders(
     eval_size_divisor: int = 32,
     test_scale: tuple[int, int] | None | str = 'default',
     pixel_batch_mask: bool = False,
+    validate: str = 'full',
     **dataset_kwargs: Any,
 ) -> tuple[TrainLoader, EvalLoader, dict]:
   """Builds the train and validation loaders of a dataset and its meta data.
@@ -138,6 +154,10 @@ def build_loaders(
       the mmseg value of the dataset.
     pixel_batch_mask: Scenic's segmentation layout: per-pixel `batch_mask` (0 on padding
       and ignored pixels), eval labels at the input size and padded like the inputs.
+    validate: how the folder datasets are checked before training
+      (`folders.validate_splits`): 'full' (default; pairs, sizes, modes and every mask's
+      label values, decoded once and cached per file), 'headers' (no label values: for
+      huge datasets on slow storage) or 'none' (pairs only).
     **dataset_kwargs: per dataset:
       synthetic: num_classes=6, image_size=(64, 64), num_train=1000, num_eval=100,
         data_seed=0, max_objects=4.
@@ -151,7 +171,7 @@ def build_loaders(
     `(train_loader, eval_loader, meta_data)`.
   """
   kw = dict(dataset_kwargs)
-  train_src, eval_src, image_size = _sources(name, kw)
+  train_src, eval_src, image_size = _sources(name, kw, validate)
   aug = dict(_TRAIN_DEFAULTS[name])
   aug.update({k: kw.pop(k) for k in _AUG_KEYS if k in kw})
   if kw:

@@ -1,23 +1,40 @@
 """Segmentation datasets read from image/mask folders: ADE20K, Cityscapes, generic pairs.
 
-Each source lists its files when built (so a missing folder or mask is reported at
-once, naming the first missing path) and reads, maps and checks labels lazily, one
-example at a time: `ds[i]` returns `{'image': uint8 [H, W, 3], 'label': uint8 [H, W],
-'name': str}` with labels in `[0, num_classes)` or 255 (ignore).
+Each source lists its files when built (a missing folder is reported at once; images
+without a mask are listed in one error, or kept aside with `missing_masks='keep'`) and
+reads, maps and checks labels lazily, one example at a time: `ds[i]` returns
+`{'image': uint8 [H, W, 3], 'label': uint8 [H, W], 'name': str}` with labels in
+`[0, num_classes)` or 255 (ignore).
+
+`validate_splits` checks every file of the splits up front (what the dataset builder runs
+before training): pairs, image and mask sizes from the file headers, mask modes, and the
+label values of every mask, which are decoded once and then cached per file by size and
+mtime (`projects.training.data_index`). All problems come in one `DatasetError`. The
+read-time checks of `ds[i]` stay as the last line of defence; on a split validated in
+'full' mode only a file whose pixels are damaged behind a valid header can still fail there.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
 from projects.input_files import read_stored_image
+from projects.training import data_index
+from projects.training.datasets import DatasetError, MissingFilesError
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+# PIL modes of single-channel masks (class indices); multi-channel masks are rejected.
+LABEL_MODES = ('L', 'P', 'I', 'I;16', 'I;16B', 'I;16L', '1')
+# `validate_splits` modes: 'full' also decodes every mask (once, then cached) to check its
+# label values; 'headers' reads file headers only (pairs, sizes, modes); 'none' only pairs.
+VALIDATE_MODES = data_index.VALIDATE_MODES
+MISSING_MASKS = ('raise', 'keep')
+_SHOWN = 20  # problems listed in a validation error
 
 # mmseg `ADE20KDataset.METAINFO['classes']` (mmseg/datasets/ade.py), including the
 # trailing space of 'bed ' so names match mmseg logs exactly.
@@ -89,7 +106,7 @@ def read_label(path: str) -> np.ndarray:
   class ids. Multi-channel masks are rejected rather than guessed at.
   """
   with Image.open(path) as im:
-    if im.mode not in ('L', 'P', 'I', 'I;16', 'I;16B', 'I;16L', '1'):
+    if im.mode not in LABEL_MODES:
       raise ValueError(
           f'label file {path} has mode {im.mode!r}; expected a single-channel map of class '
           'indices (mode L or P)'
@@ -108,6 +125,10 @@ class SegmentationFolder:
     label_map: raw label array -> class ids (uint8, 255 = ignore); None keeps raw values.
     max_raw_label: largest valid raw label value (255 always allowed); larger values
       raise when the example is read. None derives it as `num_classes - 1`.
+    unpaired: `(image, expected mask)` of images left out for lack of a mask
+      (`missing_masks='keep'`); `validate_splits` reports them.
+    mask_root: the folder of the masks (where `validate_splits` keeps its index); None:
+      the folder the masks have in common.
   """
 
   def __init__(
@@ -116,8 +137,10 @@ class SegmentationFolder:
       label_paths: Sequence[str],
       num_classes: int,
       class_names: Sequence[str],
-      label_map=None,
+      label_map: Callable[[np.ndarray], np.ndarray] | None = None,
       max_raw_label: int | None = None,
+      unpaired: Sequence[tuple[str, str]] = (),
+      mask_root: str | None = None,
   ):
     if len(image_paths) != len(label_paths):
       raise ValueError(f'{len(image_paths)} images but {len(label_paths)} label files')
@@ -131,6 +154,8 @@ class SegmentationFolder:
     self.class_names = tuple(class_names)
     self.label_map = label_map
     self.max_raw_label = num_classes - 1 if max_raw_label is None else max_raw_label
+    self.unpaired = [tuple(pair) for pair in unpaired]
+    self.mask_root = mask_root
 
   def __len__(self) -> int:
     return len(self.image_paths)
@@ -174,20 +199,61 @@ def _list_files(root: str, suffixes: Sequence[str]) -> list[str]:
 
 
 def _pair(
-    images: list[str], image_root: str, image_suffix: str, label_root: str, label_suffix: str
-):
-  """Label path for each image (same relative path, suffix swapped); fails on the first miss."""
-  labels = []
+    images: list[str],
+    image_root: str,
+    label_root: str,
+    label_suffix: str,
+    image_suffix: str | None = None,
+    missing_masks: str = 'raise',
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+  """Pairs each image with its label file: same relative path, suffix swapped.
+
+  Args:
+    images: image files under `image_root`.
+    image_root: their folder.
+    label_root: the label folder.
+    label_suffix: the label file ending replacing the image's.
+    image_suffix: the image ending to replace; None: each image's extension.
+    missing_masks: 'raise' lists every image without a label file in one
+      `MissingFilesError`; 'keep' returns them.
+
+  Returns:
+    `(paired images, their labels, [(image, expected label) without a label file])`.
+  """
+  if missing_masks not in MISSING_MASKS:
+    raise ValueError(f'missing_masks must be one of {MISSING_MASKS}, got {missing_masks!r}')
+  paired, labels, unpaired = [], [], []
   for path in images:
     rel = os.path.relpath(path, image_root)
-    label = os.path.join(label_root, rel[: len(rel) - len(image_suffix)] + label_suffix)
-    if not os.path.isfile(label):
-      raise FileNotFoundError(f'label file not found: {label} (for image {path})')
-    labels.append(label)
-  return labels
+    cut = len(image_suffix) if image_suffix is not None else len(os.path.splitext(rel)[1])
+    label = os.path.join(label_root, rel[: len(rel) - cut] + label_suffix)
+    if os.path.isfile(label):
+      paired.append(path)
+      labels.append(label)
+    else:
+      unpaired.append((path, label))
+  if unpaired and missing_masks == 'raise':
+    lines = [_unpaired_line(image, label) for image, label in unpaired]
+    raise MissingFilesError(
+        f'{len(unpaired)} of the {len(images)} images in {image_root} have no label file in '
+        f'{label_root}:\n{_listing(lines)}'
+    )
+  return paired, labels, unpaired
 
 
-def ade20k(root: str, split: str = 'training') -> SegmentationFolder:
+def _unpaired_line(image: str, label: str) -> str:
+  return f'{image}: no label file; expected {label}'
+
+
+def _listing(lines: Sequence[str]) -> str:
+  """The first `_SHOWN` lines, indented, and how many more there are."""
+  text = '\n'.join(f'  {line}' for line in lines[:_SHOWN])
+  if len(lines) > _SHOWN:
+    text += f'\n  ... and {len(lines) - _SHOWN} more'
+  return text
+
+
+def ade20k(root: str, split: str = 'training', missing_masks: str = 'raise') -> SegmentationFolder:
   """ADE20K SceneParsing (`ADEChallengeData2016`), 150 classes, reduce_zero_label.
 
   Layout: `root/images/{training,validation}/*.jpg` and
@@ -197,6 +263,8 @@ def ade20k(root: str, split: str = 'training') -> SegmentationFolder:
   Args:
     root: dataset root.
     split: 'training' or 'validation' ('train'/'val' accepted).
+    missing_masks: 'raise' (images without a mask, all listed, raise
+      `MissingFilesError`) or 'keep' (they are left out and kept in `unpaired`).
 
   Returns:
     The split as a `SegmentationFolder`.
@@ -212,14 +280,15 @@ def ade20k(root: str, split: str = 'training') -> SegmentationFolder:
   images = _list_files(image_dir, ('.jpg',))
   if not images:
     raise FileNotFoundError(f'no .jpg images found in {image_dir}')
-  labels = _pair(images, image_dir, '.jpg', label_dir, '.png')
+  images, labels, unpaired = _pair(images, image_dir, label_dir, '.png', '.jpg', missing_masks)
   # Raw ADE20K labels are 0..150; the check runs before reduce_zero_label.
   return SegmentationFolder(
-      images, labels, 150, ADE20K_CLASSES, label_map=reduce_zero_label, max_raw_label=150
+      images, labels, 150, ADE20K_CLASSES, label_map=reduce_zero_label, max_raw_label=150,
+      unpaired=unpaired, mask_root=label_dir,
   )
 
 
-def cityscapes(root: str, split: str = 'train') -> SegmentationFolder:
+def cityscapes(root: str, split: str = 'train', missing_masks: str = 'raise') -> SegmentationFolder:
   """Cityscapes fine annotations, 19 classes (labelIds mapped to trainIds, others 255).
 
   Layout: `root/leftImg8bit/{train,val}/<city>/<stem>_leftImg8bit.png` with
@@ -228,6 +297,7 @@ def cityscapes(root: str, split: str = 'train') -> SegmentationFolder:
   Args:
     root: dataset root.
     split: 'train' or 'val' ('validation' accepted).
+    missing_masks: 'raise' or 'keep' images without a mask (see `ade20k`).
 
   Returns:
     The split as a `SegmentationFolder`.
@@ -240,7 +310,8 @@ def cityscapes(root: str, split: str = 'train') -> SegmentationFolder:
   images = _list_files(image_dir, ('_leftimg8bit.png',))
   if not images:
     raise FileNotFoundError(f'no *_leftImg8bit.png images found in {image_dir}')
-  labels = _pair(images, image_dir, '_leftImg8bit.png', label_dir, '_gtFine_labelIds.png')
+  images, labels, unpaired = _pair(images, image_dir, label_dir, '_gtFine_labelIds.png',
+                                   '_leftImg8bit.png', missing_masks)
   # Every byte value has a train id (unknown ids are ignored), so nothing raises.
   return SegmentationFolder(
       images,
@@ -249,6 +320,8 @@ def cityscapes(root: str, split: str = 'train') -> SegmentationFolder:
       CITYSCAPES_CLASSES,
       label_map=cityscapes_label_ids_to_train_ids,
       max_raw_label=254,
+      unpaired=unpaired,
+      mask_root=label_dir,
   )
 
 
@@ -259,6 +332,7 @@ def image_mask_folders(
     class_names: Sequence[str] | None = None,
     reduce_zero_label: bool = False,
     mask_suffix: str = '.png',
+    missing_masks: str = 'raise',
 ) -> SegmentationFolder:
   """A generic images/masks folder pair matched by relative path and file stem.
 
@@ -272,6 +346,7 @@ def image_mask_folders(
     class_names: names; defaults to 'class_0', 'class_1', ...
     reduce_zero_label: apply mmseg's reduce_zero_label (0 = unlabelled).
     mask_suffix: mask file ending replacing the image extension.
+    missing_masks: 'raise' or 'keep' images without a mask (see `ade20k`).
 
   Returns:
     A `SegmentationFolder`.
@@ -281,9 +356,8 @@ def image_mask_folders(
   images = _list_files(image_dir, IMAGE_EXTENSIONS)
   if not images:
     raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found in {image_dir}')
-  labels = []
-  for path in images:
-    labels += _pair([path], image_dir, os.path.splitext(path)[1], mask_dir, mask_suffix)
+  images, labels, unpaired = _pair(images, image_dir, mask_dir, mask_suffix, None,
+                                   missing_masks)
   names = class_names if class_names is not None else [f'class_{i}' for i in range(num_classes)]
   return SegmentationFolder(
       images,
@@ -292,4 +366,148 @@ def image_mask_folders(
       names,
       label_map=_reduce_zero_label if reduce_zero_label else None,
       max_raw_label=num_classes if reduce_zero_label else num_classes - 1,
+      unpaired=unpaired,
+      mask_root=mask_dir,
   )
+
+
+_MAX_VALUES = 256  # distinct label values kept per mask in the index (uint8 has 256)
+
+
+def _label_values(raw: np.ndarray) -> dict:
+  """The distinct values of a label map: `values` (sorted, at most `_MAX_VALUES`), `min`,
+  `top` (the largest value other than 255, None if none) and `num_values`."""
+  if raw.dtype == np.uint8:
+    present = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+  else:
+    present = np.unique(raw.astype(np.int64))
+  values = [int(v) for v in present]
+  labels = [v for v in values if v != IGNORE_INDEX]
+  return {'values': values[:_MAX_VALUES], 'min': min(values, default=0),
+          'top': max(labels, default=None), 'num_values': len(values)}
+
+
+def _mask_facts(path: str) -> dict:
+  """A mask's header and, if it is single-channel, its label values (decodes the pixels)."""
+  facts = data_index.read_header(path)
+  if facts['mode'] in LABEL_MODES:
+    facts.update(_label_values(read_label(path)))
+  return facts
+
+
+def _has_values(facts: dict) -> bool:
+  return 'values' in facts or facts['mode'] not in LABEL_MODES
+
+
+def _pair_problems(ds: SegmentationFolder, image: str, image_facts: dict | Exception,
+                   mask_facts: dict | Exception) -> list[str]:
+  """What is wrong with one image/mask pair of `ds`, from the facts `validate_splits` found."""
+  problems = []
+  if isinstance(image_facts, Exception):
+    problems.append(data_index.describe_error('image', image, image_facts))
+  if isinstance(mask_facts, Exception):
+    return problems + [data_index.describe_error('mask', 'file', mask_facts)]
+  if mask_facts['mode'] not in LABEL_MODES:
+    problems.append(f"mode {mask_facts['mode']!r}; expected a single-channel map of class "
+                    'indices (mode L or P)')
+  size = (mask_facts['height'], mask_facts['width'])
+  if not isinstance(image_facts, Exception):
+    expected = (image_facts['height'], image_facts['width'])
+    if size != expected:
+      problems.append(f'size {size[0]}x{size[1]} (h x w); expected {expected[0]}x{expected[1]}, '
+                      f'the size of its image {image}')
+  if 'values' not in mask_facts:
+    return problems
+  lo, top, values = mask_facts['min'], mask_facts['top'], mask_facts['values']
+  limit = ds.max_raw_label
+  mapping = getattr(ds.label_map, '__name__', None) if ds.label_map is not None else None
+  classes = f'{ds.num_classes} classes' + (f' after {mapping}' if mapping else '')
+  if lo < 0 or (top is not None and top > limit):
+    bad = [v for v in values if (v < 0 or v > limit) and v != IGNORE_INDEX]
+    if top is not None and top > limit and top not in bad:
+      bad.append(top)
+    shown = ', '.join(map(str, bad[:10])) + (', ...' if len(bad) > 10 else '')
+    problems.append(f'label values [{shown}]; expected 0..{limit} or {IGNORE_INDEX} (ignore) '
+                    f'for {classes}')
+  elif ds.label_map is not None:
+    # The values are valid raw labels here; check what the mapping (on bytes) makes of them.
+    raw = np.asarray([v for v in values if v <= 255], np.uint8)
+    mapped = np.asarray(ds.label_map(raw)).astype(np.int64)
+    bad = (mapped >= ds.num_classes) & (mapped != IGNORE_INDEX) | (mapped < 0)
+    if bad.any():
+      problems.append(f'label values {raw[bad][:10].tolist()} become {mapped[bad][:10].tolist()} '
+                      f'after {mapping or "the label mapping"}; expected 0..{ds.num_classes - 1} '
+                      f'or {IGNORE_INDEX} (ignore)')
+  return problems
+
+
+def validate_splits(
+    splits: Mapping[str, SegmentationFolder],
+    mode: str = 'full',
+    num_threads: int | None = None,
+) -> None:
+  """Checks every file of `splits` up front; one `DatasetError` lists every bad pair.
+
+  Checks, by `mode` (`VALIDATE_MODES`):
+  - always: every image has its mask (the `unpaired` images of each split);
+  - 'headers' and 'full': images and masks open (headers only), each mask is a
+    single-channel map (mode L, P, I or 1) of its image's size;
+  - 'full': the values of every mask are within `[0, max_raw_label]` or 255 (ignore) and
+    the dataset's label mapping (reduce_zero_label, Cityscapes ids) takes them into
+    `[0, num_classes)` or 255: what `ds[i]` would otherwise find only when it reads them.
+
+  Headers and label values are cached per file (path, size, mtime) in the index of each
+  split's mask folder (`projects.training.data_index`): a rerun decodes only new or
+  changed masks. Files are probed by a thread pool.
+
+  Args:
+    splits: split name -> folder source.
+    mode: 'full', 'headers' or 'none'.
+    num_threads: probing threads; None: `min(32, cpu_count + 4)`.
+
+  Raises:
+    DatasetError: naming each bad file, what was expected and what was found (the first
+      20, then the count).
+  """
+  if mode not in VALIDATE_MODES:
+    raise ValueError(f'validate must be one of {VALIDATE_MODES}, got {mode!r}')
+  lines: list[str] = []
+  total = 0
+  indexes: dict[str, data_index.FileIndex] = {}
+  for name, ds in splits.items():
+    total += len(ds) + len(ds.unpaired)
+    lines += [f'{name}: {_unpaired_line(image, mask)}' for image, mask in ds.unpaired]
+    if mode == 'none' or not len(ds):
+      continue
+    folder = ds.mask_root or os.path.commonpath(
+        [os.path.dirname(os.path.abspath(p)) for p in ds.label_paths])
+    key = os.path.realpath(folder)
+    if key not in indexes:  # splits sharing a mask folder share its index
+      indexes[key] = data_index.FileIndex(folder)
+    index = indexes[key]
+    image_facts = data_index.probe_files(index, ds.image_paths, data_index.read_header,
+                                         num_threads=num_threads)
+    if mode == 'full':
+      mask_facts = data_index.probe_files(index, ds.label_paths, _mask_facts, _has_values,
+                                          num_threads=num_threads)
+    else:
+      mask_facts = data_index.probe_files(index, ds.label_paths, data_index.read_header,
+                                          num_threads=num_threads)
+    for image, mask, fi, fm in zip(ds.image_paths, ds.label_paths, image_facts, mask_facts,
+                                   strict=True):
+      problems = _pair_problems(ds, image, fi, fm)
+      if problems:
+        lines.append(f'{name}: {mask}: {"; ".join(problems)}')
+  for index in indexes.values():
+    index.save()  # before raising: a rerun after a fix rechecks only the changed files
+  if lines:
+    checked = {'full': 'pairs, sizes, modes, label values', 'headers': 'pairs, sizes, modes',
+               'none': 'pairs'}[mode]
+    names = list(splits)
+    names = ' and '.join([', '.join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    raise DatasetError(
+        f'{len(lines)} of the {total} image/mask pairs of the {names} split'
+        f'{"s" if len(splits) > 1 else ""} are invalid (checked: {checked}):\n'
+        f'{_listing(lines)}\n'
+        'Fix or remove these files; a rerun rechecks only the files that changed.'
+    )
