@@ -1,17 +1,35 @@
-"""Training checkpoints: orbax, atomic, resumable, and checked against the model they restore into.
+"""Training checkpoints: orbax, atomic, verified, resumable, checked against their model.
 
 Layout: `WORKDIR/checkpoints/<step>/{state,metadata}`. Orbax writes each step
 to a temporary folder and renames it when complete, so a run killed at any
-point leaves either a whole checkpoint or a temporary folder that is ignored:
-resuming always starts from the latest complete one. `metadata` records the
-model name, class count and backbone, and restoring into another model is an
-error naming what differs.
+point leaves either a whole checkpoint or a temporary folder that is ignored
+(and removed by the next training run). `metadata` records the model name,
+class count and backbone, and restoring into another model is an error naming
+what differs.
+
+A complete checkpoint can still be damaged later (a truncated copy, flipped bits on a
+disk): `metadata` also records sha256 checksums of the saved arrays, of the whole
+training state and of the variables alone (what evaluation restores), committed with the
+checkpoint in the same orbax save. Restoring recomputes them, so a damaged checkpoint is
+an error (`CheckpointCorruptError`) instead of silently wrong weights; resuming a
+training run skips it for the newest older one that verifies, sets it aside as
+`<step>.corrupt`, and says so. Checkpoints written before checksums were recorded
+restore unverified.
+
+A checkpoint that cannot be written (a full disk) is a `CheckpointWriteError` that names
+the complete checkpoint a rerun will resume from; when the previous checkpoint shows
+there is not enough room for the next, the save is refused before anything is written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
-from collections.abc import Mapping
+import re
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +37,30 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+log = logging.getLogger(__name__)
+
+CHECKSUMS = 'checksums'  # the metadata entry: {'state': 'sha256:...', 'variables': ...}
+CORRUPT_SUFFIX = '.corrupt'  # a skipped checkpoint is renamed `<step>.corrupt`
+
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint written by another model than the one restoring it."""
+
+
+class CheckpointCorruptError(ValueError):
+  """A checkpoint that cannot be read, or whose arrays differ from those saved.
+
+  Attributes:
+    reason: why, in one line (also the end of the message).
+  """
+
+  def __init__(self, message: str, reason: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (e.g. no space left); earlier ones are intact."""
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> Path:
@@ -30,7 +69,14 @@ def checkpoint_dir(workdir: str | os.PathLike) -> Path:
 
 def manager(workdir: str | os.PathLike, max_to_keep: int = 3,
             create: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+  """The checkpoint manager of `workdir`; `create`: the training run's (it writes).
+
+  The training run's manager removes temporary folders of saves that never completed:
+  safe because the run holds the workdir (`workdir_lock`), so no other save is underway.
+  """
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                         cleanup_tmp_directories=create)
+  _drop_async_io_noise()
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -49,9 +95,250 @@ def model_metadata(config: Any, num_classes: int) -> dict[str, Any]:
           'backbone_variant': backbone.variant}
 
 
+# --- checksums ----------------------------------------------------------------------------
+
+
+def _local(leaf: Any) -> Any:
+  """This process's full copy of a replicated array.
+
+  The training state is replicated (`loop.py`), so the copy is the whole array, the same in
+  every process and in any later topology. A sharded state would need per-shard checksums.
+  """
+  if isinstance(leaf, jax.Array):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    if not leaf.is_fully_addressable:
+      leaf = leaf.addressable_data(0)
+  return leaf
+
+
+def _host(tree: Any) -> Any:
+  return jax.device_get(jax.tree.map(_local, tree))
+
+
+def _leaf_record(leaf: Any) -> bytes:
+  """dtype, shape and sha256 of one array's bytes (C order)."""
+  array = np.ascontiguousarray(leaf)
+  digest = hashlib.sha256(array.reshape(-1).view(np.uint8)).hexdigest()
+  return f'{array.dtype.name}{array.dtype.str}{array.shape}{digest};'.encode()
+
+
+def _combine(records: Sequence[bytes]) -> str:
+  return 'sha256:' + hashlib.sha256(b''.join(records)).hexdigest()
+
+
+def tree_checksum(tree: Any) -> str:
+  """sha256 over every leaf's dtype, shape and bytes, in tree order (`'sha256:<hex>'`).
+
+  Array values only: the leaf paths are left out, since a tree restored by orbax may
+  name its nodes differently (dicts for dataclasses) while holding the same arrays.
+  """
+  return _combine([_leaf_record(leaf) for leaf in jax.tree.leaves(_host(tree))])
+
+
+def inference_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+  """The collections `restore_for_inference` restores, and that its checksum covers."""
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
+def _variables_of(state: Any) -> Mapping[str, Any] | None:
+  variables = state.get('variables') if isinstance(state, Mapping) else getattr(
+      state, 'variables', None)
+  return variables if isinstance(variables, Mapping) and 'params' in variables else None
+
+
+def state_checksums(state: Any) -> dict[str, str]:
+  """`{'state': ..., 'variables': ...}` checksums of a training state (`tree_checksum`).
+
+  Each array is copied to the host and hashed once; the variables' checksum reuses the
+  digests of the state's.
+  """
+  host = _host(state)
+  records = {id(leaf): _leaf_record(leaf) for leaf in jax.tree.leaves(host)}
+  checksums = {'state': _combine([records[id(leaf)] for leaf in jax.tree.leaves(host)])}
+  variables = _variables_of(host)
+  if variables is not None:
+    checksums['variables'] = _combine(
+        [records[id(leaf)] for leaf in jax.tree.leaves(inference_variables(variables))])
+  return checksums
+
+
+def _verify(saved: Mapping[str, Any], key: str, tree: Any, where: Any) -> None:
+  expected = (saved.get(CHECKSUMS) or {}).get(key)
+  if expected is None:
+    log.debug('Checkpoint %s: no checksum recorded (written before checksums were); '
+              'restored unverified.', where)
+    return
+  found = tree_checksum(tree)
+  if found != expected:
+    reason = (f'checksum mismatch: the restored {key} hash to {found[:19]}..., the '
+              f'checkpoint recorded {expected[:19]}... (its files changed after saving)')
+    raise CheckpointCorruptError(f'The checkpoint at {where} is corrupt: {reason}', reason)
+
+
+# --- reading and writing ------------------------------------------------------------------
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  # Orbax wraps tensorstore's one-line error in an `Exception` whose message dumps the
+  # whole TensorStore spec; the cause says what is wrong in one line.
+  seen = set()
+  while error.__cause__ is not None and id(error) not in seen:
+    seen.add(id(error))
+    error = error.__cause__
+  return error
+
+
+# Tensorstore reports a failed system call inside a long message; its code says what failed.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+  """`Type: first line` of the error's root cause, led by the OS error it reports if any."""
+  root = _root_cause(error)
+  lines = str(root).strip().splitlines()
+  text = f'{type(root).__name__}: {lines[0] if lines else ""}'.rstrip(': ')
+  code = _OS_ERROR_CODE.search(str(root))
+  if code:
+    text = f'{os.strerror(int(code.group(1)))} ({text})'
+  return text if len(text) <= limit else text[:limit - 4] + '...)'
+
+
+def _drop_async_io_noise() -> None:
+  """Stops the noise a failed orbax read or write leaves on stderr.
+
+  When one array of a tensorstore read or write fails, orbax closes its asyncio loop
+  while the other arrays' I/O is still finishing: each of their callbacks then reports
+  'Event loop is closed', and their coroutines report an ImportError when collected at
+  shutdown, hundreds of tracebacks burying the one error that matters (which is raised).
+  These two messages, and only they, are dropped from `sys.unraisablehook`.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_async_io_noise', False):
+    return
+  noise = ((RuntimeError, 'Event loop is closed'),
+           (ImportError, 'Python is likely shutting down'))
+
+  def hook(unraisable: Any) -> None:
+    value = unraisable.exc_value
+    if any(isinstance(value, kind) and text in str(value) for kind, text in noise):
+      return
+    previous(unraisable)
+
+  hook.drops_async_io_noise = True
+  sys.unraisablehook = hook
+
+
+def _corrupt(where: Any, error: BaseException) -> CheckpointCorruptError:
+  reason = f'cannot be read ({_one_line(error)})'
+  return CheckpointCorruptError(f'The checkpoint at {where} is corrupt: it {reason}', reason)
+
+
+def _step_dir(mngr: ocp.CheckpointManager, step: int) -> Path:
+  return Path(str(mngr.directory)) / str(step)
+
+
+def _dir_bytes(path: Path) -> int:
+  """Bytes allocated to the files under `path` (what they take on the disk)."""
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        stat = os.lstat(os.path.join(root, name))
+      except OSError:
+        continue
+      total += getattr(stat, 'st_blocks', 0) * 512 or stat.st_size
+  return total
+
+
+def _complete_step(mngr: ocp.CheckpointManager) -> int | None:
+  try:
+    mngr.reload()
+    return mngr.latest_step()
+  except Exception:  # noqa: BLE001  (only completes an error message)
+    return None
+
+
+def _write_error(mngr: ocp.CheckpointManager, what: str) -> CheckpointWriteError:
+  previous = _complete_step(mngr)
+  intact = ('No earlier checkpoint exists.' if previous is None else
+            f'The checkpoint of step {previous} is complete and intact; rerun with enough '
+            'space to resume from it.')
+  return CheckpointWriteError(f'{what}. {intact}')
+
+
+def _check_free_space(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Refuses a save that the previous checkpoint shows cannot fit, before writing anything.
+
+  A save that runs out of space fails inside orbax's writer threads, hundreds of lines
+  of tracebacks; the previous checkpoint of the same state is an exact measure of the
+  room the next one needs.
+  """
+  previous = mngr.latest_step()
+  directory = Path(str(mngr.directory))
+  if previous is None or '://' in str(mngr.directory):
+    return
+  try:
+    needed = _dir_bytes(directory / str(previous))
+    free = shutil.disk_usage(directory).free
+  except OSError:
+    return
+  if free < needed:
+    raise _write_error(
+        mngr, f'No space left for the checkpoint of step {step} in {directory}: it needs about '
+        f'{needed / 1e6:.1f} MB (as much as step {previous}\'s), {free / 1e6:.1f} MB are free')
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the asynchronous save in progress; its failure is a `CheckpointWriteError`."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as error:  # noqa: BLE001  (any failure of the writer threads)
+    step = re.search(r'/(\d+)\.orbax-checkpoint-tmp', str(_root_cause(error)))
+    what = f'the checkpoint of step {step.group(1)}' if step else 'a checkpoint'
+    raise _write_error(mngr, f'Writing {what} in {mngr.directory} failed: '
+                             f'{_one_line(error, 300)}') from error
+
+
+def close(mngr: ocp.CheckpointManager, *, raise_errors: bool = True) -> None:
+  """Waits for the last save and closes `mngr`; never leaves a checkpoint half-written.
+
+  Args:
+    mngr: the training run's manager.
+    raise_errors: False while another error is propagating: a failed save is then
+      logged, so that it does not hide the error that stopped the run.
+  """
+  try:
+    wait(mngr)
+  except CheckpointWriteError as error:
+    if raise_errors:
+      raise
+    log.error('%s', error)
+  finally:
+    mngr.close()
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any,
+         metadata: Mapping[str, Any]) -> None:
+  """Starts saving `state` as `step`, with `metadata` and the checksums of `state`.
+
+  Returns once the arrays are copied to the host; orbax writes them in the background.
+
+  Raises:
+    CheckpointWriteError: the previous save failed, or this one cannot fit on the disk.
+  """
+  wait(mngr)
+  _check_free_space(mngr, step)
+  # Hashed from the same values orbax copies; committed atomically with the checkpoint.
+  metadata = {**metadata, CHECKSUMS: state_checksums(state)}
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          metadata=ocp.args.JsonSave(metadata)))
+
+
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in flat}
+  return {jax.tree_util.keystr(path): tuple(getattr(leaf, 'shape', None) or np.shape(leaf))
+          for path, leaf in flat}
 
 
 def _check_shapes(expected_tree: Any, found_tree: Any, where: Any) -> None:
@@ -64,8 +351,17 @@ def _check_shapes(expected_tree: Any, found_tree: Any, where: Any) -> None:
 
 
 def _saved_metadata(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-  saved = mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-  return dict(saved.metadata or {})
+  """The checkpoint's JSON metadata; unreadable: `CheckpointCorruptError`."""
+  try:
+    saved = mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    metadata = saved.metadata
+  except Exception as error:  # noqa: BLE001  (any unreadable file is a damaged checkpoint)
+    raise _corrupt(_step_dir(mngr, step), error) from error
+  if metadata is not None and not isinstance(metadata, Mapping):
+    reason = f'its metadata is not a JSON object: {str(metadata)[:80]!r}'
+    raise CheckpointCorruptError(
+        f'The checkpoint at {_step_dir(mngr, step)} is corrupt: {reason}', reason)
+  return dict(metadata or {})
 
 
 def _check_metadata(saved: Mapping[str, Any], expected: Mapping[str, Any], where: Any) -> None:
@@ -78,26 +374,100 @@ def _check_metadata(saved: Mapping[str, Any], expected: Mapping[str, Any], where
         '--workdir, or the config it was trained with.')
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any,
-         metadata: Mapping[str, Any]) -> None:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          metadata=ocp.args.JsonSave(dict(metadata))))
+def _check_saved_shapes(mngr: ocp.CheckpointManager, step: int, abstract_variables: Any,
+                        where: Any) -> None:
+  """After a failed restore: another model's variables (a mismatch), or damage?
+
+  Compares the variable shapes the checkpoint's own metadata records with the model's;
+  when they differ the restore failed because the model differs, not the files.
+  """
+  try:
+    saved = ocp.StandardCheckpointHandler().metadata(_step_dir(mngr, step) / 'state')
+    saved_variables = saved.tree['variables']
+  except Exception:  # noqa: BLE001  (unreadable metadata: damage, reported by the caller)
+    return
+  _check_shapes(abstract_variables, inference_variables(saved_variables), where)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
             metadata: Mapping[str, Any]) -> Any:
-  """Restores `step` into the structure of `abstract_state` after checking `metadata`."""
-  where = checkpoint_dir(mngr.directory.parent) / str(step)
-  _check_metadata(_saved_metadata(mngr, step), metadata, where)
+  """Restores `step` into the structure of `abstract_state`, checked and verified.
+
+  Raises:
+    CheckpointMismatchError: the checkpoint is another model's (`metadata` or shapes).
+    CheckpointCorruptError: it cannot be read, or its arrays differ from those saved.
+  """
+  where = _step_dir(mngr, step)
+  saved = _saved_metadata(mngr, step)
+  _check_metadata(saved, metadata, where)
   try:
     restored = mngr.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  except (ValueError, KeyError, TypeError) as error:
-    raise CheckpointMismatchError(
-        f'The checkpoint at {where} does not fit this model\'s variables: {error}') from error
+  except Exception as error:  # noqa: BLE001  (tensorstore reports damage as several types)
+    variables = _variables_of(abstract_state)
+    if variables is not None:
+      _check_saved_shapes(mngr, step, inference_variables(variables), where)
+    raise _corrupt(where, error) from error
   state = restored.state
   _check_shapes(abstract_state, state, where)
+  _verify(saved, 'state', state, where)
   return state
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: Sequence[int]) -> None:
+  """Renames skipped checkpoints `<step>.corrupt`: kept for inspection, out of the way.
+
+  The resumed run saves these steps again; orbax ignores the renamed folders.
+  """
+  if jax.process_index() == 0:
+    for step in steps:
+      source = _step_dir(mngr, step)
+      target = source.with_name(f'{step}{CORRUPT_SUFFIX}')
+      n = 1
+      while target.exists():
+        n += 1
+        target = source.with_name(f'{step}{CORRUPT_SUFFIX}{n}')
+      source.rename(target)
+      log.warning('Moved the corrupt checkpoint %s to %s.', source, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices('checkpoints: corrupt ones set aside')
+  mngr.reload()
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
+                   metadata: Mapping[str, Any]) -> tuple[int, Any]:
+  """The newest checkpoint that restores and verifies: `(step, state)`, `(0, None)` if none.
+
+  A checkpoint that cannot be read or fails its checksum is skipped with the warning
+  `skipping checkpoint <path>: <reason>` and, once an older one restores, renamed
+  `<step>.corrupt` so that the run can write that step again.
+
+  Raises:
+    CheckpointMismatchError: the checkpoints are another model's (never skipped: the
+      config or the workdir is wrong).
+    CheckpointCorruptError: checkpoints exist but none restores; the message lists each
+      and why. Training from scratch over them is left to the user to decide.
+  """
+  skipped: list[tuple[int, str]] = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state = restore(mngr, step, abstract_state, metadata)
+    except CheckpointCorruptError as error:
+      log.warning('skipping checkpoint %s: %s', _step_dir(mngr, step), error.reason)
+      skipped.append((step, error.reason))
+      continue
+    if skipped:
+      _set_aside(mngr, [s for s, _ in skipped])
+    return step, state
+  if not skipped:
+    return 0, None
+  listing = '; '.join(f'{_step_dir(mngr, s)}: {reason}' for s, reason in skipped)
+  reason = f'none of its {len(skipped)} checkpoints can be restored'
+  raise CheckpointCorruptError(
+      f'Cannot resume in {mngr.directory}: {reason} ({listing}). Move or remove these '
+      'folders to train from scratch, or restore them from a backup.', reason)
 
 
 def restore_for_inference(config: Any, checkpoint: str | os.PathLike, *, model_cls: Any,
@@ -114,6 +484,12 @@ def restore_for_inference(config: Any, checkpoint: str | os.PathLike, *, model_c
 
   Returns:
     (flax_model, {'params': ..., 'batch_stats': ...}).
+
+  Raises:
+    FileNotFoundError: no complete checkpoint at `checkpoint`.
+    CheckpointMismatchError: the checkpoint is another model's.
+    CheckpointCorruptError: it cannot be read or fails its checksum; the message names
+      the other steps that could be used instead (never picked silently).
   """
   path = Path(checkpoint).absolute()
   step = None
@@ -123,29 +499,48 @@ def restore_for_inference(config: Any, checkpoint: str | os.PathLike, *, model_c
     path = path / 'checkpoints'
   if not path.is_dir():
     raise FileNotFoundError(f'No checkpoint folder at {checkpoint}.')
+  _drop_async_io_noise()
   with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'No complete checkpoint in {path}.')
-    saved = _saved_metadata(mngr, step)
-    classes = num_classes or saved.get('num_classes')
-    _check_metadata(saved, model_metadata(config, classes), path / str(step))
-    model = model_cls(config, {'num_classes': classes})
-    # The checkpoint holds every weight: the backbone's pretrained file (which `init`
-    # would read) is neither needed nor required to exist here.
-    flax_model = model.flax_model.clone(pretrained='')
-    shape = (1, 64, 64, 3)
-    abstract = jax.eval_shape(lambda: flax_model.init(jax.random.PRNGKey(0),
-                                                      np.zeros(shape, np.float32)))
-    abstract_state = {'params': abstract['params'],
-                      'batch_stats': abstract.get('batch_stats', {})}
-    # Only the variables: the optimizer state is not needed (and may be large).
+    try:
+      return _restore_variables(mngr, step, config, model_cls, num_classes)
+    except CheckpointCorruptError as error:
+      others = sorted((s for s in mngr.all_steps() if s != step), reverse=True)
+      if others:
+        hint = (f' Other checkpoints: steps {", ".join(map(str, others))} (pass one folder, '
+                f'e.g. {path / str(others[0])}, to use it).')
+        raise CheckpointCorruptError(str(error) + hint, error.reason) from error
+      raise
+
+
+def _restore_variables(mngr: ocp.CheckpointManager, step: int, config: Any, model_cls: Any,
+                       num_classes: int | None) -> tuple[Any, dict[str, Any]]:
+  where = _step_dir(mngr, step)
+  saved = _saved_metadata(mngr, step)
+  classes = num_classes or saved.get('num_classes')
+  _check_metadata(saved, model_metadata(config, classes), where)
+  model = model_cls(config, {'num_classes': classes})
+  # The checkpoint holds every weight: the backbone's pretrained file (which `init`
+  # would read) is neither needed nor required to exist here.
+  flax_model = model.flax_model.clone(pretrained='')
+  shape = (1, 64, 64, 3)
+  abstract = jax.eval_shape(lambda: flax_model.init(jax.random.PRNGKey(0),
+                                                    np.zeros(shape, np.float32)))
+  abstract_state = inference_variables(abstract)
+  # Only the variables: the optimizer state is not needed (and may be large).
+  try:
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item={'variables': abstract_state},
             restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                       {'variables': abstract_state}),
             partial_restore=True)))
-    variables = restored.state['variables']
-  _check_shapes(abstract_state, variables, path / str(step))
+  except Exception as error:  # noqa: BLE001  (tensorstore reports damage as several types)
+    _check_saved_shapes(mngr, step, abstract_state, where)
+    raise _corrupt(where, error) from error
+  variables = restored.state['variables']
+  _check_shapes(abstract_state, variables, where)
+  _verify(saved, 'variables', variables, where)
   return flax_model, variables

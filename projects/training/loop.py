@@ -9,9 +9,11 @@
 - optax AdamW with warmup and poly or step decay, layer-wise lr decay, clipping,
   accumulation (`optim.py`); bf16 compute and remat come from the model config.
 - periodic evaluation by the project's `Evaluation` (mIoU for segmentation, COCO AP for
-  detection) with the same code as its `evaluate` tool; orbax checkpoints every
-  `checkpoint_steps` and automatic resume from the latest; the batches and dropout keys
-  of step s are functions of (seed, s), so a resumed run repeats an uninterrupted one.
+  detection) with the same code as its `evaluate` tool, after that step's checkpoint is
+  started; orbax checkpoints every `checkpoint_steps`, verified by checksums, and
+  automatic resume from the latest that verifies; the batches and dropout keys of step s
+  are functions of (seed, s), so a resumed run repeats an uninterrupted one.
+- one run per workdir: a second run in the same workdir stops at once (`workdir_lock`).
 
 What a project provides: a model object (`flax_model`, `init_variables(rng, input_shape)`,
 `loss_function(outputs, batch)` or `loss_and_metrics(outputs, batch) -> (loss, {name:
@@ -35,7 +37,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from projects.training import checkpoints, optim
+from projects.training import checkpoints, optim, workdir_lock
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +140,45 @@ def _loss_fn(model: Any) -> Any:
   return getattr(model, 'loss_and_metrics', None) or model.loss_function
 
 
+def initial_state(config: Any, model: Any, meta: Any, rng: jax.Array) -> tuple[
+    TrainState, optax.GradientTransformation, optax.Schedule]:
+  """The step-0 state of a run, its optimizer and its learning-rate schedule."""
+  init_rng, train_rng = jax.random.split(rng)
+  variables = model.init_variables(init_rng, tuple(meta['input_shape']))
+  depths = model.flax_model.backbone.resolved_spec.depths
+  tx, schedule = optim.make_optimizer(config, variables['params'], depths,
+                                      int(config.num_training_steps))
+  state = TrainState(step=jnp.asarray(0, jnp.int32), variables=variables,
+                     opt_state=tx.init(variables['params']), rng=train_rng)
+  return state, tx, schedule
+
+
 def train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: str, writer: Any,
           evaluation: Evaluation) -> tuple[TrainState, dict[str, Any]]:
   """Trains `model` on `dataset` as `config` says, evaluating with `evaluation`.
 
+  The run holds `workdir` (`workdir_lock`, taken by process 0 before any checkpoint is
+  read or written) until its last checkpoint is complete.
+
   Returns:
     The final state and the last evaluation summary.
+
+  Raises:
+    workdir_lock.WorkdirInUseError: another run is training in `workdir`.
+    checkpoints.CheckpointCorruptError: checkpoints exist but none can be restored.
+    checkpoints.CheckpointWriteError: a checkpoint could not be written (disk full).
   """
+  if jax.process_index() > 0:
+    # Process 0 holds the lock for the processes of its run, which share the workdir.
+    return _train(rng=rng, config=config, model=model, dataset=dataset, workdir=workdir,
+                  writer=writer, evaluation=evaluation)
+  with workdir_lock.hold(workdir):
+    return _train(rng=rng, config=config, model=model, dataset=dataset, workdir=workdir,
+                  writer=writer, evaluation=evaluation)
+
+
+def _train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: str, writer: Any,
+           evaluation: Evaluation) -> tuple[TrainState, dict[str, Any]]:
   meta = dataset.meta_data
   flax_model = model.flax_model
   num_classes = int(meta['num_classes'])
@@ -159,21 +193,21 @@ def train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: str
     raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
                      f'{jax.device_count()} devices.')
 
-  init_rng, train_rng = jax.random.split(rng)
-  variables = model.init_variables(init_rng, tuple(meta['input_shape']))
-  depths = flax_model.backbone.resolved_spec.depths
-  tx, schedule = optim.make_optimizer(config, variables['params'], depths, total_steps)
-  state = TrainState(step=jnp.asarray(0, jnp.int32), variables=variables,
-                     opt_state=tx.init(variables['params']), rng=train_rng)
+  state, tx, schedule = initial_state(config, model, meta, rng)
   state = jax.device_put(state, replicated)
 
   metadata = checkpoints.model_metadata(config, num_classes)
   mngr = checkpoints.manager(workdir, max_to_keep=config.get('max_checkpoints_to_keep', 3))
-  start_step = mngr.latest_step() or 0
-  if start_step:
-    log.info('Resuming from the checkpoint of step %d in %s', start_step, workdir)
+  try:
+    # The newest checkpoint that restores and verifies (damaged ones are skipped).
     abstract = jax.tree.map(ocp_abstract(replicated), state)
-    state = checkpoints.restore(mngr, start_step, abstract, metadata)
+    start_step, restored = checkpoints.restore_latest(mngr, abstract, metadata)
+  except BaseException:
+    mngr.close()
+    raise
+  if restored is not None:
+    log.info('Resuming from the checkpoint of step %d in %s', start_step, workdir)
+    state = restored
 
   step_fn = jax.jit(
       functools.partial(train_step, flax_model=flax_model, loss_fn=_loss_fn(model), tx=tx,
@@ -201,19 +235,24 @@ def train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: str
         writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
         if lead:
           print(progress_line(step, total_steps, start_step, started, scalars), flush=True)
+      if step % ckpt_every == 0 or step == total_steps:
+        # Before the evaluation, which the save overlaps (orbax writes in the
+        # background): an evaluation that fails loses no training.
+        checkpoints.save(mngr, step, state, metadata)
       if step % eval_every == 0 or step == total_steps:
         summary = evaluation(local_variables(state.variables))
         writer.write_scalars(step, {f'valid/{k}': float(summary[k])
                                     for k in evaluation.scalars})
         if lead:
           print(f'step {step}: validation {evaluation.describe(summary)}', flush=True)
-      if step % ckpt_every == 0 or step == total_steps:
-        checkpoints.save(mngr, step, state, metadata)
       writer.flush()
-  finally:
-    # Never exit with a checkpoint half-written by the async saver.
-    mngr.wait_until_finished()
-    mngr.close()
+  except BaseException:
+    # The checkpoint being written is completed before the error propagates; a failure
+    # to write it is logged, not raised over the error that stopped the run.
+    checkpoints.close(mngr, raise_errors=False)
+    raise
+  # Never return with a checkpoint half-written by the async saver.
+  checkpoints.close(mngr)
   return state, summary
 
 
