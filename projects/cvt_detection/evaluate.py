@@ -19,7 +19,8 @@ format (`--results`, for the COCO server or `coco_eval.evaluate_boxes` later) an
 (`--metrics`: AP, AP50, AP75, APs, APm, APl, AR..., per_class, and how they were obtained).
 By default both go next to the checkpoints, `eval_<dataset>[_step<N>]_{results,metrics}.json`.
 Existing outputs are replaced only with --overwrite; both paths are checked (free and
-writable) before the model is loaded. Exit status: 0 on success, 1 on an error (one line on
+writable) before the model is loaded; a write error after the evaluation (a full disk) comes
+after the printed table. Exit status: 0 on success, 1 on an error (one `error:` line on
 stderr), 2 on bad arguments.
 """
 
@@ -33,13 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from projects.cvt_detection import coco_eval, evaluation, models
-from projects.output_files import check_outputs, write_json
+from projects.output_files import OutputWriteError, check_outputs, write_json
 from projects.training.checkpoints import CheckpointMismatchError
 from projects.training.configs import as_dict, config_get, load_config
 
-# Errors a user can cause (paths, config, checkpoint): one line on stderr and exit status 1.
+# Errors a user can cause (paths, config, checkpoint, a full disk): one line on stderr and
+# exit status 1.
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
-               ValueError, CheckpointMismatchError)
+               OutputWriteError, ValueError, CheckpointMismatchError)
 
 
 def with_eval_settings(config: Any, **overrides: Any) -> Any:

@@ -27,10 +27,24 @@ post-processing (`config.eval`) keeps candidates whose class probability passes 
 gives the `max_detections` best of every image (what COCO AP wants).
 
 Inputs are files, folders (searched recursively; outputs keep the sub-folders) and glob
-patterns. Existing outputs are replaced only with --overwrite, checked before the model is
-loaded. Each image prints one progress line; a missing or unreadable input is reported by
-name and the others are still done. Exit status: 0 when every input was done, 1 when any
-failed (or on an error), 2 on bad arguments.
+patterns. Each image prints one progress line; a missing or unreadable input is reported by
+name and the others are still done.
+
+Outputs and reruns (`projects.output_files`): every picture is written atomically and
+records, in a PNG text chunk, its input (absolute path, size, sha256), the settings that
+made it (config, checkpoint folder and step, `config.eval` with the flags, the scale,
+--score-threshold) and its detections. A rerun skips an input whose picture records the
+same input and settings ("already done"; its detections come from the record, so
+results.json lists it without inference); a picture that records another input (an
+`a.bmp` after an `a.jpg`), other settings, or nothing (a 0-byte file, an older version's
+file) is kept and reported as a failed input. results.json and images.json are rewritten
+for the inputs of the run done so far (images.json first) when absent, or when they are a
+previous run's on inputs of this run already done here (every listed image among them and
+the results exactly their recorded detections): nothing is lost. Any other such file is
+kept and the run stops before the model is loaded. --overwrite replaces every output. The
+output place is checked before the model is loaded. Exit status: 0 when every input was
+done or already done, 1 when any failed (or on an error, one `error:` line), 2 on bad
+arguments.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from projects import output_files
 from projects.cvt_detection import coco_eval, models
 from projects.cvt_detection.data.builder import EVAL_DEVICE_KEYS
 from projects.cvt_detection.data.synthetic import SyntheticDetection
@@ -59,9 +74,10 @@ from projects.cvt_detection.data.transforms import (
 )
 from projects.cvt_detection.evaluate import USER_ERRORS, load_detector, with_eval_settings
 from projects.input_files import InputImage, PredictError, collect_inputs, read_image
-from projects.output_files import check_outputs, write_atomically, write_json
+from projects.output_files import check_writable, write_json
 from projects.training.configs import as_dict, config_get, load_config
 
+TOOL = 'cvt_detection.predict'
 RESULTS_FILE = 'results.json'
 IMAGES_FILE = 'images.json'
 # mmdet's image demo (demo/image_demo.py, DetInferencer) draws detections scoring >= 0.3.
@@ -244,9 +260,9 @@ def draw_detections(
   return canvas
 
 
-def save_png(image: Image.Image, path: str) -> None:
-  """Saves `image` as PNG atomically: a temporary name beside `path`, then a rename."""
-  write_atomically(path, lambda f: image.save(f, format='PNG'))
+def save_png(image: Image.Image, path: str, record: dict[str, Any] | None = None) -> None:
+  """Saves `image` as PNG atomically (a temporary name, then a rename), with its record."""
+  output_files.save_png(image, path, record)
 
 
 # --- prediction ---------------------------------------------------------------------------
@@ -295,34 +311,112 @@ def output_path(output_dir: str, stem: str) -> str:
   return os.path.join(output_dir, stem + '.png')
 
 
+def record_settings(config_spec: str, checkpoint: str, config: Any, info: DatasetInfo,
+                    score_threshold: float) -> dict[str, Any]:
+  """What a picture's record names besides its input: what changes its detections.
+
+  The config and checkpoint (folder and step), the post-processing (`config.eval` with the
+  flags applied), the resize scale and --score-threshold.
+  """
+  return {
+      'config': output_files.config_identity(config_spec),
+      'checkpoint': output_files.checkpoint_identity(checkpoint),
+      'eval': dict(models.DETECT_DEFAULTS, **as_dict(config_get(config, 'eval'))),
+      'scale': list(info.scale),
+      'score_threshold': score_threshold,
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One input to detect: its picture and what its record names."""
+
+  item: InputImage
+  image_id: int
+  path: str
+  source: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Plan:
+  """The inputs sorted before any work (`plan_outputs`).
+
+  Attributes:
+    todo: inputs to detect.
+    done: input path -> the record of its picture, for inputs already done (their
+      detections are kept in the record, so results.json lists them without a rerun).
+    failed: one message per input that cannot be done (unreadable, an output conflict).
+    image_ids: input path -> image id, for every input.
+  """
+
+  todo: list[Job]
+  done: dict[str, dict[str, Any]]
+  failed: list[str]
+  image_ids: dict[str, int]
+
+
+def plan_outputs(images: Sequence[InputImage], output_dir: str, info: DatasetInfo,
+                 settings: dict[str, Any], *, overwrite: bool = False) -> Plan:
+  """Reads each input's sha256 and decides from its picture's record: todo, done or conflict.
+
+  See `projects.output_files.output_state`: a picture recording this input and `settings`
+  is done; one recording another input, other settings, or nothing is a conflict (failed).
+  """
+  image_ids = assign_image_ids([item.path for item in images], info.image_ids)
+  plan = Plan([], {}, [], dict(zip((item.path for item in images), image_ids, strict=True)))
+  for item, image_id in zip(images, image_ids, strict=True):
+    path = output_path(output_dir, item.stem)
+    try:
+      source = output_files.describe_input(item.path)
+    except OSError as e:
+      plan.failed.append(f'{item.path}: cannot read ({e.strerror or e})')
+      print(f'failed: {plan.failed[-1]}', file=sys.stderr)
+      continue
+    record = output_files.make_record(TOOL, source, settings)
+    state = output_files.output_state({path: record}, overwrite)
+    if state.status == 'done' and 'detections' in state.records[path].get('data', {}):
+      plan.done[item.path] = dict(state.records[path])
+      print(f'{item.path}: already done ({path})', file=sys.stderr)
+    elif state.status == 'conflict':
+      plan.failed.append(f'{item.path}: {state.message}')
+      print(f'failed: {plan.failed[-1]}', file=sys.stderr)
+    else:
+      plan.todo.append(Job(item, image_id, path, source))
+  return plan
+
+
 def predict_images(
     detector: Detector,
-    images: Sequence[InputImage],
-    output_dir: str,
+    jobs: Sequence[Job],
     info: DatasetInfo,
+    settings: dict[str, Any],
     *,
     score_threshold: float = SCORE_THRESHOLD,
+    total: int | None = None,
 ) -> dict[str, Any]:
-  """Detects, draws and saves every image; writes results.json and images.json.
+  """Detects, draws and saves the picture of every job, its record holding the detections.
 
   Args:
     detector: the restored model.
-    images: inputs from `collect_inputs`.
-    output_dir: output folder (created).
+    jobs: `plan_outputs(...).todo`.
     info: class names, category ids and COCO image ids (`dataset_info`).
-    score_threshold: draw and write the detections scoring at least this.
+    settings: `record_settings(...)`.
+    score_threshold: draw and keep the detections scoring at least this.
+    total: the number of inputs shown in progress lines (default: the jobs').
 
   Returns:
     `{'done': [(input, output png, image id, detections)], 'failed': [message],
-    'results': COCO result dicts}`.
+    'records': {input: record}}`.
+
+  Raises:
+    OutputWriteError: a picture could not be written (a full disk): the run stops.
   """
-  image_ids = assign_image_ids([item.path for item in images], info.image_ids)
   colors = class_colors(len(info.class_names))
-  done, failed, results, id_to_path = [], [], [], {}
-  n = len(images)
-  for k, (item, image_id) in enumerate(zip(images, image_ids, strict=True)):
+  done, failed, records = [], [], {}
+  n = total or len(jobs)
+  for k, job in enumerate(jobs):
     try:
-      image = read_image(item.path)
+      image = read_image(job.item.path)
     except PredictError as e:
       failed.append(str(e))
       print(f'[{k + 1}/{n}] failed: {e}', file=sys.stderr, flush=True)
@@ -330,18 +424,92 @@ def predict_images(
     found = detector(image)
     keep = found['scores'] >= score_threshold
     boxes, scores, classes = found['boxes'][keep], found['scores'][keep], found['classes'][keep]
-    path = output_path(output_dir, item.stem)
+    detections = [{key: value for key, value in r.items() if key != 'image_id'} for r in
+                  coco_eval.to_coco_results(boxes, scores, classes, 0, info.category_ids)]
+    record = output_files.make_record(TOOL, job.source, settings,
+                                      {'detections': detections, 'size': list(image.shape[:2])})
     save_png(draw_detections(image, boxes, scores, classes, info.class_names, colors=colors),
-             path)
-    results += coco_eval.to_coco_results(boxes, scores, classes, image_id, info.category_ids)
-    id_to_path[str(image_id)] = os.path.abspath(item.path)
-    done.append((item.path, path, image_id, len(scores)))
-    print(f'[{k + 1}/{n}] {item.path} ({image.shape[1]}x{image.shape[0]}, id {image_id}): '
-          f'{len(scores)} detection{"" if len(scores) == 1 else "s"} -> {path}', flush=True)
-  if done:
-    coco_eval.write_results_json(results, os.path.join(output_dir, RESULTS_FILE))
-    write_json(id_to_path, os.path.join(output_dir, IMAGES_FILE))
-  return {'done': done, 'failed': failed, 'results': results}
+             job.path, record)
+    records[job.item.path] = record
+    done.append((job.item.path, job.path, job.image_id, len(scores)))
+    print(f'[{k + 1}/{n}] {job.item.path} ({image.shape[1]}x{image.shape[0]}, id '
+          f'{job.image_id}): {len(scores)} detection{"" if len(scores) == 1 else "s"} -> '
+          f'{job.path}', flush=True)
+  return {'done': done, 'failed': failed, 'records': records}
+
+
+def run_files(image_ids: dict[str, int], records: dict[str, dict[str, Any]]
+              ) -> tuple[dict[str, str], list[dict[str, Any]]]:
+  """`(images.json, results.json)` contents of the inputs with records, in input order."""
+  id_to_path, results = {}, []
+  for path, image_id in image_ids.items():
+    if path in records:
+      id_to_path[str(image_id)] = os.path.abspath(path)
+      results += [{'image_id': image_id, **d} for d in records[path]['data']['detections']]
+  return id_to_path, results
+
+
+def check_run_files(output_dir: str, plan: Plan) -> None:
+  """Fails unless results.json and images.json are absent or a previous run's on these inputs.
+
+  They are replaced (without --overwrite) only when nothing would be lost: every image
+  images.json lists is an input of this run already done here, and results.json holds
+  exactly the detections those pictures record. Otherwise (another run's files, inputs
+  missing from this run, files edited or not written by predict) they are kept.
+
+  Raises:
+    PredictError: naming the file and what it holds.
+  """
+  images_path = os.path.join(output_dir, IMAGES_FILE)
+  results_path = os.path.join(output_dir, RESULTS_FILE)
+  hint = 'pass --overwrite to replace it, or choose another --output'
+  old_images = None
+  if os.path.lexists(images_path):
+    try:
+      with open(images_path) as f:
+        old_images = json.load(f)
+      if not isinstance(old_images, dict) or not all(
+          k.isdigit() and isinstance(v, str) for k, v in old_images.items()):
+        raise ValueError('expected {"image id": "input path"}')
+    except (OSError, ValueError) as e:
+      raise PredictError(f'{images_path} is not an image list written by predict ({e}); '
+                         f'{hint}') from None
+    by_path = {os.path.abspath(p): p for p in plan.done}
+    for path in old_images.values():
+      if path not in by_path:
+        raise PredictError(f'{images_path} lists {path}, which is not an input of this run '
+                           f'already done in {output_dir} (its results would be lost); {hint}')
+  if os.path.lexists(results_path):
+    if old_images is None:
+      raise PredictError(f'{results_path} exists without {IMAGES_FILE}: not the results of a '
+                         f'previous run of predict; {hint}')
+    old_ids = {by_path[p]: int(k) for k, p in old_images.items()}
+    _, expected = run_files(old_ids, plan.done)
+    try:
+      with open(results_path) as f:
+        same = json.load(f) == expected
+    except (OSError, ValueError):
+      same = False
+    if not same:
+      raise PredictError(f'{results_path} does not hold the detections recorded in the '
+                         f'pictures {IMAGES_FILE} lists; {hint}')
+
+
+def write_run_files(output_dir: str, image_ids: dict[str, int],
+                    records: dict[str, dict[str, Any]]) -> int:
+  """Writes images.json, then results.json, unless they hold this already; returns #results."""
+  id_to_path, results = run_files(image_ids, records)
+  for name, value, write in ((IMAGES_FILE, id_to_path, write_json),
+                             (RESULTS_FILE, results, coco_eval.write_results_json)):
+    path = os.path.join(output_dir, name)
+    try:
+      with open(path) as f:
+        if json.load(f) == value:
+          continue
+    except (OSError, ValueError):
+      pass
+    write(value, path)
+  return len(results)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -367,8 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the exit status.
 
   Returns:
-    0 when every input was done, 1 when an input failed or on an error, 2 on bad
-    arguments (argparse).
+    0 when every input was done or already done, 1 when an input failed (missing,
+    unreadable, an output conflict) or on an error, 2 on bad arguments (argparse).
   """
   args = parse_args(argv)
   try:
@@ -379,9 +547,6 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f'failed: {message}', file=sys.stderr)
     if not images:
       raise PredictError('no input files found')
-    outputs = [output_path(args.output, item.stem) for item in images]
-    check_outputs(outputs + [os.path.join(args.output, name)
-                             for name in (RESULTS_FILE, IMAGES_FILE)], args.overwrite)
     config = load_config(args.config)
     # Candidates pass config.eval's class-probability threshold before the final score
     # (probability x centerness) is compared with ours: never filter more than asked.
@@ -390,17 +555,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = with_eval_settings(config, score_threshold=min(eval_threshold, args.score_threshold),
                                 max_detections=args.max_detections)
     info = dataset_info(config)
-    predict, variables = load_detector(config, args.checkpoint, len(info.class_names))
-    detector = Detector(predict, variables, info.scale, info.canvas_sizes,
-                        config_get(config, 'data_dtype_str', 'float32'))
-    summary = predict_images(detector, images, args.output, info,
-                             score_threshold=args.score_threshold)
+    settings = record_settings(args.config, args.checkpoint, config, info, args.score_threshold)
+    # Before the model is loaded: conflicts, the run files and an unwritable place.
+    plan = plan_outputs(images, args.output, info, settings, overwrite=args.overwrite)
+    if not args.overwrite:
+      check_run_files(args.output, plan)
+    run_paths = [os.path.join(args.output, name) for name in (RESULTS_FILE, IMAGES_FILE)]
+    check_writable([job.path for job in plan.todo] + (run_paths if plan.todo or plan.done
+                                                     else []))
+    summary = {'done': [], 'failed': [], 'records': {}}
+    if plan.todo:
+      predict, variables = load_detector(config, args.checkpoint, len(info.class_names))
+      detector = Detector(predict, variables, info.scale, info.canvas_sizes,
+                          config_get(config, 'data_dtype_str', 'float32'))
+      summary = predict_images(detector, plan.todo, info, settings,
+                               score_threshold=args.score_threshold)
+    records = {**plan.done, **summary['records']}
+    num_results = write_run_files(args.output, plan.image_ids, records) if records else 0
   except (PredictError, *USER_ERRORS) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  failed = problems + summary['failed']
-  print(f'{len(summary["done"])} of {len(images) + len(problems)} inputs done into '
-        f'{args.output}: {len(summary["results"])} detections in '
+  failed = problems + plan.failed + summary['failed']
+  already = f' ({len(plan.done)} already done)' if plan.done else ''
+  print(f'{len(records)} of {len(images) + len(problems)} inputs done{already} into '
+        f'{args.output}: {num_results} detections in '
         f'{os.path.join(args.output, RESULTS_FILE)}', file=sys.stderr)
   if failed:
     print(f'{len(failed)} failed: ' + '; '.join(failed), file=sys.stderr)

@@ -9,8 +9,12 @@ Predictions are scored at the original label resolution: one integer confusion m
 over the whole validation split (`metrics`), ignoring label 255. Single-scale evaluation
 runs the `EvalLoader` batches (`inference.evaluate_dataset`, also what the trainer's
 periodic evaluation calls); with test-time augmentation every original image goes through
-`inference.segment_image` (`evaluate_examples`). Results are printed as a per-class table
-and written as JSON.
+`inference.segment_image` (`evaluate_examples`). Results are printed as a per-class table,
+then written as JSON (atomically).
+
+The output path is checked (free unless --overwrite, and writable) before the data and the
+model are loaded. Exit status: 0 on success; 1 on an error, one `error:` line on stderr (a
+write error after the evaluation comes after the printed table); 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import argparse
 import collections
 import concurrent.futures
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from projects import output_files
 from projects.cvt_segmentation import cli, metrics
 from projects.cvt_segmentation.inference import (  # noqa: F401  (evaluate_dataset re-exported)
     LogitsFn,
@@ -179,7 +183,8 @@ def run_evaluation(
   if name is None:
     raise ValueError('the config has no dataset_name')
   output = output or default_output_path(checkpoint, name, settings)
-  cli.check_output_free([output], overwrite)
+  # Free and writable before any work: a bad path must not cost the evaluation.
+  output_files.check_outputs([output], overwrite)
   if test_scale == 'config':
     test_scale = cli.test_scale(config)
   dataset_kwargs = cli.as_dict(cli.config_get(config, 'dataset_configs'))
@@ -216,11 +221,10 @@ def run_evaluation(
       inference=dict(dataclasses.asdict(settings), test_scale=test_scale),
       output=output,
   )
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, 'w') as f:
-    json.dump(report, f, indent=2, allow_nan=False)
-  if print_table:
+  if print_table:  # before writing: a write error (a full disk) must not lose the numbers
     print(metrics.per_class_table(cm, class_names))
+  output_files.write_json(report, output)
+  if print_table:
     print(f'results written to {output}')
   return report
 
@@ -256,7 +260,7 @@ def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | N
         max_examples=args.max_examples, num_threads=args.num_threads,
         progress=not args.no_progress, model_loader=model_loader,
     )
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
+  except (OSError, ValueError) as e:  # OSError: missing files, unwritable or full outputs
     print(f'error: {e}', file=sys.stderr)
     return 1
   del report

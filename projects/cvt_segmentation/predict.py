@@ -14,21 +14,34 @@ resize to the dataset's test scale, ImageNet normalization, whole or sliding-win
 inference, optional multi-scale / flip TTA, logits resized back to the original size).
 
 Inputs are files, folders (searched recursively; outputs keep the sub-folders) and glob
-patterns. Missing paths, unreadable or non-image files, and images whose outputs exist
-(without --overwrite) are reported by name and skipped; with --strict they are errors.
+patterns; two inputs with the same stem (`a.jpg`, `a.png`) get distinct ones (`a`, `a_png`).
+
+Outputs and reruns (`projects.output_files`): both PNGs are written atomically and record,
+in a text chunk, the input they came from (absolute path, size, sha256) and the settings
+that made them (config, checkpoint folder and step, inference mode and TTA, test scale,
+palette; the overlay also its --alpha). A rerun skips an input whose outputs record the same
+input and settings ("already done"); an existing output that records another input (an
+`a.bmp` after an `a.jpg`), other settings, or nothing (a 0-byte file, a file of an older
+version) is kept and reported as a conflict: --overwrite replaces it. The output place is
+checked before the model is loaded. Missing paths, unreadable or non-image files and
+conflicts are reported by name and the other inputs are still done; --strict stops at the
+first. Exit status: 0 when every input was done or already done, 1 when any failed (or on an
+error, one `error:` line), 2 on bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from projects import output_files
 from projects.cvt_segmentation import cli, palettes
 from projects.cvt_segmentation.inference import LogitsFn, make_logits_fn, segment_image
 from projects.input_files import (  # noqa: F401  (PredictError and read_image: this API)
@@ -39,6 +52,7 @@ from projects.input_files import (  # noqa: F401  (PredictError and read_image: 
     read_image,
 )
 
+TOOL = 'cvt_segmentation.predict'
 MASK_SUFFIX = '_mask.png'
 OVERLAY_SUFFIX = '_overlay.png'
 
@@ -49,87 +63,163 @@ def output_paths(output_dir: str, stem: str) -> tuple[str, str]:
   return base + MASK_SUFFIX, base + OVERLAY_SUFFIX
 
 
-def _report(message: str, progress_bar: Any) -> None:
+def _report(message: str, progress_bar: Any = None, prefix: str = 'skipped') -> None:
   if progress_bar is not None:
-    progress_bar.write(f'skipped {message}', file=sys.stderr)
+    progress_bar.write(f'{prefix} {message}', file=sys.stderr)
   else:
-    print(f'skipped {message}', file=sys.stderr)
+    print(f'{prefix} {message}', file=sys.stderr)
+
+
+def record_settings(config: str, checkpoint: str, settings: cli.InferenceSettings,
+                    test_scale: Sequence[int] | None, palette: str,
+                    alpha: float) -> tuple[dict, dict]:
+  """`(mask settings, overlay settings)` recorded in the outputs: what changes them.
+
+  The config and checkpoint (its folder and step), the inference mode and TTA, the test
+  resize and the palette name; the overlay also records its blend weight.
+  """
+  mask = {
+      'config': output_files.config_identity(config),
+      'checkpoint': output_files.checkpoint_identity(checkpoint),
+      'inference': dataclasses.asdict(settings),
+      'test_scale': None if test_scale is None else list(test_scale),
+      'palette': palette,
+  }
+  return mask, dict(mask, alpha=alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One input to segment: its outputs and the records they get."""
+
+  item: InputImage
+  mask_path: str
+  overlay_path: str
+  mask_record: dict
+  overlay_record: dict
+
+
+def plan_outputs(
+    images: Sequence[InputImage],
+    output_dir: str,
+    settings: tuple[Mapping[str, Any], Mapping[str, Any]],
+    *,
+    overwrite: bool = False,
+    strict: bool = False,
+) -> dict[str, list]:
+  """Sorts the inputs into those to segment, those already done and those that fail.
+
+  Each input is read once (its sha256) and its header checked; its outputs' records decide
+  (`output_files.output_state`): all present and recording this input and settings ->
+  done; any recording another input or settings, or none -> a conflict (failed).
+
+  Args:
+    images: inputs from `collect_inputs`.
+    output_dir: the output folder.
+    settings: `record_settings(...)`.
+    overwrite: replace existing outputs whatever they record.
+    strict: raise `PredictError` on the first failure.
+
+  Returns:
+    `{'todo': [Job], 'done': [input path], 'failed': [message]}`.
+  """
+  mask_settings, overlay_settings = settings
+  todo, done, failed = [], [], []
+  for item in images:
+    mask_path, overlay_path = output_paths(output_dir, item.stem)
+    try:
+      check_image_header(item.path)
+      source = output_files.describe_input(item.path)
+    except (PredictError, OSError) as e:
+      message = str(e) if isinstance(e, PredictError) else (
+          f'{item.path}: cannot read ({e.strerror or e})')
+      if strict:
+        raise PredictError(message) from None
+      failed.append(message)
+      _report(message)
+      continue
+    job = Job(item, mask_path, overlay_path,
+              output_files.make_record(TOOL, source, mask_settings),
+              output_files.make_record(TOOL, source, overlay_settings))
+    state = output_files.output_state(
+        {mask_path: job.mask_record, overlay_path: job.overlay_record}, overwrite)
+    if state.status == 'conflict':
+      message = f'{item.path}: {state.message}'
+      if strict:
+        raise PredictError(message)
+      failed.append(message)
+      _report(message)
+    elif state.status == 'done':
+      done.append(item.path)
+      print(f'{item.path}: already done ({mask_path})', file=sys.stderr)
+    else:
+      todo.append(job)
+  return {'todo': todo, 'done': done, 'failed': failed}
 
 
 def predict_images(
     logits_fn: LogitsFn,
-    images: Sequence[InputImage],
-    output_dir: str,
+    jobs: Sequence[Job],
     *,
     palette: np.ndarray,
     settings: cli.InferenceSettings | None = None,
     test_scale: Sequence[int] | None = None,
     num_classes: int | None = None,
-    overwrite: bool = False,
     strict: bool = False,
     progress: bool = True,
     alpha: float = 0.5,
 ) -> dict:
-  """Segments `images` and writes their masks and overlays.
+  """Segments the inputs of `jobs` and writes their masks and overlays with their records.
 
   Args:
     logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
-    images: inputs from `collect_inputs`.
-    output_dir: folder of the outputs (created).
+    jobs: `plan_outputs(...)['todo']`.
     palette: `[K, 3]` uint8 class colours.
     settings: inference mode and TTA (default: whole image, single scale).
     test_scale: `(long, short)` resize limits before inference, or None.
     num_classes: expected K (checked against the model), or None.
-    overwrite: replace existing outputs; otherwise images whose outputs exist are skipped
-      (an error with `strict`), checked before any inference.
-    strict: raise `PredictError` on the first problem instead of skipping.
+    strict: raise `PredictError` on the first unreadable image instead of skipping it.
     progress: show a tqdm progress bar.
     alpha: mask weight in the overlay blend.
 
   Returns:
-    `{'written': [(input, mask, overlay)], 'skipped': [message], 'existing': [message]}`:
-    unreadable inputs in 'skipped', inputs whose outputs exist in 'existing'.
+    `{'written': [(input, mask, overlay)], 'failed': [message]}`.
+
+  Raises:
+    OutputWriteError: an output could not be written (a full disk): the run stops.
   """
   settings = settings or cli.InferenceSettings()
-  written, skipped, existing_outputs, todo = [], [], [], []
-  for item in images:
-    mask_path, overlay_path = output_paths(output_dir, item.stem)
-    existing = [p for p in (mask_path, overlay_path) if os.path.exists(p)]
-    if existing and not overwrite:
-      message = f'{item.path}: output exists ({", ".join(existing)}); pass --overwrite'
-      if strict:
-        raise PredictError(message)
-      existing_outputs.append(message)
-      _report(message, None)
-      continue
-    todo.append((item, mask_path, overlay_path))
+  written, failed = [], []
   bar = None
-  iterator = todo
+  iterator = jobs
   if progress:
     from tqdm import tqdm
 
-    bar = tqdm(todo, desc='predict', unit='img')
+    bar = tqdm(jobs, desc='predict', unit='img')
     iterator = bar
-  for item, mask_path, overlay_path in iterator:
-    try:
-      image = read_image(item.path)
-    except PredictError as e:
-      if strict:
-        raise
-      skipped.append(str(e))
-      _report(str(e), bar)
-      continue
-    labels = segment_image(
-        logits_fn, image, scales=settings.scales, flip=settings.flip, test_scale=test_scale,
-        num_classes=num_classes, **settings.infer_kwargs(),
-    )
-    os.makedirs(os.path.dirname(mask_path) or '.', exist_ok=True)
-    palettes.mask_image(labels, palette).save(mask_path)
-    Image.fromarray(palettes.overlay_image(image, labels, palette, alpha)).save(overlay_path)
-    written.append((item.path, mask_path, overlay_path))
-  if bar is not None:
-    bar.close()
-  return {'written': written, 'skipped': skipped, 'existing': existing_outputs}
+  try:
+    for job in iterator:
+      try:
+        image = read_image(job.item.path)
+      except PredictError as e:
+        if strict:
+          raise
+        failed.append(str(e))
+        _report(str(e), bar)
+        continue
+      labels = segment_image(
+          logits_fn, image, scales=settings.scales, flip=settings.flip, test_scale=test_scale,
+          num_classes=num_classes, **settings.infer_kwargs(),
+      )
+      output_files.save_png(palettes.mask_image(labels, palette), job.mask_path,
+                            job.mask_record)
+      output_files.save_png(Image.fromarray(palettes.overlay_image(image, labels, palette, alpha)),
+                            job.overlay_path, job.overlay_record)
+      written.append((job.item.path, job.mask_path, job.overlay_path))
+  finally:
+    if bar is not None:
+      bar.close()
+  return {'written': written, 'failed': failed}
 
 
 def _model_num_classes(logits_fn: LogitsFn) -> int:
@@ -151,7 +241,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--alpha', type=float, default=0.5, help='mask weight in the overlay')
   parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
   parser.add_argument('--strict', action='store_true',
-                      help='fail on the first missing, unreadable or existing file')
+                      help='stop at the first missing or unreadable input or output conflict '
+                           '(by default the others are still done; the exit status is 1 '
+                           'either way)')
   parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
   return parser.parse_args(argv)
 
@@ -164,8 +256,9 @@ def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | N
     model_loader: replaces `models.restore_for_inference` (tests inject models).
 
   Returns:
-    0 on success (skipped inputs are reported on stderr), 1 on an error or when no image
-    could be read, 2 on bad arguments (argparse).
+    0 when every input was segmented or already done; 1 when any input failed (missing,
+    unreadable, an output conflict) or on an error; 2 on bad arguments (argparse). See
+    `projects.output_files` for the policy.
   """
   args = parse_args(argv)
   try:
@@ -173,32 +266,41 @@ def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | N
     for message in problems:
       if args.strict:
         raise PredictError(message)
-      _report(message, None)
+      _report(message)
     if not images:
       raise PredictError('no input files found')
-    if args.strict:  # fail on a non-image before loading the model
-      for item in images:
-        check_image_header(item.path)
     config = cli.load_config(args.config)
     settings = cli.inference_settings(config, args)
     scale = cli.test_scale(config, args.test_scale)
-    model, variables = cli.load_model(config, args.checkpoint, model_loader)
-    logits_fn = make_logits_fn(model, variables)
-    num_classes = cli.expected_num_classes(config) or _model_num_classes(logits_fn)
-    dataset_name = cli.config_get(config, 'dataset_name')
-    palette = palettes.get_palette(args.palette, num_classes, dataset_name)
-    summary = predict_images(
-        logits_fn, images, args.output, palette=palette, settings=settings, test_scale=scale,
-        num_classes=num_classes, overwrite=args.overwrite, strict=args.strict,
-        progress=not args.no_progress, alpha=args.alpha,
-    )
-  except (PredictError, FileNotFoundError, ValueError) as e:
+    plan = plan_outputs(
+        images, args.output,
+        record_settings(args.config, args.checkpoint, settings, scale, args.palette, args.alpha),
+        overwrite=args.overwrite, strict=args.strict)
+    # Before the model: an unwritable place fails in one line, not after the inference.
+    output_files.check_writable([p for job in plan['todo']
+                                 for p in (job.mask_path, job.overlay_path)])
+    summary = {'written': [], 'failed': []}
+    if plan['todo']:
+      model, variables = cli.load_model(config, args.checkpoint, model_loader)
+      logits_fn = make_logits_fn(model, variables)
+      num_classes = cli.expected_num_classes(config) or _model_num_classes(logits_fn)
+      dataset_name = cli.config_get(config, 'dataset_name')
+      palette = palettes.get_palette(args.palette, num_classes, dataset_name)
+      summary = predict_images(
+          logits_fn, plan['todo'], palette=palette, settings=settings, test_scale=scale,
+          num_classes=num_classes, strict=args.strict, progress=not args.no_progress,
+          alpha=args.alpha,
+      )
+  except (PredictError, OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  skipped = len(summary['skipped']) + len(summary['existing']) + len(problems)
-  print(f'{len(summary["written"])} images segmented into {args.output}'
-        + (f', {skipped} skipped' if skipped else ''), file=sys.stderr)
-  failed = not summary['written'] and not summary['existing']
+  failed = len(problems) + len(plan['failed']) + len(summary['failed'])
+  parts = [f'{len(summary["written"])} images segmented into {args.output}']
+  if plan['done']:
+    parts.append(f'{len(plan["done"])} already done')
+  if failed:
+    parts.append(f'{failed} failed')
+  print(', '.join(parts), file=sys.stderr)
   return 1 if failed else 0
 
 

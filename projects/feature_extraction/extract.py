@@ -22,13 +22,21 @@ logits fit in `--memory-budget-mb`, else chunked attention with the largest quer
 chunk that fits; batches are halved when even that does not fit. `--attention` and
 `--chunk-size` override the choice and are checked against the budget too.
 
-Errors and skipping: an output folder that cannot be created or written, a budget
-too small for an image size (the message names the chunk size the budget allows and
-the budget needed), or bad flags stop the run before any image is processed. Missing
-paths, non-images, corrupt or too-small images are reported by name on stderr and
-skipped; inputs whose outputs exist are skipped unless `--overwrite`. `--strict`
-turns every one of these into an error. The exit status is 1 when any input failed
-or nothing could run, 0 otherwise (existing outputs are not failures).
+Outputs and reruns (`projects.output_files`): every output is written atomically and
+records the input it came from (absolute path, size, sha256) and the settings that made it
+(`record_settings`: a hash of the weights, the stages, --dtype, --max-side): in the
+safetensors header, the npz archive's comment, or a PNG text chunk. A rerun skips an input
+whose outputs all record the same input and settings ("already done"); an output that
+records another input (an `a.bmp` after an `a.png`), other settings, or nothing (a 0-byte
+or truncated file, an older version's file) is kept and the input fails, unless
+--overwrite.
+
+Errors: an output folder that cannot be created or written, a budget too small for an
+image size (the message names the chunk size the budget allows and the budget needed), or
+bad flags stop the run before any image is processed. Missing paths, non-images, corrupt
+or too-small images and output conflicts are reported by name on stderr and the other
+inputs are still done; `--strict` stops at the first. Exit status: 0 when every input was
+done or already done, 1 when any input failed or on an error, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -50,6 +59,7 @@ import numpy as np
 from PIL import Image
 
 from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
+from projects import output_files
 from projects.feature_extraction import images as images_lib
 from projects.feature_extraction import planning, writers
 from projects.feature_extraction.images import InputError, InputImage
@@ -111,6 +121,24 @@ class FeatureExtractor:
     self.chunk_size = chunk_size
     self._variables = jax.device_put(variables)
     self._functions: dict[tuple[str, int | None], Callable[..., Any]] = {}
+    self._weights_sha256: str | None = None
+
+  @property
+  def weights_sha256(self) -> str:
+    """sha256 over the variables' names, shapes, dtypes and values: which weights ran.
+
+    Output records name the weights by it, so a checkpoint moved or renamed is the same
+    and random weights of another seed are not. Computed once (about 0.2 s per 100 MB).
+    """
+    if self._weights_sha256 is None:
+      digest = hashlib.sha256()
+      leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(self._variables))[0]
+      for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f'{jax.tree_util.keystr(path)}:{leaf.dtype.str}:{leaf.shape};'.encode())
+        digest.update(leaf.tobytes())
+      self._weights_sha256 = digest.hexdigest()
+    return self._weights_sha256
 
   @property
   def spec(self) -> CvTSpec:
@@ -226,13 +254,43 @@ def prepare_output_dir(path: str) -> None:
     raise ExtractionError(f'cannot write to the output folder {path}: {e.strerror or e}') from None
 
 
+TOOL = 'cvt-extract'
+
+
 @dataclasses.dataclass
 class Summary:
-  """What `extract_files` did: feature files written, inputs skipped, inputs that failed."""
+  """What `extract_files` did.
+
+  Attributes:
+    written: feature files written.
+    done: inputs skipped as already done (their outputs record them and these settings).
+    failed: one message per input that failed (unreadable, too small, an output conflict).
+  """
 
   written: list[str] = dataclasses.field(default_factory=list)
-  existing: list[str] = dataclasses.field(default_factory=list)
+  done: list[str] = dataclasses.field(default_factory=list)
   failed: list[str] = dataclasses.field(default_factory=list)
+
+
+def record_settings(extractor: FeatureExtractor, dtype: str,
+                    max_side: int | None) -> dict[str, Any]:
+  """What an output's record names besides its input: what changes the stored maps.
+
+  The weights (`FeatureExtractor.weights_sha256`), the backbone's activation, output norm
+  and compute dtype, the stages, the stored dtype and --max-side. Not the attention
+  implementation, chunk size, batch size or budget: they change how, not what, is computed
+  (to float rounding).
+  """
+  backbone = extractor.backbone
+  return {
+      'weights_sha256': extractor.weights_sha256,
+      'activation': backbone.activation,
+      'out_norm': bool(backbone.out_norm),
+      'compute_dtype': None if backbone.dtype is None else np.dtype(backbone.dtype).name,
+      'stages': list(extractor.out_names),
+      'dtype': dtype,
+      'max_side': max_side,
+  }
 
 
 class _Console:
@@ -253,6 +311,7 @@ class _Pending:
   item: InputImage
   original_size: tuple[int, int]
   size: tuple[int, int]
+  record: dict[str, Any]
 
 
 def _batch_plan(extractor: FeatureExtractor, height: int, width: int,
@@ -282,11 +341,14 @@ def extract_files(
     progress: bool = True,
     console: _Console | None = None,
 ) -> Summary:
-  """Extracts and writes the features of image files.
+  """Extracts and writes the features of image files, with their provenance records.
 
   Everything that can be checked without running the model is checked first (existing
-  outputs, non-image files, image sizes against the memory budget), so these errors
-  come before any work.
+  outputs and what they record, non-image files, image sizes against the memory budget),
+  so these errors come before any work. An input whose outputs all record it (same size
+  and sha256) and the same settings (`record_settings`) is skipped as already done; an
+  output that records another input, other settings or nothing is kept and the input
+  fails (`projects.output_files.output_state`), unless `overwrite`.
 
   Args:
     extractor: the backbone and attention settings.
@@ -297,8 +359,8 @@ def extract_files(
     max_side: shrink images whose longer side exceeds this.
     batch_size: images of the same size per forward pass (at most).
     pca: also write a PCA picture of each stage map.
-    overwrite: replace existing outputs (else the input is skipped).
-    strict: raise `ExtractionError` on any input that would be skipped.
+    overwrite: replace existing outputs whatever they record.
+    strict: raise `ExtractionError` on the first input that fails.
     progress: show a tqdm progress bar (only on a terminal).
     console: where messages go (default stderr).
 
@@ -306,42 +368,53 @@ def extract_files(
     The `Summary`.
 
   Raises:
-    ExtractionError: with `strict`, a skipped input.
+    ExtractionError: with `strict`, an input that fails.
     MemoryBudgetError: the budget cannot hold an image size even in batches of 1.
+    OutputWriteError: an output could not be written (a full disk): the run stops.
   """
   console = console or _Console()
   summary = Summary()
   stages = extractor.out_names
   strides = dict(zip(extractor.backbone.stage_names, extractor.spec.strides, strict=True))
+  settings = record_settings(extractor, dtype, max_side)
 
-  def skip(message: str, into: list[str]) -> None:
+  def skip(message: str) -> None:
     if strict:
       raise ExtractionError(message)
-    into.append(message)
+    summary.failed.append(message)
     console.write(f'skipped {message}')
 
   def outputs_of(stem: str) -> list[str]:
     paths = [writers.feature_path(output_dir, stem, fmt)]
     if pca:
-      paths += [writers.pca_path(output_dir, stem, stage) for stage in stages]
+      paths += [writers.pca_path(output_dir, stem, stage) for stage in stages if stage in strides]
     return paths
 
-  # 1. Existing outputs, non-images and sizes: headers only.
+  # 1. What existing outputs record, non-images and sizes: headers only.
   groups: dict[tuple[int, int], list[_Pending]] = collections.defaultdict(list)
   for item in inputs:
-    existing = [p for p in outputs_of(item.stem) if os.path.exists(p)]
-    if existing and not overwrite:
-      skip(f'{item.path}: output exists ({", ".join(existing)}); pass --overwrite to replace it',
-           summary.existing)
+    try:
+      record = output_files.make_record(TOOL, output_files.describe_input(item.path), settings)
+    except OSError as e:
+      skip(f'{item.path}: cannot read ({e.strerror or e})')
+      continue
+    paths = outputs_of(item.stem)
+    state = output_files.output_state(dict.fromkeys(paths, record), overwrite)
+    if state.status == 'conflict':
+      skip(f'{item.path}: {state.message}')
+      continue
+    if state.status == 'done':
+      summary.done.append(item.path)
+      console.write(f'{item.path}: already done ({paths[0]})')
       continue
     try:
       original = images_lib.probe_size(item.path)
       size = images_lib.target_size(*original, max_side)
       images_lib.check_size(*size, item.path)
     except InputError as e:
-      skip(str(e), summary.failed)
+      skip(str(e))
       continue
-    groups[size].append(_Pending(item, original, size))
+    groups[size].append(_Pending(item, original, size, record))
 
   # 2. A plan per size, before any work: a budget too small for a size stops the run.
   plans = {}
@@ -375,7 +448,7 @@ def extract_files(
         try:
           ready.append((entry, images_lib.read_image(entry.item.path, entry.size)))
         except InputError as e:
-          skip(str(e), summary.failed)
+          skip(str(e))
           console.bar.update(1)
         if len(ready) == batch or (index == len(pending) - 1 and ready):
           _run_batch(extractor, ready, plan if len(ready) == batch else None, output_dir,
@@ -412,12 +485,12 @@ def _run_batch(extractor: FeatureExtractor, ready: list[tuple[_Pending, np.ndarr
         'layout': 'HWC',
     }
     path = writers.feature_path(output_dir, entry.item.stem, fmt)
-    writers.write_features(path, features, fmt, metadata)
     if pca:
       for stage in features:
         if stage in strides:  # Not the cls token.
           writers.write_pca(writers.pca_path(output_dir, entry.item.stem, stage),
-                            maps[stage][i], strides[stage])
+                            maps[stage][i], strides[stage], entry.record)
+    writers.write_features(path, features, fmt, metadata, entry.record)
     summary.written.append(path)
 
 
@@ -476,9 +549,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--pca', action='store_true',
                       help='also write OUTPUT/<stem>_<stage>_pca.png, the first three principal '
                       'components of each map as RGB')
-  parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace existing outputs, whatever input they record')
   parser.add_argument('--strict', action='store_true',
-                      help='stop on any missing, unreadable or non-image input or existing output')
+                      help='stop at the first missing, unreadable or non-image input or output '
+                      'conflict (by default the others are still done; exit status 1 either way)')
   parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
   args = parser.parse_args(argv)
   if args.chunk_size is not None and args.attention in ('plain', 'fused'):
@@ -544,8 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   failed = len(summary.failed) + len(problems)
   parts = [f'{len(summary.written)} feature file{"s" if len(summary.written) != 1 else ""} '
            f'written to {args.output} in {time.perf_counter() - start:.1f} s']
-  if summary.existing:
-    parts.append(f'{len(summary.existing)} skipped (outputs exist)')
+  if summary.done:
+    parts.append(f'{len(summary.done)} already done')
   if failed:
     parts.append(f'{failed} failed')
   console.write('; '.join(parts))

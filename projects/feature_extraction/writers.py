@@ -1,11 +1,15 @@
 """Feature files (`.npz`, `.safetensors`) and PCA pictures of feature maps.
 
 One file per image, `OUTPUT/<stem>.npz` or `OUTPUT/<stem>.safetensors`, holding one
-`[H_i, W_i, C_i]` array per selected stage, named by stage ('stage1', ...). The
-safetensors header also records, as string metadata, the source file, the size fed
-to the model, the strides and the normalization. Both are written to a temporary
-file beside the destination and renamed, so an interrupted run never leaves a
-partial file that a later run would take as done.
+`[H_i, W_i, C_i]` array per selected stage, named by stage ('stage1', ...). Both carry
+string metadata: the source file, the size fed to the model, the strides, the
+normalization, and the provenance record (`projects.output_files.RECORD_KEY`: the input's
+path, size and sha256 and the settings). Safetensors keeps it in its header's
+`__metadata__`; an `.npz` keeps it as a JSON object in the zip archive's comment, which
+`np.load` ignores, so the archive holds the stage arrays only (`read_metadata` reads
+either). PCA pictures carry the record in a PNG text chunk. Every file is written to a
+temporary file beside the destination, synced and renamed, so an interrupted run never
+leaves a partial file that a later run would take as done.
 
 Safetensors files are written and read with numpy alone (the format is an 8-byte
 little-endian header length, a JSON header, then the raw little-endian tensors);
@@ -17,13 +21,14 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zipfile
 from collections.abc import Mapping
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
-from projects.output_files import write_atomically
+from projects.output_files import RECORD_KEY, encode_record, save_png, write_atomically
 
 FORMATS = ('npz', 'safetensors')
 _SAFETENSORS_DTYPES = {'float16': 'F16', 'float32': 'F32', 'float64': 'F64'}
@@ -62,18 +67,34 @@ def _safetensors_bytes(f: BinaryIO, tensors: Mapping[str, np.ndarray],
     f.write(array.tobytes())
 
 
+def _npz_bytes(f: BinaryIO, arrays: Mapping[str, np.ndarray],
+               metadata: Mapping[str, str]) -> None:
+  """What `np.savez` writes (one `.npy` member per array, uncompressed), plus a comment."""
+  with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED, allowZip64=True) as archive:
+    for name, array in arrays.items():
+      with archive.open(f'{name}.npy', 'w', force_zip64=True) as member:
+        np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+    if metadata:
+      archive.comment = json.dumps(dict(metadata), separators=(',', ':')).encode()
+
+
 def write_features(path: str, features: Mapping[str, np.ndarray], fmt: str,
-                   metadata: Mapping[str, str] | None = None) -> None:
+                   metadata: Mapping[str, str] | None = None,
+                   record: Mapping[str, Any] | None = None) -> None:
   """Writes `{name: array}` to `path` as `.npz` (uncompressed) or `.safetensors`, atomically.
 
   Args:
     path: the destination; its folder is created.
     features: arrays by name, e.g. `{'stage1': [H1, W1, C1]}`.
     fmt: 'npz' or 'safetensors'.
-    metadata: string metadata for the safetensors header (npz has none).
+    metadata: string metadata (the safetensors header's, the npz archive's comment).
+    record: the provenance record (`output_files.make_record`), stored in the metadata.
   """
+  metadata = dict(metadata or {})
+  if record is not None:
+    metadata[RECORD_KEY] = encode_record(record)
   if fmt == 'npz':
-    write_atomically(path, lambda f: np.savez(f, **features))
+    write_atomically(path, lambda f: _npz_bytes(f, features, metadata))
   elif fmt == 'safetensors':
     write_atomically(path, lambda f: _safetensors_bytes(f, features, metadata or {}))
   else:
@@ -93,6 +114,14 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     tensors[name] = np.frombuffer(data[start:end], _NUMPY_DTYPES[entry['dtype']]).reshape(
         entry['shape'])
   return tensors, metadata
+
+
+def read_metadata(path: str) -> dict[str, str]:
+  """The string metadata of a feature file (empty for an npz file without any)."""
+  if path.endswith('.safetensors'):
+    return read_safetensors(path)[1]
+  with zipfile.ZipFile(path) as archive:
+    return json.loads(archive.comment.decode()) if archive.comment else {}
 
 
 def read_features(path: str) -> dict[str, np.ndarray]:
@@ -132,13 +161,15 @@ def pca_rgb(features: np.ndarray) -> np.ndarray:
   return rgb.reshape(h, w, 3)
 
 
-def write_pca(path: str, features: np.ndarray, stride: int) -> None:
+def write_pca(path: str, features: np.ndarray, stride: int,
+              record: Mapping[str, Any] | None = None) -> None:
   """Saves `pca_rgb(features)` as a PNG, each position a `stride` x `stride` block.
 
   Nearest-neighbour upsampling by the stage's stride makes every picture about the
   size of the image fed to the model (within `stride - 1` pixels), so pictures of
-  all stages overlay it, and no colour is invented between positions.
+  all stages overlay it, and no colour is invented between positions. `record` (the
+  provenance record) goes in a text chunk.
   """
   rgb = pca_rgb(features)
   rgb = np.repeat(np.repeat(rgb, stride, axis=0), stride, axis=1)
-  write_atomically(path, lambda f: Image.fromarray(rgb).save(f, format='PNG'))
+  save_png(Image.fromarray(rgb), path, record)

@@ -135,7 +135,7 @@ def test_evaluate_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 def test_predict_photos_writes_pictures_at_their_size_and_coco_results(
-    workdir, photos, tmp_path, capsys
+    workdir, photos, tmp_path, capsys, monkeypatch
 ):
   folder, sizes = photos
   out = tmp_path / 'predictions'
@@ -165,12 +165,14 @@ def test_predict_photos_writes_pictures_at_their_size_and_coco_results(
     assert 0 <= x and 0 <= y and bw >= 0 and bh >= 0 and x + bw <= w and y + bh <= h, r
     assert r['category_id'] in (1, 2, 3, 4) and 0 <= r['score'] <= 1
 
-  # Existing outputs: refused (before loading the model) and left as they were.
-  before = {p: os.path.getmtime(out / p) for p in os.listdir(out)}
-  assert predict.main(argv) == 1
+  # The same run again: every input already done (its picture records it), nothing
+  # rewritten, no model loaded.
+  before = {p: os.stat(out / p).st_mtime_ns for p in os.listdir(out)}
+  monkeypatch.setattr(predict, 'load_detector', _fail_if_called)
+  assert predict.main(argv) == 0
   err = capsys.readouterr().err
-  assert 'output exists' in err and '--overwrite' in err and 'astronaut.png' in err
-  assert {p: os.path.getmtime(out / p) for p in os.listdir(out)} == before
+  assert err.count(': already done') == 3 and '3 of 3 inputs done (3 already done)' in err
+  assert {p: os.stat(out / p).st_mtime_ns for p in os.listdir(out)} == before
 
 
 def test_predict_reports_failed_inputs_and_does_the_others(workdir, photos, tmp_path, capsys):

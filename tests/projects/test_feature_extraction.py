@@ -283,8 +283,9 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path, checkpoint, image_
   (out / 'b.npz').write_bytes(b'old')
   status, err = _run('--checkpoint', checkpoint, '--output', out, image_folder / 'a.png',
                      image_folder / 'b.png')
-  assert status == 0  # Existing outputs are not failures.
-  assert f'skipped {image_folder / "a.png"}: output exists ({out / "a.npz"})' in err
+  assert status == 1  # Files cvt-extract did not write are kept, and their inputs fail.
+  assert (f'skipped {image_folder / "a.png"}: {out / "a.npz"}: incomplete or unreadable .npz '
+          'file (3 bytes') in err and '--overwrite' in err
   assert (out / 'a.npz').read_bytes() == (out / 'b.npz').read_bytes() == b'old'
   status, err = _run('--checkpoint', checkpoint, '--output', out, '--overwrite',
                      image_folder / 'a.png')

@@ -73,10 +73,10 @@ def test_predict_folder_writes_one_mask_and_overlay_per_image(
   out = tmp_path / 'out'
   argv = ['--config', config_path, '--checkpoint', str(tmp_path), '--output', str(out),
           str(image_dir)]
-  assert predict.main(argv, model_loader=_model_loader) == 0
+  assert predict.main(argv, model_loader=_model_loader) == 1  # two inputs failed
   err = capsys.readouterr().err
   assert 'notes.txt: not an image file' in err
-  assert 'broken.jpg' in err and '5 images segmented' in err and '2 skipped' in err
+  assert 'broken.jpg' in err and '5 images segmented' in err and '2 failed' in err
   written = sorted(os.path.relpath(os.path.join(d, f), out)
                    for d, _, files in os.walk(out) for f in files)
   assert written == sorted(f'{stem}{suffix}' for stem in EXPECTED
@@ -103,9 +103,9 @@ def test_existing_outputs_are_kept_unless_overwrite(tmp_path, config_path, image
           '--palette', 'cityscapes', '--no-progress', str(image_dir / 'wide.jpg')]
   assert predict.main(base, model_loader=_model_loader) == 0
   mask = out / 'wide_mask.png'
-  mask.write_bytes(b'sentinel')
-  assert predict.main(base, model_loader=_model_loader) == 0
-  assert 'output exists' in capsys.readouterr().err
+  mask.write_bytes(b'sentinel')  # not written by predict: kept, and a failure
+  assert predict.main(base, model_loader=_model_loader) == 1
+  assert 'wide_mask.png: not a PNG file (8 bytes)' in capsys.readouterr().err
   assert mask.read_bytes() == b'sentinel'
   assert predict.main(base + ['--strict'], model_loader=_model_loader) == 1
   assert mask.read_bytes() == b'sentinel'
