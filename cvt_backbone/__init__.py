@@ -28,6 +28,7 @@ from cvt_backbone.cvt import (
     CvT,
     CvTBackbone,
     CvTSpec,
+    assert_finite,
     count_params,
     get_spec,
 )
@@ -41,6 +42,7 @@ __all__ = [
     'CvTBackbone',
     'CvTSpec',
     'PretrainedBackboneInit',
+    'assert_finite',
     'build_backbone',
     'choose_implementation',
     'convert_checkpoint',

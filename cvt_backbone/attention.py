@@ -22,9 +22,12 @@ on `[B, T, N, H]` tensors (batch, tokens, heads, head dim), the layout of
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 IMPLEMENTATIONS = ('auto', 'plain', 'chunked', 'fused')
@@ -55,6 +58,15 @@ def check_implementation(implementation: str) -> None:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f'Unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}.')
+
+
+def check_chunk_size(chunk_size: Any, name: str = 'chunk_size') -> None:
+  """None (sized from the memory budget) or a positive integer; `name` is the caller's field."""
+  # bool is an int subclass and 2.0 would pass as a slice bound: both are refused.
+  if chunk_size is not None and not (
+      isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, (bool, np.bool_))
+      and chunk_size >= 1):
+    raise ValueError(f'{name} must be None or an integer >= 1; got {chunk_size!r}.')
 
 
 def logits_bytes(batch: int, heads: int, q_len: int, kv_len: int) -> int:
@@ -218,6 +230,7 @@ def attention(
     `[B, Tq, N, H]` in the dtype of `v`.
   """
   check_implementation(implementation)
+  check_chunk_size(chunk_size)
   batch, q_len, heads, _ = q.shape
   kv_len = k.shape[1]
   if implementation == 'auto':

@@ -4,10 +4,13 @@ Converted format: one `.msgpack` file written by `flax.serialization.msgpack_ser
 holding `{'variables': {'params': ..., 'batch_stats': ...}, 'metadata': {...}}`, with
 metadata `format`, `format_version`, `variant` ('cvt-13', ... or 'custom'), `spec`
 (the `CvTSpec` fields), `activation`, `num_classes` (0 without a head),
-`backbone_only`, `in_chans`, `source` (`file`, `sha256`, `naming`) and `converter`.
-It is read back with `flax.serialization.msgpack_restore` (no pickle), and is
-written to a temporary file in the destination folder, then renamed, so a failed
-or interrupted conversion never leaves a partial file.
+`backbone_only`, `in_chans`, `source` (`file`, `sha256`, `naming`), `converter` and
+`checksum` ('sha256:' + `variables_digest` of the variables, checked on every load;
+format version 2, files of version 1 have none and still load). It is read back with
+`flax.serialization.msgpack_restore` (no pickle), and is written to a temporary file
+in the destination folder, then renamed, so a failed or interrupted conversion never
+leaves a partial file. `cvt-convert` checks the shape of every tensor against the
+architecture it infers before writing anything.
 
     cvt-convert CvT-13-224x224-IN-1k.pth cvt-13-224.msgpack
     backbone, variables = load_backbone('cvt-13-224.msgpack')
@@ -32,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import serialization, traverse_util
 
 from cvt_backbone import convert as convert_lib
@@ -44,10 +48,17 @@ from cvt_backbone.cvt import (
     canonical_variant_name,
     get_spec,
 )
-from cvt_backbone.readers import read_state_dict, resolve_weights_file
+from cvt_backbone.readers import (
+    HF_WEIGHT_FILES,
+    read_state_dict,
+    released_format,
+    resolve_weights_file,
+)
 
 FORMAT = 'cvt-dense/flax-msgpack'
-FORMAT_VERSION = 1
+# 2: metadata 'checksum', required from this version on.
+FORMAT_VERSION = 2
+_CHECKSUM_PREFIX = 'sha256:'
 
 _logger = logging.getLogger(__name__)
 
@@ -107,9 +118,28 @@ def _atomic_write(path: Path, data: bytes, overwrite: bool) -> None:
     raise
 
 
+def variables_digest(variables: Mapping[str, Any]) -> str:
+  """sha256 (hex) of a variables tree: every array's path, dtype, shape and bytes.
+
+  Independent of the tree's order and of numpy vs jax arrays; any changed byte, name,
+  dtype or shape changes it.
+  """
+  digest = hashlib.sha256()
+  flat = traverse_util.flatten_dict(dict(variables), sep='/')
+  for path in sorted(flat):
+    array = np.ascontiguousarray(np.asarray(flat[path]))
+    array = array.astype(array.dtype.newbyteorder('='), copy=False)
+    digest.update(f'{path}\0{array.dtype.name}\0{array.shape}\0'.encode())
+    digest.update(array.reshape(-1).view(np.uint8))  # The buffer itself: no copy.
+  return digest.hexdigest()
+
+
 def save_converted(path: str | os.PathLike, variables: Mapping[str, Any],
                    metadata: Mapping[str, Any], *, overwrite: bool = False) -> Path:
   """Writes converted variables and their metadata as one msgpack file, atomically.
+
+  The metadata gets the format, its version and the variables' checksum (any given
+  in `metadata` are replaced).
 
   Raises:
     FileNotFoundError: the output folder does not exist.
@@ -117,19 +147,43 @@ def save_converted(path: str | os.PathLike, variables: Mapping[str, Any],
   """
   path = Path(path)
   _check_destination(path, overwrite)
-  tree = {'variables': {c: dict(v) for c, v in variables.items()},
-          'metadata': {'format': FORMAT, 'format_version': FORMAT_VERSION, **metadata}}
+  variables = {c: dict(v) for c, v in variables.items()}
+  tree = {'variables': variables,
+          'metadata': {**metadata, 'format': FORMAT, 'format_version': FORMAT_VERSION,
+                       'checksum': _CHECKSUM_PREFIX + variables_digest(variables)}}
   _atomic_write(path, serialization.msgpack_serialize(tree), overwrite)
   return path
 
 
-def _is_converted_file(path: Path) -> bool:
-  if path.suffix == '.msgpack':
-    return True
-  # Renamed files: a converted file starts with a two-entry msgpack map (0x82) whose
-  # first key is the fixstr 'metadata' or 'variables' (0xa0 + length, then the bytes).
+def _looks_converted(path: Path) -> bool:
+  # A converted file starts with a two-entry msgpack map (0x82) whose first key is the
+  # fixstr 'metadata' or 'variables' (0xa0 + length, then the bytes).
   with open(path, 'rb') as f:
     return f.read(11).startswith((b'\x82\xa8metadata', b'\x82\xa9variables'))
+
+
+def _is_converted_file(path: Path) -> bool:
+  """By content first (a renamed `.pth` is a `.pth`), else by the `.msgpack` suffix."""
+  if released_format(path) is not None:
+    return False
+  return path.suffix == '.msgpack' or _looks_converted(path)
+
+
+def _released_file_error(path: Path) -> CheckpointError | None:
+  """The error for a released checkpoint given where a converted file is expected."""
+  if path.is_dir():
+    if not any((path / name).is_file() for name in HF_WEIGHT_FILES):
+      return None
+    kind, out = 'is a Hugging Face model folder', f'{path.name}.msgpack'
+  else:
+    kind = released_format(path)
+    if kind is None:
+      return None
+    out = f'{path.stem}.msgpack' if path.suffix != '.msgpack' else f'{path.stem}-converted.msgpack'
+    kind = f'is a {kind}'
+  return CheckpointError(
+      f'{path} {kind}, not a converted file; convert it first: cvt-convert {path} {out} '
+      '(load_pretrained and load_backbone_weights also read it as it is).')
 
 
 def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -139,9 +193,14 @@ def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
     (variables `{'params', 'batch_stats'}` of numpy arrays, metadata dict).
 
   Raises:
-    CheckpointError: a truncated or corrupt file, or not a converted CvT checkpoint.
+    CheckpointError: a truncated, corrupt or damaged file (checksum mismatch), not a
+      converted CvT checkpoint, or a released one (`.pth`, `.bin`, `.safetensors`, a
+      Hugging Face folder): the message says to run `cvt-convert` on it.
   """
   path = Path(path)
+  released = _released_file_error(path)
+  if released is not None:
+    raise released
   if not path.is_file():
     raise FileNotFoundError(f'No converted checkpoint at {path}.')
   try:
@@ -152,10 +211,25 @@ def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   metadata = tree.get('metadata') if isinstance(tree, dict) else None
   if not isinstance(metadata, dict) or metadata.get('format') != FORMAT:
     raise CheckpointError(f'{path} is not a cvt-convert checkpoint (no {FORMAT!r} metadata).')
-  if metadata.get('format_version', 0) > FORMAT_VERSION:
-    raise CheckpointError(f'{path} has format version {metadata["format_version"]}; this '
+  version = metadata.get('format_version', 0)
+  if not isinstance(version, int) or version > FORMAT_VERSION:
+    raise CheckpointError(f'{path} has format version {version!r}; this '
                           f'cvt-dense reads up to {FORMAT_VERSION}. Upgrade cvt-dense.')
-  return tree['variables'], metadata
+  variables = tree.get('variables')
+  source = metadata.get('source')
+  again = (f'convert it again (cvt-convert '
+           f'{source.get("file", "SRC") if isinstance(source, dict) else "SRC"} '
+           f'{path.name} --force)')
+  if not isinstance(variables, dict):
+    raise CheckpointError(f'{path}: no variables; the file is damaged; {again}.')
+  checksum = metadata.get('checksum')
+  if checksum is None:
+    if version >= 2:  # Version 1 files were written before the checksum.
+      raise CheckpointError(f'{path}: no checksum in a format version {version} file; the '
+                            f'file is damaged; {again}.')
+  elif checksum != _CHECKSUM_PREFIX + variables_digest(variables):
+    raise CheckpointError(f'{path}: checksum mismatch: the file is damaged; {again}.')
+  return variables, metadata
 
 
 # ---------------------------------------------------------------------------
@@ -206,12 +280,17 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
     raise ValueError(f'Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}.')
   if backbone_only and drop_head:
     raise ValueError('backbone_only already drops the head; pass one of them.')
+  if released_format(src) is None and _looks_converted(src):
+    raise CheckpointError(f'{src} is already converted (a cvt-convert file); load it with '
+                          'load_backbone or load_classifier.')
   state_dict = read_state_dict(src)
   naming = convert_lib.detect_naming(state_dict)
-  variables = convert_lib.convert_state_dict(state_dict, backbone=backbone_only)
+  variables, sources = convert_lib.convert_with_sources(state_dict, backbone=backbone_only)
   if num_heads is None:
     num_heads = _hf_config_num_heads(src)
-  arch = convert_lib.infer_architecture(variables, num_heads=num_heads)
+  # Every shape, not only those the architecture is read from: a file that fits no model
+  # is refused here, naming its tensors, instead of being written.
+  arch = convert_lib.check_converted(variables, sources, num_heads=num_heads)
   if variant is not None:
     name = canonical_variant_name(variant)
     get_spec(name)  # An unknown name fails here, listing the known ones.

@@ -2,7 +2,8 @@
 
 Pure functions on in-memory arrays (no file access, no torch): reading files is
 `readers.py`, the command line tool and the converted-file format are
-`checkpoint.py`.
+`checkpoint.py`. `check_converted` compares every converted shape with the model
+of the inferred architecture (`jax.eval_shape` of its init: no compute).
 
 Two namings hold the same values (see DESIGN.md):
 - official microsoft/CvT (`CvT-13-224x224-IN-1k.pth`, `lib/models/cls_cvt.py`):
@@ -26,10 +27,12 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cvt_backbone.cvt import VARIANTS, CvTSpec
+from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
 
 OFFICIAL = 'official'
 HUGGING_FACE = 'hugging_face'
@@ -178,19 +181,24 @@ def hf_to_official(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   Raises:
     CheckpointError: listing the keys that are not part of a Hugging Face CvT.
   """
-  renamed, unknown = {}, []
-  for key, value in state_dict.items():
-    bare = key.removeprefix('cvt.')
-    for pattern, replacement in _HF_RULES:
-      if pattern.fullmatch(bare):
-        renamed[pattern.sub(replacement, bare)] = value
-        break
-    else:
-      unknown.append(key)
+  names = _hf_official_names(state_dict)
+  unknown = [key for key in state_dict if key not in names]
   if unknown:
     raise CheckpointError(f'Unexpected keys in a Hugging Face CvT state_dict ({len(unknown)}): '
                           f'{_preview(unknown)}.')
-  return renamed
+  return {names[key]: value for key, value in state_dict.items()}
+
+
+def _hf_official_names(state_dict: Mapping[str, Any]) -> dict[str, str]:
+  """Hugging Face key -> official key, for the keys that follow a renaming rule."""
+  names = {}
+  for key in state_dict:
+    bare = key.removeprefix('cvt.')
+    for pattern, replacement in _HF_RULES:
+      if pattern.fullmatch(bare):
+        names[key] = pattern.sub(replacement, bare)
+        break
+  return names
 
 
 # ---------------------------------------------------------------------------
@@ -198,8 +206,15 @@ def hf_to_official(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def _flax_entry(key: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray] | None:
-  """One official key -> (Flax path including the collection, array in Flax layout)."""
+# Axes of a Flax array taken from the official tensor: `flax = np.transpose(official, perm)`.
+_CONV_PERM = (2, 3, 1, 0)
+_DENSE_PERM = (1, 0)
+
+
+def _flax_entry(key: str, value: np.ndarray
+                ) -> tuple[tuple[str, ...], np.ndarray, tuple[int, ...] | None] | None:
+  """One official key -> (Flax path including the collection, array in Flax layout, the
+  transposition applied or None)."""
   *modules, leaf = key.split('.')
   # 'blocks.3' is one Flax module, 'blocks_3'.
   path = tuple(re.sub(r'blocks\.(\d+)', r'blocks_\1', '.'.join(modules)).split('.')) \
@@ -215,22 +230,48 @@ def _flax_entry(key: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarra
     return None  # A training counter; Flax BatchNorm has no equivalent.
   if leaf in ('running_mean', 'running_var'):
     expect(1)
-    return ('batch_stats', *path, leaf.removeprefix('running_')), value
+    return ('batch_stats', *path, leaf.removeprefix('running_')), value, None
   if leaf == 'cls_token':
     expect(3)
-    return ('params', *path, 'cls_token'), value
+    return ('params', *path, 'cls_token'), value, None
   if leaf == 'bias':
     expect(1)
-    return ('params', *path, 'bias'), value
+    return ('params', *path, 'bias'), value, None
   # leaf == 'weight'
   if parent in ('norm', 'norm1', 'norm2', 'bn'):
     expect(1)
-    return ('params', *path, 'scale'), value
+    return ('params', *path, 'scale'), value, None
   if parent == 'conv' or (parent == 'proj' and grandparent == 'patch_embed'):
     expect(4)
-    return ('params', *path, 'kernel'), np.transpose(value, (2, 3, 1, 0))
+    return ('params', *path, 'kernel'), np.transpose(value, _CONV_PERM), _CONV_PERM
   expect(2)
-  return ('params', *path, 'kernel'), np.transpose(value)
+  return ('params', *path, 'kernel'), np.transpose(value), _DENSE_PERM
+
+
+def official_name(path: str) -> tuple[str, tuple[int, ...] | None]:
+  """A '/'-joined Flax variable path -> (official key, the transposition `_flax_entry` applies).
+
+  The inverse naming of `_flax_entry`, for messages about tensors a checkpoint lacks.
+  """
+  collection, *modules, leaf = path.split('/')
+  name = '.'.join(re.sub(r'^blocks_(\d+)$', r'blocks.\1', m) for m in modules)
+  if collection == 'batch_stats':
+    return f'{name}.running_{leaf}', None
+  if leaf == 'kernel':
+    conv = modules[-1] == 'conv' or modules[-2:] == ['patch_embed', 'proj']
+    return f'{name}.weight', _CONV_PERM if conv else _DENSE_PERM
+  return (f'{name}.{leaf}' if leaf != 'scale' else f'{name}.weight'), None
+
+
+def source_shape(shape: Iterable[int], perm: tuple[int, ...] | None) -> tuple[int, ...]:
+  """The shape in the source file of a Flax array of `shape` (undoing the transposition)."""
+  shape = tuple(int(d) for d in shape)
+  if perm is None or len(perm) != len(shape):
+    return shape
+  out = [0] * len(shape)
+  for axis, source_axis in enumerate(perm):
+    out[source_axis] = shape[axis]
+  return tuple(out)
 
 
 def _copy_converted(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -240,6 +281,53 @@ def _copy_converted(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   else:
     flat = {tuple(k.split('/')): v for k, v in state_dict.items()}
   return {path: np.asarray(value) for path, value in flat.items()}
+
+
+# Where each converted array comes from: '/'-joined Flax path -> (source key, transposition).
+Sources = dict[str, tuple[str, tuple[int, ...] | None]]
+
+
+def convert_with_sources(state_dict: Mapping[str, Any], *, backbone: bool = False
+                         ) -> tuple[dict[str, dict[str, Any]], Sources]:
+  """`convert_state_dict`, plus the source key and transposition of every converted array.
+
+  For messages that name a tensor as the file does (`stage0.patch_embed.proj.weight`,
+  `cvt.encoder.stages.0...`) next to its converted path.
+  """
+  state_dict = _unwrap(state_dict)
+  naming = detect_naming(state_dict)
+  sources: Sources = {}
+  if naming == FLAX:
+    flat = _copy_converted(state_dict)
+    sources = {'/'.join(path): ('/'.join(path), None) for path in flat}
+  else:
+    original = {}
+    if naming == HUGGING_FACE:
+      original = {official: key for key, official in _hf_official_names(state_dict).items()}
+      state_dict = hf_to_official(state_dict)
+    elif all(k.startswith('module.') for k in state_dict):
+      # Saved from a DistributedDataParallel wrapper.
+      original = {k.removeprefix('module.'): k for k in state_dict}
+      state_dict = {k.removeprefix('module.'): v for k, v in state_dict.items()}
+    unknown = [k for k in state_dict if not any(p.fullmatch(k) for p in _OFFICIAL_KEYS)]
+    if unknown:
+      raise CheckpointError(f'Unexpected keys in an official CvT state_dict ({len(unknown)}): '
+                            f'{_preview(unknown)}.')
+    flat = {}
+    for key, value in state_dict.items():
+      entry = _flax_entry(key, np.asarray(value))
+      if entry is not None:
+        path, array, perm = entry
+        flat[path] = array
+        sources['/'.join(path)] = (original.get(key, key), perm)
+  if backbone:
+    flat = {path: v for path, v in flat.items()
+            if not (path[0] == 'params' and path[1] in ('norm', 'head'))}
+    sources = {p: s for p, s in sources.items() if tuple(p.split('/')) in flat}
+  variables = traverse_util.unflatten_dict(flat)
+  variables.setdefault('params', {})
+  variables.setdefault('batch_stats', {})
+  return variables, sources
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], *,
@@ -263,32 +351,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], *,
   Raises:
     CheckpointError: not a CvT state_dict, with the offending keys listed.
   """
-  state_dict = _unwrap(state_dict)
-  naming = detect_naming(state_dict)
-  if naming == FLAX:
-    flat = _copy_converted(state_dict)
-  else:
-    if naming == HUGGING_FACE:
-      state_dict = hf_to_official(state_dict)
-    elif all(k.startswith('module.') for k in state_dict):
-      # Saved from a DistributedDataParallel wrapper.
-      state_dict = {k.removeprefix('module.'): v for k, v in state_dict.items()}
-    unknown = [k for k in state_dict if not any(p.fullmatch(k) for p in _OFFICIAL_KEYS)]
-    if unknown:
-      raise CheckpointError(f'Unexpected keys in an official CvT state_dict ({len(unknown)}): '
-                            f'{_preview(unknown)}.')
-    flat = {}
-    for key, value in state_dict.items():
-      entry = _flax_entry(key, np.asarray(value))
-      if entry is not None:
-        flat[entry[0]] = entry[1]
-  if backbone:
-    flat = {path: v for path, v in flat.items()
-            if not (path[0] == 'params' and path[1] in ('norm', 'head'))}
-  variables = traverse_util.unflatten_dict(flat)
-  variables.setdefault('params', {})
-  variables.setdefault('batch_stats', {})
-  return variables
+  return convert_with_sources(state_dict, backbone=backbone)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -344,19 +407,17 @@ def _blocks(stage: Mapping[str, Any]) -> list[int]:
   return sorted(int(m.group(1)) for k in stage if (m := re.fullmatch(r'blocks_(\d+)', k)))
 
 
-def infer_architecture(state_dict: Mapping[str, Any], *,
-                       num_heads: Iterable[int] | None = None) -> Architecture:
-  """The architecture of a checkpoint (any naming, or converted variables).
+@dataclasses.dataclass(frozen=True)
+class _Shapes:
+  """What the shapes of a checkpoint say, before the heads are known."""
 
-  Widths, depths, MLP ratios, kernel sizes, the cls token and the class count are
-  read from the shapes. The number of heads is not visible in any shape: it comes
-  from the matching known variant, else from `num_heads`, else from the official
-  head width of 64.
+  fields: dict[str, Any]  # _SHAPE_FIELDS -> per-stage tuples (qkv_bias: one bool)
+  num_classes: int
+  has_norm: bool
+  in_chans: int
 
-  Raises:
-    CheckpointError: not a CvT, an incomplete one, or heads that cannot be inferred.
-  """
-  variables = convert_state_dict(state_dict)
+
+def _read_shapes(variables: Mapping[str, Any]) -> _Shapes:
   params = variables['params']
   stages = sorted(int(m.group(1)) for k in params if (m := re.fullmatch(r'stage(\d+)', k)))
   if not stages or stages != list(range(len(stages))):
@@ -384,26 +445,24 @@ def infer_architecture(state_dict: Mapping[str, Any], *,
     raise CheckpointError(f'Incomplete CvT checkpoint: no {e} where expected.') from None
   shape_fields = {f: tuple(v) for f, v in fields.items()}
   shape_fields['qkv_bias'] = all(fields['qkv_bias'])
-  heads = tuple(int(h) for h in num_heads) if num_heads is not None else None
-
   head = params.get('head', {})
   num_classes = int(head['bias'].shape[0]) if 'bias' in head else 0
-  common = dict(num_classes=num_classes, has_norm='norm' in params, in_chans=in_chans)
+  return _Shapes(shape_fields, num_classes, 'norm' in params, in_chans)
+
+
+def _known_variant(shape_fields: Mapping[str, Any],
+                   heads: tuple[int, ...] | None) -> tuple[str, CvTSpec] | None:
   for name, known in VARIANTS.items():
     if all(getattr(known, f) == v for f, v in shape_fields.items()) and (
         heads is None or heads == known.num_heads):
-      return Architecture(spec=known, variant=name, **common)
+      return name, known
+  return None
 
-  dims = shape_fields['embed_dims']
-  if heads is None:
-    if any(d % 64 for d in dims):
-      raise CheckpointError(
-          f'Cannot infer the heads of a custom CvT with dims {dims} (not multiples of the '
-          'official head width 64); pass num_heads (--num-heads).')
-    heads = tuple(d // 64 for d in dims)
-  n = len(dims)
+
+def _custom_spec(shape_fields: Mapping[str, Any], heads: tuple[int, ...]) -> CvTSpec:
+  n = len(shape_fields['embed_dims'])
   strides = tuple(4 if i == 0 else 2 for i in range(n))
-  spec = CvTSpec(
+  return CvTSpec(
       num_heads=heads,
       patch_strides=strides,
       # The official rule, (7, 4) -> 2 and (3, 2) -> 1.
@@ -412,7 +471,161 @@ def infer_architecture(state_dict: Mapping[str, Any], *,
       stride_q=(1,) * n, stride_kv=(2,) * n,
       drop_path_rates=(0.0,) * (n - 1) + (0.1,),
       **shape_fields)
-  return Architecture(spec=spec, variant=None, **common)
+
+
+def _closest_variant_hint(shape_fields: Mapping[str, Any], in_chans: int) -> str:
+  """' Its widths are those of cvt-tiny but not its ...': a damaged file may look custom."""
+  closest = None
+  for name, known in VARIANTS.items():
+    if known.embed_dims != shape_fields['embed_dims']:
+      continue
+    differences = [f'{f} {v} ({name}: {getattr(known, f)})'
+                   for f, v in shape_fields.items() if getattr(known, f) != v]
+    if in_chans != 3:
+      differences.append(f'in_chans {in_chans} ({name}: 3)')
+    if closest is None or len(differences) < len(closest[1]):
+      closest = (name, differences)
+  if closest is None:
+    return ''
+  name, differences = closest
+  return (f' Its widths are those of {name} but not its ' + ', '.join(differences)
+          + f': if it should be {name}, the file is damaged or was edited.')
+
+
+def infer_architecture(state_dict: Mapping[str, Any], *,
+                       num_heads: Iterable[int] | None = None) -> Architecture:
+  """The architecture of a checkpoint (any naming, or converted variables).
+
+  Widths, depths, MLP ratios, kernel sizes, the cls token and the class count are
+  read from the shapes. The number of heads is not visible in any shape: it comes
+  from the matching known variant, else from `num_heads`, else from the official
+  head width of 64.
+
+  Raises:
+    CheckpointError: not a CvT, an incomplete one, or heads that cannot be inferred.
+  """
+  shapes = _read_shapes(convert_state_dict(state_dict))
+  heads = tuple(int(h) for h in num_heads) if num_heads is not None else None
+  common = dict(num_classes=shapes.num_classes, has_norm=shapes.has_norm,
+                in_chans=shapes.in_chans)
+  known = _known_variant(shapes.fields, heads)
+  if known is not None:
+    return Architecture(spec=known[1], variant=known[0], **common)
+  dims = shapes.fields['embed_dims']
+  if heads is None:
+    if any(d % 64 for d in dims):
+      raise CheckpointError(
+          f'Cannot infer the heads of a custom CvT with dims {dims} (not multiples of the '
+          'official head width 64); pass num_heads (--num-heads).'
+          + _closest_variant_hint(shapes.fields, shapes.in_chans))
+    heads = tuple(d // 64 for d in dims)
+  return Architecture(spec=_custom_spec(shapes.fields, heads), variant=None, **common)
+
+
+# ---------------------------------------------------------------------------
+# Every shape against the architecture
+# ---------------------------------------------------------------------------
+
+
+def expected_shapes(spec: CvTSpec, *, in_chans: int = 3, num_classes: int = 0,
+                    has_norm: bool = False) -> dict[str, tuple[int, ...]]:
+  """Shape of every variable of a CvT of `spec`, by '/'-joined path (`jax.eval_shape`).
+
+  The backbone's variables, plus the classifier's final LayerNorm (`has_norm`) and
+  head (`num_classes` > 0). The heads do not change any shape.
+  """
+  size = 32
+  while size < 2**16:  # The smallest power of two every stage of `spec` accepts.
+    try:
+      spec.output_sizes(size, size)
+      break
+    except ValueError:
+      size *= 2
+  model = CvTBackbone(spec=spec, in_chans=in_chans)
+  tree = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, in_chans)))
+  shapes = {path: tuple(leaf.shape)
+            for path, leaf in traverse_util.flatten_dict(tree, sep='/').items()}
+  dim = spec.embed_dims[-1]
+  if has_norm:
+    shapes.update({'params/norm/scale': (dim,), 'params/norm/bias': (dim,)})
+  if num_classes:
+    shapes.update({'params/head/kernel': (dim, num_classes), 'params/head/bias': (num_classes,)})
+  return shapes
+
+
+def _shape_problems(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                    sources: Sources) -> list[str]:
+  def label(key: str, path: str) -> str:
+    return path if key == path else f'{key} ({path})'
+
+  lines = []
+  for path, shape in found.items():
+    key, perm = sources.get(path, (path, None))
+    if path not in expected:
+      lines.append(f'unexpected: {label(key, path)}, shape {source_shape(shape, perm)}')
+    elif tuple(shape) != tuple(expected[path]):
+      lines.append(f'{label(key, path)}: found {source_shape(shape, perm)}, '
+                   f'expected {source_shape(expected[path], perm)}')
+  for path, shape in expected.items():
+    if path not in found:
+      key, perm = official_name(path)
+      lines.append(f'missing: {label(key, path)}, expected {source_shape(shape, perm)}')
+  return lines
+
+
+def check_converted(variables: Mapping[str, Any], sources: Sources | None = None, *,
+                    num_heads: Iterable[int] | None = None) -> Architecture:
+  """The architecture of converted variables, after checking every array's shape against it.
+
+  `infer_architecture` reads a few shapes; a checkpoint whose other tensors disagree
+  (a damaged or hand-edited file) would convert without a word and then fit no model.
+  Here each array is compared with the model of the inferred spec and, when the
+  widths and depths are those of a known variant, with that variant's; the closer of
+  the two is reported, so one reshaped tensor is named as such.
+
+  Args:
+    variables: output of `convert_with_sources` (or `convert_state_dict`).
+    sources: its source names, for the messages; None names the converted paths.
+    num_heads: see `infer_architecture`.
+
+  Raises:
+    CheckpointError: naming every tensor whose shape differs (source name, converted
+      path, found and expected shapes as stored in the source), every missing and
+      every unexpected one; or what `infer_architecture` raises.
+  """
+  sources = sources or {}
+  shapes = _read_shapes(variables)
+  found = {path: tuple(np.shape(leaf))
+           for path, leaf in traverse_util.flatten_dict(dict(variables), sep='/').items()}
+  counts = dict(in_chans=shapes.in_chans, num_classes=shapes.num_classes,
+                has_norm=shapes.has_norm)
+  known = _known_variant(shapes.fields, None)
+  n = len(shapes.fields['embed_dims'])
+  inferred = known or ('custom', _custom_spec(shapes.fields, (1,) * n))  # Heads change no shape.
+  # Known variants of the same widths and depths first: on a tie they are the likelier intent.
+  candidates = {name: spec for name, spec in VARIANTS.items()
+                if (spec.embed_dims, spec.depths)
+                == (shapes.fields['embed_dims'], shapes.fields['depths'])}
+  candidates.setdefault(*inferred)
+  best = None
+  for name, spec in candidates.items():
+    problems = _shape_problems(found, expected_shapes(spec, **counts), sources)
+    if not problems:
+      best = None
+      break
+    if best is None or len(problems) < len(best[2]):
+      best = (name, spec, problems)
+  if best is not None:
+    name, spec, problems = best
+    described = f'{name} ({describe_spec(spec)})' if name != 'custom' else (
+        f'the custom CvT its other shapes imply (dims {spec.embed_dims}, depths '
+        f'{spec.depths}, patch sizes {spec.patch_sizes}, kernel_qkv {spec.kernel_qkv})')
+    count = '1 tensor does' if len(problems) == 1 else f'{len(problems)} tensors do'
+    raise CheckpointError(
+        f'{count} not fit {described}; the checkpoint is damaged or '
+        'was edited (shapes as stored in the source file):\n'
+        + '\n'.join(f'  {line}' for line in problems))
+  return infer_architecture(variables, num_heads=num_heads)
 
 
 def spec_differences(expected: CvTSpec, found: CvTSpec,

@@ -18,12 +18,19 @@ Facts matched to the official model (see DESIGN.md):
 - pre-norm blocks with per-block drop path `linspace(0, rate, depth)`;
 - QuickGELU MLP by default (the official code); exact GELU is what Hugging Face
   `CvtModel` runs on the same weights.
+
+Non-finite inputs: every attention layer mixes all positions of an image (and the
+keys are a strided conv of the whole map), so one NaN or inf pixel makes every
+output of that image NaN; the other images of the batch stay finite in eval mode
+(train-mode BatchNorm statistics carry it across the batch). `assert_finite`, or
+the models' `check_finite=True`, stops such inputs with an error instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from cvt_backbone import attention as attention_lib
 from cvt_backbone import depthwise as depthwise_lib
@@ -45,6 +53,18 @@ BN_MOMENTUM = 0.9  # = 1 - PyTorch's momentum of 0.1.
 
 # Official init: trunc_normal(std=0.02) for Linear weights and the cls token.
 _dense_init = nn.initializers.truncated_normal(0.02)
+
+
+def _is_int(value: Any) -> bool:
+  """Python and numpy integers; not bools, not floats such as 2.0."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_rate(name: str, value: Any) -> None:
+  """A dropout or drop path probability: a number in [0, 1) (1 would drop everything)."""
+  if not (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+          and 0 <= value < 1):
+    raise ValueError(f'{name} must be in [0, 1); got {value!r}.')
 
 
 # ---------------------------------------------------------------------------
@@ -80,6 +100,8 @@ class CvTSpec:
     for dim, heads in zip(self.embed_dims, self.num_heads, strict=True):
       if dim % heads:
         raise ValueError(f'Stage width {dim} is not divisible by its {heads} heads.')
+    for rate in self.drop_path_rates:
+      _check_rate('CvTSpec.drop_path_rates', rate)
 
   @property
   def num_stages(self) -> int:
@@ -95,12 +117,21 @@ class CvTSpec:
 
     Each axis goes through `floor((n + 2p - k) / s) + 1` per embedding conv, which
     for the official models is `floor((n+1)/4)`, then `ceil(n/2)` twice.
+
+    Raises:
+      ValueError: sizes that are not integers >= 1, or too small for a stage.
     """
+    if not (_is_int(height) and _is_int(width) and height >= 1 and width >= 1):
+      raise ValueError(f'height and width must be integers >= 1; got {height!r}x{width!r}.')
     sizes = []
-    for k, s, p in zip(self.patch_sizes, self.patch_strides, self.patch_paddings, strict=True):
-      height = (height + 2 * p - k) // s + 1
-      width = (width + 2 * p - k) // s + 1
-      sizes.append((height, width))
+    h, w = int(height), int(width)
+    for i, (k, s, p) in enumerate(
+        zip(self.patch_sizes, self.patch_strides, self.patch_paddings, strict=True)):
+      h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+      if h < 1 or w < 1:
+        raise ValueError(f'an input of {height}x{width} leaves stage {i + 1} an empty map '
+                         f'({max(h, 0)}x{max(w, 0)}); give a larger input.')
+      sizes.append((h, w))
     return tuple(sizes)
 
 
@@ -368,6 +399,14 @@ class CvTStage(nn.Module):
 # ---------------------------------------------------------------------------
 
 
+def _check_image_size(height: Any, width: Any) -> None:
+  if not (_is_int(height) and _is_int(width)):
+    raise ValueError(f'CvT image sizes in pixels must be integers; got {height!r}x{width!r}.')
+  if min(height, width) < MIN_INPUT_SIZE:
+    raise ValueError(f'CvT needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels; '
+                     f'got {height}x{width}.')
+
+
 def _check_images(images: jax.Array, in_chans: int) -> None:
   if images.ndim != 4:
     raise ValueError(f'CvT expects NHWC images [N, H, W, {in_chans}]; got shape {images.shape}.')
@@ -376,9 +415,47 @@ def _check_images(images: jax.Array, in_chans: int) -> None:
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise TypeError(f'CvT expects floating-point images; got dtype {images.dtype}. '
                     'Convert and normalize them first (e.g. images.astype(jnp.float32) / 255).')
-  if min(images.shape[1:3]) < MIN_INPUT_SIZE:
-    raise ValueError(f'CvT needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels; '
-                     f'got {images.shape[1]}x{images.shape[2]}.')
+  if images.shape[0] < 1:
+    # Otherwise the token reshapes divide by zero deep inside the first stage.
+    raise ValueError(f'CvT needs a batch of at least one image; got shape {images.shape}.')
+  _check_image_size(images.shape[1], images.shape[2])
+
+
+def assert_finite(x: jax.Array, name: str = 'images') -> None:
+  """Raises if `x` holds NaN or inf, which CvT spreads over the whole image.
+
+  One non-finite pixel makes every output of its image NaN: each attention layer
+  mixes all positions. Call this on a batch before the model, or set the models'
+  `check_finite=True`.
+
+  Outside `jax.jit` (concrete values) it raises a `ValueError` naming the count and
+  the first index. Traced (inside `jax.jit`) it adds a `checkify.check`, which
+  `checkify` must functionalize (JAX refuses to stage it otherwise):
+
+      checked = jax.jit(checkify.checkify(model.apply, errors=checkify.user_checks))
+      error, out = checked(variables, images)
+      error.throw()  # checkify.JaxRuntimeError: images hold non-finite values ...
+
+  Args:
+    x: an array of any shape.
+    name: what `x` is, for the message.
+
+  Raises:
+    ValueError: concrete values that are not all finite.
+  """
+  if isinstance(x, jax.core.Tracer):
+    checkify.check(jnp.isfinite(x).all(),
+                   f'{name} hold non-finite values (NaN or inf); CvT would spread them over '
+                   'the whole image. Clean or mask the input first.')
+    return
+  bad = ~np.asarray(jnp.isfinite(x))
+  if bad.any():
+    count = int(bad.sum())
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f'{name} hold {count} non-finite value{"s" if count > 1 else ""} (NaN or inf); the '
+        f'first at index {first}. CvT would spread them over the whole image (global '
+        'attention): clean or mask the input first.')
 
 
 def _stage_kwargs(activation: str, dropout_rate: float, attention: str, chunk_size: int | None,
@@ -424,6 +501,11 @@ class CvTBackbone(nn.Module):
   released weights were trained with it) but is not part of the maps; set
   `return_cls_token` to get it as `out['cls_token']` `[N, C3]`.
 
+  Settings are checked when the module is built (a ValueError naming the field,
+  the accepted values and the value given). A NaN or inf pixel turns every output
+  of its image into NaN (global attention); `check_finite=True` refuses such inputs
+  (see `assert_finite`).
+
   Attributes:
     variant: 'cvt-13', 'cvt-21', 'cvt-w24' or 'cvt-tiny' (tests).
     spec: a custom `CvTSpec`; overrides `variant` when given.
@@ -445,6 +527,8 @@ class CvTBackbone(nn.Module):
     bn_axis_name: axis name for cross-device BatchNorm statistics.
     in_chans: input channels.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
+    check_finite: refuse images holding NaN or inf (`assert_finite`: an error outside
+      jit, a `checkify` check inside).
   """
 
   variant: str = 'cvt-13'
@@ -466,6 +550,18 @@ class CvTBackbone(nn.Module):
   in_chans: int = 3
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  check_finite: bool = False
+
+  def __post_init__(self):
+    # At construction, so that a bad config fails before any tracing and names its field.
+    spec = self.resolved_spec  # An unknown variant or a bad drop_path_rate fails here.
+    if not (_is_int(self.frozen_stages) and 0 <= self.frozen_stages <= spec.num_stages):
+      raise ValueError(f'frozen_stages must be an integer in [0, {spec.num_stages}]; '
+                       f'got {self.frozen_stages!r}.')
+    _check_rate('dropout_rate', self.dropout_rate)
+    attention_lib.check_chunk_size(self.attention_chunk_size, 'attention_chunk_size')
+    _ = self.out_names  # Checks out_features.
+    super().__post_init__()
 
   # --- static metadata: no init needed -------------------------------------
 
@@ -473,6 +569,7 @@ class CvTBackbone(nn.Module):
   def resolved_spec(self) -> CvTSpec:
     spec = self.spec if self.spec is not None else get_spec(self.variant)
     if self.drop_path_rate is not None:
+      _check_rate('drop_path_rate', self.drop_path_rate)
       rates = spec.drop_path_rates[:-1] + (float(self.drop_path_rate),)
       spec = dataclasses.replace(spec, drop_path_rates=rates)
     return spec
@@ -497,6 +594,11 @@ class CvTBackbone(nn.Module):
           raise ValueError(f'Unknown output {feature!r}; expected one of {names} '
                            f'or an index in [-{len(names)}, {len(names) - 1}].')
         picked.add(names.index(feature))
+      elif not _is_int(feature):
+        # int(1.5) would silently pick stage 2, True stage 2 too.
+        raise ValueError(f'out_features entries must be stage names {names} or integer indices '
+                         f'in [-{len(names)}, {len(names) - 1}]; got {feature!r} '
+                         f'({type(feature).__name__}) in out_features={self.out_features!r}.')
       else:
         if not -len(names) <= int(feature) < len(names):
           raise ValueError(f'Output index {feature} out of range; expected one of {names} '
@@ -522,7 +624,12 @@ class CvTBackbone(nn.Module):
             for name in self.out_names]
 
   def output_sizes(self, height: int, width: int) -> dict[str, tuple[int, int]]:
-    """Exact `(H_i, W_i)` of each selected output for an input of `height` x `width`."""
+    """Exact `(H_i, W_i)` of each selected output for an input of `height` x `width`.
+
+    Raises:
+      ValueError: sizes the model refuses (not integers, or below 16 pixels).
+    """
+    _check_image_size(height, width)
     sizes = self.resolved_spec.output_sizes(height, width)
     return {name: sizes[self.stage_names.index(name)] for name in self.out_names}
 
@@ -546,6 +653,8 @@ class CvTBackbone(nn.Module):
       `out_names`, plus 'cls_token' `[N, C3]` when `return_cls_token`.
     """
     _check_images(images, self.in_chans)
+    if self.check_finite:
+      assert_finite(images)
     out_names = self.out_names
     spec = self.resolved_spec
     stage_kwargs = _stage_kwargs(
@@ -586,6 +695,7 @@ class CvT(nn.Module):
   padding is `(kernel - stride + 1) // 2`, which gives the official (7, 4, 2)
   and (3, 2, 1); the attention projections pad `kernel // 2`.
   `num_classes=0` returns the normalized cls token `[N, C3]` instead of logits.
+  `check_finite=True` refuses images holding NaN or inf (see `assert_finite`).
   """
 
   num_classes: int = 1000
@@ -622,6 +732,13 @@ class CvT(nn.Module):
   depthwise: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  check_finite: bool = False
+
+  def __post_init__(self):
+    _check_rate('drop_path_rate', self.drop_path_rate)
+    _check_rate('dropout', self.dropout)
+    attention_lib.check_chunk_size(self.attention_chunk_size, 'attention_chunk_size')
+    super().__post_init__()
 
   @classmethod
   def from_variant(cls, variant: str, num_classes: int = 1000, **kwargs) -> CvT:
@@ -664,6 +781,8 @@ class CvT(nn.Module):
     """
     del debug
     _check_images(img, self.channels)
+    if self.check_finite:
+      assert_finite(img)
     stage_kwargs = _stage_kwargs(self.activation, self.dropout, self.attention,
                                  self.attention_chunk_size, self.depthwise, self.dtype,
                                  self.param_dtype)

@@ -285,6 +285,37 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
   raise CheckpointError(f'{path} is not a PyTorch checkpoint (it starts with {magic!r}).')
 
 
+def released_format(path: str | os.PathLike) -> str | None:
+  """'PyTorch checkpoint', 'safetensors checkpoint' or None, from the file's first bytes.
+
+  For loaders of converted files, which must tell a released file given by mistake
+  from a damaged converted one. A zip counts only with a torch `data.pkl` record.
+  """
+  path = Path(path)
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(9)
+  except OSError:
+    return None
+  if head[:4] == _ZIP_MAGIC:
+    try:
+      with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+      return None
+    if any(n == 'data.pkl' or n.endswith('/data.pkl') for n in names):
+      return 'PyTorch checkpoint'
+    return None
+  # A pickle starts with the PROTO opcode and a protocol number (torch.save uses 2).
+  if len(head) >= 2 and head[0] == _PICKLE_PROTO and 2 <= head[1] <= 5:
+    return 'PyTorch checkpoint'
+  if len(head) == 9 and head[8:9] == b'{':
+    header_len = int.from_bytes(head[:8], 'little')
+    if 8 + header_len <= path.stat().st_size:
+      return 'safetensors checkpoint'
+  return None
+
+
 # What a Hugging Face model folder (a `save_pretrained` or hub snapshot) holds, preferred first.
 HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 

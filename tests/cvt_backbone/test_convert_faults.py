@@ -1,0 +1,261 @@
+"""Faulty inputs of `cvt-convert` and of the converted-file loaders (checkpoint.py)."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization, traverse_util
+
+from cvt_backbone import CvTBackbone, load_backbone_weights
+from cvt_backbone import checkpoint as checkpoint_lib
+from cvt_backbone.convert import CheckpointError
+
+from .hf_support import (
+    TINY,
+    TINY_CLASSES,
+    make_hf_classifier,
+    save_hf,
+    to_official_names,
+    torch,
+)
+
+
+@pytest.fixture(scope='module')
+def hf_model():
+  return make_hf_classifier(TINY, TINY_CLASSES, seed=0)
+
+
+@pytest.fixture(scope='module')
+def official(hf_model):
+  """The tiny classifier's state_dict with official names (torch tensors)."""
+  return to_official_names(hf_model.state_dict())
+
+
+@pytest.fixture(scope='module')
+def good_pth(tmp_path_factory, official):
+  path = tmp_path_factory.mktemp('good') / 'CvT-tiny.pth'
+  torch.save(official, path)
+  return path
+
+
+@pytest.fixture(scope='module')
+def good_msgpack(tmp_path_factory, good_pth):
+  path = tmp_path_factory.mktemp('converted') / 'tiny.msgpack'
+  checkpoint_lib.convert_checkpoint(good_pth, path)
+  return path
+
+
+def _convert(tmp_path, state_dict, capsys, *args):
+  """Runs cvt-convert on `state_dict` saved as a .pth; returns (exit status, stderr)."""
+  src = tmp_path / 'src.pth'
+  torch.save(state_dict, src)
+  status = checkpoint_lib.main([str(src), str(tmp_path / 'out.msgpack'), *args])
+  return status, capsys.readouterr().err
+
+
+def _reshaped(state_dict, key, shape):
+  return dict(state_dict, **{key: state_dict[key].reshape(shape).clone()})
+
+
+# ---------------------------------------------------------------------------
+# Shapes checked before writing
+# ---------------------------------------------------------------------------
+
+
+def test_same_size_reshape_is_refused_and_nothing_written(tmp_path, official, capsys):
+  key = 'stage1.blocks.0.attn.proj.weight'  # (32, 32) in cvt-tiny
+  status, err = _convert(tmp_path, _reshaped(official, key, (64, 16)), capsys)
+  assert status == 1
+  assert (f'{key} (params/stage1/blocks_0/attn/proj/kernel): found (64, 16), '
+          'expected (32, 32)') in err
+  assert 'cvt-tiny' in err
+  assert os.listdir(tmp_path) == ['src.pth']
+
+
+@pytest.mark.parametrize('heads', [[], ['--num-heads', '1,2,3']])
+def test_reshaped_patch_embedding_names_the_tensor_not_the_heads(tmp_path, official, capsys,
+                                                                 heads):
+  key = 'stage0.patch_embed.proj.weight'  # (16, 3, 7, 7)
+  status, err = _convert(tmp_path, _reshaped(official, key, (16, 3, 49, 1)), capsys, *heads)
+  assert status == 1
+  assert (f'{key} (params/stage0/patch_embed/proj/kernel): found (16, 3, 49, 1), '
+          'expected (16, 3, 7, 7)') in err
+  assert '--num-heads' not in err
+  assert os.listdir(tmp_path) == ['src.pth']
+
+
+def test_reshaped_tensor_read_by_the_inference(tmp_path, official, capsys):
+  # fc1 of the first block sets the MLP ratio; the other tensors still say cvt-tiny.
+  key = 'stage0.blocks.0.mlp.fc1.weight'  # (64, 16)
+  status, err = _convert(tmp_path, _reshaped(official, key, (16, 64)), capsys)
+  assert status == 1
+  assert f'{key} (params/stage0/blocks_0/mlp/fc1/kernel): found (16, 64), expected (64, 16)' in err
+  assert 'fc2' not in err and '--num-heads' not in err
+
+
+def test_hugging_face_names_are_reported(tmp_path, hf_model, capsys):
+  state_dict = hf_model.state_dict()
+  key = 'cvt.encoder.stages.2.layers.1.attention.output.dense.weight'  # (48, 48)
+  state_dict = _reshaped(state_dict, key, (16, 144))
+  folder = tmp_path / 'hf'
+  folder.mkdir()
+  from safetensors.torch import save_file
+  save_file(state_dict, folder / 'model.safetensors')
+  status = checkpoint_lib.main([str(folder), str(tmp_path / 'out.msgpack')])
+  assert status == 1
+  assert (f'{key} (params/stage2/blocks_1/attn/proj/kernel): found (16, 144), '
+          'expected (48, 48)') in capsys.readouterr().err
+
+
+def test_missing_tensor_is_refused(tmp_path, official, capsys):
+  state_dict = dict(official)
+  del state_dict['stage2.blocks.1.norm2.bias']
+  status, err = _convert(tmp_path, state_dict, capsys)
+  assert status == 1
+  assert ('missing: stage2.blocks.1.norm2.bias (params/stage2/blocks_1/norm2/bias), '
+          'expected (48,)') in err
+
+
+def test_dropped_block_is_compared_with_the_closest_variant(tmp_path, official, capsys):
+  state_dict = {k: v for k, v in official.items() if not k.startswith('stage2.blocks.1.')}
+  status, err = _convert(tmp_path, state_dict, capsys)
+  assert status == 1
+  assert 'not its depths (1, 1, 1) (cvt-tiny: (1, 1, 2))' in err
+
+
+def test_consistent_custom_architecture_still_converts(tmp_path, capsys):
+  model = make_hf_classifier(dict(TINY, depth=[1, 1, 3]), TINY_CLASSES, seed=1)
+  state_dict = to_official_names(model.state_dict())
+  status, err = _convert(tmp_path, state_dict, capsys)
+  assert status == 1 and '--num-heads' in err  # the heads are the only unknown
+  status, _ = _convert(tmp_path, state_dict, capsys, '--num-heads', '1,2,3')
+  assert status == 0
+  backbone, variables = checkpoint_lib.load_backbone(tmp_path / 'out.msgpack')
+  assert backbone.resolved_spec.depths == (1, 1, 3)
+  assert variables['params']['stage2']['blocks_2']['mlp']['fc1']['kernel'].shape == (48, 192)
+
+
+def test_converted_file_as_source(tmp_path, good_msgpack, capsys):
+  assert checkpoint_lib.main([str(good_msgpack), str(tmp_path / 'again.msgpack')]) == 1
+  assert 'already converted' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Checksum
+# ---------------------------------------------------------------------------
+
+
+def test_checksum_is_stored(good_msgpack):
+  variables, metadata = checkpoint_lib.load_converted(good_msgpack)
+  assert metadata['checksum'] == 'sha256:' + checkpoint_lib.variables_digest(variables)
+  assert metadata['format_version'] == checkpoint_lib.FORMAT_VERSION
+
+
+def test_zeroed_bytes_are_detected(tmp_path, good_msgpack, hf_model):
+  data = bytearray(good_msgpack.read_bytes())
+  head = hf_model.classifier.weight.detach().numpy().T.copy().tobytes()
+  at = data.find(head)
+  assert at > 0
+  data[at + 8:at + 40] = bytes(32)
+  damaged = tmp_path / 'damaged.msgpack'
+  damaged.write_bytes(bytes(data))
+  expected = (rf'{damaged}: checksum mismatch: the file is damaged; convert it again '
+              r'\(cvt-convert CvT-tiny\.pth damaged\.msgpack --force\)')
+  for load in (checkpoint_lib.load_converted, checkpoint_lib.load_backbone,
+               checkpoint_lib.load_classifier,
+               lambda p: checkpoint_lib.load_pretrained(CvTBackbone('cvt-tiny'), p)):
+    with pytest.raises(CheckpointError, match=expected):
+      load(damaged)
+
+
+def test_files_without_checksum_still_load(tmp_path, good_msgpack):
+  """A file written before the checksum (format version 1)."""
+  variables, metadata = checkpoint_lib.load_converted(good_msgpack)
+  metadata = {k: v for k, v in metadata.items() if k != 'checksum'}
+  metadata['format_version'] = 1
+  old = tmp_path / 'old.msgpack'
+  old.write_bytes(serialization.msgpack_serialize({'variables': variables,
+                                                   'metadata': metadata}))
+  model, loaded = checkpoint_lib.load_backbone(old)
+  assert model.variant == 'cvt-tiny'
+  np.testing.assert_array_equal(loaded['params']['stage0']['patch_embed']['proj']['kernel'],
+                                variables['params']['stage0']['patch_embed']['proj']['kernel'])
+
+
+def test_version_2_without_checksum_is_refused(tmp_path, good_msgpack):
+  variables, metadata = checkpoint_lib.load_converted(good_msgpack)
+  del metadata['checksum']
+  path = tmp_path / 'stripped.msgpack'
+  path.write_bytes(serialization.msgpack_serialize({'variables': variables,
+                                                    'metadata': metadata}))
+  with pytest.raises(CheckpointError, match='stripped.msgpack: no checksum'):
+    checkpoint_lib.load_converted(path)
+
+
+def test_checksum_covers_names_dtypes_and_shapes():
+  a = {'params': {'x': np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  digest = checkpoint_lib.variables_digest
+  assert digest(a) == digest({'params': {'x': jnp.asarray(a['params']['x'])}})
+  assert digest(a) != digest({'params': {'y': a['params']['x']}})
+  assert digest(a) != digest({'params': {'x': a['params']['x'].reshape(3, 2)}})
+  assert digest(a) != digest({'params': {'x': a['params']['x'].view(np.int32)}})
+  bf16 = {'params': {'x': jnp.ones((2, 2), jnp.bfloat16)}}
+  assert digest(bf16) != digest({'params': {'x': jnp.ones((2, 2), jnp.float16)}})
+
+
+def test_bfloat16_files_round_trip(tmp_path):
+  backbone = CvTBackbone('cvt-tiny')
+  shapes = jax.eval_shape(backbone.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  variables = jax.tree.map(lambda s: jnp.ones(s.shape, jnp.bfloat16), shapes)
+  path = tmp_path / 'bf16.msgpack'
+  checkpoint_lib.save_converted(path, variables, {'variant': 'cvt-tiny'})
+  loaded, _ = checkpoint_lib.load_converted(path)
+  assert loaded['params']['stage0']['patch_embed']['proj']['kernel'].dtype == jnp.bfloat16
+
+
+# ---------------------------------------------------------------------------
+# Released files where a converted file is expected
+# ---------------------------------------------------------------------------
+
+
+def test_pytorch_checkpoint_where_a_converted_file_is_expected(tmp_path, good_pth, hf_model):
+  hf_folder = tmp_path / 'hf'
+  safetensors = save_hf(hf_model, hf_folder)
+  torch.save(hf_model.state_dict(), tmp_path / 'pytorch_model.bin')
+  cases = {
+      good_pth: 'is a PyTorch checkpoint',
+      tmp_path / 'pytorch_model.bin': 'is a PyTorch checkpoint',
+      safetensors: 'is a safetensors checkpoint',
+      hf_folder: 'is a Hugging Face model folder',
+  }
+  for path, kind in cases.items():
+    for load in (checkpoint_lib.load_converted, checkpoint_lib.load_backbone,
+                 checkpoint_lib.load_classifier):
+      with pytest.raises(CheckpointError) as error:
+        load(path)
+      message = str(error.value)
+      assert f'{path} {kind}, not a converted file; convert it first: cvt-convert {path} ' in (
+          message), message
+      assert 'corrupt' not in message
+
+
+def test_renamed_pytorch_checkpoint(tmp_path, good_pth, good_msgpack):
+  renamed = tmp_path / 'weights.msgpack'
+  shutil.copy(good_pth, renamed)
+  with pytest.raises(CheckpointError, match='is a PyTorch checkpoint, not a converted file'):
+    checkpoint_lib.load_backbone(renamed)
+  # Loaders that take released files recognise it by its content, whatever its name.
+  backbone = CvTBackbone('cvt-tiny')
+  shapes = jax.eval_shape(backbone.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  from_pth = load_backbone_weights(zeros, renamed, backbone, path=())
+  from_msgpack = load_backbone_weights(zeros, good_msgpack, backbone, path=())
+  flat_a = traverse_util.flatten_dict(from_pth, sep='/')
+  flat_b = traverse_util.flatten_dict(from_msgpack, sep='/')
+  assert sorted(flat_a) == sorted(flat_b)
+  for key in flat_a:
+    np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
+
