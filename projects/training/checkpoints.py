@@ -204,14 +204,40 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
   return text if len(text) <= limit else text[:limit - 4] + '...)'
 
 
+def _from_orbax(error: BaseException | None) -> bool:
+  """Whether `error` (or the error it was raised from) was raised inside orbax."""
+  while error is not None:
+    tb = error.__traceback__
+    while tb is not None:
+      if _ORBAX_DIR in tb.tb_frame.f_code.co_filename:
+        return True
+      tb = tb.tb_next
+    error = error.__cause__ or error.__context__
+  return False
+
+
+_ORBAX_DIR = os.path.dirname(os.path.dirname(ocp.__file__))  # .../site-packages/orbax
+
+
+class _OrbaxFutureNoise(logging.Filter):
+  """Drops asyncio's 'Future exception was never retrieved' for orbax's abandoned reads."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).startswith('Future exception was never retrieved')
+                and _from_orbax(error))
+
+
 def _drop_async_io_noise() -> None:
   """Stops the noise a failed orbax read or write leaves on stderr.
 
-  When one array of a tensorstore read or write fails, orbax closes its asyncio loop
-  while the other arrays' I/O is still finishing: each of their callbacks then reports
-  'Event loop is closed', and their coroutines report an ImportError when collected at
-  shutdown, hundreds of tracebacks burying the one error that matters (which is raised).
-  These two messages, and only they, are dropped from `sys.unraisablehook`.
+  When one array of a tensorstore read or write fails, orbax abandons the other arrays'
+  I/O: their coroutines and futures fail later ('Event loop is closed', 'Encountered
+  error while reading array index', 'Future exception was never retrieved') and Python
+  reports each when it is collected, tens of thousands of lines burying the one error that
+  matters, which is raised (and named by the caller). Exceptions that nothing can catch
+  any more (`sys.unraisablehook`) raised inside orbax, the two shutdown messages, and
+  asyncio's report of orbax futures are dropped; everything else is reported as before.
   """
   previous = sys.unraisablehook
   if getattr(previous, 'drops_async_io_noise', False):
@@ -221,12 +247,14 @@ def _drop_async_io_noise() -> None:
 
   def hook(unraisable: Any) -> None:
     value = unraisable.exc_value
-    if any(isinstance(value, kind) and text in str(value) for kind, text in noise):
+    if (any(isinstance(value, kind) and text in str(value) for kind, text in noise)
+        or _from_orbax(value)):
       return
     previous(unraisable)
 
   hook.drops_async_io_noise = True
   sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(_OrbaxFutureNoise())
 
 
 def _corrupt(where: Any, error: BaseException) -> CheckpointCorruptError:

@@ -199,6 +199,29 @@ def test_truncated_latest_checkpoint_is_skipped_and_training_resumes(trained, tm
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_failed_read_leaves_no_noise_on_stderr(trained, tmp_path):
+  """One warning line, not the tens of thousands of lines of orbax's abandoned reads.
+
+  When one stored array cannot be read, orbax abandons the other reads: each of their
+  coroutines and futures reports its exception and TensorStore spec when collected (seen
+  on stderr in a plain process; pytest would turn them into warnings, hence a subprocess).
+  """
+  workdir = _copy(trained, tmp_path)
+  largest = max(_data_files(workdir, 4), key=lambda p: p.stat().st_size)
+  os.truncate(largest, 1000)
+  code = ('import gc, pathlib\n'
+          'from tests.projects.test_training_faults import _restore_latest\n'
+          f'step, _ = _restore_latest(pathlib.Path({str(workdir)!r}))\n'
+          'gc.collect()\n'
+          'print("restored", step)\n')
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=300, cwd=support.REPO, env=support.subprocess_env())
+  assert done.returncode == 0 and 'restored 2' in done.stdout, done.stderr[-3000:]
+  assert 'skipping checkpoint' in done.stderr
+  assert 'Exception ignored' not in done.stderr, done.stderr[:3000]
+  assert 'never retrieved' not in done.stderr, done.stderr[:3000]
+
+
 def test_flipped_bytes_fail_the_checksum(trained, tmp_path, caplog):
   workdir = _copy(trained, tmp_path)
   _flip_a_stored_weight(workdir, 4, trained[0])
