@@ -58,7 +58,6 @@ import struct
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, BinaryIO
 
 RECORD_KEY = 'cvt-dense provenance'
@@ -263,25 +262,6 @@ def make_record(tool: str, source: Mapping[str, Any], settings: Mapping[str, Any
 
 def encode_record(record: Mapping[str, Any]) -> str:
   return json.dumps(record, sort_keys=True, separators=(',', ':'), allow_nan=False)
-
-
-def checkpoint_identity(checkpoint: str | os.PathLike) -> dict[str, Any]:
-  """`{'path', 'step'}` naming the trained weights a tool restores from `checkpoint`.
-
-  The step is the one `projects.training.checkpoints.restore_for_inference` takes: that of
-  a step folder `.../checkpoints/N`, else the latest numbered folder of the checkpoints
-  folder (orbax names a step folder `N` only once it is complete). The path is the
-  checkpoints folder, so a workdir and its `checkpoints` folder name the same weights.
-  `step` is None when no step folder is found (a stand-in model of the tests).
-  """
-  path = Path(checkpoint).absolute()
-  if path.name.isdigit() and (path / 'state').exists():
-    return {'path': str(path.parent), 'step': int(path.name)}
-  if path.name != 'checkpoints' and (path / 'checkpoints').is_dir():
-    path = path / 'checkpoints'
-  steps = [int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir()] if (
-      path.is_dir()) else []
-  return {'path': str(path), 'step': max(steps, default=None)}
 
 
 def config_identity(spec: str) -> str:

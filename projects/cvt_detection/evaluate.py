@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from projects.cvt_detection import coco_eval, evaluation, models
+from projects.cvt_detection.configs import common as _settings  # noqa: F401  (registers its keys)
 from projects.output_files import OutputWriteError, check_outputs, write_json
 from projects.training.checkpoints import CheckpointMismatchError
 from projects.training.configs import as_dict, config_get, load_config

@@ -67,14 +67,15 @@ from projects.cvt_detection import coco_eval, models
 from projects.cvt_detection.data.builder import EVAL_DEVICE_KEYS
 from projects.cvt_detection.data.synthetic import SyntheticDetection
 from projects.cvt_detection.data.transforms import (
-    DEFAULT_SCALE,
-    DetectionEvalTransform,
-    collate,
-    default_canvas_sizes,
+  DEFAULT_SCALE,
+  DetectionEvalTransform,
+  collate,
+  default_canvas_sizes,
 )
 from projects.cvt_detection.evaluate import USER_ERRORS, load_detector, with_eval_settings
 from projects.input_files import InputImage, PredictError, collect_inputs, read_image
 from projects.output_files import check_writable, write_json
+from projects.training import checkpoints
 from projects.training.configs import as_dict, config_get, load_config
 
 TOOL = 'cvt_detection.predict'
@@ -320,7 +321,7 @@ def record_settings(config_spec: str, checkpoint: str, config: Any, info: Datase
   """
   return {
       'config': output_files.config_identity(config_spec),
-      'checkpoint': output_files.checkpoint_identity(checkpoint),
+      'checkpoint': checkpoints.identity(checkpoint),
       'eval': dict(models.DETECT_DEFAULTS, **as_dict(config_get(config, 'eval'))),
       'scale': list(info.scale),
       'score_threshold': score_threshold,

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from projects.cvt_segmentation.configs import common as _settings  # noqa: F401  (registers its keys)
 from projects.cvt_segmentation.inference import DEFAULT_MIN_SIZE, MODES
 from projects.output_files import check_output_free  # noqa: F401  (the tools' API)
 from projects.training.configs import as_dict, config_get, load_config  # noqa: F401

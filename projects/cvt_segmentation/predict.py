@@ -51,6 +51,7 @@ from projects.input_files import (  # noqa: F401  (PredictError and read_image: 
     collect_inputs,
     read_image,
 )
+from projects.training import checkpoints
 
 TOOL = 'cvt_segmentation.predict'
 MASK_SUFFIX = '_mask.png'
@@ -80,7 +81,7 @@ def record_settings(config: str, checkpoint: str, settings: cli.InferenceSetting
   """
   mask = {
       'config': output_files.config_identity(config),
-      'checkpoint': output_files.checkpoint_identity(checkpoint),
+      'checkpoint': checkpoints.identity(checkpoint),
       'inference': dataclasses.asdict(settings),
       'test_scale': None if test_scale is None else list(test_scale),
       'palette': palette,

@@ -220,12 +220,13 @@ _ORBAX_DIR = os.path.dirname(os.path.dirname(ocp.__file__))  # .../site-packages
 
 
 class _OrbaxFutureNoise(logging.Filter):
-  """Drops asyncio's 'Future exception was never retrieved' for orbax's abandoned reads."""
+  """Drops asyncio's '(Gathering)Future exception was never retrieved' of orbax's reads."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
-    return not (str(record.msg).startswith('Future exception was never retrieved')
-                and _from_orbax(error))
+    # 'Future exception was never retrieved', also '_GatheringFuture exception ...'.
+    first_line = str(record.msg).split('\n', 1)[0]
+    return not ('exception was never retrieved' in first_line and _from_orbax(error))
 
 
 def _drop_async_io_noise() -> None:
@@ -498,6 +499,33 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
       'folders to train from scratch, or restore them from a backup.', reason)
 
 
+def locate(checkpoint: str | os.PathLike) -> tuple[Path, int | None]:
+  """The checkpoints folder and step a tool's `--checkpoint` names.
+
+  `checkpoint` is a workdir, its `checkpoints` folder, or one step folder in it. The step
+  is that folder's, else the latest complete one (orbax names a step folder `N` only once
+  it is complete; `N.corrupt` and unfinished folders are not steps); None when there is none.
+  """
+  path = Path(checkpoint).absolute()
+  if path.name.isdigit() and (path / 'state').exists():
+    return path.parent, int(path.name)
+  if path.name != 'checkpoints' and (path / 'checkpoints').is_dir():
+    path = path / 'checkpoints'
+  steps = [int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir()] if (
+      path.is_dir()) else []
+  return path, max(steps, default=None)
+
+
+def identity(checkpoint: str | os.PathLike) -> dict[str, Any]:
+  """`{'path', 'step'}` of the weights `checkpoint` names (`locate`), as outputs record it.
+
+  The path is the checkpoints folder, so a workdir and its `checkpoints` folder name the
+  same weights.
+  """
+  path, step = locate(checkpoint)
+  return {'path': str(path), 'step': step}
+
+
 def restore_for_inference(config: Any, checkpoint: str | os.PathLike, *, model_cls: Any,
                           num_classes: int | None = None) -> tuple[Any, dict[str, Any]]:
   """The flax model of `config` and its trained variables, for `apply(v, x, train=False)`.
@@ -519,17 +547,11 @@ def restore_for_inference(config: Any, checkpoint: str | os.PathLike, *, model_c
     CheckpointCorruptError: it cannot be read or fails its checksum; the message names
       the other steps that could be used instead (never picked silently).
   """
-  path = Path(checkpoint).absolute()
-  step = None
-  if path.name.isdigit() and (path / 'state').exists():
-    step, path = int(path.name), path.parent
-  if path.name != 'checkpoints' and (path / 'checkpoints').is_dir():
-    path = path / 'checkpoints'
+  path, step = locate(checkpoint)
   if not path.is_dir():
     raise FileNotFoundError(f'No checkpoint folder at {checkpoint}.')
   _drop_async_io_noise()
   with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
-    step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'No complete checkpoint in {path}.')
     try:
