@@ -2,7 +2,8 @@
 
 Under `scenic.app` when Scenic is importable (its flags, logging and metric writer), and
 with the same flags through absl when it is not (`--config=CONFIG.py[:ARGS]`,
-`--workdir=DIR`, a clu metric writer). Both add the multi-process flags
+`--workdir=DIR`, and a TensorBoard writer that needs no TensorFlow,
+`projects.training.metric_writer`). Both add the multi-process flags
 `--coordinator_address`, `--num_processes`, `--process_id` (`projects.distributed`).
 
 Mistakes a user can make print one line, `error: ...`, instead of a traceback: a
@@ -19,8 +20,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-# TensorFlow (imported by clu's TensorBoard writer and Scenic) prints start-up
-# notices; silence them before anything imports it.
+# TensorFlow (imported by Scenic and its metric writer; runs without Scenic do not import
+# it) prints start-up notices; silence them before anything imports it.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402
@@ -113,8 +114,10 @@ def check_config_flags(argv: list[str]) -> None:
 def _run_without_scenic(main: MainFn) -> None:
   """The same flags and setup as `scenic.app.run`, without Scenic."""
   from absl import app, flags
-  from clu import metric_writers
   from ml_collections import config_flags
+
+  # Not clu's default writer: it imports TensorFlow (seconds of start-up, its notices).
+  from projects.training import metric_writer
 
   config_flags.DEFINE_config_file('config', None, 'Training configuration.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Work unit directory.')
@@ -123,8 +126,9 @@ def _run_without_scenic(main: MainFn) -> None:
   def run(argv):
     del argv
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+    # Event files from process 0 only; the others log.
+    writer = metric_writer.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
     main(jax.random.PRNGKey(config.rng_seed), config, workdir, writer)
     writer.close()
 
