@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -58,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from cvt_backbone.checkpoint import variables_digest
 from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
 from projects import output_files
 from projects.feature_extraction import images as images_lib
@@ -131,13 +131,7 @@ class FeatureExtractor:
     and random weights of another seed are not. Computed once (about 0.2 s per 100 MB).
     """
     if self._weights_sha256 is None:
-      digest = hashlib.sha256()
-      leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(self._variables))[0]
-      for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
-        leaf = np.ascontiguousarray(leaf)
-        digest.update(f'{jax.tree_util.keystr(path)}:{leaf.dtype.str}:{leaf.shape};'.encode())
-        digest.update(leaf.tobytes())
-      self._weights_sha256 = digest.hexdigest()
+      self._weights_sha256 = variables_digest(jax.device_get(self._variables))
     return self._weights_sha256
 
   @property
