@@ -1,0 +1,161 @@
+"""Progress of the tools' long work, in a terminal and in a log file alike.
+
+On a terminal, `Progress` draws a tqdm bar (with the current item and its detail, such as the
+attention chunk of a large image, after it). Anywhere else (stderr redirected to a file, a
+batch job's log) a bar is a line rewritten with carriage returns, unreadable in a log, so it
+prints plain lines instead: one when the work starts, one at most every `interval` seconds
+(and whenever an item starts after that), and one at the end:
+
+  extract: 3/12 img (25%), 0:41 elapsed, ~2:03 left; big.png 2048x2048: stage 1 chunk 5/32
+
+`enabled=False` (`--no-progress`) prints nothing but `write` messages. The interval of the
+line mode is `$CVT_PROGRESS_INTERVAL` seconds (default 10).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
+
+DEFAULT_INTERVAL = 10.0
+
+
+def _clock(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  return f'{hours}:{rest // 60:02d}:{rest % 60:02d}' if hours else f'{rest // 60}:{rest % 60:02d}'
+
+
+def _interval() -> float:
+  try:
+    return float(os.environ.get('CVT_PROGRESS_INTERVAL', DEFAULT_INTERVAL))
+  except ValueError:
+    return DEFAULT_INTERVAL
+
+
+class Progress:
+  """Counts done items of `total`; a tqdm bar on a terminal, timed lines otherwise.
+
+  Args:
+    total: number of items (None: unknown).
+    desc: what is being done ('predict', 'extract').
+    unit: what an item is ('img', 'batch').
+    enabled: False prints no progress at all (`write` still prints).
+    stream: where to print (default stderr).
+    interval: seconds between lines in line mode (default `$CVT_PROGRESS_INTERVAL` or 10).
+    terminal: force bar (True) or line (False) mode; default: whether `stream` is a TTY.
+  """
+
+  def __init__(self, total: int | None, desc: str, unit: str = 'img', *, enabled: bool = True,
+               stream: TextIO | None = None, interval: float | None = None,
+               terminal: bool | None = None):
+    self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+    self.stream = stream if stream is not None else sys.stderr
+    self.interval = _interval() if interval is None else interval
+    if terminal is None:
+      terminal = bool(getattr(self.stream, 'isatty', lambda: False)())
+    self.count = 0
+    self.item = ''
+    self.detail = ''
+    self._started = time.monotonic()
+    self._last_line = -float('inf')
+    self._bar = None
+    if enabled and terminal:
+      from tqdm import tqdm
+
+      self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
+    elif enabled:
+      self._line()
+
+  # --- reporting ---------------------------------------------------------------------------
+
+  def start_item(self, item: str) -> None:
+    """An item begins (its name shows beside the count); prints a line if one is due."""
+    self.item, self.detail = item, ''
+    self._refresh()
+
+  def set_detail(self, detail: str) -> None:
+    """Progress inside the current item, e.g. 'stage 1 chunk 5/32'."""
+    self.detail = detail
+    self._refresh()
+
+  def update(self, n: int = 1) -> None:
+    """`n` more items are done."""
+    self.count += n
+    self.item = self.detail = ''
+    if self._bar is not None:
+      self._bar.update(n)
+    else:
+      self._maybe_line()
+
+  def write(self, message: str) -> None:
+    """A message on its own line, which never breaks the bar (printed even when disabled)."""
+    if self._bar is not None:
+      self._bar.write(message, file=self.stream)
+    else:
+      print(message, file=self.stream, flush=True)
+
+  def close(self) -> None:
+    """Ends the bar, or prints the last line."""
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+    elif self.enabled and self._last_line != float('inf'):
+      self.item = self.detail = ''
+      self._line()
+    self._last_line = float('inf')
+
+  def __iter__(self) -> Iterator[Any]:
+    raise TypeError('use Progress.wrap(iterable)')
+
+  def wrap(self, iterable: Iterable[Any]) -> Iterator[Any]:
+    """Yields the items of `iterable`, counting each one done when the next is asked for."""
+    try:
+      for value in iterable:
+        yield value
+        self.update()
+    finally:
+      self.close()
+
+  def __enter__(self) -> Progress:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # --- drawing ------------------------------------------------------------------------------
+
+  def _postfix(self) -> str:
+    return ': '.join(part for part in (self.item, self.detail) if part)
+
+  def _refresh(self) -> None:
+    if self._bar is not None:
+      self._bar.set_postfix_str(self._postfix(), refresh=True)
+    else:
+      self._maybe_line()
+
+  def _maybe_line(self) -> None:
+    if self.enabled and time.monotonic() - self._last_line >= self.interval:
+      self._line()
+
+  def text(self) -> str:
+    """The line mode's line: count, share, elapsed, estimate left, current item."""
+    elapsed = time.monotonic() - self._started
+    parts = [f'{self.desc}: {self.count}']
+    if self.total:
+      parts[0] += f'/{self.total} {self.unit} ({100 * self.count / self.total:.0f}%)'
+    else:
+      parts[0] += f' {self.unit}'
+    parts.append(f'{_clock(elapsed)} elapsed')
+    if self.total and 0 < self.count < self.total:
+      parts.append(f'~{_clock(elapsed / self.count * (self.total - self.count))} left')
+    text = ', '.join(parts)
+    postfix = self._postfix()
+    return f'{text}; {postfix}' if postfix else text
+
+  def _line(self) -> None:
+    self._last_line = time.monotonic()
+    print(self.text(), file=self.stream, flush=True)
