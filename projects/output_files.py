@@ -21,6 +21,7 @@ came from, stored inside the file so that it is written by the same atomic renam
 - `.npz`: the zip archive's comment, a JSON object of metadata strings with `RECORD_KEY`
   among them (`np.load` ignores it; the arrays are unchanged).
 - `.safetensors`: the `RECORD_KEY` entry of the header's `__metadata__`.
+- `.json` (the evaluation reports): the object's `RECORD_KEY` entry.
 
 `read_record` reads one back and also checks that the file is complete (a PNG ends with
 its IEND chunk, a zip with its central directory, a safetensors file is as long as its
@@ -191,11 +192,17 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None])
   return path
 
 
-def write_json(value: Any, path: str | os.PathLike) -> str:
+def write_json(value: Any, path: str | os.PathLike,
+               record: Mapping[str, Any] | None = None) -> str:
   """Writes `value` as indented JSON atomically (`write_atomically`).
 
   NaN floats (COCO's "no ground truth in this range") are written as null: JSON has no NaN.
+  A `record` is stored as the object's `RECORD_KEY` entry (`value` must be a dict then).
   """
+  if record is not None:
+    if not isinstance(value, Mapping):
+      raise TypeError(f'a record needs a JSON object, got {type(value).__name__}')
+    value = {**value, RECORD_KEY: dict(record)}
   text = json.dumps(_nan_to_none(value), indent=2, allow_nan=False) + '\n'
   return write_atomically(path, lambda f: f.write(text.encode()))
 
@@ -322,7 +329,19 @@ def _safetensors_record(path: str, size: int) -> str | None:
   return (header.get('__metadata__') or {}).get(RECORD_KEY)
 
 
-_READERS = {'.png': _png_record, '.npz': _npz_record, '.safetensors': _safetensors_record}
+def _json_record(path: str, size: int) -> str | None:
+  try:
+    with open(path, 'rb') as f:
+      value = json.loads(f.read())
+  except ValueError as e:
+    raise RecordError(f'incomplete or unreadable JSON file ({_describe_size(size)}: {e})'
+                      ) from None
+  if not isinstance(value, dict) or RECORD_KEY not in value:
+    return None
+  return encode_record(value[RECORD_KEY])
+
+
+_READERS = {'.json': _json_record, '.png': _png_record, '.npz': _npz_record, '.safetensors': _safetensors_record}
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
