@@ -32,9 +32,12 @@ from cvt_backbone.cvt import (
     count_params,
     get_spec,
 )
+from cvt_backbone.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize
 from cvt_backbone.readers import read_state_dict
 
 __all__ = [
+    'IMAGENET_MEAN',
+    'IMAGENET_STD',
     'VARIANTS',
     'CheckpointError',
     'CheckpointMismatchError',
@@ -57,6 +60,7 @@ __all__ = [
     'load_converted',
     'load_pretrained',
     'merge_variables',
+    'normalize',
     'pretrained_settings',
     'read_state_dict',
     'save_converted',

@@ -88,4 +88,5 @@ class DetectionEvaluation:
     return dict(coco_eval.evaluate_boxes(self.ground_truth, results), results=results)
 
   def describe(self, summary: dict[str, Any]) -> str:
-    return ' '.join(f'{k} {summary[k]:.4f}' for k in SUMMARY)
+    """'AP 64.3  AP50 88.7 ...': percent, as the tables print COCO's fractions."""
+    return '  '.join(f'{k} {100 * summary[k]:.1f}' for k in SUMMARY)

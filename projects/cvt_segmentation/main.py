@@ -43,8 +43,7 @@ def main(rng: jax.Array, config: Any, workdir: str, writer: Any) -> dict[str, An
   if jax.process_index() > 0:
     return summary
   if summary:
-    print(f'Final validation: mIoU {summary["mIoU"]:.4f}  aAcc {summary["aAcc"]:.4f}  '
-          f'mAcc {summary["mAcc"]:.4f}')
+    print(f'Final validation (%): {trainer.describe(summary)}')
   print(f'Checkpoints: {checkpoints.checkpoint_dir(workdir)}')
   print(f'TensorBoard logs: {workdir}  (tensorboard --logdir {workdir})')
   return summary

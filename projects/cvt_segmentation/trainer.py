@@ -25,7 +25,11 @@ def eval_logits(variables: dict[str, Any], images: jax.Array, *, flax_model: Any
 
 
 class SegmentationEvaluation:
-  """mIoU, aAcc, mAcc over one pass of the validation split (exact, full resolution)."""
+  """mIoU, aAcc, mAcc over one pass of the validation split (exact, full resolution).
+
+  In percent, as mmsegmentation reports them and `evaluate` writes them: the progress lines,
+  TensorBoard's `valid/*` scalars and `validation.json` all read 92.03, not 0.9203.
+  """
 
   scalars = ('mIoU', 'aAcc', 'mAcc')
 
@@ -55,11 +59,16 @@ class SegmentationEvaluation:
       from jax.experimental import multihost_utils
 
       confusion = np.asarray(multihost_utils.process_allgather(confusion)).sum(0)
-    return {'confusion': confusion, **metrics_lib.segmentation_metrics(confusion)}
+    fractions = metrics_lib.segmentation_metrics(confusion)
+    return {'confusion': confusion, **{k: 100 * v for k, v in fractions.items()}}
 
   def describe(self, summary: dict[str, Any]) -> str:
-    return (f'mIoU {summary["mIoU"]:.4f} aAcc {summary["aAcc"]:.4f} '
-            f'mAcc {summary["mAcc"]:.4f}')
+    return describe(summary)
+
+
+def describe(summary: dict[str, Any]) -> str:
+  """'mIoU 92.03  aAcc 98.50  mAcc 96.21' (percent, two decimals as mmsegmentation)."""
+  return '  '.join(f'{k} {summary[k]:.2f}' for k in SegmentationEvaluation.scalars)
 
 
 def train(*, rng: jax.Array, config: Any, model_cls: Any, dataset: Any, workdir: str,

@@ -14,6 +14,10 @@
   automatic resume from the latest that verifies; the batches and dropout keys of step s
   are functions of (seed, s), so a resumed run repeats an uninterrupted one.
 - one run per workdir: a second run in the same workdir stops at once (`workdir_lock`).
+- every evaluation's numbers are kept in `WORKDIR/validation.json` (`{"steps": {"500":
+  {"mIoU": 92.03, ...}}}`, the evaluation's scalars and other JSON-able entries), so rerunning
+  a finished run says so and returns the final numbers without training or evaluating again
+  (it evaluates the last checkpoint once when they were never recorded).
 
 What a project provides: a model object (`flax_model`, `init_variables(rng, input_shape)`,
 `loss_function(outputs, batch)` or `loss_and_metrics(outputs, batch) -> (loss, {name:
@@ -24,7 +28,10 @@ restart the stream at a step), and an `Evaluation`.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -37,6 +44,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from projects.output_files import write_json
 from projects.training import checkpoints, optim, workdir_lock
 
 log = logging.getLogger(__name__)
@@ -205,9 +213,18 @@ def _train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: st
   except BaseException:
     mngr.close()
     raise
+  lead = jax.process_index() == 0  # prints once, not once per process
   if restored is not None:
-    log.info('Resuming from the checkpoint of step %d in %s', start_step, workdir)
     state = restored
+    if lead and start_step < total_steps:
+      print(f'Resuming from the checkpoint of step {start_step} in '
+            f'{checkpoints.checkpoint_dir(workdir)}', flush=True)
+  if start_step >= total_steps:
+    try:
+      return state, _finished_run(workdir, start_step, total_steps, state, evaluation, writer,
+                                  lead)
+    finally:
+      checkpoints.close(mngr)
 
   step_fn = jax.jit(
       functools.partial(train_step, flax_model=flax_model, loss_fn=_loss_fn(model), tx=tx,
@@ -215,7 +232,6 @@ def _train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: st
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
       donate_argnums=(0,))
 
-  lead = jax.process_index() == 0  # prints once, not once per process
   log_every = int(config.get('log_summary_steps', 50))
   eval_every = int(config.get('log_eval_steps', 0)) or total_steps
   ckpt_every = int(config.get('checkpoint_steps', 0)) or total_steps
@@ -240,9 +256,7 @@ def _train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: st
         # background): an evaluation that fails loses no training.
         checkpoints.save(mngr, step, state, metadata)
       if step % eval_every == 0 or step == total_steps:
-        summary = evaluation(local_variables(state.variables))
-        writer.write_scalars(step, {f'valid/{k}': float(summary[k])
-                                    for k in evaluation.scalars})
+        summary = _evaluate(evaluation, state, step, workdir, writer, lead)
         if lead:
           print(f'step {step}: validation {evaluation.describe(summary)}', flush=True)
       writer.flush()
@@ -254,6 +268,80 @@ def _train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: st
   # Never return with a checkpoint half-written by the async saver.
   checkpoints.close(mngr)
   return state, summary
+
+
+VALIDATION_FILE = 'validation.json'
+
+
+def _evaluate(evaluation: Evaluation, state: TrainState, step: int, workdir: str, writer: Any,
+              lead: bool) -> dict[str, Any]:
+  """Runs `evaluation`, writes its scalars to TensorBoard and keeps them in the workdir."""
+  summary = evaluation(local_variables(state.variables))
+  writer.write_scalars(step, {f'valid/{k}': float(summary[k]) for k in evaluation.scalars})
+  if lead:
+    _record_validation(workdir, step, summary)
+  return summary
+
+
+def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
+  """The entries of a summary worth keeping: numbers and flat dicts of numbers (per class)."""
+  def number(v):
+    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+
+  kept = {}
+  for key, value in summary.items():
+    if number(value) or (np.ndim(value) == 0 and isinstance(value, (np.ndarray, jax.Array))):
+      kept[key] = float(value)
+    elif isinstance(value, dict) and value and all(number(v) for v in value.values()):
+      kept[key] = {str(k): float(v) for k, v in value.items()}
+  return kept
+
+
+def read_validation(workdir: str | os.PathLike) -> dict[int, dict[str, Any]]:
+  """`{step: summary}` of the evaluations kept in `workdir` (empty when none or unreadable)."""
+  try:
+    with open(os.path.join(workdir, VALIDATION_FILE)) as f:
+      steps = json.load(f)['steps']
+    return {int(step): _none_to_nan(values) for step, values in steps.items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return {}
+
+
+def _none_to_nan(value: Any) -> Any:
+  """JSON's null (how NaN is written) back to NaN."""
+  if isinstance(value, dict):
+    return {k: _none_to_nan(v) for k, v in value.items()}
+  return math.nan if value is None else value
+
+
+def _record_validation(workdir: str, step: int, summary: dict[str, Any]) -> None:
+  steps = {str(k): v for k, v in read_validation(workdir).items()}
+  steps[str(step)] = _jsonable(summary)
+  ordered = dict(sorted(steps.items(), key=lambda item: int(item[0])))
+  write_json({'steps': ordered}, os.path.join(workdir, VALIDATION_FILE))
+
+
+def _finished_run(workdir: str, step: int, total_steps: int, state: TrainState,
+                  evaluation: Evaluation, writer: Any, lead: bool) -> dict[str, Any]:
+  """A rerun of a finished run: says so, and returns the last step's validation numbers."""
+  if lead:
+    beyond = f' (num_training_steps is {total_steps})' if step > total_steps else ''
+    print(f'Already trained to step {step}{beyond}: the checkpoint in '
+          f'{checkpoints.checkpoint_dir(workdir)}. Nothing to train; use another --workdir, '
+          f'or a larger num_training_steps to continue.', flush=True)
+  summary = read_validation(workdir).get(step)
+  if summary is not None and all(k in summary for k in evaluation.scalars):
+    if lead:
+      print(f'step {step}: validation {evaluation.describe(summary)} (recorded in '
+            f'{os.path.join(workdir, VALIDATION_FILE)})', flush=True)
+    return summary
+  if lead:
+    print(f'No validation of step {step} is recorded; evaluating its checkpoint.', flush=True)
+  summary = _evaluate(evaluation, state, step, workdir, writer, lead)
+  if lead:
+    print(f'step {step}: validation {evaluation.describe(summary)}', flush=True)
+  writer.flush()
+  return summary
 
 
 def ocp_abstract(sharding: NamedSharding):

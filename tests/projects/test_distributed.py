@@ -62,6 +62,7 @@ def _assert_same(a, b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow  # about a minute or more: left out by -m "not slow"
 def test_two_processes_train_as_one_and_their_checkpoint_restores_in_one(tmp_path):
   two = _two_processes(tmp_path / 'two', 4, eval_every=4)
   out, err = two.communicate(timeout=600)
@@ -107,6 +108,7 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in f.read().split()]
 
 
+@pytest.mark.slow  # about a minute or more: left out by -m "not slow"
 @pytest.mark.skipif(not os.path.exists('/proc/self/task'), reason='needs /proc (Linux)')
 def test_a_killed_process_stops_the_run_and_a_restart_resumes(tmp_path):
   workdir = tmp_path / 'run'

@@ -116,6 +116,7 @@ def test_model_classes_are_scenic_segmentation_models():
     assert cls is models.MODELS[name] and issubclass(cls, SegmentationModel)
 
 
+@pytest.mark.slow  # about a minute or more: left out by -m "not slow"
 @pytest.mark.parametrize('model_name', SYNTHETIC_RUNS)
 def test_scenic_classification_trainer_trains_on_synthetic(tmp_path, model_name):
   _, train_summary, eval_summary = _scenic_train(_scenic_config(model_name), tmp_path)
@@ -123,6 +124,7 @@ def test_scenic_classification_trainer_trains_on_synthetic(tmp_path, model_name)
   assert (tmp_path / 'checkpoint_3').exists()
 
 
+@pytest.mark.slow  # about a minute or more: left out by -m "not slow"
 @pytest.mark.parametrize('model_name', FOLDER_RUNS)
 def test_scenic_classification_trainer_on_a_folder_of_odd_sizes(tmp_path, model_name):
   _write_folder(tmp_path / 'data', sizes=[(45, 61), (50, 70), (37, 83)])

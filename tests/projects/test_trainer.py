@@ -25,6 +25,7 @@ def _final_variables(config, workdir):
   return variables
 
 
+@pytest.mark.slow  # about a minute or more: left out by -m "not slow"
 def test_killed_four_device_run_resumes_to_the_one_device_result(tmp_path):
   """SIGKILL after the first checkpoint, restart: the same losses, mIoU and parameters.
 
@@ -56,7 +57,7 @@ def test_killed_four_device_run_resumes_to_the_one_device_result(tmp_path):
   assert min(four) > killed_at, 'the restarted run did not resume from the checkpoint'
   for step in four:
     np.testing.assert_allclose(four[step]['train/loss'], one[step]['train/loss'], rtol=1e-4)
-  np.testing.assert_allclose(four[8]['valid/mIoU'], one[8]['valid/mIoU'], atol=1e-3)
+  np.testing.assert_allclose(four[8]['valid/mIoU'], one[8]['valid/mIoU'], atol=0.1)  # %
   a, b = _final_variables(config, tmp_path / 'one'), _final_variables(config, resumed)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     # Sharded BatchNorm statistics and gradient sums add in another order than on 1 device.
@@ -136,7 +137,7 @@ def test_main_runs_under_scenic_app(tmp_path):
   proc = subprocess.run(cmd, cwd=support.REPO, env=support.subprocess_env(),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'Final validation: mIoU' in proc.stdout
+  assert 'Final validation (%): mIoU' in proc.stdout
   assert checkpoints.latest_step(tmp_path) == 2
   # As quiet as without Scenic: its start-up INFO logs stay off unless --verbosity is given.
   assert 'JAX devices' not in proc.stderr and 'RNG:' not in proc.stderr, proc.stderr[-2000:]

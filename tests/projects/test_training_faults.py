@@ -414,6 +414,7 @@ def _can_mount_tmpfs(where: Path) -> str | None:
   return None
 
 
+@pytest.mark.slow  # about a minute or more: left out by -m "not slow"
 def test_full_disk_keeps_the_previous_checkpoint_and_a_rerun_resumes(trained, tmp_path):
   """A tmpfs that holds one checkpoint but not two: the run of 4 steps fails at step 4."""
   mount, kept = tmp_path / 'mnt', tmp_path / 'kept'
