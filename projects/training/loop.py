@@ -324,16 +324,16 @@ def _record_validation(workdir: str, step: int, summary: dict[str, Any]) -> None
 def _finished_run(workdir: str, step: int, total_steps: int, state: TrainState,
                   evaluation: Evaluation, writer: Any, lead: bool) -> dict[str, Any]:
   """A rerun of a finished run: says so, and returns the last step's validation numbers."""
+  summary = read_validation(workdir).get(step)
+  recorded = summary is not None and all(k in summary for k in evaluation.scalars)
   if lead:
     beyond = f' (num_training_steps is {total_steps})' if step > total_steps else ''
+    where = (f'; its validation is recorded in {os.path.join(workdir, VALIDATION_FILE)}'
+             if recorded else '')
     print(f'Already trained to step {step}{beyond}: the checkpoint in '
-          f'{checkpoints.checkpoint_dir(workdir)}. Nothing to train; use another --workdir, '
-          f'or a larger num_training_steps to continue.', flush=True)
-  summary = read_validation(workdir).get(step)
-  if summary is not None and all(k in summary for k in evaluation.scalars):
-    if lead:
-      print(f'step {step}: validation {evaluation.describe(summary)} (recorded in '
-            f'{os.path.join(workdir, VALIDATION_FILE)})', flush=True)
+          f'{checkpoints.checkpoint_dir(workdir)}{where}. Nothing to train; use another '
+          f'--workdir, or a larger num_training_steps to continue.', flush=True)
+  if recorded:
     return summary
   if lead:
     print(f'No validation of step {step} is recorded; evaluating its checkpoint.', flush=True)

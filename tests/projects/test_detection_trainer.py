@@ -146,3 +146,14 @@ def test_bad_annotations_stop_the_run_before_training_in_one_line(tmp_path):
   for ann in (gt['annotations'][2], gt['annotations'][4]):
     assert f"annotation {ann['id']} (image {ann['image_id']}" in proc.stderr
   assert checkpoints.latest_step(workdir) is None
+
+
+def test_rerun_of_the_finished_run_prints_its_recorded_table(reference, coco_root, tmp_path):
+  import shutil
+
+  workdir = tmp_path / 'copy'
+  shutil.copytree(reference[0], workdir)
+  stdout = _run(workdir, coco_root)
+  assert f'Already trained to step {STEPS}:' in stdout and 'step 1/' not in stdout
+  table = reference[1].split('Final validation (COCO box metrics, %):')[1].split('Checkpoints')[0]
+  assert f'Final validation (COCO box metrics, %):{table}' in stdout  # per-class rows too

@@ -70,7 +70,7 @@ def test_rerun_of_a_finished_run_prints_its_recorded_numbers(finished, capsys):
   out = capsys.readouterr().out
   assert 'Already trained to step 2:' in out
   assert f'Final validation (%): {trainer.describe(summary)}' in out
-  assert 'recorded in' in out
+  assert 'its validation is recorded in' in out
   assert scalars == {}  # nothing trained or evaluated
   assert summary_again['mIoU'] == pytest.approx(summary['mIoU'])
 
