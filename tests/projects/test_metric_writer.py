@@ -88,7 +88,7 @@ def test_a_run_without_scenic_imports_no_tensorflow(tmp_path):
       '    raise\n'
       'from projects.scenic_compat import scenic_available\n'
       'print(json.dumps({"scenic": scenic_available(),'
-      ' "tensorflow": "tensorflow" in sys.modules}))\n')
+      ' "tensorflow": "tensorflow" in sys.modules, "clu": "clu" in sys.modules}))\n')
   proc = subprocess.run([sys.executable, '-c', driver], cwd=support.REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -96,6 +96,7 @@ def test_a_run_without_scenic_imports_no_tensorflow(tmp_path):
   if imported['scenic']:
     pytest.skip('Scenic is installed: every run goes through scenic.app')
   assert not imported['tensorflow'], 'TensorFlow was imported by a run without Scenic'
+  assert not imported['clu'], 'clu (only in the scenic extra) was imported by a run without Scenic'
   # TensorFlow's start-up notices (oneDNN, absl::InitializeLog) are gone with it.
   assert 'oneDNN' not in proc.stderr and 'InitializeLog' not in proc.stderr, proc.stderr[-2000:]
   assert len(_event_files(tmp_path)) == 1
