@@ -42,7 +42,7 @@ Exit status of the tools (segmentation and detection `predict` and `evaluate`,
 failed (missing, unreadable, not an image, too small, an output conflict) or on an error
 (bad config or checkpoint, unwritable output place, a write error), with one `error:` or
 `failed`/`skipped` line per problem on stderr; 2 on bad arguments (argparse). The other
-inputs are still done after a failed one; `--strict` (segmentation predict, cvt-extract)
+inputs are still done after a failed one; `--strict` (segmentation and detection predict, cvt-extract)
 stops at the first failure instead, before any work when it can be found by checking.
 """
 

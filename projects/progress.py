@@ -87,6 +87,7 @@ class Progress:
     self.count += n
     self.item = self.detail = ''
     if self._bar is not None:
+      self._bar.set_postfix_str('', refresh=False)  # the finished item's name goes
       self._bar.update(n)
     else:
       self._maybe_line()

@@ -3,7 +3,8 @@
   python -m projects.cvt_detection.predict \\
       --config=projects/cvt_detection/configs/synthetic_demo.py:runlocal \\
       --checkpoint=workdirs/cvt_detection_demo --output=detections \\
-      photos/ more/*.jpg one.png [--score-threshold 0.3] [--max-detections 100] [--overwrite]
+      photos/ more/*.jpg one.png [--score-threshold 0.3] [--max-detections 100] \\
+      [--overwrite] [--strict] [--no-progress]
 
 For every input image `<stem>.<ext>` (any size and mode; EXIF orientation applied) it writes
 `OUTPUT/<stem>.png`: the image at its own size with the boxes drawn, one colour per class,
@@ -27,8 +28,11 @@ post-processing (`config.eval`) keeps candidates whose class probability passes 
 gives the `max_detections` best of every image (what COCO AP wants).
 
 Inputs are files, folders (searched recursively; outputs keep the sub-folders) and glob
-patterns. Each image prints one progress line; a missing or unreadable input is reported by
-name and the others are still done.
+patterns. Progress (`projects.progress`) is shown on stderr: a bar on a terminal, a timed
+line in a log (`--no-progress`: none). A missing or unreadable input, or one whose picture
+is in conflict, is reported by name (`failed: ...`) and the others are still done;
+`--strict` stops at the first instead (one `error:` line), before loading the model when
+the checks find it (a missing file, a file that is not an image, an output conflict).
 
 Outputs and reruns (`projects.output_files`): every picture is written atomically and
 records, in a PNG text chunk, its input (absolute path, size, sha256), the settings that
@@ -42,7 +46,8 @@ for the inputs of the run done so far (images.json first) when absent, or when t
 previous run's on inputs of this run already done here (every listed image among them and
 the results exactly their recorded detections): nothing is lost. Any other such file is
 kept and the run stops before the model is loaded. --overwrite replaces every output. The
-output place is checked before the model is loaded. Exit status: 0 when every input was
+output place is checked before the model is loaded. A run stopped by --strict after some
+pictures were made still lists them in the two files. Exit status: 0 when every input was
 done or already done, 1 when any failed (or on an error, one `error:` line), 2 on bad
 arguments.
 """
@@ -62,7 +67,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from projects import output_files
+from projects import command_line, output_files
 from projects.cvt_detection import coco_eval, models
 from projects.cvt_detection.data.builder import EVAL_DEVICE_KEYS
 from projects.cvt_detection.data.synthetic import SyntheticDetection
@@ -72,9 +77,21 @@ from projects.cvt_detection.data.transforms import (
   collate,
   default_canvas_sizes,
 )
-from projects.cvt_detection.evaluate import USER_ERRORS, load_detector, with_eval_settings
-from projects.input_files import InputImage, PredictError, collect_inputs, read_image
+from projects.cvt_detection.evaluate import (
+  USER_ERRORS,
+  load_detector,
+  val_annotation_file,
+  with_eval_settings,
+)
+from projects.input_files import (
+  InputImage,
+  PredictError,
+  check_image_header,
+  collect_inputs,
+  read_image,
+)
 from projects.output_files import check_writable, write_json
+from projects.progress import Progress
 from projects.training import checkpoints
 from projects.training.configs import as_dict, config_get, load_config
 
@@ -108,19 +125,6 @@ class DatasetInfo:
   canvas_sizes: tuple[tuple[int, int], ...]
 
 
-def _val_annotation_file(name: str, dataset_configs: dict[str, Any]) -> str:
-  """The validation annotations of a COCO-format dataset (as `builder.build_loaders`)."""
-  if name == 'coco':
-    if not dataset_configs.get('data_dir'):
-      raise ValueError("dataset 'coco' needs dataset_configs.data_dir, the folder holding "
-                       'annotations/instances_val2017.json')
-    return os.path.join(dataset_configs['data_dir'], 'annotations', 'instances_val2017.json')
-  if not dataset_configs.get('val_annotations'):
-    raise ValueError("dataset 'coco_format' needs dataset_configs.val_annotations (its "
-                     'categories name the classes)')
-  return dataset_configs['val_annotations']
-
-
 def dataset_info(config: Any) -> DatasetInfo:
   """Class names, category ids, validation image ids and resize settings of the config.
 
@@ -137,7 +141,7 @@ def dataset_info(config: Any) -> DatasetInfo:
     names, ids, image_ids = source.class_names, source.label_to_category_id, {}
     default_scale = source.image_size[::-1]  # as build_loaders: the images' own size
   elif name in ('coco', 'coco_format'):
-    path = _val_annotation_file(name, kw)
+    path = val_annotation_file(name, kw)
     if not os.path.isfile(path):
       raise FileNotFoundError(f'validation annotation file not found: {path} (its categories '
                               'name the classes)')
@@ -356,22 +360,42 @@ class Plan:
   image_ids: dict[str, int]
 
 
+def _fail(message: str, strict: bool, failed: list[str], report: Any = None) -> None:
+  """Counts a failed input (`failed: ...` on stderr), or with `strict` stops the run."""
+  if strict:
+    raise PredictError(message)
+  failed.append(message)
+  line = f'failed: {message}'
+  if report is not None:
+    report(line)
+  else:
+    print(line, file=sys.stderr, flush=True)
+
+
 def plan_outputs(images: Sequence[InputImage], output_dir: str, info: DatasetInfo,
-                 settings: dict[str, Any], *, overwrite: bool = False) -> Plan:
-  """Reads each input's sha256 and decides from its picture's record: todo, done or conflict.
+                 settings: dict[str, Any], *, overwrite: bool = False,
+                 strict: bool = False) -> Plan:
+  """Checks each input's header, reads its sha256 and decides: todo, done or conflict.
 
   See `projects.output_files.output_state`: a picture recording this input and `settings`
   is done; one recording another input, other settings, or nothing is a conflict (failed).
+  A file that is not an image fails here, before the model is loaded.
+
+  Raises:
+    PredictError: with `strict`, the first input that fails.
   """
   image_ids = assign_image_ids([item.path for item in images], info.image_ids)
   plan = Plan([], {}, [], dict(zip((item.path for item in images), image_ids, strict=True)))
   for item, image_id in zip(images, image_ids, strict=True):
     path = output_path(output_dir, item.stem)
     try:
+      check_image_header(item.path)
       source = output_files.describe_input(item.path)
+    except PredictError as e:
+      _fail(str(e), strict, plan.failed)
+      continue
     except OSError as e:
-      plan.failed.append(f'{item.path}: cannot read ({e.strerror or e})')
-      print(f'failed: {plan.failed[-1]}', file=sys.stderr)
+      _fail(f'{item.path}: cannot read ({e.strerror or e})', strict, plan.failed)
       continue
     record = output_files.make_record(TOOL, source, settings)
     state = output_files.output_state({path: record}, overwrite)
@@ -379,8 +403,7 @@ def plan_outputs(images: Sequence[InputImage], output_dir: str, info: DatasetInf
       plan.done[item.path] = dict(state.records[path])
       print(f'{item.path}: already done ({path})', file=sys.stderr)
     elif state.status == 'conflict':
-      plan.failed.append(f'{item.path}: {state.message}')
-      print(f'failed: {plan.failed[-1]}', file=sys.stderr)
+      _fail(f'{item.path}: {state.message}', strict, plan.failed)
     else:
       plan.todo.append(Job(item, image_id, path, source))
   return plan
@@ -393,7 +416,8 @@ def predict_images(
     settings: dict[str, Any],
     *,
     score_threshold: float = SCORE_THRESHOLD,
-    total: int | None = None,
+    strict: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
   """Detects, draws and saves the picture of every job, its record holding the detections.
 
@@ -403,40 +427,45 @@ def predict_images(
     info: class names, category ids and COCO image ids (`dataset_info`).
     settings: `record_settings(...)`.
     score_threshold: draw and keep the detections scoring at least this.
-    total: the number of inputs shown in progress lines (default: the jobs').
+    strict: stop at the first image that cannot be read (its message in 'stopped').
+    progress: show progress per image on stderr (`projects.progress.Progress`).
 
   Returns:
     `{'done': [(input, output png, image id, detections)], 'failed': [message],
-    'records': {input: record}}`.
+    'records': {input: record}, 'stopped': the message that stopped a strict run, or None}`.
 
   Raises:
     OutputWriteError: a picture could not be written (a full disk): the run stops.
   """
   colors = class_colors(len(info.class_names))
-  done, failed, records = [], [], {}
-  n = total or len(jobs)
-  for k, job in enumerate(jobs):
-    try:
-      image = read_image(job.item.path)
-    except PredictError as e:
-      failed.append(str(e))
-      print(f'[{k + 1}/{n}] failed: {e}', file=sys.stderr, flush=True)
-      continue
-    found = detector(image)
-    keep = found['scores'] >= score_threshold
-    boxes, scores, classes = found['boxes'][keep], found['scores'][keep], found['classes'][keep]
-    detections = [{key: value for key, value in r.items() if key != 'image_id'} for r in
-                  coco_eval.to_coco_results(boxes, scores, classes, 0, info.category_ids)]
-    record = output_files.make_record(TOOL, job.source, settings,
-                                      {'detections': detections, 'size': list(image.shape[:2])})
-    save_png(draw_detections(image, boxes, scores, classes, info.class_names, colors=colors),
-             job.path, record)
-    records[job.item.path] = record
-    done.append((job.item.path, job.path, job.image_id, len(scores)))
-    print(f'[{k + 1}/{n}] {job.item.path} ({image.shape[1]}x{image.shape[0]}, id '
-          f'{job.image_id}): {len(scores)} detection{"" if len(scores) == 1 else "s"} -> '
-          f'{job.path}', flush=True)
-  return {'done': done, 'failed': failed, 'records': records}
+  summary = {'done': [], 'failed': [], 'records': {}, 'stopped': None}
+  with Progress(len(jobs), 'predict', 'img', enabled=progress) as bar:
+    for job in jobs:
+      bar.start_item(job.item.path)
+      try:
+        image = read_image(job.item.path)
+      except PredictError as e:
+        if strict:
+          summary['stopped'] = str(e)
+          break
+        _fail(str(e), False, summary['failed'], bar.write)
+        bar.update()
+        continue
+      bar.set_detail(f'{image.shape[1]}x{image.shape[0]}')
+      found = detector(image)
+      keep = found['scores'] >= score_threshold
+      boxes, scores, classes = (found['boxes'][keep], found['scores'][keep],
+                                found['classes'][keep])
+      detections = [{key: value for key, value in r.items() if key != 'image_id'} for r in
+                    coco_eval.to_coco_results(boxes, scores, classes, 0, info.category_ids)]
+      record = output_files.make_record(TOOL, job.source, settings,
+                                        {'detections': detections, 'size': list(image.shape[:2])})
+      save_png(draw_detections(image, boxes, scores, classes, info.class_names, colors=colors),
+               job.path, record)
+      summary['records'][job.item.path] = record
+      summary['done'].append((job.item.path, job.path, job.image_id, len(scores)))
+      bar.update()
+  return summary
 
 
 def run_files(image_ids: dict[str, int], records: dict[str, dict[str, Any]]
@@ -514,21 +543,23 @@ def write_run_files(output_dir: str, image_ids: dict[str, int],
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='python -m projects.cvt_detection.predict',
-      description='Detect objects in images: pictures with labelled boxes and COCO results.',
-  )
+  parser = command_line.parser(
+      'python -m projects.cvt_detection.predict',
+      'Detect objects in images: one picture with labelled boxes per image (OUTPUT/<name>.png) '
+      'and the detections in COCO results format (OUTPUT/results.json, OUTPUT/images.json).')
   parser.add_argument('--config', required=True, help='path/to/config.py[:arg]')
   parser.add_argument('--checkpoint', required=True,
-                      help='workdir, its checkpoints folder, or one step folder')
+                      help='workdir (its latest checkpoint), its checkpoints folder, or one '
+                           'step folder')
   parser.add_argument('--output', required=True, help='output folder')
   parser.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
   parser.add_argument('--score-threshold', type=float, default=SCORE_THRESHOLD,
-                      help='draw and write detections scoring at least this (default '
-                           '%(default)s; 0 keeps the max-detections best of each image)')
+                      help='draw and write detections scoring at least this; 0 keeps the '
+                           'max-detections best of each image')
   parser.add_argument('--max-detections', type=int, default=None,
-                      help='detections kept per image (default: config.eval)')
-  parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
+                      help="detections kept per image (default: the config's "
+                           f"eval.max_detections, else {models.DETECT_DEFAULTS['max_detections']})")
+  command_line.add_output_flags(parser)
   return parser.parse_args(argv)
 
 
@@ -544,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.score_threshold <= 1:
       raise ValueError(f'--score-threshold must be in [0, 1], got {args.score_threshold}')
     images, problems = collect_inputs(args.inputs, exclude_dir=args.output)
+    if args.strict and problems:
+      raise PredictError(problems[0])
     for message in problems:
       print(f'failed: {message}', file=sys.stderr)
     if not images:
@@ -558,24 +591,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = dataset_info(config)
     settings = record_settings(args.config, args.checkpoint, config, info, args.score_threshold)
     # Before the model is loaded: conflicts, the run files and an unwritable place.
-    plan = plan_outputs(images, args.output, info, settings, overwrite=args.overwrite)
+    plan = plan_outputs(images, args.output, info, settings, overwrite=args.overwrite,
+                        strict=args.strict)
     if not args.overwrite:
       check_run_files(args.output, plan)
     run_paths = [os.path.join(args.output, name) for name in (RESULTS_FILE, IMAGES_FILE)]
     check_writable([job.path for job in plan.todo] + (run_paths if plan.todo or plan.done
                                                      else []))
-    summary = {'done': [], 'failed': [], 'records': {}}
+    summary = {'done': [], 'failed': [], 'records': {}, 'stopped': None}
     if plan.todo:
       predict, variables = load_detector(config, args.checkpoint, len(info.class_names))
       detector = Detector(predict, variables, info.scale, info.canvas_sizes,
                           config_get(config, 'data_dtype_str', 'float32'))
       summary = predict_images(detector, plan.todo, info, settings,
-                               score_threshold=args.score_threshold)
+                               score_threshold=args.score_threshold, strict=args.strict,
+                               progress=not args.no_progress)
     records = {**plan.done, **summary['records']}
+    # Also after a --strict stop: the pictures made are listed, so a rerun finds them.
     num_results = write_run_files(args.output, plan.image_ids, records) if records else 0
+    if summary['stopped']:
+      raise PredictError(summary['stopped'])
   except (PredictError, *USER_ERRORS) as e:
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return command_line.EXIT_FAILED
   failed = problems + plan.failed + summary['failed']
   already = f' ({len(plan.done)} already done)' if plan.done else ''
   print(f'{len(records)} of {len(images) + len(problems)} inputs done{already} into '
@@ -583,8 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'{os.path.join(args.output, RESULTS_FILE)}', file=sys.stderr)
   if failed:
     print(f'{len(failed)} failed: ' + '; '.join(failed), file=sys.stderr)
-    return 1
-  return 0
+    return command_line.EXIT_FAILED
+  return command_line.EXIT_OK
 
 
 if __name__ == '__main__':

@@ -96,10 +96,19 @@ def test_evaluate_prints_the_table_then_writes_results_that_score_the_same(
   for name in SHAPE_NAMES:
     assert _same(report['per_class'][name], again['per_class'][name]), name
 
-  # Existing outputs: refused before any work, then replaced with --overwrite.
-  assert evaluate.main(argv) == 1
+  # The same evaluation again: the stored table, nothing loaded or written.
+  before = {p: os.stat(p).st_mtime_ns for p in (results, metrics)}
+  assert evaluate.main(argv) == 0
+  captured = capsys.readouterr()
+  assert captured.err.startswith(f'already evaluated: {metrics} records checkpoint '
+                                 f'{workdir / "checkpoints"} step 4 ')
+  assert out[out.index('COCO box'):out.index('results written')] in captured.out
+  assert {p: os.stat(p).st_mtime_ns for p in (results, metrics)} == before
+  # Other settings: refused before any work, then replaced with --overwrite.
+  assert evaluate.main(argv + ['--score-threshold', '0.05']) == 1
   err = capsys.readouterr().err
-  assert 'output exists' in err and str(results) in err and '--overwrite' in err
+  assert err.startswith(f'error: {metrics} was made from') and 'other settings (eval)' in err
+  assert '--overwrite' in err
   assert evaluate.main(argv + ['--overwrite', '--score-threshold', '0.05']) == 0
   assert json.loads(metrics.read_text())['eval']['score_threshold'] == 0.05
 
@@ -141,12 +150,15 @@ def test_predict_photos_writes_pictures_at_their_size_and_coco_results(
   out = tmp_path / 'predictions'
   argv = ['--config', os.path.join(REPO, CONFIG), '--checkpoint', str(workdir),
           '--output', str(out), str(folder), '--score-threshold', '0', '--max-detections', '5']
+  monkeypatch.setenv('CVT_PROGRESS_INTERVAL', '0')  # a progress line at every step
   assert predict.main(argv) == 0
-  stdout = capsys.readouterr().out
+  err = capsys.readouterr().err
   order = sorted(sizes)  # a folder is listed in name order
-  progress = [line for line in stdout.splitlines() if line.startswith('[')]
-  assert [line.split()[1] for line in progress] == [str(folder / n) for n in order]
-  assert [line.split()[0] for line in progress] == ['[1/3]', '[2/3]', '[3/3]']
+  progress = [line for line in err.splitlines() if line.startswith('predict: ')]
+  started = [line.split('; ')[1] for line in progress if '; ' in line and ': ' not in
+             line.split('; ')[1]]
+  assert started == [str(folder / n) for n in order]
+  assert progress[-1].startswith('predict: 3/3 img (100%)')
 
   assert sorted(os.listdir(out)) == sorted(
       [os.path.splitext(n)[0] + '.png' for n in order] + ['images.json', 'results.json'])
@@ -188,7 +200,7 @@ def test_predict_reports_failed_inputs_and_does_the_others(workdir, photos, tmp_
   captured = capsys.readouterr()
   assert 'notes.txt: not an image file' in captured.err
   assert 'missing.jpg: no such file or folder' in captured.err and '2 failed' in captured.err
-  assert '[1/2]' in captured.out
+  assert 'predict: 1/1 img (100%)' in captured.err  # the progress of the images to do
   with Image.open(out / 'astronaut.png') as im:  # replaced (--overwrite)
     assert im.size == (512, 512)
   assert json.loads((out / 'images.json').read_text()) == {'1': str(folder / 'astronaut.png')}
@@ -294,6 +306,7 @@ def test_predict_with_a_config_of_other_classes_names_the_mismatch(workdir, phot
 
 
 def test_default_evaluate_outputs_go_beside_the_checkpoints(tmp_path):
+  # Without any checkpoint step (the names of a later step: test_detection_cli.py).
   for checkpoint in (tmp_path, tmp_path / 'checkpoints'):
     assert evaluate.default_output_paths(str(checkpoint), 'coco') == (
         str(tmp_path / 'eval_coco_results.json'), str(tmp_path / 'eval_coco_metrics.json'))
