@@ -22,6 +22,7 @@ import dataclasses
 import glob
 import io
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -76,6 +77,10 @@ def expand_inputs(inputs: Sequence[str],
           add_folder(path)
         elif os.path.isfile(path):
           add_file(path)
+    elif re.fullmatch(r'[0-9.]+', item):
+      # `--crop-size 512 1024`: argparse hands the second number on as an input.
+      problems.append(f'{item}: no such file or folder (a number: lists of numbers are '
+                      f'written with commas, such as --crop-size 512,1024)')
     else:
       problems.append(f'{item}: no such file or folder')
 

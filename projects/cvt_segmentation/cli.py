@@ -4,7 +4,13 @@ Configs are Python files with `get_config(arg=None)` returning an `ml_collection
 (Scenic / big_vision style), named as `path/to/config.py` or `path/to/config.py:arg`. The
 keys read here: `dataset_name`, `dataset_configs` (keyword arguments of `build_loaders`),
 and `eval` with `mode` ('whole' | 'slide'), `crop_size`, `stride`, `scales`, `flip` (and
-optionally `min_size`, `pad_to_crop`); command-line flags override `eval`.
+optionally `min_size`, `pad_to_crop`); command-line flags override `eval`. Also
+`eval_batch_size` (`evaluate`'s default batch size, as the trainer's evaluation) and the
+dataset's class names (`class_names`: which classes `predict`'s overlays leave unpainted).
+
+Flags take lists the way every tool of the projects does (`projects.command_line`):
+comma-separated, `--crop-size 512,1024 --stride 341,682 --scales 0.5,1.0,1.5
+--test-scale 2048,512`, and `--help` says where each default comes from.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from projects import command_line
 from projects.cvt_segmentation.configs import common as _settings  # noqa: F401  (registers its keys)
 from projects.cvt_segmentation.inference import DEFAULT_MIN_SIZE, MODES
 from projects.output_files import check_output_free  # noqa: F401  (the tools' API)
@@ -112,33 +119,54 @@ def _hw(value: Any) -> tuple[int, int] | None:
   return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def test_scale_flag(text: str) -> tuple[int, int] | str:
+  """`--test-scale`: 'LONG,SHORT' such as '2048,512' -> (long, short), or 'none'."""
+  if text.strip().lower() == 'none':
+    return 'none'
   try:
-    return tuple(float(s) for s in text.replace(',', ' ').split())
+    values = tuple(int(p) for p in text.split(','))
   except ValueError:
+    values = ()
+  if len(values) != 2 or min(values) <= 0:
     raise argparse.ArgumentTypeError(
-        f'expected ratios such as 0.5,0.75,1.0, got {text!r}'
-    ) from None
+        f"expected LONG,SHORT (two positive integers such as 2048,512) or 'none', got {text!r}")
+  return values
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
-  """--config, --checkpoint and the inference flags (None: take the config's value)."""
-  parser.add_argument('--config', required=True, help='path/to/config.py[:arg]')
-  parser.add_argument('--checkpoint', required=True, help='checkpoint directory')
-  parser.add_argument('--mode', choices=MODES, default=None, help='inference mode')
-  parser.add_argument('--crop-size', type=int, nargs='+', default=None, metavar='N',
-                      help='slide window: H [W]')
-  parser.add_argument('--stride', type=int, nargs='+', default=None, metavar='N',
-                      help='slide stride: H [W]')
-  parser.add_argument('--scales', type=_floats, default=None,
-                      help='TTA ratios, e.g. 0.5,0.75,1.0,1.25,1.5,1.75')
+  """--config, --checkpoint and the inference flags (None: take the config's value).
+
+  Lists are comma-separated (`projects.command_line`): `--crop-size 512,1024`,
+  `--scales 0.5,1.0,1.5`, `--test-scale 2048,512`.
+  """
+  parser.add_argument('--config', required=True, metavar='CONFIG.py[:ARG]',
+                      help='the experiment config, path/to/config.py or path/to/config.py:arg')
+  parser.add_argument('--checkpoint', required=True, metavar='DIR',
+                      help='a training workdir, its checkpoints folder (the latest step) or one '
+                           'step folder in it')
+  parser.add_argument('--mode', choices=MODES, default=None,
+                      help="whole-image or sliding-window inference (default: the config's "
+                           'eval.mode)')
+  parser.add_argument('--crop-size', type=command_line.sizes, default=None, metavar='H,W',
+                      help="slide window, H,W or one size for a square (default: the config's "
+                           'eval.crop_size)')
+  parser.add_argument('--stride', type=command_line.sizes, default=None, metavar='H,W',
+                      help="slide stride, H,W or one size (default: the config's eval.stride)")
+  parser.add_argument('--scales', type=command_line.floats, default=None, metavar='R,R,...',
+                      help='test-time augmentation: resize ratios such as 0.5,0.75,1.0,1.25,1.5,'
+                           "1.75 whose predictions are averaged (default: the config's "
+                           'eval.scales)')
   parser.add_argument('--flip', action=argparse.BooleanOptionalAction, default=None,
-                      help='horizontal flip TTA')
-  parser.add_argument('--min-size', type=int, default=None,
-                      help=f'pad smaller inputs to this size (default {DEFAULT_MIN_SIZE})')
-  parser.add_argument('--test-scale', default=None,
-                      help="single-scale test resize 'LONG,SHORT', or 'none' to keep the size; "
-                           "default: the dataset's")
+                      help='test-time augmentation: also infer the mirrored image (default: the '
+                           "config's eval.flip)")
+  parser.add_argument('--min-size', type=int, default=None, metavar='N',
+                      help='pad smaller inputs and windows to N pixels for the model (default: '
+                           f"the config's eval.min_size, else {DEFAULT_MIN_SIZE})")
+  parser.add_argument('--test-scale', type=test_scale_flag, default=None,
+                      metavar='LONG,SHORT|none',
+                      help='resize each image to fit LONG x SHORT (keeping its ratio) before '
+                           "inference, or 'none' to keep its size (default: the config's "
+                           "dataset_configs.test_scale, else the dataset's mmseg value)")
 
 
 def inference_settings(config: Any, args: argparse.Namespace | None = None) -> InferenceSettings:
@@ -155,26 +183,66 @@ def inference_settings(config: Any, args: argparse.Namespace | None = None) -> I
   )
   if args is not None:
     flags = dict(
-        mode=args.mode, crop_size=_hw(args.crop_size), stride=_hw(args.stride),
+        mode=args.mode, crop_size=args.crop_size, stride=args.stride,
         scales=args.scales, flip=args.flip, min_size=args.min_size,
     )
     values.update({k: v for k, v in flags.items() if v is not None})
   return InferenceSettings(**values)
 
 
-def test_scale(config: Any, flag: str | None = None) -> tuple[int, int] | None:
-  """The single-scale test resize: the flag, else `dataset_configs.test_scale`, else mmseg's."""
+def test_scale(config: Any, flag: tuple[int, int] | str | None = None
+               ) -> tuple[int, int] | None:
+  """The single-scale test resize: the flag, else `dataset_configs.test_scale`, else mmseg's.
+
+  Args:
+    config: the experiment config.
+    flag: `--test-scale` (`test_scale_flag`'s `(long, short)` or 'none', or the text
+      'LONG,SHORT'); None: the config's.
+
+  Returns:
+    `(long, short)`, or None to keep the images' size.
+  """
   from projects.cvt_segmentation.data import resolve_test_scale
 
-  if flag is not None:
-    if flag.lower() == 'none':
-      return None
+  if isinstance(flag, str):
     try:
-      long, short = (int(v) for v in flag.replace(',', ' ').split())
-    except ValueError:
-      raise ValueError(f"--test-scale must be 'LONG,SHORT' or 'none', got {flag!r}") from None
-    return long, short
+      flag = test_scale_flag(flag)
+    except argparse.ArgumentTypeError as e:
+      raise ValueError(f'--test-scale: {e}') from None
+  if flag is not None:
+    return None if flag == 'none' else (int(flag[0]), int(flag[1]))
   dataset_configs = as_dict(config_get(config, 'dataset_configs'))
   # An explicit None (keep the size) differs from an absent key (the dataset's default).
   value = dataset_configs.get('test_scale', 'default')
   return resolve_test_scale(config_get(config, 'dataset_name'), value)
+
+
+def eval_batch_size(config: Any, flag: int | None = None) -> int:
+  """`--batch-size` if given, else the config's `eval_batch_size` (the trainer's), else 1."""
+  value = flag if flag is not None else config_get(config, 'eval_batch_size', 1)
+  if int(value) < 1:
+    raise ValueError(f'the evaluation batch size must be positive, got {value}')
+  return int(value)
+
+
+def class_names(config: Any, num_classes: int) -> tuple[str, ...] | None:
+  """The class names of the config's dataset, without reading its files; None if unknown.
+
+  Synthetic: 'background' then shapes; ADE20K and Cityscapes: their tables; folder
+  datasets: `dataset_configs.class_names`.
+  """
+  from projects.cvt_segmentation import data
+
+  name = config_get(config, 'dataset_name')
+  names = None
+  if name == 'synthetic':
+    names = data.synthetic_class_names(num_classes)
+  elif name == 'ade20k':
+    names = data.ADE20K_CLASSES
+  elif name == 'cityscapes':
+    names = data.CITYSCAPES_CLASSES
+  else:
+    names = config_get(config_get(config, 'dataset_configs'), 'class_names')
+  if names is None or len(names) != num_classes:
+    return None
+  return tuple(str(n) for n in names)

@@ -1,20 +1,31 @@
 """Evaluate a segmentation checkpoint: mIoU, aAcc and mAcc exactly as mmsegmentation.
 
   python -m projects.cvt_segmentation.evaluate \\
-      --config projects/cvt_segmentation/configs/ade20k.py:variant=13 \\
-      --checkpoint workdirs/demo/checkpoints [--mode slide --crop-size 512 --stride 341] \\
+      --config projects/cvt_segmentation/configs/ade20k_cvt13_upernet.py \\
+      --checkpoint workdirs/demo [--mode slide --crop-size 512,512 --stride 341,341] \\
       [--scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip] [--output results.json] [--overwrite]
 
 Predictions are scored at the original label resolution: one integer confusion matrix
 over the whole validation split (`metrics`), ignoring label 255. Single-scale evaluation
 runs the `EvalLoader` batches (`inference.evaluate_dataset`, also what the trainer's
-periodic evaluation calls); with test-time augmentation every original image goes through
+periodic evaluation calls) of the config's `eval_batch_size` unless --batch-size says
+otherwise; with test-time augmentation every original image goes through
 `inference.segment_image` (`evaluate_examples`). Results are printed as a per-class table,
-then written as JSON (atomically).
+then written as JSON (atomically), by default beside the checkpoints folder as
+`eval_<dataset>_<mode>[_ms][_flip][_first<N>]_step<S>.json` (`default_output_path`).
 
-The output path is checked (free unless --overwrite, and writable) before the data and the
-model are loaded. Exit status: 0 on success; 1 on an error, one `error:` line on stderr (a
-write error after the evaluation comes after the printed table); 2 on bad arguments.
+Reruns follow the tools' output policy (`projects.output_files`): the report records its
+input (the config file's path, size and sha256) and settings (config and arg, checkpoint
+folder and step, dataset, inference settings, test scale, --max-examples;
+`evaluation_record`). A rerun whose report exists with the same record prints "already
+evaluated" and the stored table without loading the data or the model, exit 0; a report
+that records another evaluation, or an unreadable or 0-byte file, is kept and is one
+`error:` line naming what it holds and what this run would write, exit 1, until
+--overwrite. The output place is checked before the data and the model are loaded.
+Progress (`projects.progress`) is a bar on a terminal and a timed line in a log;
+--no-progress hides it. Exit status: 0 evaluated or already evaluated; 1 on an error, one
+`error:` line on stderr (a write error after the evaluation comes after the printed table);
+2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -23,14 +34,15 @@ import argparse
 import collections
 import concurrent.futures
 import dataclasses
+import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from projects import output_files
+from projects import command_line, output_files
 from projects.cvt_segmentation import cli, metrics
 from projects.cvt_segmentation.inference import (  # noqa: F401  (evaluate_dataset re-exported)
     LogitsFn,
@@ -38,16 +50,11 @@ from projects.cvt_segmentation.inference import (  # noqa: F401  (evaluate_datas
     make_logits_fn,
     segment_image,
 )
+from projects.progress import Progress
+from projects.training import checkpoints
 
 IGNORE_INDEX = metrics.IGNORE_INDEX
-
-
-def _progress(iterable: Iterable, enabled: bool, total: int | None, desc: str, unit: str):
-  if not enabled:
-    return iterable
-  from tqdm import tqdm
-
-  return tqdm(iterable, total=total, desc=desc, unit=unit)
+TOOL = 'cvt_segmentation.evaluate'
 
 
 def _prefetch(fn: Callable[[int], Any], n: int, num_threads: int = 2, ahead: int = 4) -> Iterator:
@@ -90,7 +97,7 @@ def evaluate_examples(
     flip: flip TTA.
     test_scale: `(long, short)` single-scale test resize limits, or None.
     ignore_index: label value to skip.
-    progress: show a progress bar.
+    progress: show progress (`projects.progress.Progress`), the current image by name.
     num_threads: threads reading examples ahead.
     **infer_kwargs: `mode`, `crop_size`, `stride`, `min_size`, `pad_to_crop`.
 
@@ -99,13 +106,16 @@ def evaluate_examples(
   """
   cm = np.zeros((num_classes, num_classes), np.int64)
   n = len(source)
-  for item in _progress(_prefetch(source.__getitem__, n, num_threads), progress, n, 'eval', 'img'):
-    label = np.asarray(item['label'])
-    pred = segment_image(
-        logits_fn, item['image'], scales=scales, flip=flip, output_size=label.shape,
-        test_scale=test_scale, num_classes=num_classes, **infer_kwargs,
-    )
-    cm += metrics.confusion_matrix(label, pred, num_classes, ignore_index=ignore_index)
+  with Progress(n, 'evaluate', 'img', enabled=progress) as bar:
+    for i, item in enumerate(_prefetch(source.__getitem__, n, num_threads)):
+      label = np.asarray(item['label'])
+      bar.start_item(f'{item.get("name", f"#{i + 1}")} {label.shape[1]}x{label.shape[0]}')
+      pred = segment_image(
+          logits_fn, item['image'], scales=scales, flip=flip, output_size=label.shape,
+          test_scale=test_scale, num_classes=num_classes, **infer_kwargs,
+      )
+      cm += metrics.confusion_matrix(label, pred, num_classes, ignore_index=ignore_index)
+      bar.update()
   return cm
 
 
@@ -128,28 +138,121 @@ class _Head:
 
 # build_loaders arguments that evaluation sets itself (exact per-image shapes).
 _EVAL_OVERRIDES = ('eval_pad_shape', 'eval_label_pad_shape', 'eval_size_divisor', 'test_scale')
+# dataset_configs keys that do not change an evaluation (training augmentation, loading).
+_NOT_EVALUATED = ('start_step', 'crop_size', 'scale', 'ratio_range', 'cat_max_ratio',
+                  'flip_prob', 'photometric', 'num_threads', 'num_workers', 'pixel_batch_mask',
+                  'validate', *_EVAL_OVERRIDES)
 
 
-def default_output_path(checkpoint: str, dataset_name: str, settings: cli.InferenceSettings) -> str:
-  """`<checkpoint dir>/eval_<dataset>_<mode>[_ms][_flip].json`."""
+def default_output_path(checkpoint: str, dataset_name: str, settings: cli.InferenceSettings,
+                        max_examples: int | None = None) -> str:
+  """The report's path beside the checkpoints folder, named by what was evaluated.
+
+  `WORKDIR/eval_<dataset>_<mode>[_ms][_flip][_first<N>]_step<S>.json` for `--checkpoint`
+  `WORKDIR`, `WORKDIR/checkpoints` or its step folder `WORKDIR/checkpoints/S` (the step
+  evaluated: the latest one unless a step folder is named), as detection's `evaluate`. The
+  step is in the name so that evaluating a later checkpoint of the same run writes a new
+  report instead of meeting the earlier one; `_first<N>` keeps a quick `--max-examples`
+  check apart from the full evaluation. A folder without steps gets no `_step` part.
+  """
+  folder, step = checkpoints.locate(checkpoint)
+  if folder.name == 'checkpoints':
+    folder = folder.parent
   tag = f'{dataset_name}_{settings.mode}'
   if tuple(settings.scales) != (1.0,):
     tag += '_ms'
   if settings.flip:
     tag += '_flip'
-  folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint) or '.'
+  if max_examples is not None:
+    tag += f'_first{max_examples}'
+  if step is not None:
+    tag += f'_step{step}'
   return os.path.join(folder, f'eval_{tag}.json')
+
+
+def _jsonable(value: Any) -> Any:
+  return json.loads(json.dumps(value, default=str))
+
+
+def evaluation_record(config_file: str, config: Any, checkpoint: str,
+                      settings: cli.InferenceSettings, test_scale: Sequence[int] | None,
+                      max_examples: int | None) -> dict:
+  """The provenance record of a report: what was evaluated, with what (`output_files`).
+
+  The input is the config file (path, size, sha256: the experiment that names the model and
+  the data). The settings are everything else that changes the numbers: the config as named
+  (with its `:arg`), the checkpoint (folder and step, `checkpoints.identity`), the dataset
+  (its name and the `dataset_configs` that choose the validation data), the inference
+  settings, the test resize and `max_examples`. The batch size and threads are left out:
+  they change the speed, not the result (equal-size images are inferred unpadded).
+  """
+  dataset_configs = {k: v for k, v in cli.as_dict(cli.config_get(config, 'dataset_configs')).items()
+                     if k not in _NOT_EVALUATED}
+  recorded = {
+      'config': output_files.config_identity(config_file),
+      'checkpoint': checkpoints.identity(checkpoint),
+      'dataset': _jsonable({'name': cli.config_get(config, 'dataset_name'),
+                            'configs': dataset_configs}),
+      'inference': dataclasses.asdict(settings),
+      'test_scale': None if test_scale is None else list(test_scale),
+      'max_examples': max_examples,
+  }
+  source = output_files.describe_input(config_file.partition(':')[0])
+  return output_files.make_record(TOOL, source, recorded)
+
+
+def _flat(value: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(value, Mapping):
+    out = {}
+    for k, v in value.items():
+      out.update(_flat(v, f'{prefix}{k}.'))
+    return out
+  return {prefix[:-1]: value}
+
+
+def _short_json(value: Any, limit: int = 100) -> str:
+  """`value` as JSON, its middle cut out when it is long (the ends of paths tell them apart)."""
+  text = json.dumps(value)
+  half = (limit - 3) // 2
+  return text if len(text) <= limit else f'{text[:half]}...{text[-half:]}'
+
+
+def conflict_message(output: str, state: output_files.OutputState,
+                     record: Mapping[str, Any]) -> str:
+  """One line: what the existing report records against what this run would record."""
+  found = state.records.get(output)
+  if found is None or found.get('tool') != record['tool'] or (
+      found['input'].get('sha256'), found['input'].get('size')) != (
+      record['input']['sha256'], record['input']['size']):
+    return state.message
+  old, new = _flat(found['settings']), _flat(record['settings'])
+  keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  differences = ', '.join(f'{k} {_short_json(old.get(k))} (this run: {_short_json(new.get(k))})'
+                          for k in keys)
+  return (f'{output} holds another evaluation of {record["input"]["path"]}: {differences}; '
+          'pass --overwrite to replace it, or --output to write elsewhere')
+
+
+def print_report(report: Mapping[str, Any]) -> None:
+  """The per-class table and summary of a report (a stored one too) on stdout."""
+  cm = report.get('confusion_matrix')
+  if cm is not None:
+    names = [row['class'] for row in report.get('per_class', [])] or None
+    print(metrics.per_class_table(np.asarray(cm, np.int64), names))
+  else:
+    print('  '.join(f'{k} {report.get(k)}' for k in ('aAcc', 'mIoU', 'mAcc')))
 
 
 def run_evaluation(
     config: Any,
     checkpoint: str,
     *,
+    config_file: str,
     settings: cli.InferenceSettings,
     output: str | None = None,
     overwrite: bool = False,
     test_scale: tuple[int, int] | None | str = 'config',
-    batch_size: int = 1,
+    batch_size: int | None = None,
     max_examples: int | None = None,
     num_threads: int = 2,
     progress: bool = True,
@@ -158,35 +261,65 @@ def run_evaluation(
 ) -> dict:
   """Evaluates `checkpoint` on the validation split of `config`; writes and returns the report.
 
+  An existing report at `output` that records the same evaluation (`evaluation_record`) is
+  not redone: it is printed and returned (`already_evaluated` True) without loading the data
+  or the model. One that records another evaluation, or has no readable record, is kept and
+  raises FileExistsError, unless `overwrite`.
+
   Args:
     config: experiment config (`dataset_name`, `dataset_configs`, `eval`).
-    checkpoint: checkpoint directory.
+    checkpoint: a workdir, its checkpoints folder or a step folder.
+    config_file: the config's `path.py[:arg]`, recorded as the report's input.
     settings: inference mode and TTA.
     output: JSON path; None: `default_output_path(...)`.
-    overwrite: replace an existing output file (else FileExistsError, before any work).
+    overwrite: replace an existing report whatever it records.
     test_scale: single-scale resize limits; 'config' reads the config (mmseg's default).
-    batch_size: eval batch size (equal-size examples are inferred together).
+    batch_size: eval batch size (equal-size examples are inferred together); None: the
+      config's `eval_batch_size`, else 1.
     max_examples: evaluate only the first examples (quick checks).
     num_threads: data loading threads.
-    progress: show a progress bar.
+    progress: show progress (`projects.progress.Progress`).
     model_loader: replaces `models.restore_for_inference`.
-    print_table: print the per-class table to stdout.
+    print_table: print the per-class table to stdout, and what was done to stderr.
 
   Returns:
     The `metrics.metrics_report` dict (with the confusion matrix, so that results of
     several runs can be summed) plus `dataset`, `checkpoint`, `num_examples`, `inference`
-    settings and `output` path.
+    settings and `output` path (and the provenance record under `output_files.RECORD_KEY`
+    and `already_evaluated` True for a stored report).
+
+  Raises:
+    FileExistsError: `output` holds another evaluation or an unreadable file.
   """
   from projects.cvt_segmentation.data import EvalLoader, build_loaders
 
   name = cli.config_get(config, 'dataset_name')
   if name is None:
     raise ValueError('the config has no dataset_name')
-  output = output or default_output_path(checkpoint, name, settings)
-  # Free and writable before any work: a bad path must not cost the evaluation.
-  output_files.check_outputs([output], overwrite)
+  if max_examples is not None and max_examples < 1:
+    raise ValueError(f'--max-examples must be a positive number of examples, got {max_examples}')
+  if model_loader is None and not os.path.exists(checkpoint):
+    raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
   if test_scale == 'config':
     test_scale = cli.test_scale(config)
+  batch_size = cli.eval_batch_size(config, batch_size)
+  output = output or default_output_path(checkpoint, name, settings, max_examples)
+  record = evaluation_record(config_file, config, checkpoint, settings, test_scale, max_examples)
+  # Decided before any work: a done or conflicting report, or a bad path, costs nothing.
+  state = output_files.output_state({output: record}, overwrite)
+  if state.status == 'conflict':
+    raise FileExistsError(conflict_message(output, state, record))
+  if state.status == 'done':
+    with open(output) as f:
+      report = json.load(f)
+    if print_table:
+      step = record['settings']['checkpoint']['step']
+      print(f'{output}: already evaluated (the same config, checkpoint'
+            f'{"" if step is None else f" step {step}"} and settings); pass --overwrite to '
+            'evaluate again', file=sys.stderr)
+      print_report(report)
+    return {**report, 'already_evaluated': True}
+  output_files.check_writable([output])
   dataset_kwargs = cli.as_dict(cli.config_get(config, 'dataset_configs'))
   dataset_kwargs.pop('start_step', None)
   for key in _EVAL_OVERRIDES:
@@ -223,48 +356,61 @@ def run_evaluation(
   )
   if print_table:  # before writing: a write error (a full disk) must not lose the numbers
     print(metrics.per_class_table(cm, class_names))
-  output_files.write_json(report, output)
+  output_files.write_json(report, output, record)
   if print_table:
     print(f'results written to {output}')
-  return report
+  return {**report, output_files.RECORD_KEY: record}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = command_line.parser(
+      'python -m projects.cvt_segmentation.evaluate',
+      'mIoU / aAcc / mAcc of a checkpoint on the validation split of its config (the '
+      'mmsegmentation protocol), printed as a per-class table and written as JSON.')
+  cli.add_common_flags(parser)
+  parser.add_argument(
+      '--output', default=None, metavar='FILE.json',
+      help='the JSON report (default: eval_<dataset>_<mode>[_ms][_flip][_first<N>]_step<S>.json '
+           'beside the checkpoints folder, S the step evaluated)')
+  parser.add_argument(
+      '--batch-size', type=int, default=None, metavar='N',
+      help="images inferred together when they have the same size (default: the config's "
+           'eval_batch_size, else 1)')
+  parser.add_argument('--max-examples', type=int, default=None, metavar='N',
+                      help='evaluate only the first N examples (a quick check, reported as '
+                           '..._first<N>_...json)')
+  parser.add_argument('--num-threads', type=int, default=2, metavar='N',
+                      help='data loading threads')
+  command_line.add_output_flags(parser, per_input=False)
+  return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='python -m projects.cvt_segmentation.evaluate',
-      description='mIoU / aAcc / mAcc of a checkpoint on the validation split (mmseg protocol).',
-  )
-  cli.add_common_flags(parser)
-  parser.add_argument('--output', default=None,
-                      help='JSON results path (default: <checkpoint>/eval_<dataset>_<mode>.json)')
-  parser.add_argument('--overwrite', action='store_true', help='replace an existing output file')
-  parser.add_argument('--batch-size', type=int, default=1,
-                      help='eval batch size; equal-size images are inferred together')
-  parser.add_argument('--max-examples', type=int, default=None,
-                      help='evaluate only the first N examples')
-  parser.add_argument('--num-threads', type=int, default=2, help='data loading threads')
-  parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
-  return parser.parse_args(argv)
+  return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | None = None) -> int:
-  """Command-line entry point; returns the exit status (errors print one clear line)."""
+  """Command-line entry point; returns the exit status (errors print one clear line).
+
+  0 when the checkpoint was evaluated or its report already records the same evaluation;
+  1 on an error (a report of another evaluation in the way, a bad config or checkpoint, a
+  write error); 2 on bad arguments (argparse).
+  """
   args = parse_args(argv)
   try:
     config = cli.load_config(args.config)
     settings = cli.inference_settings(config, args)
-    scale = cli.test_scale(config, args.test_scale) if args.test_scale else 'config'
-    report = run_evaluation(
-        config, args.checkpoint, settings=settings, output=args.output,
-        overwrite=args.overwrite, test_scale=scale, batch_size=args.batch_size,
-        max_examples=args.max_examples, num_threads=args.num_threads,
-        progress=not args.no_progress, model_loader=model_loader,
+    scale = cli.test_scale(config, args.test_scale)
+    run_evaluation(
+        config, args.checkpoint, config_file=args.config, settings=settings,
+        output=args.output, overwrite=args.overwrite, test_scale=scale,
+        batch_size=args.batch_size, max_examples=args.max_examples,
+        num_threads=args.num_threads, progress=not args.no_progress, model_loader=model_loader,
     )
   except (OSError, ValueError) as e:  # OSError: missing files, unwritable or full outputs
     print(f'error: {e}', file=sys.stderr)
-    return 1
-  del report
-  return 0
+    return command_line.EXIT_FAILED
+  return command_line.EXIT_OK
 
 
 if __name__ == '__main__':

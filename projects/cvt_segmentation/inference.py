@@ -604,11 +604,12 @@ def _score(logits, labels, *, size, num_classes, ignore_index):
 
 
 def _progress(iterable: Iterable, enabled: bool, total: int | None, desc: str, unit: str):
+  """`iterable`, counted by `projects.progress.Progress` (a bar, or timed lines in a log)."""
   if not enabled:
     return iterable
-  from tqdm import tqdm
+  from projects.progress import Progress
 
-  return tqdm(iterable, total=total, desc=desc, unit=unit)
+  return Progress(total, desc, unit).wrap(iterable)
 
 
 def evaluate_dataset(
@@ -650,7 +651,8 @@ def evaluate_dataset(
     min_size: pad smaller inputs / windows to this size for the model.
     pad_to_crop: pad slide windows smaller than the crop to the crop size.
     num_batches: stop after this many batches (needed for endless iterators).
-    progress: show a progress bar.
+    progress: show progress (`projects.progress.Progress`: a bar on a terminal, timed
+      lines in a log).
 
   Returns:
     int64 `[K, K]` confusion matrix (rows ground truth); pass it to
@@ -669,7 +671,7 @@ def evaluate_dataset(
   if num_batches is not None:  # islice: an endless iterator loses no batch past the last
     batches = itertools.islice(batches, num_batches)
   cm = np.zeros((num_classes, num_classes), np.int64)
-  for batch in _progress(batches, progress, total, 'eval', 'batch'):
+  for batch in _progress(batches, progress, total, 'evaluate', 'batch'):
     batch = flatten_shards(batch)
     labels = np.asarray(batch['label'])
     groups = batch_logit_groups(logits_fn, batch, exact=exact, **infer_kwargs)

@@ -151,19 +151,31 @@ def mask_image(labels: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray
   return image
 
 
+def background_classes(class_names: Sequence[str] | None) -> tuple[int, ...]:
+  """Indices of the classes named 'background' (any case), e.g. the synthetic dataset's 0.
+
+  ADE20K and Cityscapes have none (their unlabelled pixels are the ignore value 255).
+  """
+  return tuple(i for i, name in enumerate(class_names or ()) if name.lower() == 'background')
+
+
 def overlay_image(
     image: np.ndarray,
     labels: np.ndarray,
     palette: Sequence[Sequence[int]] | np.ndarray,
     alpha: float = 0.5,
+    transparent: Sequence[int] = (),
 ) -> np.ndarray:
   """Side by side: the input, and the input blended with the coloured mask.
 
   Args:
     image: uint8 RGB `[H, W, 3]`.
-    labels: `[H, W]` class indices; 255 pixels are left unblended.
+    labels: `[H, W]` class indices; 255 (ignore) pixels are left unblended.
     palette: `[K, 3]` colours.
     alpha: weight of the mask colour in the blend (mmseg's visualiser uses 0.5).
+    transparent: classes left unblended too, so the photo shows through (`predict` passes
+      `background_classes(...)`: a background colour at `alpha` would grey the whole
+      picture).
 
   Returns:
     uint8 `[H, 2 W, 3]`.
@@ -174,5 +186,6 @@ def overlay_image(
     raise ValueError(f'image size {image.shape[:2]} != label map size {labels.shape}')
   color = colorize(labels, palette).astype(np.float32)
   blend = (1 - alpha) * image.astype(np.float32) + alpha * color
-  blend = np.where((labels == 255)[..., None], image, np.rint(blend))
+  keep = np.isin(labels, np.asarray([255, *transparent], np.int64))
+  blend = np.where(keep[..., None], image, np.rint(blend))
   return np.concatenate([image, blend.astype(np.uint8)], axis=1)

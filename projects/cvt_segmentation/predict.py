@@ -1,17 +1,20 @@
 """Segment image files: palette PNG masks and side-by-side overlays.
 
   python -m projects.cvt_segmentation.predict \\
-      --config projects/cvt_segmentation/configs/ade20k.py:variant=13 \\
-      --checkpoint workdirs/demo/checkpoints --output masks \\
+      --config projects/cvt_segmentation/configs/ade20k_cvt13_upernet.py \\
+      --checkpoint workdirs/ade20k --output masks \\
       photos/ more/*.jpg one.png [--palette auto] [--scales 0.75,1.0,1.25 --flip] \\
-      [--overwrite] [--strict]
+      [--mode slide --crop-size 512,1024 --stride 341,682] [--overwrite] [--strict]
 
 For every input image `<stem>.<ext>` it writes `OUTPUT/<stem>_mask.png` (mode 'P': pixel
 values are class indices, the palette colours them) and `OUTPUT/<stem>_overlay.png` (the
-input and the input blended with the coloured mask, side by side), both at the input's
-size. Images go through the evaluation pipeline (`inference.segment_image`: keep-ratio
-resize to the dataset's test scale, ImageNet normalization, whole or sliding-window
-inference, optional multi-scale / flip TTA, logits resized back to the original size).
+input and the input blended with the coloured mask, side by side), both at the input's size.
+The overlay leaves the background as it is (pixels of a class named 'background', such as
+the synthetic dataset's class 0, so that the photo is not greyed all over);
+--paint-background colours it too. Images go through the evaluation pipeline
+(`inference.segment_image`: keep-ratio resize to the dataset's test scale, ImageNet
+normalization, whole or sliding-window inference, optional multi-scale / flip TTA, logits
+resized back to the original size).
 
 Inputs are files, folders (searched recursively; outputs keep the sub-folders) and glob
 patterns; two inputs with the same stem (`a.jpg`, `a.png`) get distinct ones (`a`, `a_png`).
@@ -19,14 +22,16 @@ patterns; two inputs with the same stem (`a.jpg`, `a.png`) get distinct ones (`a
 Outputs and reruns (`projects.output_files`): both PNGs are written atomically and record,
 in a text chunk, the input they came from (absolute path, size, sha256) and the settings
 that made them (config, checkpoint folder and step, inference mode and TTA, test scale,
-palette; the overlay also its --alpha). A rerun skips an input whose outputs record the same
-input and settings ("already done"); an existing output that records another input (an
-`a.bmp` after an `a.jpg`), other settings, or nothing (a 0-byte file, a file of an older
-version) is kept and reported as a conflict: --overwrite replaces it. The output place is
-checked before the model is loaded. Missing paths, unreadable or non-image files and
-conflicts are reported by name and the other inputs are still done; --strict stops at the
-first. Exit status: 0 when every input was done or already done, 1 when any failed (or on an
-error, one `error:` line), 2 on bad arguments.
+palette; the overlay also its --alpha and --paint-background). A rerun skips an input whose
+outputs record the same input and settings ("already done"); an existing output that records
+another input (an `a.bmp` after an `a.jpg`), other settings, or nothing (a 0-byte file, a
+file of an older version) is kept and reported as a conflict: --overwrite replaces it. The
+output place is checked before the model is loaded. Missing paths, unreadable or non-image
+files and conflicts are reported by name and the other inputs are still done; --strict stops
+at the first. Exit status: 0 when every input was done or already done, 1 when any failed
+(or on an error, one `error:` line), 2 on bad arguments. Progress (`projects.progress`) is a
+bar on a terminal and a timed line in a log, naming the current image; --no-progress hides
+it.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from projects import output_files
+from projects import command_line, output_files
 from projects.cvt_segmentation import cli, palettes
 from projects.cvt_segmentation.inference import LogitsFn, make_logits_fn, segment_image
 from projects.input_files import (  # noqa: F401  (PredictError and read_image: this API)
@@ -51,6 +56,7 @@ from projects.input_files import (  # noqa: F401  (PredictError and read_image: 
     collect_inputs,
     read_image,
 )
+from projects.progress import Progress
 from projects.training import checkpoints
 
 TOOL = 'cvt_segmentation.predict'
@@ -64,20 +70,21 @@ def output_paths(output_dir: str, stem: str) -> tuple[str, str]:
   return base + MASK_SUFFIX, base + OVERLAY_SUFFIX
 
 
-def _report(message: str, progress_bar: Any = None, prefix: str = 'skipped') -> None:
-  if progress_bar is not None:
-    progress_bar.write(f'{prefix} {message}', file=sys.stderr)
+def _report(message: str, progress: Progress | None = None, prefix: str = 'skipped') -> None:
+  if progress is not None:
+    progress.write(f'{prefix} {message}')
   else:
     print(f'{prefix} {message}', file=sys.stderr)
 
 
 def record_settings(config: str, checkpoint: str, settings: cli.InferenceSettings,
                     test_scale: Sequence[int] | None, palette: str,
-                    alpha: float) -> tuple[dict, dict]:
+                    alpha: float, paint_background: bool = False) -> tuple[dict, dict]:
   """`(mask settings, overlay settings)` recorded in the outputs: what changes them.
 
   The config and checkpoint (its folder and step), the inference mode and TTA, the test
-  resize and the palette name; the overlay also records its blend weight.
+  resize and the palette name; the overlay also records its blend weight and whether the
+  background is painted (`--paint-background`).
   """
   mask = {
       'config': output_files.config_identity(config),
@@ -86,7 +93,7 @@ def record_settings(config: str, checkpoint: str, settings: cli.InferenceSetting
       'test_scale': None if test_scale is None else list(test_scale),
       'palette': palette,
   }
-  return mask, dict(mask, alpha=alpha)
+  return mask, dict(mask, alpha=alpha, paint_background=paint_background)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +176,7 @@ def predict_images(
     strict: bool = False,
     progress: bool = True,
     alpha: float = 0.5,
+    transparent: Sequence[int] = (),
 ) -> dict:
   """Segments the inputs of `jobs` and writes their masks and overlays with their records.
 
@@ -180,8 +188,10 @@ def predict_images(
     test_scale: `(long, short)` resize limits before inference, or None.
     num_classes: expected K (checked against the model), or None.
     strict: raise `PredictError` on the first unreadable image instead of skipping it.
-    progress: show a tqdm progress bar.
+    progress: show progress (`projects.progress.Progress`: a bar on a terminal, timed
+      lines in a log), the current image's name and size beside the count.
     alpha: mask weight in the overlay blend.
+    transparent: classes left unblended in the overlay (the background).
 
   Returns:
     `{'written': [(input, mask, overlay)], 'failed': [message]}`.
@@ -191,15 +201,8 @@ def predict_images(
   """
   settings = settings or cli.InferenceSettings()
   written, failed = [], []
-  bar = None
-  iterator = jobs
-  if progress:
-    from tqdm import tqdm
-
-    bar = tqdm(jobs, desc='predict', unit='img')
-    iterator = bar
-  try:
-    for job in iterator:
+  with Progress(len(jobs), 'predict', 'img', enabled=progress) as bar:
+    for job in jobs:
       try:
         image = read_image(job.item.path)
       except PredictError as e:
@@ -207,19 +210,19 @@ def predict_images(
           raise
         failed.append(str(e))
         _report(str(e), bar)
+        bar.update()
         continue
+      bar.start_item(f'{os.path.basename(job.item.path)} {image.shape[1]}x{image.shape[0]}')
       labels = segment_image(
           logits_fn, image, scales=settings.scales, flip=settings.flip, test_scale=test_scale,
           num_classes=num_classes, **settings.infer_kwargs(),
       )
       output_files.save_png(palettes.mask_image(labels, palette), job.mask_path,
                             job.mask_record)
-      output_files.save_png(Image.fromarray(palettes.overlay_image(image, labels, palette, alpha)),
-                            job.overlay_path, job.overlay_record)
+      overlay = palettes.overlay_image(image, labels, palette, alpha, transparent)
+      output_files.save_png(Image.fromarray(overlay), job.overlay_path, job.overlay_record)
       written.append((job.item.path, job.mask_path, job.overlay_path))
-  finally:
-    if bar is not None:
-      bar.close()
+      bar.update()
   return {'written': written, 'failed': failed}
 
 
@@ -229,24 +232,30 @@ def _model_num_classes(logits_fn: LogitsFn) -> int:
   return int(np.shape(logits_fn(probe))[-1])
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='python -m projects.cvt_segmentation.predict',
-      description='Segment images: palette PNG masks and side-by-side overlays.',
-  )
+def build_parser() -> argparse.ArgumentParser:
+  parser = command_line.parser(
+      'python -m projects.cvt_segmentation.predict',
+      'Segment images: a palette PNG mask and a side-by-side overlay per image.')
   cli.add_common_flags(parser)
-  parser.add_argument('--output', required=True, help='output folder')
-  parser.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
+  parser.add_argument('--output', required=True, metavar='DIR',
+                      help='output folder: <stem>_mask.png and <stem>_overlay.png per image')
+  parser.add_argument('inputs', nargs='+', metavar='INPUT',
+                      help='image files, folders (searched recursively) or glob patterns')
   parser.add_argument('--palette', choices=palettes.PALETTE_NAMES, default='auto',
-                      help="mask colours (auto: the config's dataset)")
-  parser.add_argument('--alpha', type=float, default=0.5, help='mask weight in the overlay')
-  parser.add_argument('--overwrite', action='store_true', help='replace existing outputs')
-  parser.add_argument('--strict', action='store_true',
-                      help='stop at the first missing or unreadable input or output conflict '
-                           '(by default the others are still done; the exit status is 1 '
-                           'either way)')
-  parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
-  return parser.parse_args(argv)
+                      help="mask colours; auto: the palette of the config's dataset (ADE20K's "
+                           'for datasets without one)')
+  parser.add_argument('--alpha', type=float, default=0.5,
+                      help='weight of the class colours in the overlay')
+  parser.add_argument('--paint-background', action='store_true',
+                      help="colour the background in the overlay too (classes named "
+                           "'background', such as the synthetic dataset's class 0); by "
+                           'default it is left as it is, so the photo shows through')
+  command_line.add_output_flags(parser, per_input=True)
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | None = None) -> int:
@@ -275,7 +284,8 @@ def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | N
     scale = cli.test_scale(config, args.test_scale)
     plan = plan_outputs(
         images, args.output,
-        record_settings(args.config, args.checkpoint, settings, scale, args.palette, args.alpha),
+        record_settings(args.config, args.checkpoint, settings, scale, args.palette, args.alpha,
+                        args.paint_background),
         overwrite=args.overwrite, strict=args.strict)
     # Before the model: an unwritable place fails in one line, not after the inference.
     output_files.check_writable([p for job in plan['todo']
@@ -287,14 +297,16 @@ def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | N
       num_classes = cli.expected_num_classes(config) or _model_num_classes(logits_fn)
       dataset_name = cli.config_get(config, 'dataset_name')
       palette = palettes.get_palette(args.palette, num_classes, dataset_name)
+      transparent = () if args.paint_background else palettes.background_classes(
+          cli.class_names(config, num_classes))
       summary = predict_images(
           logits_fn, plan['todo'], palette=palette, settings=settings, test_scale=scale,
           num_classes=num_classes, strict=args.strict, progress=not args.no_progress,
-          alpha=args.alpha,
+          alpha=args.alpha, transparent=transparent,
       )
   except (PredictError, OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return command_line.EXIT_FAILED
   failed = len(problems) + len(plan['failed']) + len(summary['failed'])
   parts = [f'{len(summary["written"])} images segmented into {args.output}']
   if plan['done']:
@@ -302,7 +314,7 @@ def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | N
   if failed:
     parts.append(f'{failed} failed')
   print(', '.join(parts), file=sys.stderr)
-  return 1 if failed else 0
+  return command_line.EXIT_FAILED if failed else command_line.EXIT_OK
 
 
 if __name__ == '__main__':

@@ -1,7 +1,6 @@
 """Dataset evaluation (shared with the trainer) and the `evaluate` command, on stand-in models."""
 
 import json
-import textwrap
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from .test_inference_support import (
   PointwiseModel,
   init_model,
   logits_fn_of,
+  write_synthetic_config,
 )
 
 K = 5
@@ -77,20 +77,7 @@ def test_batches_without_sizes_are_all_valid():
 
 
 def _write_config(tmp_path, eval_fields='mode="whole"'):
-  path = tmp_path / 'config.py'
-  path.write_text(textwrap.dedent(f'''
-      import ml_collections
-
-      def get_config(arg=None):
-        config = ml_collections.ConfigDict()
-        config.dataset_name = 'synthetic'
-        config.dataset_configs = ml_collections.ConfigDict(dict(
-            num_classes={K}, image_size=(40, 48), num_train=2,
-            num_eval=int(arg) if arg else 3, test_scale=(40, 32)))
-        config.eval = ml_collections.ConfigDict(dict({eval_fields}))
-        return config
-  '''))
-  return str(path)
+  return write_synthetic_config(tmp_path, K, eval_fields=eval_fields)
 
 
 def _loader_of(module):
@@ -103,7 +90,7 @@ def _loader_of(module):
   return model_loader, seen
 
 
-def test_evaluate_command_writes_json_and_refuses_to_overwrite(tmp_path, capsys):
+def test_evaluate_command_writes_json_and_skips_the_same_evaluation(tmp_path, capsys):
   config = _write_config(tmp_path)
   ckpt = tmp_path / 'ckpt'
   ckpt.mkdir()
@@ -121,10 +108,20 @@ def test_evaluate_command_writes_json_and_refuses_to_overwrite(tmp_path, capsys)
   assert report['mIoU'] == metrics.metrics_report(cm)['mIoU']
   assert 'mIoU' in capsys.readouterr().out
   before = out_path.read_text()
-  assert evaluate.main(argv, model_loader=loader) == 1
-  assert 'output exists' in capsys.readouterr().err
+  # The same evaluation again: its report is printed, the model is not loaded.
+  assert evaluate.main(argv, model_loader=loader) == 0
+  captured = capsys.readouterr()
+  assert 'already evaluated' in captured.err and 'mIoU' in captured.out
+  assert len(seen) == 1 and out_path.read_text() == before
+  # Another evaluation (the config's arg: 3 examples) is kept: one error line, exit 1.
+  other = ['--config', config + ':3'] + argv[2:]
+  assert evaluate.main(other, model_loader=loader) == 1
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and 'holds another evaluation' in err[0] and 'config.py:3' in err[0]
+  assert 'dataset.configs.num_eval 4 (this run: 3)' in err[0]
   assert out_path.read_text() == before
-  assert evaluate.main(argv + ['--overwrite'], model_loader=loader) == 0
+  assert evaluate.main(other + ['--overwrite'], model_loader=loader) == 0
+  assert json.loads(out_path.read_text())['num_examples'] == 3
 
 
 def test_evaluate_command_flags_override_config(tmp_path):

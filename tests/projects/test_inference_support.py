@@ -5,12 +5,36 @@ Shared by test_inference.py, test_evaluate.py and test_predict.py (it holds no t
 
 from __future__ import annotations
 
+import textwrap
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from projects.cvt_segmentation.inference import make_logits_fn
+
+
+def write_synthetic_config(folder: Path, num_classes: int, *, num_eval: int = 3,
+                           eval_fields: str = 'mode="whole"', extra: str = '',
+                           name: str = 'config.py') -> str:
+  """A config file for the synthetic dataset at 40x48; `get_config(arg)` takes num_eval."""
+  path = Path(folder) / name
+  path.write_text(textwrap.dedent(f'''
+      import ml_collections
+
+      def get_config(arg=None):
+        config = ml_collections.ConfigDict()
+        config.dataset_name = 'synthetic'
+        config.dataset_configs = ml_collections.ConfigDict(dict(
+            num_classes={num_classes}, image_size=(40, 48), num_train=2,
+            num_eval=int(arg) if arg else {num_eval}, test_scale=(40, 32)))
+        config.eval = ml_collections.ConfigDict(dict({eval_fields}))
+        {extra}
+        return config
+  '''))
+  return str(path)
 
 
 class PointwiseModel(nn.Module):

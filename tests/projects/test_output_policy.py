@@ -36,7 +36,7 @@ from projects.cvt_segmentation import evaluate as seg_evaluate
 from projects.cvt_segmentation import predict as seg_predict
 from projects.feature_extraction import extract, writers
 
-from .test_inference_support import ContextModel, init_model
+from .test_inference_support import ContextModel, init_model, write_synthetic_config
 from .trainer_support import REPO
 
 K = 4
@@ -198,19 +198,7 @@ def test_segmentation_predict_interrupted_or_failed_writes_leave_no_partial_outp
 
 
 def _seg_eval_config(tmp_path):
-  path = tmp_path / 'eval_config.py'
-  path.write_text(textwrap.dedent(f'''
-      import ml_collections
-
-      def get_config(arg=None):
-        config = ml_collections.ConfigDict()
-        config.dataset_name = 'synthetic'
-        config.dataset_configs = ml_collections.ConfigDict(dict(
-            num_classes={K}, image_size=(40, 48), num_train=2, num_eval=2, test_scale=(40, 32)))
-        config.eval = ml_collections.ConfigDict(dict(mode='whole'))
-        return config
-  '''))
-  return str(path)
+  return write_synthetic_config(tmp_path, K, num_eval=2, name='eval_config.py')
 
 
 def test_segmentation_evaluate_checks_its_output_first_and_prints_before_writing(
@@ -244,6 +232,33 @@ def test_segmentation_evaluate_checks_its_output_first_and_prints_before_writing
   assert 'mIoU' in captured.out
   assert len(captured.err.splitlines()) == 1
   assert captured.err.startswith(f'error: cannot write {out}')
+
+
+def test_segmentation_evaluate_skips_only_the_same_evaluation(tmp_path, capsys):
+  config = _seg_eval_config(tmp_path)
+  out = tmp_path / 'r.json'
+  argv = ['--config', config, '--checkpoint', str(tmp_path), '--output', str(out),
+          '--no-progress']
+  assert seg_evaluate.main(argv, model_loader=_seg_model) == 0
+  assert output_files.read_record(str(out))['input']['sha256'] == output_files.file_sha256(config)
+  first = _stamps(tmp_path)
+  capsys.readouterr()
+  # The same evaluation: the stored table, no model, exit 0, nothing rewritten.
+  assert seg_evaluate.main(argv, model_loader=_fail_if_called) == 0
+  captured = capsys.readouterr()
+  assert 'already evaluated' in captured.err and 'mIoU' in captured.out
+  assert _stamps(tmp_path) == first
+  # Other settings, or a 0-byte report: kept, one error line, exit 1, until --overwrite.
+  assert seg_evaluate.main(argv + ['--flip'], model_loader=_fail_if_called) == 1
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and 'inference.flip false (this run: true)' in err[0]
+  out.write_bytes(b'')
+  assert seg_evaluate.main(argv, model_loader=_fail_if_called) == 1
+  assert capsys.readouterr().err == f'error: {out}: empty file (0 bytes), not written by this ' \
+                                    'version; pass --overwrite to replace it\n'
+  assert out.read_bytes() == b''
+  assert seg_evaluate.main(argv + ['--overwrite'], model_loader=_seg_model) == 0
+  assert out.read_bytes() == first['r.json'][1]
 
 
 # --------------------------------------------------------------- detection predict

@@ -149,3 +149,11 @@ def test_palettes():
   side = palettes.overlay_image(np.full((2, 2, 3), 100, np.uint8), labels, [(0, 0, 0)] * 3, 0.5)
   assert side.shape == (2, 4, 3) and side[1, 3].tolist() == [100, 100, 100]  # 255: unblended
   assert side[0, 2].tolist() == [50, 50, 50]
+
+
+def test_a_number_given_as_an_input_hints_at_the_comma_syntax(tmp_path, monkeypatch):
+  # `--crop-size 512 1024 photos/`: argparse passes 1024 on as an input.
+  monkeypatch.chdir(tmp_path)
+  _, problems = predict.collect_inputs(['1024'])
+  assert problems == ['1024: no such file or folder (a number: lists of numbers are written '
+                      'with commas, such as --crop-size 512,1024)']
