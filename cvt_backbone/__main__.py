@@ -1,24 +1,64 @@
-"""Builds CvT-13 as a backbone, runs one 512x768 image and prints each output.
+"""`python -m cvt_backbone`: a smoke run of the backbone, or `convert` (the cvt-convert tool).
 
   python -m cvt_backbone [--variant cvt-13] [--height 512] [--width 768]
+  python -m cvt_backbone convert SRC OUT [...]     # the same as `cvt-convert SRC OUT [...]`
+
+The first builds a backbone with random weights, runs one random image of the given size
+twice (compile, then a timed run) and prints each output's shape and stride.
 """
 
+from __future__ import annotations
+
 import argparse
+import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from cvt_backbone import CvTBackbone, count_params
+from cvt_backbone.checkpoint import HelpFormatter
+from cvt_backbone.cvt import MIN_INPUT_SIZE, VARIANTS
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--variant', default='cvt-13')
-  parser.add_argument('--height', type=int, default=512)
-  parser.add_argument('--width', type=int, default=768)
-  args = parser.parse_args(argv)
+def _size(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < MIN_INPUT_SIZE:
+    raise argparse.ArgumentTypeError(
+        f'expected an integer of at least {MIN_INPUT_SIZE} (pixels), got {text!r}')
+  return value
 
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='python -m cvt_backbone',
+      description='Build a CvT backbone with random weights, run one random image through it '
+      '(compile, then a timed run) and print each output map: shape [1, H, W, C], stride, '
+      'finite. A check that JAX, the model and the device work; no weights are read.',
+      epilog='python -m cvt_backbone convert SRC OUT [...] runs cvt-convert instead (see '
+      '`python -m cvt_backbone convert --help`).',
+      formatter_class=HelpFormatter)
+  parser.add_argument('--variant', default='cvt-13', choices=sorted(VARIANTS),
+                      help='architecture (cvt-tiny is a small one for tests)')
+  parser.add_argument('--height', type=_size, default=512,
+                      help=f'input image height in pixels (at least {MIN_INPUT_SIZE}; the maps '
+                      'are about H/4, H/8, H/16 high)')
+  parser.add_argument('--width', type=_size, default=768,
+                      help=f'input image width in pixels (at least {MIN_INPUT_SIZE})')
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ['convert']:
+    from cvt_backbone.checkpoint import main as convert_main
+
+    return convert_main(argv[1:])
+  args = parse_args(argv)
   model = CvTBackbone(variant=args.variant)
   images = jax.random.normal(jax.random.PRNGKey(0), (1, args.height, args.width, 3))
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
@@ -32,7 +72,8 @@ def main(argv=None) -> None:
   for name, feature in features.items():
     print(f'  {name}: shape {list(feature.shape)}  stride {model.output_strides[name]}  '
           f'finite {bool(jnp.isfinite(feature).all())}')
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

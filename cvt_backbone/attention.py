@@ -17,12 +17,18 @@ on `[B, T, N, H]` tensors (batch, tokens, heads, head dim), the layout of
   attention on GPUs that support it and XLA elsewhere.
 
 'auto' picks by backend, dtype and the size of the logits (`choose_implementation`).
+
+Progress: `attention(..., progress=fn)` calls `fn(done, total)` on the host (a
+`jax.debug.callback`) as each unit of work ends: a block of queries of one
+(batch, head) pair on CPU, a block of queries of all pairs elsewhere, or the whole
+layer when it is not chunked. Without `progress` the program holds no callback.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -153,23 +159,43 @@ def _attend_key_blocks(q: jax.Array, k: jax.Array, v_t: jax.Array, scale: float)
   return (out / normalizer[..., None]).astype(v_t.dtype)
 
 
+# `progress(done, total)`: `done` of the layer's `total` units of work are finished.
+ProgressFn = Callable[[int, int], None]
+# Inside the trace: `report(index, count, result)` says that unit `index` (traced) of
+# `count` ends with `result`.
+_Report = Callable[[Any, int, jax.Array], None]
+
+
+def _callback(progress: ProgressFn, done: Any, total: int, result: jax.Array) -> None:
+  """Calls `progress(done, total)` on the host once `result` is computed.
+
+  One element of `result` is an argument of the callback, so it runs after the unit,
+  not whenever the scheduler likes; it is read, never changed.
+  """
+  jax.debug.callback(lambda d, _: progress(int(d), total), done, result.reshape(-1)[0])
+
+
 def _use_key_blocks(kv_len: int) -> bool:
   return kv_len >= 4 * KEY_BLOCK
 
 
 def _attend_chunked(q: jax.Array, k: jax.Array, v_t: jax.Array, scale: float,
-                    chunk: int | None) -> jax.Array:
+                    chunk: int | None, report: _Report | None = None) -> jax.Array:
   """Attention over blocks of `chunk` queries (`lax.map`), or at once when chunk is None.
 
   With `chunk` set and at least 4 `KEY_BLOCK`s of keys, each query block also
-  runs over key blocks (`_attend_key_blocks`).
+  runs over key blocks (`_attend_key_blocks`). `report`, when given, is traced into
+  the loop body after each block (or after the whole, unchunked).
   """
   q_len = q.shape[-2]
   attend = _attend
   if chunk is not None and _use_key_blocks(k.shape[-2]):
     attend = _attend_key_blocks
   if chunk is None or chunk >= q_len:
-    return attend(q, k, v_t, scale)
+    out = attend(q, k, v_t, scale)
+    if report is not None:
+      report(0, 1, out)
+    return out
   num_chunks = math.ceil(q_len / chunk)
   pad = num_chunks * chunk - q_len
   # Padded query rows are computed and dropped: softmax is per query, so they
@@ -178,12 +204,22 @@ def _attend_chunked(q: jax.Array, k: jax.Array, v_t: jax.Array, scale: float,
   q = jnp.moveaxis(q.reshape(*q.shape[:-2], num_chunks, chunk, q.shape[-1]), -3, 0)
   # Rematerialized in the backward pass: training memory stays linear too.
   block = jax.checkpoint(lambda q_block: attend(q_block, k, v_t, scale))
-  out = jnp.moveaxis(lax.map(block, q), 0, -3)  # [..., num_chunks, chunk, H]
+  if report is None:
+    out = lax.map(block, q)
+  else:
+    def reported(args):
+      index, q_block = args
+      result = block(q_block)
+      report(index, num_chunks, result)
+      return result
+
+    out = lax.map(reported, (jnp.arange(num_chunks), q))
+  out = jnp.moveaxis(out, 0, -3)  # [..., num_chunks, chunk, H]
   return out.reshape(*out.shape[:-3], num_chunks * chunk, out.shape[-1])[..., :q_len, :]
 
 
 def _multi_head(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: int | None,
-                per_head: bool) -> jax.Array:
+                per_head: bool, progress: ProgressFn | None = None) -> jax.Array:
   """`[B, T, N, H]` attention, optionally in query blocks and one (batch, head) at a time.
 
   XLA:CPU runs batched matrix products (a batch of heads) 3-4x slower than the
@@ -194,11 +230,23 @@ def _multi_head(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: i
   batch, q_len, heads, head_dim = q.shape
   q, k, v_t = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
   if per_head:
-    flat = lambda x: x.reshape(batch * heads, *x.shape[2:])
-    out = lax.map(lambda qkv: _attend_chunked(*qkv, scale, chunk), (flat(q), flat(k), flat(v_t)))
+    pairs = batch * heads
+    flat = lambda x: x.reshape(pairs, *x.shape[2:])
+    if progress is None:
+      out = lax.map(lambda qkv: _attend_chunked(*qkv, scale, chunk),
+                    (flat(q), flat(k), flat(v_t)))
+    else:
+      def pair_of(args):
+        pair, *qkv = args
+        report = lambda i, n, result: _callback(progress, pair * n + i + 1, pairs * n, result)
+        return _attend_chunked(*qkv, scale, chunk, report)
+
+      out = lax.map(pair_of, (jnp.arange(pairs), flat(q), flat(k), flat(v_t)))
     out = out.reshape(batch, heads, q_len, head_dim)
   else:
-    out = _attend_chunked(q, k, v_t, scale, chunk)
+    report = None if progress is None else (
+        lambda i, n, result: _callback(progress, i + 1, n, result))
+    out = _attend_chunked(q, k, v_t, scale, chunk, report)
   return out.transpose(0, 2, 1, 3)
 
 
@@ -211,6 +259,7 @@ def attention(
     implementation: str = 'auto',
     chunk_size: int | None = None,
     budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    progress: ProgressFn | None = None,
 ) -> jax.Array:
   """Multi-head attention.
 
@@ -225,6 +274,8 @@ def attention(
       further capped at `MAX_BLOCK_LOGITS` logits, which is faster and never
       uses more memory.
     budget_bytes: memory budget for the logits, used by 'auto' and to size chunks.
+    progress: `progress(done, total)` is called on the host as units of work end (see
+      the module docstring); None (default) traces no callback.
 
   Returns:
     `[B, Tq, N, H]` in the dtype of `v`.
@@ -237,9 +288,12 @@ def attention(
     implementation = choose_implementation(batch, heads, q_len, kv_len, q.dtype, budget_bytes)
   per_head = jax.default_backend() == 'cpu'
   if implementation == 'plain':
-    return _multi_head(q, k, v, scale, None, per_head)
+    return _multi_head(q, k, v, scale, None, per_head, progress)
   if implementation == 'fused':
-    return jax.nn.dot_product_attention(q, k, v, scale=scale).astype(v.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale).astype(v.dtype)
+    if progress is not None:
+      _callback(progress, 1, 1, out)
+    return out
   if chunk_size is None:
     chunk_size = chunk_size_for_budget(batch, heads, kv_len, budget_bytes)
   pairs = batch * heads  # (batch, head) pairs computed together.
@@ -251,4 +305,4 @@ def attention(
   else:
     cap = MAX_BLOCK_LOGITS // (pairs * kv_len)
   chunk_size = min(chunk_size, max(1, cap))
-  return _multi_head(q, k, v, scale, chunk_size, per_head)
+  return _multi_head(q, k, v, scale, chunk_size, per_head, progress)

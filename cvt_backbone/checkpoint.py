@@ -98,7 +98,7 @@ def _check_destination(path: Path, overwrite: bool) -> None:
   if path.is_dir():
     raise IsADirectoryError(f'{path} is a folder; give the output file name.')
   if path.exists() and not overwrite:
-    raise FileExistsError(f'{path} exists; pass --force (overwrite=True) to replace it.')
+    raise FileExistsError(f'{path} exists; pass --overwrite (overwrite=True) to replace it.')
 
 
 def _atomic_write(path: Path, data: bytes, overwrite: bool) -> None:
@@ -219,7 +219,7 @@ def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   source = metadata.get('source')
   again = (f'convert it again (cvt-convert '
            f'{source.get("file", "SRC") if isinstance(source, dict) else "SRC"} '
-           f'{path.name} --force)')
+           f'{path.name} --overwrite)')
   if not isinstance(variables, dict):
     raise CheckpointError(f'{path}: no variables; the file is damaged; {again}.')
   checksum = metadata.get('checksum')
@@ -521,8 +521,31 @@ def load_classifier(path: str | os.PathLike, *, num_classes: int | None = None,
 # ---------------------------------------------------------------------------
 
 
+class HelpFormatter(argparse.HelpFormatter):
+  """Appends '(default: X)' to an option's help unless it states its default already.
+
+  Options without a meaningful default (None, False flags, positionals) get nothing. The
+  command lines of cvt_backbone use it (it imports no project code).
+  """
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    text = action.help or ''
+    default = action.default
+    if ('default' in text or not action.option_strings or default is None or default is False
+        or default is argparse.SUPPRESS or isinstance(action, argparse._HelpAction)):
+      return text
+    return f'{text} (default: %(default)s)' if text else '(default: %(default)s)'
+
+
 def _heads(text: str) -> tuple[int, ...]:
-  return tuple(int(h) for h in text.split(','))
+  try:
+    heads = tuple(int(h) for h in text.split(','))
+  except ValueError:
+    heads = ()
+  if not heads or min(heads) < 1:
+    raise argparse.ArgumentTypeError(
+        f'expected positive integers separated by commas such as 1,3,6, got {text!r}')
+  return heads
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -531,29 +554,37 @@ def main(argv: Sequence[str] | None = None) -> int:
       prog='cvt-convert',
       description='Convert an official (CvT-13-224x224-IN-1k.pth, ...) or Hugging Face '
       '(microsoft/cvt-13 model.safetensors / pytorch_model.bin) CvT checkpoint to a Flax '
-      'msgpack file for cvt_backbone.load_backbone / load_classifier.')
+      'msgpack file for cvt_backbone.load_backbone / load_classifier. Every tensor is checked '
+      'against the inferred architecture before anything is written.',
+      epilog='exit status: 0 when OUT was written, 1 on an error (one "error:" line: a bad or '
+      'mismatched checkpoint, OUT exists without --overwrite), 2 for bad arguments. Also run '
+      'as `python -m cvt_backbone convert SRC OUT ...`.',
+      formatter_class=HelpFormatter)
   parser.add_argument('src', type=Path,
                       help='the .pth, .bin or .safetensors file, or a Hugging Face model folder')
   parser.add_argument('out', type=Path, help='the .msgpack file to write (its folder must exist)')
-  parser.add_argument('--variant', help="expected variant ('cvt-13', 'cvt-21', 'cvt-w24'); "
-                      'checked against the shapes. Default: inferred from them.')
+  parser.add_argument('--variant', help="expected variant ('cvt-13', 'cvt-21', 'cvt-w24'), "
+                      'checked against the shapes (default: inferred from them)')
   head = parser.add_mutually_exclusive_group()
   head.add_argument('--backbone-only', action='store_true',
                     help='drop the classifier (final norm and head) for CvTBackbone')
   head.add_argument('--drop-head', action='store_true',
                     help='drop only the head Linear, to fine-tune with another class count')
   parser.add_argument('--activation', choices=sorted(ACTIVATIONS), default='quick_gelu',
-                      help='activation recorded for the loaders: quick_gelu (default, what the '
-                      'weights were trained with) or gelu (what Hugging Face runs)')
+                      help='activation recorded for the loaders: quick_gelu (what the weights '
+                      'were trained with) or gelu (what Hugging Face runs)')
   parser.add_argument('--num-heads', type=_heads, metavar='H1,H2,H3',
-                      help='heads per stage, only for custom architectures')
-  parser.add_argument('--force', action='store_true', help='overwrite OUT if it exists')
+                      help='heads per stage, only for custom architectures (default: those of '
+                      'the inferred variant, or of config.json in a Hugging Face folder)')
+  parser.add_argument('--overwrite', '--force', dest='overwrite', action='store_true',
+                      help='replace OUT if it exists (--force is the old name; by default an '
+                      'existing OUT is kept and the exit status is 1)')
   args = parser.parse_args(argv)
   try:
     metadata = convert_checkpoint(
         args.src, args.out, variant=args.variant, backbone_only=args.backbone_only,
         drop_head=args.drop_head, activation=args.activation, num_heads=args.num_heads,
-        overwrite=args.force)
+        overwrite=args.overwrite)
   except (CheckpointError, OSError, ValueError) as e:
     print(f'cvt-convert: error: {e}', file=sys.stderr)
     return 1

@@ -735,3 +735,14 @@ def merge_variables(fresh: Mapping[str, Any], converted: Mapping[str, Any], *,
   if missing or unexpected or mismatched:
     raise CheckpointMismatchError(missing, unexpected, mismatched, dict.fromkeys(hints))
   return traverse_util.unflatten_dict(merged, sep='/'), report
+
+
+if __name__ == '__main__':
+  # `python -m cvt_backbone.convert` (this library module) is not the tool; runpy has already
+  # warned that the package imported it first.
+  import sys
+
+  print('cvt_backbone.convert is the conversion library, not a command; run '
+        '`cvt-convert SRC OUT` or `python -m cvt_backbone convert SRC OUT` (--help for the '
+        'options).', file=sys.stderr)
+  sys.exit(2)

@@ -4,9 +4,9 @@
         tiles/ more/*.tif one.png [--stages stage1,stage3] [--format npz|safetensors] \\
         [--dtype float16|float32] [--max-side 4096] [--batch-size 4] \\
         [--memory-budget-mb 2048] [--attention auto|plain|chunked|fused] [--chunk-size N] \\
-        [--pca] [--overwrite] [--strict]
+        [--pca] [--overwrite] [--strict] [--no-progress]
 
-(`python -m projects.feature_extraction` runs the same command.) The checkpoint is a
+(`python -m projects.feature_extraction` runs the same command; `--help` shows the defaults.) The checkpoint is a
 file written by `cvt-convert` (`cvt_backbone.checkpoint.load_backbone`);
 `--random-weights --variant cvt-13` runs untrained weights to try the pipeline.
 
@@ -30,6 +30,11 @@ whose outputs all record the same input and settings ("already done"); an output
 records another input (an `a.bmp` after an `a.png`), other settings, or nothing (a 0-byte
 or truncated file, an older version's file) is kept and the input fails, unless
 --overwrite.
+
+Progress (`projects.progress.Progress`, on stderr unless --no-progress): per image, and
+inside an image per attention chunk (`FeatureExtractor(..., progress=)`: a host callback in
+the compiled program, only when progress is shown); a bar on a terminal, a line every 10 s
+in a log.
 
 Errors: an output folder that cannot be created or written, a budget too small for an
 image size (the message names the chunk size the budget allows and the budget needed), or
@@ -59,7 +64,7 @@ from PIL import Image
 
 from cvt_backbone.checkpoint import variables_digest
 from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
-from projects import output_files
+from projects import command_line, output_files
 from projects.feature_extraction import images as images_lib
 from projects.feature_extraction import planning, writers
 from projects.feature_extraction.images import InputError, InputImage
@@ -68,6 +73,7 @@ from projects.feature_extraction.planning import (
     AttentionPlan,
     MemoryBudgetError,
 )
+from projects.progress import Progress
 
 DTYPES = ('float16', 'float32')
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -92,6 +98,11 @@ class FeatureExtractor:
 
     extractor = FeatureExtractor(backbone, variables, memory_budget_mb=1024)
     maps = extractor(images)   # [N, H, W, 3] normalized -> {'stage1': [N, H1, W1, C1], ...}
+    maps = extractor(images, progress=print)   # 'stage 1 attention chunk 5/256', ...
+
+With `progress`, another compiled program reports each attention chunk as it ends
+(`CvTBackbone.attention_progress`: a host callback per chunk); without it the program
+holds no callback.
 
   Attributes:
     backbone: the backbone, restricted to the selected stages.
@@ -120,7 +131,9 @@ class FeatureExtractor:
     self.attention = attention
     self.chunk_size = chunk_size
     self._variables = jax.device_put(variables)
-    self._functions: dict[tuple[str, int | None], Callable[..., Any]] = {}
+    self._functions: dict[tuple[str, int | None, bool], Callable[..., Any]] = {}
+    self._compiled: set[tuple[Any, ...]] = set()
+    self._listener: Callable[[str], None] | None = None
     self._weights_sha256: str | None = None
 
   @property
@@ -147,30 +160,54 @@ class FeatureExtractor:
     return planning.plan_attention(height, width, batch, self.memory_budget_mb, self.spec,
                                    implementation=self.attention, chunk_size=self.chunk_size)
 
-  def _function(self, plan: AttentionPlan) -> Callable[..., Any]:
-    key = (plan.implementation, plan.chunk_size)
+  def _function(self, plan: AttentionPlan, reported: bool) -> Callable[..., Any]:
+    key = (plan.implementation, plan.chunk_size, reported)
     if key not in self._functions:
       model = self.backbone.clone(attention=plan.implementation,
                                   attention_chunk_size=plan.chunk_size,
-                                  attention_budget_mb=self.memory_budget_mb)
+                                  attention_budget_mb=self.memory_budget_mb,
+                                  attention_progress=self._on_attention if reported else None)
       self._functions[key] = jax.jit(lambda variables, x: model.apply(variables, x))
     return self._functions[key]
 
-  def __call__(self, images: np.ndarray, plan: AttentionPlan | None = None
-               ) -> dict[str, np.ndarray]:
+  def _on_attention(self, stage: int, block: int, done: int, total: int) -> None:
+    """The host callback of the reporting program: one attention unit has ended."""
+    listener = self._listener
+    if listener is None:
+      return
+    depth = self.spec.depths[stage]
+    where = f'stage {stage + 1}' + (f' block {block + 1}/{depth}' if depth > 1 else '')
+    listener(f'{where} attention chunk {done}/{total}' if total > 1 else f'{where} attention')
+
+  def __call__(self, images: np.ndarray, plan: AttentionPlan | None = None, *,
+               progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
     """Stage maps of a batch.
 
     Args:
       images: `[N, H, W, 3]` normalized float32 images.
       plan: the attention plan (default: `self.plan(H, W, N)`).
+      progress: called with 'compiling' before a new size compiles, then with each
+        attention chunk as it ends ('stage 1 attention chunk 5/256', 'stage 3 block
+        4/10 attention chunk 7/18'), from another thread. The maps are the same.
 
     Returns:
       {stage: `[N, H_i, W_i, C_i]` float32 numpy array} for the selected stages.
     """
     n, height, width, _ = images.shape
     plan = plan or self.plan(height, width, n)
-    out = self._function(plan)(self._variables, jnp.asarray(images, jnp.float32))
-    return {name: np.asarray(value) for name, value in out.items()}
+    reported = progress is not None
+    function = self._function(plan, reported)
+    key = (plan.implementation, plan.chunk_size, reported, images.shape)
+    if progress is not None and key not in self._compiled:
+      progress('compiling')
+    self._listener = progress
+    try:
+      out = function(self._variables, jnp.asarray(images, jnp.float32))
+      maps = {name: np.asarray(value) for name, value in out.items()}
+    finally:
+      self._listener = None
+    self._compiled.add(key)
+    return maps
 
 
 def extract_features(
@@ -291,13 +328,13 @@ class _Console:
   """Messages on stderr that do not break the progress bar."""
 
   def __init__(self) -> None:
-    self.bar: Any = None
+    self.progress: Progress | None = None
 
   def write(self, message: str) -> None:
-    if self.bar is not None:
-      self.bar.write(message, file=sys.stderr)
+    if self.progress is not None:
+      self.progress.write(message)
     else:
-      print(message, file=sys.stderr)
+      print(message, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -355,7 +392,8 @@ def extract_files(
     pca: also write a PCA picture of each stage map.
     overwrite: replace existing outputs whatever they record.
     strict: raise `ExtractionError` on the first input that fails.
-    progress: show a tqdm progress bar (only on a terminal).
+    progress: show progress on stderr (`projects.progress.Progress`: a bar on a terminal,
+      a timed line in a log), per image and, inside a large image, per attention chunk.
     console: where messages go (default stderr).
 
   Returns:
@@ -429,38 +467,55 @@ def extract_files(
                   + planning.describe_plan(plan, height, width, batch, extractor.spec) + reduced)
 
   # 3. Extraction, a batch at a time.
-  from tqdm import tqdm
-
   total = sum(len(p) for p in groups.values())
-  console.bar = tqdm(total=total, unit='img', desc='extract', disable=None if progress else True,
-                     file=sys.stderr)
+  bar = Progress(total, 'extract', 'img', enabled=progress and total > 0)
+  console.progress = bar
   try:
     for size, pending in groups.items():
       batch, plan = plans[size]
       ready: list[tuple[_Pending, np.ndarray]] = []
       for index, entry in enumerate(pending):
+        if not ready:
+          bar.start_item(_item_label(entry, pending[index:index + batch]))
+        bar.set_detail('reading')
         try:
           ready.append((entry, images_lib.read_image(entry.item.path, entry.size)))
         except InputError as e:
           skip(str(e))
-          console.bar.update(1)
+          bar.update(1)
         if len(ready) == batch or (index == len(pending) - 1 and ready):
           _run_batch(extractor, ready, plan if len(ready) == batch else None, output_dir,
                      fmt=fmt, dtype=dtype, pca=pca, strides=strides, summary=summary,
-                     console=console)
-          console.bar.update(len(ready))
+                     console=console, progress=bar if progress else None)
+          bar.update(len(ready))
           ready = []
   finally:
-    console.bar.close()
-    console.bar = None
+    bar.close()
+    console.progress = None
   return summary
+
+
+def _item_label(entry: _Pending, batch: Sequence[_Pending]) -> str:
+  """'big.png 2048x2048' (height x width as read), or 'a.png +3 512x512' for a batch."""
+  name = os.path.basename(entry.item.path)
+  more = f' +{len(batch) - 1}' if len(batch) > 1 else ''
+  return f'{name}{more} {entry.size[0]}x{entry.size[1]}'
 
 
 def _run_batch(extractor: FeatureExtractor, ready: list[tuple[_Pending, np.ndarray]],
                plan: AttentionPlan | None, output_dir: str, *, fmt: str, dtype: str, pca: bool,
-               strides: Mapping[str, int], summary: Summary, console: _Console) -> None:
+               strides: Mapping[str, int], summary: Summary, console: _Console,
+               progress: Progress | None = None) -> None:
   batch = np.stack([images_lib.normalize(pixels) for _, pixels in ready])
-  maps = extractor(batch, plan)
+  # Per-chunk reports are host callbacks inside the attention loops: on CPU they cost
+  # nothing measurable, on an accelerator each would wait for the device, so there the
+  # progress is per image only.
+  chunks = progress is not None and jax.default_backend() == 'cpu'
+  if progress is not None and not chunks:
+    progress.set_detail('computing')
+  maps = extractor(batch, plan, progress=progress.set_detail if chunks else None)
+  if progress is not None:
+    progress.set_detail('writing')
   for i, (entry, _) in enumerate(ready):
     features = {}
     for stage, value in maps.items():
@@ -508,10 +563,12 @@ def _positive_float(text: str) -> float:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='cvt-extract',
-      description='Extract CvT stage maps (strides 4, 8, 16) from images of any size, one '
-      '.npz or .safetensors file per image, with attention chunked to fit a memory budget.')
+  parser = command_line.parser(
+      'cvt-extract',
+      'Extract CvT stage maps (strides 4, 8, 16) from images of any size, one .npz or '
+      '.safetensors file per image, with attention chunked to fit a memory budget. Progress '
+      '(per image, and per attention chunk inside a large image) goes to stderr: a bar on a '
+      'terminal, a line every $CVT_PROGRESS_INTERVAL seconds (10) in a log.')
   parser.add_argument('inputs', nargs='+', help='image files, folders (recursive) or glob patterns')
   weights = parser.add_mutually_exclusive_group(required=True)
   weights.add_argument('--checkpoint', help='a converted checkpoint (.msgpack from cvt-convert)')
@@ -521,8 +578,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help='architecture for --random-weights (a checkpoint knows its own)')
   parser.add_argument('--seed', type=int, default=0, help='initialisation seed for --random-weights')
   parser.add_argument('--output', required=True, help='output folder (created if missing)')
-  parser.add_argument('--stages', default=None,
-                      help='comma-separated stages to store, e.g. stage1,stage3 (default: all)')
+  parser.add_argument('--stages', type=command_line.names, default=None,
+                      help='stages to store, comma-separated such as stage1,stage3 (default: all)')
   parser.add_argument('--format', choices=writers.FORMATS, default='npz', help='feature file format')
   parser.add_argument('--dtype', choices=DTYPES, default='float32',
                       help='stored dtype (computed in float32)')
@@ -534,21 +591,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--memory-budget-mb', type=_positive_float,
                       default=DEFAULT_MEMORY_BUDGET_MB,
                       help='memory for attention logits in MiB; decides plain vs chunked '
-                      'attention and the chunk size (default %(default)g)')
+                      'attention and the chunk size')
   parser.add_argument('--attention', choices=('auto', 'plain', 'chunked', 'fused'),
                       default='auto', help='force an attention implementation (default: from '
                       'the image size and the budget)')
   parser.add_argument('--chunk-size', type=_positive_int, default=None,
-                      help='force queries per chunk for chunked attention')
+                      help='force queries per chunk for chunked attention (default: the largest '
+                      'that fits the budget)')
   parser.add_argument('--pca', action='store_true',
                       help='also write OUTPUT/<stem>_<stage>_pca.png, the first three principal '
                       'components of each map as RGB')
-  parser.add_argument('--overwrite', action='store_true',
-                      help='replace existing outputs, whatever input they record')
-  parser.add_argument('--strict', action='store_true',
-                      help='stop at the first missing, unreadable or non-image input or output '
-                      'conflict (by default the others are still done; exit status 1 either way)')
-  parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+  command_line.add_output_flags(parser)
   args = parser.parse_args(argv)
   if args.chunk_size is not None and args.attention in ('plain', 'fused'):
     parser.error(f'--chunk-size applies to chunked attention, not --attention {args.attention}')
@@ -594,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       console.write(f'note: {note}')
     if not inputs:
       raise ExtractionError('no input files found')
-    stages = args.stages.split(',') if args.stages else None
+    stages = list(args.stages) if args.stages else None
     backbone, variables, description = load_model(args, stages, console)
     extractor = FeatureExtractor(backbone, variables, stages=stages,
                                  memory_budget_mb=args.memory_budget_mb,
@@ -609,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console=console)
   except (ExtractionError, MemoryBudgetError, InputError, OSError, ValueError) as e:
     print(f'cvt-extract: error: {e}', file=sys.stderr)
-    return 1
+    return command_line.EXIT_FAILED
   failed = len(summary.failed) + len(problems)
   parts = [f'{len(summary.written)} feature file{"s" if len(summary.written) != 1 else ""} '
            f'written to {args.output} in {time.perf_counter() - start:.1f} s']
@@ -618,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if failed:
     parts.append(f'{failed} failed')
   console.write('; '.join(parts))
-  return 1 if failed else 0
+  return command_line.EXIT_FAILED if failed else command_line.EXIT_OK
 
 
 if __name__ == '__main__':

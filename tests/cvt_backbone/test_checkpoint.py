@@ -258,7 +258,7 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, hf_tiny, capsys):
   out = tmp_path / 'tiny.msgpack'
   out.write_bytes(b'keep me')
   assert checkpoint_lib.main([str(src), str(out)]) == 1
-  assert '--force' in capsys.readouterr().err and out.read_bytes() == b'keep me'
+  assert '--overwrite' in capsys.readouterr().err and out.read_bytes() == b'keep me'
   assert checkpoint_lib.main([str(src), str(out), '--force']) == 0
   assert checkpoint_lib.load_converted(out)[1]['variant'] == 'cvt-tiny'
   assert os.listdir(tmp_path) == ['tiny.msgpack']

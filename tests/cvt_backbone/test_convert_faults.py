@@ -163,12 +163,45 @@ def test_zeroed_bytes_are_detected(tmp_path, good_msgpack, hf_model):
   damaged = tmp_path / 'damaged.msgpack'
   damaged.write_bytes(bytes(data))
   expected = (rf'{damaged}: checksum mismatch: the file is damaged; convert it again '
-              r'\(cvt-convert CvT-tiny\.pth damaged\.msgpack --force\)')
+              r'\(cvt-convert CvT-tiny\.pth damaged\.msgpack --overwrite\)')
   for load in (checkpoint_lib.load_converted, checkpoint_lib.load_backbone,
                checkpoint_lib.load_classifier,
                lambda p: checkpoint_lib.load_pretrained(CvTBackbone('cvt-tiny'), p)):
     with pytest.raises(CheckpointError, match=expected):
       load(damaged)
+
+
+@pytest.mark.parametrize('flag', ['--overwrite', '--force'])
+def test_existing_output_is_kept_unless_overwrite(tmp_path, good_pth, capsys, flag):
+  """--overwrite, as in the other tools; --force, its old name, still works."""
+  out = tmp_path / 'tiny.msgpack'
+  out.write_bytes(b'keep me')
+  assert checkpoint_lib.main([str(good_pth), str(out)]) == 1
+  err = capsys.readouterr().err
+  assert f'cvt-convert: error: {out} exists; pass --overwrite' in err
+  assert out.read_bytes() == b'keep me'
+  assert checkpoint_lib.main([str(good_pth), str(out), flag]) == 0
+  assert checkpoint_lib.load_converted(out)[1]['variant'] == 'cvt-tiny'
+  assert os.listdir(tmp_path) == ['tiny.msgpack']
+
+
+def test_help_shows_defaults_and_the_old_flag(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    checkpoint_lib.main(['--help'])
+  assert exit_info.value.code == 0
+  text = ' '.join(capsys.readouterr().out.split())
+  assert '--overwrite, --force replace OUT if it exists (--force is the old name' in text
+  assert 'Hugging Face runs) (default: quick_gelu)' in text
+  assert '(default: inferred from them)' in text and 'exit status: 0 when OUT was written' in text
+  assert '(default: None)' not in text and '(default: False)' not in text
+
+
+def test_bad_num_heads_is_a_usage_error(tmp_path, good_pth, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    checkpoint_lib.main([str(good_pth), str(tmp_path / 'out.msgpack'), '--num-heads', '1,x,3'])
+  assert exit_info.value.code == 2
+  assert "--num-heads: expected positive integers separated by commas such as 1,3,6, got '1,x,3'" in (
+      capsys.readouterr().err)
 
 
 def test_files_without_checksum_still_load(tmp_path, good_msgpack):

@@ -354,3 +354,91 @@ def test_python_m_entry_point():
                           cwd=REPO, capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stderr
   assert '--memory-budget-mb' in result.stdout and '--chunk-size' in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# Help and progress
+# ---------------------------------------------------------------------------
+
+
+def _help(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    extract.parse_args(['--help'])
+  assert exit_info.value.code == 0
+  return ' '.join(capsys.readouterr().out.split())  # Without the line wrapping.
+
+
+def test_help_shows_defaults_and_the_shared_flags(capsys):
+  from projects import command_line
+
+  text = _help(capsys)
+  for default in ('--batch-size BATCH_SIZE images of the same size per forward pass (halved '
+                  'when the memory budget needs it) (default: 1)', 'format (default: npz)',
+                  'chunk size (default: 2048', '(default: cvt-13)', '(default: all)'):
+    assert default in text, default
+  reference = command_line.parser('x', 'x')
+  command_line.add_output_flags(reference)
+  for action in reference._actions[1:]:  # --overwrite, --strict, --no-progress: same words.
+    assert ' '.join(action.help.split()) in text, action.option_strings
+  assert ' '.join(command_line.EXIT_EPILOG.split()) in text
+
+
+def test_stages_are_a_comma_list(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    extract.parse_args(['--random-weights', '--output', str(tmp_path), 'x.png',
+                        '--stages', 'stage1,,stage3'])
+  assert exit_info.value.code == 2
+  assert "expected names separated by commas such as stage1,stage3, got 'stage1,,stage3'" in (
+      capsys.readouterr().err)
+  assert extract.parse_args(['--random-weights', '--output', str(tmp_path), 'x.png',
+                             '--stages', 'stage1,stage3']).stages == ('stage1', 'stage3')
+
+
+def test_progress_per_image_and_attention_chunk_in_a_log(tmp_path, checkpoint, image_folder,
+                                                          monkeypatch):
+  """stderr is not a terminal: timed lines (every line here, at a 0 s interval)."""
+  monkeypatch.setenv('CVT_PROGRESS_INTERVAL', '0')
+  common = ['--checkpoint', checkpoint, '--attention', 'chunked', '--chunk-size', '64',
+            image_folder / 'a.png', image_folder / 'sub' / 'c.png']
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    status = extract.main([str(a) for a in [*common, '--output', tmp_path / 'with']])
+  lines = err.getvalue().splitlines()
+  assert status == 0, lines
+  progress = [line for line in lines if line.startswith('extract: ')]
+  # 64x80: 320 stage-1 queries in chunks of 64 (one head) -> 5 chunks.
+  assert 'extract: 0/2 img (0%), 0:00 elapsed; a.png 64x80: compiling' in progress
+  chunks = [line.split('a.png 64x80: ')[1] for line in progress if 'a.png 64x80: stage 1' in line]
+  assert chunks == [f'stage 1 attention chunk {i}/5' for i in range(1, 6)]
+  assert any('a.png 64x80: stage 3 block 2/2 attention' in line for line in progress)
+  assert any(line.startswith('extract: 1/2 img (50%)') and 'c.png 48x56: stage 1' in line
+             for line in progress)
+  assert progress[-1].startswith('extract: 2/2 img (100%)') and ';' not in progress[-1]
+  # The features are the same without progress, and then nothing is drawn.
+  status, err = _run(*common, '--output', tmp_path / 'without')
+  assert status == 0 and 'extract:' not in err
+  for stem in ('a', 'c'):
+    reported = writers.read_features(str(tmp_path / 'with' / f'{stem}.npz'))
+    plain = writers.read_features(str(tmp_path / 'without' / f'{stem}.npz'))
+    for name in plain:
+      np.testing.assert_array_equal(reported[name], plain[name], err_msg=name)
+
+
+def test_extractor_progress_changes_no_value(backbone_and_variables):
+  extractor = extract.FeatureExtractor(*backbone_and_variables, attention='chunked',
+                                       chunk_size=40)
+  images_in = np.random.default_rng(5).standard_normal((1, 48, 56, 3)).astype(np.float32)
+  details = []
+  reported = extractor(images_in, progress=details.append)
+  plain = extractor(images_in)
+  jax.effects_barrier()
+  # 12x14 = 168 stage-1 queries in chunks of 40 -> 5; cvt-tiny has 4 attention layers.
+  assert details[0] == 'compiling'
+  assert [d for d in details if d.startswith('stage 1')] == [
+      f'stage 1 attention chunk {i}/5' for i in range(1, 6)]
+  assert details[-1].startswith('stage 3 block 2/2 attention')
+  for name in plain:
+    np.testing.assert_array_equal(reported[name], plain[name], err_msg=name)
+  details.clear()
+  extractor(images_in, progress=details.append)  # Compiled already: no 'compiling'.
+  assert details and 'compiling' not in details
