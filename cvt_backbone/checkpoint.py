@@ -98,7 +98,8 @@ def _check_destination(path: Path, overwrite: bool) -> None:
   if path.is_dir():
     raise IsADirectoryError(f'{path} is a folder; give the output file name.')
   if path.exists() and not overwrite:
-    raise FileExistsError(f'{path} exists; pass --overwrite (overwrite=True) to replace it.')
+    raise FileExistsError(f'{path} exists; pass --overwrite to replace it (overwrite=True '
+                          'from Python).')
 
 
 def _atomic_write(path: Path, data: bytes, overwrite: bool) -> None:
