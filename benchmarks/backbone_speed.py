@@ -4,9 +4,16 @@ Each measurement runs in its own process, so peak RSS is that model's alone
 (interpreter and framework included, as a user would see it). Both models run
 float32 inference on the same random inputs with random weights of the same
 architecture (weights do not change the speed). Prints one table: resolution,
-batch, median latency, images/s, achieved GFLOP/s (FLOPs from XLA's cost
-analysis of our forward pass, the same count for both), peak RSS, and the
-ratios, plus the machine's measured matmul peak.
+batch, median latency, images/s, the forward pass's GFLOP and the achieved
+GFLOP/s with their share of the machine's measured float32 matmul throughput,
+peak RSS, and the ratios.
+
+FLOPs are counted analytically from the architecture (`cvt_backbone.flops.cvt_flops`,
+a multiply-add = 2 FLOPs), the same count for both models. XLA's cost analysis of
+our compiled forward pass is shown beside it ('XLA GFLOP') but not used for the
+rates: it counts the body of a loop once, and our attention runs in loops (query
+blocks of chunked attention, and on CPU one step per (image, head) pair), so it
+falls short of the work done: 182 of 611 GFLOP at 1024, 683 of 7,754 at 2048.
 
   python benchmarks/backbone_speed.py                       # 224x8, 512, 1024, 2048
   python benchmarks/backbone_speed.py --sizes 224x8,512 --repeats 5
@@ -61,7 +68,7 @@ def worker_jax(size: int, batch: int, repeats: int, dtype: str, attention: str) 
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   jax.block_until_ready(compiled(variables, images))  # warm-up
   times = _time(lambda: jax.block_until_ready(compiled(variables, images)), repeats)
-  return {'times': times, 'compile_s': compile_s, 'flops': float(cost.get('flops', 0.0)),
+  return {'times': times, 'compile_s': compile_s, 'xla_flops': float(cost.get('flops', 0.0)),
           'device': str(jax.devices()[0])}
 
 
@@ -76,7 +83,7 @@ def worker_torch(size: int, batch: int, repeats: int, threads: int) -> dict:
   with torch.inference_mode():
     model(pixel_values=images)  # warm-up
     times = _time(lambda: model(pixel_values=images), repeats)
-  return {'times': times, 'compile_s': 0.0, 'flops': 0.0, 'device': f'cpu ({threads} threads)'}
+  return {'times': times, 'compile_s': 0.0, 'device': f'cpu ({threads} threads)'}
 
 
 def worker_matmul_peak() -> dict:
@@ -137,29 +144,42 @@ def main() -> None:
     print(json.dumps(result))
     return
 
+  # Here, not at the top: the workers measure their own RSS and the torch one imports no JAX.
+  from cvt_backbone import get_spec
+  from cvt_backbone.flops import cvt_flops
+
   peak = _run_worker(['peak'])
   peak_gflops = peak['gflops'] if peak else float('nan')
   print(f'CvT-13 forward, {args.dtype} (reference float32), {os.cpu_count()} CPU cores; '
         f'float32 matmul peak (jnp.dot 2048^2): {peak_gflops:.1f} GFLOP/s')
-  header = (f'{"input":>14} | {"impl":<22} | {"median s":>8} | {"img/s":>7} | {"GFLOP/s":>7} | '
-            f'{"% peak":>6} | {"peak RSS GB":>11} | {"speed-up":>8} | {"RSS ratio":>9}')
+  print('GFLOP: analytic count of the forward pass (cvt_backbone.flops, multiply-add = 2), '
+        'the same for both;\n% peak: GFLOP/s over the matmul peak; XLA GFLOP: cost analysis of '
+        'our program, loop bodies counted once.')
+  header = (f'{"input":>14} | {"impl":<22} | {"median s":>8} | {"img/s":>7} | {"GFLOP":>7} | '
+            f'{"GFLOP/s":>7} | {"% peak":>6} | {"XLA GFLOP":>9} | {"peak RSS GB":>11} | '
+            f'{"speed-up":>8} | {"RSS ratio":>9}')
   print(header)
   print('-' * len(header))
   rows = []
+  spec = get_spec('cvt-13')
   for size, batch in _parse_sizes(args.sizes):
     ours = _run_worker(['jax', str(size), str(batch)])
     ref = None
     if not args.skip_reference and size <= REFERENCE_MAX_SIZE:
       ref = _run_worker(['torch', str(size), str(batch)])
-    flops = ours['flops'] if ours else 0.0
+    flops = cvt_flops(spec, size, size, batch)['total']
     for name, result in (('cvt-dense (JAX)', ours), ('HF CvtModel (PyTorch)', ref)):
       if result is None:
         continue
       median = statistics.median(result['times'])
       gflops = flops / median / 1e9
+      xla_gflop = result.get('xla_flops')
       row = {'size': size, 'batch': batch, 'impl': name, 'median_s': median,
-             'images_per_s': batch / median, 'gflops': gflops, 'peak_rss_gb': result['peak_rss_gb'],
+             'images_per_s': batch / median, 'gflop': flops / 1e9, 'gflops': gflops,
+             'matmul_peak_share': gflops / peak_gflops, 'peak_rss_gb': result['peak_rss_gb'],
              'compile_s': result['compile_s'], 'device': result['device']}
+      if xla_gflop is not None:
+        row['xla_gflop'] = xla_gflop / 1e9
       speedup = rss_ratio = ''
       if name.startswith('cvt-dense') and ref is not None:
         speedup = f'{statistics.median(ref["times"]) / median:.2f}x'
@@ -167,12 +187,15 @@ def main() -> None:
         row['speedup'] = statistics.median(ref['times']) / median
         row['rss_ratio'] = result['peak_rss_gb'] / ref['peak_rss_gb']
       rows.append(row)
+      xla_text = '' if xla_gflop is None else f'{xla_gflop / 1e9:9.1f}'
       print(f'{f"{size}x{size} b{batch}":>14} | {name:<22} | {median:8.3f} | {batch / median:7.2f} | '
-            f'{gflops:7.1f} | {100 * gflops / peak_gflops:5.0f}% | {result["peak_rss_gb"]:11.2f} | '
-            f'{speedup:>8} | {rss_ratio:>9}', flush=True)
+            f'{flops / 1e9:7.1f} | {gflops:7.1f} | {100 * gflops / peak_gflops:5.0f}% | '
+            f'{xla_text:>9} | {result["peak_rss_gb"]:11.2f} | {speedup:>8} | {rss_ratio:>9}',
+            flush=True)
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'matmul_peak_gflops': peak_gflops, 'rows': rows}, f, indent=1)
+      json.dump({'matmul_peak_gflops': peak_gflops, 'flops': 'analytic (cvt_backbone.flops)',
+                 'rows': rows}, f, indent=1)
 
 
 if __name__ == '__main__':

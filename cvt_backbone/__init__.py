@@ -32,6 +32,7 @@ from cvt_backbone.cvt import (
     count_params,
     get_spec,
 )
+from cvt_backbone.flops import cvt_flops, stage_flops
 from cvt_backbone.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize
 from cvt_backbone.readers import read_state_dict
 
@@ -51,6 +52,7 @@ __all__ = [
     'convert_checkpoint',
     'convert_state_dict',
     'count_params',
+    'cvt_flops',
     'get_spec',
     'infer_architecture',
     'load_backbone_into_train_state',
@@ -64,4 +66,5 @@ __all__ = [
     'pretrained_settings',
     'read_state_dict',
     'save_converted',
+    'stage_flops',
 ]
