@@ -38,12 +38,13 @@ import numpy as np
 from heads.resampling import resize_bilinear
 from projects.cvt_segmentation import metrics
 from projects.cvt_segmentation.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    normalize,
-    rescale_size,
-    resize_image,
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  normalize,
+  rescale_size,
+  resize_image,
 )
+from projects.progress import Progress
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 MODES = ('whole', 'slide')
@@ -603,15 +604,6 @@ def _score(logits, labels, *, size, num_classes, ignore_index):
   return metrics.confusion_matrix_jax(labels, pred, num_classes, ignore_index=ignore_index)
 
 
-def _progress(iterable: Iterable, enabled: bool, total: int | None, desc: str, unit: str):
-  """`iterable`, counted by `projects.progress.Progress` (a bar, or timed lines in a log)."""
-  if not enabled:
-    return iterable
-  from projects.progress import Progress
-
-  return Progress(total, desc, unit).wrap(iterable)
-
-
 def evaluate_dataset(
     logits_fn: LogitsFn,
     batches: Iterable[Mapping[str, Any]],
@@ -671,7 +663,7 @@ def evaluate_dataset(
   if num_batches is not None:  # islice: an endless iterator loses no batch past the last
     batches = itertools.islice(batches, num_batches)
   cm = np.zeros((num_classes, num_classes), np.int64)
-  for batch in _progress(batches, progress, total, 'evaluate', 'batch'):
+  for batch in Progress(total, 'evaluate', 'batch', enabled=progress).wrap(batches):
     batch = flatten_shards(batch)
     labels = np.asarray(batch['label'])
     groups = batch_logit_groups(logits_fn, batch, exact=exact, **infer_kwargs)
