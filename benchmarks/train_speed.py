@@ -32,7 +32,6 @@ Needs the test extra (torch, transformers) for the reference rows.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -46,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from projects import command_line  # noqa: E402
+from projects.training import xla_flags  # noqa: E402
 
 NUM_CLASSES = 150  # ADE20K
 IGNORE_INDEX = 255
@@ -148,14 +148,13 @@ def worker_ours(head: str, variant: str, size: int, batch: int, warmup: int,
   images, labels = _random_batch(size, batch, NUM_CLASSES)
   data = jax.device_put({'inputs': images, 'label': labels,
                          'batch_mask': np.ones(batch, np.float32)})
-  # As `loop.train` builds it (one device: no shardings to give).
-  step_fn = jax.jit(
-      functools.partial(loop.train_step, flax_model=model.flax_model,
-                        loss_fn=model.loss_function, tx=tx, schedule=schedule),
-      donate_argnums=(0,))
+  # As `loop.train` builds and compiles it (one device: no shardings to give).
+  step_fn = loop.jit_train_step(flax_model=model.flax_model, loss_fn=model.loss_function,
+                                tx=tx, schedule=schedule)
   start = time.perf_counter()
   compiled = step_fn.lower(state, data).compile()
   compile_s = time.perf_counter() - start
+  loop.release_freed_memory()
   memory = compiled.memory_analysis()
   temp_gb = getattr(memory, 'temp_size_in_bytes', 0) / 2**30 if memory is not None else 0.0
   losses = []
@@ -313,6 +312,8 @@ def _run_worker(args: argparse.Namespace, worker: list[str]) -> dict | None:
          '--torch-threads', str(args.torch_threads), '--worker', *worker]
   env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='false', TF_CPP_MIN_LOG_LEVEL='3',
              PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])))
+  if worker[0] == 'ours':
+    xla_flags.set_training_flags(env)  # as the project mains set them
   if worker[0] == 'torch' and args.torch_omp_wait_policy != 'default':
     env['OMP_WAIT_POLICY'] = args.torch_omp_wait_policy.upper()
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from heads import dense_conv
+
 NORMS = ('batch', 'group', 'layer', 'none')
 
 # PyTorch's defaults (BatchNorm2d momentum 0.1 is Flax momentum 0.9; eps 1e-5 for all three):
@@ -109,10 +111,10 @@ class ConvModule(nn.Module):
     check_norm(self.norm, type(self).__name__)
     pad = self.dilation * (self.kernel_size // 2) if self.padding is None else self.padding
     use_bias = self.norm == 'none' if self.use_bias is None else self.use_bias
-    x = nn.Conv(
-        self.features, (self.kernel_size, self.kernel_size), strides=(self.stride, self.stride),
-        padding=((pad, pad), (pad, pad)), kernel_dilation=(self.dilation, self.dilation),
-        use_bias=use_bias, name='conv')(x)
+    # Flax's Conv parameters, computed with matrix-product gradients on CPU (`dense_conv`).
+    x = dense_conv.Conv(
+        self.features, self.kernel_size, stride=self.stride, padding=pad,
+        dilation=self.dilation, use_bias=use_bias, name='conv')(x)
     x = apply_norm(x, self.norm, train=train, axis_name=self.axis_name,
                    num_groups=self.num_groups)
     return nn.relu(x) if self.activation else x
@@ -138,4 +140,4 @@ def classify(
   """
   if dropout_rate > 0:
     x = nn.Dropout(dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
-  return nn.Conv(num_classes, (1, 1), name='classifier')(x)
+  return dense_conv.Conv(num_classes, 1, name='classifier')(x)

@@ -81,6 +81,33 @@ def resize_bilinear(
   return x
 
 
+def bilinear_matrix(in_size: int, out_size: int, *, align_corners: bool = False) -> np.ndarray:
+  """`resize_bilinear` along one axis as a matrix: `out = matrix @ in`.
+
+  Half-pixel sampling as PyTorch's `F.interpolate(..., mode='bilinear', align_corners=False)`
+  (`area_pixel_compute_source_index`: source `(dst + 0.5) * in / out - 0.5`, clamped at 0,
+  computed in float32), or corner-aligned sampling. Used where the resize must be applied a
+  block of rows at a time (`heads.segmentation_loss`).
+
+  Returns:
+    `[out_size, in_size]` float32, two taps per row, each row summing to one.
+  """
+  if align_corners:
+    lo, hi, frac = _align_corners_taps(in_size, out_size)
+  else:
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.maximum((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale
+                     - np.float32(0.5), np.float32(0.0))
+    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = (src - lo.astype(np.float32)).astype(np.float32)
+  matrix = np.zeros((out_size, in_size), np.float32)
+  rows = np.arange(out_size)
+  np.add.at(matrix, (rows, lo), np.float32(1.0) - frac)
+  np.add.at(matrix, (rows, hi), frac)
+  return matrix
+
+
 def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
   """Nearest-neighbour resize, as PyTorch's `F.interpolate(x, size, mode='nearest')`.
 

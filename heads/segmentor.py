@@ -33,7 +33,11 @@ class Segmentor(nn.Module):
   Return convention: always a dict, the same type in both modes,
     - `'logits'`: `[N, H, W, K]`, always;
     - `'aux_logits'`: `[N, H, W, K_aux]`, only when `train=True` and there is an auxiliary
-      head (mmseg uses it only for the training loss, weight 0.4).
+      head (mmseg uses it only for the training loss, weight 0.4);
+    - `'head_logits'` (and `'aux_head_logits'`): in train mode, the heads' logits before the
+      resize, at their own resolution, for a loss that resizes them itself
+      (`heads.segmentation_loss`: the same loss in a fraction of the memory). A jitted step
+      that only uses these never computes the full-size ones.
   The auxiliary head is also run by `init` in eval mode, so the variable tree is the same
   whichever mode initialised it.
 
@@ -62,8 +66,9 @@ class Segmentor(nn.Module):
       debug: accepted for Scenic's trainers, which call every model with it; unused.
 
     Returns:
-      `{'logits': [N, H, W, K]}`, plus `'aux_logits': [N, H, W, K_aux]` in train mode when an
-      auxiliary head is set.
+      `{'logits': [N, H, W, K]}`; in train mode also `'head_logits'` (the decode head's,
+      before the resize) and, with an auxiliary head, `'aux_logits': [N, H, W, K_aux]` and
+      `'aux_head_logits'`.
     """
     if getattr(images, 'ndim', None) != 4:
       raise ValueError(
@@ -96,11 +101,14 @@ class Segmentor(nn.Module):
     features = dict(features)
     if self.neck is not None:
       features.update(self.neck(features, train=train))
+    logits = self.decode_head(features, train=train)
     outputs: dict[str, Any] = {
-        'logits': resize_bilinear(self.decode_head(features, train=train), size,
-                                  align_corners=self.align_corners)}
+        'logits': resize_bilinear(logits, size, align_corners=self.align_corners)}
+    if train:
+      outputs['head_logits'] = logits
     if self.auxiliary_head is not None and (train or self.is_initializing()):
       aux = self.auxiliary_head(features, train=train)
       if train:
         outputs['aux_logits'] = resize_bilinear(aux, size, align_corners=self.align_corners)
+        outputs['aux_head_logits'] = aux
     return outputs

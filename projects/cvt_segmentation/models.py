@@ -34,10 +34,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 import heads
 from cvt_backbone import CvTBackbone, PretrainedBackboneInit, build_backbone, pretrained_settings
+from heads.segmentation_loss import cross_entropy_sum
 from projects import scenic_compat
 from projects.training.configs import as_dict, backbone_config
 
@@ -45,22 +45,24 @@ IGNORE_INDEX = 255
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, batch_mask: jax.Array | None = None,
-                      *, label_smoothing: float = 0.0,
-                      avg_non_ignore: bool = True) -> tuple[jax.Array, jax.Array]:
+                      *, label_smoothing: float = 0.0, avg_non_ignore: bool = True,
+                      align_corners: bool = False) -> tuple[jax.Array, jax.Array]:
   """Per-pixel cross-entropy that ignores label 255 and padded examples.
 
   Args:
-    logits: `[B, H, W, K]`.
+    logits: `[B, H, W, K]` at the labels' size, or a head's `[B, h, w, K]` at its own: those
+      are upsampled bilinearly to the labels' size inside the loss (mmseg's resize before
+      the loss), a block of rows at a time (`heads.segmentation_loss`).
     labels: `[B, H, W]` int, 255 = ignore.
     batch_mask: `[B]` (1 real, 0 padding) or `[B, H, W]`; None: all real.
     label_smoothing: mass spread uniformly over the K classes.
     avg_non_ignore: average over the valid pixels (mmseg `avg_non_ignore=True`);
       False divides by every pixel of the real examples, as mmseg's default.
+    align_corners: PyTorch's `align_corners` of that resize.
 
   Returns:
     (mean loss, number of pixels it was averaged over).
   """
-  num_classes = logits.shape[-1]
   valid = labels != IGNORE_INDEX
   weights = valid.astype(jnp.float32)
   real = jnp.ones_like(weights)
@@ -68,13 +70,11 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, batch_mask: jax.Arra
     mask = batch_mask.astype(jnp.float32)
     mask = mask.reshape(mask.shape + (1,) * (weights.ndim - mask.ndim))
     weights, real = weights * mask, real * mask
-  targets = jax.nn.one_hot(jnp.where(valid, labels, 0), num_classes)
-  if label_smoothing:
-    targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
-  losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  total = cross_entropy_sum(logits, jnp.where(valid, labels, 0), weights,
+                            label_smoothing=label_smoothing, align_corners=align_corners)
   denominator = weights.sum() if avg_non_ignore else real.sum()
   denominator = jnp.maximum(denominator, 1.0)
-  return (losses * weights).sum() / denominator, denominator
+  return total / denominator, denominator
 
 
 class PretrainedSegmentor(PretrainedBackboneInit, heads.Segmentor):
@@ -194,9 +194,14 @@ class SegmentationModel(scenic_compat.segmentation_model_base()):
                     model_params: Any = None) -> jax.Array:
     """Cross-entropy of the decode head plus `aux_weight` times that of the auxiliary head.
 
+    A training output's `'head_logits'` (and `'aux_head_logits'`), the heads' logits before
+    the Segmentor's resize, are used when present: `segmentation_loss` upsamples them block
+    by block, the same loss without the full-size logits and their gradient in memory (the
+    full-size outputs are then unused, and jit drops them).
+
     Args:
-      logits: the Segmentor's output dict (`'logits'`, optional `'aux_logits'`) or
-        a `[B, H, W, K]` array.
+      logits: the Segmentor's output dict (`'logits'`, optional `'aux_logits'`,
+        `'head_logits'`, `'aux_head_logits'`) or a `[B, H, W, K]` array.
       batch: `'label'` `[B, H, W]`, optional `'batch_mask'`.
       model_params: unused (weight decay is decoupled, in the optimizer).
     """
@@ -204,11 +209,14 @@ class SegmentationModel(scenic_compat.segmentation_model_base()):
     loss_cfg = self.config.get('loss', ml_collections.ConfigDict())
     outputs = logits if isinstance(logits, dict) else {'logits': logits}
     kwargs = dict(label_smoothing=loss_cfg.get('label_smoothing', 0.0),
-                  avg_non_ignore=loss_cfg.get('avg_non_ignore', True))
+                  avg_non_ignore=loss_cfg.get('avg_non_ignore', True),
+                  align_corners=getattr(self.flax_model, 'align_corners', False))
     mask = batch.get('batch_mask')
-    loss, _ = segmentation_loss(outputs['logits'], batch['label'], mask, **kwargs)
+    loss, _ = segmentation_loss(outputs.get('head_logits', outputs['logits']), batch['label'],
+                                mask, **kwargs)
     if 'aux_logits' in outputs:
-      aux, _ = segmentation_loss(outputs['aux_logits'], batch['label'], mask, **kwargs)
+      aux, _ = segmentation_loss(outputs.get('aux_head_logits', outputs['aux_logits']),
+                                 batch['label'], mask, **kwargs)
       loss = loss + loss_cfg.get('aux_weight', 0.4) * aux
     return loss
 

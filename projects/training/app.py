@@ -24,6 +24,11 @@ from typing import Any
 # it) prints start-up notices; silence them before anything imports it.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from projects.training import xla_flags  # noqa: E402
+
+# Before JAX creates its backend, which reads them once.
+xla_flags.set_training_flags()
+
 import jax  # noqa: E402
 
 from projects.scenic_compat import quiet_library_logs, scenic_available  # noqa: E402

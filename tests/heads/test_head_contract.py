@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from heads import Segmentor, build_head
+from heads.resampling import resize_bilinear
 from tests.heads.stand_in import FAST_COMPILE, StandInBackbone, cvt_backbone_class
 
 NUM_CLASSES = 3
@@ -118,7 +119,8 @@ def test_logits_at_input_size_finite_and_gradients_reach_every_parameter(
                              method=Segmentor.decode, mutable=['batch_stats'],
                              rngs={'dropout': jax.random.key(4)})
     weights = jax.random.normal(jax.random.key(5), outputs['logits'].shape)
-    return sum(jnp.sum(logits * weights) for logits in outputs.values()), outputs
+    full_size = [outputs[name] for name in ('logits', 'aux_logits') if name in outputs]
+    return sum(jnp.sum(logits * weights) for logits in full_size), outputs
 
   def step(params, features):
     (head_grads, feature_grads), train_outputs = jax.grad(
@@ -131,13 +133,20 @@ def test_logits_at_input_size_finite_and_gradients_reach_every_parameter(
       step, variables['params'], features)(variables['params'], features)
   backbone_grads = backbone_backward(feature_grads)
 
-  assert set(train_outputs) == ({'logits', 'aux_logits'} if head == 'upernet+fcn'
-                                else {'logits'})
+  full_size = {'logits', 'aux_logits'} if head == 'upernet+fcn' else {'logits'}
+  # Train mode adds each head's logits before the resize, for a loss that resizes them.
+  assert set(train_outputs) == full_size | {name.replace('logits', 'head_logits')
+                                            for name in full_size}
   assert set(eval_outputs) == {'logits'}
   for mode, outputs in (('train', train_outputs), ('eval', eval_outputs)):
-    for name, logits in outputs.items():
-      assert logits.shape == (BATCH, *size, NUM_CLASSES), (mode, name)
-      assert np.isfinite(np.asarray(logits)).all(), (mode, name)
+    for name in full_size & set(outputs):
+      assert outputs[name].shape == (BATCH, *size, NUM_CLASSES), (mode, name)
+      assert np.isfinite(np.asarray(outputs[name])).all(), (mode, name)
+  for name in full_size:
+    head_logits = train_outputs[name.replace('logits', 'head_logits')]
+    assert head_logits.shape[0] == BATCH and head_logits.shape[-1] == NUM_CLASSES
+    np.testing.assert_allclose(resize_bilinear(head_logits, size), train_outputs[name],
+                               rtol=1e-5, atol=1e-5)
 
   grads = {'backbone': backbone_grads, **head_grads}
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]

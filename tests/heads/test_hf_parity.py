@@ -35,12 +35,7 @@ LEVEL_SHAPES = {
 CHANNELS = (8, 12, 20, 24)
 
 
-@pytest.fixture(autouse=True)
-def highest_precision():
-  previous = jax.config.jax_default_matmul_precision
-  jax.config.update('jax_default_matmul_precision', 'highest')
-  yield
-  jax.config.update('jax_default_matmul_precision', previous)
+pytestmark = pytest.mark.usefixtures('highest_precision')
 
 
 def _randomize_norms(module, seed: int) -> None:

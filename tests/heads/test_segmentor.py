@@ -51,14 +51,15 @@ def test_return_convention_and_variable_names():
   train_out, updates = jax.jit(
       functools.partial(model.apply, train=True, mutable=['batch_stats']),
       compiler_options=FAST_COMPILE)(variables, images, rngs={'dropout': jax.random.key(2)})
-  assert set(train_out) == {'logits', 'aux_logits'}
+  assert set(train_out) == {'logits', 'aux_logits', 'head_logits', 'aux_head_logits'}
   assert train_out['aux_logits'].shape == (2, *SIZE, 3)
+  assert train_out['head_logits'].shape[::3] == (2, 3)
   assert set(updates['batch_stats']) == set(variables['batch_stats'])
 
   no_aux = Segmentor(StandInBackbone(), LinearHead(num_classes=3))
   out, _ = jax.eval_shape(functools.partial(no_aux.init_with_output, train=True),
                           jax.random.key(0), images)
-  assert set(out) == {'logits'}
+  assert set(out) == {'logits', 'head_logits'}
 
 
 def test_neck_outputs_join_the_backbone_features():

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from heads.resampling import resize_bilinear
 from projects.cvt_segmentation import models
 from projects.cvt_segmentation.configs import synthetic_demo
 from projects.training import checkpoints
@@ -127,6 +128,33 @@ def test_loss_ignores_255_and_padding():
                              loss, rtol=1e-6)
   smooth, _ = models.segmentation_loss(logits, labels, None, label_smoothing=0.1)
   assert float(smooth) != pytest.approx(float(loss))
+
+
+def test_loss_of_head_logits_equals_the_loss_of_the_resized_logits():
+  """`loss_function` takes the heads' own-resolution logits (resized block by block inside
+  the loss) when the model gives them, with the same value and gradient as the full-size."""
+  config = synthetic_demo.get_config('runlocal')
+  model = models.get_model_cls(config.model_name)(config, {'num_classes': 3})
+  rng = np.random.default_rng(0)
+  head = jnp.asarray(rng.standard_normal((2, 9, 13, 3), np.float32))
+  aux = jnp.asarray(rng.standard_normal((2, 5, 7, 3), np.float32))
+  labels = jnp.asarray(rng.integers(0, 3, (2, 33, 50)).astype(np.int32)).at[0, :4].set(255)
+  batch = {'label': labels, 'batch_mask': jnp.array([1.0, 1.0])}
+
+  def from_heads(head, aux):
+    full = resize_bilinear(head, (33, 50)), resize_bilinear(aux, (33, 50))
+    return model.loss_function({'logits': full[0], 'aux_logits': full[1], 'head_logits': head,
+                                'aux_head_logits': aux}, batch)
+
+  def from_full_size(head, aux):
+    return model.loss_function({'logits': resize_bilinear(head, (33, 50)),
+                                'aux_logits': resize_bilinear(aux, (33, 50))}, batch)
+
+  value, grads = jax.value_and_grad(from_heads, (0, 1))(head, aux)
+  want, want_grads = jax.value_and_grad(from_full_size, (0, 1))(head, aux)
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  for got, expected in zip(grads, want_grads, strict=True):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
 @requires_scenic

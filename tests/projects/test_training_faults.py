@@ -128,8 +128,13 @@ def _flip_a_stored_weight(workdir: Path, step: int, original: Path) -> None:
   files = {path: bytearray(path.read_bytes()) for path in _data_files(workdir, step)}
   for leaf in sorted(jax.tree.leaves(variables), key=lambda a: -a.nbytes):
     raw = np.ascontiguousarray(leaf).tobytes()
+    # Bytes found once, in one file: that weight's own. A weight whose bytes occur again
+    # (zeros, ones, or equal to an optimizer moment) could be found in the optimizer
+    # state, which evaluation does not read, and the flip would go unseen.
+    if len(raw) < 64 or sum(data.count(raw) for data in files.values()) != 1:
+      continue
     for path, data in files.items():
-      at = data.find(raw) if len(raw) >= 64 else -1
+      at = data.find(raw)
       if at >= 0:
         data[at + len(raw) // 2] ^= 0xFF
         path.write_bytes(bytes(data))

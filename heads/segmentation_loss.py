@@ -1,0 +1,125 @@
+"""Per-pixel cross-entropy of a head's logits against full-size labels, resized in the loss.
+
+mmsegmentation's decode heads upsample their logits bilinearly to the label size, then take
+the cross-entropy (`BaseDecodeHead.loss_by_feat`). Written literally, a 512x512 crop of
+ADE20K holds `[B, 512, 512, 150]` float32 logits, their log-softmax and, in the backward pass,
+their gradient: 300 MB each at batch 2, for the decode and the auxiliary head, most of the
+training step's temporary memory. Here the resize is a pair of interpolation matrices
+(`heads.resampling.bilinear_matrix`, the same weights as `resize_bilinear`) and the loss runs
+over blocks of label rows in a loop whose body is rematerialised in the backward pass: only
+one block of upsampled logits exists at a time, and the gradient reaches the low-resolution
+logits without a full-size copy. The value and gradient are those of resize-then-loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from heads.resampling import bilinear_matrix
+
+# Upsampled logits per block of rows; the block's log-softmax and gradient are as large.
+BLOCK_BYTES = 32 * 2**20
+
+
+def cross_entropy_sum(logits: jax.Array, labels: jax.Array, weights: jax.Array, *,
+                      label_smoothing: float = 0.0, align_corners: bool = False,
+                      block_bytes: int = BLOCK_BYTES) -> jax.Array:
+  """`sum(weights * CE(resize(logits), labels))` over every pixel, in float32.
+
+  Args:
+    logits: `[B, h, w, K]`, at the labels' size or any other (then resized bilinearly to it,
+      half-pixel centres unless `align_corners`, as `resize_bilinear`).
+    labels: `[B, H, W]` int class indices; entries with zero weight may hold anything
+      (255 for ignore).
+    weights: `[B, H, W]` float per-pixel weights (0 for ignored and padded pixels).
+    label_smoothing: mass spread uniformly over the K classes.
+    align_corners: PyTorch's `align_corners` of the resize.
+    block_bytes: the most bytes of float32 upsampled logits computed at once.
+
+  Returns:
+    The weighted sum, a float32 scalar.
+  """
+  batch, height, width = labels.shape
+  num_classes = logits.shape[-1]
+  if logits.ndim != 4 or logits.shape[0] != batch:
+    raise ValueError(f'logits [B, h, w, K] for labels {tuple(labels.shape)}; got '
+                     f'{tuple(logits.shape)}.')
+  logits = logits.astype(jnp.float32)
+  if logits.shape[1:3] == (height, width):
+    return jnp.sum(_pixel_losses(logits, labels, label_smoothing) * weights)
+
+  rows_h = bilinear_matrix(logits.shape[1], height, align_corners=align_corners)
+  rows_w = bilinear_matrix(logits.shape[2], width, align_corners=align_corners)
+  # Resize the columns once ([h, B, W, K], input rows first for the row products below).
+  columns = jnp.einsum('Ww,bhwk->hbWk', jnp.asarray(rows_w), logits,
+                       precision=lax.Precision.HIGHEST)
+  rows = max(1, min(height, block_bytes // (4 * batch * width * num_classes)))
+  blocks = math.ceil(height / rows)
+  pad = blocks * rows - height
+  # Rows past the labels get zero weights (and zero interpolation rows).
+  rows_h = np.pad(rows_h, ((0, pad), (0, 0))).reshape(blocks, rows, -1)
+
+  def by_rows(x):  # [B, H, W] -> [blocks, rows, B, W]
+    x = jnp.pad(jnp.moveaxis(x, 1, 0), ((0, pad), (0, 0), (0, 0)))
+    return x.reshape(blocks, rows, batch, width)
+
+  def step(total, block):
+    return total + _block_loss(columns, *block, label_smoothing), None
+
+  total, _ = lax.scan(step, jnp.zeros((), jnp.float32),
+                      (jnp.asarray(rows_h), by_rows(labels), by_rows(weights)))
+  return total
+
+
+def _upsample_rows(interpolation: jax.Array, columns: jax.Array) -> jax.Array:
+  return jnp.einsum('rh,hbwk->rbwk', interpolation, columns, precision=lax.Precision.HIGHEST)
+
+
+def _targets(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
+  # 255 (ignore) and other out-of-range labels give zero targets; their weight is 0.
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
+  return targets
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _block_loss(columns, interpolation, labels, weights, label_smoothing):
+  """One block of rows: upsample, then `sum(weights * CE)`. Its gradient (below) recomputes
+  the block's logits instead of keeping them, and goes straight to `softmax - targets`."""
+  logits = _upsample_rows(interpolation, columns)
+  targets = _targets(labels, logits.shape[-1], label_smoothing)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  losses = lse * jnp.sum(targets, axis=-1) - jnp.sum(targets * logits, axis=-1)
+  return jnp.sum(losses * weights)
+
+
+def _block_loss_forward(columns, interpolation, labels, weights, label_smoothing):
+  loss = _block_loss(columns, interpolation, labels, weights, label_smoothing)
+  return loss, (columns, interpolation, labels, weights)
+
+
+def _block_loss_backward(label_smoothing, residuals, g):
+  columns, interpolation, labels, weights = residuals
+  logits = _upsample_rows(interpolation, columns)
+  targets = _targets(labels, logits.shape[-1], label_smoothing)
+  probs = jax.nn.softmax(logits, axis=-1)
+  grad = (probs * jnp.sum(targets, axis=-1, keepdims=True) - targets) * (g * weights)[..., None]
+  columns_grad = jnp.einsum('rh,rbwk->hbwk', interpolation, grad,
+                            precision=lax.Precision.HIGHEST)
+  return columns_grad, None, None, None
+
+
+_block_loss.defvjp(_block_loss_forward, _block_loss_backward)
+
+
+def _pixel_losses(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+  return optax.softmax_cross_entropy(
+      logits, _targets(labels, logits.shape[-1], label_smoothing))
