@@ -130,7 +130,7 @@ def _count(tree) -> int:
 
 
 def worker_ours(head: str, variant: str, size: int, batch: int, warmup: int,
-                steps: int) -> dict:
+                steps: int, dtype: str = 'float32') -> dict:
   import jax
   import numpy as np
 
@@ -138,6 +138,7 @@ def worker_ours(head: str, variant: str, size: int, batch: int, warmup: int,
   from projects.training import loop
 
   config = ours_config(head, variant)
+  config.model.backbone.dtype = dtype  # the backbone's compute dtype; parameters stay float32
   meta = {'input_shape': (batch, size, size, 3), 'num_classes': NUM_CLASSES}
   model = models.get_model_cls(config.model_name)(config, meta)
   start = time.perf_counter()
@@ -308,6 +309,7 @@ def worker_matmul_peak() -> dict:
 
 def _run_worker(args: argparse.Namespace, worker: list[str]) -> dict | None:
   cmd = [sys.executable, os.path.abspath(__file__), '--variant', args.variant,
+         '--dtype', args.dtype,
          '--steps', str(args.steps), '--warmup', str(args.warmup),
          '--torch-threads', str(args.torch_threads), '--worker', *worker]
   env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='false', TF_CPP_MIN_LOG_LEVEL='3',
@@ -374,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                            'timed ones')
   parser.add_argument('--variant', type=variant_name, default='cvt-13',
                       help='backbone variant of both sides (cvt-tiny for a quick check)')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                      help="our backbone's compute dtype (config.model.backbone.dtype; the "
+                      'heads and the reference stay float32)')
   parser.add_argument('--torch-threads', type=int, default=os.cpu_count(),
                       help='torch.set_num_threads for the reference (default: the machine\'s '
                            f'cores, {os.cpu_count()})')
@@ -417,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
       head, size, batch = rest[0], int(rest[1]), int(rest[2])
       if kind == 'ours':
-        result = worker_ours(head, args.variant, size, batch, args.warmup, args.steps)
+        result = worker_ours(head, args.variant, size, batch, args.warmup, args.steps,
+                             args.dtype)
       else:
         result = worker_torch(head, args.variant, size, batch, args.warmup, args.steps,
                               args.torch_threads)
@@ -432,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
   peak_gflops = peak['gflops'] if peak else float('nan')
   omp = ('' if args.torch_omp_wait_policy == 'default' else
          f', OMP_WAIT_POLICY={args.torch_omp_wait_policy.upper()}')
-  print(f'{args.variant} segmentation training step, float32, AdamW, {NUM_CLASSES} classes; '
+  dtype = 'float32' if args.dtype == 'float32' else f'ours {args.dtype} backbone compute'
+  print(f'{args.variant} segmentation training step, {dtype}, AdamW, {NUM_CLASSES} classes; '
         f'{os.cpu_count()} CPU cores (torch threads {args.torch_threads}{omp}); float32 matmul '
         f'(jnp.dot 2048^2): {peak_gflops:.1f} GFLOP/s; load average {load_start[0]:.2f}; '
         f'median of {args.steps} timed step{"s" * (args.steps > 1)} after {1 + args.warmup} '
@@ -498,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                               hint=hint))
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'variant': args.variant, 'cpu_cores': os.cpu_count(),
+      json.dump({'variant': args.variant, 'dtype': args.dtype, 'cpu_cores': os.cpu_count(),
                  'torch_threads': args.torch_threads,
                  'torch_omp_wait_policy': args.torch_omp_wait_policy,
                  'matmul_peak_gflops': peak_gflops,

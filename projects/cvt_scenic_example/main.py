@@ -18,6 +18,12 @@ from typing import Any
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from projects.training import xla_flags  # noqa: E402
+
+# XLA's memory-minimising scheduler on CPU, before JAX creates its backend (README,
+# "Training speed"): a Scenic main of your own can do the same.
+xla_flags.set_training_flags()
+
 import jax  # noqa: E402
 from scenic import app  # noqa: E402
 from scenic.model_lib import models as scenic_models  # noqa: E402

@@ -6,6 +6,8 @@
   multi-host after `jax.distributed.initialize()`, each process feeding its slice).
   BatchNorm statistics are those of the global batch: under jit the mean over
   the sharded batch axis is a cross-device reduction.
+- the step compiled ahead of its first call, the compiler's freed memory handed back
+  (`CompiledSteps`); on CPU, XLA's memory-minimising scheduler (`xla_flags`, set by `app`).
 - optax AdamW with warmup and poly or step decay, layer-wise lr decay, clipping,
   accumulation (`optim.py`); bf16 compute and remat come from the model config.
 - periodic evaluation by the project's `Evaluation` (mIoU for segmentation, COCO AP for
