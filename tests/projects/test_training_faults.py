@@ -22,6 +22,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -118,28 +119,31 @@ def _truncate(workdir: Path, step: int) -> None:
 
 
 def _flip_a_stored_weight(workdir: Path, step: int, original: Path) -> None:
-  """Inverts one byte in the middle of a weight stored uncompressed (found by its bytes).
+  """Flips one bit of one stored weight of checkpoint `step`, its recorded checksums untouched.
 
-  The file keeps its size and still decodes, only that weight's value changes: what a
-  bit flip on a disk does and nothing but the checksum can see. (Orbax compresses with
-  zstd, and a flip inside compressed data may or may not fail to decode.)
+  What a bit flip on a disk does and nothing but the checksum can see: the checkpoint still
+  decodes, only that weight's value changes. The state is restored, the lowest mantissa bit
+  of one float of its largest parameter is flipped (the value stays finite), and the state
+  item alone is written again by orbax in place of the original. (Flipping bytes inside the
+  files was data-dependent: orbax compresses the arrays with zstd and keeps small values
+  inside its index nodes, behind their own CRC, so a weight's raw bytes may not be there.)
   """
-  variables = _inference_variables(original / 'checkpoints' / str(step))
-  files = {path: bytearray(path.read_bytes()) for path in _data_files(workdir, step)}
-  for leaf in sorted(jax.tree.leaves(variables), key=lambda a: -a.nbytes):
-    raw = np.ascontiguousarray(leaf).tobytes()
-    # Bytes found once, in one file: that weight's own. A weight whose bytes occur again
-    # (zeros, ones, or equal to an optimizer moment) could be found in the optimizer
-    # state, which evaluation does not read, and the flip would go unseen.
-    if len(raw) < 64 or sum(data.count(raw) for data in files.values()) != 1:
-      continue
-    for path, data in files.items():
-      at = data.find(raw)
-      if at >= 0:
-        data[at + len(raw) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
-        return
-  raise AssertionError('no weight of the checkpoint is stored uncompressed')
+  del original
+  abstract, _ = _abstract_state()
+  item = workdir / 'checkpoints' / str(step) / 'state'
+  with checkpoints.manager(workdir) as mngr:
+    state = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))['state']
+  params, treedef = jax.tree.flatten(state.variables['params'])
+  largest = max(range(len(params)), key=lambda i: params[i].size)
+  bits = np.array(params[largest]).view(np.uint32).copy()
+  bits.reshape(-1)[bits.size // 2] ^= 1
+  params[largest] = jax.numpy.asarray(bits.view(np.float32))
+  state = state.replace(variables={**state.variables,
+                                   'params': jax.tree.unflatten(treedef, params)})
+  shutil.rmtree(item)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(item, state)
 
 
 def _abstract_state():
