@@ -4,7 +4,9 @@ A backbone returns `{'stage1': [N, H/4, W/4, C1], ...}`; `FPN` turns those into 
 levels; decode heads (`SemanticFPNHead`, `UPerNetHead`, `FCNHead`, `SegFormerHead`,
 `LinearHead`) return `[N, h, w, K]` logits at their finest input's resolution; `Segmentor` ties
 a backbone, neck and heads together and returns logits at the input size. `build_head` builds
-heads from names or config dicts.
+heads from names or config dicts. `segmentation_loss` is the cross-entropy that resizes a
+head's logits to the labels a block of rows at a time; the heads' convolutions run through
+`dense_conv` (matrix-product kernel gradients on CPU).
 
 Detection: `Detector` ties a backbone, the P3-P7 neck of `detection_fpn` and an `ATSSHead`
 (FCOS/ATSS family) and returns per-point predictions; `atss` assigns targets with static

@@ -19,7 +19,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax import lax
 
 from heads.resampling import bilinear_matrix
@@ -121,5 +120,5 @@ _block_loss.defvjp(_block_loss_forward, _block_loss_backward)
 
 
 def _pixel_losses(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-  return optax.softmax_cross_entropy(
-      logits, _targets(labels, logits.shape[-1], label_smoothing))
+  targets = _targets(labels, logits.shape[-1], label_smoothing)
+  return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
