@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> dict:
 
   start = time.perf_counter()
   if args.checkpoint:
-    from cvt_backbone.checkpoint import load_backbone
+    from cvt_backbone.weights.converted import load_backbone
 
     backbone, variables = load_backbone(args.checkpoint)
   else:

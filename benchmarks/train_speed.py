@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from projects import command_line  # noqa: E402
+from projects.tools import command_line
 from projects.training import xla_flags  # noqa: E402
 
 NUM_CLASSES = 150  # ADE20K

@@ -1,7 +1,7 @@
 """CvT (Convolutional vision Transformer) in Flax: dense backbone, classifier, weights."""
 
-from cvt_backbone.attention import choose_implementation
-from cvt_backbone.checkpoint import (
+from cvt_backbone.kernels.attention import choose_implementation
+from cvt_backbone.weights.converted import (
     convert_checkpoint,
     load_backbone,
     load_classifier,
@@ -9,14 +9,14 @@ from cvt_backbone.checkpoint import (
     load_pretrained,
     save_converted,
 )
-from cvt_backbone.config import (
+from cvt_backbone.weights.pretrained import (
     PretrainedBackboneInit,
     build_backbone,
     load_backbone_into_train_state,
     load_backbone_weights,
     pretrained_settings,
 )
-from cvt_backbone.convert import (
+from cvt_backbone.weights.convert import (
     CheckpointError,
     CheckpointMismatchError,
     convert_state_dict,
@@ -34,7 +34,7 @@ from cvt_backbone.cvt import (
 )
 from cvt_backbone.flops import cvt_flops, stage_flops
 from cvt_backbone.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize
-from cvt_backbone.readers import read_state_dict
+from cvt_backbone.weights.readers import read_state_dict
 
 __all__ = [
     'IMAGENET_MEAN',

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from cvt_backbone import CvTBackbone, count_params
-from cvt_backbone.checkpoint import HelpFormatter
+from cvt_backbone.weights.converted import HelpFormatter
 from cvt_backbone.cvt import MIN_INPUT_SIZE, VARIANTS
 
 
@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ['convert']:
-    from cvt_backbone.checkpoint import main as convert_main
+    from cvt_backbone.weights.converted import main as convert_main
 
     return convert_main(argv[1:])
   args = parse_args(argv)

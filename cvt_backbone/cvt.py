@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from cvt_backbone import attention as attention_lib
-from cvt_backbone import depthwise as depthwise_lib
+from cvt_backbone.kernels import attention as attention_lib
+from cvt_backbone.kernels import depthwise as depthwise_lib
 
 Dtype = Any
 MIN_INPUT_SIZE = 16

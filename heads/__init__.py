@@ -16,14 +16,14 @@ post-processing, `boxes` the box utilities.
 
 from heads.checkpoint import merge_variables, torch_to_flax
 from heads.conv_module import NORMS, ConvModule
-from heads.detection import ATSSHead, Detector, detection_fpn, flatten_levels, split_levels
+from heads.detection.head import ATSSHead, Detector, detection_fpn, flatten_levels, split_levels
 from heads.features import feature_kwargs, select_features
 from heads.fpn import FPN
 from heads.linear import LinearHead
 from heads.registry import HEADS, build_head, register_head
 from heads.resampling import adaptive_avg_pool, resize_bilinear, resize_nearest
 from heads.segformer import SegFormerHead, convert_hf_segformer_head
-from heads.segmentor import Segmentor
+from heads.segmentation.segmentor import Segmentor
 from heads.semantic_fpn import SemanticFPNHead
 from heads.upernet import FCNHead, UPerNetHead, convert_hf_fcn_head, convert_hf_upernet_head
 

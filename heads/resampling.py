@@ -87,7 +87,7 @@ def bilinear_matrix(in_size: int, out_size: int, *, align_corners: bool = False)
   Half-pixel sampling as PyTorch's `F.interpolate(..., mode='bilinear', align_corners=False)`
   (`area_pixel_compute_source_index`: source `(dst + 0.5) * in / out - 0.5`, clamped at 0,
   computed in float32), or corner-aligned sampling. Used where the resize must be applied a
-  block of rows at a time (`heads.segmentation_loss`).
+  block of rows at a time (`heads.segmentation.loss`).
 
   Returns:
     `[out_size, in_size]` float32, two taps per row, each row summing to one.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from projects.scenic_compat import scenic_available
+from projects.training.scenic_compat import scenic_available
 
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = REPO.parent / 'shared' / 'third_party' / 'scenic'

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvt_backbone import CvTBackbone, get_spec
-from cvt_backbone import checkpoint as checkpoint_lib
+from cvt_backbone.weights import converted as checkpoint_lib
 
 
 def write_converted_backbone(path: str | Path, variant: str = 'cvt-tiny',

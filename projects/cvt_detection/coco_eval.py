@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
-from projects.output_files import write_atomically
+from projects.tools.output_files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def to_coco_results(
 
 
 def write_results_json(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
-  """Writes COCO results to `path` atomically (`projects.output_files.write_atomically`).
+  """Writes COCO results to `path` atomically (`projects.tools.output_files.write_atomically`).
 
   Args:
     results: `to_coco_results` dicts.

@@ -12,7 +12,7 @@ canvases) and `evaluation.detect_batches` (the jitted model and post-processing 
 `DetectionModel.predict_fn`, with `config.eval`: pre_nms_topk, score_threshold, iou_threshold,
 max_detections; flags override the last two and the rest of `config.eval` stays). The
 detections are scored by `coco_eval.evaluate_boxes` against the split's annotations, so the
-numbers are those of the trainer's periodic evaluation. Progress (`projects.progress`) is
+numbers are those of the trainer's periodic evaluation. Progress (`projects.tools.progress`) is
 shown per batch on stderr: a bar on a terminal, a timed line in a log.
 
 The COCO table is printed first (in percent; the files keep COCO's fractions in [0, 1], as
@@ -23,7 +23,7 @@ By default both go next to the checkpoints, named by the dataset and the checkpo
 evaluated, `eval_<dataset>_step<N>_{results,metrics}.json`, so the evaluation of a later
 checkpoint of the same workdir is a new pair of files, not a conflict.
 
-Outputs and reruns (`projects.output_files`): the metrics file carries the provenance
+Outputs and reruns (`projects.tools.output_files`): the metrics file carries the provenance
 record (its `RECORD_KEY` entry): the evaluated data (the validation annotation file's size
 and sha256; for the generated synthetic set, its settings), the config, the checkpoint
 (`checkpoints.identity`: folder and step), the dataset settings and `config.eval` with the
@@ -52,11 +52,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from projects import command_line, output_files
+from projects.tools import command_line
+from projects.tools import output_files
 from projects.cvt_detection import coco_eval, evaluation, models
 from projects.cvt_detection.configs import common as _settings  # noqa: F401  (registers its keys)
-from projects.output_files import check_writable, write_json
-from projects.progress import Progress
+from projects.tools.output_files import check_writable, write_json
+from projects.tools.progress import Progress
 from projects.training import checkpoints
 from projects.training.configs import as_dict, config_get, load_config
 
@@ -287,7 +288,7 @@ def run_evaluation(
     batch_size: images per batch; None: `config.eval_batch_size`.
     score_threshold: overrides `config.eval.score_threshold`.
     max_detections: overrides `config.eval.max_detections`.
-    progress: show progress per batch on stderr (`projects.progress.Progress`).
+    progress: show progress per batch on stderr (`projects.tools.progress.Progress`).
     print_fn: prints the table and the written paths; None prints nothing.
 
   Returns:

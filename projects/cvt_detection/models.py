@@ -41,8 +41,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from cvt_backbone import CvTBackbone, PretrainedBackboneInit, build_backbone, pretrained_settings
-from heads import atss, detection, detection_losses, nms
-from projects import scenic_compat
+from heads.detection import atss
+from heads.detection import head as detection
+from heads.detection import losses as detection_losses
+from heads.detection import nms
+from projects.training import scenic_compat
 from projects.training.configs import as_dict, backbone_config
 
 # mmdet configs/atss/atss_r50_fpn_1x_coco.py: loss_cls FocalLoss(gamma=2, alpha=0.25,
@@ -143,7 +146,7 @@ class DetectionModel(scenic_compat.base_model_class()):
                        batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """mmdet's ATSS loss of a batch and its parts (`loss_cls`, `loss_box`, ..., `num_pos`).
 
-    Targets are assigned per image by ATSS (`heads.atss`) from the padded boxes; padded
+    Targets are assigned per image by ATSS (`heads.detection.atss`) from the padded boxes; padded
     boxes and padded batch entries (`batch_mask` 0) never match.
     """
     weights = self._section('loss', LOSS_DEFAULTS)
@@ -193,7 +196,7 @@ class DetectionModel(scenic_compat.base_model_class()):
 
   def detect(self, outputs: dict[str, jax.Array], image_hw: tuple[int, int],
              image_size: jax.Array, scale_factor: jax.Array) -> dict[str, jax.Array]:
-    """Boxes in original-image pixels from the model's outputs, under jit (`heads.nms`).
+    """Boxes in original-image pixels from the model's outputs, under jit (`heads.detection.nms`).
 
     Args:
       outputs: the flax model's dict for inputs of size `image_hw`.

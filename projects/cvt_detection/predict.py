@@ -28,13 +28,13 @@ post-processing (`config.eval`) keeps candidates whose class probability passes 
 gives the `max_detections` best of every image (what COCO AP wants).
 
 Inputs are files, folders (searched recursively; outputs keep the sub-folders) and glob
-patterns. Progress (`projects.progress`) is shown on stderr: a bar on a terminal, a timed
+patterns. Progress (`projects.tools.progress`) is shown on stderr: a bar on a terminal, a timed
 line in a log (`--no-progress`: none). A missing or unreadable input, or one whose picture
 is in conflict, is reported by name (`failed: ...`) and the others are still done;
 `--strict` stops at the first instead (one `error:` line), before loading the model when
 the checks find it (a missing file, a file that is not an image, an output conflict).
 
-Outputs and reruns (`projects.output_files`): every picture is written atomically and
+Outputs and reruns (`projects.tools.output_files`): every picture is written atomically and
 records, in a PNG text chunk, its input (absolute path, size, sha256), the settings that
 made it (config, checkpoint folder and step, `config.eval` with the flags, the scale,
 --score-threshold) and its detections. A rerun skips an input whose picture records the
@@ -67,7 +67,8 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from projects import command_line, output_files
+from projects.tools import command_line
+from projects.tools import output_files
 from projects.cvt_detection import coco_eval, models
 from projects.cvt_detection.data.builder import EVAL_DEVICE_KEYS
 from projects.cvt_detection.data.synthetic import SyntheticDetection
@@ -83,15 +84,15 @@ from projects.cvt_detection.evaluate import (
   val_annotation_file,
   with_eval_settings,
 )
-from projects.input_files import (
+from projects.tools.input_files import (
   InputImage,
   PredictError,
   check_image_header,
   collect_inputs,
   read_image,
 )
-from projects.output_files import check_writable, write_json
-from projects.progress import Progress
+from projects.tools.output_files import check_writable, write_json
+from projects.tools.progress import Progress
 from projects.training import checkpoints
 from projects.training.configs import as_dict, config_get, load_config
 
@@ -377,7 +378,7 @@ def plan_outputs(images: Sequence[InputImage], output_dir: str, info: DatasetInf
                  strict: bool = False) -> Plan:
   """Checks each input's header, reads its sha256 and decides: todo, done or conflict.
 
-  See `projects.output_files.output_state`: a picture recording this input and `settings`
+  See `projects.tools.output_files.output_state`: a picture recording this input and `settings`
   is done; one recording another input, other settings, or nothing is a conflict (failed).
   A file that is not an image fails here, before the model is loaded.
 
@@ -428,7 +429,7 @@ def predict_images(
     settings: `record_settings(...)`.
     score_threshold: draw and keep the detections scoring at least this.
     strict: stop at the first image that cannot be read (its message in 'stopped').
-    progress: show progress per image on stderr (`projects.progress.Progress`).
+    progress: show progress per image on stderr (`projects.tools.progress.Progress`).
 
   Returns:
     `{'done': [(input, output png, image id, detections)], 'failed': [message],

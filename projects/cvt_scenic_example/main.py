@@ -29,7 +29,7 @@ from scenic import app  # noqa: E402
 from scenic.model_lib import models as scenic_models  # noqa: E402
 from scenic.train_lib import classification_trainer, train_utils  # noqa: E402
 
-from projects import scenic_compat  # noqa: E402
+from projects.training import scenic_compat
 from projects.cvt_scenic_example.configs import common as configs_common  # noqa: E402
 from projects.cvt_scenic_example.model import CvTLinearSegmentationModel  # noqa: E402
 from projects.cvt_segmentation import models as segmentation_models  # noqa: E402

@@ -8,7 +8,7 @@ optionally `min_size`, `pad_to_crop`); command-line flags override `eval`. Also
 `eval_batch_size` (`evaluate`'s default batch size, as the trainer's evaluation) and the
 dataset's class names (`class_names`: which classes `predict`'s overlays leave unpainted).
 
-Flags take lists the way every tool of the projects does (`projects.command_line`):
+Flags take lists the way every tool of the projects does (`projects.tools.command_line`):
 comma-separated, `--crop-size 512,1024 --stride 341,682 --scales 0.5,1.0,1.5
 --test-scale 2048,512`, and `--help` says where each default comes from.
 """
@@ -21,10 +21,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from projects import command_line
+from projects.tools import command_line
 from projects.cvt_segmentation.configs import common as _settings  # noqa: F401  (registers its keys)
 from projects.cvt_segmentation.inference import DEFAULT_MIN_SIZE, MODES
-from projects.output_files import check_output_free  # noqa: F401  (the tools' API)
+from projects.tools.output_files import check_output_free  # noqa: F401  (the tools' API)
 from projects.training.configs import as_dict, config_get, load_config  # noqa: F401
 
 # `model_loader(config, checkpoint_dir) -> (flax_model, variables)`.
@@ -136,7 +136,7 @@ def test_scale_flag(text: str) -> tuple[int, int] | str:
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
   """--config, --checkpoint and the inference flags (None: take the config's value).
 
-  Lists are comma-separated (`projects.command_line`): `--crop-size 512,1024`,
+  Lists are comma-separated (`projects.tools.command_line`): `--crop-size 512,1024`,
   `--scales 0.5,1.0,1.5`, `--test-scale 2048,512`.
   """
   parser.add_argument('--config', required=True, metavar='CONFIG.py[:ARG]',

@@ -14,7 +14,7 @@ otherwise; with test-time augmentation every original image goes through
 then written as JSON (atomically), by default beside the checkpoints folder as
 `eval_<dataset>_<mode>[_ms][_flip][_first<N>]_step<S>.json` (`default_output_path`).
 
-Reruns follow the tools' output policy (`projects.output_files`): the report records its
+Reruns follow the tools' output policy (`projects.tools.output_files`): the report records its
 input (the config file's path, size and sha256) and settings (config and arg, checkpoint
 folder and step, dataset, inference settings, test scale, --max-examples;
 `evaluation_record`). A rerun whose report exists with the same record prints "already
@@ -22,7 +22,7 @@ evaluated" and the stored table without loading the data or the model, exit 0; a
 that records another evaluation, or an unreadable or 0-byte file, is kept and is one
 `error:` line naming what it holds and what this run would write, exit 1, until
 --overwrite. The output place is checked before the data and the model are loaded.
-Progress (`projects.progress`) is a bar on a terminal and a timed line in a log;
+Progress (`projects.tools.progress`) is a bar on a terminal and a timed line in a log;
 --no-progress hides it. Exit status: 0 evaluated or already evaluated; 1 on an error, one
 `error:` line on stderr (a write error after the evaluation comes after the printed table);
 2 on bad arguments.
@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from projects import command_line, output_files
+from projects.tools import command_line
+from projects.tools import output_files
 from projects.cvt_segmentation import cli, metrics
 from projects.cvt_segmentation.inference import (  # noqa: F401  (evaluate_dataset re-exported)
     LogitsFn,
@@ -50,7 +51,7 @@ from projects.cvt_segmentation.inference import (  # noqa: F401  (evaluate_datas
     make_logits_fn,
     segment_image,
 )
-from projects.progress import Progress
+from projects.tools.progress import Progress
 from projects.training import checkpoints
 
 IGNORE_INDEX = metrics.IGNORE_INDEX
@@ -97,7 +98,7 @@ def evaluate_examples(
     flip: flip TTA.
     test_scale: `(long, short)` single-scale test resize limits, or None.
     ignore_index: label value to skip.
-    progress: show progress (`projects.progress.Progress`), the current image by name.
+    progress: show progress (`projects.tools.progress.Progress`), the current image by name.
     num_threads: threads reading examples ahead.
     **infer_kwargs: `mode`, `crop_size`, `stride`, `min_size`, `pad_to_crop`.
 
@@ -278,7 +279,7 @@ def run_evaluation(
       config's `eval_batch_size`, else 1.
     max_examples: evaluate only the first examples (quick checks).
     num_threads: data loading threads.
-    progress: show progress (`projects.progress.Progress`).
+    progress: show progress (`projects.tools.progress.Progress`).
     model_loader: replaces `models.restore_for_inference`.
     print_table: print the per-class table to stdout, and what was done to stderr.
 

@@ -44,7 +44,7 @@ from projects.cvt_segmentation.data.transforms import (
   rescale_size,
   resize_image,
 )
-from projects.progress import Progress
+from projects.tools.progress import Progress
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 MODES = ('whole', 'slide')
@@ -643,7 +643,7 @@ def evaluate_dataset(
     min_size: pad smaller inputs / windows to this size for the model.
     pad_to_crop: pad slide windows smaller than the crop to the crop size.
     num_batches: stop after this many batches (needed for endless iterators).
-    progress: show progress (`projects.progress.Progress`: a bar on a terminal, timed
+    progress: show progress (`projects.tools.progress.Progress`: a bar on a terminal, timed
       lines in a log).
 
   Returns:

@@ -37,8 +37,8 @@ import ml_collections
 
 import heads
 from cvt_backbone import CvTBackbone, PretrainedBackboneInit, build_backbone, pretrained_settings
-from heads.segmentation_loss import cross_entropy_sum
-from projects import scenic_compat
+from heads.segmentation.loss import cross_entropy_sum
+from projects.training import scenic_compat
 from projects.training.configs import as_dict, backbone_config
 
 IGNORE_INDEX = 255
@@ -52,7 +52,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, batch_mask: jax.Arra
   Args:
     logits: `[B, H, W, K]` at the labels' size, or a head's `[B, h, w, K]` at its own: those
       are upsampled bilinearly to the labels' size inside the loss (mmseg's resize before
-      the loss), a block of rows at a time (`heads.segmentation_loss`).
+      the loss), a block of rows at a time (`heads.segmentation.loss`).
     labels: `[B, H, W]` int, 255 = ignore.
     batch_mask: `[B]` (1 real, 0 padding) or `[B, H, W]`; None: all real.
     label_smoothing: mass spread uniformly over the K classes.

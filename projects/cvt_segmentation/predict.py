@@ -19,7 +19,7 @@ resized back to the original size).
 Inputs are files, folders (searched recursively; outputs keep the sub-folders) and glob
 patterns; two inputs with the same stem (`a.jpg`, `a.png`) get distinct ones (`a`, `a_png`).
 
-Outputs and reruns (`projects.output_files`): both PNGs are written atomically and record,
+Outputs and reruns (`projects.tools.output_files`): both PNGs are written atomically and record,
 in a text chunk, the input they came from (absolute path, size, sha256) and the settings
 that made them (config, checkpoint folder and step, inference mode and TTA, test scale,
 palette; the overlay also its --alpha and --paint-background). A rerun skips an input whose
@@ -29,7 +29,7 @@ file of an older version) is kept and reported as a conflict: --overwrite replac
 output place is checked before the model is loaded. Missing paths, unreadable or non-image
 files and conflicts are reported by name and the other inputs are still done; --strict stops
 at the first. Exit status: 0 when every input was done or already done, 1 when any failed
-(or on an error, one `error:` line), 2 on bad arguments. Progress (`projects.progress`) is a
+(or on an error, one `error:` line), 2 on bad arguments. Progress (`projects.tools.progress`) is a
 bar on a terminal and a timed line in a log, naming the current image; --no-progress hides
 it.
 """
@@ -46,17 +46,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from projects import command_line, output_files
+from projects.tools import command_line
+from projects.tools import output_files
 from projects.cvt_segmentation import cli, palettes
 from projects.cvt_segmentation.inference import LogitsFn, make_logits_fn, segment_image
-from projects.input_files import (  # noqa: F401  (PredictError and read_image: this API)
+from projects.tools.input_files import (  # noqa: F401  (PredictError and read_image: this API)
     InputImage,
     PredictError,
     check_image_header,
     collect_inputs,
     read_image,
 )
-from projects.progress import Progress
+from projects.tools.progress import Progress
 from projects.training import checkpoints
 
 TOOL = 'cvt_segmentation.predict'
@@ -188,7 +189,7 @@ def predict_images(
     test_scale: `(long, short)` resize limits before inference, or None.
     num_classes: expected K (checked against the model), or None.
     strict: raise `PredictError` on the first unreadable image instead of skipping it.
-    progress: show progress (`projects.progress.Progress`: a bar on a terminal, timed
+    progress: show progress (`projects.tools.progress.Progress`: a bar on a terminal, timed
       lines in a log), the current image's name and size beside the count.
     alpha: mask weight in the overlay blend.
     transparent: classes left unblended in the overlay (the background).
@@ -268,7 +269,7 @@ def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | N
   Returns:
     0 when every input was segmented or already done; 1 when any input failed (missing,
     unreadable, an output conflict) or on an error; 2 on bad arguments (argparse). See
-    `projects.output_files` for the policy.
+    `projects.tools.output_files` for the policy.
   """
   args = parse_args(argv)
   try:

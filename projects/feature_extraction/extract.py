@@ -7,7 +7,7 @@
         [--pca] [--overwrite] [--strict] [--no-progress]
 
 (`python -m projects.feature_extraction` runs the same command; `--help` shows the defaults.) The checkpoint is a
-file written by `cvt-convert` (`cvt_backbone.checkpoint.load_backbone`);
+file written by `cvt-convert` (`cvt_backbone.weights.converted.load_backbone`);
 `--random-weights --variant cvt-13` runs untrained weights to try the pipeline.
 
 For every input `<stem>.<ext>` it writes `OUTPUT/<stem>.npz` (or `.safetensors`) with
@@ -22,7 +22,7 @@ logits fit in `--memory-budget-mb`, else chunked attention with the largest quer
 chunk that fits; batches are halved when even that does not fit. `--attention` and
 `--chunk-size` override the choice and are checked against the budget too.
 
-Outputs and reruns (`projects.output_files`): every output is written atomically and
+Outputs and reruns (`projects.tools.output_files`): every output is written atomically and
 records the input it came from (absolute path, size, sha256) and the settings that made it
 (`record_settings`: a hash of the weights, the stages, --dtype, --max-side): in the
 safetensors header, the npz archive's comment, or a PNG text chunk. A rerun skips an input
@@ -31,7 +31,7 @@ records another input (an `a.bmp` after an `a.png`), other settings, or nothing 
 or truncated file, an older version's file) is kept and the input fails, unless
 --overwrite.
 
-Progress (`projects.progress.Progress`, on stderr unless --no-progress): per image, and
+Progress (`projects.tools.progress.Progress`, on stderr unless --no-progress): per image, and
 inside an image per attention chunk (`FeatureExtractor(..., progress=)`: a host callback in
 the compiled program, only when progress is shown); a bar on a terminal, a line every 10 s
 in a log.
@@ -62,9 +62,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cvt_backbone.checkpoint import variables_digest
+from cvt_backbone.weights.converted import variables_digest
 from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
-from projects import command_line, output_files
+from projects.tools import command_line
+from projects.tools import output_files
 from projects.feature_extraction import images as images_lib
 from projects.feature_extraction import planning, writers
 from projects.feature_extraction.images import InputError, InputImage
@@ -73,7 +74,7 @@ from projects.feature_extraction.planning import (
     AttentionPlan,
     MemoryBudgetError,
 )
-from projects.progress import Progress
+from projects.tools.progress import Progress
 
 DTYPES = ('float16', 'float32')
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -229,7 +230,7 @@ def extract_features(
   the compiled functions for many images.
 
   Args:
-    backbone: e.g. from `cvt_backbone.checkpoint.load_backbone`.
+    backbone: e.g. from `cvt_backbone.weights.converted.load_backbone`.
     variables: its variables.
     image: `[H, W, 3]` RGB pixel values in [0, 255] (uint8 or float), or, with
       `normalize=False`, an already normalized float image.
@@ -379,7 +380,7 @@ def extract_files(
   so these errors come before any work. An input whose outputs all record it (same size
   and sha256) and the same settings (`record_settings`) is skipped as already done; an
   output that records another input, other settings or nothing is kept and the input
-  fails (`projects.output_files.output_state`), unless `overwrite`.
+  fails (`projects.tools.output_files.output_state`), unless `overwrite`.
 
   Args:
     extractor: the backbone and attention settings.
@@ -392,7 +393,7 @@ def extract_files(
     pca: also write a PCA picture of each stage map.
     overwrite: replace existing outputs whatever they record.
     strict: raise `ExtractionError` on the first input that fails.
-    progress: show progress on stderr (`projects.progress.Progress`: a bar on a terminal,
+    progress: show progress on stderr (`projects.tools.progress.Progress`: a bar on a terminal,
       a timed line in a log), per image and, inside a large image, per attention chunk.
     console: where messages go (default stderr).
 
@@ -621,7 +622,7 @@ def load_model(args: argparse.Namespace, stages: Sequence[str] | None,
                                        jnp.zeros((1, 32, 32, 3), jnp.float32))
     return backbone, variables, f'{args.variant} (random weights, seed {args.seed})'
   # Imported here: only this path reads checkpoints.
-  from cvt_backbone.checkpoint import load_backbone
+  from cvt_backbone.weights.converted import load_backbone
 
   backbone, variables = load_backbone(args.checkpoint)
   name = backbone.variant if backbone.spec is None else 'a custom CvT'

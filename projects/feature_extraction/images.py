@@ -4,7 +4,7 @@ Pixels go to the backbone as the released CvT weights were trained (microsoft/Cv
 `lib/dataset/build.py`): RGB in [0, 1], then `(x - mean) / std` with the ImageNet
 mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), NHWC float32.
 
-- Pixels are read by the conversion every tool shares (`projects.input_files.rgb_pixels`):
+- Pixels are read by the conversion every tool shares (`projects.tools.input_files.rgb_pixels`):
   greyscale repeated, palettes to their colours, alpha dropped; 16 bits per channel
   (greyscale and colour: medical and aerial scans) scaled by 255 / 65535 as float32,
   keeping the precision the other tools round to their 8-bit copy.
@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cvt_backbone.cvt import MIN_INPUT_SIZE
-from projects import input_files
-from projects.input_files import expand_inputs
+from projects.tools import input_files
+from projects.tools.input_files import expand_inputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -126,7 +126,7 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def to_rgb_pixels(im: Image.Image) -> np.ndarray:
   """A PIL image as float32 RGB pixel values in [0, 255], `[H, W, 3]` (no EXIF orientation).
 
-  The conversion all tools share (`projects.input_files.rgb_pixels`), unrounded.
+  The conversion all tools share (`projects.tools.input_files.rgb_pixels`), unrounded.
 
   Raises:
     ImageModeError: float pixels or another mode without a defined RGB reading.
@@ -137,7 +137,7 @@ def to_rgb_pixels(im: Image.Image) -> np.ndarray:
 def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
   """Reads an image file as float32 RGB pixels in [0, 255], `[H, W, 3]`, resized to `size`.
 
-  The EXIF orientation is applied; the values are those `projects.input_files.read_image`
+  The EXIF orientation is applied; the values are those `projects.tools.input_files.read_image`
   rounds to uint8.
 
   Raises:

@@ -28,7 +28,7 @@ import dataclasses
 import math
 from typing import NamedTuple
 
-from cvt_backbone import attention as attention_lib
+from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.cvt import CvTSpec, get_spec
 
 DEFAULT_MEMORY_BUDGET_MB = 2048.0

@@ -3,7 +3,7 @@
 One file per image, `OUTPUT/<stem>.npz` or `OUTPUT/<stem>.safetensors`, holding one
 `[H_i, W_i, C_i]` array per selected stage, named by stage ('stage1', ...). Both carry
 string metadata: the source file, the size fed to the model, the strides, the
-normalization, and the provenance record (`projects.output_files.RECORD_KEY`: the input's
+normalization, and the provenance record (`projects.tools.output_files.RECORD_KEY`: the input's
 path, size and sha256 and the settings). Safetensors keeps it in its header's
 `__metadata__`; an `.npz` keeps it as a JSON object in the zip archive's comment, which
 `np.load` ignores, so the archive holds the stage arrays only (`read_metadata` reads
@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from projects.output_files import RECORD_KEY, encode_record, save_png, write_atomically
+from projects.tools.output_files import RECORD_KEY, encode_record, save_png, write_atomically
 
 FORMATS = ('npz', 'safetensors')
 _SAFETENSORS_DTYPES = {'float16': 'F16', 'float32': 'F32', 'float64': 'F64'}

@@ -4,7 +4,7 @@ Under `scenic.app` when Scenic is importable (its flags, logging and metric writ
 with the same flags through absl when it is not (`--config=CONFIG.py[:ARGS]`,
 `--workdir=DIR`, and a TensorBoard writer that needs no TensorFlow,
 `projects.training.metric_writer`). Both add the multi-process flags
-`--coordinator_address`, `--num_processes`, `--process_id` (`projects.distributed`).
+`--coordinator_address`, `--num_processes`, `--process_id` (`projects.training.distributed`).
 
 Mistakes a user can make print one line, `error: ...`, instead of a traceback: a
 `--config.x` flag naming no key of the config (exit status 2, before the flags are parsed),
@@ -31,7 +31,7 @@ xla_flags.set_training_flags()
 
 import jax  # noqa: E402
 
-from projects.scenic_compat import quiet_library_logs, scenic_available  # noqa: E402
+from projects.training.scenic_compat import quiet_library_logs, scenic_available  # noqa: E402
 
 MainFn = Callable[[jax.Array, Any, str, Any], Any]
 
@@ -144,7 +144,7 @@ def _define_distributed_flags() -> None:
   """`--coordinator_address`, `--num_processes`, `--process_id`: a multi-process run."""
   from absl import app, flags
 
-  from projects import distributed
+  from projects.training import distributed
 
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process)')
   flags.DEFINE_integer('num_processes', None, 'processes in a multi-process run')

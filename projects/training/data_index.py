@@ -9,7 +9,7 @@ nanoseconds on ext4, xfs and tmpfs). The index of a folder is the JSON file
 unset), named after the folder's real path: nothing is written into dataset folders, which
 are often shared or read-only.
 
-The index is written atomically (`projects.output_files.write_atomically`), so a killed or
+The index is written atomically (`projects.tools.output_files.write_atomically`), so a killed or
 concurrent run leaves the previous index or a whole new one; an index that cannot be read
 (not JSON, another format) is ignored and rebuilt. It is only a cache: deleting it costs one
 rescan.
@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from projects.output_files import write_atomically
+from projects.tools.output_files import write_atomically
 
 logger = logging.getLogger(__name__)
 

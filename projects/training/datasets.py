@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from projects.scenic_compat import scenic_available
+from projects.training.scenic_compat import scenic_available
 from projects.training.configs import as_dict
 
 # Same fields as scenic.dataset_lib.dataset_utils.Dataset.

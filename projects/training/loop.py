@@ -47,7 +47,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from projects.output_files import write_json
+from projects.tools.output_files import write_json
 from projects.training import checkpoints, optim, workdir_lock
 
 log = logging.getLogger(__name__)

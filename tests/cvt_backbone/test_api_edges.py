@@ -7,7 +7,7 @@ import pytest
 from jax.experimental import checkify
 
 from cvt_backbone import CvT, CvTBackbone, assert_finite, build_backbone
-from cvt_backbone import attention as attention_lib
+from cvt_backbone.kernels import attention as attention_lib
 
 
 def _shapes(model, images):

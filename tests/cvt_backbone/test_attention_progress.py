@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvt_backbone import attention as attention_lib
+from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.cvt import CvTBackbone
 
 

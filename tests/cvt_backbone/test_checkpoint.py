@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cvt_backbone import CvT, CvTBackbone, get_spec, readers
-from cvt_backbone import checkpoint as checkpoint_lib
-from cvt_backbone import convert as convert_lib
-from cvt_backbone.convert import CheckpointError, CheckpointMismatchError
+from cvt_backbone import CvT, CvTBackbone, get_spec
+from cvt_backbone.weights import readers
+from cvt_backbone.weights import converted as checkpoint_lib
+from cvt_backbone.weights import convert as convert_lib
+from cvt_backbone.weights.convert import CheckpointError, CheckpointMismatchError
 
 from .hf_support import (
     TINY_CLASSES,
@@ -140,8 +141,8 @@ def test_readers_work_without_torch(tmp_path, hf_tiny):
   script = textwrap.dedent(f"""
       import sys
       sys.modules['torch'] = None  # import torch now raises ImportError
-      from cvt_backbone.readers import read_state_dict
-      from cvt_backbone.convert import CheckpointError
+      from cvt_backbone.weights.readers import read_state_dict
+      from cvt_backbone.weights.convert import CheckpointError
       a = read_state_dict({str(zip_path)!r})
       b = read_state_dict({str(safetensors_path)!r})
       assert sorted(a) == sorted(b) and all((a[k] == b[k]).all() for k in a)
@@ -204,7 +205,7 @@ def test_corrupt_files_give_clear_errors(tmp_path, hf_tiny, suffix):
 
 def test_console_script_is_declared():
   (entry,) = importlib.metadata.entry_points(group='console_scripts', name='cvt-convert')
-  assert entry.value == 'cvt_backbone.checkpoint:main'
+  assert entry.value == 'cvt_backbone.weights.converted:main'
 
 
 def test_cli_writes_variables_and_metadata(tmp_path, hf_tiny, capsys):

@@ -1,4 +1,4 @@
-"""`python -m cvt_backbone` (the smoke run and `convert`) and `python -m cvt_backbone.convert`."""
+"""`python -m cvt_backbone` (the smoke run and `convert`) and `python -m cvt_backbone.weights.convert`."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_too_small_size_is_a_usage_error():
 def test_convert_subcommand_runs_cvt_convert_without_warnings(tmp_path):
   result = _python_m('cvt_backbone', 'convert', '--help')
   assert result.returncode == 0 and result.stdout.startswith('usage: cvt-convert'), result.stderr
-  assert result.stderr == ''  # No runpy RuntimeWarning, unlike -m cvt_backbone.checkpoint.
+  assert result.stderr == ''  # No runpy RuntimeWarning, unlike -m cvt_backbone.weights.converted.
   result = _python_m('cvt_backbone', 'convert', str(tmp_path / 'missing.pth'),
                      str(tmp_path / 'out.msgpack'))
   assert result.returncode == 1
@@ -42,6 +42,6 @@ def test_convert_subcommand_runs_cvt_convert_without_warnings(tmp_path):
 
 
 def test_the_library_module_points_to_the_command():
-  result = _python_m('cvt_backbone.convert', '--help')
+  result = _python_m('cvt_backbone.weights.convert', '--help')
   assert result.returncode == 2
   assert 'run `cvt-convert SRC OUT` or `python -m cvt_backbone convert SRC OUT`' in result.stderr

@@ -10,9 +10,9 @@ import pytest
 from flax import traverse_util
 
 from cvt_backbone import CvT, CvTBackbone, get_spec
-from cvt_backbone import convert as convert_lib
-from cvt_backbone.checkpoint import load_pretrained
-from cvt_backbone.convert import CheckpointError, CheckpointMismatchError
+from cvt_backbone.weights import convert as convert_lib
+from cvt_backbone.weights.converted import load_pretrained
+from cvt_backbone.weights.convert import CheckpointError, CheckpointMismatchError
 
 from .hf_support import (
     TINY_CLASSES,

@@ -10,8 +10,8 @@ import pytest
 from flax import serialization, traverse_util
 
 from cvt_backbone import CvTBackbone, load_backbone_weights
-from cvt_backbone import checkpoint as checkpoint_lib
-from cvt_backbone.convert import CheckpointError
+from cvt_backbone.weights import converted as checkpoint_lib
+from cvt_backbone.weights.convert import CheckpointError
 
 from .hf_support import (
     TINY,

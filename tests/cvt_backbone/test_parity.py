@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from cvt_backbone import CvT, CvTBackbone
-from cvt_backbone import convert as convert_lib
-from cvt_backbone.checkpoint import load_pretrained
+from cvt_backbone.weights import convert as convert_lib
+from cvt_backbone.weights.converted import load_pretrained
 from cvt_backbone.cvt import CvTStage
 
 from .hf_support import (

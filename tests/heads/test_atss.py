@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from heads.atss import (
+from heads.detection.atss import (
     anchor_boxes,
     anchor_points,
     assign_targets,

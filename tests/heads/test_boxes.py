@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from heads.boxes import (
+from heads.detection.boxes import (
     box_area,
     centerness_targets,
     clip_boxes,

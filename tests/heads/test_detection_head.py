@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from heads import FPN
-from heads.detection import (
+from heads.detection.head import (
     PRIOR_PROB,
     ATSSHead,
     Detector,
@@ -260,7 +260,7 @@ def test_level_shapes_inside_jit_and_errors():
 
 
 def test_point_coordinates_follow_the_flattened_order():
-  atss = pytest.importorskip('heads.atss')
+  atss = pytest.importorskip('heads.detection.atss')
   shapes = [(3, 4), (2, 2), (1, 1)]
   points = np.asarray(atss.anchor_points(shapes, (8, 16, 32)))
   assert points.shape == (17, 2)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from heads.detection_losses import atss_losses, centerness_loss, giou_loss, sigmoid_focal_loss
+from heads.detection.losses import atss_losses, centerness_loss, giou_loss, sigmoid_focal_loss
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 # One compilation per input signature instead of an eager dispatch per op.

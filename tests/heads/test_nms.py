@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from heads.nms import batched_nms, nms, postprocess
+from heads.detection.nms import batched_nms, nms, postprocess
 
 
 def _np_iou(a, b):

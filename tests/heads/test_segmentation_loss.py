@@ -1,4 +1,4 @@
-"""`heads.segmentation_loss`: the loss that resizes a head's logits a block of rows at a time
+"""`heads.segmentation.loss`: the loss that resizes a head's logits a block of rows at a time
 equals resize-then-cross-entropy (`resize_bilinear`, optax), in value and gradient."""
 
 import jax
@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from heads import resampling
-from heads.segmentation_loss import cross_entropy_sum
+from heads.segmentation.loss import cross_entropy_sum
 
 pytestmark = pytest.mark.usefixtures('highest_precision')
 

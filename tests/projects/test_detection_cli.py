@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from projects import output_files
+from projects.tools import output_files
 from projects.cvt_detection import evaluate, predict
 
 from .trainer_support import REPO

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from projects import distributed
+from projects.training import distributed
 from projects.cvt_segmentation import models
 from projects.cvt_segmentation.configs import synthetic_demo
 from projects.training import checkpoints
@@ -32,7 +32,7 @@ def _main(workdir, steps: int, *extra: str, eval_every: int = 100) -> list[str]:
 
 
 def _two_processes(workdir, steps: int, eval_every: int = 100, **popen) -> subprocess.Popen:
-  cmd = [sys.executable, '-m', 'projects.launch', '--num_processes', '2',
+  cmd = [sys.executable, '-m', 'projects.training.launch', '--num_processes', '2',
          '--devices_per_process', '2', '--', *_main(workdir, steps, eval_every=eval_every)]
   return subprocess.Popen(cmd, cwd=support.REPO, env=support.subprocess_env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)

@@ -14,8 +14,8 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from cvt_backbone import attention as attention_lib
-from cvt_backbone import checkpoint as checkpoint_lib
+from cvt_backbone.kernels import attention as attention_lib
+from cvt_backbone.weights import converted as checkpoint_lib
 from cvt_backbone.cvt import CvTBackbone, get_spec
 from projects.feature_extraction import extract, images, planning, writers
 from projects.feature_extraction.planning import MemoryBudgetError, plan_attention
@@ -369,7 +369,7 @@ def _help(capsys):
 
 
 def test_help_shows_defaults_and_the_shared_flags(capsys):
-  from projects import command_line
+  from projects.tools import command_line
 
   text = _help(capsys)
   for default in ('--batch-size BATCH_SIZE images of the same size per forward pass (halved '

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from projects import input_files
+from projects.tools import input_files
 from projects.cvt_detection.data import CocoDetection
 from projects.cvt_segmentation.data.folders import SegmentationFolder
 from projects.feature_extraction import images as extract_images

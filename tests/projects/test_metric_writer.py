@@ -86,7 +86,7 @@ def test_a_run_without_scenic_imports_no_tensorflow(tmp_path):
       'except SystemExit as exit:\n'
       '  if exit.code:\n'
       '    raise\n'
-      'from projects.scenic_compat import scenic_available\n'
+      'from projects.training.scenic_compat import scenic_available\n'
       'print(json.dumps({"scenic": scenic_available(),'
       ' "tensorflow": "tensorflow" in sys.modules, "clu": "clu" in sys.modules}))\n')
   proc = subprocess.run([sys.executable, '-c', driver], cwd=support.REPO, env=env,

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from projects import output_files
+from projects.tools import output_files
 from projects.cvt_detection import evaluate as det_evaluate
 from projects.cvt_detection import predict as det_predict
 from projects.cvt_segmentation import evaluate as seg_evaluate
@@ -385,7 +385,7 @@ def test_detection_evaluate_prints_its_table_before_a_write_error(tmp_path, caps
 
 @pytest.fixture(scope='module')
 def weights(tmp_path_factory):
-  from cvt_backbone import checkpoint as checkpoint_lib
+  from cvt_backbone.weights import converted as checkpoint_lib
   from cvt_backbone.cvt import CvTBackbone, get_spec
 
   from .test_feature_extraction import _random_variables

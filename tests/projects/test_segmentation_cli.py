@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from projects import output_files
+from projects.tools import output_files
 from projects.cvt_segmentation import cli, evaluate, palettes, predict
 
 from .test_inference_support import ContextModel, init_model, write_synthetic_config

@@ -34,7 +34,7 @@ import numpy as np
 from flax import core as flax_core
 from flax import linen as nn
 
-from cvt_backbone.checkpoint import load_pretrained
+from cvt_backbone.weights.converted import load_pretrained
 from cvt_backbone.cvt import CvTBackbone, CvTSpec
 
 # Settings of a backbone config block that say how to load weights, not how to build it.

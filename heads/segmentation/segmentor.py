@@ -36,7 +36,7 @@ class Segmentor(nn.Module):
       head (mmseg uses it only for the training loss, weight 0.4);
     - `'head_logits'` (and `'aux_head_logits'`): in train mode, the heads' logits before the
       resize, at their own resolution, for a loss that resizes them itself
-      (`heads.segmentation_loss`: the same loss in a fraction of the memory). A jitted step
+      (`heads.segmentation.loss`: the same loss in a fraction of the memory). A jitted step
       that only uses these never computes the full-size ones.
   The auxiliary head is also run by `init` in eval mode, so the variable tree is the same
   whichever mode initialised it.

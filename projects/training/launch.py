@@ -1,6 +1,6 @@
 r"""Runs a command as several local JAX processes: multi-process training on one machine.
 
-  python -m projects.launch --num_processes 2 --devices_per_process 2 -- \
+  python -m projects.training.launch --num_processes 2 --devices_per_process 2 -- \
     python -m projects.cvt_segmentation.main --config=CONFIG.py --workdir=DIR
 
 Each process gets `--coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i`

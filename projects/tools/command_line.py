@@ -6,7 +6,7 @@
   (`--crop-size 512,1024`, `--scales 0.5,0.75,1.0`, `--stages stage1,stage3`): `sizes`,
   `floats`, `names` are the argparse types.
 - `add_output_flags`: `--overwrite`, `--strict` and `--no-progress` with the same meaning in
-  every tool that writes per-input outputs (see `projects.output_files` for the policy).
+  every tool that writes per-input outputs (see `projects.tools.output_files` for the policy).
 
 Exit statuses (`EXIT_*`): 0 when every input was done or skipped as already done, 1 when any
 failed or on an error (one `error:` line), 2 for bad arguments (argparse's own).

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from heads.boxes import centerness_targets, decode_ltrb, elementwise_giou, encode_ltrb
+from heads.detection.boxes import centerness_targets, decode_ltrb, elementwise_giou, encode_ltrb
 
 # RetinaNet's focal loss settings (Lin et al. 2017, arXiv 1708.02002, Sec. 5.1), used by FCOS and
 # ATSS (mmdet `FocalLoss(gamma=2.0, alpha=0.25)`).

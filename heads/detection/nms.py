@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from heads.boxes import clip_boxes, decode_ltrb, pairwise_iou
+from heads.detection.boxes import clip_boxes, decode_ltrb, pairwise_iou
 
 # Test-time settings of mmdet's ATSS config (configs/atss/atss_r50_fpn_1x_coco.py `test_cfg`):
 # nms_pre=1000, score_thr=0.05, nms iou_threshold=0.6, max_per_img=100.

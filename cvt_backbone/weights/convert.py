@@ -738,11 +738,11 @@ def merge_variables(fresh: Mapping[str, Any], converted: Mapping[str, Any], *,
 
 
 if __name__ == '__main__':
-  # `python -m cvt_backbone.convert` (this library module) is not the tool; runpy has already
+  # `python -m cvt_backbone.weights.convert` (this library module) is not the tool; runpy has already
   # warned that the package imported it first.
   import sys
 
-  print('cvt_backbone.convert is the conversion library, not a command; run '
+  print('cvt_backbone.weights.convert is the conversion library, not a command; run '
         '`cvt-convert SRC OUT` or `python -m cvt_backbone convert SRC OUT` (--help for the '
         'options).', file=sys.stderr)
   sys.exit(2)

@@ -27,7 +27,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from cvt_backbone.convert import CheckpointError
+from cvt_backbone.weights.convert import CheckpointError
 
 # safetensors dtype names (safetensors/src/tensor.rs); bfloat16 and float8 from ml_dtypes,
 # which jax.numpy re-exports.

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
-from cvt_backbone import convert as convert_lib
-from cvt_backbone.convert import CheckpointError, CheckpointMismatchError
+from cvt_backbone.weights import convert as convert_lib
+from cvt_backbone.weights.convert import CheckpointError, CheckpointMismatchError
 from cvt_backbone.cvt import (
     ACTIVATIONS,
     CvT,
@@ -48,7 +48,7 @@ from cvt_backbone.cvt import (
     canonical_variant_name,
     get_spec,
 )
-from cvt_backbone.readers import (
+from cvt_backbone.weights.readers import (
     HF_WEIGHT_FILES,
     read_state_dict,
     released_format,

@@ -19,7 +19,7 @@ with every pyramid point on one axis P, levels concatenated fine to coarse (the 
   - `'centerness'`: `[N, P]` centerness logits.
 `P = sum_l h_l * w_l`. The per-level `(h_l, w_l)` are static (they depend only on the input
 size), so they are not returned by `apply`: `Detector.level_shapes(H, W)` computes them once
-per input size with `jax.eval_shape` (no FLOPs, cached); `heads.atss.anchor_points` turns them
+per input size with `jax.eval_shape` (no FLOPs, cached); `heads.detection.atss.anchor_points` turns them
 into point coordinates in the same order, and `split_levels` undoes the flattening.
 """
 

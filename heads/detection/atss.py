@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heads.boxes import encode_ltrb, pairwise_iou
+from heads.detection.boxes import encode_ltrb, pairwise_iou
 
 # Anchor side in strides: mmdet's ATSS config uses `octave_base_scale=8, scales_per_octave=1`
 # (configs/atss/atss_r50_fpn_1x_coco.py), one square anchor per location.

@@ -1,0 +1,1 @@
+"""Released CvT weights: read (.pth, .safetensors), convert to Flax, save, verify and load."""

@@ -1,0 +1,1 @@
+"""One-stage detection on a feature pyramid: ATSS head and neck, `Detector`, assignment, losses, NMS."""

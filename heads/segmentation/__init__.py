@@ -1,0 +1,1 @@
+"""The dense segmentation model (backbone + neck + decode heads) and its loss."""
