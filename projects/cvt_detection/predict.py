@@ -84,16 +84,11 @@ from projects.cvt_detection.evaluate import (
   val_annotation_file,
   with_eval_settings,
 )
-from projects.tools.input_files import (
-  InputImage,
-  PredictError,
-  check_image_header,
-  collect_inputs,
-  read_image,
-)
+from projects.tools.input_files import InputImage, PredictError, collect_inputs
 from projects.tools.output_files import check_writable, write_json
 from projects.tools.progress import Progress
 from projects.training import checkpoints
+from projects.training.images import ImageError, check_image_header, read_image
 from projects.training.configs import as_dict, config_get, load_config
 
 TOOL = 'cvt_detection.predict'
@@ -392,7 +387,7 @@ def plan_outputs(images: Sequence[InputImage], output_dir: str, info: DatasetInf
     try:
       check_image_header(item.path)
       source = output_files.describe_input(item.path)
-    except PredictError as e:
+    except ImageError as e:
       _fail(str(e), strict, plan.failed)
       continue
     except OSError as e:
@@ -445,7 +440,7 @@ def predict_images(
       bar.start_item(job.item.path)
       try:
         image = read_image(job.item.path)
-      except PredictError as e:
+      except ImageError as e:
         if strict:
           summary['stopped'] = str(e)
           break

@@ -50,14 +50,9 @@ from projects.tools import command_line
 from projects.tools import output_files
 from projects.cvt_segmentation import cli, palettes
 from projects.cvt_segmentation.inference import LogitsFn, make_logits_fn, segment_image
-from projects.tools.input_files import (  # noqa: F401  (PredictError and read_image: this API)
-    InputImage,
-    PredictError,
-    check_image_header,
-    collect_inputs,
-    read_image,
-)
+from projects.tools.input_files import InputImage, PredictError, collect_inputs
 from projects.tools.progress import Progress
+from projects.training.images import ImageError, check_image_header, read_image
 from projects.training import checkpoints
 
 TOOL = 'cvt_segmentation.predict'
@@ -139,8 +134,8 @@ def plan_outputs(
     try:
       check_image_header(item.path)
       source = output_files.describe_input(item.path)
-    except (PredictError, OSError) as e:
-      message = str(e) if isinstance(e, PredictError) else (
+    except (ImageError, OSError) as e:
+      message = str(e) if isinstance(e, ImageError) else (
           f'{item.path}: cannot read ({e.strerror or e})')
       if strict:
         raise PredictError(message) from None
@@ -206,7 +201,7 @@ def predict_images(
     for job in jobs:
       try:
         image = read_image(job.item.path)
-      except PredictError as e:
+      except ImageError as e:
         if strict:
           raise
         failed.append(str(e))

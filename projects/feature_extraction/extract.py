@@ -68,13 +68,14 @@ from projects.tools import command_line
 from projects.tools import output_files
 from projects.feature_extraction import images as images_lib
 from projects.feature_extraction import planning, writers
-from projects.feature_extraction.images import InputError, InputImage
 from projects.feature_extraction.planning import (
     DEFAULT_MEMORY_BUDGET_MB,
     AttentionPlan,
     MemoryBudgetError,
 )
+from projects.tools.input_files import InputImage
 from projects.tools.progress import Progress
+from projects.training.images import ImageError, displayed_size
 
 DTYPES = ('float16', 'float32')
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -441,10 +442,10 @@ def extract_files(
       console.write(f'{item.path}: already done ({paths[0]})')
       continue
     try:
-      original = images_lib.probe_size(item.path)
+      original = displayed_size(item.path)
       size = images_lib.target_size(*original, max_side)
       images_lib.check_size(*size, item.path)
-    except InputError as e:
+    except ImageError as e:
       skip(str(e))
       continue
     groups[size].append(_Pending(item, original, size, record))
@@ -481,7 +482,7 @@ def extract_files(
         bar.set_detail('reading')
         try:
           ready.append((entry, images_lib.read_image(entry.item.path, entry.size)))
-        except InputError as e:
+        except ImageError as e:
           skip(str(e))
           bar.update(1)
         if len(ready) == batch or (index == len(pending) - 1 and ready):
@@ -661,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_side=args.max_side, batch_size=args.batch_size, pca=args.pca,
         overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress,
         console=console)
-  except (ExtractionError, MemoryBudgetError, InputError, OSError, ValueError) as e:
+  except (ExtractionError, MemoryBudgetError, OSError, ValueError) as e:
     print(f'cvt-extract: error: {e}', file=sys.stderr)
     return command_line.EXIT_FAILED
   failed = len(summary.failed) + len(problems)
