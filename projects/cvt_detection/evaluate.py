@@ -373,10 +373,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       'COCO box AP of a detection checkpoint on the validation split of its config\'s '
       'dataset. Prints the table (in percent), writes the detections (COCO results format) '
       'and the metrics (fractions, as COCO tools) as JSON.')
-  parser.add_argument('--config', required=True, help='path/to/config.py[:arg]')
-  parser.add_argument('--checkpoint', required=True,
-                      help='workdir (its latest checkpoint), its checkpoints folder, or one '
-                           'step folder')
+  command_line.add_model_flags(parser)
   parser.add_argument('--batch-size', type=int, default=None,
                       help="images per batch (default: the config's eval_batch_size)")
   parser.add_argument('--score-threshold', type=float, default=None,

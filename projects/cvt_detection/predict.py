@@ -543,10 +543,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       'python -m projects.cvt_detection.predict',
       'Detect objects in images: one picture with labelled boxes per image (OUTPUT/<name>.png) '
       'and the detections in COCO results format (OUTPUT/results.json, OUTPUT/images.json).')
-  parser.add_argument('--config', required=True, help='path/to/config.py[:arg]')
-  parser.add_argument('--checkpoint', required=True,
-                      help='workdir (its latest checkpoint), its checkpoints folder, or one '
-                           'step folder')
+  command_line.add_model_flags(parser)
   parser.add_argument('--output', required=True, help='output folder')
   parser.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
   parser.add_argument('--score-threshold', type=float, default=SCORE_THRESHOLD,

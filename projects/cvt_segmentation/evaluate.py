@@ -42,20 +42,41 @@ from typing import Any
 
 import numpy as np
 
-from projects.tools import command_line
-from projects.tools import output_files
-from projects.cvt_segmentation import cli, metrics
+from projects.cvt_segmentation import metrics
+from projects.cvt_segmentation.configs import common as _settings  # noqa: F401  (registers its keys)
 from projects.cvt_segmentation.inference import (  # noqa: F401  (evaluate_dataset re-exported)
+    DEFAULT_MIN_SIZE,
+    MODES,
+    InferenceSettings,
     LogitsFn,
+    config_test_scale,
     evaluate_dataset,
+    inference_settings,
     make_logits_fn,
     segment_image,
 )
+from projects.tools import command_line, output_files
 from projects.tools.progress import Progress
 from projects.training import checkpoints
+from projects.training.configs import as_dict, config_get, load_config
 
 IGNORE_INDEX = metrics.IGNORE_INDEX
 TOOL = 'cvt_segmentation.evaluate'
+# `model_loader(config, checkpoint_dir) -> (flax_model, variables)`.
+ModelLoader = Callable[[Any, str], tuple[Any, Any]]
+
+
+def load_model(config: Any, checkpoint: str, model_loader: ModelLoader | None = None):
+  """`(flax_model, variables)` restored from `checkpoint`; `model_loader` replaces
+  `models.restore_for_inference` (tests inject models)."""
+  if model_loader is None:
+    if not os.path.exists(checkpoint):
+      raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    # Imported here: the checkpoint module pulls in the trainer's dependencies.
+    from projects.cvt_segmentation.models import restore_for_inference
+
+    model_loader = restore_for_inference
+  return model_loader(config, checkpoint)
 
 
 def _prefetch(fn: Callable[[int], Any], n: int, num_threads: int = 2, ahead: int = 4) -> Iterator:
@@ -145,7 +166,7 @@ _NOT_EVALUATED = ('start_step', 'crop_size', 'scale', 'ratio_range', 'cat_max_ra
                   'validate', *_EVAL_OVERRIDES)
 
 
-def default_output_path(checkpoint: str, dataset_name: str, settings: cli.InferenceSettings,
+def default_output_path(checkpoint: str, dataset_name: str, settings: InferenceSettings,
                         max_examples: int | None = None) -> str:
   """The report's path beside the checkpoints folder, named by what was evaluated.
 
@@ -176,7 +197,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def evaluation_record(config_file: str, config: Any, checkpoint: str,
-                      settings: cli.InferenceSettings, test_scale: Sequence[int] | None,
+                      settings: InferenceSettings, test_scale: Sequence[int] | None,
                       max_examples: int | None) -> dict:
   """The provenance record of a report: what was evaluated, with what (`output_files`).
 
@@ -187,12 +208,12 @@ def evaluation_record(config_file: str, config: Any, checkpoint: str,
   settings, the test resize and `max_examples`. The batch size and threads are left out:
   they change the speed, not the result (equal-size images are inferred unpadded).
   """
-  dataset_configs = {k: v for k, v in cli.as_dict(cli.config_get(config, 'dataset_configs')).items()
+  dataset_configs = {k: v for k, v in as_dict(config_get(config, 'dataset_configs')).items()
                      if k not in _NOT_EVALUATED}
   recorded = {
       'config': output_files.config_identity(config_file),
       'checkpoint': checkpoints.identity(checkpoint),
-      'dataset': _jsonable({'name': cli.config_get(config, 'dataset_name'),
+      'dataset': _jsonable({'name': config_get(config, 'dataset_name'),
                             'configs': dataset_configs}),
       'inference': dataclasses.asdict(settings),
       'test_scale': None if test_scale is None else list(test_scale),
@@ -249,7 +270,7 @@ def run_evaluation(
     checkpoint: str,
     *,
     config_file: str,
-    settings: cli.InferenceSettings,
+    settings: InferenceSettings,
     output: str | None = None,
     overwrite: bool = False,
     test_scale: tuple[int, int] | None | str = 'config',
@@ -257,7 +278,7 @@ def run_evaluation(
     max_examples: int | None = None,
     num_threads: int = 2,
     progress: bool = True,
-    model_loader: cli.ModelLoader | None = None,
+    model_loader: ModelLoader | None = None,
     print_table: bool = True,
 ) -> dict:
   """Evaluates `checkpoint` on the validation split of `config`; writes and returns the report.
@@ -294,7 +315,7 @@ def run_evaluation(
   """
   from projects.cvt_segmentation.data import EvalLoader, build_loaders
 
-  name = cli.config_get(config, 'dataset_name')
+  name = config_get(config, 'dataset_name')
   if name is None:
     raise ValueError('the config has no dataset_name')
   if max_examples is not None and max_examples < 1:
@@ -302,8 +323,10 @@ def run_evaluation(
   if model_loader is None and not os.path.exists(checkpoint):
     raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
   if test_scale == 'config':
-    test_scale = cli.test_scale(config)
-  batch_size = cli.eval_batch_size(config, batch_size)
+    test_scale = config_test_scale(config)
+  batch_size = int(config_get(config, 'eval_batch_size', 1) if batch_size is None else batch_size)
+  if batch_size < 1:
+    raise ValueError(f'the evaluation batch size must be positive, got {batch_size}')
   output = output or default_output_path(checkpoint, name, settings, max_examples)
   record = evaluation_record(config_file, config, checkpoint, settings, test_scale, max_examples)
   # Decided before any work: a done or conflicting report, or a bad path, costs nothing.
@@ -321,7 +344,7 @@ def run_evaluation(
       print_report(report)
     return {**report, 'already_evaluated': True}
   output_files.check_writable([output])
-  dataset_kwargs = cli.as_dict(cli.config_get(config, 'dataset_configs'))
+  dataset_kwargs = as_dict(config_get(config, 'dataset_configs'))
   dataset_kwargs.pop('start_step', None)
   for key in _EVAL_OVERRIDES:
     dataset_kwargs.pop(key, None)
@@ -335,7 +358,7 @@ def run_evaluation(
         size_divisor=1, num_threads=num_threads,
     )
   num_classes, class_names = meta['num_classes'], meta['class_names']
-  model, variables = cli.load_model(config, checkpoint, model_loader)
+  model, variables = load_model(config, checkpoint, model_loader)
   logits_fn = make_logits_fn(model, variables)
   if settings.tta:
     cm = evaluate_examples(
@@ -363,12 +386,60 @@ def run_evaluation(
   return {**report, output_files.RECORD_KEY: record}
 
 
+def _test_scale_flag(text: str) -> tuple[int, int] | str:
+  """`--test-scale`: 'LONG,SHORT' such as '2048,512' -> (long, short), or 'none'."""
+  if text.strip().lower() == 'none':
+    return 'none'
+  try:
+    values = tuple(int(p) for p in text.split(','))
+  except ValueError:
+    values = ()
+  if len(values) != 2 or min(values) <= 0:
+    raise argparse.ArgumentTypeError(
+        f"expected LONG,SHORT (two positive integers such as 2048,512) or 'none', got {text!r}")
+  return values
+
+
+def add_inference_flags(parser: argparse.ArgumentParser) -> None:
+  """--config, --checkpoint and the inference flags of evaluate and predict (None: the config's)."""
+  command_line.add_model_flags(parser)
+  parser.add_argument('--mode', choices=MODES, default=None,
+                      help="whole-image or sliding-window inference (default: the config's "
+                           'eval.mode)')
+  parser.add_argument('--crop-size', type=command_line.sizes, default=None, metavar='H,W',
+                      help="slide window, H,W or one size for a square (default: the config's "
+                           'eval.crop_size)')
+  parser.add_argument('--stride', type=command_line.sizes, default=None, metavar='H,W',
+                      help="slide stride, H,W or one size (default: the config's eval.stride)")
+  parser.add_argument('--scales', type=command_line.floats, default=None, metavar='R,R,...',
+                      help='test-time augmentation: resize ratios such as 0.5,0.75,1.0,1.25,1.5,'
+                           "1.75 whose predictions are averaged (default: the config's "
+                           'eval.scales)')
+  parser.add_argument('--flip', action=argparse.BooleanOptionalAction, default=None,
+                      help='test-time augmentation: also infer the mirrored image (default: the '
+                           "config's eval.flip)")
+  parser.add_argument('--min-size', type=int, default=None, metavar='N',
+                      help='pad smaller inputs and windows to N pixels for the model (default: '
+                           f"the config's eval.min_size, else {DEFAULT_MIN_SIZE})")
+  parser.add_argument('--test-scale', type=_test_scale_flag, default=None,
+                      metavar='LONG,SHORT|none',
+                      help='resize each image to fit LONG x SHORT (keeping its ratio) before '
+                           "inference, or 'none' to keep its size (default: the config's "
+                           "dataset_configs.test_scale, else the dataset's mmseg value)")
+
+
+def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
+  """The inference flags as `inference_settings` overrides."""
+  return {k: getattr(args, k) for k in ('mode', 'crop_size', 'stride', 'scales', 'flip',
+                                        'min_size')}
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = command_line.parser(
       'python -m projects.cvt_segmentation.evaluate',
       'mIoU / aAcc / mAcc of a checkpoint on the validation split of its config (the '
       'mmsegmentation protocol), printed as a per-class table and written as JSON.')
-  cli.add_common_flags(parser)
+  add_inference_flags(parser)
   parser.add_argument(
       '--output', default=None, metavar='FILE.json',
       help='the JSON report (default: eval_<dataset>_<mode>[_ms][_flip][_first<N>]_step<S>.json '
@@ -390,7 +461,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return build_parser().parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None = None) -> int:
   """Command-line entry point; returns the exit status (errors print one clear line).
 
   0 when the checkpoint was evaluated or its report already records the same evaluation;
@@ -399,9 +470,9 @@ def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | N
   """
   args = parse_args(argv)
   try:
-    config = cli.load_config(args.config)
-    settings = cli.inference_settings(config, args)
-    scale = cli.test_scale(config, args.test_scale)
+    config = load_config(args.config)
+    settings = inference_settings(config, **flag_settings(args))
+    scale = config_test_scale(config, args.test_scale)
     run_evaluation(
         config, args.checkpoint, config_file=args.config, settings=settings,
         output=args.output, overwrite=args.overwrite, test_scale=scale,

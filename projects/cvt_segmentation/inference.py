@@ -26,6 +26,7 @@ the parameters as an argument rather than a closed-over constant: `make_logits_f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,6 +46,7 @@ from projects.cvt_segmentation.data.transforms import (
   resize_image,
 )
 from projects.tools.progress import Progress
+from projects.training.configs import as_dict, config_get
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 MODES = ('whole', 'slide')
@@ -60,6 +62,76 @@ def _pair(x: int | Sequence[int], what: str) -> tuple[int, int]:
   if len(pair) != 2 or any(int(v) != v or v < 1 for v in pair):
     raise ValueError(f'{what} must be a positive int or (height, width), got {x!r}')
   return int(pair[0]), int(pair[1])
+
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+  """How to infer (`infer_logits`) and the test-time augmentation (`segment_image`)."""
+
+  mode: str = 'whole'
+  crop_size: tuple[int, int] | None = None
+  stride: tuple[int, int] | None = None
+  scales: tuple[float, ...] = (1.0,)  # TTA resize ratios; (1.0,) is single scale
+  flip: bool = False
+  min_size: int = DEFAULT_MIN_SIZE
+  pad_to_crop: bool = False
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f'unknown inference mode {self.mode!r}; expected one of {MODES}')
+    if self.mode == 'slide' and (self.crop_size is None or self.stride is None):
+      raise ValueError("mode 'slide' needs crop_size and stride (config.eval or flags)")
+    if not self.scales or any(s <= 0 for s in self.scales):
+      raise ValueError(f'scales must be positive ratios, got {self.scales}')
+
+  @property
+  def tta(self) -> bool:
+    return tuple(self.scales) != (1.0,) or self.flip
+
+  def infer_kwargs(self) -> dict:
+    """Keyword arguments of `infer_logits`."""
+    return dict(mode=self.mode, crop_size=self.crop_size, stride=self.stride,
+                min_size=self.min_size, pad_to_crop=self.pad_to_crop)
+
+
+def _hw(value: Any) -> tuple[int, int] | None:
+  if value is None:
+    return None
+  value = (value,) if isinstance(value, int) else tuple(int(v) for v in value)
+  return (value * 2)[0], (value * 2)[1]
+
+
+def inference_settings(config: Any, **overrides: Any) -> InferenceSettings:
+  """`config.eval` (what the trainer's evaluation and the tools run), with the `overrides`
+  that are not None (the command-line flags)."""
+  ev = config_get(config, 'eval')
+  values = dict(
+      mode=config_get(ev, 'mode', 'whole'),
+      crop_size=_hw(config_get(ev, 'crop_size')),
+      stride=_hw(config_get(ev, 'stride')),
+      scales=tuple(float(s) for s in config_get(ev, 'scales', (1.0,))),
+      flip=bool(config_get(ev, 'flip', False)),
+      min_size=int(config_get(ev, 'min_size', DEFAULT_MIN_SIZE)),
+      pad_to_crop=bool(config_get(ev, 'pad_to_crop', False)),
+  )
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  return InferenceSettings(**values)
+
+
+def config_test_scale(config: Any, flag: tuple[int, int] | str | None = None
+                      ) -> tuple[int, int] | None:
+  """The single-scale test resize `(long, short)`, None to keep the size.
+
+  `flag` ('none' or `(long, short)`) wins, else `dataset_configs.test_scale` (an explicit
+  None keeps the size), else the dataset's mmseg value.
+  """
+  from projects.cvt_segmentation.data import resolve_test_scale
+
+  if flag is not None:
+    return None if flag == 'none' else (int(flag[0]), int(flag[1]))
+  value = as_dict(config_get(config, 'dataset_configs')).get('test_scale', 'default')
+  return resolve_test_scale(config_get(config, 'dataset_name'), value)
 
 
 def make_logits_fn(model: Any, variables: Any, **apply_kwargs: Any) -> LogitsFn:

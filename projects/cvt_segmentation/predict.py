@@ -46,14 +46,27 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from projects.tools import command_line
-from projects.tools import output_files
-from projects.cvt_segmentation import cli, palettes
-from projects.cvt_segmentation.inference import LogitsFn, make_logits_fn, segment_image
+from projects.cvt_segmentation import palettes
+from projects.cvt_segmentation.evaluate import (
+    ModelLoader,
+    add_inference_flags,
+    flag_settings,
+    load_model,
+)
+from projects.cvt_segmentation.inference import (
+    InferenceSettings,
+    LogitsFn,
+    config_test_scale,
+    inference_settings,
+    make_logits_fn,
+    segment_image,
+)
+from projects.tools import command_line, output_files
 from projects.tools.input_files import InputImage, PredictError, collect_inputs
 from projects.tools.progress import Progress
 from projects.training.images import ImageError, check_image_header, read_image
 from projects.training import checkpoints
+from projects.training.configs import config_get, load_config
 
 TOOL = 'cvt_segmentation.predict'
 MASK_SUFFIX = '_mask.png'
@@ -73,7 +86,7 @@ def _report(message: str, progress: Progress | None = None, prefix: str = 'skipp
     print(f'{prefix} {message}', file=sys.stderr)
 
 
-def record_settings(config: str, checkpoint: str, settings: cli.InferenceSettings,
+def record_settings(config: str, checkpoint: str, settings: InferenceSettings,
                     test_scale: Sequence[int] | None, palette: str,
                     alpha: float, paint_background: bool = False) -> tuple[dict, dict]:
   """`(mask settings, overlay settings)` recorded in the outputs: what changes them.
@@ -166,7 +179,7 @@ def predict_images(
     jobs: Sequence[Job],
     *,
     palette: np.ndarray,
-    settings: cli.InferenceSettings | None = None,
+    settings: InferenceSettings | None = None,
     test_scale: Sequence[int] | None = None,
     num_classes: int | None = None,
     strict: bool = False,
@@ -195,7 +208,7 @@ def predict_images(
   Raises:
     OutputWriteError: an output could not be written (a full disk): the run stops.
   """
-  settings = settings or cli.InferenceSettings()
+  settings = settings or InferenceSettings()
   written, failed = [], []
   with Progress(len(jobs), 'predict', 'img', enabled=progress) as bar:
     for job in jobs:
@@ -222,6 +235,35 @@ def predict_images(
   return {'written': written, 'failed': failed}
 
 
+# Classes of the datasets whose size the config does not spell out.
+_DATASET_NUM_CLASSES = {'ade20k': 150, 'cityscapes': 19}
+
+
+def expected_num_classes(config: Any) -> int | None:
+  """Number of classes the config implies, or None when only the model can tell."""
+  for value in (
+      config_get(config, 'num_classes'),
+      config_get(config_get(config, 'model'), 'num_classes'),
+      config_get(config_get(config, 'dataset_configs'), 'num_classes'),
+  ):
+    if value is not None:
+      return int(value)
+  return _DATASET_NUM_CLASSES.get(config_get(config, 'dataset_name'))
+
+
+def class_names(config: Any, num_classes: int) -> tuple[str, ...] | None:
+  """The class names of the config's dataset, without reading its files; None if unknown."""
+  from projects.cvt_segmentation import data
+
+  name = config_get(config, 'dataset_name')
+  names = {'synthetic': lambda: data.synthetic_class_names(num_classes),
+           'ade20k': lambda: data.ADE20K_CLASSES, 'cityscapes': lambda: data.CITYSCAPES_CLASSES,
+           }.get(name, lambda: config_get(config_get(config, 'dataset_configs'), 'class_names'))()
+  if names is None or len(names) != num_classes:
+    return None
+  return tuple(str(n) for n in names)
+
+
 def _model_num_classes(logits_fn: LogitsFn) -> int:
   """K of a model whose config does not say: one forward pass on a small blank image."""
   probe = np.zeros((1, 64, 64, 3), np.float32)
@@ -232,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = command_line.parser(
       'python -m projects.cvt_segmentation.predict',
       'Segment images: a palette PNG mask and a side-by-side overlay per image.')
-  cli.add_common_flags(parser)
+  add_inference_flags(parser)
   parser.add_argument('--output', required=True, metavar='DIR',
                       help='output folder: <stem>_mask.png and <stem>_overlay.png per image')
   parser.add_argument('inputs', nargs='+', metavar='INPUT',
@@ -254,7 +296,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return build_parser().parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None = None) -> int:
   """Command-line entry point; returns the exit status.
 
   Args:
@@ -275,9 +317,9 @@ def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | N
       _report(message)
     if not images:
       raise PredictError('no input files found')
-    config = cli.load_config(args.config)
-    settings = cli.inference_settings(config, args)
-    scale = cli.test_scale(config, args.test_scale)
+    config = load_config(args.config)
+    settings = inference_settings(config, **flag_settings(args))
+    scale = config_test_scale(config, args.test_scale)
     plan = plan_outputs(
         images, args.output,
         record_settings(args.config, args.checkpoint, settings, scale, args.palette, args.alpha,
@@ -288,13 +330,13 @@ def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | N
                                  for p in (job.mask_path, job.overlay_path)])
     summary = {'written': [], 'failed': []}
     if plan['todo']:
-      model, variables = cli.load_model(config, args.checkpoint, model_loader)
+      model, variables = load_model(config, args.checkpoint, model_loader)
       logits_fn = make_logits_fn(model, variables)
-      num_classes = cli.expected_num_classes(config) or _model_num_classes(logits_fn)
-      dataset_name = cli.config_get(config, 'dataset_name')
+      num_classes = expected_num_classes(config) or _model_num_classes(logits_fn)
+      dataset_name = config_get(config, 'dataset_name')
       palette = palettes.get_palette(args.palette, num_classes, dataset_name)
       transparent = () if args.paint_background else palettes.background_classes(
-          cli.class_names(config, num_classes))
+          class_names(config, num_classes))
       summary = predict_images(
           logits_fn, plan['todo'], palette=palette, settings=settings, test_scale=scale,
           num_classes=num_classes, strict=args.strict, progress=not args.no_progress,

@@ -88,6 +88,15 @@ def names(text: str) -> tuple[str, ...]:
   return tuple(_split(text, 'names', 'stage1,stage3'))
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+  """`--config` and `--checkpoint` of the trained-model tools (evaluate, predict)."""
+  parser.add_argument('--config', required=True, metavar='CONFIG.py[:ARG]',
+                      help='the experiment config, path/to/config.py or path/to/config.py:arg')
+  parser.add_argument('--checkpoint', required=True, metavar='DIR',
+                      help='a training workdir, its checkpoints folder (the latest step) or one '
+                           'step folder in it')
+
+
 def add_output_flags(parser: argparse.ArgumentParser, *, per_input: bool = True,
                      progress: bool = True) -> None:
   """`--overwrite`, and for tools of many inputs `--strict`; `--no-progress`.

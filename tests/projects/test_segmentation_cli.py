@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from projects.tools import output_files
-from projects.cvt_segmentation import cli, evaluate, palettes, predict
+from projects.cvt_segmentation import evaluate, inference, palettes, predict
 
 from .test_inference_support import ContextModel, init_model, write_synthetic_config
 
@@ -58,12 +58,12 @@ def test_sizes_scales_and_test_scale_are_comma_lists(tool):
   base = ['--config', 'c.py', '--checkpoint', 'k', *extra]
   args = tool.parse_args(base + ['--mode', 'slide', '--crop-size', '512,1024', '--stride',
                                  '341,682', '--scales', '0.5,1.0,1.5', '--test-scale', '2048,512'])
-  settings = cli.inference_settings(None, args)  # no config: the flags alone
+  settings = inference.inference_settings(None, **evaluate.flag_settings(args))  # flags alone
   assert settings.crop_size == (512, 1024) and settings.stride == (341, 682)
   assert settings.scales == (0.5, 1.0, 1.5)
-  assert cli.test_scale(None, args.test_scale) == (2048, 512)
+  assert inference.config_test_scale(None, args.test_scale) == (2048, 512)
   square = tool.parse_args(base + ['--crop-size', '512', '--test-scale', 'none'])
-  assert square.crop_size == (512, 512) and cli.test_scale(None, square.test_scale) is None
+  assert square.crop_size == (512, 512) and inference.config_test_scale(None, square.test_scale) is None
 
   for argv, expected in [(['--crop-size', '512', '1024'], 'unrecognized arguments: 1024'),
                          (['--crop-size', '512,x'], 'expected H,W'),
@@ -265,10 +265,10 @@ def test_predict_overlay_leaves_the_background_as_it_is(tmp_path, capsys):
 def test_background_classes():
   assert palettes.background_classes(('Background', 'disc', 'background')) == (0, 2)
   assert palettes.background_classes(None) == ()
-  assert cli.class_names(ml_collections.ConfigDict(), 3) is None  # no dataset: unknown
+  assert predict.class_names(ml_collections.ConfigDict(), 3) is None  # no dataset: unknown
   folder = ml_collections.ConfigDict(dict(dataset_name='folder', dataset_configs=dict(
       class_names=('sky', 'BACKGROUND'))))
-  assert palettes.background_classes(cli.class_names(folder, 2)) == (1,)
+  assert palettes.background_classes(predict.class_names(folder, 2)) == (1,)
   from projects.cvt_segmentation.data import synthetic_class_names
 
   assert palettes.background_classes(synthetic_class_names(4)) == (0,)
