@@ -49,7 +49,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from projects.tools import command_line
@@ -58,7 +57,6 @@ from projects.cvt_detection import coco_eval, evaluation, models
 from projects.cvt_detection.configs import common as _settings  # noqa: F401  (registers its keys)
 from projects.tools.output_files import check_writable, write_json
 from projects.tools.progress import Progress
-from projects.training import checkpoints
 from projects.training.configs import as_dict, config_get, load_config
 
 TOOL = 'cvt_detection.evaluate'
@@ -143,21 +141,9 @@ def val_annotation_file(name: str, dataset_configs: dict[str, Any]) -> str:
 
 
 def default_output_paths(checkpoint: str, dataset_name: str) -> tuple[str, str]:
-  """`(results, metrics)` paths beside the checkpoints folder, named by the step evaluated.
-
-  `WORKDIR` or `WORKDIR/checkpoints` (the latest step N, `checkpoints.locate`) and a step
-  folder `WORKDIR/checkpoints/N` -> `WORKDIR/eval_<dataset>_stepN_{results,metrics}.json`;
-  without any step (nothing to evaluate) `WORKDIR/eval_<dataset>_...json`.
-  """
-  path = Path(checkpoint).absolute()
-  if path.name.isdigit() and path.parent.name == 'checkpoints':
-    step, path = path.name, path.parent.parent
-  else:
-    step = checkpoints.locate(path)[1]
-    if path.name == 'checkpoints':
-      path = path.parent
-  tag = dataset_name if step is None else f'{dataset_name}_step{step}'
-  return (str(path / f'eval_{tag}_results.json'), str(path / f'eval_{tag}_metrics.json'))
+  """`(results, metrics)`: `WORKDIR/eval_<dataset>[_step<N>]_{results,metrics}.json`."""
+  return tuple(output_files.report_path(checkpoint, dataset_name, f'_{kind}.json')
+               for kind in ('results', 'metrics'))
 
 
 def data_identity(name: str, dataset_configs: dict[str, Any]) -> dict[str, Any]:
@@ -180,61 +166,13 @@ def data_identity(name: str, dataset_configs: dict[str, Any]) -> dict[str, Any]:
 
 def record_settings(config_spec: str | None, checkpoint: str, config: Any,
                     dataset_configs: dict[str, Any]) -> dict[str, Any]:
-  """What the metrics file's record names besides the data: what changes the numbers.
-
-  The config (its path, as predict's pictures), the checkpoint (folder and step), the
-  dataset settings (resize scale, canvases...) and the post-processing (`config.eval` with
-  the flags). Not the batch size: it changes the speed, not the detections.
-  """
+  """What changes the numbers besides the data (not the batch size: only the speed)."""
   return {
-      'config': output_files.config_identity(config_spec) if config_spec else None,
-      'checkpoint': checkpoints.identity(checkpoint),
+      **output_files.model_settings(config_spec, checkpoint),
       'dataset': config_get(config, 'dataset_name'),
       'dataset_configs': dataset_configs,
       'eval': dict(models.DETECT_DEFAULTS, **as_dict(config_get(config, 'eval'))),
   }
-
-
-def _conflict(message: str) -> output_files.OutputState:
-  return output_files.OutputState('conflict', f'{message}; pass --overwrite to replace it')
-
-
-def output_state(results_path: str, metrics_path: str, record: dict[str, Any],
-                 overwrite: bool = False) -> output_files.OutputState:
-  """Whether to evaluate ('todo'), skip ('done': the same evaluation's files) or refuse.
-
-  The metrics file decides (`output_files.output_state` on its record); the results file,
-  a bare COCO list, must be the one its data names (size and sha256). A results file
-  without a metrics file cannot be told from another evaluation's: a conflict. A finished
-  evaluation whose results file is gone is done again.
-  """
-  if overwrite:
-    return output_files.OutputState('todo')
-  if os.path.isdir(results_path):
-    return output_files.OutputState('conflict',
-                                    f'{results_path} is a folder; expected a file path')
-  state = output_files.output_state({metrics_path: record}, overwrite=False)
-  if state.status == 'conflict':
-    return state
-  has_results = os.path.lexists(results_path)
-  if state.status == 'todo':  # no metrics file
-    if has_results:
-      return _conflict(f'{results_path} exists without its metrics file {metrics_path} (a COCO '
-                       'results file has no record of its own: it may be another evaluation\'s)')
-    return state
-  if not has_results:
-    return output_files.OutputState('todo', '', state.records)
-  stored = (state.records[metrics_path].get('data') or {}).get('results') or {}
-  try:
-    found = output_files.describe_input(results_path)
-  except OSError as e:
-    return _conflict(f'{results_path} cannot be read ({e.strerror or e})')
-  if (found['size'], found['sha256']) != (stored.get('size'), stored.get('sha256')):
-    return _conflict(
-        f'{results_path} is not the results file {metrics_path} records ({found["size"]:,} '
-        f'bytes, sha256 {found["sha256"][:12]}...; expected {stored.get("size") or 0:,} bytes, '
-        f'sha256 {str(stored.get("sha256"))[:12]}...)')
-  return state
 
 
 def read_metrics(path: str) -> dict[str, Any]:
@@ -323,7 +261,7 @@ def run_evaluation(
   dataset_kwargs.pop('start_step', None)
   settings = record_settings(config_spec, checkpoint, config, dataset_kwargs)
   record = output_files.make_record(TOOL, data_identity(name, dataset_kwargs), settings)
-  state = output_state(results_path, metrics_path, record, overwrite)
+  state = output_files.report_state(metrics_path, record, overwrite, results=results_path)
   if state.status == 'conflict':
     raise OutputConflictError(state.message)
   if state.status == 'done':

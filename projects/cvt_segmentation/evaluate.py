@@ -1,31 +1,11 @@
 """Evaluate a segmentation checkpoint: mIoU, aAcc and mAcc exactly as mmsegmentation.
 
-  python -m projects.cvt_segmentation.evaluate \\
-      --config projects/cvt_segmentation/configs/ade20k_cvt13_upernet.py \\
-      --checkpoint workdirs/demo [--mode slide --crop-size 512,512 --stride 341,341] \\
-      [--scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip] [--output results.json] [--overwrite]
+  python -m projects.cvt_segmentation.evaluate --config CONFIG.py --checkpoint WORKDIR \\
+      [--mode slide --crop-size 512,512 --stride 341,341] [--scales 0.5,...,1.75 --flip]
 
-Predictions are scored at the original label resolution: one integer confusion matrix
-over the whole validation split (`metrics`), ignoring label 255. Single-scale evaluation
-runs the `EvalLoader` batches (`inference.evaluate_dataset`, also what the trainer's
-periodic evaluation calls) of the config's `eval_batch_size` unless --batch-size says
-otherwise; with test-time augmentation every original image goes through
-`inference.segment_image` (`evaluate_examples`). Results are printed as a per-class table,
-then written as JSON (atomically), by default beside the checkpoints folder as
-`eval_<dataset>_<mode>[_ms][_flip][_first<N>]_step<S>.json` (`default_output_path`).
-
-Reruns follow the tools' output policy (`projects.tools.output_files`): the report records its
-input (the config file's path, size and sha256) and settings (config and arg, checkpoint
-folder and step, dataset, inference settings, test scale, --max-examples;
-`evaluation_record`). A rerun whose report exists with the same record prints "already
-evaluated" and the stored table without loading the data or the model, exit 0; a report
-that records another evaluation, or an unreadable or 0-byte file, is kept and is one
-`error:` line naming what it holds and what this run would write, exit 1, until
---overwrite. The output place is checked before the data and the model are loaded.
-Progress (`projects.tools.progress`) is a bar on a terminal and a timed line in a log;
---no-progress hides it. Exit status: 0 evaluated or already evaluated; 1 on an error, one
-`error:` line on stderr (a write error after the evaluation comes after the printed table);
-2 on bad arguments.
+Predictions are scored at the original label resolution (one integer confusion matrix over
+the split, label 255 ignored); single-scale evaluation is the trainer's (`evaluate_dataset`).
+The JSON report follows the tools' output policy (`projects.tools.output_files`).
 """
 
 from __future__ import annotations
@@ -57,17 +37,22 @@ from projects.cvt_segmentation.inference import (  # noqa: F401  (evaluate_datas
 )
 from projects.tools import command_line, output_files
 from projects.tools.progress import Progress
-from projects.training import checkpoints
 from projects.training.configs import as_dict, config_get, load_config
 
 IGNORE_INDEX = metrics.IGNORE_INDEX
 TOOL = 'cvt_segmentation.evaluate'
 # `model_loader(config, checkpoint_dir) -> (flax_model, variables)`.
 ModelLoader = Callable[[Any, str], tuple[Any, Any]]
+# build_loaders arguments that evaluation sets itself (exact per-image shapes).
+_EVAL_OVERRIDES = ('eval_pad_shape', 'eval_label_pad_shape', 'eval_size_divisor', 'test_scale')
+# dataset_configs keys that do not change an evaluation (training augmentation, loading).
+_NOT_EVALUATED = ('start_step', 'crop_size', 'scale', 'ratio_range', 'cat_max_ratio',
+                  'flip_prob', 'photometric', 'num_threads', 'num_workers', 'pixel_batch_mask',
+                  'validate', *_EVAL_OVERRIDES)
 
 
 def load_model(config: Any, checkpoint: str, model_loader: ModelLoader | None = None):
-  """`(flax_model, variables)` restored from `checkpoint`; `model_loader` replaces
+  """`(flax_model, variables)` of `checkpoint`; `model_loader` replaces
   `models.restore_for_inference` (tests inject models)."""
   if model_loader is None:
     if not os.path.exists(checkpoint):
@@ -104,28 +89,8 @@ def evaluate_examples(
     num_threads: int = 2,
     **infer_kwargs: Any,
 ) -> np.ndarray:
-  """Confusion matrix over original examples with test-time augmentation.
-
-  Each `source[i]` (`{'image': uint8 [H, W, 3], 'label': [H, W]}`, as the dataset
-  sources return) is segmented by `inference.segment_image` (resize into `test_scale`
-  times each ratio, normalize, infer, optional flip, probabilities averaged at the
-  original size) and counted against its label.
-
-  Args:
-    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
-    source: random-access split (`len` and `[i]`).
-    num_classes: K.
-    scales: TTA ratios.
-    flip: flip TTA.
-    test_scale: `(long, short)` single-scale test resize limits, or None.
-    ignore_index: label value to skip.
-    progress: show progress (`projects.tools.progress.Progress`), the current image by name.
-    num_threads: threads reading examples ahead.
-    **infer_kwargs: `mode`, `crop_size`, `stride`, `min_size`, `pad_to_crop`.
-
-  Returns:
-    int64 `[K, K]` confusion matrix.
-  """
+  """int64 `[K, K]` confusion matrix of `segment_image` (test-time augmentation) over the
+  original examples of `source` (`{'image': uint8 [H, W, 3], 'label': [H, W]}`)."""
   cm = np.zeros((num_classes, num_classes), np.int64)
   n = len(source)
   with Progress(n, 'evaluate', 'img', enabled=progress) as bar:
@@ -158,101 +123,23 @@ class _Head:
     return self.source[i]
 
 
-# build_loaders arguments that evaluation sets itself (exact per-image shapes).
-_EVAL_OVERRIDES = ('eval_pad_shape', 'eval_label_pad_shape', 'eval_size_divisor', 'test_scale')
-# dataset_configs keys that do not change an evaluation (training augmentation, loading).
-_NOT_EVALUATED = ('start_step', 'crop_size', 'scale', 'ratio_range', 'cat_max_ratio',
-                  'flip_prob', 'photometric', 'num_threads', 'num_workers', 'pixel_batch_mask',
-                  'validate', *_EVAL_OVERRIDES)
-
-
-def default_output_path(checkpoint: str, dataset_name: str, settings: InferenceSettings,
-                        max_examples: int | None = None) -> str:
-  """The report's path beside the checkpoints folder, named by what was evaluated.
-
-  `WORKDIR/eval_<dataset>_<mode>[_ms][_flip][_first<N>]_step<S>.json` for `--checkpoint`
-  `WORKDIR`, `WORKDIR/checkpoints` or its step folder `WORKDIR/checkpoints/S` (the step
-  evaluated: the latest one unless a step folder is named), as detection's `evaluate`. The
-  step is in the name so that evaluating a later checkpoint of the same run writes a new
-  report instead of meeting the earlier one; `_first<N>` keeps a quick `--max-examples`
-  check apart from the full evaluation. A folder without steps gets no `_step` part.
-  """
-  folder, step = checkpoints.locate(checkpoint)
-  if folder.name == 'checkpoints':
-    folder = folder.parent
-  tag = f'{dataset_name}_{settings.mode}'
-  if tuple(settings.scales) != (1.0,):
-    tag += '_ms'
-  if settings.flip:
-    tag += '_flip'
-  if max_examples is not None:
-    tag += f'_first{max_examples}'
-  if step is not None:
-    tag += f'_step{step}'
-  return os.path.join(folder, f'eval_{tag}.json')
-
-
-def _jsonable(value: Any) -> Any:
-  return json.loads(json.dumps(value, default=str))
-
-
 def evaluation_record(config_file: str, config: Any, checkpoint: str,
                       settings: InferenceSettings, test_scale: Sequence[int] | None,
                       max_examples: int | None) -> dict:
-  """The provenance record of a report: what was evaluated, with what (`output_files`).
-
-  The input is the config file (path, size, sha256: the experiment that names the model and
-  the data). The settings are everything else that changes the numbers: the config as named
-  (with its `:arg`), the checkpoint (folder and step, `checkpoints.identity`), the dataset
-  (its name and the `dataset_configs` that choose the validation data), the inference
-  settings, the test resize and `max_examples`. The batch size and threads are left out:
-  they change the speed, not the result (equal-size images are inferred unpadded).
-  """
+  """The report's record: the config file is the input; the settings are what changes the
+  numbers (not the batch size or threads: equal-size images are inferred unpadded)."""
   dataset_configs = {k: v for k, v in as_dict(config_get(config, 'dataset_configs')).items()
                      if k not in _NOT_EVALUATED}
+  dataset = {'name': config_get(config, 'dataset_name'), 'configs': dataset_configs}
   recorded = {
-      'config': output_files.config_identity(config_file),
-      'checkpoint': checkpoints.identity(checkpoint),
-      'dataset': _jsonable({'name': config_get(config, 'dataset_name'),
-                            'configs': dataset_configs}),
+      **output_files.model_settings(config_file, checkpoint),
+      'dataset': json.loads(json.dumps(dataset, default=str)),
       'inference': dataclasses.asdict(settings),
       'test_scale': None if test_scale is None else list(test_scale),
       'max_examples': max_examples,
   }
   source = output_files.describe_input(config_file.partition(':')[0])
   return output_files.make_record(TOOL, source, recorded)
-
-
-def _flat(value: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(value, Mapping):
-    out = {}
-    for k, v in value.items():
-      out.update(_flat(v, f'{prefix}{k}.'))
-    return out
-  return {prefix[:-1]: value}
-
-
-def _short_json(value: Any, limit: int = 100) -> str:
-  """`value` as JSON, its middle cut out when it is long (the ends of paths tell them apart)."""
-  text = json.dumps(value)
-  half = (limit - 3) // 2
-  return text if len(text) <= limit else f'{text[:half]}...{text[-half:]}'
-
-
-def conflict_message(output: str, state: output_files.OutputState,
-                     record: Mapping[str, Any]) -> str:
-  """One line: what the existing report records against what this run would record."""
-  found = state.records.get(output)
-  if found is None or found.get('tool') != record['tool'] or (
-      found['input'].get('sha256'), found['input'].get('size')) != (
-      record['input']['sha256'], record['input']['size']):
-    return state.message
-  old, new = _flat(found['settings']), _flat(record['settings'])
-  keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-  differences = ', '.join(f'{k} {_short_json(old.get(k))} (this run: {_short_json(new.get(k))})'
-                          for k in keys)
-  return (f'{output} holds another evaluation of {record["input"]["path"]}: {differences}; '
-          'pass --overwrite to replace it, or --output to write elsewhere')
 
 
 def print_report(report: Mapping[str, Any]) -> None:
@@ -283,32 +170,19 @@ def run_evaluation(
 ) -> dict:
   """Evaluates `checkpoint` on the validation split of `config`; writes and returns the report.
 
-  An existing report at `output` that records the same evaluation (`evaluation_record`) is
-  not redone: it is printed and returned (`already_evaluated` True) without loading the data
-  or the model. One that records another evaluation, or has no readable record, is kept and
-  raises FileExistsError, unless `overwrite`.
-
   Args:
-    config: experiment config (`dataset_name`, `dataset_configs`, `eval`).
-    checkpoint: a workdir, its checkpoints folder or a step folder.
     config_file: the config's `path.py[:arg]`, recorded as the report's input.
-    settings: inference mode and TTA.
-    output: JSON path; None: `default_output_path(...)`.
-    overwrite: replace an existing report whatever it records.
+    output: JSON path; None: `eval_<dataset>_<mode>[_ms][_flip][_first<N>]_step<S>.json`
+      beside the checkpoints folder.
     test_scale: single-scale resize limits; 'config' reads the config (mmseg's default).
-    batch_size: eval batch size (equal-size examples are inferred together); None: the
-      config's `eval_batch_size`, else 1.
+    batch_size: None: the config's `eval_batch_size`, else 1.
     max_examples: evaluate only the first examples (quick checks).
-    num_threads: data loading threads.
-    progress: show progress (`projects.tools.progress.Progress`).
-    model_loader: replaces `models.restore_for_inference`.
     print_table: print the per-class table to stdout, and what was done to stderr.
 
   Returns:
-    The `metrics.metrics_report` dict (with the confusion matrix, so that results of
-    several runs can be summed) plus `dataset`, `checkpoint`, `num_examples`, `inference`
-    settings and `output` path (and the provenance record under `output_files.RECORD_KEY`
-    and `already_evaluated` True for a stored report).
+    The `metrics.metrics_report` dict (with the confusion matrix) plus `dataset`,
+    `checkpoint`, `num_examples`, `inference` and `output` (and `already_evaluated` True for
+    a stored report, which is not redone).
 
   Raises:
     FileExistsError: `output` holds another evaluation or an unreadable file.
@@ -327,12 +201,15 @@ def run_evaluation(
   batch_size = int(config_get(config, 'eval_batch_size', 1) if batch_size is None else batch_size)
   if batch_size < 1:
     raise ValueError(f'the evaluation batch size must be positive, got {batch_size}')
-  output = output or default_output_path(checkpoint, name, settings, max_examples)
+  if output is None:
+    tag = (f'{name}_{settings.mode}' + '_ms' * (tuple(settings.scales) != (1.0,))
+           + '_flip' * settings.flip + ('' if max_examples is None else f'_first{max_examples}'))
+    output = output_files.report_path(checkpoint, tag)
   record = evaluation_record(config_file, config, checkpoint, settings, test_scale, max_examples)
   # Decided before any work: a done or conflicting report, or a bad path, costs nothing.
-  state = output_files.output_state({output: record}, overwrite)
+  state = output_files.report_state(output, record, overwrite, values=True)
   if state.status == 'conflict':
-    raise FileExistsError(conflict_message(output, state, record))
+    raise FileExistsError(state.message)
   if state.status == 'done':
     with open(output) as f:
       report = json.load(f)
@@ -345,8 +222,7 @@ def run_evaluation(
     return {**report, 'already_evaluated': True}
   output_files.check_writable([output])
   dataset_kwargs = as_dict(config_get(config, 'dataset_configs'))
-  dataset_kwargs.pop('start_step', None)
-  for key in _EVAL_OVERRIDES:
+  for key in ('start_step', *_EVAL_OVERRIDES):
     dataset_kwargs.pop(key, None)
   _, loader, meta = build_loaders(
       name, batch_size=batch_size, eval_batch_size=batch_size, num_threads=num_threads,
@@ -462,20 +338,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None = None) -> int:
-  """Command-line entry point; returns the exit status (errors print one clear line).
-
-  0 when the checkpoint was evaluated or its report already records the same evaluation;
-  1 on an error (a report of another evaluation in the way, a bad config or checkpoint, a
-  write error); 2 on bad arguments (argparse).
-  """
+  """Command-line entry point; returns the exit status (errors print one `error:` line)."""
   args = parse_args(argv)
   try:
     config = load_config(args.config)
-    settings = inference_settings(config, **flag_settings(args))
-    scale = config_test_scale(config, args.test_scale)
     run_evaluation(
-        config, args.checkpoint, config_file=args.config, settings=settings,
-        output=args.output, overwrite=args.overwrite, test_scale=scale,
+        config, args.checkpoint, config_file=args.config,
+        settings=inference_settings(config, **flag_settings(args)), output=args.output,
+        overwrite=args.overwrite, test_scale=config_test_scale(config, args.test_scale),
         batch_size=args.batch_size, max_examples=args.max_examples,
         num_threads=args.num_threads, progress=not args.no_progress, model_loader=model_loader,
     )

@@ -15,6 +15,7 @@ failed or on an error (one `error:` line), 2 for bad arguments (argparse's own).
 from __future__ import annotations
 
 import argparse
+import sys
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -120,3 +121,23 @@ def add_output_flags(parser: argparse.ArgumentParser, *, per_input: bool = True,
     parser.add_argument(
         '--no-progress', action='store_true',
         help='print no progress (a bar on a terminal, a line every 10 s in a log)')
+
+
+class Failures(list):
+  """The failed inputs of a run, each reported as `<prefix> <message>` on stderr (or by
+  `write`, e.g. a progress bar's), or with `strict` raised as `error` (--strict)."""
+
+  def __init__(self, strict: bool, error: type[Exception], prefix: str):
+    super().__init__()
+    self.strict, self.error, self.prefix = strict, error, prefix
+    self.write = None
+
+  def __call__(self, message: str) -> None:
+    if self.strict:
+      raise self.error(message)
+    self.append(message)
+    line = f'{self.prefix} {message}'
+    if self.write is not None:
+      self.write(line)
+    else:
+      print(line, file=sys.stderr, flush=True)
