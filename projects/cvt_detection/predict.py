@@ -25,8 +25,6 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from projects.tools import command_line
-from projects.tools import output_files
 from projects.cvt_detection import coco_eval, models
 from projects.cvt_detection.data.builder import EVAL_DEVICE_KEYS
 from projects.cvt_detection.data.synthetic import SyntheticDetection
@@ -42,11 +40,12 @@ from projects.cvt_detection.evaluate import (
   val_annotation_file,
   with_eval_settings,
 )
+from projects.tools import command_line, output_files
 from projects.tools.input_files import PredictError, collect_inputs
 from projects.tools.output_files import check_writable, write_json
 from projects.tools.progress import Progress
-from projects.training.images import ImageError, check_image_header, read_image
 from projects.training.configs import as_dict, config_get, load_config
+from projects.training.images import ImageError, check_image_header, read_image
 
 TOOL = 'cvt_detection.predict'
 RESULTS_FILE = 'results.json'
@@ -397,8 +396,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       'Detect objects in images: one picture with labelled boxes per image (OUTPUT/<name>.png) '
       'and the detections in COCO results format (OUTPUT/results.json, OUTPUT/images.json).')
   command_line.add_model_flags(parser)
-  parser.add_argument('--output', required=True, help='output folder')
-  parser.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
+  command_line.add_inputs(parser, 'output folder: <stem>.png per image, results.json, images.json')
   parser.add_argument('--score-threshold', type=float, default=SCORE_THRESHOLD,
                       help='draw and write detections scoring at least this; 0 keeps the '
                            'max-detections best of each image')
@@ -416,11 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if not 0 <= args.score_threshold <= 1:
       raise ValueError(f'--score-threshold must be in [0, 1], got {args.score_threshold}')
-    images, problems = collect_inputs(args.inputs, exclude_dir=args.output)
-    for message in problems:
-      fail(message)
-    if not images:
-      raise PredictError('no input files found')
+    images, problems = collect_inputs(args.inputs, args.output, fail)
     config = load_config(args.config)
     # Candidates pass config.eval's class-probability threshold before the final score
     # (probability x centerness) is compared with ours: never filter more than asked.

@@ -310,7 +310,7 @@ def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
                                         'min_size')}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = command_line.parser(
       'python -m projects.cvt_segmentation.evaluate',
       'mIoU / aAcc / mAcc of a checkpoint on the validation split of its config (the '
@@ -330,11 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--num-threads', type=int, default=2, metavar='N',
                       help='data loading threads')
   command_line.add_output_flags(parser, per_input=False)
-  return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  return build_parser().parse_args(argv)
+  return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None = None) -> int:

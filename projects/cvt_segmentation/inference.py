@@ -1,27 +1,10 @@
 """Segmentation inference as mmsegmentation runs it: whole image, sliding window, TTA.
 
-Every function is model-agnostic: it takes `logits_fn(images [B, h, w, 3]) -> logits
-[B, h, w, K]`, logits at the size of the images it was given (what `Segmentor` returns;
-`make_logits_fn` wraps a Flax model). The reference is mmseg's `EncoderDecoder`
-(mmseg/models/segmentors/encoder_decoder.py) and its test-time augmentation:
-
-- whole: one forward pass over the (test-resized) image.
-- slide: windows of `crop_size` every `stride`, clamped to the image edge
-  (`y1 = max(y2 - h_crop, 0)`), logits summed and divided by the per-pixel window count.
-  An image smaller than the crop is one smaller window, not padded (mmseg 1.x does not
-  pad either; `pad_to_crop=True` pads windows to the crop size instead).
-- scoring: the logits of the valid image region are resized to the label's original size
-  with bilinear, half-pixel-centre interpolation without antialiasing (mmseg's
-  `resize(..., mode='bilinear', align_corners=False)`), then argmax.
-- TTA: each scale and flip is inferred, flipped back, resized to the original size and
-  turned into softmax probabilities; the probabilities are averaged (mmseg 0.x
-  `aug_test`, 1.x `SegTTAModel.merge_preds`).
-
-`evaluate_dataset` scores a model over padded `EvalLoader` batches (the trainer's periodic
-evaluation and the `evaluate` command). Post-processing (window accumulation, resizing,
-softmax, argmax, scoring) is jitted with static shapes; jax caches one executable per
-shape, so repeated sizes do not recompile. `logits_fn` is called as given (jit it, with
-the parameters as an argument rather than a closed-over constant: `make_logits_fn` does).
+Model-agnostic: every function takes `logits_fn(images [B, h, w, 3]) -> logits [B, h, w, K]`
+at the input size (`make_logits_fn` wraps a Flax model). The reference is mmseg's
+`EncoderDecoder` (mmseg/models/segmentors/encoder_decoder.py) and its TTA (0.x `aug_test`,
+1.x `SegTTAModel`). Post-processing is jitted per shape; `evaluate_dataset` is both the
+trainer's periodic evaluation and the `evaluate` tool's.
 """
 
 from __future__ import annotations
@@ -62,7 +45,6 @@ def _pair(x: int | Sequence[int], what: str) -> tuple[int, int]:
   if len(pair) != 2 or any(int(v) != v or v < 1 for v in pair):
     raise ValueError(f'{what} must be a positive int or (height, width), got {x!r}')
   return int(pair[0]), int(pair[1])
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,21 +117,8 @@ def config_test_scale(config: Any, flag: tuple[int, int] | str | None = None
 
 
 def make_logits_fn(model: Any, variables: Any, **apply_kwargs: Any) -> LogitsFn:
-  """`logits_fn` of a Flax model: `model.apply(variables, images, train=False)`, jitted.
-
-  The variables are an argument of the jitted function (not baked in as constants), and
-  the executable is cached per input shape. A dict output (`Segmentor` returns
-  `{'logits': ...}`) gives its `'logits'`.
-
-  Args:
-    model: a Flax module whose `apply(variables, images, train=False)` returns logits
-      `[B, h, w, K]` at the input size, or a dict holding them under 'logits'.
-    variables: its variables (`{'params': ..., 'batch_stats': ...}`).
-    **apply_kwargs: extra static keyword arguments of `apply`.
-
-  Returns:
-    `logits_fn(images [B, h, w, C]) -> [B, h, w, K]`.
-  """
+  """`logits_fn` of `model.apply(variables, images, train=False)` (or its `'logits'`), jitted
+  with the variables as an argument rather than baked-in constants."""
   @jax.jit
   def apply(v, images):
     return _as_logits(model.apply(v, images, train=False, **apply_kwargs))
@@ -212,18 +181,8 @@ def whole_inference(
     num_classes: int | None = None,
     min_size: int | Sequence[int] = 0,
 ) -> jax.Array:
-  """Logits of whole images (mmseg `whole_inference`).
-
-  Args:
-    logits_fn: `images [B, h, w, C] -> logits [B, h, w, K]`.
-    images: `[B, h, w, C]` normalized images.
-    num_classes: expected K (checked) or None.
-    min_size: images smaller than this (per axis) are padded for the model and the
-      logits cropped back; 0 never pads.
-
-  Returns:
-    `[B, h, w, K]`.
-  """
+  """Logits `[B, h, w, K]` of whole normalized images (mmseg `whole_inference`); images
+  under `min_size` per axis are padded for the model and the logits cropped back."""
   images, _ = _as_batch(images)
   min_hw = (0, 0) if not min_size else _pair(min_size, 'min_size')
   return _call_padded(logits_fn, images, min_hw, num_classes)
@@ -232,20 +191,9 @@ def whole_inference(
 def slide_windows(
     image_size: Sequence[int], crop_size: int | Sequence[int], stride: int | Sequence[int]
 ) -> list[tuple[int, int, int, int]]:
-  """The `(y1, y2, x1, x2)` windows of mmseg `slide_inference`, in its order.
-
-  `h_grids = max(h - h_crop + h_stride - 1, 0) // h_stride + 1` rows of windows (likewise
-  columns); window `(i, j)` starts at `(i * h_stride, j * w_stride)`, ends at most at the
-  image edge, and is shifted back so that it keeps the crop size where the image allows.
-
-  Args:
-    image_size: `(h, w)`.
-    crop_size: `(h_crop, w_crop)` or an int.
-    stride: `(h_stride, w_stride)` or an int, at most the crop size.
-
-  Returns:
-    Windows, each `min(h, h_crop) x min(w, w_crop)`.
-  """
+  """The `(y1, y2, x1, x2)` windows of mmseg `slide_inference`, in its order: a grid every
+  `stride`, each window clamped to the image edge (`y1 = max(y2 - h_crop, 0)`), so each is
+  `min(h, h_crop) x min(w, w_crop)` (an image smaller than the crop is not padded)."""
   h, w = (int(s) for s in image_size)
   (hc, wc), (hs, ws) = _pair(crop_size, 'crop_size'), _pair(stride, 'stride')
   if hs > hc or ws > wc:
@@ -294,24 +242,9 @@ def slide_inference(
     pad_to_crop: bool = False,
     min_size: int | Sequence[int] = 0,
 ) -> jax.Array:
-  """Sliding-window logits (mmseg `slide_inference`).
-
-  Each window of `slide_windows` is run through `logits_fn` for the whole batch, its
-  logits added into a float32 `[B, h, w, K]` sum, and the sum divided by `slide_count`.
-
-  Args:
-    logits_fn: `images [B, h, w, C] -> logits [B, h, w, K]`.
-    images: `[B, h, w, C]` normalized images (one size).
-    crop_size: `(h_crop, w_crop)` or an int.
-    stride: `(h_stride, w_stride)` or an int.
-    num_classes: expected K (checked) or None.
-    pad_to_crop: pad windows smaller than the crop (image smaller than the crop) to the
-      crop size for the model; mmseg runs them at their own size (False).
-    min_size: windows smaller than this are padded for the model (see `whole_inference`).
-
-  Returns:
-    float32 `[B, h, w, K]`.
-  """
+  """float32 sliding-window logits `[B, h, w, K]` (mmseg `slide_inference`): the window
+  logits summed and divided by `slide_count`. `pad_to_crop` pads windows smaller than the
+  crop to it for the model (mmseg runs them at their own size)."""
   images, _ = _as_batch(images)
   b, h, w, _ = images.shape
   crop = _pair(crop_size, 'crop_size')
@@ -376,53 +309,24 @@ def _output_size(output_size: Sequence[int] | None, images: jax.Array) -> tuple[
   return _pair(output_size, 'output_size')
 
 
-def predict_logits(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    output_size: Sequence[int] | None = None,
-    **infer_kwargs: Any,
-) -> jax.Array:
-  """Logits by `infer_logits`, resized to `output_size` (the label's original size).
+def _predictor(resize: Callable[[jax.Array, tuple[int, int]], jax.Array], doc: str):
+  def predict(logits_fn: LogitsFn, images: jax.Array, output_size: Sequence[int] | None = None,
+              **infer_kwargs: Any) -> jax.Array:
+    batch, single = _as_batch(images)
+    size = _output_size(output_size, batch)
+    out = resize(infer_logits(logits_fn, batch, **infer_kwargs), size)
+    return out[0] if single else out
 
-  Args:
-    logits_fn: `images [B, h, w, C] -> logits [B, h, w, K]`.
-    images: `[B, h, w, C]` or one image `[h, w, C]`, normalized.
-    output_size: `(H, W)` to resize to; None keeps `(h, w)`.
-    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
-
-  Returns:
-    float32 `[B, H, W, K]` (`[H, W, K]` for one image).
-  """
-  return _predict(resize_logits, logits_fn, images, output_size, infer_kwargs)
+  predict.__doc__ = doc
+  return predict
 
 
-def _predict(resize: Callable[[jax.Array, tuple[int, int]], jax.Array], logits_fn: LogitsFn,
-             images: jax.Array, output_size: Sequence[int] | None,
-             infer_kwargs: dict[str, Any]) -> jax.Array:
-  """Infers logits for a batch or one image, then `resize` (+ softmax/argmax) to the output size."""
-  batch, single = _as_batch(images)
-  out = resize(infer_logits(logits_fn, batch, **infer_kwargs), _output_size(output_size, batch))
-  return out[0] if single else out
-
-
-def predict_probs(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    output_size: Sequence[int] | None = None,
-    **infer_kwargs: Any,
-) -> jax.Array:
-  """Softmax of `predict_logits` (mmseg `inference`): float32 `[B, H, W, K]` or `[H, W, K]`."""
-  return _predict(_resize_softmax, logits_fn, images, output_size, infer_kwargs)
-
-
-def predict_labels(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    output_size: Sequence[int] | None = None,
-    **infer_kwargs: Any,
-) -> jax.Array:
-  """Argmax of `predict_logits`: int32 `[B, H, W]` (or `[H, W]` for one image)."""
-  return _predict(_resize_argmax, logits_fn, images, output_size, infer_kwargs)
+predict_logits = _predictor(resize_logits, """float32 `infer_logits` of normalized images
+  `[B, h, w, C]` (or one `[h, w, C]`) resized to `output_size` (the label's original size;
+  None keeps it): `[B, H, W, K]` or `[H, W, K]`.""")
+predict_probs = _predictor(_resize_softmax, 'Softmax of `predict_logits` (mmseg `inference`).')
+predict_labels = _predictor(_resize_argmax, 'int32 argmax of `predict_logits`: `[B, H, W]` or '
+                            '`[H, W]`.')
 
 
 # ------------------------------------------------------------- test-time augmentation
@@ -431,20 +335,11 @@ def predict_labels(
 def scaled_size(
     size: Sequence[int], ratio: float, test_scale: Sequence[int] | None = None
 ) -> tuple[int, int]:
-  """Input size of TTA scale `ratio` for an image of original `size`.
+  """`(h, w)` input size of TTA ratio `ratio` for an image of original `size`.
 
-  With a test scale, as mmseg 0.x `MultiScaleFlipAug(img_scale, img_ratios)` (the protocol
-  of published multi-scale results): keep-ratio rescale into `(int(long * ratio),
-  int(short * ratio))`. Without one, as mmseg 1.x `Resize(scale_factor=ratio,
-  keep_ratio=True)`: `int(size * ratio + 0.5)`.
-
-  Args:
-    size: original `(H, W)`.
-    ratio: scale ratio, e.g. one of 0.5, 0.75, ..., 1.75.
-    test_scale: `(long, short)` edge limits of single-scale testing, e.g. `(2048, 512)`.
-
-  Returns:
-    `(h, w)`.
+  With a `(long, short)` test scale as mmseg 0.x `MultiScaleFlipAug` (the protocol of
+  published multi-scale results): keep-ratio rescale into `(int(long * ratio),
+  int(short * ratio))`; without, as mmseg 1.x `Resize(scale_factor=ratio)`.
   """
   if test_scale is not None:
     return rescale_size(size, (int(test_scale[0] * ratio), int(test_scale[1] * ratio)))
@@ -463,30 +358,19 @@ def aug_inference(
     std: Sequence[float] | None = IMAGENET_STD,
     **infer_kwargs: Any,
 ) -> jax.Array:
-  """Multi-scale and flip test-time augmentation: averaged softmax probabilities.
+  """Multi-scale and flip test-time augmentation: float32 softmax probabilities averaged.
 
-  For each ratio in `scales` the original image is resized to `scaled_size(...)` (OpenCV
-  bilinear, as mmseg's pipeline, uint8 rounded for uint8 input) and normalized; it is
-  inferred as is and, with `flip`, mirrored (the logits mirrored back). Each result is
-  resized to `output_size` and softmaxed; the mean over all `len(scales) * (1 + flip)`
-  variants is returned. With `scales=(1.0,)`, `flip=False` and the dataset's test scale
-  this is exactly the single-scale evaluation pipeline (`EvalTransform` + `predict_probs`).
+  Each ratio of `scales` resizes the original image to `scaled_size(...)` (OpenCV bilinear,
+  as mmseg's pipeline), normalizes it with `mean`/`std` (None: `image` is normalized) and
+  infers it, with `flip` also mirrored; each result is resized to `output_size` (None: the
+  original) and softmaxed. With `scales=(1.0,)`, no flip and the dataset's test scale this
+  is the single-scale evaluation pipeline.
 
   Args:
-    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
-    image: the original image, `[H, W, 3]` or a batch `[B, H, W, 3]` of one size: RGB on
-      the 0-255 scale (uint8 or float) when `mean` is set, else already normalized.
-    scales: resize ratios, e.g. `(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)`.
-    flip: also infer the horizontally flipped image.
-    output_size: `(H_out, W_out)` of the probabilities; None: the original `(H, W)`.
-    test_scale: `(long, short)` single-scale test resize the ratios multiply (see
-      `scaled_size`); None: ratios of the original size.
-    mean: normalization mean applied after resizing; None if `image` is normalized.
-    std: normalization std.
-    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
+    image: `[H, W, 3]` or a batch `[B, H, W, 3]` of one size, RGB on the 0-255 scale.
 
   Returns:
-    float32 probabilities `[H_out, W_out, K]` (`[B, H_out, W_out, K]` for a batch).
+    `[H_out, W_out, K]` (`[B, H_out, W_out, K]` for a batch).
   """
   image = np.asarray(image)
   single = image.ndim == 3
@@ -501,8 +385,7 @@ def aug_inference(
   for ratio in scales:
     if ratio <= 0:
       raise ValueError(f'scale ratios must be positive, got {ratio}')
-    new_size = scaled_size(size, ratio, test_scale)
-    resized = np.stack([resize_image(x, new_size) for x in batch])
+    resized = np.stack([resize_image(x, scaled_size(size, ratio, test_scale)) for x in batch])
     if mean is not None:
       resized = normalize(resized, mean, std if std is not None else (1.0, 1.0, 1.0))
     for flipped in (False, True) if flip else (False,):
@@ -522,53 +405,26 @@ def _argmax(probs: jax.Array) -> jax.Array:
   return jnp.argmax(probs, axis=-1).astype(jnp.int32)
 
 
-def segment_image(
-    logits_fn: LogitsFn,
-    image: np.ndarray,
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    output_size: Sequence[int] | None = None,
-    test_scale: Sequence[int] | None = None,
-    mean: Sequence[float] | None = IMAGENET_MEAN,
-    std: Sequence[float] | None = IMAGENET_STD,
-    **infer_kwargs: Any,
-) -> np.ndarray:
-  """mmseg's whole test pipeline from an original image to its label map.
-
-  Single scale without flip: resize to `test_scale` (keep ratio), normalize, infer, resize
-  the logits to `output_size` and argmax (as `EvalTransform` + `predict_labels`).
-  Otherwise the argmax of `aug_inference`'s averaged probabilities.
-
-  Args:
-    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
-    image: original `[H, W, 3]` RGB (0-255, uint8 or float) when `mean` is set, else
-      normalized.
-    scales: TTA ratios.
-    flip: flip TTA.
-    output_size: `(H_out, W_out)`; None: `(H, W)`.
-    test_scale: `(long, short)` single-scale resize limits; None keeps the size.
-    mean: normalization mean, or None.
-    std: normalization std.
-    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
-
-  Returns:
-    int32 `[H_out, W_out]` class indices (numpy).
-  """
+def segment_image(logits_fn: LogitsFn, image: np.ndarray, *, scales: Sequence[float] = (1.0,),
+                  flip: bool = False, output_size: Sequence[int] | None = None,
+                  **kwargs: Any) -> np.ndarray:
+  """mmseg's whole test pipeline from one original `[H, W, 3]` image to int32 class indices
+  `[H_out, W_out]`: `aug_inference`'s arguments; single scale without flip skips the
+  softmax (`predict_labels` on the test-resized image)."""
   image = np.asarray(image)
   if image.ndim != 3:
     raise ValueError(f'expected one image [H, W, C], got shape {image.shape}')
   out_size = tuple(image.shape[:2]) if output_size is None else _pair(output_size, 'output_size')
   if tuple(scales) != (1.0,) or flip:
-    probs = aug_inference(
-        logits_fn, image, scales=scales, flip=flip, output_size=out_size, test_scale=test_scale,
-        mean=mean, std=std, **infer_kwargs,
-    )
+    probs = aug_inference(logits_fn, image, scales=scales, flip=flip, output_size=out_size,
+                          **kwargs)
     return np.asarray(_argmax(probs))
+  test_scale = kwargs.pop('test_scale', None)
+  mean, std = kwargs.pop('mean', IMAGENET_MEAN), kwargs.pop('std', IMAGENET_STD)
   x = resize_image(image, scaled_size(image.shape[:2], 1.0, test_scale))
   if mean is not None:
     x = normalize(x, mean, std if std is not None else (1.0, 1.0, 1.0))
-  return np.asarray(predict_labels(logits_fn, x, out_size, **infer_kwargs))
+  return np.asarray(predict_labels(logits_fn, x, out_size, **kwargs))
 
 
 # ------------------------------------------------------------- padded eval batches
@@ -589,28 +445,13 @@ def batch_logit_groups(
     exact: bool = True,
     **infer_kwargs: Any,
 ) -> Iterator[tuple[np.ndarray, jax.Array, tuple[int, int]]]:
-  """Logits of the valid examples of a padded eval batch, at their valid input size.
+  """`(rows [g], logits [g, h, w, K], (label_h, label_w))` per size group of the valid
+  examples of an `EvalLoader` batch (`inputs [B, Hp, Wp, 3]`, `input_size`, `label_size`,
+  `batch_mask`; without them the whole arrays are valid).
 
-  The batch is an `EvalLoader` batch: `inputs [B, Hp, Wp, 3]` (example `i` valid in
-  `[:input_size[i, 0], :input_size[i, 1]]`), `label_size [B, 2]`, `batch_mask [B]`;
-  without `input_size` / `label_size` / `batch_mask` the whole arrays are valid. Pmap
-  layouts `[num_shards, b, ...]` are flattened.
-
-  With `exact` (default) padding never reaches the model: examples are grouped by
-  `(input_size, label_size)` and each group is cropped to its own size and inferred on its
-  own, so every prediction equals that of the image alone (mmseg tests unpadded images).
-  With `exact=False` the padded batch is inferred at once and the logits cropped (fewer
-  calls and shapes; a model with global context then sees the padding).
-
-  Args:
-    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
-    batch: the eval batch.
-    exact: infer each size group unpadded.
-    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
-
-  Yields:
-    `(indices int [g], logits [g, h, w, K], (label_h, label_w))` per group, where `indices`
-    are rows of the (flattened) batch; examples with `batch_mask` 0 are skipped.
+  With `exact` padding never reaches the model: each `(input_size, label_size)` group is
+  cropped to its size and inferred alone, as mmseg tests unpadded images. `exact=False`
+  infers the padded batch once (a model with global context then sees the padding).
   """
   batch = flatten_shards(batch)
   inputs = batch['inputs']
@@ -645,18 +486,8 @@ def predict_batch(
     exact: bool = True,
     **infer_kwargs: Any,
 ) -> list[np.ndarray | None]:
-  """Predicted label maps of an eval batch at each example's original label size.
-
-  Args:
-    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
-    batch: an `EvalLoader` batch (see `batch_logit_groups`).
-    exact: infer each size group unpadded (see `batch_logit_groups`).
-    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
-
-  Returns:
-    One int32 `[label_h, label_w]` map per row of the (flattened) batch; None for padding
-    rows (`batch_mask` 0).
-  """
+  """int32 `[label_h, label_w]` label maps of an eval batch (`batch_logit_groups`), one per
+  row; None for padding rows."""
   n = np.shape(flatten_shards(batch)['inputs'])[0]
   out: list[np.ndarray | None] = [None] * n
   for idx, logits, size in batch_logit_groups(logits_fn, batch, exact=exact, **infer_kwargs):
@@ -691,37 +522,16 @@ def evaluate_dataset(
     num_batches: int | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-  """Confusion matrix of a model over eval batches, at the original label resolution.
+  """int64 `[K, K]` confusion matrix (rows ground truth) at the original label resolution.
 
-  For each batch (an `EvalLoader` batch: padded `inputs`, `label` at original resolution
-  padded with 255, `input_size`, `label_size`, `batch_mask`; or any batch with `inputs`
-  and `label`, all valid), the logits of each example's valid input region are resized
-  to its label size (bilinear, half-pixel centres), argmaxed and counted against its
-  label; padding rows (`batch_mask` 0), padded label pixels and `ignore_index` are left
-  out. The trainer's periodic evaluation and the `evaluate` command share this code
-  (also importable as `evaluate.evaluate_dataset`).
+  Each example's valid logits are resized to its label size (bilinear, half-pixel
+  centres), argmaxed and counted; padding rows, padded label pixels (255) and
+  `ignore_index` are left out. With several processes, sum their matrices.
 
   Args:
-    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]` (e.g. `make_logits_fn`).
-    batches: an `EvalLoader` (one pass) or any iterable of batches; pmap layouts
-      `[num_shards, b, ...]` are flattened.
-    num_classes: K; the model's logits are checked against it.
-    mode: 'whole' or 'slide'.
-    crop_size: slide window `(h, w)`.
-    stride: slide stride `(h, w)`.
-    ignore_index: label value to skip.
-    exact: infer each group of equal-size examples unpadded, so padding never changes a
-      prediction (see `inference.batch_logit_groups`); False infers the padded batch.
-    min_size: pad smaller inputs / windows to this size for the model.
-    pad_to_crop: pad slide windows smaller than the crop to the crop size.
+    batches: an `EvalLoader` (one pass) or any iterable of batches with `inputs` and
+      `label` (`batch_logit_groups`).
     num_batches: stop after this many batches (needed for endless iterators).
-    progress: show progress (`projects.tools.progress.Progress`: a bar on a terminal, timed
-      lines in a log).
-
-  Returns:
-    int64 `[K, K]` confusion matrix (rows ground truth); pass it to
-    `metrics.segmentation_metrics` or `metrics.metrics_report`. With several processes,
-    sum the matrices of all processes.
   """
   if hasattr(batches, 'iterate') and hasattr(batches, 'num_batches'):  # an EvalLoader
     total = batches.num_batches if num_batches is None else min(num_batches, batches.num_batches)

@@ -138,15 +138,12 @@ def _model_num_classes(logits_fn: LogitsFn) -> int:
   return int(np.shape(logits_fn(np.zeros((1, 64, 64, 3), np.float32)))[-1])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = command_line.parser(
       'python -m projects.cvt_segmentation.predict',
       'Segment images: a palette PNG mask and a side-by-side overlay per image.')
   add_inference_flags(parser)
-  parser.add_argument('--output', required=True, metavar='DIR',
-                      help='output folder: <stem>_mask.png and <stem>_overlay.png per image')
-  parser.add_argument('inputs', nargs='+', metavar='INPUT',
-                      help='image files, folders (searched recursively) or glob patterns')
+  command_line.add_inputs(parser, 'output folder: <stem>_mask.png and <stem>_overlay.png per image')
   parser.add_argument('--palette', choices=palettes.PALETTE_NAMES, default='auto',
                       help="mask colours; auto: the palette of the config's dataset (ADE20K's "
                            'for datasets without one)')
@@ -157,11 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "'background', such as the synthetic dataset's class 0); by "
                            'default it is left as it is, so the photo shows through')
   command_line.add_output_flags(parser, per_input=True)
-  return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  return build_parser().parse_args(argv)
+  return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None = None) -> int:
@@ -170,11 +163,7 @@ def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None 
   fail = command_line.Failures(args.strict, PredictError, 'skipped')
   written, done = [], []
   try:
-    images, problems = collect_inputs(args.inputs, exclude_dir=args.output)
-    for message in problems:
-      fail(message)
-    if not images:
-      raise PredictError('no input files found')
+    images, _ = collect_inputs(args.inputs, args.output, fail)
     config = load_config(args.config)
     settings = inference_settings(config, **flag_settings(args))
     scale = config_test_scale(config, args.test_scale)

@@ -27,17 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cvt_backbone.weights.converted import variables_digest
 from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
-from projects.tools import command_line
-from projects.tools import output_files
+from cvt_backbone.weights.converted import variables_digest
 from projects.feature_extraction import images as images_lib
 from projects.feature_extraction import planning, writers
 from projects.feature_extraction.planning import (
-    DEFAULT_MEMORY_BUDGET_MB,
-    AttentionPlan,
-    MemoryBudgetError,
+  DEFAULT_MEMORY_BUDGET_MB,
+  AttentionPlan,
+  MemoryBudgetError,
 )
+from projects.tools import command_line, output_files
 from projects.tools.input_files import InputImage
 from projects.tools.progress import Progress
 from projects.training.images import ImageError, displayed_size
@@ -440,20 +439,6 @@ def _run_batch(extractor: FeatureExtractor, ready: list[tuple[_Pending, np.ndarr
     summary.written.append(path)
 
 
-def _positive_int(text: str) -> int:
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
-  return value
-
-
-def _positive_float(text: str) -> float:
-  value = float(text)
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f'expected a positive number, got {text}')
-  return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = command_line.parser(
       'cvt-extract',
@@ -461,7 +446,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       '.safetensors file per image, with attention chunked to fit a memory budget. Progress '
       '(per image, and per attention chunk inside a large image) goes to stderr: a bar on a '
       'terminal, a line every $CVT_PROGRESS_INTERVAL seconds (10) in a log.')
-  parser.add_argument('inputs', nargs='+', help='image files, folders (recursive) or glob patterns')
+  command_line.add_inputs(parser, 'output folder (created if missing)')
   weights = parser.add_mutually_exclusive_group(required=True)
   weights.add_argument('--checkpoint', help='a converted checkpoint (.msgpack from cvt-convert)')
   weights.add_argument('--random-weights', action='store_true',
@@ -469,25 +454,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--variant', default='cvt-13', choices=sorted(VARIANTS),
                       help='architecture for --random-weights (a checkpoint knows its own)')
   parser.add_argument('--seed', type=int, default=0, help='initialisation seed for --random-weights')
-  parser.add_argument('--output', required=True, help='output folder (created if missing)')
   parser.add_argument('--stages', type=command_line.names, default=None,
                       help='stages to store, comma-separated such as stage1,stage3 (default: all)')
   parser.add_argument('--format', choices=writers.FORMATS, default='npz', help='feature file format')
   parser.add_argument('--dtype', choices=DTYPES, default='float32',
                       help='stored dtype (computed in float32)')
-  parser.add_argument('--max-side', type=_positive_int, default=None,
+  parser.add_argument('--max-side', type=command_line.positive_int, default=None,
                       help='shrink images whose longer side exceeds this (default: any size)')
-  parser.add_argument('--batch-size', type=_positive_int, default=1,
+  parser.add_argument('--batch-size', type=command_line.positive_int, default=1,
                       help='images of the same size per forward pass (halved when the memory '
                       'budget needs it)')
-  parser.add_argument('--memory-budget-mb', type=_positive_float,
+  parser.add_argument('--memory-budget-mb', type=command_line.positive_float,
                       default=DEFAULT_MEMORY_BUDGET_MB,
                       help='memory for attention logits in MiB; decides plain vs chunked '
                       'attention and the chunk size')
   parser.add_argument('--attention', choices=('auto', 'plain', 'chunked', 'fused'),
                       default='auto', help='force an attention implementation (default: from '
                       'the image size and the budget)')
-  parser.add_argument('--chunk-size', type=_positive_int, default=None,
+  parser.add_argument('--chunk-size', type=command_line.positive_int, default=None,
                       help='force queries per chunk for chunked attention (default: the largest '
                       'that fits the budget)')
   parser.add_argument('--pca', action='store_true',

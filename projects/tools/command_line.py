@@ -84,6 +84,20 @@ def floats(text: str) -> tuple[float, ...]:
         f'expected numbers separated by commas such as 0.5,0.75,1.0, got {text!r}') from None
 
 
+def positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
+  return value
+
+
+def positive_float(text: str) -> float:
+  value = float(text)
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f'expected a positive number, got {text}')
+  return value
+
+
 def names(text: str) -> tuple[str, ...]:
   """'stage1,stage3' -> ('stage1', 'stage3')."""
   return tuple(_split(text, 'names', 'stage1,stage3'))
@@ -96,6 +110,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--checkpoint', required=True, metavar='DIR',
                       help='a training workdir, its checkpoints folder (the latest step) or one '
                            'step folder in it')
+
+
+def add_inputs(parser: argparse.ArgumentParser, output: str) -> None:
+  """`--output` (a folder, `output` its help) and the inputs of the tools of many inputs."""
+  parser.add_argument('--output', required=True, metavar='DIR', help=output)
+  parser.add_argument('inputs', nargs='+', metavar='INPUT',
+                      help='image files, folders (searched recursively) or glob patterns')
 
 
 def add_output_flags(parser: argparse.ArgumentParser, *, per_input: bool = True,

@@ -6,7 +6,7 @@ import dataclasses
 import glob
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 _GLOB_CHARS = ('*', '?', '[')
 
@@ -76,10 +76,18 @@ def expand_inputs(inputs: Sequence[str],
 
 
 def collect_inputs(
-    inputs: Sequence[str], exclude_dir: str | None = None
+    inputs: Sequence[str], exclude_dir: str | None = None,
+    fail: Callable[[str], None] | None = None,
 ) -> tuple[list[InputImage], list[str]]:
-  """`expand_inputs` with unique stems: a clash (`a.jpg`, `a.png`) gets its extension (`a_png`)."""
+  """`expand_inputs` with unique stems: a clash (`a.jpg`, `a.png`) gets its extension (`a_png`).
+
+  With `fail`, each problem is passed to it, and no input at all is a `PredictError`.
+  """
   found, problems = expand_inputs(inputs, exclude_dir)
+  for message in problems if fail is not None else ():
+    fail(message)
+  if fail is not None and not found:
+    raise PredictError('no input files found')
   images, stems = [], set()
   for path, stem in found:
     if stem in stems:

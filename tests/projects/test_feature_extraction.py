@@ -14,9 +14,9 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
+from cvt_backbone.cvt import CvTBackbone, get_spec
 from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.weights import converted as checkpoint_lib
-from cvt_backbone.cvt import CvTBackbone, get_spec
 from projects.feature_extraction import extract, images, planning, writers
 from projects.feature_extraction.planning import MemoryBudgetError, plan_attention
 from projects.training import images as read_images

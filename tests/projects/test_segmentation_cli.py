@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from projects.tools import output_files
 from projects.cvt_segmentation import evaluate, inference, palettes, predict
+from projects.tools import output_files
 
 from .test_inference_support import ContextModel, init_model, write_synthetic_config
 
@@ -137,19 +137,24 @@ def test_evaluate_reruns_follow_the_output_policy(tmp_path, capsys):
   assert record['settings']['test_scale'] == [40, 32]
   stored = out.read_bytes()
 
+  stamp = os.stat(out).st_mtime_ns
+
   # The same evaluation: printed from the report, nothing loaded or rewritten, exit 0.
   assert evaluate.main(argv, model_loader=_fail_if_called) == 0
   captured = capsys.readouterr()
   assert f'{out}: already evaluated' in captured.err
   table = first.split('results written')[0]
   assert 'mIoU' in table and table in captured.out
-  assert out.read_bytes() == stored
+  assert out.read_bytes() == stored and os.stat(out).st_mtime_ns == stamp
 
   # Other settings: one error line naming what the report holds and what was asked.
   assert evaluate.main(argv + ['--min-size', '40'], model_loader=_fail_if_called) == 1
   err = capsys.readouterr().err.splitlines()
   assert len(err) == 1 and err[0].startswith(f'error: {out} holds another evaluation')
   assert 'inference.min_size 32 (this run: 40)' in err[0] and '--overwrite' in err[0]
+  assert evaluate.main(argv + ['--flip'], model_loader=_fail_if_called) == 1
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and 'inference.flip false (this run: true)' in err[0]
   assert out.read_bytes() == stored
 
   # An empty file (a kill under an older version) or a report without a record: kept.
@@ -158,9 +163,12 @@ def test_evaluate_reruns_follow_the_output_policy(tmp_path, capsys):
     assert evaluate.main(argv, model_loader=_fail_if_called) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f'error: {out}: ') and '--overwrite' in err[0]
+    if not content:
+      assert err == [f'error: {out}: empty file (0 bytes), not written by this version; pass '
+                     '--overwrite to replace it']
     assert out.read_bytes() == content
   assert evaluate.main(argv + ['--overwrite'], model_loader=_model) == 0
-  assert output_files.read_record(str(out)) == record
+  assert output_files.read_record(str(out)) == record and out.read_bytes() == stored
 
 
 def test_evaluate_default_report_names_the_step(tmp_path, capsys):
