@@ -54,36 +54,20 @@ IMAGES_FILE = 'images.json'
 SCORE_THRESHOLD = 0.3
 
 
-# --- what the dataset says: class names, category ids, image ids ---------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What prediction needs from the config's dataset, without loading the dataset.
-
-  Attributes:
-    class_names: one name per label `0..K-1`.
-    category_ids: COCO category id of each label.
-    image_ids: validation image file name (base name) -> COCO image id; empty for the
-      synthetic set.
-    scale: `(long, short)` keep-ratio resize limits of evaluation.
-    canvas_sizes: padded `(H, W)` input shapes.
-  """
+  """What prediction needs from the config's dataset, without loading the dataset."""
 
   class_names: tuple[str, ...]
   category_ids: tuple[int, ...]
-  image_ids: dict[str, int]
-  scale: tuple[int, int]
+  image_ids: dict[str, int]  # validation file base name -> COCO image id
+  scale: tuple[int, int]  # (long, short) keep-ratio resize limits
   canvas_sizes: tuple[tuple[int, int], ...]
 
 
 def dataset_info(config: Any) -> DatasetInfo:
-  """Class names, category ids, validation image ids and resize settings of the config.
-
-  The synthetic set gives its shape names; 'coco' and 'coco_format' read the categories
-  and images of the validation annotation file (only that json: the images and the
-  training annotations are not opened).
-  """
+  """The config's `DatasetInfo`: the synthetic set's shapes, or the categories and images of
+  a COCO validation annotation file (only that file is read)."""
   name = config_get(config, 'dataset_name')
   kw = as_dict(config_get(config, 'dataset_configs'))
   default_scale = DEFAULT_SCALE
@@ -118,11 +102,8 @@ def dataset_info(config: Any) -> DatasetInfo:
 
 
 def assign_image_ids(paths: Sequence[str], coco_ids: dict[str, int]) -> list[int]:
-  """Image ids of the inputs: the COCO id of a known file name, else the 1-based index.
-
-  An index already taken by a COCO id of another input is replaced by the next id above
-  every id in use, so ids stay unique.
-  """
+  """The COCO id of a known file name, else the 1-based index (or, when another input's
+  COCO id took it, the next id above every id in use)."""
   ids: list[int | None] = [coco_ids.get(os.path.basename(p)) for p in paths]
   used = {i for i in ids if i is not None}
   next_free = max(used | {len(paths)}) + 1
@@ -134,9 +115,6 @@ def assign_image_ids(paths: Sequence[str], coco_ids: dict[str, int]) -> list[int
         ids[k] = k + 1
       used.add(ids[k])
   return [int(i) for i in ids]
-
-
-# --- drawing ----------------------------------------------------------------------------------
 
 
 def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
@@ -163,23 +141,9 @@ def draw_detections(
     *,
     colors: Sequence[tuple[int, int, int]] | None = None,
 ) -> Image.Image:
-  """The image with each box outlined and labelled `<class> <score>` on a filled background.
-
-  Line width and text size follow the image size. A label sits above its box, or inside
-  it at the top when the box touches the image's top edge, and is shifted left when it
-  would leave the image on the right. Higher scores are drawn last (on top).
-
-  Args:
-    image: uint8 `[H, W, 3]` (or `[H, W]`) or a PIL image.
-    boxes: `[n, 4]` `(x1, y1, x2, y2)` in pixels of `image`.
-    scores: `[n]` in [0, 1].
-    classes: `[n]` labels in `[0, len(class_names))`.
-    class_names: one name per label.
-    colors: RGB colour per label (default `class_colors`).
-
-  Returns:
-    An RGB PIL image of the input's size.
-  """
+  """An RGB copy of `image` (uint8 or PIL) with each box `[n, 4]` `(x1, y1, x2, y2)` outlined
+  and labelled `<class> <score>` above it (inside when the box touches the top), higher
+  scores on top; line width and text size follow the image size."""
   canvas = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)))
   canvas = canvas.convert('RGB')
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
@@ -217,19 +181,9 @@ def draw_detections(
   return canvas
 
 
-# --- prediction ---------------------------------------------------------------------------
-
-
 class Detector:
-  """A restored model that detects objects in one image of any size.
-
-  Args:
-    predict: `load_detector`'s jitted function.
-    variables: its variables.
-    scale: `(long, short)` keep-ratio resize limits.
-    canvas_sizes: padded input shapes (one compiled program each).
-    dtype: input dtype of the model (the config's `data_dtype_str`).
-  """
+  """`load_detector`'s model on one image of any size: keep-ratio resize into `scale`, padding
+  to one of `canvas_sizes` (one compiled program each), inputs of `dtype`."""
 
   def __init__(self, predict: Any, variables: Any, scale: tuple[int, int],
                canvas_sizes: Sequence[tuple[int, int]], dtype: Any = np.float32):
@@ -240,12 +194,8 @@ class Detector:
     self.dtype = np.dtype(dtype)
 
   def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Detections of a uint8 `[H, W, 3]` image.
-
-    Returns:
-      `{'boxes' float32 [n, 4] (x1, y1, x2, y2) in the image's pixels, clipped to it,
-      'scores' [n], 'classes' int32 [n]}`, the valid detections in decreasing score.
-    """
+    """`{'boxes' [n, 4] in the image's pixels, clipped to it, 'scores' [n], 'classes' [n]}`
+    of a uint8 `[H, W, 3]` image, in decreasing score."""
     example = {'image': image, 'boxes': np.zeros((0, 4), np.float32),
                'labels': np.zeros((0,), np.int32), 'image_id': 0}
     batch = collate([self.transform(example)], self.canvas_sizes, max_boxes=1)
