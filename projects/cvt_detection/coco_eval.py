@@ -31,13 +31,8 @@ SUMMARY_NAMES = STAT_NAMES[:6]
 
 
 def to_coco_results(
-    boxes: Any,
-    scores: Any,
-    classes: Any,
-    image_ids: Any,
-    label_to_category_id: Sequence[int] | Mapping[int, int],
-    *,
-    valid: Any = None,
+    boxes: Any, scores: Any, classes: Any, image_ids: Any,
+    label_to_category_id: Sequence[int] | Mapping[int, int], *, valid: Any = None,
 ) -> list[dict[str, Any]]:
   """`[{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}]` of the valid detections.
 
@@ -113,10 +108,8 @@ def load_ground_truth(ground_truth: str | os.PathLike | Mapping[str, Any] | COCO
 
 def evaluate_boxes(
     ground_truth: str | os.PathLike | Mapping[str, Any] | COCO,
-    results: Sequence[Mapping[str, Any]] | str | os.PathLike,
-    *,
-    image_ids: Sequence[int] | None = None,
-) -> dict[str, Any]:
+    results: Sequence[Mapping[str, Any]] | str | os.PathLike, *,
+    image_ids: Sequence[int] | None = None) -> dict[str, Any]:
   """COCO box AP of `results` (dicts or a results json) against `ground_truth`.
 
   Args:

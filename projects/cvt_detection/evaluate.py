@@ -140,35 +140,15 @@ def _print_table(print_fn: Callable[[str], None], metrics: dict[str, Any]) -> No
 
 
 def run_evaluation(
-    config: Any,
-    checkpoint: str,
-    *,
-    config_spec: str | None = None,
-    results_path: str | None = None,
-    metrics_path: str | None = None,
-    overwrite: bool = False,
-    batch_size: int | None = None,
-    score_threshold: float | None = None,
-    max_detections: int | None = None,
-    progress: bool = True,
-    print_fn: Callable[[str], None] | None = print,
-) -> dict[str, Any]:
-  """Evaluates `checkpoint` on the validation split of `config`; prints, writes, returns.
-
-  Args:
-    config_spec: the `--config` it came from (`path[:arg]`), named in the record.
-    results_path, metrics_path: None: `default_output_paths`.
-    batch_size: None: `config.eval_batch_size`.
-    score_threshold, max_detections: override `config.eval`'s.
-    print_fn: prints the table and the written paths; None prints nothing.
-
-  Returns:
-    The metrics (`evaluate_boxes`'s fractions, NaN where a size range has no ground truth,
-    and `per_class`) plus `dataset`, `checkpoint`, `num_images`, `num_detections`, `eval`,
-    `results` and `metrics`; read back, with `already_evaluated`, when already evaluated.
-
-  Raises:
-    OutputConflictError: an existing output is not this evaluation's (before any work).
+    config: Any, checkpoint: str, *, config_spec: str | None = None,
+    results_path: str | None = None, metrics_path: str | None = None, overwrite: bool = False,
+    batch_size: int | None = None, score_threshold: float | None = None,
+    max_detections: int | None = None, progress: bool = True,
+    print_fn: Callable[[str], None] | None = print) -> dict[str, Any]:
+  """Evaluates `checkpoint` on the validation split of `config`; prints, writes and returns
+  the metrics (`evaluate_boxes`'s, plus `dataset`, `checkpoint`, `num_images`,
+  `num_detections`, `eval`, `results`, `metrics`), read back with `already_evaluated` when
+  already evaluated. OutputConflictError, before any work, when an output is another's.
   """
   from projects.cvt_detection.data import builder
 
@@ -216,15 +196,9 @@ def run_evaluation(
     detections = evaluation.detect_batches(predict, variables, bar.wrap(loader.iterate()))
   results = evaluation.to_results(detections, meta['label_to_category_id'])
   metrics = coco_eval.evaluate_boxes(meta['ground_truth'], results)
-  metrics.update(
-      dataset=name,
-      checkpoint=checkpoint,
-      num_images=int(len(detections['image_id'])),
-      num_detections=len(results),
-      eval=settings['eval'],
-      results=results_path,
-      metrics=metrics_path,
-  )
+  metrics.update(dataset=name, checkpoint=checkpoint, num_images=int(len(detections['image_id'])),
+                 num_detections=len(results), eval=settings['eval'], results=results_path,
+                 metrics=metrics_path)
   if print_fn is not None:
     _print_table(print_fn, metrics)
   # The results first: the metrics' record names their size and sha256.
@@ -271,8 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, args.checkpoint, config_spec=args.config, results_path=args.results,
         metrics_path=args.metrics, overwrite=args.overwrite, batch_size=args.batch_size,
         score_threshold=args.score_threshold, max_detections=args.max_detections,
-        progress=not args.no_progress,
-    )
+        progress=not args.no_progress)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     return command_line.EXIT_FAILED

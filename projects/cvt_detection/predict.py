@@ -133,13 +133,8 @@ def _text_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def draw_detections(
-    image: np.ndarray | Image.Image,
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    classes: np.ndarray,
-    class_names: Sequence[str],
-    *,
-    colors: Sequence[tuple[int, int, int]] | None = None,
+    image: np.ndarray | Image.Image, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+    class_names: Sequence[str], *, colors: Sequence[tuple[int, int, int]] | None = None,
 ) -> Image.Image:
   """An RGB copy of `image` (uint8 or PIL) with each box `[n, 4]` `(x1, y1, x2, y2)` outlined
   and labelled `<class> <score>` above it (inside when the box touches the top), higher
@@ -222,13 +217,8 @@ def record_settings(config_spec: str, checkpoint: str, config: Any, info: Datase
 
 
 def predict_images(
-    detector: Detector,
-    jobs: Sequence[output_files.Planned],
-    info: DatasetInfo,
-    fail: command_line.Failures,
-    *,
-    score_threshold: float = SCORE_THRESHOLD,
-    progress: bool = True,
+    detector: Detector, jobs: Sequence[output_files.Planned], info: DatasetInfo,
+    fail: command_line.Failures, *, score_threshold: float = SCORE_THRESHOLD, progress: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], str | None]:
   """Detects, draws and saves the picture of every job (`plan_inputs`), its record holding
   the detections scoring at least `score_threshold`.

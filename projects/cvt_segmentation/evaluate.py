@@ -77,18 +77,9 @@ def _prefetch(fn: Callable[[int], Any], n: int, num_threads: int = 2, ahead: int
 
 
 def evaluate_examples(
-    logits_fn: LogitsFn,
-    source: Any,
-    num_classes: int,
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    test_scale: Sequence[int] | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    progress: bool = False,
-    num_threads: int = 2,
-    **infer_kwargs: Any,
-) -> np.ndarray:
+    logits_fn: LogitsFn, source: Any, num_classes: int, *, scales: Sequence[float] = (1.0,),
+    flip: bool = False, test_scale: Sequence[int] | None = None, ignore_index: int = IGNORE_INDEX,
+    progress: bool = False, num_threads: int = 2, **infer_kwargs: Any) -> np.ndarray:
   """int64 `[K, K]` confusion matrix of `segment_image` (test-time augmentation) over the
   original examples of `source` (`{'image': uint8 [H, W, 3], 'label': [H, W]}`)."""
   cm = np.zeros((num_classes, num_classes), np.int64)
@@ -99,8 +90,7 @@ def evaluate_examples(
       bar.start_item(f'{item.get("name", f"#{i + 1}")} {label.shape[1]}x{label.shape[0]}')
       pred = segment_image(
           logits_fn, item['image'], scales=scales, flip=flip, output_size=label.shape,
-          test_scale=test_scale, num_classes=num_classes, **infer_kwargs,
-      )
+          test_scale=test_scale, num_classes=num_classes, **infer_kwargs)
       cm += metrics.confusion_matrix(label, pred, num_classes, ignore_index=ignore_index)
       bar.update()
   return cm
@@ -153,39 +143,18 @@ def print_report(report: Mapping[str, Any]) -> None:
 
 
 def run_evaluation(
-    config: Any,
-    checkpoint: str,
-    *,
-    config_file: str,
-    settings: InferenceSettings,
-    output: str | None = None,
-    overwrite: bool = False,
-    test_scale: tuple[int, int] | None | str = 'config',
-    batch_size: int | None = None,
-    max_examples: int | None = None,
-    num_threads: int = 2,
-    progress: bool = True,
-    model_loader: ModelLoader | None = None,
-    print_table: bool = True,
-) -> dict:
-  """Evaluates `checkpoint` on the validation split of `config`; writes and returns the report.
+    config: Any, checkpoint: str, *, config_file: str, settings: InferenceSettings,
+    output: str | None = None, overwrite: bool = False,
+    test_scale: tuple[int, int] | None | str = 'config', batch_size: int | None = None,
+    max_examples: int | None = None, num_threads: int = 2, progress: bool = True,
+    model_loader: ModelLoader | None = None, print_table: bool = True) -> dict:
+  """Evaluates `checkpoint` on the validation split of `config`; writes and returns the report
+  (`metrics.metrics_report` with the confusion matrix, `dataset`, `checkpoint`,
+  `num_examples`, `inference`, `output`; a stored report of the same evaluation is returned
+  with `already_evaluated`, not redone).
 
-  Args:
-    config_file: the config's `path.py[:arg]`, recorded as the report's input.
-    output: JSON path; None: `eval_<dataset>_<mode>[_ms][_flip][_first<N>]_step<S>.json`
-      beside the checkpoints folder.
-    test_scale: single-scale resize limits; 'config' reads the config (mmseg's default).
-    batch_size: None: the config's `eval_batch_size`, else 1.
-    max_examples: evaluate only the first examples (quick checks).
-    print_table: print the per-class table to stdout, and what was done to stderr.
-
-  Returns:
-    The `metrics.metrics_report` dict (with the confusion matrix) plus `dataset`,
-    `checkpoint`, `num_examples`, `inference` and `output` (and `already_evaluated` True for
-    a stored report, which is not redone).
-
-  Raises:
-    FileExistsError: `output` holds another evaluation or an unreadable file.
+  `config_file` (`path.py[:arg]`) is the report's recorded input; `test_scale` 'config'
+  reads the config's; FileExistsError when `output` holds another evaluation.
   """
   from projects.cvt_segmentation.data import EvalLoader, build_loaders
 
@@ -226,13 +195,11 @@ def run_evaluation(
     dataset_kwargs.pop(key, None)
   _, loader, meta = build_loaders(
       name, batch_size=batch_size, eval_batch_size=batch_size, num_threads=num_threads,
-      eval_size_divisor=1, test_scale=test_scale, **dataset_kwargs,
-  )
+      eval_size_divisor=1, test_scale=test_scale, **dataset_kwargs)
   if max_examples is not None:
     loader = EvalLoader(
         _Head(loader.source, max_examples), loader.transform, batch_size=batch_size,
-        size_divisor=1, num_threads=num_threads,
-    )
+        size_divisor=1, num_threads=num_threads)
   num_classes, class_names = meta['num_classes'], meta['class_names']
   model, variables = load_model(config, checkpoint, model_loader)
   logits_fn = make_logits_fn(model, variables)
@@ -240,20 +207,14 @@ def run_evaluation(
     cm = evaluate_examples(
         logits_fn, loader.source, num_classes, scales=settings.scales, flip=settings.flip,
         test_scale=test_scale, progress=progress, num_threads=num_threads,
-        **settings.infer_kwargs(),
-    )
+        **settings.infer_kwargs())
   else:
     cm = evaluate_dataset(
         logits_fn, loader, num_classes, progress=progress, **settings.infer_kwargs()
     )
   report = metrics.metrics_report(cm, class_names, include_confusion_matrix=True)
-  report.update(
-      dataset=name,
-      checkpoint=checkpoint,
-      num_examples=loader.num_examples,
-      inference=dict(dataclasses.asdict(settings), test_scale=test_scale),
-      output=output,
-  )
+  report.update(dataset=name, checkpoint=checkpoint, num_examples=loader.num_examples,
+                inference=dict(dataclasses.asdict(settings), test_scale=test_scale), output=output)
   if print_table:  # before writing: a write error (a full disk) must not lose the numbers
     print(metrics.per_class_table(cm, class_names))
   output_files.write_json(report, output, record)
@@ -343,8 +304,7 @@ def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None 
         settings=inference_settings(config, **flag_settings(args)), output=args.output,
         overwrite=args.overwrite, test_scale=config_test_scale(config, args.test_scale),
         batch_size=args.batch_size, max_examples=args.max_examples,
-        num_threads=args.num_threads, progress=not args.no_progress, model_loader=model_loader,
-    )
+        num_threads=args.num_threads, progress=not args.no_progress, model_loader=model_loader)
   except (OSError, ValueError) as e:  # OSError: missing files, unwritable or full outputs
     print(f'error: {e}', file=sys.stderr)
     return command_line.EXIT_FAILED

@@ -95,8 +95,7 @@ def inference_settings(config: Any, **overrides: Any) -> InferenceSettings:
       scales=tuple(float(s) for s in config_get(ev, 'scales', (1.0,))),
       flip=bool(config_get(ev, 'flip', False)),
       min_size=int(config_get(ev, 'min_size', DEFAULT_MIN_SIZE)),
-      pad_to_crop=bool(config_get(ev, 'pad_to_crop', False)),
-  )
+      pad_to_crop=bool(config_get(ev, 'pad_to_crop', False)))
   values.update({k: v for k, v in overrides.items() if v is not None})
   return InferenceSettings(**values)
 
@@ -175,12 +174,8 @@ def _as_batch(images: Any) -> tuple[jax.Array, bool]:
 
 
 def whole_inference(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    *,
-    num_classes: int | None = None,
-    min_size: int | Sequence[int] = 0,
-) -> jax.Array:
+    logits_fn: LogitsFn, images: jax.Array, *, num_classes: int | None = None,
+    min_size: int | Sequence[int] = 0) -> jax.Array:
   """Logits `[B, h, w, K]` of whole normalized images (mmseg `whole_inference`); images
   under `min_size` per axis are padded for the model and the logits cropped back."""
   images, _ = _as_batch(images)
@@ -233,15 +228,9 @@ def _divide(total: jax.Array, count: jax.Array) -> jax.Array:
 
 
 def slide_inference(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    crop_size: int | Sequence[int],
-    stride: int | Sequence[int],
-    num_classes: int | None = None,
-    *,
-    pad_to_crop: bool = False,
-    min_size: int | Sequence[int] = 0,
-) -> jax.Array:
+    logits_fn: LogitsFn, images: jax.Array, crop_size: int | Sequence[int],
+    stride: int | Sequence[int], num_classes: int | None = None, *, pad_to_crop: bool = False,
+    min_size: int | Sequence[int] = 0) -> jax.Array:
   """float32 sliding-window logits `[B, h, w, K]` (mmseg `slide_inference`): the window
   logits summed and divided by `slide_count`. `pad_to_crop` pads windows smaller than the
   crop to it for the model (mmseg runs them at their own size)."""
@@ -263,15 +252,9 @@ def slide_inference(
 
 
 def infer_logits(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    *,
-    mode: str = 'whole',
-    crop_size: int | Sequence[int] | None = None,
-    stride: int | Sequence[int] | None = None,
-    num_classes: int | None = None,
-    min_size: int | Sequence[int] = 0,
-    pad_to_crop: bool = False,
+    logits_fn: LogitsFn, images: jax.Array, *, mode: str = 'whole',
+    crop_size: int | Sequence[int] | None = None, stride: int | Sequence[int] | None = None,
+    num_classes: int | None = None, min_size: int | Sequence[int] = 0, pad_to_crop: bool = False,
 ) -> jax.Array:
   """Logits at the input size by `mode` ('whole' or 'slide'); `[B, h, w, K]`."""
   if mode == 'whole':
@@ -281,8 +264,7 @@ def infer_logits(
       raise ValueError("mode 'slide' needs crop_size and stride")
     return slide_inference(
         logits_fn, images, crop_size, stride, num_classes, pad_to_crop=pad_to_crop,
-        min_size=min_size,
-    )
+        min_size=min_size)
   raise ValueError(f'unknown inference mode {mode!r}; expected one of {MODES}')
 
 
@@ -333,8 +315,7 @@ predict_labels = _predictor(_resize_argmax, 'int32 argmax of `predict_logits`: `
 
 
 def scaled_size(
-    size: Sequence[int], ratio: float, test_scale: Sequence[int] | None = None
-) -> tuple[int, int]:
+    size: Sequence[int], ratio: float, test_scale: Sequence[int] | None = None) -> tuple[int, int]:
   """`(h, w)` input size of TTA ratio `ratio` for an image of original `size`.
 
   With a `(long, short)` test scale as mmseg 0.x `MultiScaleFlipAug` (the protocol of
@@ -347,17 +328,10 @@ def scaled_size(
 
 
 def aug_inference(
-    logits_fn: LogitsFn,
-    image: np.ndarray,
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    output_size: Sequence[int] | None = None,
-    test_scale: Sequence[int] | None = None,
-    mean: Sequence[float] | None = IMAGENET_MEAN,
-    std: Sequence[float] | None = IMAGENET_STD,
-    **infer_kwargs: Any,
-) -> jax.Array:
+    logits_fn: LogitsFn, image: np.ndarray, *, scales: Sequence[float] = (1.0,), flip: bool = False,
+    output_size: Sequence[int] | None = None, test_scale: Sequence[int] | None = None,
+    mean: Sequence[float] | None = IMAGENET_MEAN, std: Sequence[float] | None = IMAGENET_STD,
+    **infer_kwargs: Any) -> jax.Array:
   """Multi-scale and flip test-time augmentation: float32 softmax probabilities averaged.
 
   Each ratio of `scales` resizes the original image to `scaled_size(...)` (OpenCV bilinear,
@@ -365,12 +339,8 @@ def aug_inference(
   infers it, with `flip` also mirrored; each result is resized to `output_size` (None: the
   original) and softmaxed. With `scales=(1.0,)`, no flip and the dataset's test scale this
   is the single-scale evaluation pipeline.
-
-  Args:
-    image: `[H, W, 3]` or a batch `[B, H, W, 3]` of one size, RGB on the 0-255 scale.
-
-  Returns:
-    `[H_out, W_out, K]` (`[B, H_out, W_out, K]` for a batch).
+  `image`: `[H, W, 3]` or a batch `[B, H, W, 3]` of one size, RGB 0-255; returns
+  `[H_out, W_out, K]` (`[B, H_out, W_out, K]`).
   """
   image = np.asarray(image)
   single = image.ndim == 3
@@ -439,11 +409,7 @@ def flatten_shards(batch: Mapping[str, Any]) -> dict:
 
 
 def batch_logit_groups(
-    logits_fn: LogitsFn,
-    batch: Mapping[str, Any],
-    *,
-    exact: bool = True,
-    **infer_kwargs: Any,
+    logits_fn: LogitsFn, batch: Mapping[str, Any], *, exact: bool = True, **infer_kwargs: Any,
 ) -> Iterator[tuple[np.ndarray, jax.Array, tuple[int, int]]]:
   """`(rows [g], logits [g, h, w, K], (label_h, label_w))` per size group of the valid
   examples of an `EvalLoader` batch (`inputs [B, Hp, Wp, 3]`, `input_size`, `label_size`,
@@ -480,11 +446,7 @@ def batch_logit_groups(
 
 
 def predict_batch(
-    logits_fn: LogitsFn,
-    batch: Mapping[str, Any],
-    *,
-    exact: bool = True,
-    **infer_kwargs: Any,
+    logits_fn: LogitsFn, batch: Mapping[str, Any], *, exact: bool = True, **infer_kwargs: Any,
 ) -> list[np.ndarray | None]:
   """int32 `[label_h, label_w]` label maps of an eval batch (`batch_logit_groups`), one per
   row; None for padding rows."""
@@ -508,30 +470,19 @@ def _score(logits, labels, *, size, num_classes, ignore_index):
 
 
 def evaluate_dataset(
-    logits_fn: LogitsFn,
-    batches: Iterable[Mapping[str, Any]],
-    num_classes: int,
-    *,
-    mode: str = 'whole',
-    crop_size: int | Sequence[int] | None = None,
-    stride: int | Sequence[int] | None = None,
-    ignore_index: int = metrics.IGNORE_INDEX,
-    exact: bool = True,
-    min_size: int | Sequence[int] = 0,
-    pad_to_crop: bool = False,
-    num_batches: int | None = None,
-    progress: bool = False,
-) -> np.ndarray:
+    logits_fn: LogitsFn, batches: Iterable[Mapping[str, Any]], num_classes: int, *,
+    mode: str = 'whole', crop_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None, ignore_index: int = metrics.IGNORE_INDEX,
+    exact: bool = True, min_size: int | Sequence[int] = 0, pad_to_crop: bool = False,
+    num_batches: int | None = None, progress: bool = False) -> np.ndarray:
   """int64 `[K, K]` confusion matrix (rows ground truth) at the original label resolution.
 
   Each example's valid logits are resized to its label size (bilinear, half-pixel
   centres), argmaxed and counted; padding rows, padded label pixels (255) and
   `ignore_index` are left out. With several processes, sum their matrices.
 
-  Args:
-    batches: an `EvalLoader` (one pass) or any iterable of batches with `inputs` and
-      `label` (`batch_logit_groups`).
-    num_batches: stop after this many batches (needed for endless iterators).
+  `batches` is an `EvalLoader` (one pass) or any iterable of batches with `inputs` and
+  `label`; `num_batches` stops an endless iterator.
   """
   if hasattr(batches, 'iterate') and hasattr(batches, 'num_batches'):  # an EvalLoader
     total = batches.num_batches if num_batches is None else min(num_batches, batches.num_batches)
@@ -540,8 +491,7 @@ def evaluate_dataset(
     total = num_batches if num_batches is not None else _len_or_none(batches)
   infer_kwargs = dict(
       mode=mode, crop_size=crop_size, stride=stride, num_classes=num_classes,
-      min_size=min_size, pad_to_crop=pad_to_crop,
-  )
+      min_size=min_size, pad_to_crop=pad_to_crop)
   if num_batches is not None:  # islice: an endless iterator loses no batch past the last
     batches = itertools.islice(batches, num_batches)
   cm = np.zeros((num_classes, num_classes), np.int64)
@@ -552,8 +502,7 @@ def evaluate_dataset(
     for idx, logits, (lh, lw) in groups:
       counts = _score(
           logits, labels[idx, :lh, :lw], size=(lh, lw), num_classes=num_classes,
-          ignore_index=ignore_index,
-      )
+          ignore_index=ignore_index)
       cm += np.asarray(counts, np.int64)
   return cm
 

@@ -128,12 +128,8 @@ def background_classes(class_names: Sequence[str] | None) -> tuple[int, ...]:
 
 
 def overlay_image(
-    image: np.ndarray,
-    labels: np.ndarray,
-    palette: Sequence[Sequence[int]] | np.ndarray,
-    alpha: float = 0.5,
-    transparent: Sequence[int] = (),
-) -> np.ndarray:
+    image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray,
+    alpha: float = 0.5, transparent: Sequence[int] = ()) -> np.ndarray:
   """uint8 `[H, 2 W, 3]`: the image, and beside it the image blended with the coloured mask
   at `alpha` (mmseg's visualiser: 0.5); label 255 and the `transparent` classes (the
   background, which would grey the whole picture) are left unblended."""

@@ -62,18 +62,10 @@ def record_settings(config: str, checkpoint: str, settings: InferenceSettings,
 
 
 def predict_images(
-    logits_fn: LogitsFn,
-    jobs: Sequence[output_files.Planned],
-    *,
-    palette: np.ndarray,
-    fail: command_line.Failures,
-    settings: InferenceSettings | None = None,
-    test_scale: Sequence[int] | None = None,
-    num_classes: int | None = None,
-    progress: bool = True,
-    alpha: float = 0.5,
-    transparent: Sequence[int] = (),
-) -> list[tuple[str, str, str]]:
+    logits_fn: LogitsFn, jobs: Sequence[output_files.Planned], *, palette: np.ndarray,
+    fail: command_line.Failures, settings: InferenceSettings | None = None,
+    test_scale: Sequence[int] | None = None, num_classes: int | None = None, progress: bool = True,
+    alpha: float = 0.5, transparent: Sequence[int] = ()) -> list[tuple[str, str, str]]:
   """Segments the inputs of `jobs` (`plan_inputs`) and writes their masks and overlays.
 
   Returns:
@@ -96,8 +88,7 @@ def predict_images(
       bar.start_item(f'{os.path.basename(job.item.path)} {image.shape[1]}x{image.shape[0]}')
       labels = segment_image(
           logits_fn, image, scales=settings.scales, flip=settings.flip, test_scale=test_scale,
-          num_classes=num_classes, **settings.infer_kwargs(),
-      )
+          num_classes=num_classes, **settings.infer_kwargs())
       (mask_path, mask_record), (overlay_path, overlay_record) = job.records.items()
       output_files.save_png(palettes.mask_image(labels, palette), mask_path, mask_record)
       overlay = palettes.overlay_image(image, labels, palette, alpha, transparent)
@@ -189,8 +180,7 @@ def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None 
       written = predict_images(
           logits_fn, todo, palette=palette, fail=fail, settings=settings, test_scale=scale,
           num_classes=num_classes, progress=not args.no_progress, alpha=args.alpha,
-          transparent=transparent,
-      )
+          transparent=transparent)
   except (PredictError, OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return command_line.EXIT_FAILED

@@ -172,18 +172,10 @@ holds no callback.
 
 
 def extract_features(
-    backbone: CvTBackbone,
-    variables: Mapping[str, Any],
-    image: np.ndarray,
-    *,
-    stages: Sequence[str] | None = None,
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-    attention: str = 'auto',
-    chunk_size: int | None = None,
-    max_side: int | None = None,
-    normalize: bool = True,
-    dtype: Any = np.float32,
-) -> dict[str, np.ndarray]:
+    backbone: CvTBackbone, variables: Mapping[str, Any], image: np.ndarray, *,
+    stages: Sequence[str] | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    attention: str = 'auto', chunk_size: int | None = None, max_side: int | None = None,
+    normalize: bool = True, dtype: Any = np.float32) -> dict[str, np.ndarray]:
   """{stage: `[H_i, W_i, C_i]`} maps of one image (compiled per call: `FeatureExtractor`
   keeps them for many images).
 
@@ -285,35 +277,16 @@ def _batch_plan(extractor: FeatureExtractor, height: int, width: int,
 
 
 def extract_files(
-    extractor: FeatureExtractor,
-    inputs: Sequence[InputImage],
-    output_dir: str,
-    *,
-    fmt: str = 'npz',
-    dtype: str = 'float32',
-    max_side: int | None = None,
-    batch_size: int = 1,
-    pca: bool = False,
-    overwrite: bool = False,
-    strict: bool = False,
-    progress: bool = True,
-    console: _Console | None = None,
-) -> Summary:
-  """Extracts and writes the features of image files, with their provenance records.
+    extractor: FeatureExtractor, inputs: Sequence[InputImage], output_dir: str, *, fmt: str = 'npz',
+    dtype: str = 'float32', max_side: int | None = None, batch_size: int = 1, pca: bool = False,
+    overwrite: bool = False, strict: bool = False, progress: bool = True,
+    console: _Console | None = None) -> Summary:
+  """Extracts and writes the features of `inputs` into the writable `output_dir`.
 
   What can be checked without the model comes first (existing outputs and their records,
-  non-images, sizes against the memory budget), so these errors come before any work.
-
-  Args:
-    inputs: from `images.collect_inputs`.
-    output_dir: an existing, writable folder (`prepare_output_dir`).
-    strict: raise `ExtractionError` on the first input that fails.
-    console: where messages go (default stderr).
-
-  Raises:
-    ExtractionError: with `strict`, an input that fails.
-    MemoryBudgetError: the budget cannot hold an image size even in batches of 1.
-    OutputWriteError: an output could not be written (a full disk): the run stops.
+  non-images, sizes against the memory budget), so these errors come before any work:
+  MemoryBudgetError for a size even in batches of 1, ExtractionError for a failed input
+  with `strict`. A write error (OutputWriteError) stops the run.
   """
   console = console or _Console()
   skip = command_line.Failures(strict, ExtractionError, 'skipped')

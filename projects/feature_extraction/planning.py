@@ -142,30 +142,15 @@ def check_settings(budget_mb: float, implementation: str, chunk_size: int | None
 
 
 def plan_attention(
-    height: int,
-    width: int,
-    batch: int,
-    budget_mb: float,
-    spec: CvTSpec | str,
-    *,
-    implementation: str = 'auto',
-    chunk_size: int | None = None,
-    min_chunk_size: int = MIN_AUTO_CHUNK_SIZE,
-) -> AttentionPlan:
+    height: int, width: int, batch: int, budget_mb: float, spec: CvTSpec | str, *,
+    implementation: str = 'auto', chunk_size: int | None = None,
+    min_chunk_size: int = MIN_AUTO_CHUNK_SIZE) -> AttentionPlan:
   """The attention implementation and query chunk for an input size under a memory budget.
 
-  Args:
-    budget_mb: memory for attention logits, in MiB (2**20 bytes).
-    spec: the backbone's `CvTSpec` or a variant name ('cvt-13', ...).
-    implementation: 'auto' (plain if it fits, else chunked), or a forced 'plain', 'chunked'
-      or 'fused' (counted as 'plain': in float32 `jax.nn.dot_product_attention`
-      materializes the logits too).
-    chunk_size: a forced query chunk (implies 'chunked'), checked against the budget.
-    min_chunk_size: the smallest chunk an automatic choice accepts.
-
-  Raises:
-    MemoryBudgetError: the budget cannot hold the requested attention; the message names
-      the chunk size it allows and the budget needed.
+  `budget_mb` is in MiB (2**20 bytes). `implementation` 'auto' is plain if it fits, else
+  chunked; 'fused' counts as 'plain' (in float32 `jax.nn.dot_product_attention`
+  materializes the logits too). A forced `chunk_size` implies 'chunked' and is checked.
+  MemoryBudgetError names the chunk size the budget allows and the budget needed.
   """
   check_settings(budget_mb, implementation, chunk_size)
   if batch < 1:

@@ -1,16 +1,5 @@
-"""What every command-line tool of the projects shares: help, list syntax, output flags.
-
-- `parser(prog, description)`: an `argparse.ArgumentParser` whose `--help` shows each
-  option's default (`HelpFormatter`), and the exit-status epilog.
-- Lists are written one way everywhere: comma-separated, no spaces
-  (`--crop-size 512,1024`, `--scales 0.5,0.75,1.0`, `--stages stage1,stage3`): `sizes`,
-  `floats`, `names` are the argparse types.
-- `add_output_flags`: `--overwrite`, `--strict` and `--no-progress` with the same meaning in
-  every tool that writes per-input outputs (see `projects.tools.output_files` for the policy).
-
-Exit statuses (`EXIT_*`): 0 when every input was done or skipped as already done, 1 when any
-failed or on an error (one `error:` line), 2 for bad arguments (argparse's own).
-"""
+"""What every command-line tool shares: help with defaults, comma lists (`sizes`, `floats`,
+`names`), the flags of models, inputs and outputs, failed inputs, exit statuses."""
 
 from __future__ import annotations
 
@@ -121,13 +110,7 @@ def add_inputs(parser: argparse.ArgumentParser, output: str) -> None:
 
 def add_output_flags(parser: argparse.ArgumentParser, *, per_input: bool = True,
                      progress: bool = True) -> None:
-  """`--overwrite`, and for tools of many inputs `--strict`; `--no-progress`.
-
-  Args:
-    parser: the tool's parser.
-    per_input: the tool takes many inputs (predict, cvt-extract): add `--strict`.
-    progress: the tool shows progress: add `--no-progress`.
-  """
+  """`--overwrite`, `--strict` for tools of many inputs (`per_input`), `--no-progress`."""
   parser.add_argument(
       '--overwrite', action='store_true',
       help='replace existing outputs that record another input or other settings (by default '

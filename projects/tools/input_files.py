@@ -77,8 +77,7 @@ def expand_inputs(inputs: Sequence[str],
 
 def collect_inputs(
     inputs: Sequence[str], exclude_dir: str | None = None,
-    fail: Callable[[str], None] | None = None,
-) -> tuple[list[InputImage], list[str]]:
+    fail: Callable[[str], None] | None = None) -> tuple[list[InputImage], list[str]]:
   """`expand_inputs` with unique stems: a clash (`a.jpg`, `a.png`) gets its extension (`a_png`).
 
   With `fail`, each problem is passed to it, and no input at all is a `PredictError`.

@@ -327,12 +327,8 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class OutputState:
-  """What to do with one input: 'todo', 'done' (skip) or 'conflict' (keep the outputs, fail).
-
-  Attributes:
-    message: for a conflict, one line ending with the --overwrite hint.
-    records: the records read from existing outputs, by path.
-  """
+  """'todo', 'done' (skip) or 'conflict' (keep the outputs, fail with `message`), and the
+  records read from existing outputs."""
 
   status: str
   message: str = ''
@@ -388,13 +384,8 @@ def _conflict(message: str, records: Mapping[str, Any] | None = None) -> OutputS
 
 def output_state(outputs: Mapping[str, Mapping[str, Any]], overwrite: bool, *,
                  values: bool = False) -> OutputState:
-  """Whether one input is to be written, already done, or in conflict.
-
-  Args:
-    outputs: `{output path: the record it would get}` for one input.
-    overwrite: replace existing outputs whatever they record.
-    values: name the differing settings with their values (`_mismatch`).
-  """
+  """Whether one input, `{output path: the record it would get}`, is to be written, done, or
+  in conflict; `values` names differing settings with their values."""
   folders = [p for p in outputs if os.path.isdir(p)]
   if folders:
     return OutputState('conflict', f'{folders[0]} is a folder; expected a file path')
@@ -467,17 +458,11 @@ def plan_inputs(items: Iterable[Any], outputs: Callable[[Any], Mapping[str, Mapp
                 tool: str, overwrite: bool, fail: Callable[[str], None], *,
                 check: Callable[[str], None] | None = None,
                 say: Callable[[str], None] | None = None) -> tuple[list[Planned], list[Planned]]:
-  """`(todo, done)` of the tools of many inputs, decided before any work.
+  """`(todo, done)` of the tools of many inputs (`items` with a `.path`), before any work.
 
-  Args:
-    items: inputs with a `.path`.
-    outputs: `item -> {output path: settings}`.
-    tool: the tool's name in the records.
-    overwrite: replace existing outputs whatever they record.
-    fail: called with one message per input that cannot be read (`check` raised a
-      ValueError naming the file, or an OSError) or whose outputs are in conflict.
-    check: raises for an input that is not usable (a header check).
-    say: prints the "already done" lines (default stderr).
+  `outputs(item)` gives `{output path: settings}`. An input that cannot be read (an
+  OSError, or `check` raised a ValueError naming it) or whose outputs are in conflict goes
+  to `fail`; `say` prints the "already done" lines (default stderr).
   """
   todo, done = [], []
   for item in items:
