@@ -37,7 +37,7 @@ from projects.feature_extraction.planning import (
   MemoryBudgetError,
 )
 from projects.tools import command_line, output_files
-from projects.tools.input_files import InputImage
+from projects.tools.input_files import InputImage, collect_inputs
 from projects.tools.progress import Progress
 from projects.training.images import ImageError, displayed_size
 
@@ -487,7 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   start = time.perf_counter()
   try:
     prepare_output_dir(args.output)
-    inputs, problems, notes = images_lib.collect_inputs(args.inputs, exclude_dir=args.output)
+    notes: list[str] = []
+    inputs, problems = collect_inputs(args.inputs, args.output, notes=notes)
     for message in problems:
       if args.strict:
         raise ExtractionError(message)

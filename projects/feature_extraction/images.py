@@ -1,4 +1,4 @@
-"""Input images of cvt-extract: output stems, size to the model, resizing, normalization.
+"""Input images of cvt-extract: size to the model, resizing, normalization.
 
 Pixels are read by the datasets' and tools' reader (`projects.training.images`), unrounded,
 and normalized as the released CvT weights were trained (microsoft/CvT
@@ -7,41 +7,15 @@ and normalized as the released CvT weights were trained (microsoft/CvT
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from PIL import Image
 
 from cvt_backbone.cvt import MIN_INPUT_SIZE
-from projects.tools.input_files import InputImage, expand_inputs
 from projects.training import images
 from projects.training.images import ImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def collect_inputs(
-    inputs: Sequence[str], exclude_dir: str | None = None
-) -> tuple[list[InputImage], list[str], list[str]]:
-  """`(images, problems, notes)`: `expand_inputs` with stems made unique by `_2`, `_3`, ...
-
-  Stems are compared case-insensitively (for case-insensitive file systems); each renamed
-  stem gets a note.
-  """
-  found, problems = expand_inputs(inputs, exclude_dir)
-  inputs_, notes = [], []
-  taken: dict[str, str] = {}  # casefolded stem -> the path that has it
-  for path, stem in found:
-    unique, k = stem, 2
-    while unique.casefold() in taken:
-      unique, k = f'{stem}_{k}', k + 1
-    if unique != stem:
-      notes.append(f'{path} and {taken[stem.casefold()]} share the output name {stem!r}; '
-                   f'writing {path} as {unique!r}')
-    taken[unique.casefold()] = path
-    inputs_.append(InputImage(path, unique))
-  return inputs_, problems, notes
 
 
 def target_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:

@@ -77,23 +77,31 @@ def expand_inputs(inputs: Sequence[str],
 
 def collect_inputs(
     inputs: Sequence[str], exclude_dir: str | None = None,
-    fail: Callable[[str], None] | None = None) -> tuple[list[InputImage], list[str]]:
-  """`expand_inputs` with unique stems: a clash (`a.jpg`, `a.png`) gets its extension (`a_png`).
+    fail: Callable[[str], None] | None = None, *, notes: list[str] | None = None,
+) -> tuple[list[InputImage], list[str]]:
+  """`(inputs, problems)` of `expand_inputs`, with unique stems.
 
-  With `fail`, each problem is passed to it, and no input at all is a `PredictError`.
+  A clash (`a.jpg`, `a.png`) gets the extension (`a_png`); with `notes` (cvt-extract's
+  way) stems are compared case-insensitively, numbered `_2`, `_3`, ... and each renaming
+  noted. With `fail`, each problem is passed to it, and no input at all is a `PredictError`.
   """
   found, problems = expand_inputs(inputs, exclude_dir)
   for message in problems if fail is not None else ():
     fail(message)
   if fail is not None and not found:
     raise PredictError('no input files found')
-  images, stems = [], set()
+  key = str.casefold if notes is not None else str
+  images, taken = [], {}  # key(stem) -> the path that has it
   for path, stem in found:
-    if stem in stems:
-      stem = f'{stem}_{os.path.splitext(path)[1].lstrip(".").lower() or "file"}'
-    base, k = stem, 2
-    while stem in stems:
-      stem, k = f'{base}_{k}', k + 1
-    stems.add(stem)
-    images.append(InputImage(path, stem))
+    unique = stem
+    if notes is None and unique in taken:
+      unique = f'{stem}_{os.path.splitext(path)[1].lstrip(".").lower() or "file"}'
+    base, k = unique, 2
+    while key(unique) in taken:
+      unique, k = f'{base}_{k}', k + 1
+    if notes is not None and unique != stem:
+      notes.append(f'{path} and {taken[key(stem)]} share the output name {stem!r}; '
+                   f'writing {path} as {unique!r}')
+    taken[key(unique)] = path
+    images.append(InputImage(path, unique))
   return images, problems
