@@ -114,7 +114,7 @@ def main() -> int:
     print(json.dumps(worker(args)))
     return 0
 
-  from projects.feature_extraction import images
+  from projects.training.images import displayed_size
 
   with tempfile.TemporaryDirectory() as tmp:
     if args.image is None:
@@ -127,7 +127,7 @@ def main() -> int:
       from PIL import Image
 
       Image.fromarray(pixels.astype(np.uint8)).save(args.image)
-    height, width = images.probe_size(args.image)
+    height, width = displayed_size(args.image)
     common = ['--image', args.image, '--variant', args.variant, '--repeats', str(args.repeats)]
     if args.checkpoint:
       common += ['--checkpoint', args.checkpoint]

@@ -1,18 +1,10 @@
-"""COCO box AP with faster-coco-eval (pycocotools' `COCOeval`, in C++, same numbers).
+"""COCO box AP with faster-coco-eval (pycocotools' `COCOeval` in C++, the same numbers).
 
-The path from a detector's outputs to COCO numbers, as mmdetection's `CocoMetric`
-(mmdet/evaluation/metrics/coco_metric.py):
-  1. `to_coco_results`: boxes `[N, 4]` (x1, y1, x2, y2) in original-image pixels, scores and
-     contiguous labels -> COCO result dicts `{'image_id', 'category_id', 'bbox': [x, y, w, h],
-     'score'}` (mmdet's `xyxy2xywh`: `w = x2 - x1`, no legacy +1; values are not rounded);
-  2. `write_results_json`: the list as a results file (atomic), for the COCO server or later;
-  3. `evaluate_boxes`: `COCOeval(iouType='bbox')` against an instances json (or dict): the
-     twelve summary stats as fractions in [0, 1] (`'AP'` is AP@[.50:.95], maxDets 100) and
-     per-category AP (mmdet's `classwise=True`: the precision array at area 'all',
-     maxDets 100, averaged over IoU thresholds and recall points, NaN without ground truth);
-  4. `format_table`: those numbers as text (percent).
-Crowd ground truth (`iscrowd=1`) is matched and ignored by COCOeval itself: a detection on a
-crowd region is neither a true nor a false positive, and the crowd box is never a miss.
+From a detector's outputs to COCO numbers as mmdetection's `CocoMetric`
+(mmdet/evaluation/metrics/coco_metric.py): `to_coco_results` (mmdet's `xyxy2xywh`, no
+legacy +1, unrounded), `write_results_json`, `evaluate_boxes` (fractions in [0, 1], and
+`classwise` per-category AP), `format_table` (percent). Crowd ground truth is matched and
+ignored by COCOeval itself.
 """
 
 from __future__ import annotations
@@ -39,29 +31,18 @@ SUMMARY_NAMES = STAT_NAMES[:6]
 
 
 def to_coco_results(
-    boxes: Any,
-    scores: Any,
-    classes: Any,
-    image_ids: Any,
-    label_to_category_id: Sequence[int] | Mapping[int, int],
-    *,
-    valid: Any = None,
+    boxes: Any, scores: Any, classes: Any, image_ids: Any,
+    label_to_category_id: Sequence[int] | Mapping[int, int], *, valid: Any = None,
 ) -> list[dict[str, Any]]:
-  """Detections as COCO result dicts.
+  """`[{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}]` of the valid detections.
 
   Args:
-    boxes: `[N, 4]` `(x1, y1, x2, y2)` in pixels of the original image (already rescaled
-      and clipped by the caller).
-    scores: `[N]` confidences.
+    boxes: `[N, 4]` `(x1, y1, x2, y2)` in original-image pixels.
     classes: `[N]` contiguous labels `0..K-1`.
-    image_ids: `[N]` COCO image id of each detection, or one id for all of them.
-    label_to_category_id: COCO category id of each label (a sequence indexed by label, or
-      a mapping); COCO's 80 categories have ids 1..90 with gaps.
-    valid: optional `[N]` bool, False for padding (e.g. the fixed-size tail after a jit NMS).
-
-  Returns:
-    `[{'image_id': int, 'category_id': int, 'bbox': [x, y, w, h], 'score': float}, ...]`
-    for the valid detections, in input order.
+    image_ids: `[N]`, or one id for all.
+    label_to_category_id: COCO category id of each label (sequence or mapping); COCO's 80
+      categories have ids 1..90 with gaps.
+    valid: optional `[N]` bool, False for padding (the fixed-size tail after a jit NMS).
   """
   boxes = np.asarray(boxes)
   if boxes.ndim != 2 or boxes.shape[-1] != 4:
@@ -104,15 +85,7 @@ def to_coco_results(
 
 
 def write_results_json(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
-  """Writes COCO results to `path` atomically (`projects.tools.output_files.write_atomically`).
-
-  Args:
-    results: `to_coco_results` dicts.
-    path: the json file to write; its folder is created if needed.
-
-  Returns:
-    `path` as a string.
-  """
+  """Writes `to_coco_results` dicts to `path` atomically (the folder is created if needed)."""
   text = json.dumps(list(results), allow_nan=False)  # COCO tools reject NaN; fail here.
   return write_atomically(path, lambda f: f.write(text.encode()))
 
@@ -135,24 +108,19 @@ def load_ground_truth(ground_truth: str | os.PathLike | Mapping[str, Any] | COCO
 
 def evaluate_boxes(
     ground_truth: str | os.PathLike | Mapping[str, Any] | COCO,
-    results: Sequence[Mapping[str, Any]] | str | os.PathLike,
-    *,
-    image_ids: Sequence[int] | None = None,
-) -> dict[str, Any]:
-  """COCO box AP of `results` against `ground_truth`.
+    results: Sequence[Mapping[str, Any]] | str | os.PathLike, *,
+    image_ids: Sequence[int] | None = None) -> dict[str, Any]:
+  """COCO box AP of `results` (dicts or a results json) against `ground_truth`.
 
   Args:
-    ground_truth: an instances json path, its dict, or a `COCO` built from it (reuse one to
-      avoid re-reading a large file at every evaluation).
-    results: `to_coco_results` dicts, or the path of a results json. May be empty.
-    image_ids: evaluate only these images (default: every image of the ground truth; an
-      image without detections counts its objects as misses).
+    ground_truth: an instances json path, its dict, or a `COCO` (reused: not re-read).
+    image_ids: evaluate only these images (default: all; an image without detections
+      counts its objects as misses).
 
   Returns:
-    `{'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm',
-    'ARl'}` as floats in [0, 1] (NaN where COCOeval reports -1: no ground truth in that
-    range), and `'per_class'`: `{category name: AP}` in category-id order (NaN for a
-    category without ground truth, 0 for one with ground truth but no correct detection).
+    `STAT_NAMES` as fractions (NaN where COCOeval reports -1: no ground truth in that
+    range) and `'per_class'`: `{category name: AP}` in category-id order (NaN without
+    ground truth).
   """
   coco_gt = load_ground_truth(ground_truth)
   if isinstance(results, (str, os.PathLike)):
@@ -211,15 +179,8 @@ def _check_results(coco_gt: COCO, results: Sequence[Mapping[str, Any]]) -> None:
 
 
 def format_table(metrics: Mapping[str, Any], *, columns: int = 3) -> str:
-  """`evaluate_boxes` metrics as a text table, in percent with one decimal.
-
-  Args:
-    metrics: `evaluate_boxes` output.
-    columns: (category, AP) pairs per row of the per-class table (mmdet prints 3).
-
-  Returns:
-    The summary row (AP, AP50, AP75, APs, APm, APl) and, if present, per-class AP.
-  """
+  """`evaluate_boxes` metrics in percent: the summary row, then per-class AP in `columns`
+  (category, AP) pairs per row (mmdet prints 3)."""
   names = [n for n in SUMMARY_NAMES if n in metrics]
   width = 6
   lines = ['  '.join(f'{n:>{width}}' for n in names),

@@ -1,44 +1,12 @@
 """Evaluate a detection checkpoint: COCO box AP on the validation split, as mmdet's CocoMetric.
 
-  python -m projects.cvt_detection.evaluate \\
-      --config=projects/cvt_detection/configs/synthetic_demo.py:runlocal \\
-      --checkpoint=workdirs/cvt_detection_demo [--batch-size 8] \\
-      [--score-threshold 0.05] [--max-detections 100] \\
-      [--results results.json] [--metrics metrics.json] [--overwrite] [--no-progress]
+  python -m projects.cvt_detection.evaluate --config CONFIG.py --checkpoint WORKDIR \\
+      [--score-threshold 0.05] [--max-detections 100] [--results R.json] [--metrics M.json]
 
-The validation split of the config's dataset goes through the evaluation loader of training
-(`builder.build_loaders`: keep-ratio resize to `dataset_configs.scale`, padding to a few fixed
-canvases) and `evaluation.detect_batches` (the jitted model and post-processing of
-`DetectionModel.predict_fn`, with `config.eval`: pre_nms_topk, score_threshold, iou_threshold,
-max_detections; flags override the last two and the rest of `config.eval` stays). The
-detections are scored by `coco_eval.evaluate_boxes` against the split's annotations, so the
-numbers are those of the trainer's periodic evaluation. Progress (`projects.tools.progress`) is
-shown per batch on stderr: a bar on a terminal, a timed line in a log.
-
-The COCO table is printed first (in percent; the files keep COCO's fractions in [0, 1], as
-pycocotools and mmdet), then two files are written: the detections in COCO results format
-(`--results`, for the COCO server or `coco_eval.evaluate_boxes` later) and the metrics
-(`--metrics`: AP, AP50, AP75, APs, APm, APl, AR..., per_class, and how they were obtained).
-By default both go next to the checkpoints, named by the dataset and the checkpoint step
-evaluated, `eval_<dataset>_step<N>_{results,metrics}.json`, so the evaluation of a later
-checkpoint of the same workdir is a new pair of files, not a conflict.
-
-Outputs and reruns (`projects.tools.output_files`): the metrics file carries the provenance
-record (its `RECORD_KEY` entry): the evaluated data (the validation annotation file's size
-and sha256; for the generated synthetic set, its settings), the config, the checkpoint
-(`checkpoints.identity`: folder and step), the dataset settings and `config.eval` with the
-flags, and in its data the results file's size and sha256. The results file holds no record
-of its own: COCO's format makes it a bare list. A rerun whose metrics file records the same
-data, checkpoint and settings, with its results file unchanged beside it, prints "already
-evaluated" and the stored table, and exits 0 without loading the data or the model (a
-missing results file is made again). A metrics file of another checkpoint or other
-settings, one without a readable record (0 bytes, an older version's), a results file that
-is not the one the metrics record, or a results file without its metrics file is kept:
-one `error:` line, exit 1, until --overwrite. The batch size is not a setting (it changes
-the speed, not the detections). Both paths are checked before the model is loaded; a write
-error after the evaluation (a full disk) comes after the printed table. Exit status: 0 when
-evaluated or already evaluated, 1 on an error (one `error:` line on stderr), 2 on bad
-arguments.
+The split goes through the trainer's evaluation loader and `evaluation.detect_batches`, so
+the numbers are those of the periodic evaluation. The table is printed in percent; the
+COCO results file and the metrics file (fractions, with the record) follow the tools' output
+policy (`output_files.report_state`: the results file has no record of its own).
 """
 
 from __future__ import annotations
@@ -49,22 +17,19 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from projects.tools import command_line
-from projects.tools import output_files
 from projects.cvt_detection import coco_eval, evaluation, models
 from projects.cvt_detection.configs import common as _settings  # noqa: F401  (registers its keys)
+from projects.tools import command_line, output_files
 from projects.tools.output_files import check_writable, write_json
 from projects.tools.progress import Progress
-from projects.training import checkpoints
 from projects.training.configs import as_dict, config_get, load_config
 
 TOOL = 'cvt_detection.evaluate'
 
 # Errors a user can cause (paths, config, checkpoint, a full disk, an output conflict): one
-# line on stderr and exit status 1. The checkpoint errors are ValueErrors.
+# `error:` line and exit status 1.
 USER_ERRORS = (OSError, ValueError)
 
 
@@ -73,15 +38,8 @@ class OutputConflictError(FileExistsError):
 
 
 def with_eval_settings(config: Any, **overrides: Any) -> Any:
-  """A copy of `config` whose `config.eval` takes the `overrides` that are not None.
-
-  Args:
-    config: the experiment config (a ConfigDict, possibly locked).
-    **overrides: `score_threshold` in [0, 1], `max_detections` >= 1 (None: keep the config's).
-
-  Returns:
-    The config itself when nothing is overridden, else an updated copy.
-  """
+  """`config`, or a copy whose `config.eval` takes the `overrides` that are not None
+  (`score_threshold` in [0, 1], `max_detections` >= 1)."""
   overrides = {k: v for k, v in overrides.items() if v is not None}
   score = overrides.get('score_threshold')
   if score is not None and not 0 <= score <= 1:
@@ -102,18 +60,8 @@ def with_eval_settings(config: Any, **overrides: Any) -> Any:
 
 def load_detector(config: Any, checkpoint: str,
                   num_classes: int) -> tuple[evaluation.PredictFn, dict[str, Any]]:
-  """The jitted `predict` of a trained checkpoint and its variables.
-
-  Args:
-    config: the training config; `config.eval` sets the post-processing.
-    checkpoint: a workdir, its `checkpoints` folder or one step folder in it.
-    num_classes: the dataset's classes (the checkpoint must have as many).
-
-  Returns:
-    `(predict, variables)`: `predict(variables, images [B, H, W, 3], image_size [B, 2],
-    scale_factor [B, 2])` -> `{'boxes' [B, D, 4] original pixels, 'scores' [B, D],
-    'classes' [B, D], 'valid' [B, D]}` (`DetectionModel.predict_fn`).
-  """
+  """`(predict, variables)` of a checkpoint: `DetectionModel.predict_fn` with `config.eval`'s
+  post-processing, boxes `[B, D, 4]` in original pixels."""
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
   model_name = config_get(config, 'model_name')
@@ -124,9 +72,6 @@ def load_detector(config: Any, checkpoint: str,
   model = models.get_model_cls(model_name)(config, {'num_classes': num_classes})
   model.flax_model = flax_model  # the restored one: no pretrained file to read
   return model.predict_fn(), variables
-
-
-# --- outputs and their records ------------------------------------------------------------
 
 
 def val_annotation_file(name: str, dataset_configs: dict[str, Any]) -> str:
@@ -143,30 +88,14 @@ def val_annotation_file(name: str, dataset_configs: dict[str, Any]) -> str:
 
 
 def default_output_paths(checkpoint: str, dataset_name: str) -> tuple[str, str]:
-  """`(results, metrics)` paths beside the checkpoints folder, named by the step evaluated.
-
-  `WORKDIR` or `WORKDIR/checkpoints` (the latest step N, `checkpoints.locate`) and a step
-  folder `WORKDIR/checkpoints/N` -> `WORKDIR/eval_<dataset>_stepN_{results,metrics}.json`;
-  without any step (nothing to evaluate) `WORKDIR/eval_<dataset>_...json`.
-  """
-  path = Path(checkpoint).absolute()
-  if path.name.isdigit() and path.parent.name == 'checkpoints':
-    step, path = path.name, path.parent.parent
-  else:
-    step = checkpoints.locate(path)[1]
-    if path.name == 'checkpoints':
-      path = path.parent
-  tag = dataset_name if step is None else f'{dataset_name}_step{step}'
-  return (str(path / f'eval_{tag}_results.json'), str(path / f'eval_{tag}_metrics.json'))
+  """`(results, metrics)`: `WORKDIR/eval_<dataset>[_step<N>]_{results,metrics}.json`."""
+  return tuple(output_files.report_path(checkpoint, dataset_name, f'_{kind}.json')
+               for kind in ('results', 'metrics'))
 
 
 def data_identity(name: str, dataset_configs: dict[str, Any]) -> dict[str, Any]:
-  """What the evaluation scores against, as the `input` of the metrics file's record.
-
-  COCO datasets: the validation annotation file (`output_files.describe_input`: path, size,
-  sha256), so an edited file is other data. The synthetic set has no file: its settings
-  (as canonical JSON) stand for it, with their size and sha256.
-  """
+  """The record's input: the validation annotation file, or for the generated synthetic
+  set its settings as canonical JSON (their size and sha256)."""
   if name in ('coco', 'coco_format'):
     path = val_annotation_file(name, dataset_configs)
     if not os.path.isfile(path):
@@ -180,61 +109,13 @@ def data_identity(name: str, dataset_configs: dict[str, Any]) -> dict[str, Any]:
 
 def record_settings(config_spec: str | None, checkpoint: str, config: Any,
                     dataset_configs: dict[str, Any]) -> dict[str, Any]:
-  """What the metrics file's record names besides the data: what changes the numbers.
-
-  The config (its path, as predict's pictures), the checkpoint (folder and step), the
-  dataset settings (resize scale, canvases...) and the post-processing (`config.eval` with
-  the flags). Not the batch size: it changes the speed, not the detections.
-  """
+  """What changes the numbers besides the data (not the batch size: only the speed)."""
   return {
-      'config': output_files.config_identity(config_spec) if config_spec else None,
-      'checkpoint': checkpoints.identity(checkpoint),
+      **output_files.model_settings(config_spec, checkpoint),
       'dataset': config_get(config, 'dataset_name'),
       'dataset_configs': dataset_configs,
       'eval': dict(models.DETECT_DEFAULTS, **as_dict(config_get(config, 'eval'))),
   }
-
-
-def _conflict(message: str) -> output_files.OutputState:
-  return output_files.OutputState('conflict', f'{message}; pass --overwrite to replace it')
-
-
-def output_state(results_path: str, metrics_path: str, record: dict[str, Any],
-                 overwrite: bool = False) -> output_files.OutputState:
-  """Whether to evaluate ('todo'), skip ('done': the same evaluation's files) or refuse.
-
-  The metrics file decides (`output_files.output_state` on its record); the results file,
-  a bare COCO list, must be the one its data names (size and sha256). A results file
-  without a metrics file cannot be told from another evaluation's: a conflict. A finished
-  evaluation whose results file is gone is done again.
-  """
-  if overwrite:
-    return output_files.OutputState('todo')
-  if os.path.isdir(results_path):
-    return output_files.OutputState('conflict',
-                                    f'{results_path} is a folder; expected a file path')
-  state = output_files.output_state({metrics_path: record}, overwrite=False)
-  if state.status == 'conflict':
-    return state
-  has_results = os.path.lexists(results_path)
-  if state.status == 'todo':  # no metrics file
-    if has_results:
-      return _conflict(f'{results_path} exists without its metrics file {metrics_path} (a COCO '
-                       'results file has no record of its own: it may be another evaluation\'s)')
-    return state
-  if not has_results:
-    return output_files.OutputState('todo', '', state.records)
-  stored = (state.records[metrics_path].get('data') or {}).get('results') or {}
-  try:
-    found = output_files.describe_input(results_path)
-  except OSError as e:
-    return _conflict(f'{results_path} cannot be read ({e.strerror or e})')
-  if (found['size'], found['sha256']) != (stored.get('size'), stored.get('sha256')):
-    return _conflict(
-        f'{results_path} is not the results file {metrics_path} records ({found["size"]:,} '
-        f'bytes, sha256 {found["sha256"][:12]}...; expected {stored.get("size") or 0:,} bytes, '
-        f'sha256 {str(stored.get("sha256"))[:12]}...)')
-  return state
 
 
 def read_metrics(path: str) -> dict[str, Any]:
@@ -258,47 +139,16 @@ def _print_table(print_fn: Callable[[str], None], metrics: dict[str, Any]) -> No
   print_fn(coco_eval.format_table(metrics))
 
 
-# --- evaluation ---------------------------------------------------------------------------
-
-
 def run_evaluation(
-    config: Any,
-    checkpoint: str,
-    *,
-    config_spec: str | None = None,
-    results_path: str | None = None,
-    metrics_path: str | None = None,
-    overwrite: bool = False,
-    batch_size: int | None = None,
-    score_threshold: float | None = None,
-    max_detections: int | None = None,
-    progress: bool = True,
-    print_fn: Callable[[str], None] | None = print,
-) -> dict[str, Any]:
-  """Evaluates `checkpoint` on the validation split of `config`; prints, writes, returns.
-
-  Args:
-    config: experiment config (`model_name`, `model`, `dataset_name`, `dataset_configs`,
-      `eval`, `eval_batch_size`).
-    checkpoint: a workdir, its `checkpoints` folder or one step folder.
-    config_spec: the `--config` it came from (`path[:arg]`), named in the record.
-    results_path: COCO results json; None: `default_output_paths(...)[0]`.
-    metrics_path: metrics json; None: `default_output_paths(...)[1]`.
-    overwrite: replace existing outputs whatever they record (module docstring).
-    batch_size: images per batch; None: `config.eval_batch_size`.
-    score_threshold: overrides `config.eval.score_threshold`.
-    max_detections: overrides `config.eval.max_detections`.
-    progress: show progress per batch on stderr (`projects.tools.progress.Progress`).
-    print_fn: prints the table and the written paths; None prints nothing.
-
-  Returns:
-    The metrics written to `metrics_path` (or read from it when already evaluated, with
-    `already_evaluated` True): `evaluate_boxes`'s numbers (fractions, NaN where a size
-    range has no ground truth) and `per_class`, plus `dataset`, `checkpoint`, `num_images`,
-    `num_detections`, `eval` (the post-processing settings), `results` and `metrics`.
-
-  Raises:
-    OutputConflictError: an existing output is not this evaluation's (before any work).
+    config: Any, checkpoint: str, *, config_spec: str | None = None,
+    results_path: str | None = None, metrics_path: str | None = None, overwrite: bool = False,
+    batch_size: int | None = None, score_threshold: float | None = None,
+    max_detections: int | None = None, progress: bool = True,
+    print_fn: Callable[[str], None] | None = print) -> dict[str, Any]:
+  """Evaluates `checkpoint` on the validation split of `config`; prints, writes and returns
+  the metrics (`evaluate_boxes`'s, plus `dataset`, `checkpoint`, `num_images`,
+  `num_detections`, `eval`, `results`, `metrics`), read back with `already_evaluated` when
+  already evaluated. OutputConflictError, before any work, when an output is another's.
   """
   from projects.cvt_detection.data import builder
 
@@ -323,7 +173,7 @@ def run_evaluation(
   dataset_kwargs.pop('start_step', None)
   settings = record_settings(config_spec, checkpoint, config, dataset_kwargs)
   record = output_files.make_record(TOOL, data_identity(name, dataset_kwargs), settings)
-  state = output_state(results_path, metrics_path, record, overwrite)
+  state = output_files.report_state(metrics_path, record, overwrite, results=results_path)
   if state.status == 'conflict':
     raise OutputConflictError(state.message)
   if state.status == 'done':
@@ -346,15 +196,9 @@ def run_evaluation(
     detections = evaluation.detect_batches(predict, variables, bar.wrap(loader.iterate()))
   results = evaluation.to_results(detections, meta['label_to_category_id'])
   metrics = coco_eval.evaluate_boxes(meta['ground_truth'], results)
-  metrics.update(
-      dataset=name,
-      checkpoint=checkpoint,
-      num_images=int(len(detections['image_id'])),
-      num_detections=len(results),
-      eval=settings['eval'],
-      results=results_path,
-      metrics=metrics_path,
-  )
+  metrics.update(dataset=name, checkpoint=checkpoint, num_images=int(len(detections['image_id'])),
+                 num_detections=len(results), eval=settings['eval'], results=results_path,
+                 metrics=metrics_path)
   if print_fn is not None:
     _print_table(print_fn, metrics)
   # The results first: the metrics' record names their size and sha256.
@@ -373,10 +217,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       'COCO box AP of a detection checkpoint on the validation split of its config\'s '
       'dataset. Prints the table (in percent), writes the detections (COCO results format) '
       'and the metrics (fractions, as COCO tools) as JSON.')
-  parser.add_argument('--config', required=True, help='path/to/config.py[:arg]')
-  parser.add_argument('--checkpoint', required=True,
-                      help='workdir (its latest checkpoint), its checkpoints folder, or one '
-                           'step folder')
+  command_line.add_model_flags(parser)
   parser.add_argument('--batch-size', type=int, default=None,
                       help="images per batch (default: the config's eval_batch_size)")
   parser.add_argument('--score-threshold', type=float, default=None,
@@ -396,12 +237,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Command-line entry point; returns the exit status (errors print one clear line).
-
-  Returns:
-    0 when evaluated or already evaluated, 1 on an error (an output conflict, a bad config
-    or checkpoint, a write error), 2 on bad arguments (argparse).
-  """
+  """Command-line entry point; returns the exit status (errors print one `error:` line)."""
   args = parse_args(argv)
   try:
     config = load_config(args.config)
@@ -409,8 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, args.checkpoint, config_spec=args.config, results_path=args.results,
         metrics_path=args.metrics, overwrite=args.overwrite, batch_size=args.batch_size,
         score_threshold=args.score_threshold, max_detections=args.max_detections,
-        progress=not args.no_progress,
-    )
+        progress=not args.no_progress)
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     return command_line.EXIT_FAILED

@@ -1,55 +1,13 @@
 """Detect objects in image files: pictures with labelled boxes and COCO results.
 
-  python -m projects.cvt_detection.predict \\
-      --config=projects/cvt_detection/configs/synthetic_demo.py:runlocal \\
-      --checkpoint=workdirs/cvt_detection_demo --output=detections \\
-      photos/ more/*.jpg one.png [--score-threshold 0.3] [--max-detections 100] \\
-      [--overwrite] [--strict] [--no-progress]
+  python -m projects.cvt_detection.predict --config CONFIG.py --checkpoint WORKDIR \\
+      --output detections photos/ more/*.jpg [--score-threshold 0.3] [--overwrite]
 
-For every input image `<stem>.<ext>` (any size and mode; EXIF orientation applied) it writes
-`OUTPUT/<stem>.png`: the image at its own size with the boxes drawn, one colour per class,
-labelled `<class> <score>`. Images go through the evaluation pipeline: keep-ratio resize to
-the dataset's scale (`dataset_configs.scale`; the synthetic set's image size, else mmdet's
-(1333, 800)), ImageNet normalisation, zero padding to one of a few fixed canvases (so the
-jitted model compiles at most once per canvas), the model and `config.eval`'s
-post-processing; boxes come back in original pixels, clipped to the image.
-
-Two files describe the run: `OUTPUT/results.json`, the detections in COCO results format
-(`{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}`), and `OUTPUT/images.json`
-mapping each image id to its input path. Image ids count the inputs from 1 in input order,
-except that an input whose file name is an image of the dataset's validation annotations
-(COCO datasets) gets that image's id, so the results can be scored against the
-annotations; an index that such an id already took moves past the largest id used.
-
-Detections scoring at least --score-threshold (mmdet's demo default 0.3) are drawn and
-written: the score shown is the final one (class probability x centerness). The
-post-processing (`config.eval`) keeps candidates whose class probability passes its own
-`score_threshold`; a lower --score-threshold lowers that one too, so `--score-threshold 0`
-gives the `max_detections` best of every image (what COCO AP wants).
-
-Inputs are files, folders (searched recursively; outputs keep the sub-folders) and glob
-patterns. Progress (`projects.tools.progress`) is shown on stderr: a bar on a terminal, a timed
-line in a log (`--no-progress`: none). A missing or unreadable input, or one whose picture
-is in conflict, is reported by name (`failed: ...`) and the others are still done;
-`--strict` stops at the first instead (one `error:` line), before loading the model when
-the checks find it (a missing file, a file that is not an image, an output conflict).
-
-Outputs and reruns (`projects.tools.output_files`): every picture is written atomically and
-records, in a PNG text chunk, its input (absolute path, size, sha256), the settings that
-made it (config, checkpoint folder and step, `config.eval` with the flags, the scale,
---score-threshold) and its detections. A rerun skips an input whose picture records the
-same input and settings ("already done"; its detections come from the record, so
-results.json lists it without inference); a picture that records another input (an
-`a.bmp` after an `a.jpg`), other settings, or nothing (a 0-byte file, an older version's
-file) is kept and reported as a failed input. results.json and images.json are rewritten
-for the inputs of the run done so far (images.json first) when absent, or when they are a
-previous run's on inputs of this run already done here (every listed image among them and
-the results exactly their recorded detections): nothing is lost. Any other such file is
-kept and the run stops before the model is loaded. --overwrite replaces every output. The
-output place is checked before the model is loaded. A run stopped by --strict after some
-pictures were made still lists them in the two files. Exit status: 0 when every input was
-done or already done, 1 when any failed (or on an error, one `error:` line), 2 on bad
-arguments.
+Per input `OUTPUT/<stem>.png`, its boxes drawn; `OUTPUT/results.json` (COCO results) and
+`OUTPUT/images.json` (image id -> input path) describe the run. Image ids count the inputs
+from 1, except that a file named as an image of the validation annotations gets its COCO id.
+Pictures follow the tools' output policy (`projects.tools.output_files`) and keep their
+detections in their record, so a rerun lists inputs already done without inference.
 """
 
 from __future__ import annotations
@@ -67,8 +25,6 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from projects.tools import command_line
-from projects.tools import output_files
 from projects.cvt_detection import coco_eval, models
 from projects.cvt_detection.data.builder import EVAL_DEVICE_KEYS
 from projects.cvt_detection.data.synthetic import SyntheticDetection
@@ -84,17 +40,12 @@ from projects.cvt_detection.evaluate import (
   val_annotation_file,
   with_eval_settings,
 )
-from projects.tools.input_files import (
-  InputImage,
-  PredictError,
-  check_image_header,
-  collect_inputs,
-  read_image,
-)
+from projects.tools import command_line, output_files
+from projects.tools.input_files import PredictError, collect_inputs
 from projects.tools.output_files import check_writable, write_json
 from projects.tools.progress import Progress
-from projects.training import checkpoints
 from projects.training.configs import as_dict, config_get, load_config
+from projects.training.images import ImageError, check_image_header, read_image
 
 TOOL = 'cvt_detection.predict'
 RESULTS_FILE = 'results.json'
@@ -103,36 +54,20 @@ IMAGES_FILE = 'images.json'
 SCORE_THRESHOLD = 0.3
 
 
-# --- what the dataset says: class names, category ids, image ids ---------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What prediction needs from the config's dataset, without loading the dataset.
-
-  Attributes:
-    class_names: one name per label `0..K-1`.
-    category_ids: COCO category id of each label.
-    image_ids: validation image file name (base name) -> COCO image id; empty for the
-      synthetic set.
-    scale: `(long, short)` keep-ratio resize limits of evaluation.
-    canvas_sizes: padded `(H, W)` input shapes.
-  """
+  """What prediction needs from the config's dataset, without loading the dataset."""
 
   class_names: tuple[str, ...]
   category_ids: tuple[int, ...]
-  image_ids: dict[str, int]
-  scale: tuple[int, int]
+  image_ids: dict[str, int]  # validation file base name -> COCO image id
+  scale: tuple[int, int]  # (long, short) keep-ratio resize limits
   canvas_sizes: tuple[tuple[int, int], ...]
 
 
 def dataset_info(config: Any) -> DatasetInfo:
-  """Class names, category ids, validation image ids and resize settings of the config.
-
-  The synthetic set gives its shape names; 'coco' and 'coco_format' read the categories
-  and images of the validation annotation file (only that json: the images and the
-  training annotations are not opened).
-  """
+  """The config's `DatasetInfo`: the synthetic set's shapes, or the categories and images of
+  a COCO validation annotation file (only that file is read)."""
   name = config_get(config, 'dataset_name')
   kw = as_dict(config_get(config, 'dataset_configs'))
   default_scale = DEFAULT_SCALE
@@ -167,11 +102,8 @@ def dataset_info(config: Any) -> DatasetInfo:
 
 
 def assign_image_ids(paths: Sequence[str], coco_ids: dict[str, int]) -> list[int]:
-  """Image ids of the inputs: the COCO id of a known file name, else the 1-based index.
-
-  An index already taken by a COCO id of another input is replaced by the next id above
-  every id in use, so ids stay unique.
-  """
+  """The COCO id of a known file name, else the 1-based index (or, when another input's
+  COCO id took it, the next id above every id in use)."""
   ids: list[int | None] = [coco_ids.get(os.path.basename(p)) for p in paths]
   used = {i for i in ids if i is not None}
   next_free = max(used | {len(paths)}) + 1
@@ -183,9 +115,6 @@ def assign_image_ids(paths: Sequence[str], coco_ids: dict[str, int]) -> list[int
         ids[k] = k + 1
       used.add(ids[k])
   return [int(i) for i in ids]
-
-
-# --- drawing ----------------------------------------------------------------------------------
 
 
 def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
@@ -204,31 +133,12 @@ def _text_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def draw_detections(
-    image: np.ndarray | Image.Image,
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    classes: np.ndarray,
-    class_names: Sequence[str],
-    *,
-    colors: Sequence[tuple[int, int, int]] | None = None,
+    image: np.ndarray | Image.Image, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+    class_names: Sequence[str], *, colors: Sequence[tuple[int, int, int]] | None = None,
 ) -> Image.Image:
-  """The image with each box outlined and labelled `<class> <score>` on a filled background.
-
-  Line width and text size follow the image size. A label sits above its box, or inside
-  it at the top when the box touches the image's top edge, and is shifted left when it
-  would leave the image on the right. Higher scores are drawn last (on top).
-
-  Args:
-    image: uint8 `[H, W, 3]` (or `[H, W]`) or a PIL image.
-    boxes: `[n, 4]` `(x1, y1, x2, y2)` in pixels of `image`.
-    scores: `[n]` in [0, 1].
-    classes: `[n]` labels in `[0, len(class_names))`.
-    class_names: one name per label.
-    colors: RGB colour per label (default `class_colors`).
-
-  Returns:
-    An RGB PIL image of the input's size.
-  """
+  """An RGB copy of `image` (uint8 or PIL) with each box `[n, 4]` `(x1, y1, x2, y2)` outlined
+  and labelled `<class> <score>` above it (inside when the box touches the top), higher
+  scores on top; line width and text size follow the image size."""
   canvas = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)))
   canvas = canvas.convert('RGB')
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
@@ -266,24 +176,9 @@ def draw_detections(
   return canvas
 
 
-def save_png(image: Image.Image, path: str, record: dict[str, Any] | None = None) -> None:
-  """Saves `image` as PNG atomically (a temporary name, then a rename), with its record."""
-  output_files.save_png(image, path, record)
-
-
-# --- prediction ---------------------------------------------------------------------------
-
-
 class Detector:
-  """A restored model that detects objects in one image of any size.
-
-  Args:
-    predict: `load_detector`'s jitted function.
-    variables: its variables.
-    scale: `(long, short)` keep-ratio resize limits.
-    canvas_sizes: padded input shapes (one compiled program each).
-    dtype: input dtype of the model (the config's `data_dtype_str`).
-  """
+  """`load_detector`'s model on one image of any size: keep-ratio resize into `scale`, padding
+  to one of `canvas_sizes` (one compiled program each), inputs of `dtype`."""
 
   def __init__(self, predict: Any, variables: Any, scale: tuple[int, int],
                canvas_sizes: Sequence[tuple[int, int]], dtype: Any = np.float32):
@@ -294,12 +189,8 @@ class Detector:
     self.dtype = np.dtype(dtype)
 
   def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Detections of a uint8 `[H, W, 3]` image.
-
-    Returns:
-      `{'boxes' float32 [n, 4] (x1, y1, x2, y2) in the image's pixels, clipped to it,
-      'scores' [n], 'classes' int32 [n]}`, the valid detections in decreasing score.
-    """
+    """`{'boxes' [n, 4] in the image's pixels, clipped to it, 'scores' [n], 'classes' [n]}`
+    of a uint8 `[H, W, 3]` image, in decreasing score."""
     example = {'image': image, 'boxes': np.zeros((0, 4), np.float32),
                'labels': np.zeros((0,), np.int32), 'image_id': 0}
     batch = collate([self.transform(example)], self.canvas_sizes, max_boxes=1)
@@ -313,143 +204,44 @@ class Detector:
             'classes': np.asarray(out['classes'][0], np.int32)[valid]}
 
 
-def output_path(output_dir: str, stem: str) -> str:
-  return os.path.join(output_dir, stem + '.png')
-
-
 def record_settings(config_spec: str, checkpoint: str, config: Any, info: DatasetInfo,
                     score_threshold: float) -> dict[str, Any]:
-  """What a picture's record names besides its input: what changes its detections.
-
-  The config and checkpoint (folder and step), the post-processing (`config.eval` with the
-  flags applied), the resize scale and --score-threshold.
-  """
+  """What changes a picture's detections: the model, `config.eval` with the flags, the
+  resize scale and --score-threshold."""
   return {
-      'config': output_files.config_identity(config_spec),
-      'checkpoint': checkpoints.identity(checkpoint),
+      **output_files.model_settings(config_spec, checkpoint),
       'eval': dict(models.DETECT_DEFAULTS, **as_dict(config_get(config, 'eval'))),
       'scale': list(info.scale),
       'score_threshold': score_threshold,
   }
 
 
-@dataclasses.dataclass(frozen=True)
-class Job:
-  """One input to detect: its picture and what its record names."""
-
-  item: InputImage
-  image_id: int
-  path: str
-  source: dict[str, Any]
-
-
-@dataclasses.dataclass
-class Plan:
-  """The inputs sorted before any work (`plan_outputs`).
-
-  Attributes:
-    todo: inputs to detect.
-    done: input path -> the record of its picture, for inputs already done (their
-      detections are kept in the record, so results.json lists them without a rerun).
-    failed: one message per input that cannot be done (unreadable, an output conflict).
-    image_ids: input path -> image id, for every input.
-  """
-
-  todo: list[Job]
-  done: dict[str, dict[str, Any]]
-  failed: list[str]
-  image_ids: dict[str, int]
-
-
-def _fail(message: str, strict: bool, failed: list[str], report: Any = None) -> None:
-  """Counts a failed input (`failed: ...` on stderr), or with `strict` stops the run."""
-  if strict:
-    raise PredictError(message)
-  failed.append(message)
-  line = f'failed: {message}'
-  if report is not None:
-    report(line)
-  else:
-    print(line, file=sys.stderr, flush=True)
-
-
-def plan_outputs(images: Sequence[InputImage], output_dir: str, info: DatasetInfo,
-                 settings: dict[str, Any], *, overwrite: bool = False,
-                 strict: bool = False) -> Plan:
-  """Checks each input's header, reads its sha256 and decides: todo, done or conflict.
-
-  See `projects.tools.output_files.output_state`: a picture recording this input and `settings`
-  is done; one recording another input, other settings, or nothing is a conflict (failed).
-  A file that is not an image fails here, before the model is loaded.
-
-  Raises:
-    PredictError: with `strict`, the first input that fails.
-  """
-  image_ids = assign_image_ids([item.path for item in images], info.image_ids)
-  plan = Plan([], {}, [], dict(zip((item.path for item in images), image_ids, strict=True)))
-  for item, image_id in zip(images, image_ids, strict=True):
-    path = output_path(output_dir, item.stem)
-    try:
-      check_image_header(item.path)
-      source = output_files.describe_input(item.path)
-    except PredictError as e:
-      _fail(str(e), strict, plan.failed)
-      continue
-    except OSError as e:
-      _fail(f'{item.path}: cannot read ({e.strerror or e})', strict, plan.failed)
-      continue
-    record = output_files.make_record(TOOL, source, settings)
-    state = output_files.output_state({path: record}, overwrite)
-    if state.status == 'done' and 'detections' in state.records[path].get('data', {}):
-      plan.done[item.path] = dict(state.records[path])
-      print(f'{item.path}: already done ({path})', file=sys.stderr)
-    elif state.status == 'conflict':
-      _fail(f'{item.path}: {state.message}', strict, plan.failed)
-    else:
-      plan.todo.append(Job(item, image_id, path, source))
-  return plan
-
-
 def predict_images(
-    detector: Detector,
-    jobs: Sequence[Job],
-    info: DatasetInfo,
-    settings: dict[str, Any],
-    *,
-    score_threshold: float = SCORE_THRESHOLD,
-    strict: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-  """Detects, draws and saves the picture of every job, its record holding the detections.
-
-  Args:
-    detector: the restored model.
-    jobs: `plan_outputs(...).todo`.
-    info: class names, category ids and COCO image ids (`dataset_info`).
-    settings: `record_settings(...)`.
-    score_threshold: draw and keep the detections scoring at least this.
-    strict: stop at the first image that cannot be read (its message in 'stopped').
-    progress: show progress per image on stderr (`projects.tools.progress.Progress`).
+    detector: Detector, jobs: Sequence[output_files.Planned], info: DatasetInfo,
+    fail: command_line.Failures, *, score_threshold: float = SCORE_THRESHOLD, progress: bool = True,
+) -> tuple[dict[str, dict[str, Any]], str | None]:
+  """Detects, draws and saves the picture of every job (`plan_inputs`), its record holding
+  the detections scoring at least `score_threshold`.
 
   Returns:
-    `{'done': [(input, output png, image id, detections)], 'failed': [message],
-    'records': {input: record}, 'stopped': the message that stopped a strict run, or None}`.
+    `({input: record}, the message that stopped a --strict run or None)`.
 
   Raises:
     OutputWriteError: a picture could not be written (a full disk): the run stops.
   """
   colors = class_colors(len(info.class_names))
-  summary = {'done': [], 'failed': [], 'records': {}, 'stopped': None}
+  records = {}
   with Progress(len(jobs), 'predict', 'img', enabled=progress) as bar:
+    fail.write = bar.write
     for job in jobs:
       bar.start_item(job.item.path)
       try:
         image = read_image(job.item.path)
-      except PredictError as e:
-        if strict:
-          summary['stopped'] = str(e)
-          break
-        _fail(str(e), False, summary['failed'], bar.write)
+      except ImageError as e:
+        try:
+          fail(str(e))
+        except PredictError:
+          return records, str(e)  # the pictures made so far still go into the run files
         bar.update()
         continue
       bar.set_detail(f'{image.shape[1]}x{image.shape[0]}')
@@ -459,14 +251,16 @@ def predict_images(
                                 found['classes'][keep])
       detections = [{key: value for key, value in r.items() if key != 'image_id'} for r in
                     coco_eval.to_coco_results(boxes, scores, classes, 0, info.category_ids)]
-      record = output_files.make_record(TOOL, job.source, settings,
-                                        {'detections': detections, 'size': list(image.shape[:2])})
-      save_png(draw_detections(image, boxes, scores, classes, info.class_names, colors=colors),
-               job.path, record)
-      summary['records'][job.item.path] = record
-      summary['done'].append((job.item.path, job.path, job.image_id, len(scores)))
+      (path, record), = job.records.items()
+      record = output_files.make_record(TOOL, record['input'], record['settings'], {
+          'detections': detections, 'size': list(image.shape[:2])})
+      output_files.save_png(
+          draw_detections(image, boxes, scores, classes, info.class_names, colors=colors),
+          path, record)
+      records[job.item.path] = record
       bar.update()
-  return summary
+  fail.write = None
+  return records, None
 
 
 def run_files(image_ids: dict[str, int], records: dict[str, dict[str, Any]]
@@ -480,17 +274,10 @@ def run_files(image_ids: dict[str, int], records: dict[str, dict[str, Any]]
   return id_to_path, results
 
 
-def check_run_files(output_dir: str, plan: Plan) -> None:
-  """Fails unless results.json and images.json are absent or a previous run's on these inputs.
-
-  They are replaced (without --overwrite) only when nothing would be lost: every image
-  images.json lists is an input of this run already done here, and results.json holds
-  exactly the detections those pictures record. Otherwise (another run's files, inputs
-  missing from this run, files edited or not written by predict) they are kept.
-
-  Raises:
-    PredictError: naming the file and what it holds.
-  """
+def check_run_files(output_dir: str, done: dict[str, dict[str, Any]]) -> None:
+  """Raises `PredictError` unless results.json and images.json are absent or may be replaced
+  without loss: every image images.json lists is an input of this run already done here
+  (`done`: input -> record), and results.json holds exactly their recorded detections."""
   images_path = os.path.join(output_dir, IMAGES_FILE)
   results_path = os.path.join(output_dir, RESULTS_FILE)
   hint = 'pass --overwrite to replace it, or choose another --output'
@@ -505,7 +292,7 @@ def check_run_files(output_dir: str, plan: Plan) -> None:
     except (OSError, ValueError) as e:
       raise PredictError(f'{images_path} is not an image list written by predict ({e}); '
                          f'{hint}') from None
-    by_path = {os.path.abspath(p): p for p in plan.done}
+    by_path = {os.path.abspath(p): p for p in done}
     for path in old_images.values():
       if path not in by_path:
         raise PredictError(f'{images_path} lists {path}, which is not an input of this run '
@@ -515,7 +302,7 @@ def check_run_files(output_dir: str, plan: Plan) -> None:
       raise PredictError(f'{results_path} exists without {IMAGES_FILE}: not the results of a '
                          f'previous run of predict; {hint}')
     old_ids = {by_path[p]: int(k) for k, p in old_images.items()}
-    _, expected = run_files(old_ids, plan.done)
+    _, expected = run_files(old_ids, done)
     try:
       with open(results_path) as f:
         same = json.load(f) == expected
@@ -548,12 +335,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       'python -m projects.cvt_detection.predict',
       'Detect objects in images: one picture with labelled boxes per image (OUTPUT/<name>.png) '
       'and the detections in COCO results format (OUTPUT/results.json, OUTPUT/images.json).')
-  parser.add_argument('--config', required=True, help='path/to/config.py[:arg]')
-  parser.add_argument('--checkpoint', required=True,
-                      help='workdir (its latest checkpoint), its checkpoints folder, or one '
-                           'step folder')
-  parser.add_argument('--output', required=True, help='output folder')
-  parser.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
+  command_line.add_model_flags(parser)
+  command_line.add_inputs(parser, 'output folder: <stem>.png per image, results.json, images.json')
   parser.add_argument('--score-threshold', type=float, default=SCORE_THRESHOLD,
                       help='draw and write detections scoring at least this; 0 keeps the '
                            'max-detections best of each image')
@@ -565,23 +348,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Command-line entry point; returns the exit status.
-
-  Returns:
-    0 when every input was done or already done, 1 when an input failed (missing,
-    unreadable, an output conflict) or on an error, 2 on bad arguments (argparse).
-  """
+  """Command-line entry point; returns the exit status (0 all done, 1 any failed, 2 usage)."""
   args = parse_args(argv)
+  fail = command_line.Failures(args.strict, PredictError, 'failed:')
   try:
     if not 0 <= args.score_threshold <= 1:
       raise ValueError(f'--score-threshold must be in [0, 1], got {args.score_threshold}')
-    images, problems = collect_inputs(args.inputs, exclude_dir=args.output)
-    if args.strict and problems:
-      raise PredictError(problems[0])
-    for message in problems:
-      print(f'failed: {message}', file=sys.stderr)
-    if not images:
-      raise PredictError('no input files found')
+    images, problems = collect_inputs(args.inputs, args.output, fail)
     config = load_config(args.config)
     # Candidates pass config.eval's class-probability threshold before the final score
     # (probability x centerness) is compared with ours: never filter more than asked.
@@ -592,36 +365,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = dataset_info(config)
     settings = record_settings(args.config, args.checkpoint, config, info, args.score_threshold)
     # Before the model is loaded: conflicts, the run files and an unwritable place.
-    plan = plan_outputs(images, args.output, info, settings, overwrite=args.overwrite,
-                        strict=args.strict)
+    todo, done = output_files.plan_inputs(
+        images, lambda item: {os.path.join(args.output, item.stem + '.png'): settings}, TOOL,
+        args.overwrite, fail, check=check_image_header)
+    done = {job.item.path: dict(next(iter(job.state.records.values()))) for job in done}
     if not args.overwrite:
-      check_run_files(args.output, plan)
+      check_run_files(args.output, done)
     run_paths = [os.path.join(args.output, name) for name in (RESULTS_FILE, IMAGES_FILE)]
-    check_writable([job.path for job in plan.todo] + (run_paths if plan.todo or plan.done
-                                                     else []))
-    summary = {'done': [], 'failed': [], 'records': {}, 'stopped': None}
-    if plan.todo:
+    check_writable([p for job in todo for p in job.records] + (run_paths if todo or done
+                                                                else []))
+    made, stopped = {}, None
+    if todo:
       predict, variables = load_detector(config, args.checkpoint, len(info.class_names))
       detector = Detector(predict, variables, info.scale, info.canvas_sizes,
                           config_get(config, 'data_dtype_str', 'float32'))
-      summary = predict_images(detector, plan.todo, info, settings,
-                               score_threshold=args.score_threshold, strict=args.strict,
-                               progress=not args.no_progress)
-    records = {**plan.done, **summary['records']}
+      made, stopped = predict_images(detector, todo, info, fail,
+                                     score_threshold=args.score_threshold,
+                                     progress=not args.no_progress)
+    records = {**done, **made}
     # Also after a --strict stop: the pictures made are listed, so a rerun finds them.
-    num_results = write_run_files(args.output, plan.image_ids, records) if records else 0
-    if summary['stopped']:
-      raise PredictError(summary['stopped'])
+    image_ids = dict(zip((item.path for item in images),
+                         assign_image_ids([item.path for item in images], info.image_ids),
+                         strict=True))
+    num_results = write_run_files(args.output, image_ids, records) if records else 0
+    if stopped:
+      raise PredictError(stopped)
   except (PredictError, *USER_ERRORS) as e:
     print(f'error: {e}', file=sys.stderr)
     return command_line.EXIT_FAILED
-  failed = problems + plan.failed + summary['failed']
-  already = f' ({len(plan.done)} already done)' if plan.done else ''
+  already = f' ({len(done)} already done)' if done else ''
   print(f'{len(records)} of {len(images) + len(problems)} inputs done{already} into '
         f'{args.output}: {num_results} detections in '
         f'{os.path.join(args.output, RESULTS_FILE)}', file=sys.stderr)
-  if failed:
-    print(f'{len(failed)} failed: ' + '; '.join(failed), file=sys.stderr)
+  if fail:
+    print(f'{len(fail)} failed: ' + '; '.join(fail), file=sys.stderr)
     return command_line.EXIT_FAILED
   return command_line.EXIT_OK
 

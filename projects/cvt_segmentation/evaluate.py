@@ -1,31 +1,11 @@
 """Evaluate a segmentation checkpoint: mIoU, aAcc and mAcc exactly as mmsegmentation.
 
-  python -m projects.cvt_segmentation.evaluate \\
-      --config projects/cvt_segmentation/configs/ade20k_cvt13_upernet.py \\
-      --checkpoint workdirs/demo [--mode slide --crop-size 512,512 --stride 341,341] \\
-      [--scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip] [--output results.json] [--overwrite]
+  python -m projects.cvt_segmentation.evaluate --config CONFIG.py --checkpoint WORKDIR \\
+      [--mode slide --crop-size 512,512 --stride 341,341] [--scales 0.5,...,1.75 --flip]
 
-Predictions are scored at the original label resolution: one integer confusion matrix
-over the whole validation split (`metrics`), ignoring label 255. Single-scale evaluation
-runs the `EvalLoader` batches (`inference.evaluate_dataset`, also what the trainer's
-periodic evaluation calls) of the config's `eval_batch_size` unless --batch-size says
-otherwise; with test-time augmentation every original image goes through
-`inference.segment_image` (`evaluate_examples`). Results are printed as a per-class table,
-then written as JSON (atomically), by default beside the checkpoints folder as
-`eval_<dataset>_<mode>[_ms][_flip][_first<N>]_step<S>.json` (`default_output_path`).
-
-Reruns follow the tools' output policy (`projects.tools.output_files`): the report records its
-input (the config file's path, size and sha256) and settings (config and arg, checkpoint
-folder and step, dataset, inference settings, test scale, --max-examples;
-`evaluation_record`). A rerun whose report exists with the same record prints "already
-evaluated" and the stored table without loading the data or the model, exit 0; a report
-that records another evaluation, or an unreadable or 0-byte file, is kept and is one
-`error:` line naming what it holds and what this run would write, exit 1, until
---overwrite. The output place is checked before the data and the model are loaded.
-Progress (`projects.tools.progress`) is a bar on a terminal and a timed line in a log;
---no-progress hides it. Exit status: 0 evaluated or already evaluated; 1 on an error, one
-`error:` line on stderr (a write error after the evaluation comes after the printed table);
-2 on bad arguments.
+Predictions are scored at the original label resolution (one integer confusion matrix over
+the split, label 255 ignored); single-scale evaluation is the trainer's (`evaluate_dataset`).
+The JSON report follows the tools' output policy (`projects.tools.output_files`).
 """
 
 from __future__ import annotations
@@ -42,20 +22,46 @@ from typing import Any
 
 import numpy as np
 
-from projects.tools import command_line
-from projects.tools import output_files
-from projects.cvt_segmentation import cli, metrics
+from projects.cvt_segmentation import metrics
+from projects.cvt_segmentation.configs import common as _settings  # noqa: F401  (registers its keys)
 from projects.cvt_segmentation.inference import (  # noqa: F401  (evaluate_dataset re-exported)
+    DEFAULT_MIN_SIZE,
+    MODES,
+    InferenceSettings,
     LogitsFn,
+    config_test_scale,
     evaluate_dataset,
+    inference_settings,
     make_logits_fn,
     segment_image,
 )
+from projects.tools import command_line, output_files
 from projects.tools.progress import Progress
-from projects.training import checkpoints
+from projects.training.configs import as_dict, config_get, load_config
 
 IGNORE_INDEX = metrics.IGNORE_INDEX
 TOOL = 'cvt_segmentation.evaluate'
+# `model_loader(config, checkpoint_dir) -> (flax_model, variables)`.
+ModelLoader = Callable[[Any, str], tuple[Any, Any]]
+# build_loaders arguments that evaluation sets itself (exact per-image shapes).
+_EVAL_OVERRIDES = ('eval_pad_shape', 'eval_label_pad_shape', 'eval_size_divisor', 'test_scale')
+# dataset_configs keys that do not change an evaluation (training augmentation, loading).
+_NOT_EVALUATED = ('start_step', 'crop_size', 'scale', 'ratio_range', 'cat_max_ratio',
+                  'flip_prob', 'photometric', 'num_threads', 'num_workers', 'pixel_batch_mask',
+                  'validate', *_EVAL_OVERRIDES)
+
+
+def load_model(config: Any, checkpoint: str, model_loader: ModelLoader | None = None):
+  """`(flax_model, variables)` of `checkpoint`; `model_loader` replaces
+  `models.restore_for_inference` (tests inject models)."""
+  if model_loader is None:
+    if not os.path.exists(checkpoint):
+      raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    # Imported here: the checkpoint module pulls in the trainer's dependencies.
+    from projects.cvt_segmentation.models import restore_for_inference
+
+    model_loader = restore_for_inference
+  return model_loader(config, checkpoint)
 
 
 def _prefetch(fn: Callable[[int], Any], n: int, num_threads: int = 2, ahead: int = 4) -> Iterator:
@@ -71,40 +77,11 @@ def _prefetch(fn: Callable[[int], Any], n: int, num_threads: int = 2, ahead: int
 
 
 def evaluate_examples(
-    logits_fn: LogitsFn,
-    source: Any,
-    num_classes: int,
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    test_scale: Sequence[int] | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    progress: bool = False,
-    num_threads: int = 2,
-    **infer_kwargs: Any,
-) -> np.ndarray:
-  """Confusion matrix over original examples with test-time augmentation.
-
-  Each `source[i]` (`{'image': uint8 [H, W, 3], 'label': [H, W]}`, as the dataset
-  sources return) is segmented by `inference.segment_image` (resize into `test_scale`
-  times each ratio, normalize, infer, optional flip, probabilities averaged at the
-  original size) and counted against its label.
-
-  Args:
-    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
-    source: random-access split (`len` and `[i]`).
-    num_classes: K.
-    scales: TTA ratios.
-    flip: flip TTA.
-    test_scale: `(long, short)` single-scale test resize limits, or None.
-    ignore_index: label value to skip.
-    progress: show progress (`projects.tools.progress.Progress`), the current image by name.
-    num_threads: threads reading examples ahead.
-    **infer_kwargs: `mode`, `crop_size`, `stride`, `min_size`, `pad_to_crop`.
-
-  Returns:
-    int64 `[K, K]` confusion matrix.
-  """
+    logits_fn: LogitsFn, source: Any, num_classes: int, *, scales: Sequence[float] = (1.0,),
+    flip: bool = False, test_scale: Sequence[int] | None = None, ignore_index: int = IGNORE_INDEX,
+    progress: bool = False, num_threads: int = 2, **infer_kwargs: Any) -> np.ndarray:
+  """int64 `[K, K]` confusion matrix of `segment_image` (test-time augmentation) over the
+  original examples of `source` (`{'image': uint8 [H, W, 3], 'label': [H, W]}`)."""
   cm = np.zeros((num_classes, num_classes), np.int64)
   n = len(source)
   with Progress(n, 'evaluate', 'img', enabled=progress) as bar:
@@ -113,8 +90,7 @@ def evaluate_examples(
       bar.start_item(f'{item.get("name", f"#{i + 1}")} {label.shape[1]}x{label.shape[0]}')
       pred = segment_image(
           logits_fn, item['image'], scales=scales, flip=flip, output_size=label.shape,
-          test_scale=test_scale, num_classes=num_classes, **infer_kwargs,
-      )
+          test_scale=test_scale, num_classes=num_classes, **infer_kwargs)
       cm += metrics.confusion_matrix(label, pred, num_classes, ignore_index=ignore_index)
       bar.update()
   return cm
@@ -137,101 +113,23 @@ class _Head:
     return self.source[i]
 
 
-# build_loaders arguments that evaluation sets itself (exact per-image shapes).
-_EVAL_OVERRIDES = ('eval_pad_shape', 'eval_label_pad_shape', 'eval_size_divisor', 'test_scale')
-# dataset_configs keys that do not change an evaluation (training augmentation, loading).
-_NOT_EVALUATED = ('start_step', 'crop_size', 'scale', 'ratio_range', 'cat_max_ratio',
-                  'flip_prob', 'photometric', 'num_threads', 'num_workers', 'pixel_batch_mask',
-                  'validate', *_EVAL_OVERRIDES)
-
-
-def default_output_path(checkpoint: str, dataset_name: str, settings: cli.InferenceSettings,
-                        max_examples: int | None = None) -> str:
-  """The report's path beside the checkpoints folder, named by what was evaluated.
-
-  `WORKDIR/eval_<dataset>_<mode>[_ms][_flip][_first<N>]_step<S>.json` for `--checkpoint`
-  `WORKDIR`, `WORKDIR/checkpoints` or its step folder `WORKDIR/checkpoints/S` (the step
-  evaluated: the latest one unless a step folder is named), as detection's `evaluate`. The
-  step is in the name so that evaluating a later checkpoint of the same run writes a new
-  report instead of meeting the earlier one; `_first<N>` keeps a quick `--max-examples`
-  check apart from the full evaluation. A folder without steps gets no `_step` part.
-  """
-  folder, step = checkpoints.locate(checkpoint)
-  if folder.name == 'checkpoints':
-    folder = folder.parent
-  tag = f'{dataset_name}_{settings.mode}'
-  if tuple(settings.scales) != (1.0,):
-    tag += '_ms'
-  if settings.flip:
-    tag += '_flip'
-  if max_examples is not None:
-    tag += f'_first{max_examples}'
-  if step is not None:
-    tag += f'_step{step}'
-  return os.path.join(folder, f'eval_{tag}.json')
-
-
-def _jsonable(value: Any) -> Any:
-  return json.loads(json.dumps(value, default=str))
-
-
 def evaluation_record(config_file: str, config: Any, checkpoint: str,
-                      settings: cli.InferenceSettings, test_scale: Sequence[int] | None,
+                      settings: InferenceSettings, test_scale: Sequence[int] | None,
                       max_examples: int | None) -> dict:
-  """The provenance record of a report: what was evaluated, with what (`output_files`).
-
-  The input is the config file (path, size, sha256: the experiment that names the model and
-  the data). The settings are everything else that changes the numbers: the config as named
-  (with its `:arg`), the checkpoint (folder and step, `checkpoints.identity`), the dataset
-  (its name and the `dataset_configs` that choose the validation data), the inference
-  settings, the test resize and `max_examples`. The batch size and threads are left out:
-  they change the speed, not the result (equal-size images are inferred unpadded).
-  """
-  dataset_configs = {k: v for k, v in cli.as_dict(cli.config_get(config, 'dataset_configs')).items()
+  """The report's record: the config file is the input; the settings are what changes the
+  numbers (not the batch size or threads: equal-size images are inferred unpadded)."""
+  dataset_configs = {k: v for k, v in as_dict(config_get(config, 'dataset_configs')).items()
                      if k not in _NOT_EVALUATED}
+  dataset = {'name': config_get(config, 'dataset_name'), 'configs': dataset_configs}
   recorded = {
-      'config': output_files.config_identity(config_file),
-      'checkpoint': checkpoints.identity(checkpoint),
-      'dataset': _jsonable({'name': cli.config_get(config, 'dataset_name'),
-                            'configs': dataset_configs}),
+      **output_files.model_settings(config_file, checkpoint),
+      'dataset': json.loads(json.dumps(dataset, default=str)),
       'inference': dataclasses.asdict(settings),
       'test_scale': None if test_scale is None else list(test_scale),
       'max_examples': max_examples,
   }
   source = output_files.describe_input(config_file.partition(':')[0])
   return output_files.make_record(TOOL, source, recorded)
-
-
-def _flat(value: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(value, Mapping):
-    out = {}
-    for k, v in value.items():
-      out.update(_flat(v, f'{prefix}{k}.'))
-    return out
-  return {prefix[:-1]: value}
-
-
-def _short_json(value: Any, limit: int = 100) -> str:
-  """`value` as JSON, its middle cut out when it is long (the ends of paths tell them apart)."""
-  text = json.dumps(value)
-  half = (limit - 3) // 2
-  return text if len(text) <= limit else f'{text[:half]}...{text[-half:]}'
-
-
-def conflict_message(output: str, state: output_files.OutputState,
-                     record: Mapping[str, Any]) -> str:
-  """One line: what the existing report records against what this run would record."""
-  found = state.records.get(output)
-  if found is None or found.get('tool') != record['tool'] or (
-      found['input'].get('sha256'), found['input'].get('size')) != (
-      record['input']['sha256'], record['input']['size']):
-    return state.message
-  old, new = _flat(found['settings']), _flat(record['settings'])
-  keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-  differences = ', '.join(f'{k} {_short_json(old.get(k))} (this run: {_short_json(new.get(k))})'
-                          for k in keys)
-  return (f'{output} holds another evaluation of {record["input"]["path"]}: {differences}; '
-          'pass --overwrite to replace it, or --output to write elsewhere')
 
 
 def print_report(report: Mapping[str, Any]) -> None:
@@ -245,56 +143,22 @@ def print_report(report: Mapping[str, Any]) -> None:
 
 
 def run_evaluation(
-    config: Any,
-    checkpoint: str,
-    *,
-    config_file: str,
-    settings: cli.InferenceSettings,
-    output: str | None = None,
-    overwrite: bool = False,
-    test_scale: tuple[int, int] | None | str = 'config',
-    batch_size: int | None = None,
-    max_examples: int | None = None,
-    num_threads: int = 2,
-    progress: bool = True,
-    model_loader: cli.ModelLoader | None = None,
-    print_table: bool = True,
-) -> dict:
-  """Evaluates `checkpoint` on the validation split of `config`; writes and returns the report.
+    config: Any, checkpoint: str, *, config_file: str, settings: InferenceSettings,
+    output: str | None = None, overwrite: bool = False,
+    test_scale: tuple[int, int] | None | str = 'config', batch_size: int | None = None,
+    max_examples: int | None = None, num_threads: int = 2, progress: bool = True,
+    model_loader: ModelLoader | None = None, print_table: bool = True) -> dict:
+  """Evaluates `checkpoint` on the validation split of `config`; writes and returns the report
+  (`metrics.metrics_report` with the confusion matrix, `dataset`, `checkpoint`,
+  `num_examples`, `inference`, `output`; a stored report of the same evaluation is returned
+  with `already_evaluated`, not redone).
 
-  An existing report at `output` that records the same evaluation (`evaluation_record`) is
-  not redone: it is printed and returned (`already_evaluated` True) without loading the data
-  or the model. One that records another evaluation, or has no readable record, is kept and
-  raises FileExistsError, unless `overwrite`.
-
-  Args:
-    config: experiment config (`dataset_name`, `dataset_configs`, `eval`).
-    checkpoint: a workdir, its checkpoints folder or a step folder.
-    config_file: the config's `path.py[:arg]`, recorded as the report's input.
-    settings: inference mode and TTA.
-    output: JSON path; None: `default_output_path(...)`.
-    overwrite: replace an existing report whatever it records.
-    test_scale: single-scale resize limits; 'config' reads the config (mmseg's default).
-    batch_size: eval batch size (equal-size examples are inferred together); None: the
-      config's `eval_batch_size`, else 1.
-    max_examples: evaluate only the first examples (quick checks).
-    num_threads: data loading threads.
-    progress: show progress (`projects.tools.progress.Progress`).
-    model_loader: replaces `models.restore_for_inference`.
-    print_table: print the per-class table to stdout, and what was done to stderr.
-
-  Returns:
-    The `metrics.metrics_report` dict (with the confusion matrix, so that results of
-    several runs can be summed) plus `dataset`, `checkpoint`, `num_examples`, `inference`
-    settings and `output` path (and the provenance record under `output_files.RECORD_KEY`
-    and `already_evaluated` True for a stored report).
-
-  Raises:
-    FileExistsError: `output` holds another evaluation or an unreadable file.
+  `config_file` (`path.py[:arg]`) is the report's recorded input; `test_scale` 'config'
+  reads the config's; FileExistsError when `output` holds another evaluation.
   """
   from projects.cvt_segmentation.data import EvalLoader, build_loaders
 
-  name = cli.config_get(config, 'dataset_name')
+  name = config_get(config, 'dataset_name')
   if name is None:
     raise ValueError('the config has no dataset_name')
   if max_examples is not None and max_examples < 1:
@@ -302,14 +166,19 @@ def run_evaluation(
   if model_loader is None and not os.path.exists(checkpoint):
     raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
   if test_scale == 'config':
-    test_scale = cli.test_scale(config)
-  batch_size = cli.eval_batch_size(config, batch_size)
-  output = output or default_output_path(checkpoint, name, settings, max_examples)
+    test_scale = config_test_scale(config)
+  batch_size = int(config_get(config, 'eval_batch_size', 1) if batch_size is None else batch_size)
+  if batch_size < 1:
+    raise ValueError(f'the evaluation batch size must be positive, got {batch_size}')
+  if output is None:
+    tag = (f'{name}_{settings.mode}' + '_ms' * (tuple(settings.scales) != (1.0,))
+           + '_flip' * settings.flip + ('' if max_examples is None else f'_first{max_examples}'))
+    output = output_files.report_path(checkpoint, tag)
   record = evaluation_record(config_file, config, checkpoint, settings, test_scale, max_examples)
   # Decided before any work: a done or conflicting report, or a bad path, costs nothing.
-  state = output_files.output_state({output: record}, overwrite)
+  state = output_files.report_state(output, record, overwrite, values=True)
   if state.status == 'conflict':
-    raise FileExistsError(conflict_message(output, state, record))
+    raise FileExistsError(state.message)
   if state.status == 'done':
     with open(output) as f:
       report = json.load(f)
@@ -321,40 +190,31 @@ def run_evaluation(
       print_report(report)
     return {**report, 'already_evaluated': True}
   output_files.check_writable([output])
-  dataset_kwargs = cli.as_dict(cli.config_get(config, 'dataset_configs'))
-  dataset_kwargs.pop('start_step', None)
-  for key in _EVAL_OVERRIDES:
+  dataset_kwargs = as_dict(config_get(config, 'dataset_configs'))
+  for key in ('start_step', *_EVAL_OVERRIDES):
     dataset_kwargs.pop(key, None)
   _, loader, meta = build_loaders(
       name, batch_size=batch_size, eval_batch_size=batch_size, num_threads=num_threads,
-      eval_size_divisor=1, test_scale=test_scale, **dataset_kwargs,
-  )
+      eval_size_divisor=1, test_scale=test_scale, **dataset_kwargs)
   if max_examples is not None:
     loader = EvalLoader(
         _Head(loader.source, max_examples), loader.transform, batch_size=batch_size,
-        size_divisor=1, num_threads=num_threads,
-    )
+        size_divisor=1, num_threads=num_threads)
   num_classes, class_names = meta['num_classes'], meta['class_names']
-  model, variables = cli.load_model(config, checkpoint, model_loader)
+  model, variables = load_model(config, checkpoint, model_loader)
   logits_fn = make_logits_fn(model, variables)
   if settings.tta:
     cm = evaluate_examples(
         logits_fn, loader.source, num_classes, scales=settings.scales, flip=settings.flip,
         test_scale=test_scale, progress=progress, num_threads=num_threads,
-        **settings.infer_kwargs(),
-    )
+        **settings.infer_kwargs())
   else:
     cm = evaluate_dataset(
         logits_fn, loader, num_classes, progress=progress, **settings.infer_kwargs()
     )
   report = metrics.metrics_report(cm, class_names, include_confusion_matrix=True)
-  report.update(
-      dataset=name,
-      checkpoint=checkpoint,
-      num_examples=loader.num_examples,
-      inference=dict(dataclasses.asdict(settings), test_scale=test_scale),
-      output=output,
-  )
+  report.update(dataset=name, checkpoint=checkpoint, num_examples=loader.num_examples,
+                inference=dict(dataclasses.asdict(settings), test_scale=test_scale), output=output)
   if print_table:  # before writing: a write error (a full disk) must not lose the numbers
     print(metrics.per_class_table(cm, class_names))
   output_files.write_json(report, output, record)
@@ -363,12 +223,60 @@ def run_evaluation(
   return {**report, output_files.RECORD_KEY: record}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _test_scale_flag(text: str) -> tuple[int, int] | str:
+  """`--test-scale`: 'LONG,SHORT' such as '2048,512' -> (long, short), or 'none'."""
+  if text.strip().lower() == 'none':
+    return 'none'
+  try:
+    values = tuple(int(p) for p in text.split(','))
+  except ValueError:
+    values = ()
+  if len(values) != 2 or min(values) <= 0:
+    raise argparse.ArgumentTypeError(
+        f"expected LONG,SHORT (two positive integers such as 2048,512) or 'none', got {text!r}")
+  return values
+
+
+def add_inference_flags(parser: argparse.ArgumentParser) -> None:
+  """--config, --checkpoint and the inference flags of evaluate and predict (None: the config's)."""
+  command_line.add_model_flags(parser)
+  parser.add_argument('--mode', choices=MODES, default=None,
+                      help="whole-image or sliding-window inference (default: the config's "
+                           'eval.mode)')
+  parser.add_argument('--crop-size', type=command_line.sizes, default=None, metavar='H,W',
+                      help="slide window, H,W or one size for a square (default: the config's "
+                           'eval.crop_size)')
+  parser.add_argument('--stride', type=command_line.sizes, default=None, metavar='H,W',
+                      help="slide stride, H,W or one size (default: the config's eval.stride)")
+  parser.add_argument('--scales', type=command_line.floats, default=None, metavar='R,R,...',
+                      help='test-time augmentation: resize ratios such as 0.5,0.75,1.0,1.25,1.5,'
+                           "1.75 whose predictions are averaged (default: the config's "
+                           'eval.scales)')
+  parser.add_argument('--flip', action=argparse.BooleanOptionalAction, default=None,
+                      help='test-time augmentation: also infer the mirrored image (default: the '
+                           "config's eval.flip)")
+  parser.add_argument('--min-size', type=int, default=None, metavar='N',
+                      help='pad smaller inputs and windows to N pixels for the model (default: '
+                           f"the config's eval.min_size, else {DEFAULT_MIN_SIZE})")
+  parser.add_argument('--test-scale', type=_test_scale_flag, default=None,
+                      metavar='LONG,SHORT|none',
+                      help='resize each image to fit LONG x SHORT (keeping its ratio) before '
+                           "inference, or 'none' to keep its size (default: the config's "
+                           "dataset_configs.test_scale, else the dataset's mmseg value)")
+
+
+def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
+  """The inference flags as `inference_settings` overrides."""
+  return {k: getattr(args, k) for k in ('mode', 'crop_size', 'stride', 'scales', 'flip',
+                                        'min_size')}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = command_line.parser(
       'python -m projects.cvt_segmentation.evaluate',
       'mIoU / aAcc / mAcc of a checkpoint on the validation split of its config (the '
       'mmsegmentation protocol), printed as a per-class table and written as JSON.')
-  cli.add_common_flags(parser)
+  add_inference_flags(parser)
   parser.add_argument(
       '--output', default=None, metavar='FILE.json',
       help='the JSON report (default: eval_<dataset>_<mode>[_ms][_flip][_first<N>]_step<S>.json '
@@ -383,31 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--num-threads', type=int, default=2, metavar='N',
                       help='data loading threads')
   command_line.add_output_flags(parser, per_input=False)
-  return parser
+  return parser.parse_args(argv)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  return build_parser().parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None, *, model_loader: cli.ModelLoader | None = None) -> int:
-  """Command-line entry point; returns the exit status (errors print one clear line).
-
-  0 when the checkpoint was evaluated or its report already records the same evaluation;
-  1 on an error (a report of another evaluation in the way, a bad config or checkpoint, a
-  write error); 2 on bad arguments (argparse).
-  """
+def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None = None) -> int:
+  """Command-line entry point; returns the exit status (errors print one `error:` line)."""
   args = parse_args(argv)
   try:
-    config = cli.load_config(args.config)
-    settings = cli.inference_settings(config, args)
-    scale = cli.test_scale(config, args.test_scale)
+    config = load_config(args.config)
     run_evaluation(
-        config, args.checkpoint, config_file=args.config, settings=settings,
-        output=args.output, overwrite=args.overwrite, test_scale=scale,
+        config, args.checkpoint, config_file=args.config,
+        settings=inference_settings(config, **flag_settings(args)), output=args.output,
+        overwrite=args.overwrite, test_scale=config_test_scale(config, args.test_scale),
         batch_size=args.batch_size, max_examples=args.max_examples,
-        num_threads=args.num_threads, progress=not args.no_progress, model_loader=model_loader,
-    )
+        num_threads=args.num_threads, progress=not args.no_progress, model_loader=model_loader)
   except (OSError, ValueError) as e:  # OSError: missing files, unwritable or full outputs
     print(f'error: {e}', file=sys.stderr)
     return command_line.EXIT_FAILED

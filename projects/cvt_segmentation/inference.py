@@ -1,31 +1,15 @@
 """Segmentation inference as mmsegmentation runs it: whole image, sliding window, TTA.
 
-Every function is model-agnostic: it takes `logits_fn(images [B, h, w, 3]) -> logits
-[B, h, w, K]`, logits at the size of the images it was given (what `Segmentor` returns;
-`make_logits_fn` wraps a Flax model). The reference is mmseg's `EncoderDecoder`
-(mmseg/models/segmentors/encoder_decoder.py) and its test-time augmentation:
-
-- whole: one forward pass over the (test-resized) image.
-- slide: windows of `crop_size` every `stride`, clamped to the image edge
-  (`y1 = max(y2 - h_crop, 0)`), logits summed and divided by the per-pixel window count.
-  An image smaller than the crop is one smaller window, not padded (mmseg 1.x does not
-  pad either; `pad_to_crop=True` pads windows to the crop size instead).
-- scoring: the logits of the valid image region are resized to the label's original size
-  with bilinear, half-pixel-centre interpolation without antialiasing (mmseg's
-  `resize(..., mode='bilinear', align_corners=False)`), then argmax.
-- TTA: each scale and flip is inferred, flipped back, resized to the original size and
-  turned into softmax probabilities; the probabilities are averaged (mmseg 0.x
-  `aug_test`, 1.x `SegTTAModel.merge_preds`).
-
-`evaluate_dataset` scores a model over padded `EvalLoader` batches (the trainer's periodic
-evaluation and the `evaluate` command). Post-processing (window accumulation, resizing,
-softmax, argmax, scoring) is jitted with static shapes; jax caches one executable per
-shape, so repeated sizes do not recompile. `logits_fn` is called as given (jit it, with
-the parameters as an argument rather than a closed-over constant: `make_logits_fn` does).
+Model-agnostic: every function takes `logits_fn(images [B, h, w, 3]) -> logits [B, h, w, K]`
+at the input size (`make_logits_fn` wraps a Flax model). The reference is mmseg's
+`EncoderDecoder` (mmseg/models/segmentors/encoder_decoder.py) and its TTA (0.x `aug_test`,
+1.x `SegTTAModel`). Post-processing is jitted per shape; `evaluate_dataset` is both the
+trainer's periodic evaluation and the `evaluate` tool's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,6 +29,7 @@ from projects.cvt_segmentation.data.transforms import (
   resize_image,
 )
 from projects.tools.progress import Progress
+from projects.training.configs import as_dict, config_get
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 MODES = ('whole', 'slide')
@@ -62,22 +47,77 @@ def _pair(x: int | Sequence[int], what: str) -> tuple[int, int]:
   return int(pair[0]), int(pair[1])
 
 
-def make_logits_fn(model: Any, variables: Any, **apply_kwargs: Any) -> LogitsFn:
-  """`logits_fn` of a Flax model: `model.apply(variables, images, train=False)`, jitted.
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+  """How to infer (`infer_logits`) and the test-time augmentation (`segment_image`)."""
 
-  The variables are an argument of the jitted function (not baked in as constants), and
-  the executable is cached per input shape. A dict output (`Segmentor` returns
-  `{'logits': ...}`) gives its `'logits'`.
+  mode: str = 'whole'
+  crop_size: tuple[int, int] | None = None
+  stride: tuple[int, int] | None = None
+  scales: tuple[float, ...] = (1.0,)  # TTA resize ratios; (1.0,) is single scale
+  flip: bool = False
+  min_size: int = DEFAULT_MIN_SIZE
+  pad_to_crop: bool = False
 
-  Args:
-    model: a Flax module whose `apply(variables, images, train=False)` returns logits
-      `[B, h, w, K]` at the input size, or a dict holding them under 'logits'.
-    variables: its variables (`{'params': ..., 'batch_stats': ...}`).
-    **apply_kwargs: extra static keyword arguments of `apply`.
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f'unknown inference mode {self.mode!r}; expected one of {MODES}')
+    if self.mode == 'slide' and (self.crop_size is None or self.stride is None):
+      raise ValueError("mode 'slide' needs crop_size and stride (config.eval or flags)")
+    if not self.scales or any(s <= 0 for s in self.scales):
+      raise ValueError(f'scales must be positive ratios, got {self.scales}')
 
-  Returns:
-    `logits_fn(images [B, h, w, C]) -> [B, h, w, K]`.
+  @property
+  def tta(self) -> bool:
+    return tuple(self.scales) != (1.0,) or self.flip
+
+  def infer_kwargs(self) -> dict:
+    """Keyword arguments of `infer_logits`."""
+    return dict(mode=self.mode, crop_size=self.crop_size, stride=self.stride,
+                min_size=self.min_size, pad_to_crop=self.pad_to_crop)
+
+
+def _hw(value: Any) -> tuple[int, int] | None:
+  if value is None:
+    return None
+  value = (value,) if isinstance(value, int) else tuple(int(v) for v in value)
+  return (value * 2)[0], (value * 2)[1]
+
+
+def inference_settings(config: Any, **overrides: Any) -> InferenceSettings:
+  """`config.eval` (what the trainer's evaluation and the tools run), with the `overrides`
+  that are not None (the command-line flags)."""
+  ev = config_get(config, 'eval')
+  values = dict(
+      mode=config_get(ev, 'mode', 'whole'),
+      crop_size=_hw(config_get(ev, 'crop_size')),
+      stride=_hw(config_get(ev, 'stride')),
+      scales=tuple(float(s) for s in config_get(ev, 'scales', (1.0,))),
+      flip=bool(config_get(ev, 'flip', False)),
+      min_size=int(config_get(ev, 'min_size', DEFAULT_MIN_SIZE)),
+      pad_to_crop=bool(config_get(ev, 'pad_to_crop', False)))
+  values.update({k: v for k, v in overrides.items() if v is not None})
+  return InferenceSettings(**values)
+
+
+def config_test_scale(config: Any, flag: tuple[int, int] | str | None = None
+                      ) -> tuple[int, int] | None:
+  """The single-scale test resize `(long, short)`, None to keep the size.
+
+  `flag` ('none' or `(long, short)`) wins, else `dataset_configs.test_scale` (an explicit
+  None keeps the size), else the dataset's mmseg value.
   """
+  from projects.cvt_segmentation.data import resolve_test_scale
+
+  if flag is not None:
+    return None if flag == 'none' else (int(flag[0]), int(flag[1]))
+  value = as_dict(config_get(config, 'dataset_configs')).get('test_scale', 'default')
+  return resolve_test_scale(config_get(config, 'dataset_name'), value)
+
+
+def make_logits_fn(model: Any, variables: Any, **apply_kwargs: Any) -> LogitsFn:
+  """`logits_fn` of `model.apply(variables, images, train=False)` (or its `'logits'`), jitted
+  with the variables as an argument rather than baked-in constants."""
   @jax.jit
   def apply(v, images):
     return _as_logits(model.apply(v, images, train=False, **apply_kwargs))
@@ -134,24 +174,10 @@ def _as_batch(images: Any) -> tuple[jax.Array, bool]:
 
 
 def whole_inference(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    *,
-    num_classes: int | None = None,
-    min_size: int | Sequence[int] = 0,
-) -> jax.Array:
-  """Logits of whole images (mmseg `whole_inference`).
-
-  Args:
-    logits_fn: `images [B, h, w, C] -> logits [B, h, w, K]`.
-    images: `[B, h, w, C]` normalized images.
-    num_classes: expected K (checked) or None.
-    min_size: images smaller than this (per axis) are padded for the model and the
-      logits cropped back; 0 never pads.
-
-  Returns:
-    `[B, h, w, K]`.
-  """
+    logits_fn: LogitsFn, images: jax.Array, *, num_classes: int | None = None,
+    min_size: int | Sequence[int] = 0) -> jax.Array:
+  """Logits `[B, h, w, K]` of whole normalized images (mmseg `whole_inference`); images
+  under `min_size` per axis are padded for the model and the logits cropped back."""
   images, _ = _as_batch(images)
   min_hw = (0, 0) if not min_size else _pair(min_size, 'min_size')
   return _call_padded(logits_fn, images, min_hw, num_classes)
@@ -160,20 +186,9 @@ def whole_inference(
 def slide_windows(
     image_size: Sequence[int], crop_size: int | Sequence[int], stride: int | Sequence[int]
 ) -> list[tuple[int, int, int, int]]:
-  """The `(y1, y2, x1, x2)` windows of mmseg `slide_inference`, in its order.
-
-  `h_grids = max(h - h_crop + h_stride - 1, 0) // h_stride + 1` rows of windows (likewise
-  columns); window `(i, j)` starts at `(i * h_stride, j * w_stride)`, ends at most at the
-  image edge, and is shifted back so that it keeps the crop size where the image allows.
-
-  Args:
-    image_size: `(h, w)`.
-    crop_size: `(h_crop, w_crop)` or an int.
-    stride: `(h_stride, w_stride)` or an int, at most the crop size.
-
-  Returns:
-    Windows, each `min(h, h_crop) x min(w, w_crop)`.
-  """
+  """The `(y1, y2, x1, x2)` windows of mmseg `slide_inference`, in its order: a grid every
+  `stride`, each window clamped to the image edge (`y1 = max(y2 - h_crop, 0)`), so each is
+  `min(h, h_crop) x min(w, w_crop)` (an image smaller than the crop is not padded)."""
   h, w = (int(s) for s in image_size)
   (hc, wc), (hs, ws) = _pair(crop_size, 'crop_size'), _pair(stride, 'stride')
   if hs > hc or ws > wc:
@@ -213,33 +228,12 @@ def _divide(total: jax.Array, count: jax.Array) -> jax.Array:
 
 
 def slide_inference(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    crop_size: int | Sequence[int],
-    stride: int | Sequence[int],
-    num_classes: int | None = None,
-    *,
-    pad_to_crop: bool = False,
-    min_size: int | Sequence[int] = 0,
-) -> jax.Array:
-  """Sliding-window logits (mmseg `slide_inference`).
-
-  Each window of `slide_windows` is run through `logits_fn` for the whole batch, its
-  logits added into a float32 `[B, h, w, K]` sum, and the sum divided by `slide_count`.
-
-  Args:
-    logits_fn: `images [B, h, w, C] -> logits [B, h, w, K]`.
-    images: `[B, h, w, C]` normalized images (one size).
-    crop_size: `(h_crop, w_crop)` or an int.
-    stride: `(h_stride, w_stride)` or an int.
-    num_classes: expected K (checked) or None.
-    pad_to_crop: pad windows smaller than the crop (image smaller than the crop) to the
-      crop size for the model; mmseg runs them at their own size (False).
-    min_size: windows smaller than this are padded for the model (see `whole_inference`).
-
-  Returns:
-    float32 `[B, h, w, K]`.
-  """
+    logits_fn: LogitsFn, images: jax.Array, crop_size: int | Sequence[int],
+    stride: int | Sequence[int], num_classes: int | None = None, *, pad_to_crop: bool = False,
+    min_size: int | Sequence[int] = 0) -> jax.Array:
+  """float32 sliding-window logits `[B, h, w, K]` (mmseg `slide_inference`): the window
+  logits summed and divided by `slide_count`. `pad_to_crop` pads windows smaller than the
+  crop to it for the model (mmseg runs them at their own size)."""
   images, _ = _as_batch(images)
   b, h, w, _ = images.shape
   crop = _pair(crop_size, 'crop_size')
@@ -258,15 +252,9 @@ def slide_inference(
 
 
 def infer_logits(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    *,
-    mode: str = 'whole',
-    crop_size: int | Sequence[int] | None = None,
-    stride: int | Sequence[int] | None = None,
-    num_classes: int | None = None,
-    min_size: int | Sequence[int] = 0,
-    pad_to_crop: bool = False,
+    logits_fn: LogitsFn, images: jax.Array, *, mode: str = 'whole',
+    crop_size: int | Sequence[int] | None = None, stride: int | Sequence[int] | None = None,
+    num_classes: int | None = None, min_size: int | Sequence[int] = 0, pad_to_crop: bool = False,
 ) -> jax.Array:
   """Logits at the input size by `mode` ('whole' or 'slide'); `[B, h, w, K]`."""
   if mode == 'whole':
@@ -276,8 +264,7 @@ def infer_logits(
       raise ValueError("mode 'slide' needs crop_size and stride")
     return slide_inference(
         logits_fn, images, crop_size, stride, num_classes, pad_to_crop=pad_to_crop,
-        min_size=min_size,
-    )
+        min_size=min_size)
   raise ValueError(f'unknown inference mode {mode!r}; expected one of {MODES}')
 
 
@@ -304,75 +291,36 @@ def _output_size(output_size: Sequence[int] | None, images: jax.Array) -> tuple[
   return _pair(output_size, 'output_size')
 
 
-def predict_logits(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    output_size: Sequence[int] | None = None,
-    **infer_kwargs: Any,
-) -> jax.Array:
-  """Logits by `infer_logits`, resized to `output_size` (the label's original size).
+def _predictor(resize: Callable[[jax.Array, tuple[int, int]], jax.Array], doc: str):
+  def predict(logits_fn: LogitsFn, images: jax.Array, output_size: Sequence[int] | None = None,
+              **infer_kwargs: Any) -> jax.Array:
+    batch, single = _as_batch(images)
+    size = _output_size(output_size, batch)
+    out = resize(infer_logits(logits_fn, batch, **infer_kwargs), size)
+    return out[0] if single else out
 
-  Args:
-    logits_fn: `images [B, h, w, C] -> logits [B, h, w, K]`.
-    images: `[B, h, w, C]` or one image `[h, w, C]`, normalized.
-    output_size: `(H, W)` to resize to; None keeps `(h, w)`.
-    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
-
-  Returns:
-    float32 `[B, H, W, K]` (`[H, W, K]` for one image).
-  """
-  return _predict(resize_logits, logits_fn, images, output_size, infer_kwargs)
+  predict.__doc__ = doc
+  return predict
 
 
-def _predict(resize: Callable[[jax.Array, tuple[int, int]], jax.Array], logits_fn: LogitsFn,
-             images: jax.Array, output_size: Sequence[int] | None,
-             infer_kwargs: dict[str, Any]) -> jax.Array:
-  """Infers logits for a batch or one image, then `resize` (+ softmax/argmax) to the output size."""
-  batch, single = _as_batch(images)
-  out = resize(infer_logits(logits_fn, batch, **infer_kwargs), _output_size(output_size, batch))
-  return out[0] if single else out
-
-
-def predict_probs(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    output_size: Sequence[int] | None = None,
-    **infer_kwargs: Any,
-) -> jax.Array:
-  """Softmax of `predict_logits` (mmseg `inference`): float32 `[B, H, W, K]` or `[H, W, K]`."""
-  return _predict(_resize_softmax, logits_fn, images, output_size, infer_kwargs)
-
-
-def predict_labels(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    output_size: Sequence[int] | None = None,
-    **infer_kwargs: Any,
-) -> jax.Array:
-  """Argmax of `predict_logits`: int32 `[B, H, W]` (or `[H, W]` for one image)."""
-  return _predict(_resize_argmax, logits_fn, images, output_size, infer_kwargs)
+predict_logits = _predictor(resize_logits, """float32 `infer_logits` of normalized images
+  `[B, h, w, C]` (or one `[h, w, C]`) resized to `output_size` (the label's original size;
+  None keeps it): `[B, H, W, K]` or `[H, W, K]`.""")
+predict_probs = _predictor(_resize_softmax, 'Softmax of `predict_logits` (mmseg `inference`).')
+predict_labels = _predictor(_resize_argmax, 'int32 argmax of `predict_logits`: `[B, H, W]` or '
+                            '`[H, W]`.')
 
 
 # ------------------------------------------------------------- test-time augmentation
 
 
 def scaled_size(
-    size: Sequence[int], ratio: float, test_scale: Sequence[int] | None = None
-) -> tuple[int, int]:
-  """Input size of TTA scale `ratio` for an image of original `size`.
+    size: Sequence[int], ratio: float, test_scale: Sequence[int] | None = None) -> tuple[int, int]:
+  """`(h, w)` input size of TTA ratio `ratio` for an image of original `size`.
 
-  With a test scale, as mmseg 0.x `MultiScaleFlipAug(img_scale, img_ratios)` (the protocol
-  of published multi-scale results): keep-ratio rescale into `(int(long * ratio),
-  int(short * ratio))`. Without one, as mmseg 1.x `Resize(scale_factor=ratio,
-  keep_ratio=True)`: `int(size * ratio + 0.5)`.
-
-  Args:
-    size: original `(H, W)`.
-    ratio: scale ratio, e.g. one of 0.5, 0.75, ..., 1.75.
-    test_scale: `(long, short)` edge limits of single-scale testing, e.g. `(2048, 512)`.
-
-  Returns:
-    `(h, w)`.
+  With a `(long, short)` test scale as mmseg 0.x `MultiScaleFlipAug` (the protocol of
+  published multi-scale results): keep-ratio rescale into `(int(long * ratio),
+  int(short * ratio))`; without, as mmseg 1.x `Resize(scale_factor=ratio)`.
   """
   if test_scale is not None:
     return rescale_size(size, (int(test_scale[0] * ratio), int(test_scale[1] * ratio)))
@@ -380,41 +328,19 @@ def scaled_size(
 
 
 def aug_inference(
-    logits_fn: LogitsFn,
-    image: np.ndarray,
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    output_size: Sequence[int] | None = None,
-    test_scale: Sequence[int] | None = None,
-    mean: Sequence[float] | None = IMAGENET_MEAN,
-    std: Sequence[float] | None = IMAGENET_STD,
-    **infer_kwargs: Any,
-) -> jax.Array:
-  """Multi-scale and flip test-time augmentation: averaged softmax probabilities.
+    logits_fn: LogitsFn, image: np.ndarray, *, scales: Sequence[float] = (1.0,), flip: bool = False,
+    output_size: Sequence[int] | None = None, test_scale: Sequence[int] | None = None,
+    mean: Sequence[float] | None = IMAGENET_MEAN, std: Sequence[float] | None = IMAGENET_STD,
+    **infer_kwargs: Any) -> jax.Array:
+  """Multi-scale and flip test-time augmentation: float32 softmax probabilities averaged.
 
-  For each ratio in `scales` the original image is resized to `scaled_size(...)` (OpenCV
-  bilinear, as mmseg's pipeline, uint8 rounded for uint8 input) and normalized; it is
-  inferred as is and, with `flip`, mirrored (the logits mirrored back). Each result is
-  resized to `output_size` and softmaxed; the mean over all `len(scales) * (1 + flip)`
-  variants is returned. With `scales=(1.0,)`, `flip=False` and the dataset's test scale
-  this is exactly the single-scale evaluation pipeline (`EvalTransform` + `predict_probs`).
-
-  Args:
-    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
-    image: the original image, `[H, W, 3]` or a batch `[B, H, W, 3]` of one size: RGB on
-      the 0-255 scale (uint8 or float) when `mean` is set, else already normalized.
-    scales: resize ratios, e.g. `(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)`.
-    flip: also infer the horizontally flipped image.
-    output_size: `(H_out, W_out)` of the probabilities; None: the original `(H, W)`.
-    test_scale: `(long, short)` single-scale test resize the ratios multiply (see
-      `scaled_size`); None: ratios of the original size.
-    mean: normalization mean applied after resizing; None if `image` is normalized.
-    std: normalization std.
-    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
-
-  Returns:
-    float32 probabilities `[H_out, W_out, K]` (`[B, H_out, W_out, K]` for a batch).
+  Each ratio of `scales` resizes the original image to `scaled_size(...)` (OpenCV bilinear,
+  as mmseg's pipeline), normalizes it with `mean`/`std` (None: `image` is normalized) and
+  infers it, with `flip` also mirrored; each result is resized to `output_size` (None: the
+  original) and softmaxed. With `scales=(1.0,)`, no flip and the dataset's test scale this
+  is the single-scale evaluation pipeline.
+  `image`: `[H, W, 3]` or a batch `[B, H, W, 3]` of one size, RGB 0-255; returns
+  `[H_out, W_out, K]` (`[B, H_out, W_out, K]`).
   """
   image = np.asarray(image)
   single = image.ndim == 3
@@ -429,8 +355,7 @@ def aug_inference(
   for ratio in scales:
     if ratio <= 0:
       raise ValueError(f'scale ratios must be positive, got {ratio}')
-    new_size = scaled_size(size, ratio, test_scale)
-    resized = np.stack([resize_image(x, new_size) for x in batch])
+    resized = np.stack([resize_image(x, scaled_size(size, ratio, test_scale)) for x in batch])
     if mean is not None:
       resized = normalize(resized, mean, std if std is not None else (1.0, 1.0, 1.0))
     for flipped in (False, True) if flip else (False,):
@@ -450,53 +375,26 @@ def _argmax(probs: jax.Array) -> jax.Array:
   return jnp.argmax(probs, axis=-1).astype(jnp.int32)
 
 
-def segment_image(
-    logits_fn: LogitsFn,
-    image: np.ndarray,
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    output_size: Sequence[int] | None = None,
-    test_scale: Sequence[int] | None = None,
-    mean: Sequence[float] | None = IMAGENET_MEAN,
-    std: Sequence[float] | None = IMAGENET_STD,
-    **infer_kwargs: Any,
-) -> np.ndarray:
-  """mmseg's whole test pipeline from an original image to its label map.
-
-  Single scale without flip: resize to `test_scale` (keep ratio), normalize, infer, resize
-  the logits to `output_size` and argmax (as `EvalTransform` + `predict_labels`).
-  Otherwise the argmax of `aug_inference`'s averaged probabilities.
-
-  Args:
-    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
-    image: original `[H, W, 3]` RGB (0-255, uint8 or float) when `mean` is set, else
-      normalized.
-    scales: TTA ratios.
-    flip: flip TTA.
-    output_size: `(H_out, W_out)`; None: `(H, W)`.
-    test_scale: `(long, short)` single-scale resize limits; None keeps the size.
-    mean: normalization mean, or None.
-    std: normalization std.
-    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
-
-  Returns:
-    int32 `[H_out, W_out]` class indices (numpy).
-  """
+def segment_image(logits_fn: LogitsFn, image: np.ndarray, *, scales: Sequence[float] = (1.0,),
+                  flip: bool = False, output_size: Sequence[int] | None = None,
+                  **kwargs: Any) -> np.ndarray:
+  """mmseg's whole test pipeline from one original `[H, W, 3]` image to int32 class indices
+  `[H_out, W_out]`: `aug_inference`'s arguments; single scale without flip skips the
+  softmax (`predict_labels` on the test-resized image)."""
   image = np.asarray(image)
   if image.ndim != 3:
     raise ValueError(f'expected one image [H, W, C], got shape {image.shape}')
   out_size = tuple(image.shape[:2]) if output_size is None else _pair(output_size, 'output_size')
   if tuple(scales) != (1.0,) or flip:
-    probs = aug_inference(
-        logits_fn, image, scales=scales, flip=flip, output_size=out_size, test_scale=test_scale,
-        mean=mean, std=std, **infer_kwargs,
-    )
+    probs = aug_inference(logits_fn, image, scales=scales, flip=flip, output_size=out_size,
+                          **kwargs)
     return np.asarray(_argmax(probs))
+  test_scale = kwargs.pop('test_scale', None)
+  mean, std = kwargs.pop('mean', IMAGENET_MEAN), kwargs.pop('std', IMAGENET_STD)
   x = resize_image(image, scaled_size(image.shape[:2], 1.0, test_scale))
   if mean is not None:
     x = normalize(x, mean, std if std is not None else (1.0, 1.0, 1.0))
-  return np.asarray(predict_labels(logits_fn, x, out_size, **infer_kwargs))
+  return np.asarray(predict_labels(logits_fn, x, out_size, **kwargs))
 
 
 # ------------------------------------------------------------- padded eval batches
@@ -511,34 +409,15 @@ def flatten_shards(batch: Mapping[str, Any]) -> dict:
 
 
 def batch_logit_groups(
-    logits_fn: LogitsFn,
-    batch: Mapping[str, Any],
-    *,
-    exact: bool = True,
-    **infer_kwargs: Any,
+    logits_fn: LogitsFn, batch: Mapping[str, Any], *, exact: bool = True, **infer_kwargs: Any,
 ) -> Iterator[tuple[np.ndarray, jax.Array, tuple[int, int]]]:
-  """Logits of the valid examples of a padded eval batch, at their valid input size.
+  """`(rows [g], logits [g, h, w, K], (label_h, label_w))` per size group of the valid
+  examples of an `EvalLoader` batch (`inputs [B, Hp, Wp, 3]`, `input_size`, `label_size`,
+  `batch_mask`; without them the whole arrays are valid).
 
-  The batch is an `EvalLoader` batch: `inputs [B, Hp, Wp, 3]` (example `i` valid in
-  `[:input_size[i, 0], :input_size[i, 1]]`), `label_size [B, 2]`, `batch_mask [B]`;
-  without `input_size` / `label_size` / `batch_mask` the whole arrays are valid. Pmap
-  layouts `[num_shards, b, ...]` are flattened.
-
-  With `exact` (default) padding never reaches the model: examples are grouped by
-  `(input_size, label_size)` and each group is cropped to its own size and inferred on its
-  own, so every prediction equals that of the image alone (mmseg tests unpadded images).
-  With `exact=False` the padded batch is inferred at once and the logits cropped (fewer
-  calls and shapes; a model with global context then sees the padding).
-
-  Args:
-    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
-    batch: the eval batch.
-    exact: infer each size group unpadded.
-    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
-
-  Yields:
-    `(indices int [g], logits [g, h, w, K], (label_h, label_w))` per group, where `indices`
-    are rows of the (flattened) batch; examples with `batch_mask` 0 are skipped.
+  With `exact` padding never reaches the model: each `(input_size, label_size)` group is
+  cropped to its size and inferred alone, as mmseg tests unpadded images. `exact=False`
+  infers the padded batch once (a model with global context then sees the padding).
   """
   batch = flatten_shards(batch)
   inputs = batch['inputs']
@@ -567,24 +446,10 @@ def batch_logit_groups(
 
 
 def predict_batch(
-    logits_fn: LogitsFn,
-    batch: Mapping[str, Any],
-    *,
-    exact: bool = True,
-    **infer_kwargs: Any,
+    logits_fn: LogitsFn, batch: Mapping[str, Any], *, exact: bool = True, **infer_kwargs: Any,
 ) -> list[np.ndarray | None]:
-  """Predicted label maps of an eval batch at each example's original label size.
-
-  Args:
-    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]`.
-    batch: an `EvalLoader` batch (see `batch_logit_groups`).
-    exact: infer each size group unpadded (see `batch_logit_groups`).
-    **infer_kwargs: `mode`, `crop_size`, `stride`, `num_classes`, `min_size`, `pad_to_crop`.
-
-  Returns:
-    One int32 `[label_h, label_w]` map per row of the (flattened) batch; None for padding
-    rows (`batch_mask` 0).
-  """
+  """int32 `[label_h, label_w]` label maps of an eval batch (`batch_logit_groups`), one per
+  row; None for padding rows."""
   n = np.shape(flatten_shards(batch)['inputs'])[0]
   out: list[np.ndarray | None] = [None] * n
   for idx, logits, size in batch_logit_groups(logits_fn, batch, exact=exact, **infer_kwargs):
@@ -605,51 +470,19 @@ def _score(logits, labels, *, size, num_classes, ignore_index):
 
 
 def evaluate_dataset(
-    logits_fn: LogitsFn,
-    batches: Iterable[Mapping[str, Any]],
-    num_classes: int,
-    *,
-    mode: str = 'whole',
-    crop_size: int | Sequence[int] | None = None,
-    stride: int | Sequence[int] | None = None,
-    ignore_index: int = metrics.IGNORE_INDEX,
-    exact: bool = True,
-    min_size: int | Sequence[int] = 0,
-    pad_to_crop: bool = False,
-    num_batches: int | None = None,
-    progress: bool = False,
-) -> np.ndarray:
-  """Confusion matrix of a model over eval batches, at the original label resolution.
+    logits_fn: LogitsFn, batches: Iterable[Mapping[str, Any]], num_classes: int, *,
+    mode: str = 'whole', crop_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None, ignore_index: int = metrics.IGNORE_INDEX,
+    exact: bool = True, min_size: int | Sequence[int] = 0, pad_to_crop: bool = False,
+    num_batches: int | None = None, progress: bool = False) -> np.ndarray:
+  """int64 `[K, K]` confusion matrix (rows ground truth) at the original label resolution.
 
-  For each batch (an `EvalLoader` batch: padded `inputs`, `label` at original resolution
-  padded with 255, `input_size`, `label_size`, `batch_mask`; or any batch with `inputs`
-  and `label`, all valid), the logits of each example's valid input region are resized
-  to its label size (bilinear, half-pixel centres), argmaxed and counted against its
-  label; padding rows (`batch_mask` 0), padded label pixels and `ignore_index` are left
-  out. The trainer's periodic evaluation and the `evaluate` command share this code
-  (also importable as `evaluate.evaluate_dataset`).
+  Each example's valid logits are resized to its label size (bilinear, half-pixel
+  centres), argmaxed and counted; padding rows, padded label pixels (255) and
+  `ignore_index` are left out. With several processes, sum their matrices.
 
-  Args:
-    logits_fn: `images [B, h, w, 3] -> logits [B, h, w, K]` (e.g. `make_logits_fn`).
-    batches: an `EvalLoader` (one pass) or any iterable of batches; pmap layouts
-      `[num_shards, b, ...]` are flattened.
-    num_classes: K; the model's logits are checked against it.
-    mode: 'whole' or 'slide'.
-    crop_size: slide window `(h, w)`.
-    stride: slide stride `(h, w)`.
-    ignore_index: label value to skip.
-    exact: infer each group of equal-size examples unpadded, so padding never changes a
-      prediction (see `inference.batch_logit_groups`); False infers the padded batch.
-    min_size: pad smaller inputs / windows to this size for the model.
-    pad_to_crop: pad slide windows smaller than the crop to the crop size.
-    num_batches: stop after this many batches (needed for endless iterators).
-    progress: show progress (`projects.tools.progress.Progress`: a bar on a terminal, timed
-      lines in a log).
-
-  Returns:
-    int64 `[K, K]` confusion matrix (rows ground truth); pass it to
-    `metrics.segmentation_metrics` or `metrics.metrics_report`. With several processes,
-    sum the matrices of all processes.
+  `batches` is an `EvalLoader` (one pass) or any iterable of batches with `inputs` and
+  `label`; `num_batches` stops an endless iterator.
   """
   if hasattr(batches, 'iterate') and hasattr(batches, 'num_batches'):  # an EvalLoader
     total = batches.num_batches if num_batches is None else min(num_batches, batches.num_batches)
@@ -658,8 +491,7 @@ def evaluate_dataset(
     total = num_batches if num_batches is not None else _len_or_none(batches)
   infer_kwargs = dict(
       mode=mode, crop_size=crop_size, stride=stride, num_classes=num_classes,
-      min_size=min_size, pad_to_crop=pad_to_crop,
-  )
+      min_size=min_size, pad_to_crop=pad_to_crop)
   if num_batches is not None:  # islice: an endless iterator loses no batch past the last
     batches = itertools.islice(batches, num_batches)
   cm = np.zeros((num_classes, num_classes), np.int64)
@@ -670,8 +502,7 @@ def evaluate_dataset(
     for idx, logits, (lh, lw) in groups:
       counts = _score(
           logits, labels[idx, :lh, :lw], size=(lh, lw), num_classes=num_classes,
-          ignore_index=ignore_index,
-      )
+          ignore_index=ignore_index)
       cm += np.asarray(counts, np.int64)
   return cm
 

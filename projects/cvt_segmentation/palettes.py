@@ -1,9 +1,6 @@
-"""Colour palettes for segmentation masks, and the images `predict` writes.
-
-`ADE20K_PALETTE` and `CITYSCAPES_PALETTE` are mmsegmentation's (`ADE20KDataset` and
-`CityscapesDataset` METAINFO, mmseg/datasets/ade.py and cityscapes.py), so masks look the
-same as mmseg's visualisations. Masks are saved as palette PNGs (PIL mode 'P'): the pixel
-values are the class indices, and image viewers show the colours.
+"""Colour palettes and the pictures segmentation `predict` writes: palette PNG masks (mode
+'P': pixel values are class indices) and overlays. The ADE20K and Cityscapes palettes are
+mmsegmentation's (mmseg/datasets/ade.py and cityscapes.py METAINFO).
 """
 
 from __future__ import annotations
@@ -52,11 +49,7 @@ IGNORE_COLOR = (0, 0, 0)
 
 
 def generated_palette(num_colors: int) -> np.ndarray:
-  """The PASCAL VOC bit-interleaved palette (distinct colours for up to 256 classes).
-
-  Returns:
-    uint8 `[num_colors, 3]`.
-  """
+  """uint8 `[num_colors, 3]` of the PASCAL VOC bit-interleaved palette (up to 256 colours)."""
   out = np.zeros((num_colors, 3), np.uint8)
   for i in range(num_colors):
     c, r, g, b = i, 0, 0, 0
@@ -70,16 +63,10 @@ def generated_palette(num_colors: int) -> np.ndarray:
 
 
 def get_palette(name: str, num_classes: int, dataset_name: str | None = None) -> np.ndarray:
-  """The colours of classes `0 .. num_classes - 1`.
+  """uint8 `[K, 3]` colours of classes `0 .. K - 1` (K at most 255: 255 is the ignore value).
 
-  Args:
-    name: 'ade20k', 'cityscapes', or 'auto' (the palette of `dataset_name` when it is ADE20K
-      or Cityscapes, else ADE20K's when it has enough colours, else a generated one).
-    num_classes: K; at most 255 (label 255 is the ignore value of palette masks).
-    dataset_name: the config's dataset, used by 'auto'.
-
-  Returns:
-    uint8 `[K, 3]`.
+  'auto' takes the palette of `dataset_name` (ADE20K or Cityscapes), else ADE20K's when it
+  has enough colours, else a generated one.
   """
   if not 1 <= num_classes <= 255:
     raise ValueError(f'palette masks hold 1 to 255 classes, got num_classes={num_classes}')
@@ -123,28 +110,12 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
 
 
 def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
-  """RGB image of a label map: `palette[label]`, `IGNORE_COLOR` for 255.
-
-  Args:
-    labels: `[H, W]` integer class indices (255 = ignore).
-    palette: `[K, 3]` uint8 colours.
-
-  Returns:
-    uint8 `[H, W, 3]`.
-  """
+  """uint8 `[H, W, 3]` of a label map `[H, W]`: `palette[label]`, `IGNORE_COLOR` for 255."""
   return _lookup_table(palette)[_check_labels(labels)]
 
 
 def mask_image(labels: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray) -> Image.Image:
-  """Palette PNG image (mode 'P') whose pixel values are the class indices.
-
-  Args:
-    labels: `[H, W]` class indices in `[0, 255]`.
-    palette: `[K, 3]` colours of classes `0 .. K - 1`.
-
-  Returns:
-    A PIL image of size `(W, H)`; `np.asarray` of it gives `labels` back.
-  """
+  """A mode 'P' PIL image whose pixel values are the `[H, W]` labels, coloured by `palette`."""
   labels = np.ascontiguousarray(_check_labels(labels))
   image = Image.frombytes('P', (labels.shape[1], labels.shape[0]), labels.tobytes())
   image.putpalette(_lookup_table(palette).reshape(-1).tolist())
@@ -152,34 +123,16 @@ def mask_image(labels: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray
 
 
 def background_classes(class_names: Sequence[str] | None) -> tuple[int, ...]:
-  """Indices of the classes named 'background' (any case), e.g. the synthetic dataset's 0.
-
-  ADE20K and Cityscapes have none (their unlabelled pixels are the ignore value 255).
-  """
+  """Indices of the classes named 'background' (any case); ADE20K and Cityscapes have none."""
   return tuple(i for i, name in enumerate(class_names or ()) if name.lower() == 'background')
 
 
 def overlay_image(
-    image: np.ndarray,
-    labels: np.ndarray,
-    palette: Sequence[Sequence[int]] | np.ndarray,
-    alpha: float = 0.5,
-    transparent: Sequence[int] = (),
-) -> np.ndarray:
-  """Side by side: the input, and the input blended with the coloured mask.
-
-  Args:
-    image: uint8 RGB `[H, W, 3]`.
-    labels: `[H, W]` class indices; 255 (ignore) pixels are left unblended.
-    palette: `[K, 3]` colours.
-    alpha: weight of the mask colour in the blend (mmseg's visualiser uses 0.5).
-    transparent: classes left unblended too, so the photo shows through (`predict` passes
-      `background_classes(...)`: a background colour at `alpha` would grey the whole
-      picture).
-
-  Returns:
-    uint8 `[H, 2 W, 3]`.
-  """
+    image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray,
+    alpha: float = 0.5, transparent: Sequence[int] = ()) -> np.ndarray:
+  """uint8 `[H, 2 W, 3]`: the image, and beside it the image blended with the coloured mask
+  at `alpha` (mmseg's visualiser: 0.5); label 255 and the `transparent` classes (the
+  background, which would grey the whole picture) are left unblended."""
   image = np.asarray(image)
   labels = _check_labels(labels)
   if image.shape[:2] != labels.shape:

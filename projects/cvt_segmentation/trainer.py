@@ -34,12 +34,12 @@ class SegmentationEvaluation:
   scalars = ('mIoU', 'aAcc', 'mAcc')
 
   def __init__(self, flax_model: Any, dataset: Any, num_classes: int, config: Any):
-    from projects.cvt_segmentation import cli
+    from projects.cvt_segmentation.inference import inference_settings
 
     self.dataset = dataset
     self.num_classes = num_classes
     # config.eval read exactly as `evaluate.py` reads it.
-    self.infer_kwargs = cli.inference_settings(config).infer_kwargs()
+    self.infer_kwargs = inference_settings(config).infer_kwargs()
     # Built once: one compiled program per input shape for the whole run.
     self.logits_jit = jax.jit(functools.partial(eval_logits, flax_model=flax_model))
 

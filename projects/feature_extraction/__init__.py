@@ -1,11 +1,7 @@
 """Feature extraction from large images with CvT: the `cvt-extract` tool and its Python API.
 
-    backbone, variables = cvt_backbone.weights.converted.load_backbone('cvt-13.msgpack')
-    maps = extract_features(backbone, variables, rgb_uint8_image, memory_budget_mb=1024)
+    maps = extract_features(backbone, variables, rgb_image, memory_budget_mb=1024)
     # {'stage1': [H/4, W/4, 64], 'stage2': [H/8, W/8, 192], 'stage3': [H/16, W/16, 384]}
-
-`plan_attention` says which attention (plain or query-chunked) and chunk size an image
-size needs under a memory budget; `FeatureExtractor` runs batches, compiling once per size.
 """
 
 from projects.feature_extraction.extract import (

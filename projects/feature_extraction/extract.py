@@ -1,47 +1,12 @@
-"""Extract CvT stage maps from images of any size, on a memory budget.
+"""cvt-extract: CvT stage maps of images of any size, on a memory budget.
 
-    cvt-extract --checkpoint cvt-13-384-22k.msgpack --output features/ \\
-        tiles/ more/*.tif one.png [--stages stage1,stage3] [--format npz|safetensors] \\
-        [--dtype float16|float32] [--max-side 4096] [--batch-size 4] \\
-        [--memory-budget-mb 2048] [--attention auto|plain|chunked|fused] [--chunk-size N] \\
-        [--pca] [--overwrite] [--strict] [--no-progress]
+    cvt-extract --checkpoint cvt-13-384-22k.msgpack --output features/ tiles/ *.tif \\
+        [--stages stage1,stage3] [--format npz|safetensors] [--memory-budget-mb 2048] [--pca]
 
-(`python -m projects.feature_extraction` runs the same command; `--help` shows the defaults.) The checkpoint is a
-file written by `cvt-convert` (`cvt_backbone.weights.converted.load_backbone`);
-`--random-weights --variant cvt-13` runs untrained weights to try the pipeline.
-
-For every input `<stem>.<ext>` it writes `OUTPUT/<stem>.npz` (or `.safetensors`) with
-one `[H_i, W_i, C_i]` array per selected stage (strides 4, 8, 16), and with `--pca`
-`OUTPUT/<stem>_<stage>_pca.png` (see `writers.pca_rgb`). Images are read as in
-`images.py` (RGB, EXIF orientation, ImageNet normalization, optional `--max-side`
-shrinking), grouped by size and run in batches, compiling once per size.
-
-Attention: stage 1 attends globally, so its logits grow with the square of the
-image area. For each size, `planning.plan_attention` picks plain attention when its
-logits fit in `--memory-budget-mb`, else chunked attention with the largest query
-chunk that fits; batches are halved when even that does not fit. `--attention` and
-`--chunk-size` override the choice and are checked against the budget too.
-
-Outputs and reruns (`projects.tools.output_files`): every output is written atomically and
-records the input it came from (absolute path, size, sha256) and the settings that made it
-(`record_settings`: a hash of the weights, the stages, --dtype, --max-side): in the
-safetensors header, the npz archive's comment, or a PNG text chunk. A rerun skips an input
-whose outputs all record the same input and settings ("already done"); an output that
-records another input (an `a.bmp` after an `a.png`), other settings, or nothing (a 0-byte
-or truncated file, an older version's file) is kept and the input fails, unless
---overwrite.
-
-Progress (`projects.tools.progress.Progress`, on stderr unless --no-progress): per image, and
-inside an image per attention chunk (`FeatureExtractor(..., progress=)`: a host callback in
-the compiled program, only when progress is shown); a bar on a terminal, a line every 10 s
-in a log.
-
-Errors: an output folder that cannot be created or written, a budget too small for an
-image size (the message names the chunk size the budget allows and the budget needed), or
-bad flags stop the run before any image is processed. Missing paths, non-images, corrupt
-or too-small images and output conflicts are reported by name on stderr and the other
-inputs are still done; `--strict` stops at the first. Exit status: 0 when every input was
-done or already done, 1 when any input failed or on an error, 2 on bad arguments.
+Per input `OUTPUT/<stem>.npz` (or `.safetensors`) with one `[H_i, W_i, C_i]` map per stage.
+Images of one size run in batches, compiling once; for each size `planning.plan_attention`
+picks plain or query-chunked attention that fits the budget. Outputs follow the tools'
+output policy (`projects.tools.output_files`); the README's feature extraction page has the rest.
 """
 
 from __future__ import annotations
@@ -62,19 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cvt_backbone.weights.converted import variables_digest
 from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
-from projects.tools import command_line
-from projects.tools import output_files
+from cvt_backbone.weights.converted import variables_digest
 from projects.feature_extraction import images as images_lib
 from projects.feature_extraction import planning, writers
-from projects.feature_extraction.images import InputError, InputImage
 from projects.feature_extraction.planning import (
-    DEFAULT_MEMORY_BUDGET_MB,
-    AttentionPlan,
-    MemoryBudgetError,
+  DEFAULT_MEMORY_BUDGET_MB,
+  AttentionPlan,
+  MemoryBudgetError,
 )
+from projects.tools import command_line, output_files
+from projects.tools.input_files import InputImage, collect_inputs
 from projects.tools.progress import Progress
+from projects.training.images import ImageError, displayed_size
 
 DTYPES = ('float16', 'float32')
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -83,11 +48,6 @@ _NORMALIZATION = 'RGB/255, minus ImageNet mean (0.485,0.456,0.406), over std (0.
 
 class ExtractionError(Exception):
   """A problem that stops the run (or, with --strict, any skipped input)."""
-
-
-# ---------------------------------------------------------------------------
-# Python API
-# ---------------------------------------------------------------------------
 
 
 class FeatureExtractor:
@@ -212,39 +172,17 @@ holds no callback.
 
 
 def extract_features(
-    backbone: CvTBackbone,
-    variables: Mapping[str, Any],
-    image: np.ndarray,
-    *,
-    stages: Sequence[str] | None = None,
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
-    attention: str = 'auto',
-    chunk_size: int | None = None,
-    max_side: int | None = None,
-    normalize: bool = True,
-    dtype: Any = np.float32,
-) -> dict[str, np.ndarray]:
-  """Stage maps of one image.
-
-  Each call compiles the backbone for the image's size; `FeatureExtractor` keeps
-  the compiled functions for many images.
+    backbone: CvTBackbone, variables: Mapping[str, Any], image: np.ndarray, *,
+    stages: Sequence[str] | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    attention: str = 'auto', chunk_size: int | None = None, max_side: int | None = None,
+    normalize: bool = True, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+  """{stage: `[H_i, W_i, C_i]`} maps of one image (compiled per call: `FeatureExtractor`
+  keeps them for many images).
 
   Args:
-    backbone: e.g. from `cvt_backbone.weights.converted.load_backbone`.
-    variables: its variables.
-    image: `[H, W, 3]` RGB pixel values in [0, 255] (uint8 or float), or, with
-      `normalize=False`, an already normalized float image.
-    stages: stage names to return (default: the backbone's outputs).
-    memory_budget_mb: attention memory budget (see `planning.plan_attention`).
-    attention: 'auto', 'plain', 'chunked' or 'fused'.
-    chunk_size: forced query chunk for chunked attention.
-    max_side: shrink the image so that its longer side is at most this (bilinear,
-      antialiased; see `images.resize`).
-    normalize: apply the ImageNet normalization of the released weights.
+    image: `[H, W, 3]` RGB in [0, 255], or with `normalize=False` already normalized.
+    max_side: shrink the image so that its longer side is at most this.
     dtype: dtype of the returned maps (computed in float32).
-
-  Returns:
-    {stage: `[H_i, W_i, C_i]`} numpy arrays.
 
   Raises:
     MemoryBudgetError: the budget cannot hold the attention for this size.
@@ -262,17 +200,8 @@ def extract_features(
   return {name: value[0].astype(dtype) for name, value in extractor(pixels[None]).items()}
 
 
-# ---------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------
-
-
 def prepare_output_dir(path: str) -> None:
-  """Creates the output folder if needed and checks that a file can be written in it.
-
-  Raises:
-    ExtractionError: it is not a folder, cannot be created, or cannot be written.
-  """
+  """Creates the output folder if needed; `ExtractionError` unless a file can be written in it."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise ExtractionError(f'the output folder {path} exists and is not a folder')
   try:
@@ -291,13 +220,7 @@ TOOL = 'cvt-extract'
 
 @dataclasses.dataclass
 class Summary:
-  """What `extract_files` did.
-
-  Attributes:
-    written: feature files written.
-    done: inputs skipped as already done (their outputs record them and these settings).
-    failed: one message per input that failed (unreadable, too small, an output conflict).
-  """
+  """What `extract_files` did: feature files written, inputs already done, failure messages."""
 
   written: list[str] = dataclasses.field(default_factory=list)
   done: list[str] = dataclasses.field(default_factory=list)
@@ -306,13 +229,8 @@ class Summary:
 
 def record_settings(extractor: FeatureExtractor, dtype: str,
                     max_side: int | None) -> dict[str, Any]:
-  """What an output's record names besides its input: what changes the stored maps.
-
-  The weights (`FeatureExtractor.weights_sha256`), the backbone's activation, output norm
-  and compute dtype, the stages, the stored dtype and --max-side. Not the attention
-  implementation, chunk size, batch size or budget: they change how, not what, is computed
-  (to float rounding).
-  """
+  """What changes the stored maps; not the attention implementation, chunk, batch or budget
+  (they change how, not what, is computed, to float rounding)."""
   backbone = extractor.backbone
   return {
       'weights_sha256': extractor.weights_sha256,
@@ -359,95 +277,45 @@ def _batch_plan(extractor: FeatureExtractor, height: int, width: int,
 
 
 def extract_files(
-    extractor: FeatureExtractor,
-    inputs: Sequence[InputImage],
-    output_dir: str,
-    *,
-    fmt: str = 'npz',
-    dtype: str = 'float32',
-    max_side: int | None = None,
-    batch_size: int = 1,
-    pca: bool = False,
-    overwrite: bool = False,
-    strict: bool = False,
-    progress: bool = True,
-    console: _Console | None = None,
-) -> Summary:
-  """Extracts and writes the features of image files, with their provenance records.
+    extractor: FeatureExtractor, inputs: Sequence[InputImage], output_dir: str, *, fmt: str = 'npz',
+    dtype: str = 'float32', max_side: int | None = None, batch_size: int = 1, pca: bool = False,
+    overwrite: bool = False, strict: bool = False, progress: bool = True,
+    console: _Console | None = None) -> Summary:
+  """Extracts and writes the features of `inputs` into the writable `output_dir`.
 
-  Everything that can be checked without running the model is checked first (existing
-  outputs and what they record, non-image files, image sizes against the memory budget),
-  so these errors come before any work. An input whose outputs all record it (same size
-  and sha256) and the same settings (`record_settings`) is skipped as already done; an
-  output that records another input, other settings or nothing is kept and the input
-  fails (`projects.tools.output_files.output_state`), unless `overwrite`.
-
-  Args:
-    extractor: the backbone and attention settings.
-    inputs: from `images.collect_inputs`.
-    output_dir: an existing, writable folder (`prepare_output_dir`).
-    fmt: 'npz' or 'safetensors'.
-    dtype: 'float16' or 'float32' for the stored maps.
-    max_side: shrink images whose longer side exceeds this.
-    batch_size: images of the same size per forward pass (at most).
-    pca: also write a PCA picture of each stage map.
-    overwrite: replace existing outputs whatever they record.
-    strict: raise `ExtractionError` on the first input that fails.
-    progress: show progress on stderr (`projects.tools.progress.Progress`: a bar on a terminal,
-      a timed line in a log), per image and, inside a large image, per attention chunk.
-    console: where messages go (default stderr).
-
-  Returns:
-    The `Summary`.
-
-  Raises:
-    ExtractionError: with `strict`, an input that fails.
-    MemoryBudgetError: the budget cannot hold an image size even in batches of 1.
-    OutputWriteError: an output could not be written (a full disk): the run stops.
+  What can be checked without the model comes first (existing outputs and their records,
+  non-images, sizes against the memory budget), so these errors come before any work:
+  MemoryBudgetError for a size even in batches of 1, ExtractionError for a failed input
+  with `strict`. A write error (OutputWriteError) stops the run.
   """
   console = console or _Console()
-  summary = Summary()
+  skip = command_line.Failures(strict, ExtractionError, 'skipped')
+  skip.write = console.write
+  summary = Summary(failed=skip)
   stages = extractor.out_names
   strides = dict(zip(extractor.backbone.stage_names, extractor.spec.strides, strict=True))
   settings = record_settings(extractor, dtype, max_side)
 
-  def skip(message: str) -> None:
-    if strict:
-      raise ExtractionError(message)
-    summary.failed.append(message)
-    console.write(f'skipped {message}')
-
-  def outputs_of(stem: str) -> list[str]:
-    paths = [writers.feature_path(output_dir, stem, fmt)]
+  def outputs(item: InputImage) -> dict[str, dict[str, Any]]:
+    paths = [writers.feature_path(output_dir, item.stem, fmt)]
     if pca:
-      paths += [writers.pca_path(output_dir, stem, stage) for stage in stages if stage in strides]
-    return paths
+      paths += [writers.pca_path(output_dir, item.stem, s) for s in stages if s in strides]
+    return dict.fromkeys(paths, settings)
 
   # 1. What existing outputs record, non-images and sizes: headers only.
+  todo, done = output_files.plan_inputs(inputs, outputs, TOOL, overwrite, skip,
+                                        say=console.write)
+  summary.done.extend(job.item.path for job in done)
   groups: dict[tuple[int, int], list[_Pending]] = collections.defaultdict(list)
-  for item in inputs:
+  for job in todo:
     try:
-      record = output_files.make_record(TOOL, output_files.describe_input(item.path), settings)
-    except OSError as e:
-      skip(f'{item.path}: cannot read ({e.strerror or e})')
-      continue
-    paths = outputs_of(item.stem)
-    state = output_files.output_state(dict.fromkeys(paths, record), overwrite)
-    if state.status == 'conflict':
-      skip(f'{item.path}: {state.message}')
-      continue
-    if state.status == 'done':
-      summary.done.append(item.path)
-      console.write(f'{item.path}: already done ({paths[0]})')
-      continue
-    try:
-      original = images_lib.probe_size(item.path)
+      original = displayed_size(job.item.path)
       size = images_lib.target_size(*original, max_side)
-      images_lib.check_size(*size, item.path)
-    except InputError as e:
+      images_lib.check_size(*size, job.item.path)
+    except ImageError as e:
       skip(str(e))
       continue
-    groups[size].append(_Pending(item, original, size, record))
+    groups[size].append(_Pending(job.item, original, size, next(iter(job.records.values()))))
 
   # 2. A plan per size, before any work: a budget too small for a size stops the run.
   plans = {}
@@ -481,7 +349,7 @@ def extract_files(
         bar.set_detail('reading')
         try:
           ready.append((entry, images_lib.read_image(entry.item.path, entry.size)))
-        except InputError as e:
+        except ImageError as e:
           skip(str(e))
           bar.update(1)
         if len(ready) == batch or (index == len(pending) - 1 and ready):
@@ -544,25 +412,6 @@ def _run_batch(extractor: FeatureExtractor, ready: list[tuple[_Pending, np.ndarr
     summary.written.append(path)
 
 
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
-  return value
-
-
-def _positive_float(text: str) -> float:
-  value = float(text)
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f'expected a positive number, got {text}')
-  return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = command_line.parser(
       'cvt-extract',
@@ -570,7 +419,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       '.safetensors file per image, with attention chunked to fit a memory budget. Progress '
       '(per image, and per attention chunk inside a large image) goes to stderr: a bar on a '
       'terminal, a line every $CVT_PROGRESS_INTERVAL seconds (10) in a log.')
-  parser.add_argument('inputs', nargs='+', help='image files, folders (recursive) or glob patterns')
+  command_line.add_inputs(parser, 'output folder (created if missing)')
   weights = parser.add_mutually_exclusive_group(required=True)
   weights.add_argument('--checkpoint', help='a converted checkpoint (.msgpack from cvt-convert)')
   weights.add_argument('--random-weights', action='store_true',
@@ -578,25 +427,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--variant', default='cvt-13', choices=sorted(VARIANTS),
                       help='architecture for --random-weights (a checkpoint knows its own)')
   parser.add_argument('--seed', type=int, default=0, help='initialisation seed for --random-weights')
-  parser.add_argument('--output', required=True, help='output folder (created if missing)')
   parser.add_argument('--stages', type=command_line.names, default=None,
                       help='stages to store, comma-separated such as stage1,stage3 (default: all)')
   parser.add_argument('--format', choices=writers.FORMATS, default='npz', help='feature file format')
   parser.add_argument('--dtype', choices=DTYPES, default='float32',
                       help='stored dtype (computed in float32)')
-  parser.add_argument('--max-side', type=_positive_int, default=None,
+  parser.add_argument('--max-side', type=command_line.positive_int, default=None,
                       help='shrink images whose longer side exceeds this (default: any size)')
-  parser.add_argument('--batch-size', type=_positive_int, default=1,
+  parser.add_argument('--batch-size', type=command_line.positive_int, default=1,
                       help='images of the same size per forward pass (halved when the memory '
                       'budget needs it)')
-  parser.add_argument('--memory-budget-mb', type=_positive_float,
+  parser.add_argument('--memory-budget-mb', type=command_line.positive_float,
                       default=DEFAULT_MEMORY_BUDGET_MB,
                       help='memory for attention logits in MiB; decides plain vs chunked '
                       'attention and the chunk size')
   parser.add_argument('--attention', choices=('auto', 'plain', 'chunked', 'fused'),
                       default='auto', help='force an attention implementation (default: from '
                       'the image size and the budget)')
-  parser.add_argument('--chunk-size', type=_positive_int, default=None,
+  parser.add_argument('--chunk-size', type=command_line.positive_int, default=None,
                       help='force queries per chunk for chunked attention (default: the largest '
                       'that fits the budget)')
   parser.add_argument('--pca', action='store_true',
@@ -639,7 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   start = time.perf_counter()
   try:
     prepare_output_dir(args.output)
-    inputs, problems, notes = images_lib.collect_inputs(args.inputs, exclude_dir=args.output)
+    notes: list[str] = []
+    inputs, problems = collect_inputs(args.inputs, args.output, notes=notes)
     for message in problems:
       if args.strict:
         raise ExtractionError(message)
@@ -661,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_side=args.max_side, batch_size=args.batch_size, pca=args.pca,
         overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress,
         console=console)
-  except (ExtractionError, MemoryBudgetError, InputError, OSError, ValueError) as e:
+  except (ExtractionError, MemoryBudgetError, OSError, ValueError) as e:
     print(f'cvt-extract: error: {e}', file=sys.stderr)
     return command_line.EXIT_FAILED
   failed = len(summary.failed) + len(problems)

@@ -1,25 +1,11 @@
 """Which attention to run for an image size and a memory budget, and how much memory it takes.
 
-Stage 1 of CvT attends globally: every one of its `H/4 * W/4` queries sees all
-`H/8 * W/8` keys. A 1024x1024 image gives 65,536 x 16,384 float32 logits (4 GiB
-per head); 1024x2048 gives 131,072 x 32,768 (16 GiB, the "17 GB" of issue 7).
-The budget bounds that working memory:
-
-- 'plain' when the whole attention of every stage fits: fastest;
-- otherwise 'chunked' with the largest query chunk that fits
-  (`attention.chunk_size_for_budget`), so memory grows linearly with the image.
-
-A budget too small for a useful chunk, a forced `chunk_size` whose logits do not
-fit, or forced 'plain' / 'fused' attention over the budget raise
-`MemoryBudgetError`, whose message names the chunk size the budget allows and
-the budget the request needs.
-
-The budget is for attention only (it is what grows quadratically); the plan also
-estimates the other activations so that the total can be logged. It counts two
-logits-sized buffers per query row, as the backbone does; XLA:CPU was measured a
-little above that (benchmarks/extraction_check.py, CvT-13 at 1024x1024: 1.7 GiB peak
-RSS with a 512 MiB budget, 0.8 GiB of it before extraction; 10.9 GiB for plain
-attention, estimated at 8.3 GiB).
+Stage 1 of CvT attends globally: its `H/4 * W/4` queries each see all `H/8 * W/8` keys, so
+a 1024x2048 image has 131,072 x 32,768 float32 logits (16 GiB per head). The budget bounds
+that working memory: plain attention when it fits, else query chunks of the largest size
+that fits. The other activations are estimated for the log only. XLA:CPU measured a little
+above the estimate (CvT-13 at 1024x1024: 1.7 GiB peak RSS with a 512 MiB budget, 0.8 GiB
+of it before extraction; plain attention 10.9 GiB, estimated 8.3 GiB).
 """
 
 from __future__ import annotations
@@ -28,8 +14,8 @@ import dataclasses
 import math
 from typing import NamedTuple
 
-from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.cvt import CvTSpec, get_spec
+from cvt_backbone.kernels import attention as attention_lib
 
 DEFAULT_MEMORY_BUDGET_MB = 2048.0
 
@@ -50,13 +36,8 @@ _ACTIVATION_MAPS = 16
 
 
 class MemoryBudgetError(ValueError):
-  """The memory budget cannot hold the requested attention.
-
-  Attributes:
-    allowed_chunk_size: the largest query chunk the budget holds (0: not one query).
-    needed_chunk_size: the chunk size the request needs (None for plain attention).
-    needed_budget_mb: the smallest budget that would satisfy the request.
-  """
+  """The memory budget cannot hold the requested attention: the largest chunk it allows (0:
+  not one query), the chunk the request needs (None: plain attention), the budget needed."""
 
   def __init__(self, message: str, *, allowed_chunk_size: int, needed_chunk_size: int | None,
                needed_budget_mb: float):
@@ -87,15 +68,8 @@ class StageAttention:
 
 
 class AttentionPlan(NamedTuple):
-  """What `plan_attention` chose.
-
-  Attributes:
-    implementation: 'plain', 'chunked' or 'fused' (for `CvTBackbone.attention`).
-    chunk_size: queries per chunk for 'chunked' (`CvTBackbone.attention_chunk_size`),
-      else None.
-    estimated_bytes: estimated peak of attention plus the other activations
-      (weights excluded).
-  """
+  """`CvTBackbone.attention` and `attention_chunk_size` (None unless 'chunked'), and the
+  estimated peak of attention plus the other activations (weights excluded)."""
 
   implementation: str
   chunk_size: int | None
@@ -107,11 +81,8 @@ def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def stage_attention(spec: CvTSpec, height: int, width: int) -> tuple[StageAttention, ...]:
-  """The attention sizes of every stage for an input of `height` x `width`.
-
-  Queries and keys come from the 'dw_bn' projections (stride `stride_q` and
-  `stride_kv`, padding `kernel // 2`) of the stage grid; a cls token adds one of each.
-  """
+  """The attention sizes of every stage for a `height` x `width` input: queries and keys of
+  the 'dw_bn' projections (strides `stride_q`, `stride_kv`, padding `kernel // 2`), + cls."""
   out = []
   for i, (h, w) in enumerate(spec.output_sizes(height, width)):
     k, sq, skv = spec.kernel_qkv[i], spec.stride_q[i], spec.stride_kv[i]
@@ -171,38 +142,15 @@ def check_settings(budget_mb: float, implementation: str, chunk_size: int | None
 
 
 def plan_attention(
-    height: int,
-    width: int,
-    batch: int,
-    budget_mb: float,
-    spec: CvTSpec | str,
-    *,
-    implementation: str = 'auto',
-    chunk_size: int | None = None,
-    min_chunk_size: int = MIN_AUTO_CHUNK_SIZE,
-) -> AttentionPlan:
+    height: int, width: int, batch: int, budget_mb: float, spec: CvTSpec | str, *,
+    implementation: str = 'auto', chunk_size: int | None = None,
+    min_chunk_size: int = MIN_AUTO_CHUNK_SIZE) -> AttentionPlan:
   """The attention implementation and query chunk for an input size under a memory budget.
 
-  Args:
-    height: input height in pixels (after any resizing).
-    width: input width in pixels.
-    batch: images per forward pass.
-    budget_mb: memory for attention logits, in MiB (2**20 bytes).
-    spec: the backbone's `CvTSpec` or a variant name ('cvt-13', ...).
-    implementation: 'auto' (plain if it fits, else chunked), or a forced 'plain',
-      'chunked' or 'fused' ('fused' is counted as 'plain': in float32,
-      `jax.nn.dot_product_attention` materializes the logits too).
-    chunk_size: a forced query chunk (implies 'chunked' under 'auto'); checked
-      against the budget. None: the largest chunk that fits.
-    min_chunk_size: the smallest chunk an automatic choice accepts.
-
-  Returns:
-    `(implementation, chunk_size, estimated_bytes)` as an `AttentionPlan`.
-
-  Raises:
-    MemoryBudgetError: the budget cannot hold the requested attention; the message
-      names the chunk size it allows and the budget needed.
-    ValueError: bad arguments.
+  `budget_mb` is in MiB (2**20 bytes). `implementation` 'auto' is plain if it fits, else
+  chunked; 'fused' counts as 'plain' (in float32 `jax.nn.dot_product_attention`
+  materializes the logits too). A forced `chunk_size` implies 'chunked' and is checked.
+  MemoryBudgetError names the chunk size the budget allows and the budget needed.
   """
   check_settings(budget_mb, implementation, chunk_size)
   if batch < 1:
@@ -219,19 +167,21 @@ def plan_attention(
              else max(s.q_len for s in stages))
   where = _describe(binding, height, width, batch)
 
+  def error(message: str, needed_chunk: int | None, needed: int) -> MemoryBudgetError:
+    return MemoryBudgetError(message, allowed_chunk_size=allowed, needed_chunk_size=needed_chunk,
+                             needed_budget_mb=_mb_at_least(needed))
+
   if implementation == 'auto':
     implementation = 'plain' if chunk_size is None and not over else 'chunked'
 
   if implementation in ('plain', 'fused'):
     needed = largest.working_bytes(batch)
     if over:
-      raise MemoryBudgetError(
+      raise error(
           f'{implementation.capitalize()} attention needs {format_bytes(needed)}, over the '
           f'memory budget of {budget_mb:g} MiB, on {_describe(largest, height, width, batch)}. '
           f'Raise the budget to at least {_mb_at_least(needed):g} MiB, or use chunked '
-          f'attention (the budget allows chunks of {allowed:,} queries).',
-          allowed_chunk_size=allowed, needed_chunk_size=None,
-          needed_budget_mb=_mb_at_least(needed))
+          f'attention (the budget allows chunks of {allowed:,} queries).', None, needed)
   elif chunk_size is None:
     needed_chunk = min(min_chunk_size, binding.q_len)
     if allowed < needed_chunk:
@@ -241,25 +191,21 @@ def plan_attention(
         options.append('use smaller batches')
       if allowed:
         options.append(f'force a chunk size of {allowed:,}')
-      raise MemoryBudgetError(
+      raise error(
           f'A memory budget of {budget_mb:g} MiB is too small for {where}: the budget allows '
           f'chunks of {allowed:,} queries, and chunks of {needed_chunk:,} queries (the smallest '
-          f'the automatic plan uses) need {format_bytes(needed)}. '
-          f'{_either(options)}.',
-          allowed_chunk_size=allowed, needed_chunk_size=needed_chunk,
-          needed_budget_mb=_mb_at_least(needed))
+          f'the automatic plan uses) need {format_bytes(needed)}. {_either(options)}.',
+          needed_chunk, needed)
     chunk_size = allowed
   else:
     needed = max(s.working_bytes(batch, chunk_size) for s in stages)
     if needed > budget:
       instead = (f'use a chunk size of {allowed:,}' if allowed
                  else 'use smaller batches' if batch > 1 else 'use a smaller image')
-      raise MemoryBudgetError(
+      raise error(
           f'A chunk size of {chunk_size:,} queries needs {format_bytes(needed)}, over the '
           f'memory budget of {budget_mb:g} MiB, on {where}. Raise the budget to at least '
-          f'{_mb_at_least(needed):g} MiB or {instead}.',
-          allowed_chunk_size=allowed, needed_chunk_size=chunk_size,
-          needed_budget_mb=_mb_at_least(needed))
+          f'{_mb_at_least(needed):g} MiB or {instead}.', chunk_size, needed)
   attention_bytes = max(s.working_bytes(batch, chunk_size) for s in stages)
   return AttentionPlan(implementation, chunk_size,
                        attention_bytes + activation_bytes(spec, height, width, batch))

@@ -1,19 +1,9 @@
 """Feature files (`.npz`, `.safetensors`) and PCA pictures of feature maps.
 
-One file per image, `OUTPUT/<stem>.npz` or `OUTPUT/<stem>.safetensors`, holding one
-`[H_i, W_i, C_i]` array per selected stage, named by stage ('stage1', ...). Both carry
-string metadata: the source file, the size fed to the model, the strides, the
-normalization, and the provenance record (`projects.tools.output_files.RECORD_KEY`: the input's
-path, size and sha256 and the settings). Safetensors keeps it in its header's
-`__metadata__`; an `.npz` keeps it as a JSON object in the zip archive's comment, which
-`np.load` ignores, so the archive holds the stage arrays only (`read_metadata` reads
-either). PCA pictures carry the record in a PNG text chunk. Every file is written to a
-temporary file beside the destination, synced and renamed, so an interrupted run never
-leaves a partial file that a later run would take as done.
-
-Safetensors files are written and read with numpy alone (the format is an 8-byte
-little-endian header length, a JSON header, then the raw little-endian tensors);
-the `safetensors` package reads them too.
+Both formats carry string metadata with the provenance record: the safetensors header's
+`__metadata__`, or the `.npz` zip comment (`np.load` ignores it). Safetensors files (an
+8-byte little-endian header length, a JSON header, the raw little-endian tensors) are
+written and read with numpy alone; the `safetensors` package reads them too.
 """
 
 from __future__ import annotations
@@ -81,15 +71,8 @@ def _npz_bytes(f: BinaryIO, arrays: Mapping[str, np.ndarray],
 def write_features(path: str, features: Mapping[str, np.ndarray], fmt: str,
                    metadata: Mapping[str, str] | None = None,
                    record: Mapping[str, Any] | None = None) -> None:
-  """Writes `{name: array}` to `path` as `.npz` (uncompressed) or `.safetensors`, atomically.
-
-  Args:
-    path: the destination; its folder is created.
-    features: arrays by name, e.g. `{'stage1': [H1, W1, C1]}`.
-    fmt: 'npz' or 'safetensors'.
-    metadata: string metadata (the safetensors header's, the npz archive's comment).
-    record: the provenance record (`output_files.make_record`), stored in the metadata.
-  """
+  """Writes `{name: array}` to `path` as `.npz` (uncompressed) or `.safetensors`, atomically,
+  with the string `metadata` and the provenance `record` among them."""
   metadata = dict(metadata or {})
   if record is not None:
     metadata[RECORD_KEY] = encode_record(record)
@@ -133,19 +116,9 @@ def read_features(path: str) -> dict[str, np.ndarray]:
 
 
 def pca_rgb(features: np.ndarray) -> np.ndarray:
-  """The first three principal components of a feature map as colours.
-
-  The PCA is per map: the `C` channels of its `h * w` positions are centred and
-  projected on the three leading eigenvectors of their covariance; each component
-  is min-max scaled to 0-255 on its own. A component's sign is arbitrary, so each is
-  flipped to make its largest loading positive, which keeps colours stable.
-
-  Args:
-    features: `[h, w, C]`.
-
-  Returns:
-    `[h, w, 3]` uint8 (R, G, B = components 1, 2, 3; zero when C < 3).
-  """
+  """uint8 `[h, w, 3]`: the first three principal components of one `[h, w, C]` map as R, G, B,
+  each min-max scaled to 0-255 (zero when C < 3). Each component's sign is set to make its
+  largest loading positive, which keeps colours stable."""
   h, w, c = features.shape
   x = features.reshape(-1, c).astype(np.float32)
   x = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)
@@ -163,13 +136,8 @@ def pca_rgb(features: np.ndarray) -> np.ndarray:
 
 def write_pca(path: str, features: np.ndarray, stride: int,
               record: Mapping[str, Any] | None = None) -> None:
-  """Saves `pca_rgb(features)` as a PNG, each position a `stride` x `stride` block.
-
-  Nearest-neighbour upsampling by the stage's stride makes every picture about the
-  size of the image fed to the model (within `stride - 1` pixels), so pictures of
-  all stages overlay it, and no colour is invented between positions. `record` (the
-  provenance record) goes in a text chunk.
-  """
+  """Saves `pca_rgb(features)` as a PNG, each position a `stride` x `stride` block (about the
+  model input's size, so every stage's picture overlays it; no colour is invented)."""
   rgb = pca_rgb(features)
   rgb = np.repeat(np.repeat(rgb, stride, axis=0), stride, axis=1)
   save_png(Image.fromarray(rgb), path, record)

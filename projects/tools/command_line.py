@@ -1,20 +1,10 @@
-"""What every command-line tool of the projects shares: help, list syntax, output flags.
-
-- `parser(prog, description)`: an `argparse.ArgumentParser` whose `--help` shows each
-  option's default (`HelpFormatter`), and the exit-status epilog.
-- Lists are written one way everywhere: comma-separated, no spaces
-  (`--crop-size 512,1024`, `--scales 0.5,0.75,1.0`, `--stages stage1,stage3`): `sizes`,
-  `floats`, `names` are the argparse types.
-- `add_output_flags`: `--overwrite`, `--strict` and `--no-progress` with the same meaning in
-  every tool that writes per-input outputs (see `projects.tools.output_files` for the policy).
-
-Exit statuses (`EXIT_*`): 0 when every input was done or skipped as already done, 1 when any
-failed or on an error (one `error:` line), 2 for bad arguments (argparse's own).
-"""
+"""What every command-line tool shares: help with defaults, comma lists (`sizes`, `floats`,
+`names`), the flags of models, inputs and outputs, failed inputs, exit statuses."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -83,20 +73,44 @@ def floats(text: str) -> tuple[float, ...]:
         f'expected numbers separated by commas such as 0.5,0.75,1.0, got {text!r}') from None
 
 
+def positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
+  return value
+
+
+def positive_float(text: str) -> float:
+  value = float(text)
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f'expected a positive number, got {text}')
+  return value
+
+
 def names(text: str) -> tuple[str, ...]:
   """'stage1,stage3' -> ('stage1', 'stage3')."""
   return tuple(_split(text, 'names', 'stage1,stage3'))
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+  """`--config` and `--checkpoint` of the trained-model tools (evaluate, predict)."""
+  parser.add_argument('--config', required=True, metavar='CONFIG.py[:ARG]',
+                      help='the experiment config, path/to/config.py or path/to/config.py:arg')
+  parser.add_argument('--checkpoint', required=True, metavar='DIR',
+                      help='a training workdir, its checkpoints folder (the latest step) or one '
+                           'step folder in it')
+
+
+def add_inputs(parser: argparse.ArgumentParser, output: str) -> None:
+  """`--output` (a folder, `output` its help) and the inputs of the tools of many inputs."""
+  parser.add_argument('--output', required=True, metavar='DIR', help=output)
+  parser.add_argument('inputs', nargs='+', metavar='INPUT',
+                      help='image files, folders (searched recursively) or glob patterns')
+
+
 def add_output_flags(parser: argparse.ArgumentParser, *, per_input: bool = True,
                      progress: bool = True) -> None:
-  """`--overwrite`, and for tools of many inputs `--strict`; `--no-progress`.
-
-  Args:
-    parser: the tool's parser.
-    per_input: the tool takes many inputs (predict, cvt-extract): add `--strict`.
-    progress: the tool shows progress: add `--no-progress`.
-  """
+  """`--overwrite`, `--strict` for tools of many inputs (`per_input`), `--no-progress`."""
   parser.add_argument(
       '--overwrite', action='store_true',
       help='replace existing outputs that record another input or other settings (by default '
@@ -111,3 +125,23 @@ def add_output_flags(parser: argparse.ArgumentParser, *, per_input: bool = True,
     parser.add_argument(
         '--no-progress', action='store_true',
         help='print no progress (a bar on a terminal, a line every 10 s in a log)')
+
+
+class Failures(list):
+  """The failed inputs of a run, each reported as `<prefix> <message>` on stderr (or by
+  `write`, e.g. a progress bar's), or with `strict` raised as `error` (--strict)."""
+
+  def __init__(self, strict: bool, error: type[Exception], prefix: str):
+    super().__init__()
+    self.strict, self.error, self.prefix = strict, error, prefix
+    self.write = None
+
+  def __call__(self, message: str) -> None:
+    if self.strict:
+      raise self.error(message)
+    self.append(message)
+    line = f'{self.prefix} {message}'
+    if self.write is not None:
+      self.write(line)
+    else:
+      print(line, file=sys.stderr, flush=True)

@@ -1,49 +1,11 @@
-"""Output files of the tools: checked before the work, written atomically, traced to their input.
+"""Output files of the tools: checked before the work, written atomically, with their records.
 
-Checking and writing: `check_outputs` and `check_writable` fail at once, naming the path,
-when an output cannot be written (or exists, for `check_outputs` without overwrite), so no
-inference is lost to a late error. `write_atomically` (and `write_json`, `save_png` on it)
-writes under a temporary name beside the destination, syncs it and renames it: a run killed
-at any point leaves the previous file or the whole new one, never a part under the final
-name. A failed write raises `OutputWriteError` ("cannot write PATH: reason").
-
-Provenance records: every output the tools write per input (segmentation masks and overlays,
-detection pictures, feature files and their PCA pictures) carries a record of where it
-came from, stored inside the file so that it is written by the same atomic rename:
-
-  {'format': 1, 'tool': 'cvt_segmentation.predict',
-   'input': {'path': '/abs/a.jpg', 'size': 51234, 'sha256': '...'},
-   'settings': {...everything that changes the output: config, checkpoint and step or
-                weights hash, inference flags...},
-   'data': {...optional, e.g. the detections drawn in a picture}}
-
-- PNG: a compressed text chunk (zTXt) keyed `RECORD_KEY`, before the image data.
-- `.npz`: the zip archive's comment, a JSON object of metadata strings with `RECORD_KEY`
-  among them (`np.load` ignores it; the arrays are unchanged).
-- `.safetensors`: the `RECORD_KEY` entry of the header's `__metadata__`.
-- `.json` (the evaluation reports): the object's `RECORD_KEY` entry.
-
-`read_record` reads one back and also checks that the file is complete (a PNG ends with
-its IEND chunk, a zip with its central directory, a safetensors file is as long as its
-header says), so a truncated file never passes as done.
-
-Reruns (`output_state`): without --overwrite, an input is skipped as "already done" when
-every one of its outputs exists and records the same input content (size and sha256:
-a file moved or renamed is still the same input) with the same tool and settings. An input
-is written when none or only some of its outputs exist and those are its own. An output that
-records another input, other settings, or has no readable record (a 0-byte or truncated
-file left by an older version, any file the tools did not write) is a conflict: it is kept,
-reported with what it is and what was expected, and the input counts as failed. The tools
-cannot tell a damaged file of theirs from someone else's file, and they never replace a
-file they did not write unless told: --overwrite replaces it (and redoes every input).
-
-Exit status of the tools (segmentation and detection `predict` and `evaluate`,
-`cvt-extract`): 0 when every input was done or skipped as already done; 1 when any input
-failed (missing, unreadable, not an image, too small, an output conflict) or on an error
-(bad config or checkpoint, unwritable output place, a write error), with one `error:` or
-`failed`/`skipped` line per problem on stderr; 2 on bad arguments (argparse). The other
-inputs are still done after a failed one; `--strict` (segmentation and detection predict, cvt-extract)
-stops at the first failure instead, before any work when it can be found by checking.
+Every output the tools write carries a provenance record of its input and settings, stored
+inside the file (a PNG text chunk, the `.npz` zip comment, the safetensors header, a JSON
+report's `RECORD_KEY` entry) so that one atomic rename writes both. The README's "Existing
+outputs" is the policy `output_state`, `plan_inputs` and `report_state` apply: the same input
+and settings are already done; another input, other settings or no readable record is a
+conflict, kept until --overwrite.
 """
 
 from __future__ import annotations
@@ -55,10 +17,12 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import struct
+import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, BinaryIO
 
 RECORD_KEY = 'cvt-dense provenance'
@@ -77,20 +41,9 @@ class RecordError(ValueError):
 # --- checking output places ----------------------------------------------------------------
 
 
-def check_output_free(paths: Sequence[str], overwrite: bool) -> None:
-  """Raises FileExistsError naming the existing `paths` unless `overwrite`."""
-  existing = [p for p in paths if os.path.exists(p)]
-  if existing and not overwrite:
-    raise FileExistsError(
-        f'output exists: {", ".join(existing)} (pass --overwrite to replace it)'
-    )
-
-
 def check_writable(paths: Sequence[str]) -> None:
-  """Fails before any work unless files can be created at every path.
-
-  A probe file is created and removed in the nearest existing folder of each path
-  (folders are created only when writing).
+  """Fails before any work unless files can be created at every path (a probe file is
+  made and removed in the nearest existing folder; folders are created only when writing).
 
   Raises:
     ValueError: a path is a folder.
@@ -112,28 +65,6 @@ def check_writable(paths: Sequence[str]) -> None:
       raise PermissionError(f'cannot write to {folder}: {e.strerror or e}') from None
     os.close(fd)
     os.unlink(probe)
-
-
-def check_outputs(paths: Sequence[str], overwrite: bool) -> None:
-  """Fails before any work unless every output path can be written.
-
-  Args:
-    paths: files the command will write.
-    overwrite: whether existing files may be replaced.
-
-  Raises:
-    FileExistsError: a path exists and `overwrite` is False (`check_output_free`).
-    ValueError: two outputs are the same file, or a path is a folder.
-    NotADirectoryError, PermissionError: see `check_writable`.
-  """
-  real = [os.path.realpath(p) for p in paths]
-  if len(set(real)) != len(real):
-    raise ValueError(f'output paths must differ, got {list(paths)}')
-  for path in paths:
-    if os.path.isdir(path):
-      raise ValueError(f'output {path} is a folder; expected a file path')
-  check_output_free(paths, overwrite)
-  check_writable(paths)
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -194,11 +125,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None])
 
 def write_json(value: Any, path: str | os.PathLike,
                record: Mapping[str, Any] | None = None) -> str:
-  """Writes `value` as indented JSON atomically (`write_atomically`).
-
-  NaN floats (COCO's "no ground truth in this range") are written as null: JSON has no NaN.
-  A `record` is stored as the object's `RECORD_KEY` entry (`value` must be a dict then).
-  """
+  """Writes `value` as indented JSON atomically, NaN as null, `record` as its `RECORD_KEY`."""
   if record is not None:
     if not isinstance(value, Mapping):
       raise TypeError(f'a record needs a JSON object, got {type(value).__name__}')
@@ -241,24 +168,17 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def describe_input(path: str | os.PathLike) -> dict[str, Any]:
-  """`{'path': absolute path, 'size': bytes, 'sha256': hex}` of an input file.
-
-  Raises:
-    OSError: the file cannot be read.
-  """
+  """`{'path': absolute path, 'size': bytes, 'sha256': hex}` of an input file (OSError if
+  unreadable)."""
   return {'path': os.path.abspath(path), 'size': os.path.getsize(path),
           'sha256': file_sha256(path)}
 
 
 def make_record(tool: str, source: Mapping[str, Any], settings: Mapping[str, Any],
                 data: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """A provenance record (see the module docstring), normalised as JSON reads it back.
+  """`{'format', 'tool', 'input': source, 'settings', 'data'}` as JSON reads it back.
 
-  Args:
-    tool: the writing tool, e.g. 'cvt_segmentation.predict'.
-    source: `describe_input` of the input.
-    settings: what changes the output (JSON-serialisable; tuples become lists).
-    data: optional payload kept with the output and not compared.
+  `settings` are what change the output (compared on reruns); `data` is kept, not compared.
   """
   record = {'format': RECORD_FORMAT, 'tool': tool, 'input': dict(source),
             'settings': dict(settings)}
@@ -271,10 +191,34 @@ def encode_record(record: Mapping[str, Any]) -> str:
   return json.dumps(record, sort_keys=True, separators=(',', ':'), allow_nan=False)
 
 
-def config_identity(spec: str) -> str:
-  """`path/to/config.py[:arg]` with the path made absolute (the config a record names)."""
-  path, sep, arg = spec.partition(':')
-  return os.path.abspath(path) + sep + arg
+def model_settings(config_spec: str | None, checkpoint: str) -> dict[str, Any]:
+  """The model an output comes from: the config (`path.py[:arg]`, the path made absolute)
+  and the checkpoint (its folder and step, so a workdir and its checkpoints folder agree)."""
+  from projects.training import checkpoints
+
+  config = None
+  if config_spec:
+    path, sep, arg = config_spec.partition(':')
+    config = os.path.abspath(path) + sep + arg
+  return {'config': config, 'checkpoint': checkpoints.identity(checkpoint)}
+
+
+def report_path(checkpoint: str, tag: str, suffix: str = '.json') -> str:
+  """`WORKDIR/eval_<tag>[_step<S>]<suffix>` of an evaluation report, S the step evaluated.
+
+  `checkpoint` is a workdir, its checkpoints folder (the latest step) or a step folder; the
+  step in the name makes a later checkpoint's evaluation a new report, not a conflict.
+  """
+  from projects.training import checkpoints
+
+  path = pathlib.Path(checkpoint).absolute()
+  if path.name.isdigit() and path.parent.name == 'checkpoints':  # a step folder, even unfinished
+    folder, step = path.parent, path.name
+  else:
+    folder, step = checkpoints.locate(path)
+  if folder.name == 'checkpoints':
+    folder = folder.parent
+  return os.path.join(folder, f'eval_{tag}{"" if step is None else f"_step{step}"}{suffix}')
 
 
 def _describe_size(size: int) -> str:
@@ -341,11 +285,13 @@ def _json_record(path: str, size: int) -> str | None:
   return encode_record(value[RECORD_KEY])
 
 
-_READERS = {'.json': _json_record, '.png': _png_record, '.npz': _npz_record, '.safetensors': _safetensors_record}
+_READERS = {'.json': _json_record, '.png': _png_record, '.npz': _npz_record,
+            '.safetensors': _safetensors_record}
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
-  """The provenance record of an output file written by the tools.
+  """The provenance record of an output file, which must be complete (a PNG ends with IEND,
+  a zip with its directory, a safetensors file is as long as its header says).
 
   Raises:
     RecordError: the file is empty, incomplete, unreadable, of an unknown kind, or has no
@@ -376,17 +322,13 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
   return record
 
 
+# --- the policy: already done, conflict, overwrite -------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputState:
-  """What to do with one input, given the outputs that already exist.
-
-  Attributes:
-    status: 'todo' (write its outputs), 'done' (every output exists and records this input
-      and settings: skip) or 'conflict' (an output is not this input's: keep it, fail).
-    message: for a conflict, one line naming the output, what it records and what was
-      expected, ending with the --overwrite hint.
-    records: the records read from existing outputs (by path), e.g. for data kept in them.
-  """
+  """'todo', 'done' (skip) or 'conflict' (keep the outputs, fail with `message`), and the
+  records read from existing outputs."""
 
   status: str
   message: str = ''
@@ -398,11 +340,35 @@ def _short(record: Mapping[str, Any]) -> str:
   return f'{source.get("path")} (sha256 {str(source.get("sha256"))[:12]}...)'
 
 
-def _mismatch(path: str, found: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
-  """Why `found` is not the record `expected` at `path`, or None when it is the same."""
+def _flat(value: Any, prefix: str = '') -> dict[str, Any]:
+  if not isinstance(value, Mapping):
+    return {prefix[:-1]: value}
+  return {k: v for key, item in value.items() for k, v in _flat(item, f'{prefix}{key}.').items()}
+
+
+def _short_json(value: Any, limit: int = 100) -> str:
+  """`value` as JSON, its middle cut out when long (the ends of paths tell them apart)."""
+  text = json.dumps(value)
+  half = (limit - 3) // 2
+  return text if len(text) <= limit else f'{text[:half]}...{text[-half:]}'
+
+
+def _mismatch(path: str, found: Mapping[str, Any], expected: Mapping[str, Any],
+              values: bool) -> str | None:
+  """Why `found` is not the record `expected` at `path`, or None when it is the same.
+
+  With `values`, settings that differ are named with the value found and this run's.
+  """
   a, b = found.get('input', {}), expected['input']
   if (a.get('sha256'), a.get('size')) != (b['sha256'], b['size']):
     return f'{path} belongs to {_short(found)}, not to {_short(expected)}'
+  if values and found.get('tool') == expected['tool']:
+    old, new = _flat(found['settings']), _flat(expected['settings'])
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if keys:
+      return f'{path} holds another evaluation of {b["path"]}: ' + ', '.join(
+          f'{k} {_short_json(old.get(k))} (this run: {_short_json(new.get(k))})' for k in keys)
+    return None
   keys = sorted(k for k in set(found['settings']) | set(expected['settings'])
                 if found['settings'].get(k) != expected['settings'].get(k))
   if found.get('tool') != expected['tool']:
@@ -412,13 +378,14 @@ def _mismatch(path: str, found: Mapping[str, Any], expected: Mapping[str, Any]) 
   return None
 
 
-def output_state(outputs: Mapping[str, Mapping[str, Any]], overwrite: bool) -> OutputState:
-  """Decides whether an input is to be written, already done, or in conflict (module doc).
+def _conflict(message: str, records: Mapping[str, Any] | None = None) -> OutputState:
+  return OutputState('conflict', f'{message}; pass --overwrite to replace it', records or {})
 
-  Args:
-    outputs: `{output path: the record it would get}` for one input.
-    overwrite: replace existing outputs whatever they record.
-  """
+
+def output_state(outputs: Mapping[str, Mapping[str, Any]], overwrite: bool, *,
+                 values: bool = False) -> OutputState:
+  """Whether one input, `{output path: the record it would get}`, is to be written, done, or
+  in conflict; `values` names differing settings with their values."""
   folders = [p for p in outputs if os.path.isdir(p)]
   if folders:
     return OutputState('conflict', f'{folders[0]} is a folder; expected a file path')
@@ -432,12 +399,92 @@ def output_state(outputs: Mapping[str, Mapping[str, Any]], overwrite: bool) -> O
     except RecordError as e:
       problems.append(f'{path}: {e}')
       continue
-    problem = _mismatch(path, records[path], outputs[path])
+    problem = _mismatch(path, records[path], outputs[path], values)
     if problem:
       problems.append(problem)
   if problems:
     more = f' (and {len(problems) - 1} more output{"s" * (len(problems) > 2)})' if (
         len(problems) > 1) else ''
-    return OutputState('conflict', f'{problems[0]}{more}; pass --overwrite to replace it',
-                       records)
+    return _conflict(f'{problems[0]}{more}', records)
   return OutputState('done' if len(present) == len(outputs) else 'todo', '', records)
+
+
+def report_state(path: str, record: Mapping[str, Any], overwrite: bool, *,
+                 results: str | None = None, values: bool = False) -> OutputState:
+  """`output_state` of an evaluation report, and of its `results` file if it has one.
+
+  A results file (COCO's bare list) has no record of its own: the report's record keeps its
+  size and sha256 under `data['results']`. It must be that file; without its report it
+  cannot be told from another evaluation's (a conflict); a finished evaluation whose
+  results file is gone is done again.
+  """
+  if overwrite:
+    return OutputState('todo')
+  if results is not None and os.path.isdir(results):
+    return OutputState('conflict', f'{results} is a folder; expected a file path')
+  state = output_state({path: record}, False, values=values)
+  if results is None or state.status == 'conflict':
+    return state
+  if state.status == 'todo':  # no report
+    if os.path.lexists(results):
+      return _conflict(f'{results} exists without its metrics file {path} (a COCO results file '
+                       "has no record of its own: it may be another evaluation's)")
+    return state
+  if not os.path.lexists(results):
+    return OutputState('todo', '', state.records)
+  stored = (state.records[path].get('data') or {}).get('results') or {}
+  try:
+    found = describe_input(results)
+  except OSError as e:
+    return _conflict(f'{results} cannot be read ({e.strerror or e})')
+  if (found['size'], found['sha256']) != (stored.get('size'), stored.get('sha256')):
+    return _conflict(
+        f'{results} is not the results file {path} records ({found["size"]:,} bytes, sha256 '
+        f'{found["sha256"][:12]}...; expected {stored.get("size") or 0:,} bytes, sha256 '
+        f'{str(stored.get("sha256"))[:12]}...)')
+  return state
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+  """An input to do or already done, with the record each of its outputs gets."""
+
+  item: Any
+  records: dict[str, dict[str, Any]]
+  state: OutputState
+
+
+def plan_inputs(items: Iterable[Any], outputs: Callable[[Any], Mapping[str, Mapping[str, Any]]],
+                tool: str, overwrite: bool, fail: Callable[[str], None], *,
+                check: Callable[[str], None] | None = None,
+                say: Callable[[str], None] | None = None) -> tuple[list[Planned], list[Planned]]:
+  """`(todo, done)` of the tools of many inputs (`items` with a `.path`), before any work.
+
+  `outputs(item)` gives `{output path: settings}`. An input that cannot be read (an
+  OSError, or `check` raised a ValueError naming it) or whose outputs are in conflict goes
+  to `fail`; `say` prints the "already done" lines (default stderr).
+  """
+  todo, done = [], []
+  for item in items:
+    try:
+      if check is not None:
+        check(item.path)
+      source = describe_input(item.path)
+    except OSError as e:
+      fail(f'{item.path}: cannot read ({e.strerror or e})')
+      continue
+    except ValueError as e:
+      fail(str(e))
+      continue
+    records = {path: make_record(tool, source, settings)
+               for path, settings in outputs(item).items()}
+    state = output_state(records, overwrite)
+    if state.status == 'conflict':
+      fail(f'{item.path}: {state.message}')
+    elif state.status == 'done':
+      line = f'{item.path}: already done ({next(iter(records))})'
+      print(line, file=sys.stderr) if say is None else say(line)
+      done.append(Planned(item, records, state))
+    else:
+      todo.append(Planned(item, records, state))
+  return todo, done

@@ -1,15 +1,9 @@
-"""Progress of the tools' long work, in a terminal and in a log file alike.
+"""Progress of the tools' long work: a tqdm bar on a terminal, plain timed lines in a log.
 
-On a terminal, `Progress` draws a tqdm bar (with the current item and its detail, such as the
-attention chunk of a large image, after it). Anywhere else (stderr redirected to a file, a
-batch job's log) a bar is a line rewritten with carriage returns, unreadable in a log, so it
-prints plain lines instead: one when the work starts, one at most every `interval` seconds
-(and whenever an item starts after that), and one at the end:
+A bar rewritten with carriage returns is unreadable in a log, so elsewhere `Progress` prints
+a line at the start, at most every `$CVT_PROGRESS_INTERVAL` seconds (10) and at the end:
 
   extract: 3/12 img (25%), 0:41 elapsed, ~2:03 left; big.png 2048x2048: stage 1 chunk 5/32
-
-`enabled=False` (`--no-progress`) prints nothing but `write` messages. The interval of the
-line mode is `$CVT_PROGRESS_INTERVAL` seconds (default 10).
 """
 
 from __future__ import annotations
@@ -37,16 +31,10 @@ def _interval() -> float:
 
 
 class Progress:
-  """Counts done items of `total`; a tqdm bar on a terminal, timed lines otherwise.
+  """Counts done items of `total` (None: unknown) of `desc` ('predict'), each a `unit`.
 
-  Args:
-    total: number of items (None: unknown).
-    desc: what is being done ('predict', 'extract').
-    unit: what an item is ('img', 'batch').
-    enabled: False prints no progress at all (`write` still prints).
-    stream: where to print (default stderr).
-    interval: seconds between lines in line mode (default `$CVT_PROGRESS_INTERVAL` or 10).
-    terminal: force bar (True) or line (False) mode; default: whether `stream` is a TTY.
+  `enabled=False` (--no-progress) prints nothing but `write` messages; `terminal` forces
+  the bar (True) or the lines (False), by default whether `stream` (stderr) is a TTY.
   """
 
   def __init__(self, total: int | None, desc: str, unit: str = 'img', *, enabled: bool = True,
@@ -69,8 +57,6 @@ class Progress:
       self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
     elif enabled:
       self._line()
-
-  # --- reporting ---------------------------------------------------------------------------
 
   def start_item(self, item: str) -> None:
     """An item begins (its name shows beside the count); prints a line if one is due."""
@@ -126,8 +112,6 @@ class Progress:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-  # --- drawing ------------------------------------------------------------------------------
 
   def _postfix(self) -> str:
     return ': '.join(part for part in (self.item, self.detail) if part)

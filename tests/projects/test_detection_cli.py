@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from projects.tools import output_files
 from projects.cvt_detection import evaluate, predict
+from projects.tools import output_files
 
 from .trainer_support import REPO
 

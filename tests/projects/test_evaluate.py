@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from projects.cvt_segmentation import cli, evaluate, inference, metrics
+from projects.cvt_segmentation import evaluate, inference, metrics
 from projects.cvt_segmentation.data import EvalLoader, EvalTransform
+from projects.training.configs import load_config
 
 from .test_inference_support import (
   ContextModel,
@@ -146,12 +147,12 @@ def test_checkpoint_not_matching_the_config_is_a_clear_error(tmp_path, capsys):
 
 
 def test_settings_and_config_errors(tmp_path):
-  config = cli.load_config(_write_config(tmp_path, 'mode="slide"'))
+  config = load_config(_write_config(tmp_path, 'mode="slide"'))
   with pytest.raises(ValueError, match="'slide' needs crop_size and stride"):
-    cli.inference_settings(config)
+    inference.inference_settings(config)
   args = evaluate.parse_args(['--config', 'c', '--checkpoint', 'k', '--mode', 'whole'])
-  assert cli.inference_settings(config, args).mode == 'whole'
+  assert inference.inference_settings(config, **evaluate.flag_settings(args)).mode == 'whole'
   with pytest.raises(FileNotFoundError, match='config file not found'):
-    cli.load_config(str(tmp_path / 'missing.py'))
+    load_config(str(tmp_path / 'missing.py'))
   with pytest.raises(FileNotFoundError, match='checkpoint not found'):
-    cli.load_model(config, str(tmp_path / 'no_checkpoint'))
+    evaluate.load_model(config, str(tmp_path / 'no_checkpoint'))

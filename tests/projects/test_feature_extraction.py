@@ -14,11 +14,12 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
+from cvt_backbone.cvt import CvTBackbone, get_spec
 from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.weights import converted as checkpoint_lib
-from cvt_backbone.cvt import CvTBackbone, get_spec
 from projects.feature_extraction import extract, images, planning, writers
 from projects.feature_extraction.planning import MemoryBudgetError, plan_attention
+from projects.training import images as read_images
 
 VARIANT = 'cvt-tiny'
 REPO = Path(__file__).resolve().parents[2]
@@ -214,7 +215,7 @@ def test_image_reading(tmp_path):
   exif = im.getexif()
   exif[0x0112] = 6
   im.save(tmp_path / 'rotated.jpg', exif=exif)
-  assert images.probe_size(str(tmp_path / 'rotated.jpg')) == (30, 20)
+  assert read_images.displayed_size(str(tmp_path / 'rotated.jpg')) == (30, 20)
   assert images.read_image(str(tmp_path / 'rotated.jpg')).shape == (30, 20, 3)
   assert images.target_size(3000, 1000, 1024) == (1024, 341)
   assert images.target_size(300, 100, 1024) == (300, 100)  # Never enlarged.

@@ -1,6 +1,6 @@
 """One image reader for every tool: 16-bit, greyscale, palette, alpha, CMYK and EXIF alike.
 
-`input_files.read_image` (the predict tools), `input_files.read_stored_image` (the
+`images.read_image` (the predict tools), `images.read_stored_image` (the
 segmentation and COCO datasets) and `feature_extraction.images.read_image` (cvt-extract)
 must give the same pixels; a 16-bit file must read like its 8-bit copy
 `round(value / 257)`, never all white.
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from projects.tools import input_files
 from projects.cvt_detection.data import CocoDetection
 from projects.cvt_segmentation.data.folders import SegmentationFolder
 from projects.feature_extraction import images as extract_images
+from projects.training import images
 
 H, W = 12, 20  # Odd sizes catch transposed axes.
 
@@ -224,7 +224,7 @@ def _read_all(path):
   """The three readers, with warnings turned into errors (a reader must not warn)."""
   with warnings.catch_warnings():
     warnings.simplefilter('error')
-    return (input_files.read_image(str(path)), input_files.read_stored_image(str(path)),
+    return (images.read_image(str(path)), images.read_stored_image(str(path)),
             extract_images.read_image(str(path)))
 
 
@@ -251,7 +251,7 @@ def test_16bit_png_is_not_all_white(tmp_path, reader):
   """The issue's report: a 16-bit PNG read as 255 everywhere."""
   values = _values16()
   Image.fromarray(values).save(tmp_path / 'scan.png')
-  pixels = getattr(input_files, reader)(str(tmp_path / 'scan.png'))
+  pixels = getattr(images, reader)(str(tmp_path / 'scan.png'))
   eight = _grey(_8bit_copy(values))
   off = np.abs(pixels.astype(np.int32) - eight) > 1
   assert not off.any(), f'{off.mean():.0%} of the values differ from the 8-bit copy by more than 1'
@@ -260,7 +260,7 @@ def test_16bit_png_is_not_all_white(tmp_path, reader):
 def test_every_16bit_value_rounds_like_the_8bit_copy(tmp_path):
   values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
   _png(tmp_path / 'all.png', values)
-  stored = input_files.read_stored_image(str(tmp_path / 'all.png'))
+  stored = images.read_stored_image(str(tmp_path / 'all.png'))
   np.testing.assert_array_equal(stored, _grey(_8bit_copy(values)))
   extracted = extract_images.read_image(str(tmp_path / 'all.png'))
   np.testing.assert_allclose(extracted, _grey(values * (255 / 65535)), rtol=1e-6, atol=1e-5)
@@ -272,12 +272,12 @@ def test_48bit_png_keeps_16_bits_per_channel(tmp_path):
   _png(tmp_path / 'rgb48.png', values)
   extracted = extract_images.read_image(str(tmp_path / 'rgb48.png'))
   np.testing.assert_allclose(extracted[0, 0], values[0, 0] * (255 / 65535), rtol=1e-6)
-  stored = input_files.read_stored_image(str(tmp_path / 'rgb48.png'))
+  stored = images.read_stored_image(str(tmp_path / 'rgb48.png'))
   np.testing.assert_array_equal(stored[0, 0], [1, 1, 1])  # 256/257, 383/257 round to 1
   values = np.array([[[385, 65535, 0]]], np.uint16).repeat(2, 0)  # 385 / 257 = 1.498
   _png(tmp_path / 'rgb48.png', values)
   np.testing.assert_array_equal(
-      input_files.read_stored_image(str(tmp_path / 'rgb48.png'))[0, 0], [1, 255, 0])
+      images.read_stored_image(str(tmp_path / 'rgb48.png'))[0, 0], [1, 255, 0])
 
 
 def test_interlaced_png_writer_matches_pil(tmp_path):
@@ -294,10 +294,10 @@ def test_16bit_colour_falls_back_to_pil_8bit_values(tmp_path, monkeypatch, chann
   def fail(*args):
     raise ValueError('unknown raw mode for given image mode')
 
-  monkeypatch.setattr(input_files, '_decode_as', fail)
+  monkeypatch.setattr(images, '_decode_as', fail)
   values = _values16(channels)
   _png(tmp_path / 'x.png', values)
-  stored = input_files.read_stored_image(str(tmp_path / 'x.png'))
+  stored = images.read_stored_image(str(tmp_path / 'x.png'))
   copy = _grey(_8bit_copy(values[..., 0])) if channels == 2 else _8bit_copy(values[..., :3])
   assert np.abs(stored.astype(np.int32) - copy).max() <= 1
 
@@ -339,7 +339,7 @@ def test_exif_orientation_only_for_the_viewer_reader(tmp_path, orientation):
   np.testing.assert_array_equal(stored, as_stored)
   np.testing.assert_array_equal(viewer, as_shown)
   np.testing.assert_array_equal(extracted, as_shown.astype(np.float32))
-  assert extract_images.probe_size(str(tmp_path / 'photo.jpg')) == viewer.shape[:2]
+  assert images.displayed_size(str(tmp_path / 'photo.jpg')) == viewer.shape[:2]
 
 
 def test_exif_orientation_of_a_16bit_png(tmp_path):
@@ -358,11 +358,11 @@ def test_float_and_out_of_range_images_are_refused_clearly(tmp_path):
   Image.fromarray(np.full((H, W), -3, np.int32)).save(tmp_path / 'int32.tif')
   for name, found in (('float.tif', "'F'"), ('int32.tif', '-3')):
     path = str(tmp_path / name)
-    with pytest.raises(input_files.ImageModeError, match=rf'{name}: .*{found}'):
-      input_files.read_stored_image(path)
-    with pytest.raises(input_files.PredictError, match=rf'{name}: .*{found}'):
-      input_files.read_image(path)
-    with pytest.raises(extract_images.InputError, match=rf'{name}: .*{found}'):
+    with pytest.raises(images.ImageModeError, match=rf'{name}: .*{found}'):
+      images.read_stored_image(path)
+    with pytest.raises(images.ImageError, match=rf'{name}: .*{found}'):
+      images.read_image(path)
+    with pytest.raises(images.ImageError, match=rf'{name}: .*{found}'):
       extract_images.read_image(path)
 
 
@@ -374,7 +374,7 @@ def test_to_rgb_pixels_on_16bit_images_in_memory(mode):
   else:
     im = Image.frombytes(mode, (W, H), values.astype('>u2' if mode == 'I;16B' else '<u2').tobytes())
   assert im.mode == mode
-  np.testing.assert_allclose(extract_images.to_rgb_pixels(im), _grey(values * (255 / 65535)),
+  np.testing.assert_allclose(images.rgb_pixels(im).astype(np.float32), _grey(values * (255 / 65535)),
                              rtol=1e-6)
-  np.testing.assert_array_equal(input_files.to_uint8(input_files.rgb_pixels(im)),
+  np.testing.assert_array_equal(images.to_uint8(images.rgb_pixels(im)),
                                 _grey(_8bit_copy(values)))

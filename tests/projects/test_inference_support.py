@@ -18,7 +18,7 @@ from projects.cvt_segmentation.inference import make_logits_fn
 
 def write_synthetic_config(folder: Path, num_classes: int, *, num_eval: int = 3,
                            eval_fields: str = 'mode="whole"', extra: str = '',
-                           name: str = 'config.py') -> str:
+                           name: str = 'config.py', test_scale=(40, 32)) -> str:
   """A config file for the synthetic dataset at 40x48; `get_config(arg)` takes num_eval."""
   path = Path(folder) / name
   path.write_text(textwrap.dedent(f'''
@@ -29,7 +29,7 @@ def write_synthetic_config(folder: Path, num_classes: int, *, num_eval: int = 3,
         config.dataset_name = 'synthetic'
         config.dataset_configs = ml_collections.ConfigDict(dict(
             num_classes={num_classes}, image_size=(40, 48), num_train=2,
-            num_eval=int(arg) if arg else {num_eval}, test_scale=(40, 32)))
+            num_eval=int(arg) if arg else {num_eval}, test_scale={tuple(test_scale)}))
         config.eval = ml_collections.ConfigDict(dict({eval_fields}))
         {extra}
         return config

@@ -23,19 +23,19 @@ import io
 import json
 import os
 import shutil
-import textwrap
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from projects.tools import output_files
 from projects.cvt_detection import evaluate as det_evaluate
 from projects.cvt_detection import predict as det_predict
 from projects.cvt_segmentation import evaluate as seg_evaluate
 from projects.cvt_segmentation import predict as seg_predict
 from projects.feature_extraction import extract, writers
+from projects.tools import output_files
 
+from .test_detection_cli import _fake_loader
 from .test_inference_support import ContextModel, init_model, write_synthetic_config
 from .trainer_support import REPO
 
@@ -75,19 +75,7 @@ def inputs(tmp_path):
 
 @pytest.fixture
 def seg_config(tmp_path):
-  path = tmp_path / 'seg_config.py'
-  path.write_text(textwrap.dedent(f'''
-      import ml_collections
-
-      def get_config():
-        config = ml_collections.ConfigDict()
-        config.dataset_name = 'synthetic'
-        config.dataset_configs = ml_collections.ConfigDict(dict(
-            num_classes={K}, test_scale=(48, 32)))
-        config.eval = ml_collections.ConfigDict(dict(mode='whole'))
-        return config
-  '''))
-  return str(path)
+  return write_synthetic_config(tmp_path, K, test_scale=(48, 32), name='seg_config.py')
 
 
 def _seg_model(config, checkpoint):
@@ -234,52 +222,9 @@ def test_segmentation_evaluate_checks_its_output_first_and_prints_before_writing
   assert captured.err.startswith(f'error: cannot write {out}')
 
 
-def test_segmentation_evaluate_skips_only_the_same_evaluation(tmp_path, capsys):
-  config = _seg_eval_config(tmp_path)
-  out = tmp_path / 'r.json'
-  argv = ['--config', config, '--checkpoint', str(tmp_path), '--output', str(out),
-          '--no-progress']
-  assert seg_evaluate.main(argv, model_loader=_seg_model) == 0
-  assert output_files.read_record(str(out))['input']['sha256'] == output_files.file_sha256(config)
-  first = _stamps(tmp_path)
-  capsys.readouterr()
-  # The same evaluation: the stored table, no model, exit 0, nothing rewritten.
-  assert seg_evaluate.main(argv, model_loader=_fail_if_called) == 0
-  captured = capsys.readouterr()
-  assert 'already evaluated' in captured.err and 'mIoU' in captured.out
-  assert _stamps(tmp_path) == first
-  # Other settings, or a 0-byte report: kept, one error line, exit 1, until --overwrite.
-  assert seg_evaluate.main(argv + ['--flip'], model_loader=_fail_if_called) == 1
-  err = capsys.readouterr().err.splitlines()
-  assert len(err) == 1 and 'inference.flip false (this run: true)' in err[0]
-  out.write_bytes(b'')
-  assert seg_evaluate.main(argv, model_loader=_fail_if_called) == 1
-  assert capsys.readouterr().err == f'error: {out}: empty file (0 bytes), not written by this ' \
-                                    'version; pass --overwrite to replace it\n'
-  assert out.read_bytes() == b''
-  assert seg_evaluate.main(argv + ['--overwrite'], model_loader=_seg_model) == 0
-  assert out.read_bytes() == first['r.json'][1]
-
-
 # --------------------------------------------------------------- detection predict
 
 DET_CONFIG = os.path.join(REPO, 'projects/cvt_detection/configs/synthetic_demo.py:runlocal')
-
-
-def _fake_predict(variables, inputs, image_size, scale_factor):
-  """One box per image whose score and width follow the image's mean (a stand-in model)."""
-  del variables, scale_factor
-  b = inputs.shape[0]
-  level = 1 / (1 + np.exp(-np.asarray(inputs, np.float32).mean(axis=(1, 2, 3))))
-  h, w = np.asarray(image_size, np.float32)[:, 0], np.asarray(image_size, np.float32)[:, 1]
-  boxes = np.stack([np.ones(b), np.ones(b), 2 + level * (w - 3), h - 1], -1)[:, None]
-  return {'boxes': boxes.astype(np.float32), 'scores': level[:, None].astype(np.float32),
-          'classes': np.zeros((b, 1), np.int32), 'valid': np.ones((b, 1), bool)}
-
-
-def _fake_loader(config, checkpoint, num_classes):
-  del config, checkpoint, num_classes
-  return _fake_predict, {}
 
 
 def _det_predict(capsys, out, *paths):
@@ -385,8 +330,8 @@ def test_detection_evaluate_prints_its_table_before_a_write_error(tmp_path, caps
 
 @pytest.fixture(scope='module')
 def weights(tmp_path_factory):
-  from cvt_backbone.weights import converted as checkpoint_lib
   from cvt_backbone.cvt import CvTBackbone, get_spec
+  from cvt_backbone.weights import converted as checkpoint_lib
 
   from .test_feature_extraction import _random_variables
 

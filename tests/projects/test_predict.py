@@ -1,7 +1,6 @@
 """The `predict` command: palette masks and overlays for folders of images of any size."""
 
 import os
-import textwrap
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from PIL import Image
 from projects.cvt_segmentation import palettes, predict
 from projects.cvt_segmentation.inference import make_logits_fn, segment_image
 
-from .test_inference_support import ContextModel, init_model
+from .test_inference_support import ContextModel, init_model, write_synthetic_config
 
 K = 6
 TEST_SCALE = (48, 32)
@@ -18,19 +17,7 @@ TEST_SCALE = (48, 32)
 
 @pytest.fixture
 def config_path(tmp_path):
-  path = tmp_path / 'config.py'
-  path.write_text(textwrap.dedent(f'''
-      import ml_collections
-
-      def get_config():
-        config = ml_collections.ConfigDict()
-        config.dataset_name = 'synthetic'
-        config.dataset_configs = ml_collections.ConfigDict(dict(
-            num_classes={K}, test_scale={TEST_SCALE}))
-        config.eval = ml_collections.ConfigDict(dict(mode='whole'))
-        return config
-  '''))
-  return str(path)
+  return write_synthetic_config(tmp_path, K, test_scale=TEST_SCALE)
 
 
 def _model_loader(config, checkpoint):

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from projects.cvt_segmentation import evaluate, inference, palettes, predict
 from projects.tools import output_files
-from projects.cvt_segmentation import cli, evaluate, palettes, predict
 
 from .test_inference_support import ContextModel, init_model, write_synthetic_config
 
@@ -58,12 +58,12 @@ def test_sizes_scales_and_test_scale_are_comma_lists(tool):
   base = ['--config', 'c.py', '--checkpoint', 'k', *extra]
   args = tool.parse_args(base + ['--mode', 'slide', '--crop-size', '512,1024', '--stride',
                                  '341,682', '--scales', '0.5,1.0,1.5', '--test-scale', '2048,512'])
-  settings = cli.inference_settings(None, args)  # no config: the flags alone
+  settings = inference.inference_settings(None, **evaluate.flag_settings(args))  # flags alone
   assert settings.crop_size == (512, 1024) and settings.stride == (341, 682)
   assert settings.scales == (0.5, 1.0, 1.5)
-  assert cli.test_scale(None, args.test_scale) == (2048, 512)
+  assert inference.config_test_scale(None, args.test_scale) == (2048, 512)
   square = tool.parse_args(base + ['--crop-size', '512', '--test-scale', 'none'])
-  assert square.crop_size == (512, 512) and cli.test_scale(None, square.test_scale) is None
+  assert square.crop_size == (512, 512) and inference.config_test_scale(None, square.test_scale) is None
 
   for argv, expected in [(['--crop-size', '512', '1024'], 'unrecognized arguments: 1024'),
                          (['--crop-size', '512,x'], 'expected H,W'),
@@ -137,19 +137,24 @@ def test_evaluate_reruns_follow_the_output_policy(tmp_path, capsys):
   assert record['settings']['test_scale'] == [40, 32]
   stored = out.read_bytes()
 
+  stamp = os.stat(out).st_mtime_ns
+
   # The same evaluation: printed from the report, nothing loaded or rewritten, exit 0.
   assert evaluate.main(argv, model_loader=_fail_if_called) == 0
   captured = capsys.readouterr()
   assert f'{out}: already evaluated' in captured.err
   table = first.split('results written')[0]
   assert 'mIoU' in table and table in captured.out
-  assert out.read_bytes() == stored
+  assert out.read_bytes() == stored and os.stat(out).st_mtime_ns == stamp
 
   # Other settings: one error line naming what the report holds and what was asked.
   assert evaluate.main(argv + ['--min-size', '40'], model_loader=_fail_if_called) == 1
   err = capsys.readouterr().err.splitlines()
   assert len(err) == 1 and err[0].startswith(f'error: {out} holds another evaluation')
   assert 'inference.min_size 32 (this run: 40)' in err[0] and '--overwrite' in err[0]
+  assert evaluate.main(argv + ['--flip'], model_loader=_fail_if_called) == 1
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and 'inference.flip false (this run: true)' in err[0]
   assert out.read_bytes() == stored
 
   # An empty file (a kill under an older version) or a report without a record: kept.
@@ -158,9 +163,12 @@ def test_evaluate_reruns_follow_the_output_policy(tmp_path, capsys):
     assert evaluate.main(argv, model_loader=_fail_if_called) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f'error: {out}: ') and '--overwrite' in err[0]
+    if not content:
+      assert err == [f'error: {out}: empty file (0 bytes), not written by this version; pass '
+                     '--overwrite to replace it']
     assert out.read_bytes() == content
   assert evaluate.main(argv + ['--overwrite'], model_loader=_model) == 0
-  assert output_files.read_record(str(out)) == record
+  assert output_files.read_record(str(out)) == record and out.read_bytes() == stored
 
 
 def test_evaluate_default_report_names_the_step(tmp_path, capsys):
@@ -265,10 +273,10 @@ def test_predict_overlay_leaves_the_background_as_it_is(tmp_path, capsys):
 def test_background_classes():
   assert palettes.background_classes(('Background', 'disc', 'background')) == (0, 2)
   assert palettes.background_classes(None) == ()
-  assert cli.class_names(ml_collections.ConfigDict(), 3) is None  # no dataset: unknown
+  assert predict.class_names(ml_collections.ConfigDict(), 3) is None  # no dataset: unknown
   folder = ml_collections.ConfigDict(dict(dataset_name='folder', dataset_configs=dict(
       class_names=('sky', 'BACKGROUND'))))
-  assert palettes.background_classes(cli.class_names(folder, 2)) == (1,)
+  assert palettes.background_classes(predict.class_names(folder, 2)) == (1,)
   from projects.cvt_segmentation.data import synthetic_class_names
 
   assert palettes.background_classes(synthetic_class_names(4)) == (0,)

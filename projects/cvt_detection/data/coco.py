@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from projects.tools.input_files import read_stored_image
+from projects.training.images import read_stored_image
 from projects.tools.output_files import write_atomically
 from projects.training import data_index
 from projects.training.datasets import DatasetError, MissingFilesError

@@ -42,7 +42,7 @@ COMMON_DATASET_KEYS = ('crop_size', 'scale', 'ratio_range', 'cat_max_ratio', 'fl
 # The datasets' names in Scenic's registry (`data.register_with_scenic`), whose builders
 # also take `start_step`.
 SCENIC_DATASET_PREFIX = 'cvt_seg_'
-# `config.eval` keys read by `cli.inference_settings` beyond those of `base_config`.
+# `config.eval` keys read by `inference.inference_settings` beyond those of `base_config`.
 _EVAL_EXTRA_KEYS = ('min_size', 'pad_to_crop')
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from projects.tools.input_files import read_stored_image
+from projects.training.images import read_stored_image
 from projects.training import data_index
 from projects.training.datasets import DatasetError, MissingFilesError
 
