@@ -29,10 +29,11 @@ the models' `check_finite=True`, stops such inputs with an error instead.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -106,6 +107,14 @@ class CvTSpec:
         raise ValueError(f'Stage width {dim} is not divisible by its {heads} heads.')
     for rate in self.drop_path_rates:
       _check_rate('CvTSpec.drop_path_rates', rate)
+
+  def to_dict(self) -> dict[str, Any]:
+    """The fields as msgpack/JSON-friendly lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_dict(cls, fields: Mapping[str, Any]) -> CvTSpec:
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
   @property
   def num_stages(self) -> int:
@@ -808,6 +817,71 @@ class CvT(nn.Module):
       return x
     return nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype,
                     param_dtype=self.param_dtype, name='head')(x)
+
+
+# Settings of a backbone config block that say how to load weights, not how to build it.
+LOADING_KEYS = ('pretrained', 'keep_cls_token')
+_DTYPE_FIELDS = ('dtype', 'param_dtype')
+_FIELDS = tuple(f.name for f in dataclasses.fields(CvTBackbone) if f.name not in ('parent', 'name'))
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+  if config is None:
+    return {}
+  if hasattr(config, 'to_dict'):  # ml_collections.ConfigDict / FrozenConfigDict
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    raise TypeError(f'A backbone config must be a mapping or a ConfigDict; got '
+                    f'{type(config).__name__}.')
+  return dict(config)
+
+
+def _unknown_key_error(key: str, known: Sequence[str], where: str) -> ValueError:
+  close = difflib.get_close_matches(key, known, n=1)
+  hint = f' Did you mean {close[0]!r}?' if close else ''
+  return ValueError(f'Unknown {where} setting {key!r}.{hint} Known: {", ".join(sorted(known))}.')
+
+
+def _dtype(value: Any, key: str) -> Any:
+  if not isinstance(value, str):
+    return value
+  try:
+    return jnp.dtype(value)
+  except TypeError as e:
+    raise ValueError(f'config {key}={value!r} is not a dtype name such as "float32" or '
+                     '"bfloat16".') from e
+
+
+def build_backbone(config: Any = None, **overrides: Any) -> CvTBackbone:
+  """A `CvTBackbone` from a config block (e.g. `config.model.backbone`).
+
+  Args:
+    config: a ConfigDict, a mapping or None (defaults: CvT-13), holding any
+      `CvTBackbone` field and the loading keys `pretrained` and `keep_cls_token`
+      (read by `pretrained_settings`, ignored here).
+    **overrides: fields that win over the config's (e.g. `bn_axis_name='batch'`).
+
+  Returns:
+    The backbone module (not initialised).
+
+  Raises:
+    ValueError: an unknown key (naming the closest field) or a bad dtype name.
+  """
+  settings = {**config_dict(config), **overrides}
+  fields = {}
+  for key, value in settings.items():
+    if key in LOADING_KEYS:
+      continue
+    if key not in _FIELDS:
+      raise _unknown_key_error(key, _FIELDS + LOADING_KEYS, 'backbone')
+    if key in _DTYPE_FIELDS:
+      value = _dtype(value, key)
+    elif key == 'spec' and isinstance(value, Mapping):
+      value = CvTSpec.from_dict(value)
+    elif key == 'out_features' and isinstance(value, list):
+      value = tuple(value)
+    fields[key] = value
+  return CvTBackbone(**fields)
 
 
 def count_params(params: Any) -> int:

@@ -1,30 +1,18 @@
-"""Official and Hugging Face CvT state_dicts -> Flax variables, and a strict merge.
+"""CvT and head weights from PyTorch layouts to Flax variables, and the strict merge into a model.
 
-Pure functions on in-memory arrays (no file access, no torch): reading files is
-`readers.py`, the command line tool and the converted-file format are
-`checkpoint.py`. `check_converted` compares every converted shape with the model
-of the inferred architecture (`jax.eval_shape` of its init: no compute).
-
-Two namings hold the same values (see DESIGN.md):
-- official microsoft/CvT (`CvT-13-224x224-IN-1k.pth`, `lib/models/cls_cvt.py`):
-  `stage0.blocks.3.attn.conv_proj_q.bn.running_mean`, `norm.weight`, `head.weight`;
-- Hugging Face (`microsoft/cvt-13`, `modeling_cvt.py`):
-  `cvt.encoder.stages.0.layers.3.attention.attention.convolution_projection_query.
-  convolution_projection.normalization.running_mean`, `layernorm.weight`, `classifier.weight`.
-Hugging Face names are first renamed to the official ones, which `cvt.py` mirrors,
-then every tensor is moved to its Flax path and layout:
-
-  conv weight   (O, I/g, kh, kw) -> kernel (kh, kw, I/g, O)
-  linear weight (out, in)        -> kernel (in, out)
-  norm weight                    -> scale
-  BN running_mean / running_var  -> batch_stats mean / var (num_batches_tracked dropped)
+Pure functions on in-memory arrays (no file access, no torch). Official CvT keys
+(`stage0.blocks.3.attn.conv_proj_q.bn.running_mean`) and Hugging Face ones
+(`cvt.encoder.stages.0.layers.3.attention.attention.convolution_projection_query...`) are
+renamed to one Flax path each, then moved to the Flax layout (`torch_leaf`):
+conv (O, I/g, kh, kw) -> kernel (kh, kw, I/g, O), linear (out, in) -> kernel (in, out),
+norm weight -> scale, BN running_mean / running_var -> batch_stats mean / var.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -52,11 +40,12 @@ class CheckpointError(ValueError):
 
 
 class CheckpointMismatchError(CheckpointError):
-  """A checkpoint that does not fit the model it is loaded into."""
+  """A checkpoint that does not fit the model it is loaded into (weights or a training state)."""
 
-  def __init__(self, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
+  def __init__(self, summary: str | None = None, *, missing: Iterable[str] = (),
+               unexpected: Iterable[str] = (),
                mismatched: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
-               hints: Iterable[str] = (), summary: str | None = None):
+               hints: Iterable[str] = ()):
     self.missing = list(missing)
     self.unexpected = list(unexpected)
     self.mismatched = list(mismatched)
@@ -74,8 +63,60 @@ class CheckpointMismatchError(CheckpointError):
     super().__init__('\n'.join(lines))
 
 
+# Axes of a Flax array taken from the PyTorch tensor: `flax = np.transpose(torch, perm)`.
+_CONV_PERM = (2, 3, 1, 0)
+_DENSE_PERM = (1, 0)
+Perm = tuple[int, ...] | None
+
+
+def torch_leaf(key: str, value: np.ndarray) -> tuple[str, str, np.ndarray, Perm] | None:
+  """One PyTorch leaf -> (collection, Flax leaf name, array in Flax layout, perm), by ndim."""
+  leaf = key.rpartition('.')[2]
+  if leaf == 'num_batches_tracked':
+    return None  # A training counter; Flax BatchNorm has no equivalent.
+  if leaf in ('running_mean', 'running_var'):
+    return 'batch_stats', leaf.removeprefix('running_'), value, None
+  if leaf == 'bias':
+    return 'params', 'bias', value, None
+  if leaf != 'weight':
+    raise ValueError(f'Do not know how to convert {key!r}.')
+  if value.ndim == 4:
+    return 'params', 'kernel', np.transpose(value, _CONV_PERM), _CONV_PERM
+  if value.ndim == 2:
+    return 'params', 'kernel', np.transpose(value), _DENSE_PERM
+  if value.ndim == 1:
+    return 'params', 'scale', value, None
+  raise ValueError(f'Cannot convert {key!r} with shape {value.shape}.')
+
+
+def module_path(torch_path: str) -> str:
+  """`'convs.0.conv'` -> `'convs_0/conv'`: list indices join their list's name."""
+  return re.sub(r'\.(\d+)', r'_\1', torch_path).replace('.', '/')
+
+
+def torch_to_flax(state_dict: Mapping[str, Any],
+                  rename: Callable[[str], str | None] = module_path) -> dict[str, dict[str, Any]]:
+  """A PyTorch state dict of numpy arrays -> `{'params': ..., 'batch_stats': ...}`.
+
+  `rename` maps a PyTorch module path (`'a.b'`) to a Flax one (`'a/b'`), or None to drop it.
+  """
+  flat = {}
+  for key, value in state_dict.items():
+    torch_path = key.rpartition('.')[0]
+    entry = torch_leaf(key, np.asarray(value))
+    path = None if entry is None else rename(torch_path)
+    if path is None:
+      continue
+    collection, name, array, _ = entry
+    target = (collection, *path.split('/'), name)
+    if target in flat:
+      raise ValueError(f'{key!r} maps to {"/".join(target)}, which is already set.')
+    flat[target] = np.ascontiguousarray(array)
+  return traverse_util.unflatten_dict(flat)
+
+
 # ---------------------------------------------------------------------------
-# Naming
+# CvT naming
 # ---------------------------------------------------------------------------
 
 _HF_LAYER = r'encoder\.stages\.(\d+)\.layers\.(\d+)\.'
@@ -201,51 +242,26 @@ def _hf_official_names(state_dict: Mapping[str, Any]) -> dict[str, str]:
   return names
 
 
-# ---------------------------------------------------------------------------
-# Conversion
-# ---------------------------------------------------------------------------
-
-
-# Axes of a Flax array taken from the official tensor: `flax = np.transpose(official, perm)`.
-_CONV_PERM = (2, 3, 1, 0)
-_DENSE_PERM = (1, 0)
-
-
-def _flax_entry(key: str, value: np.ndarray
-                ) -> tuple[tuple[str, ...], np.ndarray, tuple[int, ...] | None] | None:
-  """One official key -> (Flax path including the collection, array in Flax layout, the
-  transposition applied or None)."""
+def _flax_entry(key: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray, Perm] | None:
+  """One official key -> (Flax path with its collection, array in Flax layout, perm)."""
   *modules, leaf = key.split('.')
   # 'blocks.3' is one Flax module, 'blocks_3'.
-  path = tuple(re.sub(r'blocks\.(\d+)', r'blocks_\1', '.'.join(modules)).split('.')) \
-      if modules else ()
-  parent = modules[-1] if modules else ''
-  grandparent = modules[-2] if len(modules) > 1 else ''
-
-  def expect(ndim: int) -> None:
-    if value.ndim != ndim:
-      raise CheckpointError(f'{key} has shape {value.shape}; a CvT has {ndim}-D tensors there.')
-
-  if leaf == 'num_batches_tracked':
-    return None  # A training counter; Flax BatchNorm has no equivalent.
-  if leaf in ('running_mean', 'running_var'):
-    expect(1)
-    return ('batch_stats', *path, leaf.removeprefix('running_')), value, None
+  path = tuple(re.sub(r'blocks\.(\d+)', r'blocks_\1', '.'.join(modules)).split('.'))
   if leaf == 'cls_token':
-    expect(3)
+    ndim = 3
+  elif leaf != 'weight' or modules[-1] in ('norm', 'norm1', 'norm2', 'bn'):
+    ndim = 1
+  else:
+    ndim = 4 if modules[-1] == 'conv' or modules[-2:] == ['patch_embed', 'proj'] else 2
+  if value.ndim != ndim and leaf != 'num_batches_tracked':
+    raise CheckpointError(f'{key} has shape {value.shape}; a CvT has {ndim}-D tensors there.')
+  if leaf == 'cls_token':
     return ('params', *path, 'cls_token'), value, None
-  if leaf == 'bias':
-    expect(1)
-    return ('params', *path, 'bias'), value, None
-  # leaf == 'weight'
-  if parent in ('norm', 'norm1', 'norm2', 'bn'):
-    expect(1)
-    return ('params', *path, 'scale'), value, None
-  if parent == 'conv' or (parent == 'proj' and grandparent == 'patch_embed'):
-    expect(4)
-    return ('params', *path, 'kernel'), np.transpose(value, _CONV_PERM), _CONV_PERM
-  expect(2)
-  return ('params', *path, 'kernel'), np.transpose(value), _DENSE_PERM
+  entry = torch_leaf(key, value)
+  if entry is None:
+    return None
+  collection, name, array, perm = entry
+  return (collection, *path, name), array, perm
 
 
 def official_name(path: str) -> tuple[str, tuple[int, ...] | None]:
@@ -642,98 +658,76 @@ def spec_differences(expected: CvTSpec, found: CvTSpec,
 
 @dataclasses.dataclass
 class LoadReport:
-  """What `merge_variables` did, by '/'-joined variable path.
-
-  Attributes:
-    loaded: paths set from the checkpoint.
-    kept_init: model paths left at their fresh initialisation, with the reason.
-    discarded: checkpoint paths not used, with the reason.
-  """
+  """What `merge_variables` did, by '/'-joined path: loaded, kept at init and discarded (why)."""
 
   loaded: list[str] = dataclasses.field(default_factory=list)
   kept_init: dict[str, str] = dataclasses.field(default_factory=dict)
   discarded: dict[str, str] = dataclasses.field(default_factory=dict)
 
-  def summary(self) -> str:
-    lines = [f'{len(self.loaded)} arrays loaded from the checkpoint.']
-    if self.kept_init:
-      lines.append(f'{len(self.kept_init)} kept at their fresh initialisation:')
-      lines += [f'  {path} ({why})' for path, why in self.kept_init.items()]
-    if self.discarded:
-      lines.append(f'{len(self.discarded)} checkpoint arrays discarded:')
-      lines += [f'  {path} ({why})' for path, why in self.discarded.items()]
-    return '\n'.join(lines)
 
-
-def merge_variables(fresh: Mapping[str, Any], converted: Mapping[str, Any], *,
+def merge_variables(fresh: Mapping[str, Any], loaded: Mapping[str, Any], *,
                     drop_head: bool = False, keep_cls_token: bool = True,
                     ) -> tuple[dict[str, Any], LoadReport]:
-  """Strictly merges converted weights into a model's freshly initialised variables.
+  """Strictly merges loaded weights (a CvT's, a head's) into a model's fresh variables.
 
-  Every model variable must come from the checkpoint, with the same shape, and
-  every checkpoint array must be used, except:
-  - `out_norm_*` LayerNorms of `CvTBackbone(out_norm=True)`, which no checkpoint
-    has: kept at their initialisation (and reported);
-  - the classifier head with `drop_head=True` (a different class count): the
-    checkpoint's is discarded, the fresh one kept;
-  - the cls token with `keep_cls_token=False`: the checkpoint's is discarded; a
-    model that has one keeps its fresh initialisation.
+  Every model variable must come from `loaded` with the same shape, and every loaded array
+  must be used, except: `out_norm_*` LayerNorms of `CvTBackbone(out_norm=True)` (no
+  checkpoint has them) keep their init; `drop_head` discards the classifier head
+  (`params/head`) for a fresh one; `keep_cls_token=False` discards the cls token.
 
   Args:
-    fresh: the model's variables from `init`, or their `jax.eval_shape` (then the
-      leaves kept at initialisation come back as `ShapeDtypeStruct`s to fill in).
-    converted: output of `convert_state_dict`.
-    drop_head: discard the checkpoint's classifier head.
-    keep_cls_token: use the checkpoint's cls token.
+    fresh: the model's variables from `init`, or their `jax.eval_shape` (the leaves kept at
+      initialisation then come back as `ShapeDtypeStruct`s to fill in).
+    loaded: the same structure (`convert_state_dict`, `torch_to_flax`).
 
   Returns:
-    The merged variables (checkpoint arrays cast to the model's dtypes) and a report.
+    The merged variables (loaded arrays cast to the model's dtypes) and a report.
 
   Raises:
     CheckpointMismatchError: naming every missing key, unexpected key and shape mismatch.
   """
   model = traverse_util.flatten_dict(dict(fresh), sep='/')
-  ckpt = traverse_util.flatten_dict(dict(converted), sep='/')
+  ckpt = traverse_util.flatten_dict(dict(loaded), sep='/')
   merged, report = {}, LoadReport()
   unexpected, mismatched, hints = [], [], []
-  for path, value in ckpt.items():
+
+  def dropped(path: str) -> str | None:
     if drop_head and path.startswith(_HEAD):
-      report.discarded[path] = 'classifier head dropped (drop_head=True)'
-      continue
+      return 'classifier head dropped (drop_head=True)'
     if not keep_cls_token and _CLS_TOKEN.fullmatch(path):
-      report.discarded[path] = 'cls token discarded (keep_cls_token=False)'
-      continue
-    if path not in model:
+      return 'cls token discarded (keep_cls_token=False)'
+    return None
+
+  for path, value in ckpt.items():
+    if why := dropped(path):
+      report.discarded[path] = why
+    elif path not in model:
       unexpected.append(path)
       if _CLS_TOKEN.fullmatch(path):
         hints.append('the model has no cls token there; keep_cls_token=False discards it.')
-      continue
-    target = model[path]
-    if tuple(value.shape) != tuple(target.shape):
-      mismatched.append((path, tuple(value.shape), tuple(target.shape)))
+    elif np.shape(value) != tuple(model[path].shape):
+      mismatched.append((path, np.shape(value), tuple(model[path].shape)))
       if path.startswith(_HEAD):
         hints.append('a different class count? drop_head=True keeps a fresh head.')
-      continue
-    merged[path] = np.asarray(value, dtype=target.dtype)
-    report.loaded.append(path)
+    else:
+      merged[path] = np.asarray(value, dtype=model[path].dtype)
+      report.loaded.append(path)
   missing, shape_mismatch = [], {path for path, _, _ in mismatched}
   for path, target in model.items():
     if path in merged or path in shape_mismatch:
       continue
-    if _OUT_NORM.match(path):
-      report.kept_init[path] = 'backbone output norm; not part of CvT checkpoints'
-    elif drop_head and path.startswith(_HEAD):
-      report.kept_init[path] = 'classifier head dropped (drop_head=True)'
-    elif not keep_cls_token and _CLS_TOKEN.fullmatch(path):
-      report.kept_init[path] = 'cls token discarded (keep_cls_token=False)'
+    why = dropped(path) or (
+        'backbone output norm; not part of CvT checkpoints' if _OUT_NORM.match(path) else None)
+    if why:
+      report.kept_init[path] = why
+      merged[path] = target
     else:
       missing.append(path)
       if path.startswith(_HEAD):
         hints.append('a checkpoint without a head? drop_head=True keeps a fresh head.')
-      continue
-    merged[path] = target
   if missing or unexpected or mismatched:
-    raise CheckpointMismatchError(missing, unexpected, mismatched, dict.fromkeys(hints))
+    raise CheckpointMismatchError(missing=missing, unexpected=unexpected, mismatched=mismatched,
+                                  hints=dict.fromkeys(hints))
   return traverse_util.unflatten_dict(merged, sep='/'), report
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -70,16 +69,6 @@ _INIT_SIZE = 32
 # ---------------------------------------------------------------------------
 # Converted files
 # ---------------------------------------------------------------------------
-
-
-def spec_to_dict(spec: CvTSpec) -> dict[str, Any]:
-  """A `CvTSpec` as msgpack/JSON-friendly lists."""
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}
-
-
-def spec_from_dict(fields: Mapping[str, Any]) -> CvTSpec:
-  """Inverse of `spec_to_dict`."""
-  return CvTSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def _sha256(path: Path) -> str:
@@ -303,7 +292,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
     variables['params'].pop('head', None)
   metadata = {
       'variant': arch.name,
-      'spec': spec_to_dict(arch.spec),
+      'spec': arch.spec.to_dict(),
       'activation': activation,
       'num_classes': 0 if drop_head else arch.num_classes,
       # A Hugging Face `CvtModel` file has no classifier to begin with.
@@ -349,7 +338,7 @@ def _check_architecture(model: CvT | CvTBackbone, variables: Mapping[str, Any],
   """Names both variants when they differ: clearer than the list of keys that follows."""
   spec = _model_spec(model)
   if metadata is not None:
-    found, name = spec_from_dict(metadata['spec']), metadata['variant']
+    found, name = CvTSpec.from_dict(metadata['spec']), metadata['variant']
     fields = convert_lib.STRUCTURAL_FIELDS
   else:
     try:
@@ -463,7 +452,7 @@ def load_backbone(path: str | os.PathLike, *, keep_cls_token: bool = True,
   if metadata['variant'] in convert_lib.VARIANTS:
     kwargs['variant'] = metadata['variant']
   else:
-    kwargs['spec'] = spec_from_dict(metadata['spec'])
+    kwargs['spec'] = CvTSpec.from_dict(metadata['spec'])
   kwargs.update(backbone_kwargs)
   model = CvTBackbone(**kwargs)
   return model, _load_into(model, variables, metadata, str(path), drop_head=False,
@@ -510,7 +499,7 @@ def load_classifier(path: str | os.PathLike, *, num_classes: int | None = None,
     num_classes = head_in_file
   kwargs = dict(activation=metadata['activation'], channels=metadata['in_chans'])
   kwargs.update(cvt_kwargs)
-  model = _classifier(spec_from_dict(metadata['spec']), metadata['variant'], num_classes,
+  model = _classifier(CvTSpec.from_dict(metadata['spec']), metadata['variant'], num_classes,
                       **kwargs)
   return model, _load_into(model, variables, metadata, str(path),
                            drop_head=drop_head or not head_in_file, keep_cls_token=True, rng=rng,

@@ -21,8 +21,6 @@ field. Nothing here imports ml_collections or Scenic: config blocks are read thr
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import functools
 import os
 from collections.abc import Mapping, Sequence
@@ -34,77 +32,12 @@ import numpy as np
 from flax import core as flax_core
 from flax import linen as nn
 
+from cvt_backbone.cvt import CvTBackbone, config_dict
 from cvt_backbone.weights.converted import load_pretrained
-from cvt_backbone.cvt import CvTBackbone, CvTSpec
-
-# Settings of a backbone config block that say how to load weights, not how to build it.
-LOADING_KEYS = ('pretrained', 'keep_cls_token')
-_DTYPE_FIELDS = ('dtype', 'param_dtype')
-_FIELDS = tuple(f.name for f in dataclasses.fields(CvTBackbone) if f.name not in ('parent', 'name'))
-
-
-def _as_dict(config: Any) -> dict[str, Any]:
-  if config is None:
-    return {}
-  if hasattr(config, 'to_dict'):  # ml_collections.ConfigDict / FrozenConfigDict
-    config = config.to_dict()
-  if not isinstance(config, Mapping):
-    raise TypeError(f'A backbone config must be a mapping or a ConfigDict; got '
-                    f'{type(config).__name__}.')
-  return dict(config)
-
-
-def _unknown_key_error(key: str, known: Sequence[str], where: str) -> ValueError:
-  close = difflib.get_close_matches(key, known, n=1)
-  hint = f' Did you mean {close[0]!r}?' if close else ''
-  return ValueError(f'Unknown {where} setting {key!r}.{hint} Known: {", ".join(sorted(known))}.')
-
-
-def _dtype(value: Any, key: str) -> Any:
-  if not isinstance(value, str):
-    return value
-  try:
-    return jnp.dtype(value)
-  except TypeError as e:
-    raise ValueError(f'config {key}={value!r} is not a dtype name such as "float32" or '
-                     '"bfloat16".') from e
-
-
-def build_backbone(config: Any = None, **overrides: Any) -> CvTBackbone:
-  """A `CvTBackbone` from a config block (e.g. `config.model.backbone`).
-
-  Args:
-    config: a ConfigDict, a mapping or None (defaults: CvT-13), holding any
-      `CvTBackbone` field and the loading keys `pretrained` and `keep_cls_token`
-      (read by `pretrained_settings`, ignored here).
-    **overrides: fields that win over the config's (e.g. `bn_axis_name='batch'`).
-
-  Returns:
-    The backbone module (not initialised).
-
-  Raises:
-    ValueError: an unknown key (naming the closest field) or a bad dtype name.
-  """
-  settings = {**_as_dict(config), **overrides}
-  fields = {}
-  for key, value in settings.items():
-    if key in LOADING_KEYS:
-      continue
-    if key not in _FIELDS:
-      raise _unknown_key_error(key, _FIELDS + LOADING_KEYS, 'backbone')
-    if key in _DTYPE_FIELDS:
-      value = _dtype(value, key)
-    elif key == 'spec' and isinstance(value, Mapping):
-      value = CvTSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
-    elif key == 'out_features' and isinstance(value, list):
-      value = tuple(value)
-    fields[key] = value
-  return CvTBackbone(**fields)
-
 
 def pretrained_settings(config: Any) -> tuple[str, bool]:
   """`(pretrained path or '', keep_cls_token)` of a backbone config block."""
-  settings = _as_dict(config)
+  settings = config_dict(config)
   return str(settings.get('pretrained') or ''), bool(settings.get('keep_cls_token', True))
 
 
