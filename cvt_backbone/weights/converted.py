@@ -341,11 +341,16 @@ def _check_architecture(model: CvT | CvTBackbone, variables: Mapping[str, Any],
     found, name = CvTSpec.from_dict(metadata['spec']), metadata['variant']
     fields = convert_lib.STRUCTURAL_FIELDS
   else:
-    try:
-      # Heads are invisible in shapes; take the model's so that only shapes are compared.
-      arch = convert_lib.infer_architecture(variables, num_heads=spec.num_heads)
-    except CheckpointError:
-      return  # Incomplete checkpoints: the strict merge lists what is missing.
+    # Heads are invisible in shapes; take the model's so that only shapes are compared, unless
+    # they cannot split the checkpoint's widths (another variant: its own heads then).
+    for heads in (spec.num_heads, None):
+      try:
+        arch = convert_lib.infer_architecture(variables, num_heads=heads)
+        break
+      except CheckpointError:
+        return  # Incomplete checkpoints: the strict merge lists what is missing.
+      except ValueError:
+        continue
     found, name = arch.spec, arch.name
     fields = tuple(f for f in convert_lib.STRUCTURAL_FIELDS if f != 'num_heads')
   if not keep_cls_token:
