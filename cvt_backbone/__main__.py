@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from cvt_backbone import CvTBackbone, count_params
-from cvt_backbone.weights.converted import HelpFormatter
+from cvt_backbone.tools import HelpFormatter
 from cvt_backbone.cvt import MIN_INPUT_SIZE, VARIANTS
 
 

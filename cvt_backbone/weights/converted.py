@@ -20,13 +20,11 @@ architecture it infers before writing anything.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,6 +45,7 @@ from cvt_backbone.cvt import (
     canonical_variant_name,
     get_spec,
 )
+from cvt_backbone.tools import HelpFormatter, file_sha256, write_atomically
 from cvt_backbone.weights.readers import (
     HF_WEIGHT_FILES,
     read_state_dict,
@@ -71,14 +70,6 @@ _INIT_SIZE = 32
 # ---------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _check_destination(path: Path, overwrite: bool) -> None:
   folder = path.parent
   if not folder.is_dir():
@@ -89,23 +80,6 @@ def _check_destination(path: Path, overwrite: bool) -> None:
   if path.exists() and not overwrite:
     raise FileExistsError(f'{path} exists; pass --overwrite to replace it (overwrite=True '
                           'from Python).')
-
-
-def _atomic_write(path: Path, data: bytes, overwrite: bool) -> None:
-  """Writes to a temporary file beside `path`, then renames it over `path`."""
-  _check_destination(path, overwrite)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a weights file is not.
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
 
 
 def variables_digest(variables: Mapping[str, Any]) -> str:
@@ -136,12 +110,13 @@ def save_converted(path: str | os.PathLike, variables: Mapping[str, Any],
     FileExistsError: `path` exists and `overwrite` is False.
   """
   path = Path(path)
-  _check_destination(path, overwrite)
   variables = {c: dict(v) for c, v in variables.items()}
   tree = {'variables': variables,
           'metadata': {**metadata, 'format': FORMAT, 'format_version': FORMAT_VERSION,
                        'checksum': _CHECKSUM_PREFIX + variables_digest(variables)}}
-  _atomic_write(path, serialization.msgpack_serialize(tree), overwrite)
+  data = serialization.msgpack_serialize(tree)
+  _check_destination(path, overwrite)
+  write_atomically(path, lambda f: f.write(data))
   return path
 
 
@@ -298,7 +273,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
       # A Hugging Face `CvtModel` file has no classifier to begin with.
       'backbone_only': backbone_only or not arch.has_norm,
       'in_chans': arch.in_chans,
-      'source': {'file': src.name, 'sha256': _sha256(src), 'naming': naming},
+      'source': {'file': src.name, 'sha256': file_sha256(src), 'naming': naming},
       'converter': 'cvt-dense convert_checkpoint',
   }
   save_converted(out, variables, metadata, overwrite=overwrite)
@@ -514,22 +489,6 @@ def load_classifier(path: str | os.PathLike, *, num_classes: int | None = None,
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-
-
-class HelpFormatter(argparse.HelpFormatter):
-  """Appends '(default: X)' to an option's help unless it states its default already.
-
-  Options without a meaningful default (None, False flags, positionals) get nothing. The
-  command lines of cvt_backbone use it (it imports no project code).
-  """
-
-  def _get_help_string(self, action: argparse.Action) -> str:
-    text = action.help or ''
-    default = action.default
-    if ('default' in text or not action.option_strings or default is None or default is False
-        or default is argparse.SUPPRESS or isinstance(action, argparse._HelpAction)):
-      return text
-    return f'{text} (default: %(default)s)' if text else '(default: %(default)s)'
 
 
 def _heads(text: str) -> tuple[int, ...]:
