@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from cvt_backbone import kernels
 from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.kernels import depthwise as depthwise_lib
 
@@ -481,7 +482,7 @@ def _stage_kwargs(activation: str, dropout_rate: float, attention: str, chunk_si
                   bn_axis_name: str | None = None, remat: bool = False,
                   attention_progress: AttentionProgress | None = None) -> dict[str, Any]:
   """`CvTStage` settings shared by the backbone and the classifier."""
-  attention_lib.check_implementation(attention)
+  kernels.resolve('attention', attention, attention_lib.IMPLEMENTATIONS)
   attention_kwargs = dict(implementation=attention, chunk_size=chunk_size,
                           budget_bytes=budget_bytes, depthwise=depthwise,
                           bn_axis_name=bn_axis_name)

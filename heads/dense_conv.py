@@ -26,17 +26,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cvt_backbone.kernels import resolve
+
 IMPLEMENTATIONS = ('auto', 'matmul', 'conv')
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
-
-
-def _resolve(implementation: str) -> str:
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'Unknown dense conv implementation {implementation!r}; expected one of '
-                     f'{IMPLEMENTATIONS}.')
-  if implementation == 'auto':
-    return 'matmul' if jax.default_backend() == 'cpu' else 'conv'
-  return implementation
 
 
 def _library_conv(x, kernel, padding: int, dilation: int, stride: int = 1):
@@ -122,7 +115,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
   Returns:
     `[N, Ho, Wo, C_out]`, `Ho = (H + 2 padding - dilation (kh - 1) - 1) // stride + 1`.
   """
-  if _resolve(implementation) == 'conv' or stride != 1:
+  backend = resolve('dense conv', implementation, IMPLEMENTATIONS, cpu='matmul', other='conv')
+  if backend == 'conv' or stride != 1:
     return _library_conv(x, kernel, padding, dilation, stride)
   if kernel.shape[:2] == (1, 1) and padding == 0:
     return jnp.einsum('nhwc,cd->nhwd', x, kernel[0, 0])

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cvt_backbone.kernels import resolve
+
 IMPLEMENTATIONS = ('auto', 'plain', 'chunked', 'fused')
 
 # Logits above this size are computed in query chunks by 'auto'.
@@ -58,12 +60,6 @@ MAX_BLOCK_LOGITS = 2**23
 # 42.5 s with query blocks only, 14.9 s with 1,024 x 1,024 blocks.
 KEY_BLOCK = 1024
 QUERY_BLOCK_WITH_KEY_BLOCKS = 1024
-
-
-def check_implementation(implementation: str) -> None:
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f'Unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}.')
 
 
 def check_chunk_size(chunk_size: Any, name: str = 'chunk_size') -> None:
@@ -283,7 +279,7 @@ def attention(
   Returns:
     `[B, Tq, N, H]` in the dtype of `v`.
   """
-  check_implementation(implementation)
+  resolve('attention', implementation, IMPLEMENTATIONS)
   check_chunk_size(chunk_size)
   batch, q_len, heads, _ = q.shape
   kv_len = k.shape[1]

@@ -14,17 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cvt_backbone.kernels import resolve
+
 IMPLEMENTATIONS = ('auto', 'slices', 'conv')
-
-
-def _resolve(implementation: str) -> str:
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f'Unknown depthwise conv implementation {implementation!r}; '
-        f'expected one of {IMPLEMENTATIONS}.')
-  if implementation == 'auto':
-    return 'slices' if jax.default_backend() == 'cpu' else 'conv'
-  return implementation
 
 
 def depthwise_conv2d(
@@ -48,7 +40,8 @@ def depthwise_conv2d(
     `[N, Ho, Wo, C]` with `Ho = (H + 2 * padding - kh) // stride + 1` (same for W).
   """
   kh, kw, _, channels = kernel.shape
-  if _resolve(implementation) == 'conv':
+  if resolve('depthwise conv', implementation, IMPLEMENTATIONS, cpu='slices',
+             other='conv') == 'conv':
     return lax.conv_general_dilated(
         x, kernel.astype(x.dtype), window_strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
