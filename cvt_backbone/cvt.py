@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -53,9 +52,6 @@ MIN_INPUT_SIZE = 16
 LN_EPS = 1e-5
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # = 1 - PyTorch's momentum of 0.1.
-
-# `fn(stage, block, done, total)`: see `CvTBackbone.attention_progress`.
-AttentionProgress = Callable[[int, int, int, int], None]
 
 # Official init: trunc_normal(std=0.02) for Linear weights and the cls token.
 _dense_init = nn.initializers.truncated_normal(0.02)
@@ -276,7 +272,6 @@ class ConvAttention(nn.Module):
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  progress: attention_lib.ProgressFn | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool, deterministic: bool) -> jax.Array:
@@ -305,7 +300,7 @@ class ConvAttention(nn.Module):
     # Official scale: the full stage width, not the head dim.
     out = attention_lib.attention(
         q, k, v, scale=self.dim**-0.5, implementation=self.implementation,
-        chunk_size=self.chunk_size, budget_bytes=self.budget_bytes, progress=self.progress)
+        chunk_size=self.chunk_size, budget_bytes=self.budget_bytes)
     out = out.reshape(n, -1, self.dim)
     out = nn.Dense(self.dim, kernel_init=_dense_init, dtype=self.dtype,
                    param_dtype=self.param_dtype, name='proj')(out)
@@ -377,7 +372,6 @@ class CvTStage(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_progress: AttentionProgress | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool,
@@ -401,8 +395,6 @@ class CvTStage(nn.Module):
     block_cls = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
     rates = np.linspace(0.0, spec.drop_path_rates[i], depth)
     for j in range(depth):
-      if self.attention_progress is not None:
-        attention_kwargs['progress'] = functools.partial(self.attention_progress, i, j)
       x = block_cls(dim, spec.num_heads[i], (h, w), with_cls, spec.mlp_ratios[i],
                     float(rates[j]), tuple(sorted(attention_kwargs.items())), self.activation,
                     self.dropout_rate, self.dtype, self.param_dtype,
@@ -479,8 +471,7 @@ def assert_finite(x: jax.Array, name: str = 'images') -> None:
 def _stage_kwargs(activation: str, dropout_rate: float, attention: str, chunk_size: int | None,
                   depthwise: str, dtype: Dtype, param_dtype: Dtype, *,
                   budget_bytes: int = attention_lib.DEFAULT_MEMORY_BUDGET_BYTES,
-                  bn_axis_name: str | None = None, remat: bool = False,
-                  attention_progress: AttentionProgress | None = None) -> dict[str, Any]:
+                  bn_axis_name: str | None = None, remat: bool = False) -> dict[str, Any]:
   """`CvTStage` settings shared by the backbone and the classifier."""
   kernels.resolve('attention', attention, attention_lib.IMPLEMENTATIONS)
   attention_kwargs = dict(implementation=attention, chunk_size=chunk_size,
@@ -488,7 +479,7 @@ def _stage_kwargs(activation: str, dropout_rate: float, attention: str, chunk_si
                           bn_axis_name=bn_axis_name)
   return dict(activation=activation, dropout_rate=dropout_rate,
               attention_kwargs=tuple(sorted(attention_kwargs.items())), remat=remat,
-              dtype=dtype, param_dtype=param_dtype, attention_progress=attention_progress)
+              dtype=dtype, param_dtype=param_dtype)
 
 
 def _run_stages(spec: CvTSpec, x: jax.Array, *, train: bool, norm_eval: bool,
@@ -544,10 +535,6 @@ class CvTBackbone(nn.Module):
     depthwise: depthwise conv implementation, 'auto', 'slices' or 'conv'.
     dropout_rate: dropout after attention and MLP projections (0 in the official models).
     bn_axis_name: axis name for cross-device BatchNorm statistics.
-    attention_progress: `fn(stage, block, done, total)`, called on the host as units of
-      attention work end (0-based stage and block indices, `done` of `total` units of that
-      layer: query chunks per (batch, head) pair on CPU; see `attention.py`); for progress
-      display. None (default) traces no callback: the program is the same as without it.
     in_chans: input channels.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
     check_finite: refuse images holding NaN or inf (`assert_finite`: an error outside
@@ -574,7 +561,6 @@ class CvTBackbone(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   check_finite: bool = False
-  attention_progress: AttentionProgress | None = None
 
   def __post_init__(self):
     # At construction, so that a bad config fails before any tracing and names its field.
@@ -685,7 +671,7 @@ class CvTBackbone(nn.Module):
         self.activation, self.dropout_rate, self.attention, self.attention_chunk_size,
         self.depthwise, self.dtype, self.param_dtype,
         budget_bytes=int(self.attention_budget_mb * 2**20), bn_axis_name=self.bn_axis_name,
-        remat=self.remat, attention_progress=self.attention_progress)
+        remat=self.remat)
     maps, cls = _run_stages(spec, images.astype(self.dtype), train=train,
                             norm_eval=self.norm_eval, frozen_stages=self.frozen_stages,
                             stage_kwargs=stage_kwargs)

@@ -26,9 +26,13 @@ layer when it is not chunked. Without `progress` the program holds no callback.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import itertools
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -162,6 +166,26 @@ ProgressFn = Callable[[int, int], None]
 _Report = Callable[[Any, int, jax.Array], None]
 
 
+# The active `progress_hook`: its function and the numbering of the layers traced under it.
+_HOOK: contextvars.ContextVar[tuple[Callable[[int, int, int], None], Iterator[int]] | None] = (
+    contextvars.ContextVar('attention_progress_hook', default=None))
+
+
+@contextlib.contextmanager
+def progress_hook(fn: Callable[[int, int, int], None]) -> Iterator[None]:
+  """Every attention layer traced inside calls `fn(layer, done, total)` on the host.
+
+  Layers are numbered 0, 1, ... in the order they are traced (a CvT's blocks, stage by stage);
+  `progress` of `attention` gives `done` and `total`. Enter it inside the function being
+  traced (a `jax.jit`'s body): outside it nothing is traced and the program is unchanged.
+  """
+  token = _HOOK.set((fn, itertools.count()))
+  try:
+    yield
+  finally:
+    _HOOK.reset(token)
+
+
 def _callback(progress: ProgressFn, done: Any, total: int, result: jax.Array) -> None:
   """Calls `progress(done, total)` on the host once `result` is computed.
 
@@ -281,6 +305,9 @@ def attention(
   """
   resolve('attention', implementation, IMPLEMENTATIONS)
   check_chunk_size(chunk_size)
+  if progress is None and (hook := _HOOK.get()) is not None:
+    fn, layers = hook
+    progress = functools.partial(fn, next(layers))
   batch, q_len, heads, _ = q.shape
   kv_len = k.shape[1]
   if implementation == 'auto':
