@@ -1,4 +1,4 @@
-"""The backbone's compute kernels, each written for the backend it runs on: attention, depthwise conv."""
+"""The backbone's compute kernels (attention, depthwise conv), each written per backend."""
 
 from __future__ import annotations
 

@@ -115,10 +115,6 @@ def torch_to_flax(state_dict: Mapping[str, Any],
   return traverse_util.unflatten_dict(flat)
 
 
-# ---------------------------------------------------------------------------
-# CvT naming
-# ---------------------------------------------------------------------------
-
 _HF_LAYER = r'encoder\.stages\.(\d+)\.layers\.(\d+)\.'
 # 'query' / 'key' / 'value' -> 'q' / 'k' / 'v': the first letter is captured.
 _HF_QKV = r'([qkv])(?:uery|ey|alue)'
@@ -191,11 +187,7 @@ def _preview(keys: Iterable[str], limit: int = 8) -> str:
 
 
 def detect_naming(state_dict: Mapping[str, Any]) -> str:
-  """Which naming a checkpoint uses: 'official', 'hugging_face' or 'flax' (already converted).
-
-  Raises:
-    CheckpointError: the keys follow neither naming (another architecture).
-  """
+  """'official', 'hugging_face' or 'flax' (converted); CheckpointError for another model."""
   state_dict = _unwrap(state_dict)
   if _is_flax(state_dict):
     return FLAX
@@ -216,12 +208,7 @@ def detect_naming(state_dict: Mapping[str, Any]) -> str:
 
 
 def hf_to_official(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """Renames a Hugging Face CvT state_dict (`CvtForImageClassification` or `CvtModel`) to
-  the official key names, values untouched.
-
-  Raises:
-    CheckpointError: listing the keys that are not part of a Hugging Face CvT.
-  """
+  """A Hugging Face CvT state_dict (`CvtForImageClassification`, `CvtModel`), official names."""
   names = _hf_official_names(state_dict)
   unknown = [key for key in state_dict if key not in names]
   if unknown:
@@ -265,10 +252,7 @@ def _flax_entry(key: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarra
 
 
 def official_name(path: str) -> tuple[str, tuple[int, ...] | None]:
-  """A '/'-joined Flax variable path -> (official key, the transposition `_flax_entry` applies).
-
-  The inverse naming of `_flax_entry`, for messages about tensors a checkpoint lacks.
-  """
+  """A '/'-joined Flax path -> (official key, perm): `_flax_entry` backwards, for messages."""
   collection, *modules, leaf = path.split('/')
   name = '.'.join(re.sub(r'^blocks_(\d+)$', r'blocks.\1', m) for m in modules)
   if collection == 'batch_stats':
@@ -305,11 +289,7 @@ Sources = dict[str, tuple[str, tuple[int, ...] | None]]
 
 def convert_with_sources(state_dict: Mapping[str, Any], *, backbone: bool = False
                          ) -> tuple[dict[str, dict[str, Any]], Sources]:
-  """`convert_state_dict`, plus the source key and transposition of every converted array.
-
-  For messages that name a tensor as the file does (`stage0.patch_embed.proj.weight`,
-  `cvt.encoder.stages.0...`) next to its converted path.
-  """
+  """`convert_state_dict`, plus each array's source key and perm (for messages)."""
   state_dict = _unwrap(state_dict)
   naming = detect_naming(state_dict)
   sources: Sources = {}
@@ -348,31 +328,14 @@ def convert_with_sources(state_dict: Mapping[str, Any], *, backbone: bool = Fals
 
 def convert_state_dict(state_dict: Mapping[str, Any], *,
                        backbone: bool = False) -> dict[str, dict[str, Any]]:
-  """A CvT state_dict -> Flax variables `{'params': ..., 'batch_stats': ...}`.
+  """A CvT state_dict of any naming -> `{'params': ..., 'batch_stats': ...}` of numpy arrays.
 
-  Detects the naming by itself (official, Hugging Face `CvtForImageClassification`
-  or `CvtModel`, with or without a `module.` prefix or a `{'state_dict': ...}`
-  wrapper) and is idempotent: already converted variables (nested, or flattened
-  with '/' separators) come back as they are.
-
-  Args:
-    state_dict: name -> array (numpy, or anything `np.asarray` accepts).
-    backbone: drop the classifier (`norm` and `head`) for `CvTBackbone`.
-
-  Returns:
-    Nested dicts of numpy arrays mirroring `CvT` (or `CvTBackbone`) variables:
-    conv kernels `[kh, kw, I, O]`, dense kernels `[in, out]`, the cls token
-    `[1, 1, D]`, BatchNorm running statistics under 'batch_stats'.
-
-  Raises:
-    CheckpointError: not a CvT state_dict, with the offending keys listed.
+  Official or Hugging Face names, a `module.` prefix or a `{'state_dict': ...}` wrapper;
+  converted variables (nested or '/'-flattened) come back as they are. `backbone` drops the
+  classifier (`norm`, `head`). Raises CheckpointError listing keys that are not a CvT's.
   """
   return convert_with_sources(state_dict, backbone=backbone)[0]
 
-
-# ---------------------------------------------------------------------------
-# Architecture from shapes
-# ---------------------------------------------------------------------------
 
 # What the shapes of a checkpoint determine; the rest (strides, heads, drop path)
 # is taken from the matching variant.
@@ -385,15 +348,8 @@ STRUCTURAL_FIELDS = _SHAPE_FIELDS + ('num_heads',)
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-  """What a checkpoint holds, inferred from its shapes.
-
-  Attributes:
-    spec: the `CvTSpec` (a known variant's when the shapes match one).
-    variant: 'cvt-13', 'cvt-21', 'cvt-w24' or 'cvt-tiny', or None for a custom spec.
-    num_classes: classifier outputs; 0 when the checkpoint has no head.
-    has_norm: whether it holds the classifier's final LayerNorm.
-    in_chans: input channels of the first embedding conv.
-  """
+  """What a checkpoint holds, from its shapes: a known variant's spec (`variant` None: a custom
+  one), the classifier's class count (0: no head), final LayerNorm and input channels."""
 
   spec: CvTSpec
   variant: str | None
@@ -510,15 +466,10 @@ def _closest_variant_hint(shape_fields: Mapping[str, Any], in_chans: int) -> str
 
 def infer_architecture(state_dict: Mapping[str, Any], *,
                        num_heads: Iterable[int] | None = None) -> Architecture:
-  """The architecture of a checkpoint (any naming, or converted variables).
+  """The architecture of a checkpoint (any naming, or converted variables), from its shapes.
 
-  Widths, depths, MLP ratios, kernel sizes, the cls token and the class count are
-  read from the shapes. The number of heads is not visible in any shape: it comes
-  from the matching known variant, else from `num_heads`, else from the official
-  head width of 64.
-
-  Raises:
-    CheckpointError: not a CvT, an incomplete one, or heads that cannot be inferred.
+  Heads are in no shape: those of the matching known variant, else `num_heads`, else the
+  official head width of 64.
   """
   shapes = _read_shapes(convert_state_dict(state_dict))
   heads = tuple(int(h) for h in num_heads) if num_heads is not None else None
@@ -538,18 +489,9 @@ def infer_architecture(state_dict: Mapping[str, Any], *,
   return Architecture(spec=_custom_spec(shapes.fields, heads), variant=None, **common)
 
 
-# ---------------------------------------------------------------------------
-# Every shape against the architecture
-# ---------------------------------------------------------------------------
-
-
 def expected_shapes(spec: CvTSpec, *, in_chans: int = 3, num_classes: int = 0,
                     has_norm: bool = False) -> dict[str, tuple[int, ...]]:
-  """Shape of every variable of a CvT of `spec`, by '/'-joined path (`jax.eval_shape`).
-
-  The backbone's variables, plus the classifier's final LayerNorm (`has_norm`) and
-  head (`num_classes` > 0). The heads do not change any shape.
-  """
+  """Shape of every variable of a CvT of `spec` (and its classifier's), by '/'-joined path."""
   size = 32
   while size < 2**16:  # The smallest power of two every stage of `spec` accepts.
     try:
@@ -593,21 +535,10 @@ def check_converted(variables: Mapping[str, Any], sources: Sources | None = None
                     num_heads: Iterable[int] | None = None) -> Architecture:
   """The architecture of converted variables, after checking every array's shape against it.
 
-  `infer_architecture` reads a few shapes; a checkpoint whose other tensors disagree
-  (a damaged or hand-edited file) would convert without a word and then fit no model.
-  Here each array is compared with the model of the inferred spec and, when the
-  widths and depths are those of a known variant, with that variant's; the closer of
-  the two is reported, so one reshaped tensor is named as such.
-
-  Args:
-    variables: output of `convert_with_sources` (or `convert_state_dict`).
-    sources: its source names, for the messages; None names the converted paths.
-    num_heads: see `infer_architecture`.
-
-  Raises:
-    CheckpointError: naming every tensor whose shape differs (source name, converted
-      path, found and expected shapes as stored in the source), every missing and
-      every unexpected one; or what `infer_architecture` raises.
+  `infer_architecture` reads a few shapes; a damaged or edited file would convert and then
+  fit no model. Each array is compared with the inferred spec's model and with the known
+  variants of the same widths and depths; the closest is reported (CheckpointError naming
+  each differing, missing and unexpected tensor by its `sources` name, in source layout).
   """
   sources = sources or {}
   shapes = _read_shapes(variables)
@@ -651,16 +582,10 @@ def spec_differences(expected: CvTSpec, found: CvTSpec,
           if getattr(expected, f) != getattr(found, f)]
 
 
-# ---------------------------------------------------------------------------
-# Strict merge
-# ---------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class LoadReport:
-  """What `merge_variables` did, by '/'-joined path: loaded, kept at init and discarded (why)."""
+  """What `merge_variables` kept at init and discarded, by '/'-joined path: why."""
 
-  loaded: list[str] = dataclasses.field(default_factory=list)
   kept_init: dict[str, str] = dataclasses.field(default_factory=dict)
   discarded: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -670,21 +595,12 @@ def merge_variables(fresh: Mapping[str, Any], loaded: Mapping[str, Any], *,
                     ) -> tuple[dict[str, Any], LoadReport]:
   """Strictly merges loaded weights (a CvT's, a head's) into a model's fresh variables.
 
-  Every model variable must come from `loaded` with the same shape, and every loaded array
-  must be used, except: `out_norm_*` LayerNorms of `CvTBackbone(out_norm=True)` (no
-  checkpoint has them) keep their init; `drop_head` discards the classifier head
-  (`params/head`) for a fresh one; `keep_cls_token=False` discards the cls token.
-
-  Args:
-    fresh: the model's variables from `init`, or their `jax.eval_shape` (the leaves kept at
-      initialisation then come back as `ShapeDtypeStruct`s to fill in).
-    loaded: the same structure (`convert_state_dict`, `torch_to_flax`).
-
-  Returns:
-    The merged variables (loaded arrays cast to the model's dtypes) and a report.
-
-  Raises:
-    CheckpointMismatchError: naming every missing key, unexpected key and shape mismatch.
+  Every model variable must come from `loaded` (`convert_state_dict`, `torch_to_flax`) with
+  its shape and every loaded array must be used, or CheckpointMismatchError lists each
+  missing, unexpected and mismatched one. Except: `out_norm_*` LayerNorms (in no checkpoint)
+  keep their init; `drop_head` keeps a fresh `params/head`; `keep_cls_token=False` discards
+  the cls token. `fresh` may be shapes only (`jax.eval_shape`): leaves kept at init come
+  back as `ShapeDtypeStruct`s. Returns the merged variables (in the model's dtypes) and a report.
   """
   model = traverse_util.flatten_dict(dict(fresh), sep='/')
   ckpt = traverse_util.flatten_dict(dict(loaded), sep='/')
@@ -711,7 +627,6 @@ def merge_variables(fresh: Mapping[str, Any], loaded: Mapping[str, Any], *,
         hints.append('a different class count? drop_head=True keeps a fresh head.')
     else:
       merged[path] = np.asarray(value, dtype=model[path].dtype)
-      report.loaded.append(path)
   missing, shape_mismatch = [], {path for path, _, _ in mismatched}
   for path, target in model.items():
     if path in merged or path in shape_mismatch:
@@ -732,9 +647,7 @@ def merge_variables(fresh: Mapping[str, Any], loaded: Mapping[str, Any], *,
 
 
 if __name__ == '__main__':
-  # `python -m cvt_backbone.weights.convert` (this library module) is not the tool; runpy has already
-  # warned that the package imported it first.
-  import sys
+  import sys  # A library module, not the tool.
 
   print('cvt_backbone.weights.convert is the conversion library, not a command; run '
         '`cvt-convert SRC OUT` or `python -m cvt_backbone convert SRC OUT` (--help for the '
