@@ -11,7 +11,6 @@ from cvt_backbone.weights.converted import (
 )
 from cvt_backbone.weights.pretrained import (
     PretrainedBackboneInit,
-    build_backbone,
     load_backbone_into_train_state,
     load_backbone_weights,
     pretrained_settings,
@@ -29,6 +28,7 @@ from cvt_backbone.cvt import (
     CvTBackbone,
     CvTSpec,
     assert_finite,
+    build_backbone,
     count_params,
     get_spec,
 )

@@ -1,11 +1,4 @@
-"""`python -m cvt_backbone`: a smoke run of the backbone, or `convert` (the cvt-convert tool).
-
-  python -m cvt_backbone [--variant cvt-13] [--height 512] [--width 768]
-  python -m cvt_backbone convert SRC OUT [...]     # the same as `cvt-convert SRC OUT [...]`
-
-The first builds a backbone with random weights, runs one random image of the given size
-twice (compile, then a timed run) and prints each output's shape and stride.
-"""
+"""`python -m cvt_backbone`: a smoke run of a random backbone, or `convert` (`cvt-convert`)."""
 
 from __future__ import annotations
 
@@ -18,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from cvt_backbone import CvTBackbone, count_params
-from cvt_backbone.weights.converted import HelpFormatter
+from cvt_backbone.tools import HelpFormatter
 from cvt_backbone.cvt import MIN_INPUT_SIZE, VARIANTS
 
 

@@ -1,38 +1,19 @@
-"""CvT: Convolutional vision Transformer (Wu et al. 2021, arXiv 2103.15808) in Flax.
+"""CvT (Convolutional vision Transformer, Wu et al. 2021, arXiv 2103.15808) in Flax.
 
-One file for the model family: its blocks, the multi-scale `CvTBackbone`, the
-`CvT` ImageNet classifier and the variant table. Module and parameter names
-mirror the official checkpoints (microsoft/CvT, `lib/models/cls_cvt.py`), so
-`stage{i}.blocks.{j}.attn.conv_proj_q.bn.running_mean` becomes
-`batch_stats/stage{i}/blocks_{j}/attn/conv_proj_q/bn/mean`. Note the official
-stage modules count from 0 (`stage0..stage2`) while the backbone's outputs are
-named by the paper's stage numbers (`'stage1'..'stage3'`, strides 4/8/16).
-
-Facts matched to the official model (see DESIGN.md):
-- conv token embedding with explicit symmetric padding, then LayerNorm (eps 1e-5);
-- no positional embedding; a cls token in the last stage only, prepended after
-  the embedding norm, bypassing the conv projections;
-- attention: separate depthwise conv + BatchNorm ("dw_bn") for q, k and v (q
-  stride 1, k/v stride 2), Linear projections with bias, scale `D**-0.5` with D
-  the full stage width (not the head dim), output Linear;
-- pre-norm blocks with per-block drop path `linspace(0, rate, depth)`;
-- QuickGELU MLP by default (the official code); exact GELU is what Hugging Face
-  `CvtModel` runs on the same weights.
-
-Non-finite inputs: every attention layer mixes all positions of an image (and the
-keys are a strided conv of the whole map), so one NaN or inf pixel makes every
-output of that image NaN; the other images of the batch stay finite in eval mode
-(train-mode BatchNorm statistics carry it across the batch). `assert_finite`, or
-the models' `check_finite=True`, stops such inputs with an error instead.
+The model family in one file: blocks, the multi-scale `CvTBackbone`, the `CvT` classifier,
+the variant table and `build_backbone`. Names mirror the official checkpoints (microsoft/CvT
+`cls_cvt.py`, stage modules `stage0..stage2`); the backbone's outputs use the paper's stage
+numbers (`'stage1'..'stage3'`, strides 4/8/16). Attention mixes every position of an image, so
+one NaN or inf pixel makes all its outputs NaN: `assert_finite` refuses such inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import difflib
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -41,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from cvt_backbone import kernels
 from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.kernels import depthwise as depthwise_lib
 
@@ -51,9 +33,6 @@ MIN_INPUT_SIZE = 16
 LN_EPS = 1e-5
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # = 1 - PyTorch's momentum of 0.1.
-
-# `fn(stage, block, done, total)`: see `CvTBackbone.attention_progress`.
-AttentionProgress = Callable[[int, int, int, int], None]
 
 # Official init: trunc_normal(std=0.02) for Linear weights and the cls token.
 _dense_init = nn.initializers.truncated_normal(0.02)
@@ -69,11 +48,6 @@ def _check_rate(name: str, value: Any) -> None:
   if not (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
           and 0 <= value < 1):
     raise ValueError(f'{name} must be in [0, 1); got {value!r}.')
-
-
-# ---------------------------------------------------------------------------
-# Variants
-# ---------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +69,8 @@ class CvTSpec:
   qkv_bias: bool = True
 
   def __post_init__(self):
-    per_stage = ('embed_dims', 'num_heads', 'depths', 'mlp_ratios', 'patch_sizes',
-                 'patch_strides', 'patch_paddings', 'kernel_qkv', 'stride_q', 'stride_kv',
-                 'cls_token', 'drop_path_rates')
-    lengths = {name: len(getattr(self, name)) for name in per_stage}
+    lengths = {f.name: len(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name != 'qkv_bias'}
     if len(set(lengths.values())) != 1:
       raise ValueError(f'CvTSpec fields must all have one entry per stage; got lengths {lengths}.')
     for dim, heads in zip(self.embed_dims, self.num_heads, strict=True):
@@ -106,6 +78,14 @@ class CvTSpec:
         raise ValueError(f'Stage width {dim} is not divisible by its {heads} heads.')
     for rate in self.drop_path_rates:
       _check_rate('CvTSpec.drop_path_rates', rate)
+
+  def to_dict(self) -> dict[str, Any]:
+    """The fields as msgpack/JSON-friendly lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_dict(cls, fields: Mapping[str, Any]) -> CvTSpec:
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
   @property
   def num_stages(self) -> int:
@@ -117,14 +97,8 @@ class CvTSpec:
     return tuple(int(s) for s in np.cumprod(self.patch_strides))
 
   def output_sizes(self, height: int, width: int) -> tuple[tuple[int, int], ...]:
-    """The exact `(H_i, W_i)` of each stage's map for an input of `height` x `width`.
-
-    Each axis goes through `floor((n + 2p - k) / s) + 1` per embedding conv, which
-    for the official models is `floor((n+1)/4)`, then `ceil(n/2)` twice.
-
-    Raises:
-      ValueError: sizes that are not integers >= 1, or too small for a stage.
-    """
+    """The exact `(H_i, W_i)` of each stage's map: per axis `(n + 2p - k) // s + 1` per
+    embedding conv (official models: `(n + 1) // 4`, then `ceil(n / 2)` twice)."""
     if not (_is_int(height) and _is_int(width) and height >= 1 and width >= 1):
       raise ValueError(f'height and width must be integers >= 1; got {height!r}x{width!r}.')
     sizes = []
@@ -179,11 +153,6 @@ def _activation(name: str):
   if name not in ACTIVATIONS:
     raise ValueError(f'Unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}.')
   return ACTIVATIONS[name]
-
-
-# ---------------------------------------------------------------------------
-# Blocks
-# ---------------------------------------------------------------------------
 
 
 class ConvEmbed(nn.Module):
@@ -266,7 +235,6 @@ class ConvAttention(nn.Module):
   bn_axis_name: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  progress: attention_lib.ProgressFn | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool, deterministic: bool) -> jax.Array:
@@ -295,7 +263,7 @@ class ConvAttention(nn.Module):
     # Official scale: the full stage width, not the head dim.
     out = attention_lib.attention(
         q, k, v, scale=self.dim**-0.5, implementation=self.implementation,
-        chunk_size=self.chunk_size, budget_bytes=self.budget_bytes, progress=self.progress)
+        chunk_size=self.chunk_size, budget_bytes=self.budget_bytes)
     out = out.reshape(n, -1, self.dim)
     out = nn.Dense(self.dim, kernel_init=_dense_init, dtype=self.dtype,
                    param_dtype=self.param_dtype, name='proj')(out)
@@ -325,13 +293,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
   """Pre-norm transformer block: x + DropPath(Attn(LN1(x))); x + DropPath(MLP(LN2(x)))."""
 
-  dim: int
-  num_heads: int
-  spatial: tuple[int, int]
-  with_cls_token: bool
+  attention_kwargs: tuple[tuple[str, Any], ...]  # `ConvAttention` fields.
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
-  attention_kwargs: tuple[tuple[str, Any], ...] = ()
   activation: str = 'quick_gelu'
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
@@ -339,19 +303,18 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool, deterministic: bool) -> jax.Array:
-    """`[N, T, dim]` -> `[N, T, dim]`."""
+    """`[N, T, D]` -> `[N, T, D]`."""
+    dim = x.shape[-1]
     norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     # Drop path: one Bernoulli draw per sample, broadcast over tokens and channels.
     drop_path = lambda y: nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(
         y, deterministic=deterministic)
-    y = ConvAttention(self.dim, self.num_heads, self.spatial, self.with_cls_token,
-                      dropout_rate=self.dropout_rate, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name='attn',
-                      **dict(self.attention_kwargs))(
+    y = ConvAttention(dropout_rate=self.dropout_rate, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name='attn', **dict(self.attention_kwargs))(
                           norm('norm1')(x), use_running_average, deterministic)
     x = x + drop_path(y)
-    y = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.activation, self.dropout_rate,
+    y = Mlp(dim, int(dim * self.mlp_ratio), self.activation, self.dropout_rate,
             self.dtype, self.param_dtype, name='mlp')(norm('norm2')(x), deterministic)
     return x + drop_path(y)
 
@@ -367,7 +330,6 @@ class CvTStage(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_progress: AttentionProgress | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool,
@@ -385,26 +347,19 @@ class CvTStage(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, dim)).astype(x.dtype), x], axis=1)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
-    attention_kwargs = dict(self.attention_kwargs, kernel_size=spec.kernel_qkv[i],
-                            stride_q=spec.stride_q[i], stride_kv=spec.stride_kv[i],
-                            qkv_bias=spec.qkv_bias)
+    attention = dict(self.attention_kwargs, dim=dim, num_heads=spec.num_heads[i],
+                     spatial=(h, w), with_cls_token=with_cls, kernel_size=spec.kernel_qkv[i],
+                     stride_q=spec.stride_q[i], stride_kv=spec.stride_kv[i],
+                     qkv_bias=spec.qkv_bias)
     block_cls = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
     rates = np.linspace(0.0, spec.drop_path_rates[i], depth)
     for j in range(depth):
-      if self.attention_progress is not None:
-        attention_kwargs['progress'] = functools.partial(self.attention_progress, i, j)
-      x = block_cls(dim, spec.num_heads[i], (h, w), with_cls, spec.mlp_ratios[i],
-                    float(rates[j]), tuple(sorted(attention_kwargs.items())), self.activation,
-                    self.dropout_rate, self.dtype, self.param_dtype,
+      x = block_cls(tuple(sorted(attention.items())), spec.mlp_ratios[i], float(rates[j]),
+                    self.activation, self.dropout_rate, self.dtype, self.param_dtype,
                     name=f'blocks_{j}')(x, use_running_average, deterministic)
     cls_out = x[:, 0] if with_cls else None
     grid = x[:, 1:] if with_cls else x
     return grid.reshape(n, h, w, dim), cls_out
-
-
-# ---------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------
 
 
 def _check_image_size(height: Any, width: Any) -> None:
@@ -430,26 +385,10 @@ def _check_images(images: jax.Array, in_chans: int) -> None:
 
 
 def assert_finite(x: jax.Array, name: str = 'images') -> None:
-  """Raises if `x` holds NaN or inf, which CvT spreads over the whole image.
+  """Raises a ValueError if concrete `x` holds NaN or inf, which CvT spreads over the image.
 
-  One non-finite pixel makes every output of its image NaN: each attention layer
-  mixes all positions. Call this on a batch before the model, or set the models'
-  `check_finite=True`.
-
-  Outside `jax.jit` (concrete values) it raises a `ValueError` naming the count and
-  the first index. Traced (inside `jax.jit`) it adds a `checkify.check`, which
-  `checkify` must functionalize (JAX refuses to stage it otherwise):
-
-      checked = jax.jit(checkify.checkify(model.apply, errors=checkify.user_checks))
-      error, out = checked(variables, images)
-      error.throw()  # checkify.JaxRuntimeError: images hold non-finite values ...
-
-  Args:
-    x: an array of any shape.
-    name: what `x` is, for the message.
-
-  Raises:
-    ValueError: concrete values that are not all finite.
+  Traced, it adds a `checkify.check` instead, to run under
+  `jax.jit(checkify.checkify(model.apply, errors=checkify.user_checks))`.
   """
   if isinstance(x, jax.core.Tracer):
     checkify.check(jnp.isfinite(x).all(),
@@ -469,24 +408,20 @@ def assert_finite(x: jax.Array, name: str = 'images') -> None:
 def _stage_kwargs(activation: str, dropout_rate: float, attention: str, chunk_size: int | None,
                   depthwise: str, dtype: Dtype, param_dtype: Dtype, *,
                   budget_bytes: int = attention_lib.DEFAULT_MEMORY_BUDGET_BYTES,
-                  bn_axis_name: str | None = None, remat: bool = False,
-                  attention_progress: AttentionProgress | None = None) -> dict[str, Any]:
+                  bn_axis_name: str | None = None, remat: bool = False) -> dict[str, Any]:
   """`CvTStage` settings shared by the backbone and the classifier."""
-  attention_lib.check_implementation(attention)
+  kernels.resolve('attention', attention, attention_lib.IMPLEMENTATIONS)
   attention_kwargs = dict(implementation=attention, chunk_size=chunk_size,
                           budget_bytes=budget_bytes, depthwise=depthwise,
                           bn_axis_name=bn_axis_name)
   return dict(activation=activation, dropout_rate=dropout_rate,
               attention_kwargs=tuple(sorted(attention_kwargs.items())), remat=remat,
-              dtype=dtype, param_dtype=param_dtype, attention_progress=attention_progress)
+              dtype=dtype, param_dtype=param_dtype)
 
 
 def _run_stages(spec: CvTSpec, x: jax.Array, *, train: bool, norm_eval: bool,
                 frozen_stages: int, stage_kwargs: dict[str, Any]):
-  """Runs every stage inside the calling module (submodules `stage0`, `stage1`, ...).
-
-  Returns the list of stage maps and the cls token of the last stage (or None).
-  """
+  """The stage maps and the last stage's cls token (or None), as submodules `stage{i}`."""
   maps, cls = [], None
   for i in range(spec.num_stages):
     frozen = i < frozen_stages
@@ -503,45 +438,26 @@ def _run_stages(spec: CvTSpec, x: jax.Array, *, train: bool, norm_eval: bool,
 
 
 class CvTBackbone(nn.Module):
-  """CvT as a dense-prediction backbone: NHWC maps at strides 4, 8 and 16.
+  """CvT as a dense-prediction backbone: NHWC maps at strides 4, 8 and 16, any input >= 16.
 
-  No classifier and no positional encoding, so it runs at any input size >= 16.
-  The cls token of the last stage is still used inside the blocks (the
-  released weights were trained with it) but is not part of the maps; set
-  `return_cls_token` to get it as `out['cls_token']` `[N, C3]`.
-
-  Settings are checked when the module is built (a ValueError naming the field,
-  the accepted values and the value given). A NaN or inf pixel turns every output
-  of its image into NaN (global attention); `check_finite=True` refuses such inputs
-  (see `assert_finite`).
+  The last stage's cls token is used inside the blocks (the weights were trained with it);
+  `return_cls_token` also returns it as `out['cls_token']` `[N, C3]`. Settings are checked
+  at construction.
 
   Attributes:
-    variant: 'cvt-13', 'cvt-21', 'cvt-w24' or 'cvt-tiny' (tests).
-    spec: a custom `CvTSpec`; overrides `variant` when given.
-    out_features: outputs to return, by name ('stage1'..'stage3') or timm-style
-      index (0..2, negatives allowed); None returns all three.
-    out_norm: apply a LayerNorm (own parameters, `out_norm_{name}`) to each output.
-    return_cls_token: also return the last stage's cls token.
-    drop_path_rate: stochastic depth of the last stage (`linspace(0, rate, depth)`
-      over its blocks, as the official models); None keeps the variant's.
+    variant: 'cvt-13', 'cvt-21', 'cvt-w24' or 'cvt-tiny' (tests); `spec` overrides it.
+    out_features: outputs by name ('stage1'..'stage3') or index (0..2, negatives allowed).
+    out_norm: a LayerNorm (`out_norm_{name}`) on each output.
+    drop_path_rate: the last stage's stochastic depth; None keeps the variant's.
     frozen_stages: the first this many stages get no gradient and run in eval mode.
     norm_eval: keep BatchNorm on running statistics in train mode.
-    remat: rematerialize each block in the backward pass (less memory).
+    remat: rematerialize each block in the backward pass.
     activation: 'quick_gelu' (official weights) or 'gelu' (Hugging Face).
-    attention: 'auto', 'plain', 'chunked' or 'fused' (see `attention.py`).
-    attention_chunk_size: queries per block for 'chunked' (None: from the budget).
-    attention_budget_mb: memory for attention logits before 'auto' chunks them.
-    depthwise: depthwise conv implementation, 'auto', 'slices' or 'conv'.
-    dropout_rate: dropout after attention and MLP projections (0 in the official models).
-    bn_axis_name: axis name for cross-device BatchNorm statistics.
-    attention_progress: `fn(stage, block, done, total)`, called on the host as units of
-      attention work end (0-based stage and block indices, `done` of `total` units of that
-      layer: query chunks per (batch, head) pair on CPU; see `attention.py`); for progress
-      display. None (default) traces no callback: the program is the same as without it.
-    in_chans: input channels.
-    dtype: compute dtype (e.g. jnp.bfloat16); parameters stay in `param_dtype`.
-    check_finite: refuse images holding NaN or inf (`assert_finite`: an error outside
-      jit, a `checkify` check inside).
+    attention: 'auto', 'plain', 'chunked' or 'fused' (`kernels.attention`), with
+      `attention_chunk_size` queries per block (None: from `attention_budget_mb`).
+    depthwise: 'auto', 'slices' or 'conv' (`kernels.depthwise`).
+    dtype: compute dtype; parameters stay in `param_dtype`.
+    check_finite: refuse images holding NaN or inf (`assert_finite`).
   """
 
   variant: str = 'cvt-13'
@@ -564,10 +480,8 @@ class CvTBackbone(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   check_finite: bool = False
-  attention_progress: AttentionProgress | None = None
 
   def __post_init__(self):
-    # At construction, so that a bad config fails before any tracing and names its field.
     spec = self.resolved_spec  # An unknown variant or a bad drop_path_rate fails here.
     if not (_is_int(self.frozen_stages) and 0 <= self.frozen_stages <= spec.num_stages):
       raise ValueError(f'frozen_stages must be an integer in [0, {spec.num_stages}]; '
@@ -576,8 +490,6 @@ class CvTBackbone(nn.Module):
     attention_lib.check_chunk_size(self.attention_chunk_size, 'attention_chunk_size')
     _ = self.out_names  # Checks out_features.
     super().__post_init__()
-
-  # --- static metadata: no init needed -------------------------------------
 
   @property
   def resolved_spec(self) -> CvTSpec:
@@ -595,29 +507,27 @@ class CvTBackbone(nn.Module):
   @property
   def out_names(self) -> tuple[str, ...]:
     """The selected outputs, fine to coarse."""
-    names = self.stage_names
+    names, n = self.stage_names, len(self.stage_names)
     if self.out_features is None:
       return names
     if isinstance(self.out_features, (str, int)):
       raise TypeError(f'out_features must be a sequence of names or indices; '
                       f'got {self.out_features!r}.')
+    expected = f'expected one of {names} or an index in [-{n}, {n - 1}]'
     picked = set()
     for feature in self.out_features:
       if isinstance(feature, str):
         if feature not in names:
-          raise ValueError(f'Unknown output {feature!r}; expected one of {names} '
-                           f'or an index in [-{len(names)}, {len(names) - 1}].')
+          raise ValueError(f'Unknown output {feature!r}; {expected}.')
         picked.add(names.index(feature))
-      elif not _is_int(feature):
-        # int(1.5) would silently pick stage 2, True stage 2 too.
+      elif not _is_int(feature):  # int(1.5) or True would silently pick stage 2.
         raise ValueError(f'out_features entries must be stage names {names} or integer indices '
-                         f'in [-{len(names)}, {len(names) - 1}]; got {feature!r} '
-                         f'({type(feature).__name__}) in out_features={self.out_features!r}.')
+                         f'in [-{n}, {n - 1}]; got {feature!r} ({type(feature).__name__}) in '
+                         f'out_features={self.out_features!r}.')
+      elif not -n <= int(feature) < n:
+        raise ValueError(f'Output index {feature} out of range; {expected}.')
       else:
-        if not -len(names) <= int(feature) < len(names):
-          raise ValueError(f'Output index {feature} out of range; expected one of {names} '
-                           f'or an index in [-{len(names)}, {len(names) - 1}].')
-        picked.add(int(feature) % len(names))
+        picked.add(int(feature) % n)
     return tuple(names[i] for i in sorted(picked))
 
   @property
@@ -638,11 +548,7 @@ class CvTBackbone(nn.Module):
             for name in self.out_names]
 
   def output_sizes(self, height: int, width: int) -> dict[str, tuple[int, int]]:
-    """Exact `(H_i, W_i)` of each selected output for an input of `height` x `width`.
-
-    Raises:
-      ValueError: sizes the model refuses (not integers, or below 16 pixels).
-    """
+    """Exact `(H_i, W_i)` of each selected output for an input of `height` x `width`."""
     _check_image_size(height, width)
     sizes = self.resolved_spec.output_sizes(height, width)
     return {name: sizes[self.stage_names.index(name)] for name in self.out_names}
@@ -652,19 +558,11 @@ class CvTBackbone(nn.Module):
     return {name: (*size, self.output_channels[name])
             for name, size in self.output_sizes(height, width).items()}
 
-  # --- forward -------------------------------------------------------------
-
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-    """Multi-scale features.
+    """`[N, H, W, in_chans]` float images -> `{'stage1': [N, H1, W1, C1], ...}` (`out_names`).
 
-    Args:
-      images: `[N, H, W, in_chans]` float images, H and W >= 16.
-      train: batch statistics and drop path (needs a 'dropout' rng when drop path > 0).
-
-    Returns:
-      {'stage1': `[N, H1, W1, C1]`, 'stage2': ..., 'stage3': ...} restricted to
-      `out_names`, plus 'cls_token' `[N, C3]` when `return_cls_token`.
+    `train` uses batch statistics and drop path (a 'dropout' rng when drop path > 0).
     """
     _check_images(images, self.in_chans)
     if self.check_finite:
@@ -675,7 +573,7 @@ class CvTBackbone(nn.Module):
         self.activation, self.dropout_rate, self.attention, self.attention_chunk_size,
         self.depthwise, self.dtype, self.param_dtype,
         budget_bytes=int(self.attention_budget_mb * 2**20), bn_axis_name=self.bn_axis_name,
-        remat=self.remat, attention_progress=self.attention_progress)
+        remat=self.remat)
     maps, cls = _run_stages(spec, images.astype(self.dtype), train=train,
                             norm_eval=self.norm_eval, frozen_stages=self.frozen_stages,
                             stage_kwargs=stage_kwargs)
@@ -694,22 +592,18 @@ class CvTBackbone(nn.Module):
     return out
 
 
+# The seed API's per-stage fields `s{i}_{key}` and the `CvTSpec` fields they set.
+_SEED_FIELDS = {'emb_dim': 'embed_dims', 'emb_kernel': 'patch_sizes', 'emb_stride': 'patch_strides',
+                'proj_kernel': 'kernel_qkv', 'kv_proj_stride': 'stride_kv', 'heads': 'num_heads',
+                'depth': 'depths', 'mlp_mult': 'mlp_ratios'}
+
+
 class CvT(nn.Module):
-  """The CvT ImageNet classifier: the official head (LayerNorm on the cls token, Linear).
+  """The CvT ImageNet classifier (LayerNorm on the cls token, Linear), with the seed API.
 
-  The constructor keeps the seed API, whose defaults are CvT-13:
-
-    v = CvT(num_classes=1000, s1_emb_dim=64, s1_emb_kernel=7, s1_emb_stride=4,
-            s1_proj_kernel=3, s1_kv_proj_stride=2, s1_heads=1, s1_depth=1, s1_mlp_mult=4,
-            s2_..., s3_..., dropout=0.)
-    variables = v.init({'params': k1, 'dropout': k2}, img)
-    logits, state = v.apply(variables, img, mutable=['batch_stats'], rngs={'dropout': k3})
-
-  Named variants: `CvT.from_variant('cvt-21', num_classes=1000)`. The embedding
-  padding is `(kernel - stride + 1) // 2`, which gives the official (7, 4, 2)
-  and (3, 2, 1); the attention projections pad `kernel // 2`.
-  `num_classes=0` returns the normalized cls token `[N, C3]` instead of logits.
-  `check_finite=True` refuses images holding NaN or inf (see `assert_finite`).
+  The `s{i}_*` fields default to CvT-13; `CvT.from_variant('cvt-21')` builds a named one.
+  The embedding pads `(kernel - stride + 1) // 2`: the official (7, 4, 2) and (3, 2, 1).
+  `num_classes=0` returns the normalized cls token `[N, C3]`.
   """
 
   num_classes: int = 1000
@@ -764,28 +658,21 @@ class CvT(nn.Module):
     """The classifier of a three-stage `CvTSpec` (the seed fields cannot express others)."""
     if spec.num_stages != 3:
       raise ValueError(f'The CvT classifier has 3 stages; the spec has {spec.num_stages}.')
-    fields = {'drop_path_rate': spec.drop_path_rates[-1]}
-    for i in range(3):
-      s = f's{i + 1}_'
-      fields.update({
-          s + 'emb_dim': spec.embed_dims[i], s + 'emb_kernel': spec.patch_sizes[i],
-          s + 'emb_stride': spec.patch_strides[i], s + 'proj_kernel': spec.kernel_qkv[i],
-          s + 'kv_proj_stride': spec.stride_kv[i], s + 'heads': spec.num_heads[i],
-          s + 'depth': spec.depths[i], s + 'mlp_mult': spec.mlp_ratios[i]})
-    fields.update(kwargs)
-    return cls(num_classes=num_classes, **fields)
+    fields = {f's{i + 1}_{seed}': getattr(spec, name)[i]
+              for seed, name in _SEED_FIELDS.items() for i in range(3)}
+    fields['drop_path_rate'] = spec.drop_path_rates[-1]
+    return cls(num_classes=num_classes, **{**fields, **kwargs})
 
   @property
   def resolved_spec(self) -> CvTSpec:
-    stage = lambda key: tuple(getattr(self, f's{i}_{key}') for i in (1, 2, 3))
-    kernels, strides = stage('emb_kernel'), stage('emb_stride')
-    return CvTSpec(
-        embed_dims=stage('emb_dim'), num_heads=stage('heads'), depths=stage('depth'),
-        mlp_ratios=tuple(float(m) for m in stage('mlp_mult')), patch_sizes=kernels,
-        patch_strides=strides,
-        patch_paddings=tuple((k - s + 1) // 2 for k, s in zip(kernels, strides, strict=True)),
-        kernel_qkv=stage('proj_kernel'), stride_q=(1, 1, 1), stride_kv=stage('kv_proj_stride'),
-        cls_token=(False, False, True), drop_path_rates=(0.0, 0.0, float(self.drop_path_rate)))
+    fields = {name: tuple(getattr(self, f's{i}_{seed}') for i in (1, 2, 3))
+              for seed, name in _SEED_FIELDS.items()}
+    fields['mlp_ratios'] = tuple(float(m) for m in fields['mlp_ratios'])
+    paddings = tuple((k - s + 1) // 2 for k, s in
+                     zip(fields['patch_sizes'], fields['patch_strides'], strict=True))
+    return CvTSpec(**fields, patch_paddings=paddings, stride_q=(1, 1, 1),
+                   cls_token=(False, False, True),
+                   drop_path_rates=(0.0, 0.0, float(self.drop_path_rate)))
 
   @nn.compact
   def __call__(self, img: jax.Array, train: bool = False, debug: bool = False) -> jax.Array:
@@ -808,6 +695,63 @@ class CvT(nn.Module):
       return x
     return nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype,
                     param_dtype=self.param_dtype, name='head')(x)
+
+
+# Settings of a backbone config block that say how to load weights, not how to build it.
+LOADING_KEYS = ('pretrained', 'keep_cls_token')
+_DTYPE_FIELDS = ('dtype', 'param_dtype')
+_FIELDS = tuple(f.name for f in dataclasses.fields(CvTBackbone) if f.name not in ('parent', 'name'))
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+  """A config block (ConfigDict, mapping or None) as a dict."""
+  if config is None:
+    return {}
+  if hasattr(config, 'to_dict'):  # ml_collections.ConfigDict / FrozenConfigDict
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    raise TypeError(f'A backbone config must be a mapping or a ConfigDict; got '
+                    f'{type(config).__name__}.')
+  return dict(config)
+
+
+def _unknown_key_error(key: str, known: Sequence[str], where: str) -> ValueError:
+  close = difflib.get_close_matches(key, known, n=1)
+  hint = f' Did you mean {close[0]!r}?' if close else ''
+  return ValueError(f'Unknown {where} setting {key!r}.{hint} Known: {", ".join(sorted(known))}.')
+
+
+def _dtype(value: Any, key: str) -> Any:
+  if not isinstance(value, str):
+    return value
+  try:
+    return jnp.dtype(value)
+  except TypeError as e:
+    raise ValueError(f'config {key}={value!r} is not a dtype name such as "float32" or '
+                     '"bfloat16".') from e
+
+
+def build_backbone(config: Any = None, **overrides: Any) -> CvTBackbone:
+  """A `CvTBackbone` from a config block (a ConfigDict, a mapping or None for CvT-13).
+
+  The block holds `CvTBackbone` fields (dtypes may be names such as 'bfloat16', `spec` a
+  dict) and the loading keys `LOADING_KEYS`, ignored here; `overrides` win over it.
+  """
+  settings = {**config_dict(config), **overrides}
+  fields = {}
+  for key, value in settings.items():
+    if key in LOADING_KEYS:
+      continue
+    if key not in _FIELDS:
+      raise _unknown_key_error(key, _FIELDS + LOADING_KEYS, 'backbone')
+    if key in _DTYPE_FIELDS:
+      value = _dtype(value, key)
+    elif key == 'spec' and isinstance(value, Mapping):
+      value = CvTSpec.from_dict(value)
+    elif key == 'out_features' and isinstance(value, list):
+      value = tuple(value)
+    fields[key] = value
+  return CvTBackbone(**fields)
 
 
 def count_params(params: Any) -> int:

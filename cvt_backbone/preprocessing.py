@@ -1,9 +1,5 @@
-"""The input normalisation the released CvT weights expect.
-
-The official model (microsoft/CvT, torchvision `ToTensor` then `Normalize`) and the Hugging Face
-image processor feed RGB pixels scaled to [0, 1] and standardised with ImageNet's mean and
-standard deviation. Features of unnormalised pixels are not what the weights were trained on.
-"""
+"""The input normalisation the released weights expect: RGB in [0, 1] standardised with
+ImageNet's mean and std (the official `ToTensor` + `Normalize`, the Hugging Face processor)."""
 
 from __future__ import annotations
 
@@ -14,13 +10,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jnp.ndarray:
-  """RGB pixels in [0, 255] (uint8 or float, `[..., H, W, 3]`) -> float32 model input.
-
-  Computes `(images / 255 - mean) / std` per channel; works under `jax.jit`.
-
-  Raises:
-    ValueError: the last axis is not 3 channels.
-  """
+  """RGB pixels in [0, 255] `[..., H, W, 3]` -> float32 `(images / 255 - mean) / std`."""
   images = jnp.asarray(images)
   if images.ndim < 3 or images.shape[-1] != 3:
     raise ValueError(f'normalize expects RGB images [..., H, W, 3], got shape {images.shape}')

@@ -14,7 +14,6 @@ shapes, `detection_losses` holds the focal, GIoU and centerness losses, `nms` th
 post-processing, `boxes` the box utilities.
 """
 
-from heads.checkpoint import merge_variables, torch_to_flax
 from heads.conv_module import NORMS, ConvModule
 from heads.detection.head import ATSSHead, Detector, detection_fpn, flatten_levels, split_levels
 from heads.features import feature_kwargs, select_features
@@ -48,11 +47,9 @@ __all__ = [
     'detection_fpn',
     'feature_kwargs',
     'flatten_levels',
-    'merge_variables',
     'register_head',
     'resize_bilinear',
     'resize_nearest',
     'select_features',
     'split_levels',
-    'torch_to_flax',
 ]

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from heads.checkpoint import module_path, torch_to_flax
+from cvt_backbone.weights.convert import module_path, torch_to_flax
 from heads.conv_module import apply_norm, check_norm, classify
 from heads.features import select_features
 from heads.resampling import resize_bilinear
@@ -91,7 +91,7 @@ def convert_hf_segformer_head(
 
   Returns:
     `{'params': ..., 'batch_stats': ...}` for `SegFormerHead`; check it against an initialised
-    model with `heads.checkpoint.merge_variables`.
+    model with `cvt_backbone.weights.convert.merge_variables`.
   """
   sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
   return torch_to_flax(sub, _hf_segformer_path)

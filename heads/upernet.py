@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from heads.checkpoint import module_path, torch_to_flax
+from cvt_backbone.weights.convert import module_path, torch_to_flax
 from heads.conv_module import ConvModule, check_norm, classify
 from heads.features import select_features
 from heads.resampling import adaptive_avg_pool, resize_bilinear
@@ -172,7 +172,7 @@ def convert_hf_upernet_head(
 
   Returns:
     `{'params': ..., 'batch_stats': ...}` for `UPerNetHead`; pass it through
-    `heads.checkpoint.merge_variables` to check it against an initialised model.
+    `cvt_backbone.weights.convert.merge_variables` to check it against an initialised model.
   """
   sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
   return torch_to_flax(sub, _hf_upernet_path)

@@ -25,7 +25,7 @@ def write_converted_backbone(path: str | Path, variant: str = 'cvt-tiny',
   weights = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   weights['batch_stats'] = jax.tree.map(np.abs, weights['batch_stats'])
   checkpoint_lib.save_converted(path, weights, {
-      'variant': variant, 'spec': checkpoint_lib.spec_to_dict(get_spec(variant)),
+      'variant': variant, 'spec': get_spec(variant).to_dict(),
       'activation': 'quick_gelu', 'num_classes': 0, 'backbone_only': True, 'in_chans': 3,
       'source': {'file': 'random', 'sha256': '', 'naming': 'flax'}, 'converter': 'test'})
   return weights

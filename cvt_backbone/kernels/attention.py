@@ -1,40 +1,30 @@
-"""Multi-head attention kernels for CvT: plain, query-chunked and fused.
+"""Multi-head attention for CvT on `[B, T, N, H]` tensors: plain, query-chunked and fused.
 
-All three compute the same function,
-
-  out[b, t, n, :] = softmax_s(scale * <q[b, t, n], k[b, s, n]>) @ v[b, s, n],
-
-on `[B, T, N, H]` tensors (batch, tokens, heads, head dim), the layout of
-`jax.nn.dot_product_attention`. They differ only in memory:
-
-- 'plain' materializes the `[B, N, Tq, Tk]` logits: fastest for small inputs.
-- 'chunked' maps over blocks of queries (`lax.map`), so peak memory is
-  `[B, N, chunk, Tk]` and grows linearly with the number of queries. Each
-  block is rematerialized in the backward pass, so training memory is linear
-  too. This is what makes stage 1 of CvT usable at 1024 px and beyond: a
-  1024x2048 image has 131,072 queries and 32,768 keys, 17 GB of fp32 logits.
-- 'fused' calls `jax.nn.dot_product_attention`, which uses cuDNN's flash
-  attention on GPUs that support it and XLA elsewhere.
-
-'auto' picks by backend, dtype and the size of the logits (`choose_implementation`).
-
-Progress: `attention(..., progress=fn)` calls `fn(done, total)` on the host (a
-`jax.debug.callback`) as each unit of work ends: a block of queries of one
-(batch, head) pair on CPU, a block of queries of all pairs elsewhere, or the whole
-layer when it is not chunked. Without `progress` the program holds no callback.
+All compute `softmax(scale * q k^T) v` per (batch, head); they differ in memory. 'plain'
+materializes the `[B, N, Tq, Tk]` logits (fastest when small); 'chunked' maps over query
+blocks, rematerialized in the backward pass, so memory grows linearly with the queries (a
+1024x2048 image's stage 1 has 131,072 queries x 32,768 keys: 17 GB of float32 logits);
+'fused' is `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs). 'auto' picks by
+backend, dtype and logits size. `progress_hook` reports each block's end to the host.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import itertools
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from cvt_backbone.kernels import resolve
 
 IMPLEMENTATIONS = ('auto', 'plain', 'chunked', 'fused')
 
@@ -58,12 +48,6 @@ MAX_BLOCK_LOGITS = 2**23
 # 42.5 s with query blocks only, 14.9 s with 1,024 x 1,024 blocks.
 KEY_BLOCK = 1024
 QUERY_BLOCK_WITH_KEY_BLOCKS = 1024
-
-
-def check_implementation(implementation: str) -> None:
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f'Unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}.')
 
 
 def check_chunk_size(chunk_size: Any, name: str = 'chunk_size') -> None:
@@ -106,11 +90,10 @@ def choose_implementation(
 
 
 def _attend(q: jax.Array, k: jax.Array, v_t: jax.Array, scale: float) -> jax.Array:
-  """Attention of one block of queries, heads-major: q `[..., Tq, H]`, k `[..., Tk, H]`, v_t `[..., H, Tk]`.
+  """One block of queries: q `[..., Tq, H]`, k `[..., Tk, H]`, v_t `[..., H, Tk]`.
 
-  Both products contract the minor axis of both operands, and the softmax
-  normalization is applied to the `[.., Tq, H]` output instead of the
-  `[.., Tq, Tk]` weights: one pass less over the largest tensor.
+  Both products contract both operands' minor axis, and the softmax is normalized on the
+  `[..., Tq, H]` output, not the `[..., Tq, Tk]` weights: one pass less over the largest.
   """
   logits = jnp.einsum('...qh,...kh->...qk', q, k, preferred_element_type=jnp.float32) * scale
   # Softmax in float32 whatever the compute dtype.
@@ -123,9 +106,8 @@ def _attend(q: jax.Array, k: jax.Array, v_t: jax.Array, scale: float) -> jax.Arr
 def _attend_key_blocks(q: jax.Array, k: jax.Array, v_t: jax.Array, scale: float) -> jax.Array:
   """`_attend` with an online softmax over blocks of about `KEY_BLOCK` keys (`lax.scan`).
 
-  Keeps a running maximum, normalizer and output per query; padded keys of the
-  last block are masked. Every block holds at least one real key, so the running
-  maximum is finite after the first block.
+  Padded keys of the last block are masked; every block holds a real key, so the running
+  maximum is finite after the first.
   """
   *lead, kv_len, head_dim = k.shape
   num_blocks = math.ceil(kv_len / KEY_BLOCK)
@@ -166,12 +148,29 @@ ProgressFn = Callable[[int, int], None]
 _Report = Callable[[Any, int, jax.Array], None]
 
 
-def _callback(progress: ProgressFn, done: Any, total: int, result: jax.Array) -> None:
-  """Calls `progress(done, total)` on the host once `result` is computed.
+# The active `progress_hook`: its function and the numbering of the layers traced under it.
+_HOOK: contextvars.ContextVar[tuple[Callable[[int, int, int], None], Iterator[int]] | None] = (
+    contextvars.ContextVar('attention_progress_hook', default=None))
 
-  One element of `result` is an argument of the callback, so it runs after the unit,
-  not whenever the scheduler likes; it is read, never changed.
+
+@contextlib.contextmanager
+def progress_hook(fn: Callable[[int, int, int], None]) -> Iterator[None]:
+  """Every attention layer traced inside calls `fn(layer, done, total)` on the host.
+
+  Layers are numbered 0, 1, ... in the order they are traced (a CvT's blocks, stage by stage);
+  `progress` of `attention` gives `done` and `total`. Enter it inside the function being
+  traced (a `jax.jit`'s body): outside it nothing is traced and the program is unchanged.
   """
+  token = _HOOK.set((fn, itertools.count()))
+  try:
+    yield
+  finally:
+    _HOOK.reset(token)
+
+
+def _callback(progress: ProgressFn, done: Any, total: int, result: jax.Array) -> None:
+  """Calls `progress(done, total)` on the host once `result` is computed (one element of it
+  is an argument, so the callback waits for the unit)."""
   jax.debug.callback(lambda d, _: progress(int(d), total), done, result.reshape(-1)[0])
 
 
@@ -181,12 +180,8 @@ def _use_key_blocks(kv_len: int) -> bool:
 
 def _attend_chunked(q: jax.Array, k: jax.Array, v_t: jax.Array, scale: float,
                     chunk: int | None, report: _Report | None = None) -> jax.Array:
-  """Attention over blocks of `chunk` queries (`lax.map`), or at once when chunk is None.
-
-  With `chunk` set and at least 4 `KEY_BLOCK`s of keys, each query block also
-  runs over key blocks (`_attend_key_blocks`). `report`, when given, is traced into
-  the loop body after each block (or after the whole, unchunked).
-  """
+  """Attention over blocks of `chunk` queries (`lax.map`; None: at once), each over key blocks
+  when there are 4 `KEY_BLOCK`s of keys or more; `report` is traced in after each block."""
   q_len = q.shape[-2]
   attend = _attend
   if chunk is not None and _use_key_blocks(k.shape[-2]):
@@ -264,27 +259,20 @@ def attention(
     budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     progress: ProgressFn | None = None,
 ) -> jax.Array:
-  """Multi-head attention.
+  """q `[B, Tq, N, H]`, k and v `[B, Tk, N, H]` -> `[B, Tq, N, H]` in the dtype of `v`.
 
   Args:
-    q: queries `[B, Tq, N, H]`.
-    k: keys `[B, Tk, N, H]`.
-    v: values `[B, Tk, N, H]`.
-    scale: multiplier of the logits (CvT uses the full stage width: `D**-0.5`).
-    implementation: 'auto', 'plain', 'chunked' or 'fused'.
-    chunk_size: the most queries per block for 'chunked' (a memory bound); by
-      default the largest block whose logits fit in `budget_bytes`. Blocks are
-      further capped at `MAX_BLOCK_LOGITS` logits, which is faster and never
-      uses more memory.
-    budget_bytes: memory budget for the logits, used by 'auto' and to size chunks.
-    progress: `progress(done, total)` is called on the host as units of work end (see
-      the module docstring); None (default) traces no callback.
-
-  Returns:
-    `[B, Tq, N, H]` in the dtype of `v`.
+    chunk_size: the most queries per 'chunked' block; by default the most whose logits fit
+      in `budget_bytes` (also what 'auto' compares with), capped at `MAX_BLOCK_LOGITS`.
+    progress: `progress(done, total)` on the host as each unit ends: a query block of one
+      (batch, head) pair on CPU, of all pairs elsewhere, or the unchunked layer. None: no
+      callback in the program.
   """
-  check_implementation(implementation)
+  resolve('attention', implementation, IMPLEMENTATIONS)
   check_chunk_size(chunk_size)
+  if progress is None and (hook := _HOOK.get()) is not None:
+    fn, layers = hook
+    progress = functools.partial(fn, next(layers))
   batch, q_len, heads, _ = q.shape
   kv_len = k.shape[1]
   if implementation == 'auto':

@@ -1,11 +1,9 @@
 """Depthwise 2-D convolution, written for the backend it runs on.
 
-XLA:CPU lowers `feature_group_count=C` convolutions to a slow generic loop:
-15-50x slower than the same 3x3 depthwise conv written as a sum of k*k
-shifted (strided) slices times per-channel weights, which XLA fuses into one
-elementwise loop (8x56x56x64, stride 1: 43 ms vs 0.9 ms; see DESIGN.md). CvT
-runs three of these per block, so on CPU they were about half of the forward
-pass. On GPU and TPU the library kernels are fast, so they are used there.
+XLA:CPU lowers `feature_group_count=C` convolutions to a slow generic loop, 15-50x slower than
+a sum of k*k shifted (strided) slices times per-channel weights, which XLA fuses into one loop
+(8x56x56x64, 3x3, stride 1: 43 ms vs 0.9 ms); CvT runs three per block. GPU and TPU keep the
+library kernel.
 """
 
 from __future__ import annotations
@@ -14,17 +12,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cvt_backbone.kernels import resolve
+
 IMPLEMENTATIONS = ('auto', 'slices', 'conv')
-
-
-def _resolve(implementation: str) -> str:
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f'Unknown depthwise conv implementation {implementation!r}; '
-        f'expected one of {IMPLEMENTATIONS}.')
-  if implementation == 'auto':
-    return 'slices' if jax.default_backend() == 'cpu' else 'conv'
-  return implementation
 
 
 def depthwise_conv2d(
@@ -35,20 +25,11 @@ def depthwise_conv2d(
     padding: int,
     implementation: str = 'auto',
 ) -> jax.Array:
-  """Depthwise convolution with symmetric zero padding and no bias.
-
-  Args:
-    x: `[N, H, W, C]`.
-    kernel: `[kh, kw, 1, C]` (the Flax layout of a `feature_group_count=C` conv).
-    stride: the same stride on both axes.
-    padding: zero padding on every side.
-    implementation: 'slices', 'conv' or 'auto' (slices on CPU, conv elsewhere).
-
-  Returns:
-    `[N, Ho, Wo, C]` with `Ho = (H + 2 * padding - kh) // stride + 1` (same for W).
-  """
+  """x `[N, H, W, C]`, kernel `[kh, kw, 1, C]` -> `[N, Ho, Wo, C]`, symmetric zero padding,
+  no bias; `implementation` 'slices', 'conv' or 'auto' (slices on CPU)."""
   kh, kw, _, channels = kernel.shape
-  if _resolve(implementation) == 'conv':
+  if resolve('depthwise conv', implementation, IMPLEMENTATIONS, cpu='slices',
+             other='conv') == 'conv':
     return lax.conv_general_dilated(
         x, kernel.astype(x.dtype), window_strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),

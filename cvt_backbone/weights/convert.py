@@ -1,30 +1,18 @@
-"""Official and Hugging Face CvT state_dicts -> Flax variables, and a strict merge.
+"""CvT and head weights from PyTorch layouts to Flax variables, and the strict merge into a model.
 
-Pure functions on in-memory arrays (no file access, no torch): reading files is
-`readers.py`, the command line tool and the converted-file format are
-`checkpoint.py`. `check_converted` compares every converted shape with the model
-of the inferred architecture (`jax.eval_shape` of its init: no compute).
-
-Two namings hold the same values (see DESIGN.md):
-- official microsoft/CvT (`CvT-13-224x224-IN-1k.pth`, `lib/models/cls_cvt.py`):
-  `stage0.blocks.3.attn.conv_proj_q.bn.running_mean`, `norm.weight`, `head.weight`;
-- Hugging Face (`microsoft/cvt-13`, `modeling_cvt.py`):
-  `cvt.encoder.stages.0.layers.3.attention.attention.convolution_projection_query.
-  convolution_projection.normalization.running_mean`, `layernorm.weight`, `classifier.weight`.
-Hugging Face names are first renamed to the official ones, which `cvt.py` mirrors,
-then every tensor is moved to its Flax path and layout:
-
-  conv weight   (O, I/g, kh, kw) -> kernel (kh, kw, I/g, O)
-  linear weight (out, in)        -> kernel (in, out)
-  norm weight                    -> scale
-  BN running_mean / running_var  -> batch_stats mean / var (num_batches_tracked dropped)
+Pure functions on in-memory arrays (no file access, no torch). Official CvT keys
+(`stage0.blocks.3.attn.conv_proj_q.bn.running_mean`) and Hugging Face ones
+(`cvt.encoder.stages.0.layers.3.attention.attention.convolution_projection_query...`) are
+renamed to one Flax path each, then moved to the Flax layout (`torch_leaf`):
+conv (O, I/g, kh, kw) -> kernel (kh, kw, I/g, O), linear (out, in) -> kernel (in, out),
+norm weight -> scale, BN running_mean / running_var -> batch_stats mean / var.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -52,11 +40,12 @@ class CheckpointError(ValueError):
 
 
 class CheckpointMismatchError(CheckpointError):
-  """A checkpoint that does not fit the model it is loaded into."""
+  """A checkpoint that does not fit the model it is loaded into (weights or a training state)."""
 
-  def __init__(self, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
+  def __init__(self, summary: str | None = None, *, missing: Iterable[str] = (),
+               unexpected: Iterable[str] = (),
                mismatched: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
-               hints: Iterable[str] = (), summary: str | None = None):
+               hints: Iterable[str] = ()):
     self.missing = list(missing)
     self.unexpected = list(unexpected)
     self.mismatched = list(mismatched)
@@ -74,9 +63,57 @@ class CheckpointMismatchError(CheckpointError):
     super().__init__('\n'.join(lines))
 
 
-# ---------------------------------------------------------------------------
-# Naming
-# ---------------------------------------------------------------------------
+# Axes of a Flax array taken from the PyTorch tensor: `flax = np.transpose(torch, perm)`.
+_CONV_PERM = (2, 3, 1, 0)
+_DENSE_PERM = (1, 0)
+Perm = tuple[int, ...] | None
+
+
+def torch_leaf(key: str, value: np.ndarray) -> tuple[str, str, np.ndarray, Perm] | None:
+  """One PyTorch leaf -> (collection, Flax leaf name, array in Flax layout, perm), by ndim."""
+  leaf = key.rpartition('.')[2]
+  if leaf == 'num_batches_tracked':
+    return None  # A training counter; Flax BatchNorm has no equivalent.
+  if leaf in ('running_mean', 'running_var'):
+    return 'batch_stats', leaf.removeprefix('running_'), value, None
+  if leaf == 'bias':
+    return 'params', 'bias', value, None
+  if leaf != 'weight':
+    raise ValueError(f'Do not know how to convert {key!r}.')
+  if value.ndim == 4:
+    return 'params', 'kernel', np.transpose(value, _CONV_PERM), _CONV_PERM
+  if value.ndim == 2:
+    return 'params', 'kernel', np.transpose(value), _DENSE_PERM
+  if value.ndim == 1:
+    return 'params', 'scale', value, None
+  raise ValueError(f'Cannot convert {key!r} with shape {value.shape}.')
+
+
+def module_path(torch_path: str) -> str:
+  """`'convs.0.conv'` -> `'convs_0/conv'`: list indices join their list's name."""
+  return re.sub(r'\.(\d+)', r'_\1', torch_path).replace('.', '/')
+
+
+def torch_to_flax(state_dict: Mapping[str, Any],
+                  rename: Callable[[str], str | None] = module_path) -> dict[str, dict[str, Any]]:
+  """A PyTorch state dict of numpy arrays -> `{'params': ..., 'batch_stats': ...}`.
+
+  `rename` maps a PyTorch module path (`'a.b'`) to a Flax one (`'a/b'`), or None to drop it.
+  """
+  flat = {}
+  for key, value in state_dict.items():
+    torch_path = key.rpartition('.')[0]
+    entry = torch_leaf(key, np.asarray(value))
+    path = None if entry is None else rename(torch_path)
+    if path is None:
+      continue
+    collection, name, array, _ = entry
+    target = (collection, *path.split('/'), name)
+    if target in flat:
+      raise ValueError(f'{key!r} maps to {"/".join(target)}, which is already set.')
+    flat[target] = np.ascontiguousarray(array)
+  return traverse_util.unflatten_dict(flat)
+
 
 _HF_LAYER = r'encoder\.stages\.(\d+)\.layers\.(\d+)\.'
 # 'query' / 'key' / 'value' -> 'q' / 'k' / 'v': the first letter is captured.
@@ -150,11 +187,7 @@ def _preview(keys: Iterable[str], limit: int = 8) -> str:
 
 
 def detect_naming(state_dict: Mapping[str, Any]) -> str:
-  """Which naming a checkpoint uses: 'official', 'hugging_face' or 'flax' (already converted).
-
-  Raises:
-    CheckpointError: the keys follow neither naming (another architecture).
-  """
+  """'official', 'hugging_face' or 'flax' (converted); CheckpointError for another model."""
   state_dict = _unwrap(state_dict)
   if _is_flax(state_dict):
     return FLAX
@@ -175,12 +208,7 @@ def detect_naming(state_dict: Mapping[str, Any]) -> str:
 
 
 def hf_to_official(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """Renames a Hugging Face CvT state_dict (`CvtForImageClassification` or `CvtModel`) to
-  the official key names, values untouched.
-
-  Raises:
-    CheckpointError: listing the keys that are not part of a Hugging Face CvT.
-  """
+  """A Hugging Face CvT state_dict (`CvtForImageClassification`, `CvtModel`), official names."""
   names = _hf_official_names(state_dict)
   unknown = [key for key in state_dict if key not in names]
   if unknown:
@@ -201,58 +229,30 @@ def _hf_official_names(state_dict: Mapping[str, Any]) -> dict[str, str]:
   return names
 
 
-# ---------------------------------------------------------------------------
-# Conversion
-# ---------------------------------------------------------------------------
-
-
-# Axes of a Flax array taken from the official tensor: `flax = np.transpose(official, perm)`.
-_CONV_PERM = (2, 3, 1, 0)
-_DENSE_PERM = (1, 0)
-
-
-def _flax_entry(key: str, value: np.ndarray
-                ) -> tuple[tuple[str, ...], np.ndarray, tuple[int, ...] | None] | None:
-  """One official key -> (Flax path including the collection, array in Flax layout, the
-  transposition applied or None)."""
+def _flax_entry(key: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray, Perm] | None:
+  """One official key -> (Flax path with its collection, array in Flax layout, perm)."""
   *modules, leaf = key.split('.')
   # 'blocks.3' is one Flax module, 'blocks_3'.
-  path = tuple(re.sub(r'blocks\.(\d+)', r'blocks_\1', '.'.join(modules)).split('.')) \
-      if modules else ()
-  parent = modules[-1] if modules else ''
-  grandparent = modules[-2] if len(modules) > 1 else ''
-
-  def expect(ndim: int) -> None:
-    if value.ndim != ndim:
-      raise CheckpointError(f'{key} has shape {value.shape}; a CvT has {ndim}-D tensors there.')
-
-  if leaf == 'num_batches_tracked':
-    return None  # A training counter; Flax BatchNorm has no equivalent.
-  if leaf in ('running_mean', 'running_var'):
-    expect(1)
-    return ('batch_stats', *path, leaf.removeprefix('running_')), value, None
+  path = tuple(re.sub(r'blocks\.(\d+)', r'blocks_\1', '.'.join(modules)).split('.'))
   if leaf == 'cls_token':
-    expect(3)
+    ndim = 3
+  elif leaf != 'weight' or modules[-1] in ('norm', 'norm1', 'norm2', 'bn'):
+    ndim = 1
+  else:
+    ndim = 4 if modules[-1] == 'conv' or modules[-2:] == ['patch_embed', 'proj'] else 2
+  if value.ndim != ndim and leaf != 'num_batches_tracked':
+    raise CheckpointError(f'{key} has shape {value.shape}; a CvT has {ndim}-D tensors there.')
+  if leaf == 'cls_token':
     return ('params', *path, 'cls_token'), value, None
-  if leaf == 'bias':
-    expect(1)
-    return ('params', *path, 'bias'), value, None
-  # leaf == 'weight'
-  if parent in ('norm', 'norm1', 'norm2', 'bn'):
-    expect(1)
-    return ('params', *path, 'scale'), value, None
-  if parent == 'conv' or (parent == 'proj' and grandparent == 'patch_embed'):
-    expect(4)
-    return ('params', *path, 'kernel'), np.transpose(value, _CONV_PERM), _CONV_PERM
-  expect(2)
-  return ('params', *path, 'kernel'), np.transpose(value), _DENSE_PERM
+  entry = torch_leaf(key, value)
+  if entry is None:
+    return None
+  collection, name, array, perm = entry
+  return (collection, *path, name), array, perm
 
 
 def official_name(path: str) -> tuple[str, tuple[int, ...] | None]:
-  """A '/'-joined Flax variable path -> (official key, the transposition `_flax_entry` applies).
-
-  The inverse naming of `_flax_entry`, for messages about tensors a checkpoint lacks.
-  """
+  """A '/'-joined Flax path -> (official key, perm): `_flax_entry` backwards, for messages."""
   collection, *modules, leaf = path.split('/')
   name = '.'.join(re.sub(r'^blocks_(\d+)$', r'blocks.\1', m) for m in modules)
   if collection == 'batch_stats':
@@ -289,11 +289,7 @@ Sources = dict[str, tuple[str, tuple[int, ...] | None]]
 
 def convert_with_sources(state_dict: Mapping[str, Any], *, backbone: bool = False
                          ) -> tuple[dict[str, dict[str, Any]], Sources]:
-  """`convert_state_dict`, plus the source key and transposition of every converted array.
-
-  For messages that name a tensor as the file does (`stage0.patch_embed.proj.weight`,
-  `cvt.encoder.stages.0...`) next to its converted path.
-  """
+  """`convert_state_dict`, plus each array's source key and perm (for messages)."""
   state_dict = _unwrap(state_dict)
   naming = detect_naming(state_dict)
   sources: Sources = {}
@@ -332,31 +328,14 @@ def convert_with_sources(state_dict: Mapping[str, Any], *, backbone: bool = Fals
 
 def convert_state_dict(state_dict: Mapping[str, Any], *,
                        backbone: bool = False) -> dict[str, dict[str, Any]]:
-  """A CvT state_dict -> Flax variables `{'params': ..., 'batch_stats': ...}`.
+  """A CvT state_dict of any naming -> `{'params': ..., 'batch_stats': ...}` of numpy arrays.
 
-  Detects the naming by itself (official, Hugging Face `CvtForImageClassification`
-  or `CvtModel`, with or without a `module.` prefix or a `{'state_dict': ...}`
-  wrapper) and is idempotent: already converted variables (nested, or flattened
-  with '/' separators) come back as they are.
-
-  Args:
-    state_dict: name -> array (numpy, or anything `np.asarray` accepts).
-    backbone: drop the classifier (`norm` and `head`) for `CvTBackbone`.
-
-  Returns:
-    Nested dicts of numpy arrays mirroring `CvT` (or `CvTBackbone`) variables:
-    conv kernels `[kh, kw, I, O]`, dense kernels `[in, out]`, the cls token
-    `[1, 1, D]`, BatchNorm running statistics under 'batch_stats'.
-
-  Raises:
-    CheckpointError: not a CvT state_dict, with the offending keys listed.
+  Official or Hugging Face names, a `module.` prefix or a `{'state_dict': ...}` wrapper;
+  converted variables (nested or '/'-flattened) come back as they are. `backbone` drops the
+  classifier (`norm`, `head`). Raises CheckpointError listing keys that are not a CvT's.
   """
   return convert_with_sources(state_dict, backbone=backbone)[0]
 
-
-# ---------------------------------------------------------------------------
-# Architecture from shapes
-# ---------------------------------------------------------------------------
 
 # What the shapes of a checkpoint determine; the rest (strides, heads, drop path)
 # is taken from the matching variant.
@@ -369,15 +348,8 @@ STRUCTURAL_FIELDS = _SHAPE_FIELDS + ('num_heads',)
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-  """What a checkpoint holds, inferred from its shapes.
-
-  Attributes:
-    spec: the `CvTSpec` (a known variant's when the shapes match one).
-    variant: 'cvt-13', 'cvt-21', 'cvt-w24' or 'cvt-tiny', or None for a custom spec.
-    num_classes: classifier outputs; 0 when the checkpoint has no head.
-    has_norm: whether it holds the classifier's final LayerNorm.
-    in_chans: input channels of the first embedding conv.
-  """
+  """What a checkpoint holds, from its shapes: a known variant's spec (`variant` None: a custom
+  one), the classifier's class count (0: no head), final LayerNorm and input channels."""
 
   spec: CvTSpec
   variant: str | None
@@ -494,15 +466,10 @@ def _closest_variant_hint(shape_fields: Mapping[str, Any], in_chans: int) -> str
 
 def infer_architecture(state_dict: Mapping[str, Any], *,
                        num_heads: Iterable[int] | None = None) -> Architecture:
-  """The architecture of a checkpoint (any naming, or converted variables).
+  """The architecture of a checkpoint (any naming, or converted variables), from its shapes.
 
-  Widths, depths, MLP ratios, kernel sizes, the cls token and the class count are
-  read from the shapes. The number of heads is not visible in any shape: it comes
-  from the matching known variant, else from `num_heads`, else from the official
-  head width of 64.
-
-  Raises:
-    CheckpointError: not a CvT, an incomplete one, or heads that cannot be inferred.
+  Heads are in no shape: those of the matching known variant, else `num_heads`, else the
+  official head width of 64.
   """
   shapes = _read_shapes(convert_state_dict(state_dict))
   heads = tuple(int(h) for h in num_heads) if num_heads is not None else None
@@ -522,18 +489,9 @@ def infer_architecture(state_dict: Mapping[str, Any], *,
   return Architecture(spec=_custom_spec(shapes.fields, heads), variant=None, **common)
 
 
-# ---------------------------------------------------------------------------
-# Every shape against the architecture
-# ---------------------------------------------------------------------------
-
-
 def expected_shapes(spec: CvTSpec, *, in_chans: int = 3, num_classes: int = 0,
                     has_norm: bool = False) -> dict[str, tuple[int, ...]]:
-  """Shape of every variable of a CvT of `spec`, by '/'-joined path (`jax.eval_shape`).
-
-  The backbone's variables, plus the classifier's final LayerNorm (`has_norm`) and
-  head (`num_classes` > 0). The heads do not change any shape.
-  """
+  """Shape of every variable of a CvT of `spec` (and its classifier's), by '/'-joined path."""
   size = 32
   while size < 2**16:  # The smallest power of two every stage of `spec` accepts.
     try:
@@ -577,21 +535,10 @@ def check_converted(variables: Mapping[str, Any], sources: Sources | None = None
                     num_heads: Iterable[int] | None = None) -> Architecture:
   """The architecture of converted variables, after checking every array's shape against it.
 
-  `infer_architecture` reads a few shapes; a checkpoint whose other tensors disagree
-  (a damaged or hand-edited file) would convert without a word and then fit no model.
-  Here each array is compared with the model of the inferred spec and, when the
-  widths and depths are those of a known variant, with that variant's; the closer of
-  the two is reported, so one reshaped tensor is named as such.
-
-  Args:
-    variables: output of `convert_with_sources` (or `convert_state_dict`).
-    sources: its source names, for the messages; None names the converted paths.
-    num_heads: see `infer_architecture`.
-
-  Raises:
-    CheckpointError: naming every tensor whose shape differs (source name, converted
-      path, found and expected shapes as stored in the source), every missing and
-      every unexpected one; or what `infer_architecture` raises.
+  `infer_architecture` reads a few shapes; a damaged or edited file would convert and then
+  fit no model. Each array is compared with the inferred spec's model and with the known
+  variants of the same widths and depths; the closest is reported (CheckpointError naming
+  each differing, missing and unexpected tensor by its `sources` name, in source layout).
   """
   sources = sources or {}
   shapes = _read_shapes(variables)
@@ -635,112 +582,72 @@ def spec_differences(expected: CvTSpec, found: CvTSpec,
           if getattr(expected, f) != getattr(found, f)]
 
 
-# ---------------------------------------------------------------------------
-# Strict merge
-# ---------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class LoadReport:
-  """What `merge_variables` did, by '/'-joined variable path.
+  """What `merge_variables` kept at init and discarded, by '/'-joined path: why."""
 
-  Attributes:
-    loaded: paths set from the checkpoint.
-    kept_init: model paths left at their fresh initialisation, with the reason.
-    discarded: checkpoint paths not used, with the reason.
-  """
-
-  loaded: list[str] = dataclasses.field(default_factory=list)
   kept_init: dict[str, str] = dataclasses.field(default_factory=dict)
   discarded: dict[str, str] = dataclasses.field(default_factory=dict)
 
-  def summary(self) -> str:
-    lines = [f'{len(self.loaded)} arrays loaded from the checkpoint.']
-    if self.kept_init:
-      lines.append(f'{len(self.kept_init)} kept at their fresh initialisation:')
-      lines += [f'  {path} ({why})' for path, why in self.kept_init.items()]
-    if self.discarded:
-      lines.append(f'{len(self.discarded)} checkpoint arrays discarded:')
-      lines += [f'  {path} ({why})' for path, why in self.discarded.items()]
-    return '\n'.join(lines)
 
-
-def merge_variables(fresh: Mapping[str, Any], converted: Mapping[str, Any], *,
+def merge_variables(fresh: Mapping[str, Any], loaded: Mapping[str, Any], *,
                     drop_head: bool = False, keep_cls_token: bool = True,
                     ) -> tuple[dict[str, Any], LoadReport]:
-  """Strictly merges converted weights into a model's freshly initialised variables.
+  """Strictly merges loaded weights (a CvT's, a head's) into a model's fresh variables.
 
-  Every model variable must come from the checkpoint, with the same shape, and
-  every checkpoint array must be used, except:
-  - `out_norm_*` LayerNorms of `CvTBackbone(out_norm=True)`, which no checkpoint
-    has: kept at their initialisation (and reported);
-  - the classifier head with `drop_head=True` (a different class count): the
-    checkpoint's is discarded, the fresh one kept;
-  - the cls token with `keep_cls_token=False`: the checkpoint's is discarded; a
-    model that has one keeps its fresh initialisation.
-
-  Args:
-    fresh: the model's variables from `init`, or their `jax.eval_shape` (then the
-      leaves kept at initialisation come back as `ShapeDtypeStruct`s to fill in).
-    converted: output of `convert_state_dict`.
-    drop_head: discard the checkpoint's classifier head.
-    keep_cls_token: use the checkpoint's cls token.
-
-  Returns:
-    The merged variables (checkpoint arrays cast to the model's dtypes) and a report.
-
-  Raises:
-    CheckpointMismatchError: naming every missing key, unexpected key and shape mismatch.
+  Every model variable must come from `loaded` (`convert_state_dict`, `torch_to_flax`) with
+  its shape and every loaded array must be used, or CheckpointMismatchError lists each
+  missing, unexpected and mismatched one. Except: `out_norm_*` LayerNorms (in no checkpoint)
+  keep their init; `drop_head` keeps a fresh `params/head`; `keep_cls_token=False` discards
+  the cls token. `fresh` may be shapes only (`jax.eval_shape`): leaves kept at init come
+  back as `ShapeDtypeStruct`s. Returns the merged variables (in the model's dtypes) and a report.
   """
   model = traverse_util.flatten_dict(dict(fresh), sep='/')
-  ckpt = traverse_util.flatten_dict(dict(converted), sep='/')
+  ckpt = traverse_util.flatten_dict(dict(loaded), sep='/')
   merged, report = {}, LoadReport()
   unexpected, mismatched, hints = [], [], []
-  for path, value in ckpt.items():
+
+  def dropped(path: str) -> str | None:
     if drop_head and path.startswith(_HEAD):
-      report.discarded[path] = 'classifier head dropped (drop_head=True)'
-      continue
+      return 'classifier head dropped (drop_head=True)'
     if not keep_cls_token and _CLS_TOKEN.fullmatch(path):
-      report.discarded[path] = 'cls token discarded (keep_cls_token=False)'
-      continue
-    if path not in model:
+      return 'cls token discarded (keep_cls_token=False)'
+    return None
+
+  for path, value in ckpt.items():
+    if why := dropped(path):
+      report.discarded[path] = why
+    elif path not in model:
       unexpected.append(path)
       if _CLS_TOKEN.fullmatch(path):
         hints.append('the model has no cls token there; keep_cls_token=False discards it.')
-      continue
-    target = model[path]
-    if tuple(value.shape) != tuple(target.shape):
-      mismatched.append((path, tuple(value.shape), tuple(target.shape)))
+    elif np.shape(value) != tuple(model[path].shape):
+      mismatched.append((path, np.shape(value), tuple(model[path].shape)))
       if path.startswith(_HEAD):
         hints.append('a different class count? drop_head=True keeps a fresh head.')
-      continue
-    merged[path] = np.asarray(value, dtype=target.dtype)
-    report.loaded.append(path)
+    else:
+      merged[path] = np.asarray(value, dtype=model[path].dtype)
   missing, shape_mismatch = [], {path for path, _, _ in mismatched}
   for path, target in model.items():
     if path in merged or path in shape_mismatch:
       continue
-    if _OUT_NORM.match(path):
-      report.kept_init[path] = 'backbone output norm; not part of CvT checkpoints'
-    elif drop_head and path.startswith(_HEAD):
-      report.kept_init[path] = 'classifier head dropped (drop_head=True)'
-    elif not keep_cls_token and _CLS_TOKEN.fullmatch(path):
-      report.kept_init[path] = 'cls token discarded (keep_cls_token=False)'
+    why = dropped(path) or (
+        'backbone output norm; not part of CvT checkpoints' if _OUT_NORM.match(path) else None)
+    if why:
+      report.kept_init[path] = why
+      merged[path] = target
     else:
       missing.append(path)
       if path.startswith(_HEAD):
         hints.append('a checkpoint without a head? drop_head=True keeps a fresh head.')
-      continue
-    merged[path] = target
   if missing or unexpected or mismatched:
-    raise CheckpointMismatchError(missing, unexpected, mismatched, dict.fromkeys(hints))
+    raise CheckpointMismatchError(missing=missing, unexpected=unexpected, mismatched=mismatched,
+                                  hints=dict.fromkeys(hints))
   return traverse_util.unflatten_dict(merged, sep='/'), report
 
 
 if __name__ == '__main__':
-  # `python -m cvt_backbone.weights.convert` (this library module) is not the tool; runpy has already
-  # warned that the package imported it first.
-  import sys
+  import sys  # A library module, not the tool.
 
   print('cvt_backbone.weights.convert is the conversion library, not a command; run '
         '`cvt-convert SRC OUT` or `python -m cvt_backbone convert SRC OUT` (--help for the '

@@ -1,33 +1,21 @@
-"""Released CvT weights into Flax models: the `cvt-convert` tool, the converted format, loaders.
+"""Converted weight files: their format, `cvt-convert`, and the loaders of CvT models.
 
-Converted format: one `.msgpack` file written by `flax.serialization.msgpack_serialize`
-holding `{'variables': {'params': ..., 'batch_stats': ...}, 'metadata': {...}}`, with
-metadata `format`, `format_version`, `variant` ('cvt-13', ... or 'custom'), `spec`
-(the `CvTSpec` fields), `activation`, `num_classes` (0 without a head),
-`backbone_only`, `in_chans`, `source` (`file`, `sha256`, `naming`), `converter` and
-`checksum` ('sha256:' + `variables_digest` of the variables, checked on every load;
-format version 2, files of version 1 have none and still load). It is read back with
-`flax.serialization.msgpack_restore` (no pickle), and is written to a temporary file
-in the destination folder, then renamed, so a failed or interrupted conversion never
-leaves a partial file. `cvt-convert` checks the shape of every tensor against the
-architecture it infers before writing anything.
-
-    cvt-convert CvT-13-224x224-IN-1k.pth cvt-13-224.msgpack
-    backbone, variables = load_backbone('cvt-13-224.msgpack')
-    features = backbone.apply(variables, images)   # {'stage1': [N, H/4, W/4, 64], ...}
+A converted file is one msgpack map (`flax.serialization`, no pickle) `{'variables': {'params',
+'batch_stats'}, 'metadata': {...}}`: `format`, `format_version`, `variant` (or 'custom'),
+`spec`, `activation`, `num_classes` (0: no head), `backbone_only`, `in_chans`, `source`
+(`file`, `sha256`, `naming`), `converter` and `checksum` ('sha256:' + `variables_digest`,
+checked on every load; version 1 files have none). It is written atomically, after every
+tensor's shape was checked against the inferred architecture.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,6 +36,7 @@ from cvt_backbone.cvt import (
     canonical_variant_name,
     get_spec,
 )
+from cvt_backbone.tools import HelpFormatter, file_sha256, write_atomically
 from cvt_backbone.weights.readers import (
     HF_WEIGHT_FILES,
     read_state_dict,
@@ -67,29 +56,6 @@ _logger = logging.getLogger(__name__)
 _INIT_SIZE = 32
 
 
-# ---------------------------------------------------------------------------
-# Converted files
-# ---------------------------------------------------------------------------
-
-
-def spec_to_dict(spec: CvTSpec) -> dict[str, Any]:
-  """A `CvTSpec` as msgpack/JSON-friendly lists."""
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}
-
-
-def spec_from_dict(fields: Mapping[str, Any]) -> CvTSpec:
-  """Inverse of `spec_to_dict`."""
-  return CvTSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-
-
-def _sha256(path: Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _check_destination(path: Path, overwrite: bool) -> None:
   folder = path.parent
   if not folder.is_dir():
@@ -102,29 +68,8 @@ def _check_destination(path: Path, overwrite: bool) -> None:
                           'from Python).')
 
 
-def _atomic_write(path: Path, data: bytes, overwrite: bool) -> None:
-  """Writes to a temporary file beside `path`, then renames it over `path`."""
-  _check_destination(path, overwrite)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a weights file is not.
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-
-
 def variables_digest(variables: Mapping[str, Any]) -> str:
-  """sha256 (hex) of a variables tree: every array's path, dtype, shape and bytes.
-
-  Independent of the tree's order and of numpy vs jax arrays; any changed byte, name,
-  dtype or shape changes it.
-  """
+  """sha256 (hex) of a variables tree's paths, dtypes, shapes and bytes (not its order)."""
   digest = hashlib.sha256()
   flat = traverse_util.flatten_dict(dict(variables), sep='/')
   for path in sorted(flat):
@@ -137,22 +82,15 @@ def variables_digest(variables: Mapping[str, Any]) -> str:
 
 def save_converted(path: str | os.PathLike, variables: Mapping[str, Any],
                    metadata: Mapping[str, Any], *, overwrite: bool = False) -> Path:
-  """Writes converted variables and their metadata as one msgpack file, atomically.
-
-  The metadata gets the format, its version and the variables' checksum (any given
-  in `metadata` are replaced).
-
-  Raises:
-    FileNotFoundError: the output folder does not exist.
-    FileExistsError: `path` exists and `overwrite` is False.
-  """
+  """Writes variables and metadata (given the format, version and checksum) atomically."""
   path = Path(path)
-  _check_destination(path, overwrite)
   variables = {c: dict(v) for c, v in variables.items()}
   tree = {'variables': variables,
           'metadata': {**metadata, 'format': FORMAT, 'format_version': FORMAT_VERSION,
                        'checksum': _CHECKSUM_PREFIX + variables_digest(variables)}}
-  _atomic_write(path, serialization.msgpack_serialize(tree), overwrite)
+  data = serialization.msgpack_serialize(tree)
+  _check_destination(path, overwrite)
+  write_atomically(path, lambda f: f.write(data))
   return path
 
 
@@ -188,16 +126,7 @@ def _released_file_error(path: Path) -> CheckpointError | None:
 
 
 def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Reads a file written by `cvt-convert` / `save_converted`.
-
-  Returns:
-    (variables `{'params', 'batch_stats'}` of numpy arrays, metadata dict).
-
-  Raises:
-    CheckpointError: a truncated, corrupt or damaged file (checksum mismatch), not a
-      converted CvT checkpoint, or a released one (`.pth`, `.bin`, `.safetensors`, a
-      Hugging Face folder): the message says to run `cvt-convert` on it.
-  """
+  """(variables, metadata) of a converted file; CheckpointError for a damaged or other file."""
   path = Path(path)
   released = _released_file_error(path)
   if released is not None:
@@ -233,11 +162,6 @@ def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   return variables, metadata
 
 
-# ---------------------------------------------------------------------------
-# Conversion of released files
-# ---------------------------------------------------------------------------
-
-
 def _hf_config_num_heads(src: Path) -> tuple[int, ...] | None:
   """Heads from a Hugging Face `config.json` beside the weights (shapes do not tell them)."""
   config = src.parent / 'config.json'
@@ -257,19 +181,15 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
                        drop_head: bool = False, activation: str = 'quick_gelu',
                        num_heads: Sequence[int] | None = None,
                        overwrite: bool = False) -> dict[str, Any]:
-  """Converts a released weight file (`.pth`, `.bin`, `.safetensors`) to a Flax msgpack file.
+  """A released weight file (`.pth`, `.bin`, `.safetensors`, a Hugging Face folder) -> `out`.
 
   Args:
-    src: official or Hugging Face checkpoint file, or a Hugging Face model folder.
-    out: the `.msgpack` file to write; its folder must exist.
-    variant: the expected variant; checked against the shapes. None infers it.
-    backbone_only: drop the classifier (final norm and head).
-    drop_head: drop only the head Linear (to fine-tune with another class count).
-    activation: recorded for loaders: 'quick_gelu' (the official training
-      activation) or 'gelu' (what Hugging Face `CvtModel` runs).
-    num_heads: heads per stage of a custom architecture (known variants and
-      Hugging Face folders with a `config.json` do not need it).
-    overwrite: replace an existing `out`.
+    variant: the expected variant, checked against the shapes (None: inferred).
+    backbone_only: drop the classifier (final norm and head); `drop_head` only the head.
+    activation: recorded for the loaders: 'quick_gelu' (the official training activation)
+      or 'gelu' (what Hugging Face `CvtModel` runs).
+    num_heads: heads per stage of a custom architecture (known variants and Hugging Face
+      folders with a `config.json` do not need it).
 
   Returns:
     The metadata written.
@@ -303,22 +223,17 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
     variables['params'].pop('head', None)
   metadata = {
       'variant': arch.name,
-      'spec': spec_to_dict(arch.spec),
+      'spec': arch.spec.to_dict(),
       'activation': activation,
       'num_classes': 0 if drop_head else arch.num_classes,
       # A Hugging Face `CvtModel` file has no classifier to begin with.
       'backbone_only': backbone_only or not arch.has_norm,
       'in_chans': arch.in_chans,
-      'source': {'file': src.name, 'sha256': _sha256(src), 'naming': naming},
+      'source': {'file': src.name, 'sha256': file_sha256(src), 'naming': naming},
       'converter': 'cvt-dense convert_checkpoint',
   }
   save_converted(out, variables, metadata, overwrite=overwrite)
   return metadata
-
-
-# ---------------------------------------------------------------------------
-# Loading into models
-# ---------------------------------------------------------------------------
 
 
 def _model_spec(model: Any) -> CvTSpec:
@@ -349,14 +264,19 @@ def _check_architecture(model: CvT | CvTBackbone, variables: Mapping[str, Any],
   """Names both variants when they differ: clearer than the list of keys that follows."""
   spec = _model_spec(model)
   if metadata is not None:
-    found, name = spec_from_dict(metadata['spec']), metadata['variant']
+    found, name = CvTSpec.from_dict(metadata['spec']), metadata['variant']
     fields = convert_lib.STRUCTURAL_FIELDS
   else:
-    try:
-      # Heads are invisible in shapes; take the model's so that only shapes are compared.
-      arch = convert_lib.infer_architecture(variables, num_heads=spec.num_heads)
-    except CheckpointError:
-      return  # Incomplete checkpoints: the strict merge lists what is missing.
+    # Heads are invisible in shapes; take the model's so that only shapes are compared, unless
+    # they cannot split the checkpoint's widths (another variant: its own heads then).
+    for heads in (spec.num_heads, None):
+      try:
+        arch = convert_lib.infer_architecture(variables, num_heads=heads)
+        break
+      except CheckpointError:
+        return  # Incomplete checkpoints: the strict merge lists what is missing.
+      except ValueError:
+        continue
     found, name = arch.spec, arch.name
     fields = tuple(f for f in convert_lib.STRUCTURAL_FIELDS if f != 'num_heads')
   if not keep_cls_token:
@@ -405,28 +325,12 @@ def _load_into(model: CvT | CvTBackbone, variables: Mapping[str, Any],
 def load_pretrained(model: CvT | CvTBackbone, source: str | os.PathLike | Mapping[str, Any], *,
                     drop_head: bool = False, keep_cls_token: bool = True,
                     rng: jax.Array | None = None) -> dict[str, Any]:
-  """Variables for `model` from a checkpoint, merged strictly into a fresh init.
+  """`{'params', 'batch_stats'}` for `model` (`CvT` or `CvTBackbone`) from a checkpoint.
 
-  Args:
-    model: a `CvT` classifier or a `CvTBackbone` (which drops the classifier).
-    source: a converted `.msgpack` file, a released `.pth` / `.bin` / `.safetensors`
-      file, a Hugging Face model folder, or an in-memory state_dict (any naming)
-      or converted variables.
-    drop_head: keep a fresh classifier head (a different class count).
-    keep_cls_token: load the checkpoint's cls token; False discards it (a model
-      with a cls token keeps its fresh one, a model without one loads the rest).
-    rng: initialises what the checkpoint lacks (`out_norm_*`, a dropped head).
-
-  Returns:
-    `{'params': ..., 'batch_stats': ...}` for `model.apply`.
-
-  Raises:
-    CheckpointMismatchError: another variant than the model, or any missing key,
-      unexpected key or shape mismatch (all listed).
-    CheckpointError: an unreadable file or not a CvT checkpoint.
-
-  Warns:
-    UserWarning: a converted file records another activation than the model runs.
+  `source`: a converted file, a released file or Hugging Face folder, or in-memory weights
+  of any naming; merged strictly (`merge_variables`). `drop_head` keeps a fresh head;
+  `keep_cls_token=False` discards the cls token; `rng` initialises what the checkpoint lacks.
+  Warns when a converted file records another activation than the model runs.
   """
   _model_spec(model)
   if isinstance(source, Mapping):
@@ -445,25 +349,17 @@ def load_pretrained(model: CvT | CvTBackbone, source: str | os.PathLike | Mappin
 def load_backbone(path: str | os.PathLike, *, keep_cls_token: bool = True,
                   rng: jax.Array | None = None,
                   **backbone_kwargs: Any) -> tuple[CvTBackbone, dict[str, Any]]:
-  """The `CvTBackbone` of a converted file, built from its metadata, and its variables.
+  """(`CvTBackbone` built from a converted file's metadata, its variables).
 
-  Args:
-    path: a file written by `cvt-convert` (with or without the classifier).
-    keep_cls_token: see `load_pretrained`.
-    rng: initialises what the checkpoint lacks (`out_norm_*`).
-    **backbone_kwargs: `CvTBackbone` fields (`out_features`, `out_norm`,
-      `frozen_stages`, `activation`, ...); the variant and activation default to
-      the file's (an activation passed here is taken as intended: no warning).
-
-  Returns:
-    (model, variables): `model.apply(variables, images)` gives the stage maps.
+  `backbone_kwargs` are `CvTBackbone` fields; the variant and activation default to the
+  file's (an activation given here is intended: no warning).
   """
   variables, metadata = load_converted(path)
   kwargs: dict[str, Any] = dict(activation=metadata['activation'], in_chans=metadata['in_chans'])
   if metadata['variant'] in convert_lib.VARIANTS:
     kwargs['variant'] = metadata['variant']
   else:
-    kwargs['spec'] = spec_from_dict(metadata['spec'])
+    kwargs['spec'] = CvTSpec.from_dict(metadata['spec'])
   kwargs.update(backbone_kwargs)
   model = CvTBackbone(**kwargs)
   return model, _load_into(model, variables, metadata, str(path), drop_head=False,
@@ -485,19 +381,10 @@ def _classifier(spec: CvTSpec, variant: str, num_classes: int, **kwargs: Any) ->
 def load_classifier(path: str | os.PathLike, *, num_classes: int | None = None,
                     drop_head: bool = False, rng: jax.Array | None = None,
                     **cvt_kwargs: Any) -> tuple[CvT, dict[str, Any]]:
-  """The `CvT` classifier of a converted file, built from its metadata, and its variables.
+  """(`CvT` classifier built from a converted file's metadata, its variables).
 
-  Args:
-    path: a file written by `cvt-convert` without `--backbone-only`.
-    num_classes: defaults to the file's head; another count needs `drop_head=True`
-      (implied when the file was converted with `--drop-head`).
-    drop_head: keep a fresh head instead of the file's.
-    rng: initialises a dropped head.
-    **cvt_kwargs: `CvT` fields (`activation`, `dtype`, ...); the activation
-      defaults to the file's.
-
-  Returns:
-    (model, variables): `model.apply(variables, images)` gives `[N, num_classes]` logits.
+  `num_classes` defaults to the file's head; another count needs `drop_head=True` (implied
+  for files converted with `--drop-head`). `cvt_kwargs` are `CvT` fields.
   """
   variables, metadata = load_converted(path)
   if metadata['backbone_only']:
@@ -510,32 +397,11 @@ def load_classifier(path: str | os.PathLike, *, num_classes: int | None = None,
     num_classes = head_in_file
   kwargs = dict(activation=metadata['activation'], channels=metadata['in_chans'])
   kwargs.update(cvt_kwargs)
-  model = _classifier(spec_from_dict(metadata['spec']), metadata['variant'], num_classes,
+  model = _classifier(CvTSpec.from_dict(metadata['spec']), metadata['variant'], num_classes,
                       **kwargs)
   return model, _load_into(model, variables, metadata, str(path),
                            drop_head=drop_head or not head_in_file, keep_cls_token=True, rng=rng,
                            activation_chosen='activation' in cvt_kwargs)
-
-
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-
-class HelpFormatter(argparse.HelpFormatter):
-  """Appends '(default: X)' to an option's help unless it states its default already.
-
-  Options without a meaningful default (None, False flags, positionals) get nothing. The
-  command lines of cvt_backbone use it (it imports no project code).
-  """
-
-  def _get_help_string(self, action: argparse.Action) -> str:
-    text = action.help or ''
-    default = action.default
-    if ('default' in text or not action.option_strings or default is None or default is False
-        or default is argparse.SUPPRESS or isinstance(action, argparse._HelpAction)):
-      return text
-    return f'{text} (default: %(default)s)' if text else '(default: %(default)s)'
 
 
 def _heads(text: str) -> tuple[int, ...]:

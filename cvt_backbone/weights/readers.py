@@ -1,15 +1,9 @@
-"""Readers of released weight files into `{name: numpy array}`, without PyTorch.
+"""Released weight files read into `{name: numpy array}` without PyTorch, by their first bytes.
 
-- `.safetensors` (Hugging Face `model.safetensors`): an 8-byte little-endian
-  header length, a JSON header, then raw little-endian buffers.
-- PyTorch zip checkpoints (`torch.save` since 1.6: the official `.pth` files and
-  Hugging Face `pytorch_model.bin`): a zip holding `data.pkl` and one record per
-  storage. The pickle is read by a restricted unpickler that only rebuilds
-  tensors, storages and (ordered) dicts, so no code from the file ever runs.
-- Legacy non-zip `torch.save` pickles go through `torch.load(weights_only=True)`,
-  imported lazily; without torch the error says how to install it.
-
-The format is recognised from the file's first bytes, not its suffix.
+`.safetensors` (Hugging Face): an 8-byte little-endian header length, a JSON header, raw
+buffers. `torch.save` zips (official `.pth`, `pytorch_model.bin`): `data.pkl` read by an
+unpickler that only rebuilds tensors, storages and dicts (no code from the file runs), one
+record per storage. Legacy non-zip pickles need torch (`torch.load(weights_only=True)`).
 """
 
 from __future__ import annotations
@@ -60,17 +54,8 @@ def _corrupt(path: Path, what: str, error: BaseException | None = None) -> Check
   return CheckpointError(f'{path}: truncated or corrupt {what}{detail}.')
 
 
-# ---------------------------------------------------------------------------
-# safetensors
-# ---------------------------------------------------------------------------
-
-
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """All tensors of a `.safetensors` file as numpy arrays (bf16 as `ml_dtypes.bfloat16`).
-
-  Raises:
-    CheckpointError: a truncated or corrupt file, naming it.
-  """
+  """All tensors of a `.safetensors` file as numpy arrays (bf16 as `ml_dtypes.bfloat16`)."""
   path = Path(path)
   size = path.stat().st_size
   with open(path, 'rb') as f:
@@ -108,11 +93,6 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   finally:
     del data
   return out
-
-
-# ---------------------------------------------------------------------------
-# PyTorch zip checkpoints
-# ---------------------------------------------------------------------------
 
 
 class _StorageType:
@@ -164,12 +144,8 @@ _ALLOWED_GLOBALS = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickles `data.pkl` of a torch zip checkpoint into numpy arrays.
-
-  `find_class` resolves only tensor rebuilders, storage and dtype names and
-  OrderedDict, so a malicious file cannot run code; `persistent_load` turns
-  storage references into numpy buffers read from the zip.
-  """
+  """`data.pkl` of a torch zip -> numpy arrays; `find_class` resolves only tensor rebuilders,
+  storage and dtype names and OrderedDict, so a malicious file cannot run code."""
 
   def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str):
     super().__init__(file)
@@ -265,16 +241,7 @@ def _read_torch_legacy(path: Path) -> Any:
 
 
 def read_torch_checkpoint(path: str | os.PathLike) -> Any:
-  """A `torch.save` file (zip format without torch; legacy format through torch).
-
-  Returns:
-    The saved object with every tensor as a numpy array (usually a state_dict,
-    sometimes wrapped as `{'state_dict': ..., 'epoch': ...}`).
-
-  Raises:
-    CheckpointError: a truncated or corrupt file, a pickle referring to anything
-      but tensors and dicts, or a legacy file without torch installed.
-  """
+  """The object of a `torch.save` file with every tensor as a numpy array."""
   path = Path(path)
   with open(path, 'rb') as f:
     magic = f.read(4)
@@ -286,11 +253,8 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
 
 
 def released_format(path: str | os.PathLike) -> str | None:
-  """'PyTorch checkpoint', 'safetensors checkpoint' or None, from the file's first bytes.
-
-  For loaders of converted files, which must tell a released file given by mistake
-  from a damaged converted one. A zip counts only with a torch `data.pkl` record.
-  """
+  """'PyTorch checkpoint', 'safetensors checkpoint' or None, from the file's first bytes
+  (a released file given by mistake, not a damaged converted one)."""
   path = Path(path)
   try:
     with open(path, 'rb') as f:
@@ -321,11 +285,7 @@ HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 
 
 def resolve_weights_file(path: str | os.PathLike) -> Path:
-  """`path` itself, or the weights inside a Hugging Face model folder.
-
-  Raises:
-    FileNotFoundError: no such file, or a folder without `HF_WEIGHT_FILES`.
-  """
+  """`path` itself, or the weights inside a Hugging Face model folder."""
   path = Path(path)
   if path.is_dir():
     for name in HF_WEIGHT_FILES:
@@ -339,16 +299,7 @@ def resolve_weights_file(path: str | os.PathLike) -> Path:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
-  """The tensors of a weight file: `.safetensors`, `.pth`, `.bin` (recognised by content).
-
-  Args:
-    path: the file, or a Hugging Face model folder holding `model.safetensors` or
-      `pytorch_model.bin`.
-
-  Raises:
-    FileNotFoundError: no such file.
-    CheckpointError: an unknown, truncated or corrupt file, naming it.
-  """
+  """The tensors of a `.safetensors`, `.pth` or `.bin` file or a Hugging Face model folder."""
   path = resolve_weights_file(path)
   with open(path, 'rb') as f:
     head = f.read(9)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
 from cvt_backbone.weights.converted import variables_digest
 from projects.feature_extraction import images as images_lib
@@ -62,7 +64,7 @@ class FeatureExtractor:
     maps = extractor(images, progress=print)   # 'stage 1 attention chunk 5/256', ...
 
 With `progress`, another compiled program reports each attention chunk as it ends
-(`CvTBackbone.attention_progress`: a host callback per chunk); without it the program
+(`attention.progress_hook`: a host callback per chunk); without it the program
 holds no callback.
 
   Attributes:
@@ -126,16 +128,23 @@ holds no callback.
     if key not in self._functions:
       model = self.backbone.clone(attention=plan.implementation,
                                   attention_chunk_size=plan.chunk_size,
-                                  attention_budget_mb=self.memory_budget_mb,
-                                  attention_progress=self._on_attention if reported else None)
-      self._functions[key] = jax.jit(lambda variables, x: model.apply(variables, x))
+                                  attention_budget_mb=self.memory_budget_mb)
+
+      def run(variables, x):
+        with (attention_lib.progress_hook(self._on_attention) if reported
+              else contextlib.nullcontext()):
+          return model.apply(variables, x)
+
+      self._functions[key] = jax.jit(run)
     return self._functions[key]
 
-  def _on_attention(self, stage: int, block: int, done: int, total: int) -> None:
+  def _on_attention(self, layer: int, done: int, total: int) -> None:
     """The host callback of the reporting program: one attention unit has ended."""
     listener = self._listener
     if listener is None:
       return
+    # The layers in the order the backbone traces them: its blocks, stage by stage.
+    stage, block = [(s, b) for s, d in enumerate(self.spec.depths) for b in range(d)][layer]
     depth = self.spec.depths[stage]
     where = f'stage {stage + 1}' + (f' block {block + 1}/{depth}' if depth > 1 else '')
     listener(f'{where} attention chunk {done}/{total}' if total > 1 else f'{where} attention')

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cvt_backbone.tools import HelpFormatter
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -14,24 +16,6 @@ EXIT_EPILOG = (
     'exit status: 0 when every input was done or skipped as already done (its outputs record '
     'the same input and settings), 1 when any input failed or on an error, 2 for bad arguments.'
 )
-
-
-class HelpFormatter(argparse.HelpFormatter):
-  """Appends '(default: X)' to an option's help unless it says its default already.
-
-  Options without a meaningful default (None, False flags, required ones) get nothing.
-  """
-
-  def _get_help_string(self, action: argparse.Action) -> str:
-    text = action.help or ''
-    default = action.default
-    if ('default' in text or not action.option_strings or action.required
-        or default is None or default is False or default is argparse.SUPPRESS
-        or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
-      return text
-    if isinstance(default, (tuple, list)):
-      default = ','.join(str(v) for v in default)
-    return f'{text} (default: {default})'.replace('%', '%%') if text else f'(default: {default})'
 
 
 def parser(prog: str, description: str, *, epilog: str | None = EXIT_EPILOG

@@ -10,10 +10,7 @@ conflict, kept until --overwrite.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
-import hashlib
 import json
 import math
 import os
@@ -23,15 +20,13 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, BinaryIO
+from typing import Any
+
+from cvt_backbone.tools import file_sha256, write_atomically
 
 RECORD_KEY = 'cvt-dense provenance'
 RECORD_FORMAT = 1
 _PNG_END = b'\x00\x00\x00\x00IEND\xaeB`\x82'  # the IEND chunk: length 0, type, CRC
-
-
-class OutputWriteError(OSError):
-  """Writing an output failed (disk full, folder gone, permissions); names the file."""
 
 
 class RecordError(ValueError):
@@ -70,59 +65,6 @@ def check_writable(paths: Sequence[str]) -> None:
 # --- writing -------------------------------------------------------------------------------
 
 
-def _write_error(path: str, error: OSError) -> OutputWriteError:
-  folder = os.path.dirname(path) or '.'
-  reason = error.strerror or str(error)
-  if error.errno in (errno.EEXIST, errno.ENOTDIR) and os.path.exists(folder) and (
-      not os.path.isdir(folder)):
-    reason = f'{folder} is a file, not a folder'
-  result = OutputWriteError(f'cannot write {path}: {reason}')
-  result.errno = error.errno
-  return result
-
-
-def _sync(f: BinaryIO) -> None:
-  """Puts the bytes on disk before the rename, so a crash cannot leave an empty file."""
-  f.flush()
-  os.fsync(f.fileno())
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> str:
-  """Calls `write(file)` on a temporary file beside `path`, then renames it to `path`.
-
-  A run killed at any point leaves either the previous file or the whole new one, never a
-  half-written file under the final name (the temporary one is removed on errors). The
-  folder is created if needed.
-
-  Returns:
-    `path` as a string.
-
-  Raises:
-    OutputWriteError: the folder, the temporary file or the rename failed (an `OSError`
-      whose message names `path` and the reason, e.g. no space left on device).
-  """
-  path = os.fspath(path)
-  folder = os.path.dirname(path) or '.'
-  try:
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-  except OSError as e:
-    raise _write_error(path, e) from e
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-      _sync(f)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are ordinary files.
-    os.replace(tmp, path)
-  except BaseException as e:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    if isinstance(e, OSError) and not isinstance(e, OutputWriteError):
-      raise _write_error(path, e) from e
-    raise
-  return path
-
-
 def write_json(value: Any, path: str | os.PathLike,
                record: Mapping[str, Any] | None = None) -> str:
   """Writes `value` as indented JSON atomically, NaN as null, `record` as its `RECORD_KEY`."""
@@ -156,15 +98,6 @@ def save_png(image: Any, path: str | os.PathLike, record: Mapping[str, Any] | No
 
 
 # --- provenance records ----------------------------------------------------------------------
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-  """The sha256 of a file's bytes, as hex."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    while chunk := f.read(1 << 20):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def describe_input(path: str | os.PathLike) -> dict[str, Any]:

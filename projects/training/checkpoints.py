@@ -37,14 +37,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cvt_backbone.weights.convert import CheckpointMismatchError
+
 log = logging.getLogger(__name__)
 
 CHECKSUMS = 'checksums'  # the metadata entry: {'state': 'sha256:...', 'variables': ...}
 CORRUPT_SUFFIX = '.corrupt'  # a skipped checkpoint is renamed `<step>.corrupt`
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint written by another model than the one restoring it."""
 
 
 class CheckpointCorruptError(ValueError):

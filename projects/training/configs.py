@@ -141,7 +141,7 @@ def backbone_config(**overrides: Any) -> ml_collections.ConfigDict:
 def backbone_keys() -> KnownKeys:
   """`config.model.backbone`'s keys: every `CvTBackbone` field and the loading settings."""
   from cvt_backbone import CvTBackbone
-  from cvt_backbone.weights.pretrained import LOADING_KEYS
+  from cvt_backbone.cvt import LOADING_KEYS
 
   fields = [f.name for f in dataclasses.fields(CvTBackbone) if f.name not in ('parent', 'name')]
   return dict.fromkeys([*backbone_config().keys(), *fields, *LOADING_KEYS])

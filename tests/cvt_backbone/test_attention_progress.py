@@ -1,4 +1,4 @@
-"""Attention progress: `attention(progress=...)` and `CvTBackbone(attention_progress=...)`."""
+"""Attention progress: `attention(progress=...)` and `attention.progress_hook` over a backbone."""
 
 from __future__ import annotations
 
@@ -59,17 +59,24 @@ def test_fused_reports_the_layer():
   assert calls == [(1, 1)]
 
 
-def _lowered(backbone, images):
+def _hooked(backbone, fn):
+  """`backbone.apply` traced under `progress_hook(fn)`."""
+  def apply(variables, images):
+    with attention_lib.progress_hook(fn):
+      return backbone.apply(variables, images)
+  return apply
+
+
+def _lowered(apply, backbone, images):
   variables = jax.eval_shape(backbone.init, jax.random.key(0), images)
-  return jax.jit(backbone.apply).lower(variables, images).as_text()
+  return jax.jit(apply).lower(variables, images).as_text()
 
 
 def test_backbone_program_without_progress_has_no_callback():
   images = jnp.zeros((1, 64, 48, 3))
-  default = _lowered(CvTBackbone(variant='cvt-tiny', attention='chunked',
-                                 attention_chunk_size=32), images)
-  hooked = _lowered(CvTBackbone(variant='cvt-tiny', attention='chunked', attention_chunk_size=32,
-                                attention_progress=lambda *a: None), images)
+  backbone = CvTBackbone(variant='cvt-tiny', attention='chunked', attention_chunk_size=32)
+  default = _lowered(backbone.apply, backbone, images)
+  hooked = _lowered(_hooked(backbone, lambda *a: None), backbone, images)
   assert 'callback' not in default
   assert 'callback' in hooked
 
@@ -81,15 +88,17 @@ def test_backbone_reports_stage_block_and_chunks():
   kwargs = dict(variant='cvt-tiny', attention='chunked', attention_chunk_size=32)
   plain = CvTBackbone(**kwargs)
   variables = jax.jit(plain.init)(jax.random.key(0), images)
-  hooked = CvTBackbone(**kwargs, attention_progress=lambda *a: events.append(a))
   expected = jax.jit(plain.apply)(variables, images)
-  got = jax.jit(hooked.apply)(variables, images)
+  got = jax.jit(_hooked(plain, lambda *a: events.append(a)))(variables, images)
   jax.effects_barrier()
   for name in expected:
     np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(expected[name]), name)
+  # Layers are numbered in trace order: the blocks, stage by stage.
+  order = [(0, 0), (1, 0), (2, 0), (2, 1)]
+  events = [(*order[layer], done, total) for layer, done, total in events]
   # Stage 1: 16x12 = 192 queries; stage 2: 8x6 = 48; stage 3: 4x3 + cls = 13.
   queries, heads = {0: 192, 1: 48, 2: 13}, {0: 1, 1: 2, 2: 3}
-  layers = {(0, 0), (1, 0), (2, 0), (2, 1)}
+  layers = set(order)
   assert {(s, b) for s, b, _, _ in events} == layers
   for stage, block in layers:
     mine = sorted(e[2:] for e in events if e[:2] == (stage, block))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cvt_backbone import CvT, CvTBackbone, get_spec
+from cvt_backbone import CvT, CvTBackbone, CvTSpec, get_spec
 from cvt_backbone.weights import readers
 from cvt_backbone.weights import converted as checkpoint_lib
 from cvt_backbone.weights import convert as convert_lib
@@ -216,7 +216,7 @@ def test_cli_writes_variables_and_metadata(tmp_path, hf_tiny, capsys):
   variables, metadata = checkpoint_lib.load_converted(out)
   _assert_same(variables, convert_lib.convert_state_dict(numpy_state_dict(model)))
   assert metadata['variant'] == 'cvt-tiny' and metadata['activation'] == 'quick_gelu'
-  assert checkpoint_lib.spec_from_dict(metadata['spec']) == get_spec('cvt-tiny')
+  assert CvTSpec.from_dict(metadata['spec']) == get_spec('cvt-tiny')
   assert metadata['num_classes'] == TINY_CLASSES and not metadata['backbone_only']
   assert metadata['source'] == {'file': 'model.safetensors', 'naming': 'hugging_face',
                                 'sha256': hashlib.sha256(src.read_bytes()).hexdigest()}

@@ -105,3 +105,13 @@ def test_load_backbone_weights_into_a_subtree(tmp_path):
   wrong = {'params': {'backbone': {'x': np.zeros(3)}}, 'batch_stats': {'backbone': {}}}
   with pytest.raises(ValueError, match='does not have the structure'):
     load_backbone_weights(wrong, path, backbone)
+
+
+def test_in_memory_weights_of_another_variant_name_both(tmp_path):
+  # cvt-13's heads (1, 3, 6) cannot split cvt-tiny's widths: the weights' own variant is named.
+  _, weights = _converted_tiny(tmp_path)
+  backbone = CvTBackbone(variant='cvt-13')
+  fresh = jax.eval_shape(backbone.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(CheckpointMismatchError, match='holds cvt-tiny weights.*model is cvt-13'):
+    load_backbone_weights({'params': {'backbone': fresh['params']},
+                           'batch_stats': {'backbone': fresh['batch_stats']}}, weights, backbone)

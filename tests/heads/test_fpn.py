@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from heads import FPN, merge_variables, torch_to_flax
+from cvt_backbone.weights.convert import merge_variables, torch_to_flax
+from heads import FPN
 
 # Stage maps of a 97x131 input (CvT sizes: floor((n+1)/4), then ceil halving).
 SHAPES = {'stage1': (24, 33), 'stage2': (12, 17), 'stage3': (6, 9)}
@@ -111,7 +112,7 @@ def test_matches_a_pytorch_fpn(upsample_mode):
     init = fpn.init(jax.random.key(0), features)
     converted = torch_to_flax({k: v for k, v in state.items()
                                if extra_type == 'conv' or not k.startswith('extra')})
-    ours = fpn.apply(merge_variables(init, converted), features)
+    ours = fpn.apply(merge_variables(init, converted)[0], features)
     assert len(ours) == len(expected) == 4
     for name, want in zip(ours, expected, strict=True):
       np.testing.assert_allclose(np.asarray(ours[name]), want.numpy().transpose(0, 2, 3, 1),

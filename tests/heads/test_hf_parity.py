@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from cvt_backbone.weights.convert import merge_variables
 from heads import (
     FCNHead,
     SegFormerHead,
@@ -20,7 +21,6 @@ from heads import (
     convert_hf_fcn_head,
     convert_hf_segformer_head,
     convert_hf_upernet_head,
-    merge_variables,
 )
 
 torch = pytest.importorskip('torch')
@@ -67,7 +67,7 @@ def _numpy_state_dict(module):
 def _compare(flax_module, converted, features, reference_nchw) -> float:
   # Only the structure is needed to check the converted weights: no random init to overwrite.
   shapes = jax.eval_shape(flax_module.init, jax.random.key(0), features)
-  variables = merge_variables(shapes, converted)
+  variables, _ = merge_variables(shapes, converted)
   ours = np.asarray(jax.jit(flax_module.apply)(variables, features))
   reference = reference_nchw.detach().numpy().transpose(0, 2, 3, 1)
   assert ours.shape == reference.shape

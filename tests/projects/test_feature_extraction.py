@@ -53,7 +53,7 @@ def checkpoint(tmp_path_factory, backbone_and_variables):
   path = tmp_path_factory.mktemp('ckpt') / 'tiny.msgpack'
   metadata = {
       'variant': VARIANT,
-      'spec': checkpoint_lib.spec_to_dict(get_spec(VARIANT)),
+      'spec': get_spec(VARIANT).to_dict(),
       'activation': 'quick_gelu',
       'num_classes': 0,
       'backbone_only': True,

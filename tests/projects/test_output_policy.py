@@ -337,7 +337,7 @@ def weights(tmp_path_factory):
 
   path = tmp_path_factory.mktemp('weights') / 'tiny.msgpack'
   checkpoint_lib.save_converted(path, _random_variables(CvTBackbone(variant='cvt-tiny')), {
-      'variant': 'cvt-tiny', 'spec': checkpoint_lib.spec_to_dict(get_spec('cvt-tiny')),
+      'variant': 'cvt-tiny', 'spec': get_spec('cvt-tiny').to_dict(),
       'activation': 'quick_gelu', 'num_classes': 0, 'backbone_only': True, 'in_chans': 3,
       'source': {'file': 'random', 'sha256': '', 'naming': 'flax'}, 'converter': 'test'})
   return str(path)

@@ -1,0 +1,90 @@
+"""What every command-line tool shares, kept in the lowest layer that has one (`cvt-convert`).
+
+The help formatter, outputs written whole or not at all, and the sha256 of a file; the
+projects' tools (`projects.tools`) build on these. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
+
+
+class HelpFormatter(argparse.HelpFormatter):
+  """Appends '(default: X)' to an option's help unless it says its default already.
+
+  Options without a meaningful default (None, False flags, required ones) get nothing.
+  """
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    text = action.help or ''
+    default = action.default
+    if ('default' in text or not action.option_strings or action.required
+        or default is None or default is False or default is argparse.SUPPRESS
+        or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+      return text
+    if isinstance(default, (tuple, list)):
+      default = ','.join(str(v) for v in default)
+    return f'{text} (default: {default})'.replace('%', '%%') if text else f'(default: {default})'
+
+
+class OutputWriteError(OSError):
+  """Writing an output failed (disk full, folder gone, permissions); names the file."""
+
+
+def _write_error(path: str, error: OSError) -> OutputWriteError:
+  folder = os.path.dirname(path) or '.'
+  reason = error.strerror or str(error)
+  if error.errno in (errno.EEXIST, errno.ENOTDIR) and os.path.exists(folder) and (
+      not os.path.isdir(folder)):
+    reason = f'{folder} is a file, not a folder'
+  result = OutputWriteError(f'cannot write {path}: {reason}')
+  result.errno = error.errno
+  return result
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> str:
+  """Calls `write(file)` on a temporary file beside `path`, syncs it and renames it to `path`.
+
+  A run killed at any point leaves the previous file or the whole new one, never a part
+  under the final name (the temporary file is removed on errors). Creates the folder.
+
+  Raises:
+    OutputWriteError: "cannot write PATH: reason" (e.g. no space left on device).
+  """
+  path = os.fspath(path)
+  folder = os.path.dirname(path) or '.'
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  except OSError as e:
+    raise _write_error(path, e) from e
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())  # On disk before the rename: a crash cannot leave an empty file.
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are ordinary files.
+    os.replace(tmp, path)
+  except BaseException as e:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    if isinstance(e, OSError) and not isinstance(e, OutputWriteError):
+      raise _write_error(path, e) from e
+    raise
+  return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  """The sha256 of a file's bytes, as hex."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
