@@ -29,10 +29,11 @@ the models' `check_finite=True`, stops such inputs with an error instead.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -813,3 +814,19 @@ class CvT(nn.Module):
 def count_params(params: Any) -> int:
   """Number of scalars in a parameter tree."""
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def closest_key(key: str, known: Iterable[str], cutoff: float = 0.6) -> str | None:
+  """The known key that `key` most likely misspells, or None."""
+  match = difflib.get_close_matches(key, list(known), n=1, cutoff=cutoff)
+  return match[0] if match else None
+
+
+def check_keys(keys: Iterable[str], known: Collection[str], where: str,
+               error: type[Exception] = ValueError) -> None:
+  """Raises `error` naming the keys not in `known`, the closest to the first, and `known`."""
+  unknown = [key for key in keys if key not in known]
+  if unknown:
+    close = closest_key(unknown[0], known)
+    hint = f' Did you mean {close!r}?' if close else ''
+    raise error(f'{where} has no setting(s) {unknown}.{hint} Known: {", ".join(known)}.')

@@ -22,7 +22,6 @@ field. Nothing here imports ml_collections or Scenic: config blocks are read thr
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import os
 from collections.abc import Mapping, Sequence
@@ -35,7 +34,7 @@ from flax import core as flax_core
 from flax import linen as nn
 
 from cvt_backbone.weights.converted import load_pretrained
-from cvt_backbone.cvt import CvTBackbone, CvTSpec
+from cvt_backbone.cvt import CvTBackbone, CvTSpec, check_keys
 
 # Settings of a backbone config block that say how to load weights, not how to build it.
 LOADING_KEYS = ('pretrained', 'keep_cls_token')
@@ -52,12 +51,6 @@ def _as_dict(config: Any) -> dict[str, Any]:
     raise TypeError(f'A backbone config must be a mapping or a ConfigDict; got '
                     f'{type(config).__name__}.')
   return dict(config)
-
-
-def _unknown_key_error(key: str, known: Sequence[str], where: str) -> ValueError:
-  close = difflib.get_close_matches(key, known, n=1)
-  hint = f' Did you mean {close[0]!r}?' if close else ''
-  return ValueError(f'Unknown {where} setting {key!r}.{hint} Known: {", ".join(sorted(known))}.')
 
 
 def _dtype(value: Any, key: str) -> Any:
@@ -86,12 +79,11 @@ def build_backbone(config: Any = None, **overrides: Any) -> CvTBackbone:
     ValueError: an unknown key (naming the closest field) or a bad dtype name.
   """
   settings = {**_as_dict(config), **overrides}
+  check_keys(settings, _FIELDS + LOADING_KEYS, 'CvTBackbone')
   fields = {}
   for key, value in settings.items():
     if key in LOADING_KEYS:
       continue
-    if key not in _FIELDS:
-      raise _unknown_key_error(key, _FIELDS + LOADING_KEYS, 'backbone')
     if key in _DTYPE_FIELDS:
       value = _dtype(value, key)
     elif key == 'spec' and isinstance(value, Mapping):

@@ -11,7 +11,6 @@ checked against the settings the project reads (`check_config`): an unknown one 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import importlib.util
 import os
@@ -20,6 +19,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import ml_collections
+
+from cvt_backbone.cvt import closest_key
 
 # The settings a config may hold: {key: nested KnownKeys, or None for a value whose inside
 # is not checked here (a leaf, or a section read by code that checks it itself)}.
@@ -182,16 +183,15 @@ def _hint(path: str, known_paths: Sequence[str]) -> str:
   parent, _, leaf = path.rpartition('.')
   siblings = {p.rpartition('.')[2]: p for p in known_paths if p.rpartition('.')[0] == parent}
   closest = _EQUIVALENTS.get(path) if _EQUIVALENTS.get(path) in known_paths else None
-  if closest is None:
-    match = difflib.get_close_matches(leaf, siblings, n=1)
-    closest = siblings[match[0]] if match else None
+  if closest is None and (match := closest_key(leaf, siblings)):
+    closest = siblings[match]
   if closest is None:
     # The right key in another section (`config.base_lr` for `config.optimizer.base_lr`).
     by_leaf: dict[str, str] = {}
     for p in sorted(known_paths, key=lambda p: p.count('.')):
       by_leaf.setdefault(p.rpartition('.')[2], p)
-    match = difflib.get_close_matches(leaf, by_leaf, n=1, cutoff=0.8)
-    closest = by_leaf[match[0]] if match else None
+    if match := closest_key(leaf, by_leaf, cutoff=0.8):
+      closest = by_leaf[match]
   if closest is not None:
     return f'did you mean {closest}?'
   return f'known there: {", ".join(sorted(siblings))}'
