@@ -94,7 +94,8 @@ from projects.tools.input_files import (
 from projects.tools.output_files import check_writable, write_json
 from projects.tools.progress import Progress
 from projects.training import checkpoints
-from projects.training.configs import as_dict, config_get, load_config
+from projects.cvt_detection.configs.common import load_config
+from projects.training.configs import as_dict, config_get
 
 TOOL = 'cvt_detection.predict'
 RESULTS_FILE = 'results.json'

@@ -22,10 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 from projects.tools import command_line
-from projects.cvt_segmentation.configs import common as _settings  # noqa: F401  (registers its keys)
+from projects.cvt_segmentation.configs.common import load_config  # noqa: F401
 from projects.cvt_segmentation.inference import DEFAULT_MIN_SIZE, MODES
 from projects.tools.output_files import check_output_free  # noqa: F401  (the tools' API)
-from projects.training.configs import as_dict, config_get, load_config  # noqa: F401
+from projects.training.configs import as_dict, config_get  # noqa: F401
 
 # `model_loader(config, checkpoint_dir) -> (flax_model, variables)`.
 ModelLoader = Callable[[Any, str], tuple[Any, Any]]

@@ -22,9 +22,7 @@ def get_config(arg=None):
   args = common.parse_arg(arg, variant='13', pretrained='', data_dir='', runlocal=False)
   config = common.base_config('cvt_atss', 'coco')
   config.experiment_name = f'coco_cvt{args.variant}_atss_1x'
-  config.model.backbone.variant = f'cvt-{args.variant}'
-  config.model.backbone.pretrained = args.pretrained
-  config.model.backbone.drop_path_rate = 0.1
+  config.model.backbone.update(variant=f'cvt-{args.variant}', pretrained=args.pretrained)
   config.dataset_configs = dict(data_dir=args.data_dir, scale=(1333, 800), flip_prob=0.5,
                                 max_boxes=100, num_workers=4)
   if args.runlocal:
