@@ -180,13 +180,9 @@ def merge_known_keys(*known: KnownKeys | None) -> KnownKeys | None:
 
 @dataclasses.dataclass(frozen=True)
 class ProjectKeys:
-  """The settings a project's configs may hold, declared as data.
+  """The settings a project's configs may hold, as data.
 
-  Attributes:
-    common: keys of every config (`model` and `dataset_configs` are those of its model and
-      dataset).
-    models: `config.model`'s keys per model name.
-    datasets: `config.dataset_configs`' keys per dataset name.
+  `common` keys; `config.model`'s per model name; `config.dataset_configs`' per dataset name.
   """
 
   common: KnownKeys
@@ -196,8 +192,7 @@ class ProjectKeys:
   def of(self, config: Any) -> KnownKeys:
     """The keys of `config`: its model's and dataset's (any one's where it names none).
 
-    A model or dataset the project does not know leaves its section unchecked (the
-    builders reject the name themselves).
+    An unknown model or dataset leaves its section unchecked (the builders reject it).
     """
     model_name = config_get(config, 'model_name')
     dataset_name = config_get(config, 'dataset_name')
@@ -214,15 +209,10 @@ class ProjectKeys:
 def project_keys(defaults: Any, models: Mapping[str, KnownKeys],
                  datasets: Mapping[str, Sequence[str]], common_dataset_keys: Sequence[str],
                  scenic_prefix: str, extra: KnownKeys | None = None) -> ProjectKeys:
-  """A project's `ProjectKeys`: its default config's keys, Scenic's and `extra`.
+  """A project's `ProjectKeys`: the keys of `defaults` (a full config), Scenic's and `extra`.
 
-  Args:
-    defaults: a config of the project with every default.
-    models: `config.model`'s keys per model name.
-    datasets: each dataset's own `dataset_configs` keys; every dataset also takes
-      `common_dataset_keys`, and under its name in Scenic's registry (`scenic_prefix +
-      name`) also `start_step`.
-    extra: more keys, merged in (settings read with a default, not in `defaults`).
+  Each dataset also takes `common_dataset_keys`, and under its name in Scenic's registry
+  (`scenic_prefix + name`) also `start_step`.
   """
   per_dataset = {}
   for name, keys in datasets.items():
@@ -261,13 +251,7 @@ def _hint(path: str, known_paths: Sequence[str]) -> str:
 
 
 def check_config(config: Any, keys: ProjectKeys, source: str | None = None) -> None:
-  """Raises `ConfigKeyError` naming every key of `config` (nested too) that `keys` lacks.
-
-  Args:
-    config: a ConfigDict or mapping.
-    keys: the settings of the config's project.
-    source: where the config came from (for the message), e.g. the config file.
-  """
+  """Raises `ConfigKeyError` naming every key of `config` (nested too) that `keys` lacks."""
   known = keys.of(config)
   known_paths = _paths(known)
   unknown = []
@@ -317,12 +301,7 @@ def check_config_overrides(config: Any, argv: Iterable[str]) -> None:
 
 
 def load_config(spec: str, keys: ProjectKeys | None = None) -> Any:
-  """`get_config()` or `get_config(arg)` of `path/to/config.py[:arg]`, checked against `keys`.
-
-  Raises:
-    FileNotFoundError: no such file.
-    ConfigKeyError: a key that `keys` lacks (when given).
-  """
+  """`get_config()` or `get_config(arg)` of `path/to/config.py[:arg]`, checked against `keys`."""
   path, sep, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'config file not found: {path}')
