@@ -27,11 +27,11 @@ from scenic import app  # noqa: E402
 from scenic.model_lib import models as scenic_models  # noqa: E402
 from scenic.train_lib import classification_trainer, train_utils  # noqa: E402
 
-from projects.training import configs, scenic_compat  # noqa: E402
 from projects.cvt_scenic_example.configs import common as configs_common  # noqa: E402
 from projects.cvt_scenic_example.model import CvTLinearSegmentationModel  # noqa: E402
 from projects.cvt_segmentation import models as segmentation_models  # noqa: E402
 from projects.cvt_segmentation.data import register_with_scenic as register_datasets  # noqa: E402
+from projects.training import configs, scenic_compat  # noqa: E402
 from projects.training.app import check_config_flags  # noqa: E402
 
 
