@@ -1,6 +1,25 @@
 """CvT (Convolutional vision Transformer) in Flax: dense backbone, classifier, weights."""
 
+from cvt_backbone.cvt import (
+    VARIANTS,
+    CvT,
+    CvTBackbone,
+    CvTSpec,
+    assert_finite,
+    build_backbone,
+    count_params,
+    get_spec,
+)
+from cvt_backbone.flops import cvt_flops, stage_flops
 from cvt_backbone.kernels.attention import choose_implementation
+from cvt_backbone.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize
+from cvt_backbone.weights.convert import (
+    CheckpointError,
+    CheckpointMismatchError,
+    convert_state_dict,
+    infer_architecture,
+    merge_variables,
+)
 from cvt_backbone.weights.converted import (
     convert_checkpoint,
     load_backbone,
@@ -15,25 +34,6 @@ from cvt_backbone.weights.pretrained import (
     load_backbone_weights,
     pretrained_settings,
 )
-from cvt_backbone.weights.convert import (
-    CheckpointError,
-    CheckpointMismatchError,
-    convert_state_dict,
-    infer_architecture,
-    merge_variables,
-)
-from cvt_backbone.cvt import (
-    VARIANTS,
-    CvT,
-    CvTBackbone,
-    CvTSpec,
-    assert_finite,
-    build_backbone,
-    count_params,
-    get_spec,
-)
-from cvt_backbone.flops import cvt_flops, stage_flops
-from cvt_backbone.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize
 from cvt_backbone.weights.readers import read_state_dict
 
 __all__ = [

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from cvt_backbone import CvTBackbone, count_params
-from cvt_backbone.tools import HelpFormatter
 from cvt_backbone.cvt import MIN_INPUT_SIZE, VARIANTS
+from cvt_backbone.tools import HelpFormatter
 
 
 def _size(text: str) -> int:

@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -715,12 +715,6 @@ def config_dict(config: Any) -> dict[str, Any]:
   return dict(config)
 
 
-def _unknown_key_error(key: str, known: Sequence[str], where: str) -> ValueError:
-  close = difflib.get_close_matches(key, known, n=1)
-  hint = f' Did you mean {close[0]!r}?' if close else ''
-  return ValueError(f'Unknown {where} setting {key!r}.{hint} Known: {", ".join(sorted(known))}.')
-
-
 def _dtype(value: Any, key: str) -> Any:
   if not isinstance(value, str):
     return value
@@ -738,12 +732,11 @@ def build_backbone(config: Any = None, **overrides: Any) -> CvTBackbone:
   dict) and the loading keys `LOADING_KEYS`, ignored here; `overrides` win over it.
   """
   settings = {**config_dict(config), **overrides}
+  check_keys(settings, _FIELDS + LOADING_KEYS, 'CvTBackbone')
   fields = {}
   for key, value in settings.items():
     if key in LOADING_KEYS:
       continue
-    if key not in _FIELDS:
-      raise _unknown_key_error(key, _FIELDS + LOADING_KEYS, 'backbone')
     if key in _DTYPE_FIELDS:
       value = _dtype(value, key)
     elif key == 'spec' and isinstance(value, Mapping):
@@ -757,3 +750,19 @@ def build_backbone(config: Any = None, **overrides: Any) -> CvTBackbone:
 def count_params(params: Any) -> int:
   """Number of scalars in a parameter tree."""
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def closest_key(key: str, known: Iterable[str], cutoff: float = 0.6) -> str | None:
+  """The known key that `key` most likely misspells, or None."""
+  match = difflib.get_close_matches(key, list(known), n=1, cutoff=cutoff)
+  return match[0] if match else None
+
+
+def check_keys(keys: Iterable[str], known: Collection[str], where: str,
+               error: type[Exception] = ValueError) -> None:
+  """Raises `error` naming the keys not in `known`, the closest to the first, and `known`."""
+  unknown = [key for key in keys if key not in known]
+  if unknown:
+    close = closest_key(unknown[0], known)
+    hint = f' Did you mean {close!r}?' if close else ''
+    raise error(f'{where} has no setting(s) {unknown}.{hint} Known: {", ".join(known)}.')

@@ -12,6 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from cvt_backbone.cvt import check_keys
 from heads.features import feature_kwargs
 from heads.fpn import FPN
 from heads.linear import LinearHead
@@ -98,10 +99,7 @@ def build_head(
     for key, value in derived.items():
       if key in fields:
         settings.setdefault(key, value)
-  unknown = sorted(set(settings) - set(fields))
-  if unknown:
-    raise ValueError(f'{cls.__name__} ({name!r}) has no setting(s) {unknown}; '
-                     f'its settings are {list(fields)}.')
+  check_keys(settings, fields, f'{cls.__name__} ({name!r})')
   for key, value in settings.items():
     # Config files give lists; module fields are hashable tuples.
     if isinstance(value, list):

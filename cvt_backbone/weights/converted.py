@@ -26,22 +26,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
-from cvt_backbone.weights import convert as convert_lib
-from cvt_backbone.weights.convert import CheckpointError, CheckpointMismatchError
 from cvt_backbone.cvt import (
-    ACTIVATIONS,
-    CvT,
-    CvTBackbone,
-    CvTSpec,
-    canonical_variant_name,
-    get_spec,
+  ACTIVATIONS,
+  CvT,
+  CvTBackbone,
+  CvTSpec,
+  canonical_variant_name,
+  get_spec,
 )
 from cvt_backbone.tools import HelpFormatter, file_sha256, write_atomically
+from cvt_backbone.weights import convert as convert_lib
+from cvt_backbone.weights.convert import CheckpointError, CheckpointMismatchError
 from cvt_backbone.weights.readers import (
-    HF_WEIGHT_FILES,
-    read_state_dict,
-    released_format,
-    resolve_weights_file,
+  HF_WEIGHT_FILES,
+  read_state_dict,
+  released_format,
+  resolve_weights_file,
 )
 
 FORMAT = 'cvt-dense/flax-msgpack'

@@ -20,6 +20,7 @@ from flax import linen as nn
 from cvt_backbone.cvt import CvTBackbone, config_dict
 from cvt_backbone.weights.converted import load_pretrained
 
+
 def pretrained_settings(config: Any) -> tuple[str, bool]:
   """`(pretrained path or '', keep_cls_token)` of a backbone config block."""
   settings = config_dict(config)

@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from projects.cvt_detection import coco_eval, evaluation, models
-from projects.cvt_detection.configs import common as _settings  # noqa: F401  (registers its keys)
+from projects.cvt_detection.configs.common import load_config
 from projects.tools import command_line, output_files
 from projects.tools.output_files import check_writable, write_json
 from projects.tools.progress import Progress
-from projects.training.configs import as_dict, config_get, load_config
+from projects.training.configs import as_dict, config_get
 
 TOOL = 'cvt_detection.evaluate'
 

@@ -1,38 +1,17 @@
 """CvT detection models: Scenic model classes, their losses and detections, and the registry.
 
-A model class is built as `Model(config, dataset_meta_data)` and offers Scenic's protocol:
-`build_flax_model`, `default_flax_model_config`, `loss_function(outputs, batch,
-model_params=None)`, `get_metrics_fn(split)` (pmap: sums over Scenic's 'batch' axis),
-`get_metrics_fn_jit(split)`, `init_from_train_state` and `flax_model`; when Scenic is
-importable the classes subclass its `BaseModel`. `register_with_scenic()` adds them to
-Scenic's model registry.
-
-The flax model is a `heads.Detector` (CvT backbone, P3-P7 FPN, ATSS head) called as Scenic's
-trainers call models. It returns per-point predictions (`'cls_logits'` `[B, P, K]`,
-`'box_distances'` `[B, P, 4]`, `'centerness'` `[B, P]`); `loss_function` assigns targets
-with ATSS and returns mmdet's ATSS loss (focal + 2 x GIoU + centerness BCE), and `detect`
-turns predictions into `max_detections` boxes per image under jit. Its `init` loads
-`config.model.backbone.pretrained`.
+The flax model is a `heads.Detector` (CvT backbone, P3-P7 FPN, ATSS head) returning
+per-point predictions (`'cls_logits'` `[B, P, K]`, `'box_distances'` `[B, P, 4]`,
+`'centerness'` `[B, P]`); `loss_function` assigns targets with ATSS and returns mmdet's ATSS
+loss, `detect` turns predictions into `max_detections` boxes per image under jit.
 
 Batches (`data.builder`): `'inputs'` `[B, H, W, 3]`, `'boxes'` `[B, M, 4]` xyxy in input
 pixels, `'labels'` `[B, M]` (-1 padding), `'box_mask'` `[B, M]`, `'batch_mask'` `[B]`; for
 detection also `'image_size'` `[B, 2]` and `'scale_factor'` `[B, 2]`.
-
-Configured by:
-
-  config.model_name                  'cvt_atss'
-  config.model.backbone              CvTBackbone settings + `pretrained` (converted checkpoint)
-  config.model.neck                  FPN settings (out_channels, norm)
-  config.model.head                  ATSSHead settings (channels, num_convs, norm, prior_prob)
-  config.loss                        cls_weight, box_weight, centerness_weight, focal_alpha,
-                                     focal_gamma
-  config.eval                        pre_nms_topk, score_threshold, iou_threshold,
-                                     max_detections
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -40,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cvt_backbone import CvTBackbone, PretrainedBackboneInit, build_backbone, pretrained_settings
-from heads.detection import atss
+from cvt_backbone import PretrainedBackboneInit
+from heads.detection import atss, nms
 from heads.detection import head as detection
 from heads.detection import losses as detection_losses
-from heads.detection import nms
 from projects.training import scenic_compat
-from projects.training.configs import as_dict, backbone_config
+from projects.training.configs import backbone_config
+from projects.training.model import CvTModel
 
 # mmdet configs/atss/atss_r50_fpn_1x_coco.py: loss_cls FocalLoss(gamma=2, alpha=0.25,
 # loss_weight=1), loss_bbox GIoULoss(loss_weight=2), loss_centerness CE(loss_weight=1).
@@ -63,22 +42,11 @@ class PretrainedDetector(PretrainedBackboneInit, detection.Detector):
   keep_cls_token: bool = True
 
 
-class DetectionModel(scenic_compat.base_model_class()):
+class DetectionModel(CvTModel, scenic_compat.base_model_class()):
   """A CvT backbone with a P3-P7 FPN and an ATSS head (FCOS-style, point-based)."""
-
-  def __init__(self, config: ml_collections.ConfigDict | None,
-               dataset_meta_data: dict[str, Any]):
-    if config is None:
-      config = ml_collections.ConfigDict({'model': self.default_model_config()})
-    self.config = config
-    self.dataset_meta_data = dataset_meta_data
-    self.flax_model = self.build_flax_model()
-
-  # --- configuration ---------------------------------------------------------
 
   @classmethod
   def default_model_config(cls) -> ml_collections.ConfigDict:
-    """The `config.model` of this model with every default (one place for them)."""
     config = ml_collections.ConfigDict({
         # mmdet's FCOS/ATSS neck: 256 channels, no norm (heads/detection.detection_fpn).
         'neck': dict(out_channels=256, norm='none'),
@@ -87,53 +55,11 @@ class DetectionModel(scenic_compat.base_model_class()):
     config.backbone = backbone_config()
     return config
 
-  def default_flax_model_config(self) -> ml_collections.ConfigDict:
-    return self.default_model_config()
-
-  @property
-  def num_classes(self) -> int:
-    return int(self.dataset_meta_data['num_classes'])
-
-  def _model_config(self, key: str) -> dict[str, Any]:
-    return as_dict(self.config.model.get(key))
-
-  def _section(self, key: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """`config.<key>` over `defaults`; an unknown key is an error naming the known ones."""
-    values = as_dict(self.config.get(key))
-    unknown = sorted(set(values) - set(defaults))
-    if unknown:
-      raise ValueError(f'config.{key} has unknown settings {unknown}; known: {sorted(defaults)}.')
-    return {**defaults, **values}
-
-  # --- the flax model ---------------------------------------------------------
-
-  def build_backbone(self) -> CvTBackbone:
-    return build_backbone(self._model_config('backbone'))
-
   def build_flax_model(self) -> nn.Module:
     backbone = self.build_backbone()
-    neck = detection.detection_fpn(backbone.feature_info, **self._model_config('neck'))
-    head = detection.ATSSHead(num_classes=self.num_classes, **self._model_config('head'))
-    pretrained, keep_cls_token = pretrained_settings(self._model_config('backbone'))
-    return PretrainedDetector(backbone=backbone, neck=neck, head=head, pretrained=pretrained,
-                              keep_cls_token=keep_cls_token)
-
-  def init_variables(self, rng: jax.Array, input_shape: tuple[int, ...]) -> dict[str, Any]:
-    """Fresh variables, with the backbone from `config.model.backbone.pretrained` if set."""
-    dummy = jnp.zeros((1, *input_shape[1:]), jnp.float32)
-    return dict(self.flax_model.init(rng, dummy, train=False))
-
-  def init_from_train_state(self, train_state: Any, restored_train_state: Any = None,
-                            restored_model_cfg: Any = None) -> Any:
-    """Scenic project trainers' pretrained hook: the backbone of `train_state` loaded.
-
-    See `PretrainedBackboneInit.load_into_train_state`: a restored state of this model, a
-    bare backbone or a CvT classifier; None loads `config.model.backbone.pretrained`.
-    """
-    del restored_model_cfg
-    return self.flax_model.load_into_train_state(train_state, restored_train_state)
-
-  # --- targets, loss and metrics ---------------------------------------------
+    neck = detection.detection_fpn(backbone.feature_info, **self.model_config('neck'))
+    head = detection.ATSSHead(num_classes=self.num_classes, **self.model_config('head'))
+    return PretrainedDetector(backbone=backbone, neck=neck, head=head, **self.pretrained_fields())
 
   def points(self, height: int, width: int) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
     """`(points [P, 2] (x, y), strides [P], points per level)` for an `H x W` input."""
@@ -149,7 +75,7 @@ class DetectionModel(scenic_compat.base_model_class()):
     Targets are assigned per image by ATSS (`heads.detection.atss`) from the padded boxes; padded
     boxes and padded batch entries (`batch_mask` 0) never match.
     """
-    weights = self._section('loss', LOSS_DEFAULTS)
+    weights = self.settings('loss', LOSS_DEFAULTS)
     points, strides, level_sizes = self.points(*batch['inputs'].shape[1:3])
     image_mask = batch.get('batch_mask')
     valid = batch['box_mask'].astype(bool)
@@ -171,28 +97,14 @@ class DetectionModel(scenic_compat.base_model_class()):
     del model_params
     return self.loss_and_metrics(outputs, batch)[0]
 
-  def get_metrics_fn(self, split: str | None = None):
-    """`metrics_fn(outputs, batch) -> {name: (sum, normalizer)}`, summed over 'batch' (pmap).
-
-    The loss and its parts per image, and positives per image. COCO AP needs the whole
-    split (`evaluate.py`, the project's trainer).
-    """
-    del split
-    return functools.partial(self._metrics, axis_name=scenic_compat.SCENIC_AXIS_NAME)
-
-  def get_metrics_fn_jit(self, split: str | None = None):
-    """As `get_metrics_fn`, for jit-based trainers (global arrays: no cross-device sum)."""
-    del split
-    return functools.partial(self._metrics, axis_name=None)
-
-  def _metrics(self, outputs, batch, *, axis_name):
+  def metrics(self, outputs: dict[str, jax.Array], batch: dict[str, jax.Array], *,
+              axis_name: str | None) -> dict[str, tuple]:
+    """The loss and its parts per image, and positives per image (COCO AP needs the split)."""
     loss, parts = self.loss_and_metrics(outputs, batch)
     images = jnp.sum(batch.get('batch_mask', jnp.ones(batch['inputs'].shape[:1])))
     metrics = {'loss': (loss * images, images), 'num_pos': (parts['num_pos'], images)}
     metrics.update({k: (v * images, images) for k, v in parts.items() if k != 'num_pos'})
     return scenic_compat.psum_metrics(metrics, axis_name)
-
-  # --- detections --------------------------------------------------------------
 
   def detect(self, outputs: dict[str, jax.Array], image_hw: tuple[int, int],
              image_size: jax.Array, scale_factor: jax.Array) -> dict[str, jax.Array]:
@@ -208,7 +120,7 @@ class DetectionModel(scenic_compat.base_model_class()):
       `{'boxes' [B, D, 4], 'scores' [B, D], 'classes' [B, D], 'valid' [B, D]}`, D =
       `config.eval.max_detections`.
     """
-    settings = self._section('eval', DETECT_DEFAULTS)
+    settings = self.settings('eval', DETECT_DEFAULTS)
     points, _, level_sizes = self.points(*image_hw)
     return nms.postprocess(outputs['cls_logits'], outputs['box_distances'],
                            outputs['centerness'], points, level_sizes, image_size,
@@ -240,10 +152,6 @@ def get_model_cls(name: str) -> type[DetectionModel]:
 def register_with_scenic() -> list[str]:
   """Adds the models to Scenic's `ALL_MODELS` (no-op without Scenic)."""
   return scenic_compat.register_models(MODELS, group='ALL_MODELS')
-
-
-def default_model_config(name: str) -> ml_collections.ConfigDict:
-  return get_model_cls(name).default_model_config()
 
 
 def restore_for_inference(config: Any, checkpoint: str, num_classes: int | None = None):

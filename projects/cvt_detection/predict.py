@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from projects.cvt_detection import coco_eval, models
+from projects.cvt_detection.configs.common import load_config
 from projects.cvt_detection.data.builder import EVAL_DEVICE_KEYS
 from projects.cvt_detection.data.synthetic import SyntheticDetection
 from projects.cvt_detection.data.transforms import (
@@ -44,7 +45,7 @@ from projects.tools import command_line, output_files
 from projects.tools.input_files import PredictError, collect_inputs
 from projects.tools.output_files import check_writable, write_json
 from projects.tools.progress import Progress
-from projects.training.configs import as_dict, config_get, load_config
+from projects.training.configs import as_dict, config_get
 from projects.training.images import ImageError, check_image_header, read_image
 
 TOOL = 'cvt_detection.predict'

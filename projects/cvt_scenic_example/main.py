@@ -3,11 +3,9 @@
   python -m projects.cvt_scenic_example.main \
     --config=projects/cvt_scenic_example/configs/synthetic.py --workdir=workdirs/scenic_example
 
-Needs google-research/scenic (the `scenic` extra, or a checkout on PYTHONPATH). This is
-what `scenic.main` does (it cannot be imported without big_vision): look the model and the
-dataset up in Scenic's registries and hand them to the trainer. The project's models
-(`cvt_upernet`, ...) and the user model of `model.py` (`cvt_linear_segmentation`) are
-registered first, with the project's datasets (`cvt_seg_synthetic`, `cvt_seg_folder`, ...).
+Needs google-research/scenic. Does what `scenic.main` does (it cannot be imported without
+big_vision): registers the CvT models and datasets, looks them up in Scenic's registries
+and hands them to the trainer.
 """
 
 from __future__ import annotations
@@ -29,11 +27,11 @@ from scenic import app  # noqa: E402
 from scenic.model_lib import models as scenic_models  # noqa: E402
 from scenic.train_lib import classification_trainer, train_utils  # noqa: E402
 
-from projects.training import scenic_compat
 from projects.cvt_scenic_example.configs import common as configs_common  # noqa: E402
 from projects.cvt_scenic_example.model import CvTLinearSegmentationModel  # noqa: E402
 from projects.cvt_segmentation import models as segmentation_models  # noqa: E402
 from projects.cvt_segmentation.data import register_with_scenic as register_datasets  # noqa: E402
+from projects.training import configs, scenic_compat  # noqa: E402
 from projects.training.app import check_config_flags  # noqa: E402
 
 
@@ -45,11 +43,7 @@ def register() -> None:
 
 
 class EchoWriter:
-  """A clu metric writer that also prints the train and validation summaries.
-
-  Scenic's trainer reports them through the writer only (its logging writer logs at INFO,
-  which is off unless `--verbosity=0`).
-  """
+  """A clu metric writer that also prints the summaries (Scenic logs them at INFO only)."""
 
   def __init__(self, writer: Any):
     self._writer = writer
@@ -71,7 +65,7 @@ def main(rng: jax.Array, config: Any, workdir: str, writer: Any) -> tuple[Any, A
   A key of `config` that nothing reads (a typo) is a `ConfigKeyError` first: Scenic's
   configs are not locked and its trainer reads settings with defaults.
   """
-  configs_common.check_config(config)
+  configs.check_config(config, configs_common.CONFIG_KEYS)
   register()
   writer = EchoWriter(writer)
   model_cls = scenic_models.get_model_cls(config.model_name)

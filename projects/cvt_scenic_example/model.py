@@ -1,11 +1,8 @@
 """A Scenic user's own segmentation model around the CvT backbone: the few lines it takes.
 
-The model class is a plain Scenic `SegmentationModel`: Scenic's own loss (softmax
-cross-entropy weighted by the per-pixel `batch_mask`) and metrics apply unchanged. The CvT
-parts are three calls: `build_backbone` turns `config.model.backbone` into a module,
-`pretrained_settings` reads its `pretrained` path, and the `PretrainedBackboneInit` mixin
-makes the module's `init` load those weights, so Scenic's `classification_trainer` (which
-only calls `init`) starts from them.
+A plain Scenic `SegmentationModel` (its loss and metrics unchanged) whose flax model is
+built by `build_backbone`; the `PretrainedBackboneInit` mixin makes `init` load `pretrained`,
+so Scenic's `classification_trainer` (which only calls `init`) starts from those weights.
 """
 
 from __future__ import annotations

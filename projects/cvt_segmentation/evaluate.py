@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from projects.cvt_segmentation import metrics
-from projects.cvt_segmentation.configs import common as _settings  # noqa: F401  (registers its keys)
+from projects.cvt_segmentation.configs.common import load_config
 from projects.cvt_segmentation.inference import (  # noqa: F401  (evaluate_dataset re-exported)
     DEFAULT_MIN_SIZE,
     MODES,
@@ -37,7 +37,7 @@ from projects.cvt_segmentation.inference import (  # noqa: F401  (evaluate_datas
 )
 from projects.tools import command_line, output_files
 from projects.tools.progress import Progress
-from projects.training.configs import as_dict, config_get, load_config
+from projects.training.configs import as_dict, config_get
 
 IGNORE_INDEX = metrics.IGNORE_INDEX
 TOOL = 'cvt_segmentation.evaluate'

@@ -1,29 +1,8 @@
-"""CvT segmentation models: Scenic model classes, and their registry.
+"""CvT segmentation models: Scenic model classes and their registry.
 
-A model class is built as `Model(config, dataset_meta_data)` and offers
-`build_flax_model`, `default_flax_model_config`, `loss_function(logits, batch,
-model_params=None)`, `get_metrics_fn(split)` (pmap: sums over Scenic's 'batch' axis),
-`get_metrics_fn_jit(split)`, `init_from_train_state` and `flax_model`. When Scenic is
-importable the classes subclass Scenic's `SegmentationModel` (so its `get_global_metrics_fn`
-and type checks apply); without it they are plain classes with the same protocol.
-`register_with_scenic()` adds them to Scenic's model registry.
-
-The flax model is a `heads.Segmentor` over a `CvTBackbone`, called as Scenic's trainers
-call models (`apply(variables, x, train=..., debug=..., mutable=['batch_stats'],
-rngs=...)`). It returns a dict, `{'logits': [B, H, W, K]}` plus `'aux_logits'` in training
-when the model has an auxiliary head; `loss_function` and the metrics functions accept that
-dict or a bare logits array. Its `init` loads `config.model.backbone.pretrained`, so any
-trainer that initialises the model (Scenic's `classification_trainer` included) starts from
-the converted weights.
-
-Configured by:
-
-  config.model_name                  'cvt_upernet', 'cvt_semantic_fpn', 'cvt_segformer', ...
-  config.model.backbone              CvTBackbone settings + `pretrained` (converted checkpoint)
-  config.model.neck                  FPN settings (models with a neck)
-  config.model.decode_head           decode-head settings
-  config.model.auxiliary_head        FCN settings (models with an auxiliary head)
-  config.loss                        label_smoothing, aux_weight, avg_non_ignore
+The flax model is a `heads.Segmentor` over a `CvTBackbone`, returning `{'logits': [B, H, W,
+K]}` (plus `'aux_logits'` in training with an auxiliary head). With Scenic importable the
+classes subclass its `SegmentationModel`; `register_with_scenic()` adds them to its registry.
 """
 
 from __future__ import annotations
@@ -36,32 +15,29 @@ import jax.numpy as jnp
 import ml_collections
 
 import heads
-from cvt_backbone import CvTBackbone, PretrainedBackboneInit, build_backbone, pretrained_settings
+from cvt_backbone import PretrainedBackboneInit
 from heads.segmentation.loss import cross_entropy_sum
 from projects.training import scenic_compat
-from projects.training.configs import as_dict, backbone_config
+from projects.training.configs import backbone_config
+from projects.training.model import CvTModel
 
 IGNORE_INDEX = 255
+# mmseg's UPerNet configs: auxiliary FCN loss weight 0.4.
+LOSS_DEFAULTS = dict(label_smoothing=0.0, aux_weight=0.4, avg_non_ignore=True)
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, batch_mask: jax.Array | None = None,
                       *, label_smoothing: float = 0.0, avg_non_ignore: bool = True,
                       align_corners: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Per-pixel cross-entropy that ignores label 255 and padded examples.
+  """Per-pixel cross-entropy ignoring label 255 and padded examples: `(mean, pixel count)`.
 
   Args:
-    logits: `[B, H, W, K]` at the labels' size, or a head's `[B, h, w, K]` at its own: those
-      are upsampled bilinearly to the labels' size inside the loss (mmseg's resize before
-      the loss), a block of rows at a time (`heads.segmentation.loss`).
+    logits: `[B, H, W, K]`, or a head's `[B, h, w, K]`: upsampled to the labels' size inside
+      the loss, a block of rows at a time (mmseg's resize before the loss).
     labels: `[B, H, W]` int, 255 = ignore.
-    batch_mask: `[B]` (1 real, 0 padding) or `[B, H, W]`; None: all real.
-    label_smoothing: mass spread uniformly over the K classes.
-    avg_non_ignore: average over the valid pixels (mmseg `avg_non_ignore=True`);
-      False divides by every pixel of the real examples, as mmseg's default.
-    align_corners: PyTorch's `align_corners` of that resize.
-
-  Returns:
-    (mean loss, number of pixels it was averaged over).
+    batch_mask: `[B]` or `[B, H, W]` (1 real, 0 padding); None: all real.
+    avg_non_ignore: average over the valid pixels (mmseg `avg_non_ignore=True`); False:
+      over every pixel of the real examples (mmseg's default).
   """
   valid = labels != IGNORE_INDEX
   weights = valid.astype(jnp.float32)
@@ -84,12 +60,11 @@ class PretrainedSegmentor(PretrainedBackboneInit, heads.Segmentor):
   keep_cls_token: bool = True
 
 
-class SegmentationModel(scenic_compat.segmentation_model_base()):
+class SegmentationModel(CvTModel, scenic_compat.segmentation_model_base()):
   """A CvT backbone with a decode head (and optionally a neck and auxiliary head).
 
-  A subclass of Scenic's `SegmentationModel` when Scenic is importable. Subclasses set
-  `DECODE_HEAD`, `NECK` and `AUXILIARY_HEAD` (registered head names of the `heads`
-  package, or None) and their default settings.
+  Subclasses name registered heads of the `heads` package (`DECODE_HEAD`, `NECK`,
+  `AUXILIARY_HEAD`, or None) and their default settings.
   """
 
   DECODE_HEAD: str = 'upernet'
@@ -99,19 +74,8 @@ class SegmentationModel(scenic_compat.segmentation_model_base()):
   AUXILIARY_HEAD: str | None = None
   AUXILIARY_HEAD_DEFAULTS: dict[str, Any] = {}
 
-  def __init__(self, config: ml_collections.ConfigDict | None,
-               dataset_meta_data: dict[str, Any]):
-    if config is None:
-      config = ml_collections.ConfigDict({'model': self.default_flax_model_config()})
-    self.config = config
-    self.dataset_meta_data = dataset_meta_data
-    self.flax_model = self.build_flax_model()
-
-  # --- configuration ---------------------------------------------------------
-
   @classmethod
   def default_model_config(cls) -> ml_collections.ConfigDict:
-    """The `config.model` of this model with every default (one place for them)."""
     model = {'decode_head': dict(cls.DECODE_HEAD_DEFAULTS)}
     if cls.NECK:
       model['neck'] = dict(cls.NECK_DEFAULTS)
@@ -121,34 +85,19 @@ class SegmentationModel(scenic_compat.segmentation_model_base()):
     config.backbone = backbone_config()
     return config
 
-  def default_flax_model_config(self) -> ml_collections.ConfigDict:
-    return self.default_model_config()
-
-  @property
-  def num_classes(self) -> int:
-    return int(self.dataset_meta_data['num_classes'])
-
-  def _model_config(self, key: str) -> dict[str, Any]:
-    return as_dict(self.config.model.get(key))
-
-  # --- the flax model ---------------------------------------------------------
-
-  def build_backbone(self) -> CvTBackbone:
-    return build_backbone(self._model_config('backbone'))
-
   def build_flax_model(self) -> nn.Module:
     backbone = self.build_backbone()
     features = list(backbone.feature_info)
     neck = None
     if self.NECK:
-      neck = heads.build_head(self.NECK, feature_info=features, **self._model_config('neck'))
+      neck = heads.build_head(self.NECK, feature_info=features, **self.model_config('neck'))
       features = list(neck.feature_info)
     decode_head = heads.build_head(self.DECODE_HEAD, feature_info=features,
                                    num_classes=self.num_classes,
-                                   **self._model_config('decode_head'))
+                                   **self.model_config('decode_head'))
     auxiliary_head = None
     if self.AUXILIARY_HEAD:
-      aux = self._model_config('auxiliary_head')
+      aux = self.model_config('auxiliary_head')
       in_feature = aux.pop('in_feature', 'stage3')
       info = [f for f in backbone.feature_info if f['name'] == in_feature]
       if not info:
@@ -156,60 +105,27 @@ class SegmentationModel(scenic_compat.segmentation_model_base()):
                          f'backbone output; outputs: {backbone.out_names}.')
       auxiliary_head = heads.build_head(self.AUXILIARY_HEAD, feature_info=info,
                                         num_classes=self.num_classes, **aux)
-    pretrained, keep_cls_token = pretrained_settings(self._model_config('backbone'))
     return PretrainedSegmentor(backbone=backbone, decode_head=decode_head, neck=neck,
-                               auxiliary_head=auxiliary_head, pretrained=pretrained,
-                               keep_cls_token=keep_cls_token)
-
-  def init_variables(self, rng: jax.Array, input_shape: tuple[int, ...]) -> dict[str, Any]:
-    """Fresh variables, with the backbone from `config.model.backbone.pretrained` if set."""
-    dummy = jnp.zeros((1, *input_shape[1:]), jnp.float32)
-    return dict(self.flax_model.init(rng, dummy, train=False))
-
-  def init_from_train_state(self, train_state: Any, restored_train_state: Any = None,
-                            restored_model_cfg: Any = None) -> Any:
-    """Scenic project trainers' pretrained hook: the backbone of `train_state` loaded.
-
-    Args:
-      train_state: a Scenic `TrainState` (`params`, `model_state`) of this model.
-      restored_train_state: a restored Scenic `TrainState` whose params hold a CvT
-        backbone: this model's (`params['backbone']`), a `CvTBackbone`'s or a `CvT`
-        classifier's. None: load `config.model.backbone.pretrained` instead.
-      restored_model_cfg: unused (the architecture is checked from the weights).
-
-    Returns:
-      `train_state` with the backbone's params and batch statistics replaced, checked
-      strictly (variant and every shape); unchanged when there is nothing to load.
-
-    Raises:
-      FileNotFoundError: `pretrained` is set but no such file exists.
-      CheckpointMismatchError: weights of another variant or shape.
-    """
-    del restored_model_cfg
-    return self.flax_model.load_into_train_state(train_state, restored_train_state)
-
-  # --- loss and metrics -------------------------------------------------------
+                               auxiliary_head=auxiliary_head, **self.pretrained_fields())
 
   def loss_function(self, logits: Any, batch: dict[str, jax.Array],
                     model_params: Any = None) -> jax.Array:
     """Cross-entropy of the decode head plus `aux_weight` times that of the auxiliary head.
 
-    A training output's `'head_logits'` (and `'aux_head_logits'`), the heads' logits before
-    the Segmentor's resize, are used when present: `segmentation_loss` upsamples them block
-    by block, the same loss without the full-size logits and their gradient in memory (the
-    full-size outputs are then unused, and jit drops them).
+    Uses a training output's `'head_logits'` (`'aux_head_logits'`), the heads' logits before
+    the Segmentor's resize, when present: `segmentation_loss` upsamples them block by block,
+    so the full-size logits and their gradient are never in memory (jit drops them).
 
     Args:
-      logits: the Segmentor's output dict (`'logits'`, optional `'aux_logits'`,
-        `'head_logits'`, `'aux_head_logits'`) or a `[B, H, W, K]` array.
+      logits: the Segmentor's output dict or a `[B, H, W, K]` array.
       batch: `'label'` `[B, H, W]`, optional `'batch_mask'`.
       model_params: unused (weight decay is decoupled, in the optimizer).
     """
     del model_params
-    loss_cfg = self.config.get('loss', ml_collections.ConfigDict())
+    loss_cfg = self.settings('loss', LOSS_DEFAULTS)
     outputs = logits if isinstance(logits, dict) else {'logits': logits}
-    kwargs = dict(label_smoothing=loss_cfg.get('label_smoothing', 0.0),
-                  avg_non_ignore=loss_cfg.get('avg_non_ignore', True),
+    kwargs = dict(label_smoothing=loss_cfg['label_smoothing'],
+                  avg_non_ignore=loss_cfg['avg_non_ignore'],
                   align_corners=getattr(self.flax_model, 'align_corners', False))
     mask = batch.get('batch_mask')
     loss, _ = segmentation_loss(outputs.get('head_logits', outputs['logits']), batch['label'],
@@ -217,39 +133,22 @@ class SegmentationModel(scenic_compat.segmentation_model_base()):
     if 'aux_logits' in outputs:
       aux, _ = segmentation_loss(outputs.get('aux_head_logits', outputs['aux_logits']),
                                  batch['label'], mask, **kwargs)
-      loss = loss + loss_cfg.get('aux_weight', 0.4) * aux
+      loss = loss + loss_cfg['aux_weight'] * aux
     return loss
 
-  def get_metrics_fn(self, split: str | None = None):
-    """`metrics_fn(logits, batch) -> {name: (sum, normalizer)}` for pmap-based trainers.
-
-    Pixel accuracy and loss over the valid pixels (label not 255, `batch_mask` not 0) of
-    the batch, summed over Scenic's `'batch'` axis as Scenic's metrics functions are, so
-    every device holds the totals of the global batch. mIoU needs the whole split and is
-    computed from a confusion matrix (`evaluate.py`, the project's trainer).
-    """
-    del split
-    return self._metrics_fn(scenic_compat.SCENIC_AXIS_NAME)
-
-  def get_metrics_fn_jit(self, split: str | None = None):
-    """As `get_metrics_fn`, for jit-based trainers (global arrays: no cross-device sum)."""
-    del split
-    return self._metrics_fn(None)
-
-  def _metrics_fn(self, axis_name: str | None):
-    def metrics_fn(logits: Any, batch: dict[str, jax.Array]) -> dict[str, tuple]:
-      logits = logits['logits'] if isinstance(logits, dict) else logits
-      labels = batch['label']
-      loss, count = segmentation_loss(logits, labels, batch.get('batch_mask'))
-      valid = labels != IGNORE_INDEX
-      if batch.get('batch_mask') is not None:
-        mask = batch['batch_mask'].astype(bool)
-        valid = valid & mask.reshape(mask.shape + (1,) * (valid.ndim - mask.ndim))
-      correct = ((jnp.argmax(logits, -1) == labels) & valid).sum()
-      return scenic_compat.psum_metrics(
-          {'accuracy': (correct, valid.sum()), 'loss': (loss * count, count)}, axis_name)
-
-    return metrics_fn
+  def metrics(self, logits: Any, batch: dict[str, jax.Array], *,
+              axis_name: str | None) -> dict[str, tuple]:
+    """Pixel accuracy and loss over the valid pixels (mIoU needs the whole split)."""
+    logits = logits['logits'] if isinstance(logits, dict) else logits
+    labels = batch['label']
+    loss, count = segmentation_loss(logits, labels, batch.get('batch_mask'))
+    valid = labels != IGNORE_INDEX
+    if batch.get('batch_mask') is not None:
+      mask = batch['batch_mask'].astype(bool)
+      valid = valid & mask.reshape(mask.shape + (1,) * (valid.ndim - mask.ndim))
+    correct = ((jnp.argmax(logits, -1) == labels) & valid).sum()
+    return scenic_compat.psum_metrics(
+        {'accuracy': (correct, valid.sum()), 'loss': (loss * count, count)}, axis_name)
 
 
 class CvTUperNet(SegmentationModel):
@@ -302,17 +201,8 @@ def get_model_cls(name: str) -> type[SegmentationModel]:
 
 
 def register_with_scenic() -> list[str]:
-  """Adds the model classes to Scenic's model registry (`model_name='cvt_upernet'`, ...).
-
-  Returns:
-    The registered names, or an empty list when Scenic is not importable.
-  """
+  """Adds the models to Scenic's registry; returns their names ([] without Scenic)."""
   return scenic_compat.register_models(MODELS)
-
-
-def default_model_config(name: str) -> ml_collections.ConfigDict:
-  """`config.model` defaults of a registered model, for config files."""
-  return get_model_cls(name).default_model_config()
 
 
 def restore_for_inference(config: Any, checkpoint: str, num_classes: int | None = None):

@@ -21,24 +21,25 @@ import numpy as np
 from PIL import Image
 
 from projects.cvt_segmentation import palettes
+from projects.cvt_segmentation.configs.common import load_config
 from projects.cvt_segmentation.evaluate import (
-    ModelLoader,
-    add_inference_flags,
-    flag_settings,
-    load_model,
+  ModelLoader,
+  add_inference_flags,
+  flag_settings,
+  load_model,
 )
 from projects.cvt_segmentation.inference import (
-    InferenceSettings,
-    LogitsFn,
-    config_test_scale,
-    inference_settings,
-    make_logits_fn,
-    segment_image,
+  InferenceSettings,
+  LogitsFn,
+  config_test_scale,
+  inference_settings,
+  make_logits_fn,
+  segment_image,
 )
 from projects.tools import command_line, output_files
 from projects.tools.input_files import PredictError, collect_inputs
 from projects.tools.progress import Progress
-from projects.training.configs import config_get, load_config
+from projects.training.configs import config_get
 from projects.training.images import ImageError, check_image_header, read_image
 
 TOOL = 'cvt_segmentation.predict'

@@ -1,10 +1,7 @@
-"""Segmentation fine-tuning: the shared training loop with mIoU evaluation.
+"""Segmentation fine-tuning: the shared training loop (`projects.training.loop`) with mIoU.
 
-`train(*, rng, config, model_cls, dataset, workdir, writer)` is Scenic's trainer signature;
-the loop itself (mesh, optimizer, checkpoints and exact resume, progress, writers) is
-`projects.training.loop`. This module adds what is particular to segmentation: the periodic
-evaluation of mIoU/aAcc/mAcc on the validation split with the same code and settings
-(`config.eval`: whole-image or sliding-window) as `evaluate.py`.
+`train` has Scenic's trainer signature; the periodic evaluation of mIoU/aAcc/mAcc on the
+validation split uses the same code and settings (`config.eval`) as `evaluate.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ import jax
 import numpy as np
 
 from projects.cvt_segmentation import metrics as metrics_lib
-from projects.cvt_segmentation.configs import common
 from projects.training import loop
 
 
@@ -73,16 +69,7 @@ def describe(summary: dict[str, Any]) -> str:
 
 def train(*, rng: jax.Array, config: Any, model_cls: Any, dataset: Any, workdir: str,
           writer: Any) -> tuple[loop.TrainState, dict[str, Any]]:
-  """Trains `model_cls(config, dataset.meta_data)`; Scenic's trainer signature.
-
-  Returns:
-    The final state and the last evaluation summary.
-
-  Raises:
-    ConfigKeyError: a key of `config` that the project does not read (a typo), before any
-      work; also when Scenic's own main calls the trainer with a user's config.
-  """
-  common.check_config(config)
+  """Trains `model_cls(config, dataset.meta_data)`; returns the state and last evaluation."""
   model = model_cls(config, dataset.meta_data)
   evaluation = SegmentationEvaluation(model.flax_model, dataset,
                                       int(dataset.meta_data['num_classes']), config)

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
+from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.weights.converted import variables_digest
 from projects.feature_extraction import images as images_lib
 from projects.feature_extraction import planning, writers

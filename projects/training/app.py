@@ -1,15 +1,11 @@
-"""Runs a project's `main(rng, config, workdir, writer)` as Scenic runs it.
+"""Runs a project's `main(rng, config, workdir, writer)` as Scenic runs it, and that main.
 
-Under `scenic.app` when Scenic is importable (its flags, logging and metric writer), and
-with the same flags through absl when it is not (`--config=CONFIG.py[:ARGS]`,
-`--workdir=DIR`, and a TensorBoard writer that needs no TensorFlow,
-`projects.training.metric_writer`). Both add the multi-process flags
-`--coordinator_address`, `--num_processes`, `--process_id` (`projects.training.distributed`).
-
-Mistakes a user can make print one line, `error: ...`, instead of a traceback: a
-`--config.x` flag naming no key of the config (exit status 2, before the flags are parsed),
-and from `main`, a config key the project does not read, invalid dataset files, a missing
-file, a workdir another run holds, unusable checkpoints or a full disk (exit status 1).
+Under `scenic.app` when Scenic is importable, else with the same flags through absl
+(`--config=CONFIG.py[:ARGS]`, `--workdir=DIR`, a TensorBoard writer without TensorFlow);
+both add `--coordinator_address`, `--num_processes`, `--process_id` for several processes.
+A user's mistake prints one line, `error: ...`: a `--config.x` flag naming no key (exit
+status 2, before the flags are parsed); from `main`, an unknown config key, invalid data, a
+missing file, a workdir in use, unusable checkpoints or a full disk (status 1).
 """
 
 from __future__ import annotations
@@ -31,9 +27,39 @@ xla_flags.set_training_flags()
 
 import jax  # noqa: E402
 
+from projects.training import checkpoints, configs  # noqa: E402
 from projects.training.scenic_compat import quiet_library_logs, scenic_available  # noqa: E402
 
 MainFn = Callable[[jax.Array, Any, str, Any], Any]
+
+
+def build_dataset(get_dataset: Callable[..., Any], config: Any, start_step: int = 0) -> Any:
+  """`get_dataset` (a project's `data.builder.get_dataset`) for `config`, from `start_step`."""
+  return get_dataset(
+      config.dataset_name, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+      seed=config.rng_seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      dtype_str=config.get('data_dtype_str', 'float32'), **config.dataset_configs.to_dict())
+
+
+def train_main(rng: jax.Array, config: Any, workdir: str, writer: Any,
+               get_dataset: Callable[..., Any], get_model_cls: Callable[[str], Any],
+               train: Callable[..., Any], report: Callable[[dict], str]) -> dict[str, Any]:
+  """The body of a project's `main` for a checked `config`: builds data and model, trains.
+
+  Resumes from the workdir's latest checkpoint; process 0 prints `report(summary)` of the
+  last evaluation and where the checkpoints and logs are.
+  """
+  dataset = build_dataset(get_dataset, config, checkpoints.latest_step(workdir) or 0)
+  _, summary = train(rng=rng, config=config, model_cls=get_model_cls(config.model_name),
+                     dataset=dataset, workdir=workdir, writer=writer)
+  if jax.process_index() > 0:
+    return summary
+  if summary:
+    print(report(summary))
+  print(f'Checkpoints: {checkpoints.checkpoint_dir(workdir)}')
+  print(f'TensorBoard logs: {workdir}  (tensorboard --logdir {workdir})')
+  return summary
 
 
 def _config_file() -> str | None:
@@ -48,20 +74,15 @@ def _config_file() -> str | None:
 
 
 def _user_errors_in_one_line(main: MainFn) -> MainFn:
-  """`main` printing a user's mistakes and faults as one line, `error: ...`, status 1.
+  """`main` printing a user's mistakes as one line, `error: ...`, status 1.
 
-  Config typos, invalid data, missing files, a workdir in use by another run, checkpoints
-  of another model or all damaged, and a checkpoint that cannot be written (disk full).
-
-  The message of these errors says what is wrong and where; a traceback would bury it.
-  Other exceptions (bugs) keep their traceback.
+  Their message says what is wrong and where; a traceback would bury it. Other exceptions
+  (bugs) keep their traceback.
   """
-  from projects.training import checkpoints
-  from projects.training.configs import ConfigKeyError
   from projects.training.datasets import DatasetError
   from projects.training.workdir_lock import WorkdirInUseError
 
-  one_line = (DatasetError, FileNotFoundError, WorkdirInUseError,
+  one_line = (configs.ConfigKeyError, DatasetError, FileNotFoundError, WorkdirInUseError,
               checkpoints.CheckpointMismatchError, checkpoints.CheckpointCorruptError,
               checkpoints.CheckpointWriteError)
 
@@ -69,12 +90,9 @@ def _user_errors_in_one_line(main: MainFn) -> MainFn:
   def run(*args: Any, **kwargs: Any) -> Any:  # scenic.app passes keywords
     try:
       return main(*args, **kwargs)
-    except ConfigKeyError as error:
-      if error.source is None and _config_file():
-        error.source = f'config {_config_file()}'
-      print(f'error: {error}', file=sys.stderr, flush=True)
-      sys.exit(1)
     except one_line as error:
+      if isinstance(error, configs.ConfigKeyError) and error.source is None and _config_file():
+        error.source = f'config {_config_file()}'
       print(f'error: {error}', file=sys.stderr, flush=True)
       sys.exit(1)
 
@@ -99,14 +117,12 @@ def check_config_flags(argv: list[str]) -> None:
   checked here first against the config file's keys. Anything else about the flags
   (a config file that fails to load, a bad value) is left to absl to report.
   """
-  from projects.training import configs
-
   spec = _config_spec(argv)
   overrides = ('--config.', '--noconfig.', '-config.', '-noconfig.')
   if spec is None or not any(arg.startswith(overrides) for arg in argv):
     return
   try:
-    config = configs.load_config(spec, check=False)
+    config = configs.load_config(spec)
   except Exception:  # noqa: BLE001  (reported by absl's own parsing, as without this check)
     return
   try:

@@ -1,25 +1,24 @@
-"""Reading configs: big_vision-style config arguments, ConfigDict-or-mapping access, key checks.
+"""Config files and their keys: big_vision-style arguments, reading, and the one key check.
 
-Configs are `get_config(arg=None)` functions returning a locked `ml_collections.ConfigDict`,
-so a misspelled key is an error naming it instead of a silently ignored setting. A config
-file may still add a key before it locks (or a Scenic user's config may not lock at all), so
-where configs enter (`load_config`, each project's `main` and trainer) every key is also
-checked against the settings the project reads (`check_config`): an unknown one is a
-`ConfigKeyError` naming it by its dotted path and the closest known key.
+Configs are `get_config(arg=None)` returning a locked ConfigDict. A key a config file adds
+before locking (or an unlocked Scenic config) is caught where the config enters: the
+project's `main` and tools pass their `ProjectKeys` to `check_config`, which names each
+unknown key by its dotted path and the closest known one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib
 import importlib.util
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import ml_collections
+
+from cvt_backbone import CvTBackbone
+from cvt_backbone.cvt import LOADING_KEYS, closest_key
 
 # The settings a config may hold: {key: nested KnownKeys, or None for a value whose inside
 # is not checked here (a leaf, or a section read by code that checks it itself)}.
@@ -31,39 +30,19 @@ OPTIMIZER_KEYS = ('base_lr', 'weight_decay', 'b1', 'b2', 'warmup_steps', 'warmup
                   'head_lr_mult', 'grad_clip_norm', 'accumulation_steps')
 
 # Top-level keys Scenic reads when a Scenic user runs a project trainer from Scenic's own
-# main (../shared/third_party/scenic): `workdir_suffix` (scenic/app.py), `trainer_name` and
-# `checkpoint` (scenic/main.py), `shuffle_seed` (train_lib/train_utils.py get_dataset); and
-# switches of Scenic's own trainers that such a config carries, no-ops for ours: `xprof`,
-# `debug_train`, `debug_eval` (train_lib/classification_trainer.py), `count_flops`
-# (train_utils.py), `write_summary` (projects/baselines/*/configs).
+# main: `workdir_suffix` (scenic/app.py), `trainer_name` and `checkpoint` (scenic/main.py),
+# `shuffle_seed` (train_lib/train_utils.py); and switches of Scenic's own trainers that such
+# a config carries, no-ops for ours: `xprof`, `debug_train`, `debug_eval`
+# (classification_trainer.py), `count_flops` (train_utils.py), `write_summary`.
 SCENIC_KEYS = ('workdir_suffix', 'trainer_name', 'checkpoint', 'shuffle_seed', 'xprof',
                'debug_train', 'debug_eval', 'count_flops', 'write_summary')
 
-# Keys of other code bases whose meaning a project setting holds: suggested for them.
-# Scenic's `init_from` (a checkpoint to start from; its project trainers) is the backbone's
-# `pretrained` here.
+# Keys of other code bases whose meaning a project setting holds: Scenic's `init_from`.
 _EQUIVALENTS = {'init_from': 'model.backbone.pretrained'}
-
-# Modules that know a project's settings, registered by themselves when imported (a project's
-# configs import them): `claims(config) -> bool` (the config is one of the project's: its
-# model and dataset names) and `known_config_keys(config) -> KnownKeys`.
-_FAMILIES: list[Any] = []
-
-
-def register_config_family(family: Any) -> None:
-  """Registers a project's settings (a module with `claims` and `known_config_keys`)."""
-  if family not in _FAMILIES:
-    _FAMILIES.append(family)
 
 
 class ConfigKeyError(ValueError):
-  """Config keys that no setting reads (typos): each by its dotted path, with a hint.
-
-  Attributes:
-    unknown: `(path, hint)` pairs; the hint is 'did you mean <closest key>?' or the keys
-      known at that place.
-    source: where the config came from (a file, a flag), or None.
-  """
+  """Config keys that no setting reads: `(dotted path, hint)` pairs, and `source` (a file)."""
 
   def __init__(self, unknown: Sequence[tuple[str, str]], source: str | None = None):
     self.unknown = tuple(unknown)
@@ -101,11 +80,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 def config_get(config: Any, key: str, default: Any = None) -> Any:
   """`config.key` for a ConfigDict, dict or object; `default` when absent or None."""
-  if config is None:
-    return default
-  if isinstance(config, Mapping):
-    value = config.get(key, default)
-  elif hasattr(config, 'get'):  # ConfigDict, also when locked
+  if hasattr(config, 'get'):  # a mapping or ConfigDict (also when locked)
     value = config.get(key, default)
   else:
     value = getattr(config, key, default)
@@ -121,30 +96,64 @@ def as_dict(config: Any) -> dict:
   return dict(config)
 
 
-def backbone_config(**overrides: Any) -> ml_collections.ConfigDict:
-  """`config.model.backbone` with every default: CvTBackbone settings + loading keys.
+# AdamW settings both projects' recipes share (mmseg and mmdet: betas 0.9/0.999, poly power
+# 1, no clipping, no accumulation).
+_OPTIMIZER_DEFAULTS = dict(b1=0.9, b2=0.999, power=1.0, min_lr=0.0, grad_clip_norm=0.0,
+                           accumulation_steps=1)
 
-  `pretrained` is a converted checkpoint (`cvt-convert`) loaded by the model's `init`;
-  settings whose default is None are placeholders, so they accept a value later
-  (`--config.model.backbone.attention_chunk_size=1024`).
+
+def training_config(model_name: str, dataset_name: str, model: ml_collections.ConfigDict,
+                    optimizer: dict[str, Any], **settings: Any) -> ml_collections.ConfigDict:
+  """A project trainer's config: names, seed, `model`, `optimizer` over AdamW's defaults.
+
+  `settings` are the other top-level keys (steps, batch sizes, `loss`, `eval`, ...).
   """
   config = ml_collections.ConfigDict(dict(
-      variant='cvt-13', pretrained='', keep_cls_token=True, drop_path_rate=0.1,
-      frozen_stages=0, norm_eval=False, attention='auto', remat=False, dtype='float32',
-      activation='quick_gelu', out_norm=False))
+      experiment_name=f'{model_name}_{dataset_name}', rng_seed=0, model_name=model_name,
+      dataset_name=dataset_name, dataset_configs={}, data_dtype_str='float32',
+      log_summary_steps=50, max_checkpoints_to_keep=3,
+      optimizer={**_OPTIMIZER_DEFAULTS, **optimizer}, **settings))
+  config.model = model
+  return config
+
+
+def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a project config to a minutes-long check of the whole pipeline on a CPU."""
+  config.model.backbone.update(variant='cvt-tiny', pretrained='')
+  config.update(batch_size=2, num_training_steps=4, log_summary_steps=2, log_eval_steps=4,
+                checkpoint_steps=2)
+  config.optimizer.warmup_steps = 1
+  return config
+
+
+def backbone_config() -> ml_collections.ConfigDict:
+  """`config.model.backbone`: `CvTBackbone` settings (the module's defaults) + loading keys.
+
+  `drop_path_rate` 0.1 is the fine-tuning recipe's; the placeholders accept a value later
+  (`--config.model.backbone.attention_chunk_size=1024`).
+  """
+  fields = {f.name: f.default for f in dataclasses.fields(CvTBackbone)}
+  config = ml_collections.ConfigDict({k: fields[k] for k in (
+      'variant', 'frozen_stages', 'norm_eval', 'attention', 'remat', 'activation', 'out_norm')})
+  config.update(pretrained='', keep_cls_token=True, drop_path_rate=0.1, dtype='float32')
   config.attention_chunk_size = ml_collections.config_dict.placeholder(int)
   config.bn_axis_name = ml_collections.config_dict.placeholder(str)
-  config.update(overrides)
   return config
 
 
 def backbone_keys() -> KnownKeys:
   """`config.model.backbone`'s keys: every `CvTBackbone` field and the loading settings."""
-  from cvt_backbone import CvTBackbone
-  from cvt_backbone.cvt import LOADING_KEYS
-
   fields = [f.name for f in dataclasses.fields(CvTBackbone) if f.name not in ('parent', 'name')]
-  return dict.fromkeys([*backbone_config().keys(), *fields, *LOADING_KEYS])
+  return dict.fromkeys([*fields, *LOADING_KEYS])
+
+
+def model_keys(defaults: ml_collections.ConfigDict, **sections: Iterable[str]) -> KnownKeys:
+  """`config.model`'s keys: those of `defaults`, the backbone's and each section's fields."""
+  # A head's `num_classes` comes from the dataset, not the config.
+  return merge_known_keys(
+      known_keys_of(defaults), {'backbone': backbone_keys()},
+      {name: dict.fromkeys(k for k in fields if k != 'num_classes')
+       for name, fields in sections.items()})
 
 
 def _is_section(value: Any) -> bool:
@@ -168,6 +177,50 @@ def merge_known_keys(*known: KnownKeys | None) -> KnownKeys | None:
   return merged
 
 
+@dataclasses.dataclass(frozen=True)
+class ProjectKeys:
+  """The settings a project's configs may hold, as data.
+
+  `common` keys; `config.model`'s per model name; `config.dataset_configs`' per dataset name.
+  """
+
+  common: KnownKeys
+  models: Mapping[str, KnownKeys]
+  datasets: Mapping[str, Sequence[str]]
+
+  def of(self, config: Any) -> KnownKeys:
+    """The keys of `config`: its model's and dataset's (any one's where it names none).
+
+    An unknown model or dataset leaves its section unchecked (the builders reject it).
+    """
+    model_name = config_get(config, 'model_name')
+    dataset_name = config_get(config, 'dataset_name')
+    if dataset_name is None:
+      names = dict.fromkeys(k for keys in self.datasets.values() for k in keys)
+    else:
+      names = self.datasets.get(dataset_name)
+    return {**self.common,
+            'model': (merge_known_keys(*self.models.values()) if model_name is None
+                      else self.models.get(model_name)),
+            'dataset_configs': None if names is None else dict.fromkeys(names)}
+
+
+def project_keys(defaults: Any, models: Mapping[str, KnownKeys],
+                 datasets: Mapping[str, Sequence[str]], common_dataset_keys: Sequence[str],
+                 scenic_prefix: str, extra: KnownKeys | None = None) -> ProjectKeys:
+  """A project's `ProjectKeys`: the keys of `defaults` (a full config), Scenic's and `extra`.
+
+  Each dataset also takes `common_dataset_keys`, and under its name in Scenic's registry
+  (`scenic_prefix + name`) also `start_step`.
+  """
+  per_dataset = {}
+  for name, keys in datasets.items():
+    per_dataset[name] = (*keys, *common_dataset_keys)
+    per_dataset[scenic_prefix + name] = (*keys, *common_dataset_keys, 'start_step')
+  common = merge_known_keys(known_keys_of(defaults), dict.fromkeys(SCENIC_KEYS), extra or {})
+  return ProjectKeys(common, dict(models), per_dataset)
+
+
 def _paths(known: KnownKeys, prefix: str = '') -> list[str]:
   paths = []
   for key, value in known.items():
@@ -182,23 +235,23 @@ def _hint(path: str, known_paths: Sequence[str]) -> str:
   parent, _, leaf = path.rpartition('.')
   siblings = {p.rpartition('.')[2]: p for p in known_paths if p.rpartition('.')[0] == parent}
   closest = _EQUIVALENTS.get(path) if _EQUIVALENTS.get(path) in known_paths else None
-  if closest is None:
-    match = difflib.get_close_matches(leaf, siblings, n=1)
-    closest = siblings[match[0]] if match else None
+  if closest is None and (match := closest_key(leaf, siblings)):
+    closest = siblings[match]
   if closest is None:
     # The right key in another section (`config.base_lr` for `config.optimizer.base_lr`).
     by_leaf: dict[str, str] = {}
     for p in sorted(known_paths, key=lambda p: p.count('.')):
       by_leaf.setdefault(p.rpartition('.')[2], p)
-    match = difflib.get_close_matches(leaf, by_leaf, n=1, cutoff=0.8)
-    closest = by_leaf[match[0]] if match else None
+    if match := closest_key(leaf, by_leaf, cutoff=0.8):
+      closest = by_leaf[match]
   if closest is not None:
     return f'did you mean {closest}?'
   return f'known there: {", ".join(sorted(siblings))}'
 
 
-def unknown_config_keys(config: Any, known: KnownKeys) -> list[tuple[str, str]]:
-  """`(dotted path, hint)` of each key of `config` that `known` lacks, in config order."""
+def check_config(config: Any, keys: ProjectKeys, source: str | None = None) -> None:
+  """Raises `ConfigKeyError` naming every key of `config` (nested too) that `keys` lacks."""
+  known = keys.of(config)
   known_paths = _paths(known)
   unknown = []
 
@@ -211,65 +264,8 @@ def unknown_config_keys(config: Any, known: KnownKeys) -> list[tuple[str, str]]:
         walk(as_dict(value), keys[key], path + '.')
 
   walk(as_dict(config), known, '')
-  return unknown
-
-
-def check_config_keys(config: Any, known: KnownKeys, source: str | None = None) -> None:
-  """Raises `ConfigKeyError` naming every key of `config` that `known` lacks.
-
-  Args:
-    config: a ConfigDict or mapping, walked through every nested section.
-    known: the settings that exist (`KnownKeys`).
-    source: where the config came from (for the message), e.g. the config file.
-  """
-  unknown = unknown_config_keys(config, known)
   if unknown:
     raise ConfigKeyError(unknown, source)
-
-
-def known_config_keys(config: Any) -> KnownKeys | None:
-  """The settings of the project `config` belongs to (by its model and dataset names).
-
-  A config no registered project claims (or several do, e.g. one without a model) is checked
-  against the keys known to any of them; None when no project is registered (a config of
-  another code base, which this package does not read).
-  """
-  claimed = [family for family in _FAMILIES if family.claims(config)] or _FAMILIES
-  if not claimed:
-    return None
-  return merge_known_keys(*(family.known_config_keys(config) for family in claimed))
-
-
-def dataset_keys_of(dataset_name: str | None, per_dataset: Mapping[str, Sequence[str]],
-                    common: Sequence[str], scenic_prefix: str) -> tuple[str, ...] | None:
-  """A dataset's `dataset_configs` keys: its own and `common`; None for an unknown dataset.
-
-  `scenic_prefix + name` is the dataset in Scenic's registry, whose builders also take
-  `start_step`; None stands for any of the datasets.
-  """
-  if dataset_name is None:
-    return tuple(dict.fromkeys([*(k for keys in per_dataset.values() for k in keys), *common]))
-  name = dataset_name.removeprefix(scenic_prefix)
-  if name not in per_dataset:
-    return None
-  scenic = ('start_step',) if name != dataset_name else ()
-  return (*per_dataset[name], *common, *scenic)
-
-
-def names_project(config: Any, model_names: Iterable[str],
-                  dataset_keys: Callable[[str], Any]) -> bool:
-  """Whether `config`'s model and dataset (where set) are among a project's."""
-  model_name = config_get(config, 'model_name')
-  dataset_name = config_get(config, 'dataset_name')
-  return ((model_name is None or model_name in model_names)
-          and (dataset_name is None or dataset_keys(dataset_name) is not None))
-
-
-def check_config(config: Any, source: str | None = None) -> None:
-  """Raises `ConfigKeyError` for keys of `config` that its project does not read."""
-  known = known_config_keys(config)
-  if known is not None:
-    check_config_keys(config, known, source)
 
 
 # `--config.a.b=1`, `--config.a.b 1`, `--noconfig.a.b`: an override of config key `a.b`.
@@ -303,8 +299,8 @@ def check_config_overrides(config: Any, argv: Iterable[str]) -> None:
     raise ConfigKeyError(unknown)
 
 
-def _execute_config_file(spec: str) -> Any:
-  """`get_config()` or `get_config(arg)` of `path/to/config.py[:arg]`, unchecked."""
+def load_config(spec: str, keys: ProjectKeys | None = None) -> Any:
+  """`get_config()` or `get_config(arg)` of `path/to/config.py[:arg]`, checked against `keys`."""
   path, sep, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'config file not found: {path}')
@@ -314,17 +310,7 @@ def _execute_config_file(spec: str) -> Any:
   module_spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
     raise ValueError(f'config file {path} defines no get_config()')
-  return module.get_config(arg) if sep else module.get_config()
-
-
-def load_config(spec: str, check: bool = True) -> Any:
-  """Loads `path/to/config.py[:arg]` by calling its `get_config()` or `get_config(arg)`.
-
-  Args:
-    spec: the config file and its optional argument.
-    check: raise `ConfigKeyError` for keys its project does not read (`check_config`).
-  """
-  config = _execute_config_file(spec)
-  if check:
-    check_config(config, source=f'config {spec.partition(":")[0]}')
+  config = module.get_config(arg) if sep else module.get_config()
+  if keys is not None:
+    check_config(config, keys, source=f'config {path}')
   return config

@@ -14,8 +14,8 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from projects.training.scenic_compat import scenic_available
 from projects.training.configs import as_dict
+from projects.training.scenic_compat import scenic_available
 
 # Same fields as scenic.dataset_lib.dataset_utils.Dataset.
 Dataset = collections.namedtuple('Dataset', ['train_iter', 'valid_iter', 'test_iter', 'meta_data'])

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.cvt import CvTBackbone
+from cvt_backbone.kernels import attention as attention_lib
 
 
 def _qkv(batch=1, q_len=40, kv_len=12, heads=2, head_dim=4, seed=0):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from cvt_backbone import CvT, CvTBackbone, count_params
+from cvt_backbone.cvt import VARIANTS
 from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.kernels import depthwise as depthwise_lib
-from cvt_backbone.cvt import VARIANTS
 
 OFFICIAL_PARAM_COUNTS = {'cvt-13': 19_997_480, 'cvt-21': 31_622_696, 'cvt-w24': 277_196_392}
 # DESIGN.md: n1 = floor((n+1)/4), n2 = ceil(n1/2), n3 = ceil(n2/2).

@@ -20,17 +20,17 @@ import pytest
 from flax import traverse_util
 
 from cvt_backbone import CvT, CvTBackbone, CvTSpec, get_spec
-from cvt_backbone.weights import readers
-from cvt_backbone.weights import converted as checkpoint_lib
 from cvt_backbone.weights import convert as convert_lib
+from cvt_backbone.weights import converted as checkpoint_lib
+from cvt_backbone.weights import readers
 from cvt_backbone.weights.convert import CheckpointError, CheckpointMismatchError
 
 from .hf_support import (
-    TINY_CLASSES,
-    build_hf_tiny,
-    numpy_state_dict,
-    to_official_names,
-    torch,
+  TINY_CLASSES,
+  build_hf_tiny,
+  numpy_state_dict,
+  to_official_names,
+  torch,
 )
 
 safetensors_torch = pytest.importorskip('safetensors.torch')

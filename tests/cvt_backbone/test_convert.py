@@ -11,14 +11,14 @@ from flax import traverse_util
 
 from cvt_backbone import CvT, CvTBackbone, get_spec
 from cvt_backbone.weights import convert as convert_lib
-from cvt_backbone.weights.converted import load_pretrained
 from cvt_backbone.weights.convert import CheckpointError, CheckpointMismatchError
+from cvt_backbone.weights.converted import load_pretrained
 
 from .hf_support import (
-    TINY_CLASSES,
-    build_hf_tiny,
-    numpy_state_dict,
-    to_official_names,
+  TINY_CLASSES,
+  build_hf_tiny,
+  numpy_state_dict,
+  to_official_names,
 )
 
 

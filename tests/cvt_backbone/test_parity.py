@@ -19,18 +19,18 @@ import numpy as np
 import pytest
 
 from cvt_backbone import CvT, CvTBackbone
+from cvt_backbone.cvt import CvTStage
 from cvt_backbone.weights import convert as convert_lib
 from cvt_backbone.weights.converted import load_pretrained
-from cvt_backbone.cvt import CvTStage
 
 from .hf_support import (
-    TINY,
-    TINY_CLASSES,
-    make_hf_classifier,
-    numpy_state_dict,
-    save_hf,
-    to_official_names,
-    torch,
+  TINY,
+  TINY_CLASSES,
+  make_hf_classifier,
+  numpy_state_dict,
+  save_hf,
+  to_official_names,
+  torch,
 )
 
 SIZES = [(224, 224), (250, 250), (384, 384), (225, 301)]

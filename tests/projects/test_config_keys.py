@@ -45,6 +45,14 @@ SHIPPED = {
 }
 
 
+def _keys(config_path: str) -> configs.ProjectKeys:
+  """The known keys of the project a shipped config file belongs to."""
+  import importlib
+
+  project = config_path.split('/')[1]
+  return importlib.import_module(f'projects.{project}.configs.common').CONFIG_KEYS
+
+
 def _write_config(tmp_path, base: str, *lines: str) -> str:
   """A config file building on a shipped one, with `lines` run on it before returning."""
   module = base.removesuffix('.py').replace('/', '.')
@@ -88,7 +96,7 @@ def test_load_config_names_an_unknown_key_and_the_closest(tmp_path, base, line, 
                                                           closest):
   path = _write_config(tmp_path, base, line)
   with pytest.raises(ValueError) as error:
-    configs.load_config(path + ':runlocal')
+    configs.load_config(path + ':runlocal', _keys(base))
   message = str(error.value)
   assert type(error.value).__name__ == 'ConfigKeyError'
   assert f'unknown config key {unknown} (did you mean {closest}?)' in message
@@ -101,7 +109,7 @@ def test_every_unknown_key_is_listed_and_sections_a_model_lacks_are_unknown(tmp_
                        'config.model.neck = {"out_channels": 8}',
                        'config.loss.whatever = 1')
   with pytest.raises(ValueError) as error:
-    configs.load_config(path)
+    configs.load_config(path, _keys(SEG_DEMO))
   message = str(error.value)
   assert 'num_training_step (did you mean num_training_steps?)' in message
   # UPerNet has no neck: the section would be read by nothing.
@@ -114,18 +122,18 @@ def test_scenic_keys_a_user_may_set_are_known(tmp_path):
   path = _write_config(tmp_path, SEG_DEMO, 'config.trainer_name = "cvt_segmentation"',
                        'config.checkpoint = True', 'config.xprof = False',
                        'config.workdir_suffix = "a"')
-  configs.load_config(path)
+  configs.load_config(path, _keys(SEG_DEMO))
   # Scenic's `init_from` is not read by the project trainers: pointed to what is.
   path = _write_config(tmp_path, SEG_DEMO, 'config.init_from = {"checkpoint_path": "x"}')
   with pytest.raises(ValueError, match=r'init_from \(did you mean model.backbone.pretrained\?'):
-    configs.load_config(path)
+    configs.load_config(path, _keys(SEG_DEMO))
 
 
 @pytest.mark.parametrize('path, arg', [(p, a) for p, args in SHIPPED.items() for a in args])
 def test_every_shipped_config_passes_the_check(path, arg):
   spec = str(REPO / path) + ('' if arg is None else f':{arg}')
-  config = configs.load_config(spec)
-  configs.check_config(config)
+  config = configs.load_config(spec, _keys(path))
+  configs.check_config(config, _keys(path))
 
 
 def test_the_shipped_config_table_covers_every_config_file():
@@ -141,26 +149,22 @@ def test_minimal_tool_configs_without_a_model_pass():
   config = ml_collections.ConfigDict(dict(
       dataset_name='synthetic', eval=dict(mode='whole'),
       dataset_configs=dict(num_classes=3, image_size=(40, 48), num_train=2, test_scale=None)))
-  configs.check_config(config)
+  configs.check_config(config, _keys(SEG_DEMO))
   config.dataset_configs.num_trian = 2
   with pytest.raises(ValueError, match='dataset_configs.num_trian .did you mean '
                                        'dataset_configs.num_train'):
-    configs.check_config(config)
+    configs.check_config(config, _keys(SEG_DEMO))
 
 
 @pytest.mark.parametrize('project', ['cvt_segmentation', 'cvt_detection'])
-def test_trainer_and_main_check_before_any_work(tmp_path, project):
-  """What Scenic's main calls (the trainer) and the project's `main` refuse a typo first."""
+def test_main_checks_before_any_work(tmp_path, project):
+  """The project's `main`, where a config enters, refuses a typo first."""
   import importlib
 
   main = importlib.import_module(f'projects.{project}.main')
-  trainer = importlib.import_module(f'projects.{project}.trainer')
-  config = configs.load_config(str(REPO / f'projects/{project}/configs/synthetic_demo.py'))
+  config = importlib.import_module(f'projects.{project}.configs.synthetic_demo').get_config()
   with config.unlocked():
     config.optimizer.base_rl = 1.0
-  with pytest.raises(ValueError, match='optimizer.base_rl .did you mean optimizer.base_lr'):
-    trainer.train(rng=jax.random.PRNGKey(0), config=config, model_cls=None, dataset=None,
-                  workdir=str(tmp_path), writer=None)
   with pytest.raises(ValueError, match='optimizer.base_rl .did you mean optimizer.base_lr'):
     main.main(jax.random.PRNGKey(0), config, str(tmp_path), None)
   assert not list(tmp_path.iterdir())
@@ -180,12 +184,12 @@ def test_dataset_keys_are_those_the_builders_accept():
              cat_max_ratio=1.0, flip_prob=0.5, photometric=False, num_threads=1, num_workers=0,
              eval_pad_shape=None, eval_label_pad_shape=None, eval_size_divisor=32,
              test_scale=None, pixel_batch_mask=False, validate='full')
-  assert set(seg) == set(seg_common.dataset_keys('synthetic'))
+  assert set(seg) == set(seg_common.CONFIG_KEYS.datasets['synthetic'])
   seg_builder.build_loaders('synthetic', batch_size=2, eval_batch_size=2, **seg)
   det = dict(num_classes=2, image_size=(32, 32), num_train=2, num_eval=2, scale=(32, 32),
              canvas_sizes=((32, 32),), max_boxes=4, flip_prob=0.5, num_threads=1, prefetch=1,
              num_workers=0, validate='full')
-  assert set(det) == set(det_common.dataset_keys('synthetic'))
+  assert set(det) == set(det_common.CONFIG_KEYS.datasets['synthetic'])
   det_builder.build_loaders('synthetic', batch_size=2, eval_batch_size=2, **det)
 
 

@@ -13,10 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from projects.training import distributed
 from projects.cvt_segmentation import models
 from projects.cvt_segmentation.configs import synthetic_demo
-from projects.training import checkpoints
+from projects.training import checkpoints, distributed
 
 from . import trainer_support as support
 

@@ -87,7 +87,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
   support.run_training(config, tmp_path)
   other = support.tiny_config(**overrides)
   other.model_name = 'cvt_segformer'
-  other.model = models.default_model_config('cvt_segformer')
+  other.model = models.get_model_cls('cvt_segformer').default_model_config()
   other.model.backbone.variant = 'cvt-tiny'
   with pytest.raises(checkpoints.CheckpointMismatchError, match='cvt_upernet.*cvt_segformer'):
     support.run_training(other, tmp_path)

@@ -27,8 +27,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from projects.cvt_segmentation import main, models
-from projects.training import checkpoints, loop, workdir_lock
+from projects.cvt_segmentation import models
+from projects.cvt_segmentation.data import builder
+from projects.training import app, checkpoints, loop, workdir_lock
 
 from . import trainer_support as support
 
@@ -83,7 +84,7 @@ class NoEvaluation:
 
 def _train(workdir, evaluation, **overrides):
   config = support.tiny_config(**{**OVERRIDES, **overrides})
-  dataset = main.build_dataset(config, start_step=checkpoints.latest_step(workdir) or 0)
+  dataset = app.build_dataset(builder.get_dataset, config, checkpoints.latest_step(workdir) or 0)
   model = models.get_model_cls(config.model_name)(config, dataset.meta_data)
   return loop.train(rng=jax.random.PRNGKey(config.rng_seed), config=config, model=model,
                     dataset=dataset, workdir=str(workdir), writer=support.RecordingWriter(),
@@ -148,7 +149,7 @@ def _flip_a_stored_weight(workdir: Path, step: int, original: Path) -> None:
 
 def _abstract_state():
   config = support.tiny_config(**OVERRIDES)
-  dataset = main.build_dataset(config)
+  dataset = app.build_dataset(builder.get_dataset, config)
   model = models.get_model_cls(config.model_name)(config, dataset.meta_data)
   state = jax.eval_shape(
       lambda rng: loop.initial_state(config, model, dataset.meta_data, rng)[0],

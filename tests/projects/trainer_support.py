@@ -54,11 +54,12 @@ class RecordingWriter:
 def run_training(config, workdir: str | os.PathLike) -> dict[int, dict[str, float]]:
   import jax
 
-  from projects.cvt_segmentation import main
+  from projects.cvt_segmentation import models, trainer
+  from projects.cvt_segmentation.data import builder
+  from projects.training import app
 
   writer = RecordingWriter()
-  dataset = main.build_dataset(config)
-  from projects.cvt_segmentation import models, trainer
+  dataset = app.build_dataset(builder.get_dataset, config)
 
   trainer.train(rng=jax.random.PRNGKey(config.rng_seed), config=config,
                 model_cls=models.get_model_cls(config.model_name), dataset=dataset,

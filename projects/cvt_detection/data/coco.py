@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from projects.training.images import read_stored_image
 from projects.tools.output_files import write_atomically
 from projects.training import data_index
 from projects.training.datasets import DatasetError, MissingFilesError
+from projects.training.images import read_stored_image
 
 logger = logging.getLogger(__name__)
 

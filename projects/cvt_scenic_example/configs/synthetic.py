@@ -4,15 +4,11 @@ r"""Scenic config: a CvT segmentation model trained by Scenic's `classification_
     --config=projects/cvt_scenic_example/configs/synthetic.py:model=cvt_upernet \
     --workdir=workdirs/scenic_example
 
-On the project's generated shapes (`cvt_seg_synthetic`, 6 classes, 64x64). Arguments
-(`:model=...,steps=...,pretrained=...,sync_bn,runlocal`):
-  model: a Scenic model name: 'cvt_linear_segmentation' (the user model of `model.py`,
-    default), or the project's 'cvt_upernet', 'cvt_semantic_fpn', 'cvt_segformer',
-    'cvt_fpn_linear'.
-  steps: training steps (300).
-  pretrained: a converted CvT checkpoint (`cvt-convert ... --backbone-only`) for the backbone.
-  sync_bn: BatchNorm statistics over all devices (the pmap axis 'batch'), backbone and heads.
-  runlocal: a seconds-long CPU check (32x32 images, 3 steps).
+On the project's generated shapes (`cvt_seg_synthetic`, 6 classes, 64x64). Arguments:
+model ('cvt_linear_segmentation' of `model.py`, the default, or the project's 'cvt_upernet',
+'cvt_semantic_fpn', 'cvt_segformer', 'cvt_fpn_linear'), steps (300), pretrained (a
+converted CvT checkpoint), sync_bn (BatchNorm statistics over all devices), runlocal (a
+seconds-long CPU check).
 """
 
 from projects.cvt_scenic_example.configs import common

@@ -1,8 +1,6 @@
 r"""Synthetic demo: CvT-tiny + UPerNet trained from scratch on generated shapes, on a CPU.
 
-The embedded default of the README quickstart: no download, a few minutes on
-2 CPU cores, ends with a validation mIoU and where checkpoints and TensorBoard
-logs went.
+The README quickstart: no download, a few minutes on 2 CPU cores.
 
   python -m projects.cvt_segmentation.main \
     --config=projects/cvt_segmentation/configs/synthetic_demo.py \
@@ -17,26 +15,16 @@ from projects.cvt_segmentation.configs import common
 def get_config(arg=None):
   args = common.parse_arg(arg, steps=500, runlocal=False)
   config = common.base_config('cvt_upernet', 'synthetic')
-  config.model.backbone.variant = 'cvt-tiny'
-  config.model.backbone.drop_path_rate = 0.0
+  config.model.backbone.update(variant='cvt-tiny', drop_path_rate=0.0)
   config.model.decode_head.channels = 64
   config.model.auxiliary_head.channels = 32
   config.dataset_configs = dict(num_classes=6, image_size=(64, 64), num_train=2000,
                                 num_eval=64)
-  config.batch_size = 16
-  config.eval_batch_size = 16
-  config.num_training_steps = args.steps
-  config.log_summary_steps = 50
-  config.log_eval_steps = 250
-  config.checkpoint_steps = 250
+  config.update(eval_batch_size=16, num_training_steps=args.steps, log_eval_steps=250,
+                checkpoint_steps=250)
   # From scratch, so no layer-wise decay and one rate for everything.
-  config.optimizer.base_lr = 2e-3
-  config.optimizer.layer_decay = 1.0
-  config.optimizer.head_lr_mult = 1.0
-  config.optimizer.warmup_steps = 50
-  config.optimizer.weight_decay = 0.01
-  config.eval.crop_size = (64, 64)
-  config.eval.stride = (48, 48)
+  config.optimizer.update(base_lr=2e-3, layer_decay=1.0, head_lr_mult=1.0, warmup_steps=50)
+  config.eval.update(crop_size=(64, 64), stride=(48, 48))
   if args.runlocal:
     common.apply_runlocal(config)
   config.lock()

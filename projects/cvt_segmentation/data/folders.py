@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from projects.training.images import read_stored_image
 from projects.training import data_index
 from projects.training.datasets import DatasetError, MissingFilesError
+from projects.training.images import read_stored_image
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
