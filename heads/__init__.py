@@ -8,17 +8,17 @@ heads from names or config dicts. `segmentation_loss` is the cross-entropy that 
 head's logits to the labels a block of rows at a time; the heads' convolutions run through
 `dense_conv` (matrix-product kernel gradients on CPU).
 
-Detection: `Detector` ties a backbone, the P3-P7 neck of `detection_fpn` and an `ATSSHead`
-(FCOS/ATSS family) and returns per-point predictions; `atss` assigns targets with static
-shapes, `detection_losses` holds the focal, GIoU and centerness losses, `nms` the jit
-post-processing, `boxes` the box utilities.
+Detection: `heads.detection.Detector` ties a backbone, the P3-P7 neck of `detection_fpn` and
+an `ATSSHead` (FCOS/ATSS family) and returns per-point predictions; `heads.detection` also
+holds the ATSS targets, the losses, the jit NMS and the box utilities.
 """
 
 from heads.checkpoint import merge_variables, torch_to_flax
+from heads.atss_head import ATSSHead, flatten_levels, split_levels
 from heads.conv_module import NORMS, ConvModule
-from heads.detection.head import ATSSHead, Detector, detection_fpn, flatten_levels, split_levels
+from heads.detection.detector import Detector
 from heads.features import feature_kwargs, select_features
-from heads.fpn import FPN
+from heads.fpn import FPN, detection_fpn
 from heads.linear import LinearHead
 from heads.registry import HEADS, build_head, register_head
 from heads.resampling import adaptive_avg_pool, resize_bilinear, resize_nearest

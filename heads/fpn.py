@@ -10,6 +10,8 @@ output (RetinaNet's P6/P7). Outputs are named by stride, detectron2 style: `'p2'
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +25,9 @@ from heads.resampling import resize_bilinear, resize_nearest
 UPSAMPLE_MODES = ('nearest', 'bilinear')
 EXTRA_TYPES = ('maxpool', 'conv')
 EXTRA_SOURCES = ('output', 'input')
+# Pyramid of FCOS, ATSS and RetinaNet: P3-P7, strides 8-128.
+PYRAMID_FEATURES = ('p3', 'p4', 'p5', 'p6', 'p7')
+PYRAMID_STRIDES = (8, 16, 32, 64, 128)
 
 
 class FPN(nn.Module):
@@ -141,3 +146,51 @@ class FPN(nn.Module):
       outs.append(ConvModule(self.out_channels, 3, stride=2, padding=1,
                              name=f'extra_convs_{j}', **conv)(source, train=train))
     return dict(zip(self.out_features, outs, strict=True))
+
+
+def detection_fpn(
+    feature_info: Sequence[Mapping[str, Any]],
+    *,
+    out_channels: int = 256,
+    max_stride: int = PYRAMID_STRIDES[-1],
+    **fpn_kwargs: Any,
+) -> FPN:
+  """The P3-P7 neck of FCOS/ATSS/RetinaNet for a backbone described by `feature_info`.
+
+  Uses every backbone level from stride 8 up (fine to coarse, each twice the stride of the
+  one before) as an FPN input and adds stride-2 3x3 convs until `max_stride`. For CvT (strides
+  4/8/16) that is `stage2` -> P3, `stage3` -> P4, then three extra convs: P5 reads the
+  stride-16 backbone map (`extra_source='input'`, mmdet's `add_extra_convs='on_input'`, as
+  RetinaNet reads C5), P6 and P7 read the previous extra level after a ReLU
+  (`relu_before_extra_convs`, FCOS/ATSS). On a ResNet-like backbone (strides 8/16/32) the same
+  call gives mmdet's FCOS/ATSS neck: C3-C5 -> P3-P5, P6 on C5, P7 on P6.
+
+  Args:
+    feature_info: the backbone's timm-style `[{'name', 'num_chs', 'reduction'}, ...]`.
+    out_channels: width of every output level.
+    max_stride: stride of the coarsest output (128: P7).
+    **fpn_kwargs: other `FPN` fields (e.g. `norm`, `upsample_mode`).
+
+  Returns:
+    An `FPN` returning `{'p3': [N, h_3, w_3, out_channels], ..., 'p7': ...}`.
+  """
+  levels = sorted((info for info in feature_info if int(info['reduction']) >= 8),
+                  key=lambda info: int(info['reduction']))
+  strides = [int(info['reduction']) for info in levels]
+  found = [(info['name'], int(info['reduction'])) for info in feature_info]
+  if not strides or strides[0] != 8:
+    raise ValueError(f'detection_fpn needs a stride-8 backbone level (P3); the backbone has '
+                     f'(name, stride) {found}.')
+  if any(b != 2 * a for a, b in itertools.pairwise(strides)):
+    raise ValueError(f'detection_fpn needs backbone levels whose strides double from 8 '
+                     f'(8, 16, ...); the backbone has (name, stride) {found}.')
+  if max_stride < strides[-1] or not math.log2(max_stride).is_integer():
+    raise ValueError(f'detection_fpn: max_stride must be a power of two >= the coarsest '
+                     f'backbone stride {strides[-1]}, got {max_stride}.')
+  num_extra = stride_level(max_stride) - stride_level(strides[-1])
+  kwargs = dict(extra_type='conv', extra_source='input', relu_before_extra_convs=True)
+  kwargs.update(fpn_kwargs)
+  return FPN(
+      in_features=tuple(info['name'] for info in levels), in_strides=tuple(strides),
+      in_channels=tuple(int(info['num_chs']) for info in levels), out_channels=out_channels,
+      num_extra_levels=num_extra, **kwargs)

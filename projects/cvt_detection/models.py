@@ -41,8 +41,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from cvt_backbone import CvTBackbone, PretrainedBackboneInit, build_backbone, pretrained_settings
+from heads import ATSSHead, Detector, detection_fpn
+from heads.atss_head import PRIOR_PROB
 from heads.detection import atss
-from heads.detection import head as detection
 from heads.detection import losses as detection_losses
 from heads.detection import nms
 from projects.training import scenic_compat
@@ -56,7 +57,7 @@ DETECT_DEFAULTS = dict(pre_nms_topk=nms.PRE_NMS_TOPK, score_threshold=nms.SCORE_
                        iou_threshold=nms.IOU_THRESHOLD, max_detections=nms.MAX_DETECTIONS)
 
 
-class PretrainedDetector(PretrainedBackboneInit, detection.Detector):
+class PretrainedDetector(PretrainedBackboneInit, Detector):
   """`heads.Detector` whose `init` loads `pretrained` (a converted CvT) into the backbone."""
 
   pretrained: str = ''
@@ -80,9 +81,9 @@ class DetectionModel(scenic_compat.base_model_class()):
   def default_model_config(cls) -> ml_collections.ConfigDict:
     """The `config.model` of this model with every default (one place for them)."""
     config = ml_collections.ConfigDict({
-        # mmdet's FCOS/ATSS neck: 256 channels, no norm (heads/detection.detection_fpn).
+        # mmdet's FCOS/ATSS neck: 256 channels, no norm (heads.fpn.detection_fpn).
         'neck': dict(out_channels=256, norm='none'),
-        'head': dict(channels=256, num_convs=4, norm='group', prior_prob=detection.PRIOR_PROB),
+        'head': dict(channels=256, num_convs=4, norm='group', prior_prob=PRIOR_PROB),
     })
     config.backbone = backbone_config()
     return config
@@ -112,8 +113,8 @@ class DetectionModel(scenic_compat.base_model_class()):
 
   def build_flax_model(self) -> nn.Module:
     backbone = self.build_backbone()
-    neck = detection.detection_fpn(backbone.feature_info, **self._model_config('neck'))
-    head = detection.ATSSHead(num_classes=self.num_classes, **self._model_config('head'))
+    neck = detection_fpn(backbone.feature_info, **self._model_config('neck'))
+    head = ATSSHead(num_classes=self.num_classes, **self._model_config('head'))
     pretrained, keep_cls_token = pretrained_settings(self._model_config('backbone'))
     return PretrainedDetector(backbone=backbone, neck=neck, head=head, pretrained=pretrained,
                               keep_cls_token=keep_cls_token)

@@ -1,4 +1,8 @@
-"""Dense one-stage detection: the FCOS/ATSS head, its pyramid neck, and `Detector`.
+"""The FCOS/ATSS detection head: shared towers and predictors on every pyramid level.
+
+It reads a feature dict by level names and works on any backbone, like the segmentation decode
+heads, so it sits with them; the targets, losses and post-processing that read its output
+convention are in `heads.detection`.
 
 FCOS (Tian et al. 2019, arXiv 1904.01355) and ATSS (Zhang et al. 2020, arXiv 1912.02424)
 share one head: on every pyramid level, a classification tower and a regression tower
@@ -19,25 +23,23 @@ with every pyramid point on one axis P, levels concatenated fine to coarse (the 
   - `'centerness'`: `[N, P]` centerness logits.
 `P = sum_l h_l * w_l`. The per-level `(h_l, w_l)` are static (they depend only on the input
 size), so they are not returned by `apply`: `Detector.level_shapes(H, W)` computes them once
-per input size with `jax.eval_shape` (no FLOPs, cached); `heads.detection.atss.anchor_points` turns them
-into point coordinates in the same order, and `split_levels` undoes the flattening.
+per input size with `jax.eval_shape` (no FLOPs, cached); `heads.detection.atss.anchor_points`
+turns them into point coordinates in the same order, and `split_levels` undoes the flattening.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from heads.conv_module import apply_norm, check_norm
-from heads.features import select_features, stride_level
-from heads.fpn import FPN
+from heads.features import select_features
+from heads.fpn import PYRAMID_FEATURES, PYRAMID_STRIDES
 
 # mmdet FCOSHead/ATSSHead `init_cfg`: every conv of the head ~ Normal(0, 0.01), bias 0
 # (`dict(type='Normal', layer='Conv2d', std=0.01)`).
@@ -45,9 +47,6 @@ HEAD_INIT_STD = 0.01
 # Focal loss prior (RetinaNet, Lin et al. 2017, Sec. 4.1; FCOS and ATSS keep it): the
 # classifier bias starts at -log((1 - pi) / pi) so every point scores pi at init.
 PRIOR_PROB = 0.01
-# Pyramid of FCOS, ATSS and RetinaNet: P3-P7, strides 8-128.
-PYRAMID_FEATURES = ('p3', 'p4', 'p5', 'p6', 'p7')
-PYRAMID_STRIDES = (8, 16, 32, 64, 128)
 
 
 def prior_bias(prior_prob: float) -> float:
@@ -258,159 +257,3 @@ def split_levels(
     out.append(flat[:, start:start + size].reshape(flat.shape[0], h, w, *flat.shape[2:]))
     start += size
   return out
-
-
-def detection_fpn(
-    feature_info: Sequence[Mapping[str, Any]],
-    *,
-    out_channels: int = 256,
-    max_stride: int = PYRAMID_STRIDES[-1],
-    **fpn_kwargs: Any,
-) -> FPN:
-  """The P3-P7 neck of FCOS/ATSS/RetinaNet for a backbone described by `feature_info`.
-
-  Uses every backbone level from stride 8 up (fine to coarse, each twice the stride of the
-  one before) as an FPN input and adds stride-2 3x3 convs until `max_stride`. For CvT (strides
-  4/8/16) that is `stage2` -> P3, `stage3` -> P4, then three extra convs: P5 reads the
-  stride-16 backbone map (`extra_source='input'`, mmdet's `add_extra_convs='on_input'`, as
-  RetinaNet reads C5), P6 and P7 read the previous extra level after a ReLU
-  (`relu_before_extra_convs`, FCOS/ATSS). On a ResNet-like backbone (strides 8/16/32) the same
-  call gives mmdet's FCOS/ATSS neck: C3-C5 -> P3-P5, P6 on C5, P7 on P6.
-
-  Args:
-    feature_info: the backbone's timm-style `[{'name', 'num_chs', 'reduction'}, ...]`.
-    out_channels: width of every output level.
-    max_stride: stride of the coarsest output (128: P7).
-    **fpn_kwargs: other `FPN` fields (e.g. `norm`, `upsample_mode`).
-
-  Returns:
-    An `FPN` returning `{'p3': [N, h_3, w_3, out_channels], ..., 'p7': ...}`.
-  """
-  levels = sorted((info for info in feature_info if int(info['reduction']) >= 8),
-                  key=lambda info: int(info['reduction']))
-  strides = [int(info['reduction']) for info in levels]
-  found = [(info['name'], int(info['reduction'])) for info in feature_info]
-  if not strides or strides[0] != 8:
-    raise ValueError(f'detection_fpn needs a stride-8 backbone level (P3); the backbone has '
-                     f'(name, stride) {found}.')
-  if any(b != 2 * a for a, b in itertools.pairwise(strides)):
-    raise ValueError(f'detection_fpn needs backbone levels whose strides double from 8 '
-                     f'(8, 16, ...); the backbone has (name, stride) {found}.')
-  if max_stride < strides[-1] or not math.log2(max_stride).is_integer():
-    raise ValueError(f'detection_fpn: max_stride must be a power of two >= the coarsest '
-                     f'backbone stride {strides[-1]}, got {max_stride}.')
-  num_extra = stride_level(max_stride) - stride_level(strides[-1])
-  kwargs = dict(extra_type='conv', extra_source='input', relu_before_extra_convs=True)
-  kwargs.update(fpn_kwargs)
-  return FPN(
-      in_features=tuple(info['name'] for info in levels), in_strides=tuple(strides),
-      in_channels=tuple(int(info['num_chs']) for info in levels), out_channels=out_channels,
-      num_extra_levels=num_extra, **kwargs)
-
-
-class Detector(nn.Module):
-  """A one-stage dense detector: backbone + neck + head, mmdet's `SingleStageDetector`.
-
-  Data flow: `backbone(images, train=...)` -> `{name: [N, H_i, W_i, C_i]}`; the neck (if
-  any) adds pyramid levels to the same dict (e.g. `detection_fpn` adds `'p3'...'p7'`); the
-  head picks its `in_features` from it and returns flattened per-point predictions (see the
-  module docstring). Attribute names are the top-level keys of the variables.
-
-  Call convention: Scenic's, `apply(variables, images, train=..., debug=...,
-  mutable=['batch_stats'], rngs={'dropout': key})`. The returned dict has the same keys and
-  shapes in both modes.
-
-  Attributes:
-    backbone: a module called as `backbone(images, train=...)` returning NHWC maps.
-    head: the dense head (`ATSSHead`), called as `head(features, train=...)`.
-    neck: optional module `neck(features, train=...)` returning more named maps.
-  """
-
-  backbone: nn.Module
-  head: nn.Module
-  neck: nn.Module | None = None
-
-  def __call__(self, images: jax.Array, *, train: bool = False,
-               debug: bool = False) -> dict[str, jax.Array]:
-    """Detects in a batch of images.
-
-    Args:
-      images: `[N, H, W, C]` float images.
-      train: training mode: batch statistics (pass `mutable=['batch_stats']`), dropout and
-        drop path (pass `rngs={'dropout': key}`).
-      debug: accepted for Scenic's trainers, which call every model with it; unused.
-
-    Returns:
-      The head's dict: `'cls_logits'` `[N, P, K]`, `'box_distances'` `[N, P, 4]` (ltrb,
-      input pixels), `'centerness'` `[N, P]`; `P` points in `level_shapes(H, W)` order.
-    """
-    del debug
-    return self.decode(self.backbone(_check_images(images), train=train), train=train)
-
-  def decode(
-      self, features: Mapping[str, jax.Array], *, train: bool = False
-  ) -> dict[str, jax.Array]:
-    """Neck and head on backbone features computed elsewhere (e.g. of a frozen backbone)."""
-    return self.head(self.pyramid_from_features(features, train=train), train=train)
-
-  def pyramid_from_features(
-      self, features: Mapping[str, jax.Array], *, train: bool = False
-  ) -> dict[str, jax.Array]:
-    """Backbone maps merged with the neck's levels (neck names win on a clash)."""
-    features = dict(features)
-    if self.neck is not None:
-      features.update(self.neck(features, train=train))
-    return features
-
-  def pyramid(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-    """The head's input levels `{name: [N, h_l, w_l, C]}` for `images`, fine to coarse."""
-    features = self.pyramid_from_features(
-        self.backbone(_check_images(images), train=train), train=train)
-    levels = select_features(features, self.head.in_features, None, owner=type(self).__name__)
-    return dict(zip(self.head.in_features, levels, strict=True))
-
-  def level_shapes(self, height: int, width: int,
-                   channels: int = 3) -> tuple[tuple[int, int], ...]:
-    """Static `(h_l, w_l)` of every head level for an `height` x `width` input.
-
-    Traced with `jax.eval_shape` (no FLOPs, no parameters) and cached per input size, so it
-    can be called from data pipelines and inside jitted losses. Call it on the unbound module
-    (`model.level_shapes(H, W)`).
-
-    Args:
-      height: input height H.
-      width: input width W.
-      channels: input channels.
-
-    Returns:
-      `((h_3, w_3), (h_4, w_4), ...)` in the order of the head's `in_features`.
-    """
-    module = self.clone(parent=None) if self.scope is not None else self
-    try:
-      hash(module)
-    except TypeError:  # A field holds a list or dict: fine, just not cacheable.
-      return _level_shapes(module, int(height), int(width), int(channels))
-    return _cached_level_shapes(module, int(height), int(width), int(channels))
-
-
-def _level_shapes(model: Detector, height: int, width: int,
-                  channels: int) -> tuple[tuple[int, int], ...]:
-  images = jax.ShapeDtypeStruct((1, height, width, channels), jnp.float32)
-  init = functools.partial(model.init_with_output, method=Detector.pyramid, train=False)
-  levels, _ = jax.eval_shape(init, jax.random.key(0), images)
-  return tuple((int(levels[name].shape[1]), int(levels[name].shape[2]))
-               for name in model.head.in_features)
-
-
-_cached_level_shapes = functools.lru_cache(maxsize=64)(_level_shapes)
-
-
-def _check_images(images: jax.Array) -> jax.Array:
-  if getattr(images, 'ndim', None) != 4:
-    raise ValueError(
-        f'Detector expects [N, H, W, C] images, got shape {getattr(images, "shape", None)}.')
-  if images.shape[1] in (1, 3, 4) and images.shape[-1] not in (1, 3, 4):
-    raise ValueError(
-        f'Detector expects channels-last [N, H, W, C] images; shape {tuple(images.shape)} '
-        f'looks channels-first ([N, C, H, W]). Transpose with x.transpose(0, 2, 3, 1).')
-  return images
