@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from heads.detection.boxes import centerness_targets, decode_ltrb, elementwise_giou, encode_ltrb
 
@@ -27,7 +26,7 @@ FOCAL_GAMMA = 2.0
 def sigmoid_focal_loss(
     logits: jax.Array, targets: jax.Array, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA
 ) -> jax.Array:
-  """Elementwise sigmoid focal loss `-alpha_t (1 - p_t)**gamma log(p_t)`; `optax`'s.
+  """Elementwise sigmoid focal loss `-alpha_t (1 - p_t)**gamma log(p_t)`, as optax's (0.2.8).
 
   Args:
     logits: `[...]` class logits.
@@ -39,8 +38,18 @@ def sigmoid_focal_loss(
     `[...]` unreduced loss.
   """
   logits = jnp.asarray(logits)
-  return optax.sigmoid_focal_loss(logits, jnp.asarray(targets, logits.dtype), alpha=alpha,
-                                  gamma=gamma)
+  targets = jnp.asarray(targets, logits.dtype)
+  log_p, log_q = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+  # log(1 - p_t) in log space, so (1 - p_t)**gamma stays finite for gamma < 2 at large logits.
+  log_one_minus_p_t = jax.scipy.special.logsumexp(
+      jnp.stack([log_p, log_q], axis=-1), axis=-1,
+      b=jnp.stack([1 - targets, targets], axis=-1))
+  loss = _binary_cross_entropy(log_p, log_q, targets) * jnp.exp(gamma * log_one_minus_p_t)
+  return (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * loss
+
+
+def _binary_cross_entropy(log_p: jax.Array, log_q: jax.Array, targets: jax.Array) -> jax.Array:
+  return -targets * log_p - (1.0 - targets) * log_q
 
 
 def giou_loss(pred_boxes: jax.Array, target_boxes: jax.Array) -> jax.Array:
@@ -51,7 +60,8 @@ def giou_loss(pred_boxes: jax.Array, target_boxes: jax.Array) -> jax.Array:
 def centerness_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Binary cross-entropy with logits of centerness predictions, `[...]` -> `[...]`."""
   logits = jnp.asarray(logits)
-  return optax.sigmoid_binary_cross_entropy(logits, jnp.asarray(targets, logits.dtype))
+  return _binary_cross_entropy(jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits),
+                               jnp.asarray(targets, logits.dtype))
 
 
 def atss_losses(
