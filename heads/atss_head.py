@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from heads.conv_module import apply_norm, check_norm
-from heads.features import select_features
+from heads.features import check_per_level, select_features
 from heads.fpn import PYRAMID_FEATURES, PYRAMID_STRIDES
 
 # mmdet FCOSHead/ATSSHead `init_cfg`: every conv of the head ~ Normal(0, 0.01), bias 0
@@ -147,10 +147,7 @@ class ATSSHead(nn.Module):
     if isinstance(self.in_features, str):
       raise ValueError(f'{owner}.in_features must be a sequence of names, got '
                        f'{self.in_features!r}.')
-    if len(self.strides) != len(self.in_features):
-      raise ValueError(
-          f'{owner}: {len(self.strides)} strides {tuple(self.strides)} for '
-          f'{len(self.in_features)} in_features {tuple(self.in_features)}.')
+    check_per_level(owner, 'strides', self.strides, self.in_features)
     if self.num_classes < 1:
       raise ValueError(f'{owner}.num_classes must be >= 1, got {self.num_classes}.')
     if self.num_convs < 0:

@@ -8,10 +8,14 @@ weights land on the same names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import flax.linen as nn
 import jax
 
 from heads import dense_conv
+from heads.features import select_features
 
 NORMS = ('batch', 'group', 'layer', 'none')
 
@@ -120,24 +124,48 @@ class ConvModule(nn.Module):
     return nn.relu(x) if self.activation else x
 
 
-def classify(
-    x: jax.Array, *, num_classes: int, dropout_rate: float, train: bool
-) -> jax.Array:
-  """Dropout, then the 1x1 classifier conv (named `classifier`, as in Hugging Face).
+class DecodeHead(nn.Module):
+  """The settings and steps every decode head shares: `{level: [N, H_i, W_i, C_i]}` in,
+  `[N, H_0, W_0, K]` logits at the finest level's resolution out.
 
-  The dropout drops whole channels (PyTorch `Dropout2d`, as in mmsegmentation's
-  `BaseDecodeHead`), using the 'dropout' rng, and only in train mode. Must be called inside
-  a compact method.
+  A head is called as `head(features, train=...)`, `train` for batch statistics and dropout
+  with the 'dropout' rng.
 
-  Args:
-    x: `[N, H, W, C]`.
-    num_classes: output channels K.
-    dropout_rate: probability of dropping a channel.
-    train: training mode.
-
-  Returns:
-    `[N, H, W, K]` logits.
+  Attributes:
+    num_classes: K.
+    in_features: level names, fine to coarse.
+    in_channels: declared channels per level; None to accept any.
+    norm: 'batch', 'group', 'layer' or 'none'.
+    axis_name: mapped axis for cross-device BatchNorm statistics.
+    num_groups: GroupNorm groups.
+    dropout_rate: channel dropout before the classifier, train mode only.
   """
-  if dropout_rate > 0:
-    x = nn.Dropout(dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
-  return dense_conv.Conv(num_classes, 1, name='classifier')(x)
+
+  num_classes: int
+  in_features: Sequence[str] = ('stage1', 'stage2', 'stage3')
+  in_channels: Sequence[int] | None = None
+  norm: str = 'batch'
+  axis_name: str | None = None
+  num_groups: int = 32
+  dropout_rate: float = 0.1
+
+  @property
+  def norm_settings(self) -> dict[str, Any]:
+    """The head's norm settings, as `ConvModule` and `apply_norm` take them."""
+    return dict(norm=self.norm, axis_name=self.axis_name, num_groups=self.num_groups)
+
+  def inputs(self, features: Mapping[str, jax.Array]) -> list[jax.Array]:
+    """Checks the settings and picks the maps of `in_features` (`select_features`)."""
+    owner = type(self).__name__
+    check_norm(self.norm, owner)
+    return select_features(features, self.in_features, self.in_channels, owner=owner)
+
+  def classify(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Dropout, then the 1x1 classifier conv (named `classifier`, as in Hugging Face).
+
+    The dropout drops whole channels (PyTorch `Dropout2d`, as in mmsegmentation's
+    `BaseDecodeHead`). Call it from the head's compact `__call__`.
+    """
+    if self.dropout_rate > 0:
+      x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
+    return dense_conv.Conv(self.num_classes, 1, name='classifier')(x)

@@ -81,6 +81,14 @@ def select_features(
   return selected
 
 
+def check_per_level(owner: str, name: str, values: Sequence[Any],
+                    in_features: Sequence[str]) -> None:
+  """Raises unless `values` (e.g. strides) has one entry per level of `in_features`."""
+  if len(values) != len(in_features):
+    raise ValueError(f'{owner}: {len(values)} {name} {tuple(values)} for {len(in_features)} '
+                     f'in_features {tuple(in_features)}.')
+
+
 def _shape(x: Any) -> tuple[int, ...] | str:
   shape = getattr(x, 'shape', None)
   return tuple(shape) if shape is not None else type(x).__name__
@@ -117,3 +125,24 @@ def stride_level(stride: int) -> int:
   if not level.is_integer():
     raise ValueError(f'Strides must be powers of two to name pyramid levels, got {stride}.')
   return int(level)
+
+
+def check_images(images: jax.Array, owner: str) -> jax.Array:
+  """Returns `images` if they are `[N, H, W, C]`; raises on other ranks and on NCHW."""
+  if getattr(images, 'ndim', None) != 4:
+    raise ValueError(
+        f'{owner} expects [N, H, W, C] images, got shape {getattr(images, "shape", None)}.')
+  if images.shape[1] in (1, 3, 4) and images.shape[-1] not in (1, 3, 4):
+    raise ValueError(
+        f'{owner} expects channels-last [N, H, W, C] images; shape {tuple(images.shape)} '
+        f'looks channels-first ([N, C, H, W]). Transpose with x.transpose(0, 2, 3, 1).')
+  return images
+
+
+def with_neck(neck: Any, features: Mapping[str, jax.Array], *,
+              train: bool) -> dict[str, jax.Array]:
+  """Backbone maps merged with the neck's levels, if there is a neck (its names win)."""
+  features = dict(features)
+  if neck is not None:
+    features.update(neck(features, train=train))
+  return features

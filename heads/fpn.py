@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 
 from heads.conv_module import ConvModule, check_norm
-from heads.features import select_features, stride_level
+from heads.features import check_per_level, select_features, stride_level
 from heads.resampling import resize_bilinear, resize_nearest
 
 UPSAMPLE_MODES = ('nearest', 'bilinear')
@@ -84,10 +84,7 @@ class FPN(nn.Module):
   def _check_config(self) -> None:
     owner = type(self).__name__
     check_norm(self.norm, owner)
-    if len(self.in_strides) != len(self.in_features):
-      raise ValueError(
-          f'{owner}: {len(self.in_strides)} in_strides {tuple(self.in_strides)} for '
-          f'{len(self.in_features)} in_features {tuple(self.in_features)}.')
+    check_per_level(owner, 'in_strides', self.in_strides, self.in_features)
     if self.upsample_mode not in UPSAMPLE_MODES:
       raise ValueError(
           f'{owner}: unknown upsample_mode {self.upsample_mode!r}; expected {UPSAMPLE_MODES}.')

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heads.detection.boxes import encode_ltrb, pairwise_iou
+from heads.detection.boxes import check_level_sizes, encode_ltrb, pairwise_iou
 
 # Anchor side in strides: mmdet's ATSS config uses `octave_base_scale=8, scales_per_octave=1`
 # (configs/atss/atss_r50_fpn_1x_coco.py), one square anchor per location.
@@ -131,9 +131,7 @@ def atss_assign(
   if points.ndim != 2 or points.shape[-1] != 2 or anchors.shape != (num_points, 4):
     raise ValueError(f'atss_assign expects anchors [P, 4] and points [P, 2], got '
                      f'{tuple(anchors.shape)} and {tuple(points.shape)}.')
-  if sum(level_sizes) != num_points or min(level_sizes, default=0) <= 0:
-    raise ValueError(f'level_sizes {level_sizes} must be positive and sum to the {num_points} '
-                     f'points.')
+  check_level_sizes(level_sizes, num_points)
   if gt_boxes.ndim != 2 or gt_boxes.shape[-1] != 4 or gt_valid.shape != gt_boxes.shape[:1]:
     raise ValueError(f'atss_assign expects gt_boxes [G, 4] and gt_valid [G], got '
                      f'{tuple(gt_boxes.shape)} and {tuple(gt_valid.shape)}.')

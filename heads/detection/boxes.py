@@ -9,6 +9,8 @@ reaches a loss or its gradient.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -20,6 +22,21 @@ EPS = 1e-6
 def _check_last_dim(x: jax.Array, size: int, what: str) -> None:
   if x.ndim == 0 or x.shape[-1] != size:
     raise ValueError(f'{what} expects an array of shape [..., {size}], got {tuple(x.shape)}.')
+
+
+def check_shapes(owner: str, cls_logits: jax.Array,
+                 expected: dict[str, tuple[Any, tuple[int, ...]]]) -> None:
+  """Raises naming the first `name: (array, shape)` whose shape is not the expected one."""
+  for name, (x, shape) in expected.items():
+    if tuple(jnp.shape(x)) != shape:
+      raise ValueError(f'{owner} expects {name} of shape {list(shape)} for cls_logits '
+                       f'{list(cls_logits.shape)}, got {list(jnp.shape(x))}.')
+
+
+def check_level_sizes(level_sizes: tuple[int, ...], num_points: int) -> None:
+  if sum(level_sizes) != num_points or min(level_sizes, default=0) <= 0:
+    raise ValueError(f'level_sizes {level_sizes} must be positive and sum to the {num_points} '
+                     f'points.')
 
 
 def box_area(boxes: jax.Array) -> jax.Array:

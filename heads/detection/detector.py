@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from heads.features import select_features
+from heads.features import check_images, select_features, with_neck
 
 
 class Detector(nn.Module):
@@ -49,27 +49,18 @@ class Detector(nn.Module):
       input pixels), `'centerness'` `[N, P]`; `P` points in `level_shapes(H, W)` order.
     """
     del debug
-    return self.decode(self.backbone(_check_images(images), train=train), train=train)
+    return self.decode(self.backbone(check_images(images, 'Detector'), train=train), train=train)
 
   def decode(
       self, features: Mapping[str, jax.Array], *, train: bool = False
   ) -> dict[str, jax.Array]:
     """Neck and head on backbone features computed elsewhere (e.g. of a frozen backbone)."""
-    return self.head(self.pyramid_from_features(features, train=train), train=train)
-
-  def pyramid_from_features(
-      self, features: Mapping[str, jax.Array], *, train: bool = False
-  ) -> dict[str, jax.Array]:
-    """Backbone maps merged with the neck's levels (neck names win on a clash)."""
-    features = dict(features)
-    if self.neck is not None:
-      features.update(self.neck(features, train=train))
-    return features
+    return self.head(with_neck(self.neck, features, train=train), train=train)
 
   def pyramid(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
     """The head's input levels `{name: [N, h_l, w_l, C]}` for `images`, fine to coarse."""
-    features = self.pyramid_from_features(
-        self.backbone(_check_images(images), train=train), train=train)
+    features = with_neck(
+        self.neck, self.backbone(check_images(images, 'Detector'), train=train), train=train)
     levels = select_features(features, self.head.in_features, None, owner=type(self).__name__)
     return dict(zip(self.head.in_features, levels, strict=True))
 
@@ -107,14 +98,3 @@ def _level_shapes(model: Detector, height: int, width: int,
 
 
 _cached_level_shapes = functools.lru_cache(maxsize=64)(_level_shapes)
-
-
-def _check_images(images: jax.Array) -> jax.Array:
-  if getattr(images, 'ndim', None) != 4:
-    raise ValueError(
-        f'Detector expects [N, H, W, C] images, got shape {getattr(images, "shape", None)}.')
-  if images.shape[1] in (1, 3, 4) and images.shape[-1] not in (1, 3, 4):
-    raise ValueError(
-        f'Detector expects channels-last [N, H, W, C] images; shape {tuple(images.shape)} '
-        f'looks channels-first ([N, C, H, W]). Transpose with x.transpose(0, 2, 3, 1).')
-  return images

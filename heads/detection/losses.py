@@ -15,7 +15,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from heads.detection.boxes import centerness_targets, decode_ltrb, elementwise_giou, encode_ltrb
+from heads.detection.boxes import (
+    centerness_targets,
+    check_shapes,
+    decode_ltrb,
+    elementwise_giou,
+    encode_ltrb,
+)
 
 # RetinaNet's focal loss settings (Lin et al. 2017, arXiv 1708.02002, Sec. 5.1), used by FCOS and
 # ATSS (mmdet `FocalLoss(gamma=2.0, alpha=0.25)`).
@@ -104,19 +110,15 @@ def atss_losses(
     raise ValueError(f'atss_losses expects cls_logits [B, P, {num_classes}], got '
                      f'{tuple(cls_logits.shape)}.')
   batch, num_points = cls_logits.shape[:2]
-  expected = {'box_distances': (batch, num_points, 4), 'centerness_logits': (batch, num_points),
-              'points': (num_points, 2), 'cls_targets': (batch, num_points),
-              'box_targets': (batch, num_points, 4), 'positive': (batch, num_points)}
-  found = {'box_distances': box_distances, 'centerness_logits': centerness_logits,
-           'points': points, 'cls_targets': cls_targets, 'box_targets': box_targets,
-           'positive': positive}
+  expected = {
+      'box_distances': (box_distances, (batch, num_points, 4)),
+      'centerness_logits': (centerness_logits, (batch, num_points)),
+      'points': (points, (num_points, 2)), 'cls_targets': (cls_targets, (batch, num_points)),
+      'box_targets': (box_targets, (batch, num_points, 4)),
+      'positive': (positive, (batch, num_points))}
   if image_mask is not None:
-    expected['image_mask'] = (batch,)
-    found['image_mask'] = image_mask
-  for name, shape in expected.items():
-    if tuple(jnp.shape(found[name])) != shape:
-      raise ValueError(f'atss_losses expects {name} of shape {list(shape)} for cls_logits '
-                       f'{list(cls_logits.shape)}, got {list(jnp.shape(found[name]))}.')
+    expected['image_mask'] = (image_mask, (batch,))
+  check_shapes('atss_losses', cls_logits, expected)
 
   positive = jnp.asarray(positive, bool)
   image_weight = (jnp.ones((batch,), jnp.float32) if image_mask is None

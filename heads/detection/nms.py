@@ -16,7 +16,13 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from heads.detection.boxes import clip_boxes, decode_ltrb, pairwise_iou
+from heads.detection.boxes import (
+    check_level_sizes,
+    check_shapes,
+    clip_boxes,
+    decode_ltrb,
+    pairwise_iou,
+)
 
 # Test-time settings of mmdet's ATSS config (configs/atss/atss_r50_fpn_1x_coco.py `test_cfg`):
 # nms_pre=1000, score_thr=0.05, nms iou_threshold=0.6, max_per_img=100.
@@ -26,21 +32,42 @@ IOU_THRESHOLD = 0.6
 MAX_DETECTIONS = 100
 
 
-def _greedy_nms(
+def nms(
     boxes: jax.Array,
     scores: jax.Array,
-    classes: jax.Array | None,
     iou_threshold: float,
     max_outputs: int,
-    score_threshold: float,
+    score_threshold: float = -float('inf'),
+    classes: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
+  """Greedy NMS: a box is dropped when its IoU with a kept, higher-ranked box is above
+  `iou_threshold` (torchvision's and mmcv's `nms`); with `classes`, only within a class.
+
+  Class-aware NMS equals torchvision's / mmcv's `batched_nms`, which offset each class's boxes
+  by `class * (max coordinate + 1)`; masking the IoU row by class instead gives the same result
+  without the float32 rounding that offsets of 1e5 px put on the coordinates.
+
+  Args:
+    boxes: `[N, 4]` xyxy.
+    scores: `[N]`; only boxes with `score > score_threshold` can be kept.
+    iou_threshold: suppression threshold.
+    max_outputs: static number of outputs.
+    score_threshold: minimum score (exclusive); the default keeps every finite score.
+    classes: optional `[N]` int class ids.
+
+  Returns:
+    `indices` `[max_outputs]` int32 into `boxes`, in decreasing score, padded with -1, and
+    `valid` `[max_outputs]` bool (`indices >= 0`).
+  """
   boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
   if boxes.ndim != 2 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:1]:
     raise ValueError(f'nms expects boxes [N, 4] and scores [N], got {tuple(boxes.shape)} and '
                      f'{tuple(scores.shape)}.')
-  if classes is not None and jnp.shape(classes) != scores.shape:
-    raise ValueError(f'batched_nms expects classes [N] like scores {tuple(scores.shape)}, got '
-                     f'{tuple(jnp.shape(classes))}.')
+  if classes is not None:
+    classes = jnp.asarray(classes)
+    if classes.shape != scores.shape:
+      raise ValueError(f'nms expects classes [N] like scores {tuple(scores.shape)}, got '
+                       f'{tuple(classes.shape)}.')
   if int(max_outputs) < 1:
     raise ValueError(f'max_outputs must be at least 1, got {max_outputs}.')
   max_outputs = int(max_outputs)
@@ -65,62 +92,6 @@ def _greedy_nms(
   init = (remaining, jnp.full((max_outputs,), -1, jnp.int32))
   _, indices = jax.lax.fori_loop(0, max_outputs, step, init)
   return indices, indices >= 0
-
-
-def nms(
-    boxes: jax.Array,
-    scores: jax.Array,
-    iou_threshold: float,
-    max_outputs: int,
-    score_threshold: float = -float('inf'),
-) -> tuple[jax.Array, jax.Array]:
-  """Greedy class-agnostic NMS.
-
-  A box is dropped when its IoU with a kept, higher-ranked box is above `iou_threshold`
-  (torchvision's and mmcv's `nms`).
-
-  Args:
-    boxes: `[N, 4]` xyxy.
-    scores: `[N]`; only boxes with `score > score_threshold` can be kept.
-    iou_threshold: suppression threshold.
-    max_outputs: static number of outputs.
-    score_threshold: minimum score (exclusive); the default keeps every finite score.
-
-  Returns:
-    `indices` `[max_outputs]` int32 into `boxes`, in decreasing score, padded with -1, and
-    `valid` `[max_outputs]` bool (`indices >= 0`).
-  """
-  return _greedy_nms(boxes, scores, None, iou_threshold, max_outputs, score_threshold)
-
-
-def batched_nms(
-    boxes: jax.Array,
-    scores: jax.Array,
-    classes: jax.Array,
-    iou_threshold: float,
-    max_outputs: int,
-    score_threshold: float = -float('inf'),
-) -> tuple[jax.Array, jax.Array]:
-  """Class-aware NMS: boxes only suppress boxes of their own class.
-
-  Equal to torchvision's / mmcv's `batched_nms`, which offset each class's boxes by
-  `class * (max coordinate + 1)` so that a class-agnostic NMS never sees two classes overlap.
-  Here the suppression step masks the IoU row by class equality instead, which gives the same
-  result without the float32 rounding that offsets of 1e5 px put on the coordinates.
-
-  Args:
-    boxes: `[N, 4]` xyxy.
-    scores: `[N]`.
-    classes: `[N]` int class ids.
-    iou_threshold: suppression threshold.
-    max_outputs: static number of outputs.
-    score_threshold: minimum score (exclusive).
-
-  Returns:
-    `(indices [max_outputs] int32 padded with -1, valid [max_outputs] bool)`, as `nms`.
-  """
-  return _greedy_nms(boxes, scores, jnp.asarray(classes), iou_threshold, max_outputs,
-                     score_threshold)
 
 
 def postprocess(
@@ -173,17 +144,12 @@ def postprocess(
   if cls_logits.ndim != 3:
     raise ValueError(f'postprocess expects cls_logits [B, P, K], got {tuple(cls_logits.shape)}.')
   batch, num_points, num_classes = cls_logits.shape
-  expected = {'box_distances': (batch, num_points, 4), 'centerness_logits': (batch, num_points),
-              'points': (num_points, 2), 'image_sizes': (batch, 2), 'scale_factors': (batch, 2)}
-  found = {'box_distances': box_distances, 'centerness_logits': centerness_logits,
-           'points': points, 'image_sizes': image_sizes, 'scale_factors': scale_factors}
-  for name, shape in expected.items():
-    if found[name].shape != shape:
-      raise ValueError(f'postprocess expects {name} of shape {list(shape)} for cls_logits '
-                       f'{list(cls_logits.shape)}, got {list(found[name].shape)}.')
-  if sum(level_sizes) != num_points or min(level_sizes, default=0) <= 0:
-    raise ValueError(f'level_sizes {level_sizes} must be positive and sum to the {num_points} '
-                     f'points.')
+  check_shapes('postprocess', cls_logits, {
+      'box_distances': (box_distances, (batch, num_points, 4)),
+      'centerness_logits': (centerness_logits, (batch, num_points)),
+      'points': (points, (num_points, 2)), 'image_sizes': (image_sizes, (batch, 2)),
+      'scale_factors': (scale_factors, (batch, 2))})
+  check_level_sizes(level_sizes, num_points)
   if pre_nms_topk < 1 or max_detections < 1:
     raise ValueError(f'pre_nms_topk and max_detections must be at least 1, got {pre_nms_topk} '
                      f'and {max_detections}.')
@@ -205,7 +171,7 @@ def postprocess(
     scores = jnp.where(probs > score_threshold, scores, -jnp.inf)
     boxes = clip_boxes(decode_ltrb(points[point_idx], distances[point_idx]), size)
     boxes = boxes / jnp.concatenate([scale[::-1], scale[::-1]])  # (h, w) -> (x, y, x, y)
-    keep, valid = batched_nms(boxes, scores, classes, iou_threshold, max_detections)
+    keep, valid = nms(boxes, scores, iou_threshold, max_detections, classes=classes)
     safe = jnp.maximum(keep, 0)
     return {'boxes': jnp.where(valid[:, None], boxes[safe], 0.0),
             'scores': jnp.where(valid, scores[safe], 0.0),

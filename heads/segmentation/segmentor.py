@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from heads.features import check_images, with_neck
 from heads.resampling import resize_bilinear
 
 
@@ -70,15 +71,8 @@ class Segmentor(nn.Module):
       before the resize) and, with an auxiliary head, `'aux_logits': [N, H, W, K_aux]` and
       `'aux_head_logits'`.
     """
-    if getattr(images, 'ndim', None) != 4:
-      raise ValueError(
-          f'Segmentor expects [N, H, W, C] images, got shape {getattr(images, "shape", None)}.')
-    if images.shape[1] in (1, 3, 4) and images.shape[-1] not in (1, 3, 4):
-      raise ValueError(
-          f'Segmentor expects channels-last [N, H, W, C] images; shape {tuple(images.shape)} '
-          f'looks channels-first ([N, C, H, W]). Transpose with x.transpose(0, 2, 3, 1).')
     del debug
-    features = self.backbone(images, train=train)
+    features = self.backbone(check_images(images, 'Segmentor'), train=train)
     return self.decode(features, images.shape[1:3], train=train)
 
   def decode(
@@ -98,9 +92,7 @@ class Segmentor(nn.Module):
     Returns:
       The same dict as `__call__`.
     """
-    features = dict(features)
-    if self.neck is not None:
-      features.update(self.neck(features, train=train))
+    features = with_neck(self.neck, features, train=train)
     logits = self.decode_head(features, train=train)
     outputs: dict[str, Any] = {
         'logits': resize_bilinear(logits, size, align_corners=self.align_corners)}

@@ -1,5 +1,6 @@
-"""Detection losses: focal and BCE against optax (when installed) and the paper's formula, GIoU against NumPy, and the
-ATSS loss set against a NumPy transcription of mmdet's `ATSSHead.loss_by_feat`."""
+"""Detection losses: focal and BCE against optax (when installed) and the paper's formula, GIoU
+against NumPy, and the ATSS loss set against a NumPy transcription of mmdet's
+`ATSSHead.loss_by_feat`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from heads.detection.losses import atss_losses, centerness_loss, giou_loss, sigmoid_focal_loss
+from tests.heads.test_boxes import _np_giou
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 # One compilation per input signature instead of an eager dispatch per op.
@@ -24,16 +26,6 @@ def _np_focal(logits, targets, alpha=0.25, gamma=2.0):
   ce = -(targets * np.log(p) + (1 - targets) * np.log(1 - p))
   p_t = targets * p + (1 - targets) * (1 - p)
   return (alpha * targets + (1 - alpha) * (1 - targets)) * (1 - p_t) ** gamma * ce
-
-
-def _np_giou(p, q):
-  iw = np.maximum(np.minimum(p[..., 2], q[..., 2]) - np.maximum(p[..., 0], q[..., 0]), 0)
-  ih = np.maximum(np.minimum(p[..., 3], q[..., 3]) - np.maximum(p[..., 1], q[..., 1]), 0)
-  area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-  union = area(p) + area(q) - iw * ih
-  enclose = ((np.maximum(p[..., 2], q[..., 2]) - np.minimum(p[..., 0], q[..., 0]))
-             * (np.maximum(p[..., 3], q[..., 3]) - np.minimum(p[..., 1], q[..., 1])))
-  return iw * ih / union - (enclose - union) / enclose
 
 
 @pytest.mark.parametrize('alpha,gamma', [(0.25, 2.0), (0.5, 1.5), (0.25, 0.0)])
