@@ -1,30 +1,11 @@
-"""The FCOS/ATSS detection head: shared towers and predictors on every pyramid level.
+"""The FCOS/ATSS detection head (Tian et al. 2019, arXiv 1904.01355; Zhang et al. 2020, arXiv
+1912.02424): conv-norm-ReLU towers and 3x3 predictors shared by every pyramid level.
 
-It reads a feature dict by level names and works on any backbone, like the segmentation decode
-heads, so it sits with them; the targets, losses and post-processing that read its output
-convention are in `heads.detection`.
-
-FCOS (Tian et al. 2019, arXiv 1904.01355) and ATSS (Zhang et al. 2020, arXiv 1912.02424)
-share one head: on every pyramid level, a classification tower and a regression tower
-(`num_convs` x conv3x3-GroupNorm-ReLU, weights shared across levels) followed by a 3x3
-classifier (K logits per point), a 3x3 box regressor (distances from the point to the left,
-top, right and bottom box sides) and a 3x3 centerness logit on the regression tower. Constants
-and parameter names follow mmdetection's `mmdet/models/dense_heads/fcos_head.py` (FCOS with
-`norm_on_bbox=True` and `centerness_on_reg=True`, the ATSS paper's point-based setting): towers
-`cls_convs_{i}`/`reg_convs_{i}`, predictors `conv_cls`/`conv_reg`/`conv_centerness`, one
-learnable scalar `scales_{l}` per level.
-
-Output convention (`ATSSHead.__call__`, and therefore `Detector.__call__`): a dict of arrays
-with every pyramid point on one axis P, levels concatenated fine to coarse (the order of
-`in_features`) and each level row-major over `(h, w)`:
-  - `'cls_logits'`: `[N, P, K]` sigmoid logits (focal loss; no background class);
-  - `'box_distances'`: `[N, P, 4]` `(left, top, right, bottom)` distances in input pixels,
-    `>= 0`;
-  - `'centerness'`: `[N, P]` centerness logits.
-`P = sum_l h_l * w_l`. The per-level `(h_l, w_l)` are static (they depend only on the input
-size), so they are not returned by `apply`: `Detector.level_shapes(H, W)` computes them once
-per input size with `jax.eval_shape` (no FLOPs, cached); `heads.detection.atss.anchor_points`
-turns them into point coordinates in the same order, and `split_levels` undoes the flattening.
+Like the segmentation heads it reads a feature dict by level names on any backbone, so it sits
+with them; the targets, losses and NMS that read its output are in `heads.detection`. Names
+and constants follow mmdet's `FCOSHead` (`norm_on_bbox`, `centerness_on_reg`, the ATSS paper's
+point-based setting). Outputs put every point on one axis P, levels fine to coarse, each
+row-major over `(h, w)`; `Detector.level_shapes` gives the static `(h_l, w_l)`.
 """
 
 from __future__ import annotations
@@ -57,14 +38,7 @@ def prior_bias(prior_prob: float) -> float:
 
 
 class Scale(nn.Module):
-  """A learnable scalar multiplier (mmcv `Scale`), one per pyramid level in FCOS/ATSS.
-
-  The regression predictor is shared by all levels; the per-level scale lets each level pick
-  its own output range (FCOS Sec. 3.2 replaces `exp(x)` with `exp(s_i x)`).
-
-  Attributes:
-    init_value: initial value of the `scale` parameter (shape `()`).
-  """
+  """A learnable scalar (mmcv `Scale`): each level scales the shared regressor (FCOS Sec. 3.2)."""
 
   init_value: float = 1.0
 
@@ -75,18 +49,7 @@ class Scale(nn.Module):
 
 
 class TowerConv(nn.Module):
-  """conv3x3 (no bias before a norm) -> norm -> ReLU, initialised as mmdet's dense heads.
-
-  `ConvModule` with the conv kernel drawn from Normal(0, `init_std`) instead of Flax's LeCun
-  default; parameter names are the same (`conv`, `group_norm`/`batch_norm`/`layer_norm`).
-
-  Attributes:
-    features: output channels.
-    norm: 'group' (FCOS/ATSS), 'batch', 'layer' or 'none' (a conv bias is used only then).
-    axis_name: mapped axis for cross-device BatchNorm statistics.
-    num_groups: GroupNorm groups (reduced to a divisor of `features` when needed).
-    init_std: standard deviation of the conv kernel init.
-  """
+  """`ConvModule` (3x3, same parameter names) with the kernel drawn from Normal(0, `init_std`)."""
 
   features: int
   norm: str = 'group'
@@ -96,7 +59,6 @@ class TowerConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """Maps `[N, H, W, C_in]` to `[N, H, W, features]`."""
     x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=self.norm == 'none',
                 kernel_init=nn.initializers.normal(self.init_std), name='conv')(x)
     x = apply_norm(x, self.norm, train=train, axis_name=self.axis_name,
@@ -105,20 +67,15 @@ class TowerConv(nn.Module):
 
 
 class ATSSHead(nn.Module):
-  """The FCOS/ATSS head: `{'p3': [N, h, w, C], ...}` -> flattened per-point predictions.
+  """`{'p3': [N, h, w, C], ...}` -> `{'cls_logits': [N, P, K], 'box_distances': [N, P, 4],
+  'centerness': [N, P]}`, float32.
 
-  One set of towers and predictors is built and applied to every level (shared weights, as
-  in FCOS/ATSS/RetinaNet); only the `Scale` of the box distances is per level, so the number
-  of parameters grows by one scalar per level.
-
-  Box distances are `relu(scale_l * raw) * stride_l` (mmdet FCOSHead with `norm_on_bbox`:
-  the regressor predicts distances in units of the level's stride; mmdet clamps at 0 and
-  multiplies by the stride at test time and divides the targets by it at train time, which
-  for the scale-invariant GIoU loss is the same). Here the stride is applied in both modes,
-  so the output is always in input pixels.
+  Box distances `(l, t, r, b)` are `relu(scale_l * raw) * stride_l`, in input pixels in both
+  modes (mmdet divides the targets by the stride in training instead, the same for the
+  scale-invariant GIoU loss). Classification is sigmoid, without a background logit.
 
   Attributes:
-    num_classes: K, foreground classes (sigmoid classification, no background logit).
+    num_classes: K.
     in_features: pyramid level names, fine to coarse.
     strides: stride of each level in input pixels.
     channels: tower width (mmdet `feat_channels`).
@@ -155,20 +112,8 @@ class ATSSHead(nn.Module):
     prior_bias(self.prior_prob)
 
   @nn.compact
-  def __call__(
-      self, features: Mapping[str, jax.Array], *, train: bool = False
-  ) -> dict[str, jax.Array]:
-    """Predicts classes, boxes and centerness at every point of every level.
-
-    Args:
-      features: `{name: [N, h_l, w_l, C]}` containing every level of `in_features` (all
-        with the same C, since the towers are shared).
-      train: training mode (batch statistics when `norm='batch'`).
-
-    Returns:
-      `{'cls_logits': [N, P, K], 'box_distances': [N, P, 4], 'centerness': [N, P]}`, float32,
-      with `P = sum_l h_l * w_l`, levels fine to coarse, each row-major over `(h_l, w_l)`.
-    """
+  def __call__(self, features: Mapping[str, jax.Array], *,
+               train: bool = False) -> dict[str, jax.Array]:
     self._check_config()
     owner = type(self).__name__
     levels = select_features(features, self.in_features, None, owner=owner)
@@ -213,14 +158,7 @@ class ATSSHead(nn.Module):
 
 
 def flatten_levels(per_level: Sequence[jax.Array]) -> jax.Array:
-  """Concatenates per-level maps into one point axis, fine to coarse, each level row-major.
-
-  Args:
-    per_level: `[N, h_l, w_l, C]` per level (same N and C).
-
-  Returns:
-    `[N, P, C]` with `P = sum_l h_l * w_l`.
-  """
+  """`[N, h_l, w_l, C]` per level -> `[N, P, C]`, levels fine to coarse, each row-major."""
   if not per_level:
     raise ValueError('flatten_levels needs at least one level, got none.')
   flat = []
@@ -232,18 +170,8 @@ def flatten_levels(per_level: Sequence[jax.Array]) -> jax.Array:
   return jnp.concatenate(flat, axis=1)
 
 
-def split_levels(
-    flat: jax.Array, level_shapes: Sequence[tuple[int, int]]
-) -> list[jax.Array]:
-  """Inverse of `flatten_levels`: `[N, P, ...]` -> `[N, h_l, w_l, ...]` per level.
-
-  Args:
-    flat: `[N, P, ...]`, points on axis 1 in `flatten_levels` order.
-    level_shapes: `(h_l, w_l)` per level, fine to coarse (`Detector.level_shapes`).
-
-  Returns:
-    One `[N, h_l, w_l, ...]` array per level.
-  """
+def split_levels(flat: jax.Array, level_shapes: Sequence[tuple[int, int]]) -> list[jax.Array]:
+  """Inverse of `flatten_levels`: `[N, P, ...]` -> `[N, h_l, w_l, ...]` per `(h_l, w_l)`."""
   sizes = [int(h) * int(w) for h, w in level_shapes]
   if flat.ndim < 2 or flat.shape[1] != sum(sizes):
     raise ValueError(

@@ -1,11 +1,9 @@
-"""Feature Pyramid Network neck (Lin et al. 2017, arXiv 1612.03144).
+"""Feature Pyramid Network neck (Lin et al. 2017, arXiv 1612.03144) and the P3-P7 detection neck.
 
-1x1 lateral convs bring every level to `out_channels`; a top-down pass adds each coarser
-lateral, upsampled to the exact shape of the finer one (backbone maps are ceil-sized, e.g.
-62/31/16 for a 250 px image, so the factor is not always 2); a 3x3 conv smooths each sum.
-Optional extra coarser levels follow mmdet's `FPN` (`num_outs > len(in_channels)`): a 1x1
-stride-2 max-pool of the coarsest output, or 3x3 stride-2 convs on the coarsest input or
-output (RetinaNet's P6/P7). Outputs are named by stride, detectron2 style: `'p2'` is stride 4.
+1x1 laterals, a top-down pass adding each coarser lateral resized to the exact shape of the
+finer one (backbone maps are ceil-sized: 62/31/16 for 250 px), a 3x3 conv on each sum, and
+mmdet's optional extra levels (max-pool, or stride-2 convs as RetinaNet's P6/P7). Outputs are
+named by stride, detectron2 style: `'p2'` is stride 4.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from heads.conv_module import ConvModule, check_norm
+from heads.conv_module import NORMS, ConvModule
 from heads.features import check_per_level, select_features, stride_level
 from heads.resampling import resize_bilinear, resize_nearest
 
@@ -31,23 +29,20 @@ PYRAMID_STRIDES = (8, 16, 32, 64, 128)
 
 
 class FPN(nn.Module):
-  """Feature pyramid neck: `{level: [N, H_i, W_i, C_i]}` -> `{'p<k>': [N, H_i, W_i, D]}`.
+  """`{level: [N, H_i, W_i, C_i]}` -> `{'p<k>': [N, H_i, W_i, out_channels]}`, fine to coarse;
+  each extra level is `ceil(H / 2)` of the one before.
 
   Attributes:
-    in_features: input level names, fine to coarse.
-    in_strides: stride of each input level (names the outputs: stride 2**k is `'p<k>'`).
-    in_channels: declared channels of each input level; None to accept any.
-    out_channels: D, the width of every output level (256 in the paper).
-    norm: norm after lateral and output convs: 'none' (the paper), 'batch', 'group', 'layer'.
-    axis_name: mapped axis for cross-device BatchNorm statistics.
-    num_groups: GroupNorm groups.
-    upsample_mode: top-down upsampling, 'nearest' (paper, mmdet, detectron2; PyTorch's legacy
-      `floor(dst * in / out)` indexing) or 'bilinear' (half-pixel centres).
+    in_strides: stride of each input level (names the outputs).
+    out_channels: the width of every output level (256 in the paper).
+    norm: after lateral and output convs: 'none' (the paper), 'batch', 'group', 'layer'.
+    upsample_mode: 'nearest' (paper, mmdet, detectron2; PyTorch's legacy indexing) or
+      'bilinear' (half-pixel centres).
     num_extra_levels: extra levels coarser than the last input, each at twice the stride.
     extra_type: 'maxpool' (1x1 kernel, stride 2, on the coarsest output; Faster R-CNN's P6)
-      or 'conv' (3x3 stride-2 conv; RetinaNet's P6/P7).
-    extra_source: for 'conv', where the first extra conv reads: 'output' (the coarsest FPN
-      output) or 'input' (the coarsest backbone map). Later extra convs read the previous one.
+      or 'conv' (3x3 stride 2; RetinaNet's P6/P7).
+    extra_source: where the first extra conv reads: 'output' (the coarsest FPN output) or
+      'input' (the coarsest backbone map); later ones read the previous extra level.
     relu_before_extra_convs: ReLU before every extra conv after the first (RetinaNet P7).
   """
 
@@ -66,33 +61,26 @@ class FPN(nn.Module):
 
   @property
   def out_strides(self) -> tuple[int, ...]:
-    """Strides of the outputs: the inputs', then doubling for each extra level."""
     strides = tuple(int(s) for s in self.in_strides)
     return strides + tuple(strides[-1] * 2 ** (i + 1) for i in range(self.num_extra_levels))
 
   @property
   def out_features(self) -> tuple[str, ...]:
-    """Output names, `'p<log2 stride>'`, fine to coarse."""
     return tuple(f'p{stride_level(s)}' for s in self.out_strides)
 
   @property
   def feature_info(self) -> list[dict[str, Any]]:
-    """timm-style metadata of the outputs, available without init."""
     return [{'name': name, 'num_chs': self.out_channels, 'reduction': stride}
             for name, stride in zip(self.out_features, self.out_strides, strict=True)]
 
   def _check_config(self) -> None:
     owner = type(self).__name__
-    check_norm(self.norm, owner)
     check_per_level(owner, 'in_strides', self.in_strides, self.in_features)
-    if self.upsample_mode not in UPSAMPLE_MODES:
-      raise ValueError(
-          f'{owner}: unknown upsample_mode {self.upsample_mode!r}; expected {UPSAMPLE_MODES}.')
-    if self.extra_type not in EXTRA_TYPES:
-      raise ValueError(f'{owner}: unknown extra_type {self.extra_type!r}; expected {EXTRA_TYPES}.')
-    if self.extra_source not in EXTRA_SOURCES:
-      raise ValueError(
-          f'{owner}: unknown extra_source {self.extra_source!r}; expected {EXTRA_SOURCES}.')
+    for field, allowed in (('norm', NORMS), ('upsample_mode', UPSAMPLE_MODES),
+                           ('extra_type', EXTRA_TYPES), ('extra_source', EXTRA_SOURCES)):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f'{owner}: unknown {field} {getattr(self, field)!r}; expected one of '
+                         f'{allowed}.')
     if self.num_extra_levels and self.extra_type == 'maxpool' and self.extra_source == 'input':
       raise ValueError(
           f"{owner}: extra_type='maxpool' pools the coarsest FPN output; pooling the input "
@@ -101,19 +89,8 @@ class FPN(nn.Module):
     self.out_features  # noqa: B018  (validates that the strides are powers of two)
 
   @nn.compact
-  def __call__(
-      self, features: Mapping[str, jax.Array], *, train: bool = False
-  ) -> dict[str, jax.Array]:
-    """Builds the pyramid.
-
-    Args:
-      features: `{name: [N, H_i, W_i, C_i]}` containing every level of `in_features`.
-      train: training mode (batch statistics for BatchNorm).
-
-    Returns:
-      `{'p<k>': [N, H_i, W_i, out_channels]}` for every output level, fine to coarse; extra
-      level sizes are `ceil(H / 2)` of the level before.
-    """
+  def __call__(self, features: Mapping[str, jax.Array], *,
+               train: bool = False) -> dict[str, jax.Array]:
     self._check_config()
     inputs = select_features(features, self.in_features, self.in_channels,
                              owner=type(self).__name__)
@@ -145,31 +122,15 @@ class FPN(nn.Module):
     return dict(zip(self.out_features, outs, strict=True))
 
 
-def detection_fpn(
-    feature_info: Sequence[Mapping[str, Any]],
-    *,
-    out_channels: int = 256,
-    max_stride: int = PYRAMID_STRIDES[-1],
-    **fpn_kwargs: Any,
-) -> FPN:
-  """The P3-P7 neck of FCOS/ATSS/RetinaNet for a backbone described by `feature_info`.
+def detection_fpn(feature_info: Sequence[Mapping[str, Any]], *, out_channels: int = 256,
+                  max_stride: int = PYRAMID_STRIDES[-1], **fpn_kwargs: Any) -> FPN:
+  """The P3-P7 neck of FCOS/ATSS/RetinaNet: every backbone level from stride 8 up (strides
+  doubling) as FPN inputs, then stride-2 3x3 convs up to `max_stride`.
 
-  Uses every backbone level from stride 8 up (fine to coarse, each twice the stride of the
-  one before) as an FPN input and adds stride-2 3x3 convs until `max_stride`. For CvT (strides
-  4/8/16) that is `stage2` -> P3, `stage3` -> P4, then three extra convs: P5 reads the
-  stride-16 backbone map (`extra_source='input'`, mmdet's `add_extra_convs='on_input'`, as
-  RetinaNet reads C5), P6 and P7 read the previous extra level after a ReLU
-  (`relu_before_extra_convs`, FCOS/ATSS). On a ResNet-like backbone (strides 8/16/32) the same
-  call gives mmdet's FCOS/ATSS neck: C3-C5 -> P3-P5, P6 on C5, P7 on P6.
-
-  Args:
-    feature_info: the backbone's timm-style `[{'name', 'num_chs', 'reduction'}, ...]`.
-    out_channels: width of every output level.
-    max_stride: stride of the coarsest output (128: P7).
-    **fpn_kwargs: other `FPN` fields (e.g. `norm`, `upsample_mode`).
-
-  Returns:
-    An `FPN` returning `{'p3': [N, h_3, w_3, out_channels], ..., 'p7': ...}`.
+  For CvT (strides 4/8/16): `stage2` -> P3, `stage3` -> P4, P5 a conv on the stride-16
+  backbone map (mmdet's `add_extra_convs='on_input'`, as RetinaNet reads C5), P6 and P7 convs
+  on the previous level after a ReLU (FCOS/ATSS). On strides 8/16/32 it is mmdet's FCOS/ATSS
+  neck. `fpn_kwargs` sets other `FPN` fields (e.g. `norm`).
   """
   levels = sorted((info for info in feature_info if int(info['reduction']) >= 8),
                   key=lambda info: int(info['reduction']))

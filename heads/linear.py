@@ -1,9 +1,6 @@
-"""Linear decode head: a per-pixel linear classifier on the concatenated levels.
-
-For probing a frozen backbone: the levels are upsampled to the finest one (bilinear,
-half-pixel), concatenated, normalised and classified by one 1x1 conv, like DINOv2's `BNHead`
-(linear segmentation probe, Oquab et al. 2023). In eval mode BatchNorm is affine, so the head
-stays linear in the features.
+"""Linear head for probing a frozen backbone, like DINOv2's `BNHead` (Oquab et al. 2023): the
+levels upsampled to the finest, concatenated, normalised and classified by one 1x1 conv (in eval
+mode BatchNorm is affine, so the head is linear in the features).
 """
 
 from __future__ import annotations
@@ -19,8 +16,7 @@ from heads.resampling import resize_bilinear
 
 
 class LinearHead(DecodeHead):
-  """Linear head: BatchNorm (as DINOv2; any `norm`) and a 1x1 classifier on the levels
-  upsampled to the finest and concatenated (one level is fine too)."""
+  """Norm (BatchNorm, as DINOv2) and 1x1 classifier on the concatenated levels (or one)."""
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:

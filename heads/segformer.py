@@ -1,10 +1,6 @@
-"""SegFormer all-MLP decode head (Xie et al. 2021, arXiv 2105.15203, Sec. 3.2).
-
-Each level is projected to `channels` by a per-pixel linear layer, upsampled to the finest
-level's size, the levels are concatenated (coarsest first), fused by a 1x1 conv + norm + ReLU
-and classified. Reference: Hugging Face `SegformerDecodeHead`
-(transformers/models/segformer/modeling_segformer.py); sub-module names mirror it, see
-`convert_hf_segformer_head`.
+"""SegFormer all-MLP decode head (Xie et al. 2021, arXiv 2105.15203, Sec. 3.2): per-level
+linear projections upsampled to the finest level, concatenated coarsest first, fused by a 1x1
+conv + norm + ReLU and classified. Names mirror Hugging Face's `SegformerDecodeHead`.
 """
 
 from __future__ import annotations
@@ -47,19 +43,10 @@ def _hf_segformer_path(torch_path: str) -> str:
                             torch_path))
 
 
-def convert_hf_segformer_head(
-    state_dict: Mapping[str, Any], prefix: str = 'decode_head.'
-) -> dict[str, dict[str, Any]]:
-  """Hugging Face `SegformerDecodeHead` weights -> `SegFormerHead` variables.
-
-  Args:
-    state_dict: numpy arrays keyed like `SegformerForSemanticSegmentation.state_dict()`;
-      keys outside `prefix` are ignored.
-    prefix: where the head sits ('decode_head.'; '' for a bare `SegformerDecodeHead`).
-
-  Returns:
-    `{'params': ..., 'batch_stats': ...}` for `SegFormerHead`; check it against an initialised
-    model with `heads.checkpoint.merge_variables`.
-  """
+def convert_hf_segformer_head(state_dict: Mapping[str, Any],
+                              prefix: str = 'decode_head.') -> dict[str, dict[str, Any]]:
+  """Hugging Face `SegformerDecodeHead` weights (numpy, keyed as the state dict of
+  `SegformerForSemanticSegmentation`; keys outside `prefix` ignored) -> `SegFormerHead`
+  variables, for `merge_variables`."""
   sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
   return torch_to_flax(sub, _hf_segformer_path)

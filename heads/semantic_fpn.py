@@ -1,10 +1,7 @@
-"""Semantic FPN head (Kirillov et al. 2019, Panoptic FPN, arXiv 1901.02446, Fig. 3).
-
-Each pyramid level goes through conv-norm-ReLU (+ upsampling) stages until it reaches the
-finest level's resolution, the results are summed, and a 1x1 conv classifies: mmsegmentation's
-`FPNHead`. Where mmseg upsamples by exactly 2x and resizes the sum at the end, this head
-upsamples each stage to the exact size of the next finer level (backbone maps are ceil-sized:
-62/31/16 for 250 px), so no map is ever shifted by a round-trip through a wrong size.
+"""Semantic FPN head (Kirillov et al. 2019, Panoptic FPN, arXiv 1901.02446, Fig. 3), mmseg's
+`FPNHead`: conv-norm-ReLU (+ upsampling) stages take each level to the finest resolution, the
+results are summed and classified. Each stage upsamples to the exact size of the next finer
+level (ceil-sized maps: 62/31/16 for 250 px) where mmseg upsamples 2x and resizes at the end.
 """
 
 from __future__ import annotations

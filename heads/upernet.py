@@ -1,14 +1,10 @@
-"""UPerNet decode head (Xiao et al. 2018, arXiv 1807.10221) and its FCN auxiliary head.
+"""UPerNet decode head (Xiao et al. 2018, arXiv 1807.10221) and the FCN head (Long et al. 2015),
+its auxiliary head on stage 3 (loss weight 0.4 in mmseg's UPerNet configs).
 
-A pyramid pooling module (PSPNet, pool scales 1/2/3/6) on the coarsest level replaces its
-lateral; an FPN top-down pass (bilinear, half-pixel) fuses the other levels; every level is
-upsampled to the finest, concatenated, fused by a 3x3 conv and classified. The FCN head
-(Long et al. 2015) classifies one level (stage 3) and serves as the auxiliary loss (weight 0.4
-in mmsegmentation's UPerNet configs).
-
-Reference: Hugging Face `transformers/models/upernet/modeling_upernet.py` (`UperNetHead`,
-`UperNetFCNHead`), itself a port of mmsegmentation's `UPerHead`/`FCNHead`. Sub-module names
-mirror it (`psp_modules.0.1.conv` -> `psp_modules_0/conv`), see `convert_hf_upernet_head`.
+A pyramid pooling module (PSPNet, pool scales 1/2/3/6) on the coarsest level, an FPN top-down
+pass, every level upsampled to the finest, concatenated, fused by a 3x3 conv and classified.
+Names mirror Hugging Face's `UperNetHead` and `UperNetFCNHead`, ports of mmseg's
+`UPerHead`/`FCNHead` (`psp_modules.0.1.conv` -> `psp_modules_0/conv`).
 """
 
 from __future__ import annotations
@@ -106,27 +102,17 @@ def _hf_upernet_path(torch_path: str) -> str:
   return module_path(re.sub(r'^psp_modules\.(\d+)\.1\.', r'psp_modules.\1.', torch_path))
 
 
-def convert_hf_upernet_head(
-    state_dict: Mapping[str, Any], prefix: str = 'decode_head.'
-) -> dict[str, dict[str, Any]]:
-  """Hugging Face `UperNetHead` weights -> `UPerNetHead` variables.
-
-  Args:
-    state_dict: numpy arrays keyed like `UperNetForSemanticSegmentation.state_dict()`; keys
-      outside `prefix` are ignored.
-    prefix: where the head sits ('decode_head.'; '' for a bare `UperNetHead`).
-
-  Returns:
-    `{'params': ..., 'batch_stats': ...}` for `UPerNetHead`; pass it through
-    `heads.checkpoint.merge_variables` to check it against an initialised model.
+def convert_hf_upernet_head(state_dict: Mapping[str, Any],
+                            prefix: str = 'decode_head.') -> dict[str, dict[str, Any]]:
+  """Hugging Face `UperNetHead` weights (numpy, keyed as `UperNetForSemanticSegmentation`'s
+  state dict; keys outside `prefix` ignored) -> `UPerNetHead` variables, for `merge_variables`.
   """
   sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
   return torch_to_flax(sub, _hf_upernet_path)
 
 
-def convert_hf_fcn_head(
-    state_dict: Mapping[str, Any], prefix: str = 'auxiliary_head.'
-) -> dict[str, dict[str, Any]]:
+def convert_hf_fcn_head(state_dict: Mapping[str, Any],
+                        prefix: str = 'auxiliary_head.') -> dict[str, dict[str, Any]]:
   """Hugging Face `UperNetFCNHead` weights -> `FCNHead` variables (see the UPerNet one)."""
   sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
   return torch_to_flax(sub, module_path)

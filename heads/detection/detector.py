@@ -13,21 +13,11 @@ from heads.features import check_images, select_features, with_neck
 
 
 class Detector(nn.Module):
-  """A one-stage dense detector: backbone + neck + head, mmdet's `SingleStageDetector`.
+  """Backbone, optional neck (e.g. `detection_fpn`, adding `'p3'...'p7'` to the backbone's
+  dict) and dense head (`ATSSHead`); the attribute names are the variables' top-level keys.
 
-  Data flow: `backbone(images, train=...)` -> `{name: [N, H_i, W_i, C_i]}`; the neck (if
-  any) adds pyramid levels to the same dict (e.g. `detection_fpn` adds `'p3'...'p7'`); the
-  head picks its `in_features` from it and returns flattened per-point predictions (see the
-  module docstring). Attribute names are the top-level keys of the variables.
-
-  Call convention: Scenic's, `apply(variables, images, train=..., debug=...,
-  mutable=['batch_stats'], rngs={'dropout': key})`. The returned dict has the same keys and
-  shapes in both modes.
-
-  Attributes:
-    backbone: a module called as `backbone(images, train=...)` returning NHWC maps.
-    head: the dense head (`ATSSHead`), called as `head(features, train=...)`.
-    neck: optional module `neck(features, train=...)` returning more named maps.
+  Called as Scenic calls models (`train`, `debug`; `mutable=['batch_stats']` and
+  `rngs={'dropout': key}` in train mode); the output has the same keys and shapes in both modes.
   """
 
   backbone: nn.Module
@@ -36,24 +26,12 @@ class Detector(nn.Module):
 
   def __call__(self, images: jax.Array, *, train: bool = False,
                debug: bool = False) -> dict[str, jax.Array]:
-    """Detects in a batch of images.
-
-    Args:
-      images: `[N, H, W, C]` float images.
-      train: training mode: batch statistics (pass `mutable=['batch_stats']`), dropout and
-        drop path (pass `rngs={'dropout': key}`).
-      debug: accepted for Scenic's trainers, which call every model with it; unused.
-
-    Returns:
-      The head's dict: `'cls_logits'` `[N, P, K]`, `'box_distances'` `[N, P, 4]` (ltrb,
-      input pixels), `'centerness'` `[N, P]`; `P` points in `level_shapes(H, W)` order.
-    """
+    """`[N, H, W, C]` images -> the head's per-point outputs, in `level_shapes(H, W)` order."""
     del debug
     return self.decode(self.backbone(check_images(images, 'Detector'), train=train), train=train)
 
-  def decode(
-      self, features: Mapping[str, jax.Array], *, train: bool = False
-  ) -> dict[str, jax.Array]:
+  def decode(self, features: Mapping[str, jax.Array], *,
+             train: bool = False) -> dict[str, jax.Array]:
     """Neck and head on backbone features computed elsewhere (e.g. of a frozen backbone)."""
     return self.head(with_neck(self.neck, features, train=train), train=train)
 
@@ -66,19 +44,10 @@ class Detector(nn.Module):
 
   def level_shapes(self, height: int, width: int,
                    channels: int = 3) -> tuple[tuple[int, int], ...]:
-    """Static `(h_l, w_l)` of every head level for an `height` x `width` input.
+    """Static `(h_l, w_l)` of the head's levels for an input size, in `in_features` order.
 
-    Traced with `jax.eval_shape` (no FLOPs, no parameters) and cached per input size, so it
-    can be called from data pipelines and inside jitted losses. Call it on the unbound module
-    (`model.level_shapes(H, W)`).
-
-    Args:
-      height: input height H.
-      width: input width W.
-      channels: input channels.
-
-    Returns:
-      `((h_3, w_3), (h_4, w_4), ...)` in the order of the head's `in_features`.
+    Traced with `jax.eval_shape` (no FLOPs) on the unbound module and cached per size, so data
+    pipelines and jitted losses can call it.
     """
     module = self.clone(parent=None) if self.scope is not None else self
     try:

@@ -43,9 +43,8 @@ import ml_collections
 from cvt_backbone import CvTBackbone, PretrainedBackboneInit, build_backbone, pretrained_settings
 from heads import ATSSHead, Detector, detection_fpn
 from heads.atss_head import PRIOR_PROB
-from heads.detection import atss
+from heads.detection import atss, nms
 from heads.detection import losses as detection_losses
-from heads.detection import nms
 from projects.training import scenic_compat
 from projects.training.configs import as_dict, backbone_config
 
