@@ -74,25 +74,14 @@ class ATSSHead(nn.Module):
   modes (mmdet divides the targets by the stride in training instead, the same for the
   scale-invariant GIoU loss). Classification is sigmoid, without a background logit.
 
-  Attributes:
-    num_classes: K.
-    in_features: pyramid level names, fine to coarse.
-    strides: stride of each level in input pixels.
-    channels: tower width (mmdet `feat_channels`).
-    num_convs: convs per tower (mmdet `stacked_convs`).
-    norm: tower norm: 'group' (GroupNorm(32), FCOS/ATSS), 'batch', 'layer' or 'none'.
-    num_groups: GroupNorm groups.
-    axis_name: mapped axis for cross-device BatchNorm statistics.
-    prior_prob: initial foreground probability of every point (classifier bias).
-    init_std: standard deviation of every conv kernel init.
   """
 
   num_classes: int
   in_features: Sequence[str] = PYRAMID_FEATURES
   strides: Sequence[int] = PYRAMID_STRIDES
-  channels: int = 256
-  num_convs: int = 4
-  norm: str = 'group'
+  channels: int = 256  # mmdet `feat_channels`
+  num_convs: int = 4  # per tower, mmdet `stacked_convs`
+  norm: str = 'group'  # GroupNorm(32) as FCOS/ATSS
   num_groups: int = 32
   axis_name: str | None = None
   prior_prob: float = PRIOR_PROB

@@ -29,34 +29,26 @@ PYRAMID_STRIDES = (8, 16, 32, 64, 128)
 
 
 class FPN(nn.Module):
-  """`{level: [N, H_i, W_i, C_i]}` -> `{'p<k>': [N, H_i, W_i, out_channels]}`, fine to coarse;
-  each extra level is `ceil(H / 2)` of the one before.
+  """`{level: [N, H_i, W_i, C_i]}` -> `{'p<k>': [N, H_i, W_i, out_channels]}`, fine to coarse.
 
-  Attributes:
-    in_strides: stride of each input level (names the outputs).
-    out_channels: the width of every output level (256 in the paper).
-    norm: after lateral and output convs: 'none' (the paper), 'batch', 'group', 'layer'.
-    upsample_mode: 'nearest' (paper, mmdet, detectron2; PyTorch's legacy indexing) or
-      'bilinear' (half-pixel centres).
-    num_extra_levels: extra levels coarser than the last input, each at twice the stride.
-    extra_type: 'maxpool' (1x1 kernel, stride 2, on the coarsest output; Faster R-CNN's P6)
-      or 'conv' (3x3 stride 2; RetinaNet's P6/P7).
-    extra_source: where the first extra conv reads: 'output' (the coarsest FPN output) or
-      'input' (the coarsest backbone map); later ones read the previous extra level.
-    relu_before_extra_convs: ReLU before every extra conv after the first (RetinaNet P7).
+  Extra levels, each at twice the stride and `ceil(H / 2)` of the one before, are a 1x1
+  stride-2 max-pool of the coarsest output (Faster R-CNN's P6) or 3x3 stride-2 convs
+  (RetinaNet's P6/P7), the first reading the coarsest output or input (`extra_source`), the
+  others the previous level (after a ReLU with `relu_before_extra_convs`, RetinaNet's P7).
   """
 
   in_features: Sequence[str] = ('stage1', 'stage2', 'stage3')
-  in_strides: Sequence[int] = (4, 8, 16)
+  in_strides: Sequence[int] = (4, 8, 16)  # name the outputs
   in_channels: Sequence[int] | None = None
-  out_channels: int = 256
-  norm: str = 'none'
+  out_channels: int = 256  # the paper's
+  norm: str = 'none'  # after lateral and output convs; none in the paper
   axis_name: str | None = None
   num_groups: int = 32
+  # 'nearest' as the paper, mmdet and detectron2 (PyTorch's legacy indexing) or 'bilinear'.
   upsample_mode: str = 'nearest'
   num_extra_levels: int = 0
-  extra_type: str = 'maxpool'
-  extra_source: str = 'output'
+  extra_type: str = 'maxpool'  # or 'conv'
+  extra_source: str = 'output'  # or 'input'
   relu_before_extra_convs: bool = False
 
   @property
@@ -125,13 +117,10 @@ class FPN(nn.Module):
 def detection_fpn(feature_info: Sequence[Mapping[str, Any]], *, out_channels: int = 256,
                   max_stride: int = PYRAMID_STRIDES[-1], **fpn_kwargs: Any) -> FPN:
   """The P3-P7 neck of FCOS/ATSS/RetinaNet: every backbone level from stride 8 up (strides
-  doubling) as FPN inputs, then stride-2 3x3 convs up to `max_stride`.
-
-  For CvT (strides 4/8/16): `stage2` -> P3, `stage3` -> P4, P5 a conv on the stride-16
-  backbone map (mmdet's `add_extra_convs='on_input'`, as RetinaNet reads C5), P6 and P7 convs
-  on the previous level after a ReLU (FCOS/ATSS). On strides 8/16/32 it is mmdet's FCOS/ATSS
-  neck. `fpn_kwargs` sets other `FPN` fields (e.g. `norm`).
-  """
+  doubling), then stride-2 3x3 convs up to `max_stride`. For CvT (strides 4/8/16): stage2 ->
+  P3, stage3 -> P4, P5 on the stride-16 map (mmdet's `add_extra_convs='on_input'`, as
+  RetinaNet's C5), P6 and P7 on the level before after a ReLU; on strides 8/16/32 it is
+  mmdet's FCOS/ATSS neck. `fpn_kwargs` sets other `FPN` fields."""
   levels = sorted((info for info in feature_info if int(info['reduction']) >= 8),
                   key=lambda info: int(info['reduction']))
   strides = [int(info['reduction']) for info in levels]

@@ -17,13 +17,8 @@ from heads.semantic_fpn import SemanticFPNHead
 from heads.upernet import FCNHead, UPerNetHead
 
 HEADS: dict[str, type[nn.Module]] = {
-    'fpn': FPN,
-    'semantic_fpn': SemanticFPNHead,
-    'upernet': UPerNetHead,
-    'fcn': FCNHead,
-    'segformer': SegFormerHead,
-    'linear': LinearHead,
-}
+    'fpn': FPN, 'semantic_fpn': SemanticFPNHead, 'upernet': UPerNetHead, 'fcn': FCNHead,
+    'segformer': SegFormerHead, 'linear': LinearHead}
 
 # Flax's own dataclass fields, not settings.
 _RESERVED_FIELDS = ('parent', 'name')

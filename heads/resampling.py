@@ -41,12 +41,9 @@ def _taps(src: np.ndarray, in_size: int) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def resize_bilinear(x: jax.Array, size: Sequence[int], *,
                     align_corners: bool = False) -> jax.Array:
-  """`[N, H, W, C]` -> `[N, H_out, W_out, C]`, as `F.interpolate(x, size, mode='bilinear')`.
-
-  Half-pixel centres without antialiasing (PyTorch's default, used by every reference head) is
-  `jax.image.resize(antialias=False)`; its default antialiasing would low-pass filter when
-  downsampling. `align_corners=True` maps the corner pixel centres onto each other.
-  """
+  """`[N, H, W, C]` -> `[N, H_out, W_out, C]`, as `F.interpolate(x, size, mode='bilinear')`:
+  half-pixel centres without antialiasing (`jax.image.resize`'s default antialiasing would
+  low-pass filter when downsampling), or corner pixel centres mapped onto each other."""
   _check_nhwc(x, 'resize_bilinear')
   out_h, out_w = _spatial_size(size)
   n, h, w, c = x.shape
@@ -70,11 +67,8 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], *,
 
 
 def bilinear_matrix(in_size: int, out_size: int, *, align_corners: bool = False) -> np.ndarray:
-  """`resize_bilinear` along one axis as an `[out_size, in_size]` float32 matrix, two taps a row.
-
-  Half-pixel sources `(dst + 0.5) * in / out - 0.5` clamped at 0 in float32, as PyTorch's
-  `area_pixel_compute_source_index`; used to resize a block of rows at a time.
-  """
+  """`resize_bilinear` along one axis as an `[out_size, in_size]` float32 matrix (two taps a
+  row; PyTorch's `area_pixel_compute_source_index` in float32), to resize a block at a time."""
   if align_corners:
     lo, hi, frac = _align_corners_taps(in_size, out_size)
   else:
@@ -89,11 +83,9 @@ def bilinear_matrix(in_size: int, out_size: int, *, align_corners: bool = False)
 
 
 def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
-  """`[N, H, W, C]` -> `[N, H_out, W_out, C]`, as `F.interpolate(x, size, mode='nearest')`.
-
-  PyTorch's legacy 'nearest' picks `floor(dst * in / out)` (no half-pixel offset), as the FPN
-  top-down paths of mmdet, detectron2 and torchvision; `jax.image.resize` would pick other rows.
-  """
+  """`[N, H, W, C]` -> `[N, H_out, W_out, C]`, as `F.interpolate(x, size, mode='nearest')`:
+  PyTorch's legacy `floor(dst * in / out)` (the FPNs of mmdet, detectron2 and torchvision),
+  not the half-pixel rows of `jax.image.resize`."""
   _check_nhwc(x, 'resize_nearest')
   out_h, out_w = _spatial_size(size)
   for axis, in_size, out_size in ((1, x.shape[1], out_h), (2, x.shape[2], out_w)):
@@ -107,11 +99,8 @@ def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
 
 
 def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """`[out_size, in_size]` weights of `nn.AdaptiveAvgPool` along one axis, rows summing to one.
-
-  Bin `i` averages rows `floor(i * in / out)` to `ceil((i + 1) * in / out)` (exclusive), as
-  PyTorch's aten/src/ATen/native/AdaptiveAveragePooling.cpp; bins overlap unless `out | in`.
-  """
+  """`[out_size, in_size]` weights of `nn.AdaptiveAvgPool` along one axis: bin `i` averages
+  rows `floor(i * in / out)` to `ceil((i + 1) * in / out)` (aten AdaptiveAveragePooling.cpp)."""
   weights = np.zeros((out_size, in_size), np.float32)
   for i in range(out_size):
     start = (i * in_size) // out_size

@@ -19,10 +19,9 @@ from heads.resampling import resize_bilinear
 
 
 class SegFormerHead(DecodeHead):
-  """All-MLP decode head; `channels` is the decoder width (256 for SegFormer-B0/B1, 768 for
-  B2-B5), `norm` follows the fuse conv."""
+  """All-MLP decode head; `norm` follows the fuse conv."""
 
-  channels: int = 256
+  channels: int = 256  # decoder width: 256 for SegFormer-B0/B1, 768 for B2-B5
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:

@@ -17,13 +17,8 @@ from heads.resampling import resize_bilinear
 
 
 class SemanticFPNHead(DecodeHead):
-  """Semantic FPN decode head.
-
-  Attributes:
-    in_strides: stride of each level; a level at `s * 2**k` of the finest stride `s` gets `k`
-      conv-upsample stages (one conv and no upsampling for the finest).
-    channels: width of the stages (128 in the paper; GroupNorm 32, as `norm` defaults to).
-  """
+  """Semantic FPN decode head: a level at `s * 2**k` of the finest stride `s` gets `k`
+  conv-upsample stages (the finest one conv); 128 channels and GroupNorm as the paper."""
 
   in_features: Sequence[str] = ('p2', 'p3', 'p4')
   norm: str = 'group'

@@ -1,10 +1,7 @@
-"""UPerNet decode head (Xiao et al. 2018, arXiv 1807.10221) and the FCN head (Long et al. 2015),
-its auxiliary head on stage 3 (loss weight 0.4 in mmseg's UPerNet configs).
-
-A pyramid pooling module (PSPNet, pool scales 1/2/3/6) on the coarsest level, an FPN top-down
-pass, every level upsampled to the finest, concatenated, fused by a 3x3 conv and classified.
-Names mirror Hugging Face's `UperNetHead` and `UperNetFCNHead`, ports of mmseg's
-`UPerHead`/`FCNHead` (`psp_modules.0.1.conv` -> `psp_modules_0/conv`).
+"""UPerNet decode head (Xiao et al. 2018, arXiv 1807.10221): pyramid pooling (PSPNet, scales
+1/2/3/6) on the coarsest level, an FPN top-down pass, all levels fused at the finest by a 3x3
+conv. The FCN head (Long et al. 2015) is its auxiliary head (loss weight 0.4 in mmseg). Names
+mirror Hugging Face's ports of mmseg's heads (`psp_modules.0.1.conv` -> `psp_modules_0/conv`).
 """
 
 from __future__ import annotations
@@ -24,17 +21,11 @@ from heads.resampling import adaptive_avg_pool, resize_bilinear
 
 
 class UPerNetHead(DecodeHead):
-  """UPerNet decode head; the PPM runs on the last level of `in_features`.
+  """UPerNet decode head, the PPM on the last level; `dropout_rate` 0.1 as mmseg (Hugging
+  Face's port has none, the same in eval)."""
 
-  Attributes:
-    channels: width of every conv (512 in mmsegmentation and Hugging Face).
-    pool_scales: PPM output sizes (PSPNet's 1, 2, 3, 6).
-
-  `dropout_rate` defaults to mmseg's 0.1; Hugging Face's port has none (the same in eval).
-  """
-
-  channels: int = 512
-  pool_scales: Sequence[int] = (1, 2, 3, 6)
+  channels: int = 512  # every conv (mmseg and Hugging Face)
+  pool_scales: Sequence[int] = (1, 2, 3, 6)  # PPM output sizes (PSPNet)
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
@@ -62,20 +53,12 @@ class UPerNetHead(DecodeHead):
 
 
 class FCNHead(DecodeHead):
-  """FCN head on one level (stage 3, stride 16, as in mmseg's UPerNet configs), UPerNet's
-  auxiliary head; logits at that level's resolution.
-
-  Attributes:
-    channels: conv width (256 for the auxiliary head).
-    num_convs: number of conv-norm-ReLU blocks (0 classifies the input directly).
-    kernel_size: conv kernel size.
-    dilation: conv dilation.
-    concat_input: concatenate the input with the conv output and fuse with one more conv.
-  """
+  """FCN head on one level (stage 3, stride 16, in mmseg's UPerNet configs); logits at that
+  level's resolution. `concat_input` fuses the input and the convs' output with one more conv."""
 
   in_features: Sequence[str] = ('stage3',)
-  channels: int = 256
-  num_convs: int = 1
+  channels: int = 256  # the auxiliary head's width
+  num_convs: int = 1  # conv-norm-ReLU blocks; 0 classifies the input
   kernel_size: int = 3
   dilation: int = 1
   concat_input: bool = False

@@ -77,20 +77,14 @@ def atss_assign(anchors: jax.Array, points: jax.Array, level_sizes: Sequence[int
                 gt_boxes: jax.Array, gt_valid: jax.Array, topk: int = TOPK) -> jax.Array:
   """`[P]` int32 index of each point's gt box (-1 for negatives), for one image.
 
-  Per level and gt the `min(topk, level size)` points nearest the gt centre are candidates
-  (ties: lower index); a gt's threshold is `mean + std` of its candidates' IoUs (`ddof=1` as
-  `torch.std`; 0 for one candidate); candidates at or above it whose point is more than 0.01 px
-  inside the gt are positives. A point positive for several gts takes the highest IoU (mmdet
-  and the reference code; ties to the lower index), not the smallest area as FCOS. Padded gts
-  never match and change nothing for the others.
-
-  Args:
-    anchors: `[P, 4]` xyxy anchors (`anchor_boxes`).
-    points: `[P, 2]` anchor centres (`anchor_points`).
-    level_sizes: static points per level, fine to coarse, summing to `P`.
-    gt_boxes: `[G, 4]` xyxy gt boxes, padded to a fixed `G`.
-    gt_valid: `[G]` bool, False for padding.
-    topk: candidates per level and gt.
+  `anchors` `[P, 4]` and `points` `[P, 2]` come from `anchor_boxes` and `anchor_points`,
+  `level_sizes` (static) are the points per level; `gt_boxes` `[G, 4]` are padded to a fixed
+  `G`, `gt_valid` `[G]` False for padding. Per level and gt the `min(topk, level size)` points
+  nearest the gt centre are candidates (ties: lower index); a gt's threshold is `mean + std`
+  of its candidates' IoUs (`ddof=1` as `torch.std`; 0 for one candidate); candidates at or
+  above it whose point is more than 0.01 px inside the gt are positives. A point positive for
+  several gts takes the highest IoU (mmdet and the reference code; ties to the lower index),
+  not the smallest area as FCOS. Padded gts never match and change nothing for the others.
   """
   anchors, points = jnp.asarray(anchors), jnp.asarray(points)
   gt_boxes, gt_valid = jnp.asarray(gt_boxes), jnp.asarray(gt_valid)

@@ -59,24 +59,14 @@ def atss_losses(cls_logits: jax.Array, box_distances: jax.Array, centerness_logi
                 points: jax.Array, cls_targets: jax.Array, box_targets: jax.Array,
                 positive: jax.Array, num_classes: int,
                 image_mask: jax.Array | None = None) -> dict[str, jax.Array]:
-  """ATSS losses of dense predictions against `atss.assign_targets` targets.
+  """ATSS losses of dense predictions (`[B, P, K]` class logits, `[B, P, 4]` `(l, t, r, b)`
+  pixel distances, `[B, P]` centerness logits at `[P, 2]` points) against `assign_targets`
+  targets; `image_mask` `[B]` is 0 for padded batch entries, which contribute nothing.
 
-  Args:
-    cls_logits: `[B, P, K]`, `K = num_classes` (no background class).
-    box_distances: `[B, P, 4]` `(l, t, r, b)` in pixels from each point.
-    centerness_logits: `[B, P]`.
-    points: `[P, 2]` `(x, y)`.
-    cls_targets: `[B, P]` int class of positives (ignored elsewhere).
-    box_targets: `[B, P, 4]` xyxy gt of positives (ignored elsewhere).
-    positive: `[B, P]` bool.
-    num_classes: K.
-    image_mask: optional `[B]`, 0 for padded batch entries, which contribute nothing.
-
-  Returns:
-    float32 scalars: `loss_cls` (focal over all points and classes / max(num_pos, 1)),
-    `loss_box` (GIoU loss of positives weighted by their centerness targets / max(sum of the
-    weights, 1), mmdet's `bbox_avg_factor`), `loss_centerness` (BCE of positives / max(num_pos,
-    1)) and `num_pos`.
+  Returns float32 scalars: `loss_cls` (focal over all points and classes / max(num_pos, 1)),
+  `loss_box` (GIoU loss of positives weighted by their centerness targets / max(sum of the
+  weights, 1), mmdet's `bbox_avg_factor`), `loss_centerness` (BCE of positives / max(num_pos,
+  1)) and `num_pos`.
   """
   cls_logits, box_distances, centerness_logits, points, box_targets = (
       jnp.asarray(x, jnp.float32)

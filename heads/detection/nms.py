@@ -33,22 +33,12 @@ MAX_DETECTIONS = 100
 def nms(boxes: jax.Array, scores: jax.Array, iou_threshold: float, max_outputs: int,
         score_threshold: float = -float('inf'),
         classes: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Greedy NMS, as torchvision's and mmcv's `nms`; with `[N]` `classes`, only within a class.
+  """Greedy NMS of `[N, 4]` xyxy boxes (torchvision's and mmcv's `nms`): `[max_outputs]` int32
+  indices padded with -1 and their `valid` mask. Only `scores > score_threshold` can be kept;
+  a box goes when its IoU with a kept one is above `iou_threshold`.
 
-  Class-aware NMS equals `batched_nms`, which offsets each class's boxes by
-  `class * (max coordinate + 1)`; masking the IoU row by class gives the same result without
-  the float32 rounding that 1e5 px offsets put on the coordinates.
-
-  Args:
-    boxes: `[N, 4]` xyxy.
-    scores: `[N]`; only boxes with `score > score_threshold` (exclusive) can be kept.
-    iou_threshold: a box is dropped when its IoU with a kept one is above it.
-    max_outputs: static number of outputs.
-    score_threshold: the default keeps every finite score.
-    classes: optional `[N]` int class ids.
-
-  Returns:
-    `[max_outputs]` int32 indices into `boxes` padded with -1, and their `valid` mask.
+  With `[N]` `classes`, only within a class: `batched_nms`'s result, which offsets each class's
+  boxes by `class * (max coordinate + 1)`, without the float32 rounding of 1e5 px offsets.
   """
   boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
   if boxes.ndim != 2 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:1]:
@@ -92,19 +82,12 @@ def postprocess(cls_logits: jax.Array, box_distances: jax.Array, centerness_logi
                 max_detections: int = MAX_DETECTIONS) -> dict[str, jax.Array]:
   """Detections from dense FCOS/ATSS outputs, as mmdet's `_predict_by_feat_single` + NMS.
 
-  Per image and level: the `pre_nms_topk` best (point, class) pairs by `sigmoid(cls_logits)`
-  above `score_threshold`, scored times `sigmoid(centerness)`, decoded and clipped to the image;
-  then boxes mapped to the original image (before NMS, as mmdet's `_bbox_post_process`),
-  class-aware NMS and the `max_detections` best.
-
-  Args:
-    cls_logits: `[B, P, K]`.
-    box_distances: `[B, P, 4]` `(l, t, r, b)` in pixels of the network input.
-    centerness_logits: `[B, P]`.
-    points: `[P, 2]` `(x, y)`.
-    level_sizes: static points per level, fine to coarse, summing to `P`.
-    image_sizes: `[B, 2]` `(height, width)` of each resized image before padding.
-    scale_factors: `[B, 2]` `(height, width)` scale, resized / original size.
+  Per image and level the `pre_nms_topk` best (point, class) pairs by `sigmoid(cls_logits)`
+  above `score_threshold`, scored times `sigmoid(centerness)`, decoded and clipped to the image
+  (`image_sizes` `[B, 2]`, `(height, width)` before padding); then boxes mapped to the original
+  image (`scale_factors` `[B, 2]`, resized / original `(height, width)`; before NMS, as mmdet's
+  `_bbox_post_process`), class-aware NMS and the `max_detections` best. `box_distances` are in
+  input pixels; `level_sizes` (static) are the points per level.
 
   Returns:
     `{'boxes': [B, D, 4] xyxy original-image pixels, 'scores': [B, D], 'classes': [B, D]

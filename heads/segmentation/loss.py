@@ -28,14 +28,9 @@ def cross_entropy_sum(logits: jax.Array, labels: jax.Array, weights: jax.Array, 
                       block_bytes: int = BLOCK_BYTES) -> jax.Array:
   """`sum(weights * CE(resize(logits), labels))` over every pixel, in float32.
 
-  Args:
-    logits: `[B, h, w, K]`, resized bilinearly to the labels' size when it differs (half-pixel
-      centres unless `align_corners`).
-    labels: `[B, H, W]` int; entries with zero weight may hold anything (255 for ignore).
-    weights: `[B, H, W]` float (0 for ignored and padded pixels).
-    label_smoothing: mass spread uniformly over the K classes.
-    align_corners: PyTorch's `align_corners` of the resize.
-    block_bytes: the most bytes of float32 upsampled logits computed at once.
+  `logits` `[B, h, w, K]` are resized bilinearly to the size of `labels` `[B, H, W]` (int;
+  anything where `weights` `[B, H, W]` is 0, e.g. 255 for ignore) when it differs;
+  `block_bytes` bounds the float32 upsampled logits computed at once.
   """
   batch, height, width = labels.shape
   num_classes = logits.shape[-1]

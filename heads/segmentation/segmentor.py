@@ -17,14 +17,12 @@ from heads.resampling import resize_bilinear
 class Segmentor(nn.Module):
   """Per-pixel logits at the input size from any backbone returning a dict of NHWC maps.
 
-  The neck's levels join the backbone's dict (e.g. `FPN`'s `'p2'...` next to `'stage1'...`),
-  so each head picks its levels by name. Called as Scenic calls models. Returns
-  `{'logits': [N, H, W, K]}` (bilinear, half-pixel, no antialiasing, unless `align_corners`);
-  in train mode also `'head_logits'`, the decode head's logits before the resize (for
-  `heads.segmentation.loss`, which resizes them a block at a time; a step using only these
-  never computes the full-size ones) and, with an auxiliary head (mmseg's training-only loss,
-  weight 0.4), `'aux_logits'` and `'aux_head_logits'`. `init` runs the auxiliary head in eval
-  mode too, so the variables do not depend on the mode that initialised them.
+  The neck's levels join the backbone's (e.g. `FPN`'s `'p2'...` next to `'stage1'...`), so
+  each head picks its levels by name. Returns `{'logits': [N, H, W, K]}`; in train mode also
+  the decode head's `'head_logits'` before the resize (for `heads.segmentation.loss`), and with
+  an auxiliary head (mmseg's training-only loss, weight 0.4) `'aux_logits'` and
+  `'aux_head_logits'`. `init` runs the auxiliary head in eval mode too, so the variables do not
+  depend on the mode. Called as Scenic calls models.
   """
 
   backbone: nn.Module
