@@ -87,7 +87,9 @@ class ATSSHead(nn.Module):
   prior_prob: float = PRIOR_PROB
   init_std: float = HEAD_INIT_STD
 
-  def _check_config(self) -> None:
+  @nn.compact
+  def __call__(self, features: Mapping[str, jax.Array], *,
+               train: bool = False) -> dict[str, jax.Array]:
     owner = type(self).__name__
     check_norm(self.norm, owner)
     if isinstance(self.in_features, str):
@@ -99,12 +101,6 @@ class ATSSHead(nn.Module):
     if self.num_convs < 0:
       raise ValueError(f'{owner}.num_convs must be >= 0, got {self.num_convs}.')
     prior_bias(self.prior_prob)
-
-  @nn.compact
-  def __call__(self, features: Mapping[str, jax.Array], *,
-               train: bool = False) -> dict[str, jax.Array]:
-    self._check_config()
-    owner = type(self).__name__
     levels = select_features(features, self.in_features, None, owner=owner)
     widths = {name: x.shape[-1] for name, x in zip(self.in_features, levels, strict=True)}
     if len(set(widths.values())) != 1:
@@ -130,11 +126,8 @@ class ATSSHead(nn.Module):
 
     cls_logits, box_distances, centerness = [], [], []
     for x, stride, scale in zip(levels, self.strides, scales, strict=True):
-      cls_feat = reg_feat = x
-      for conv in cls_convs:
-        cls_feat = conv(cls_feat, train=train)
-      for conv in reg_convs:
-        reg_feat = conv(reg_feat, train=train)
+      cls_feat, reg_feat = (functools.reduce(lambda y, conv: conv(y, train=train), convs, x)
+                            for convs in (cls_convs, reg_convs))
       cls_logits.append(conv_cls(cls_feat))
       box_distances.append(nn.relu(scale(conv_reg(reg_feat))) * float(stride))
       # FCOS `centerness_on_reg=True`: the centerness branch reads the regression tower.

@@ -42,8 +42,7 @@ class Detector(nn.Module):
     levels = select_features(features, self.head.in_features, None, owner=type(self).__name__)
     return dict(zip(self.head.in_features, levels, strict=True))
 
-  def level_shapes(self, height: int, width: int,
-                   channels: int = 3) -> tuple[tuple[int, int], ...]:
+  def level_shapes(self, height: int, width: int, channels: int = 3) -> tuple[tuple[int, int], ...]:
     """Static `(h_l, w_l)` of the head's levels for an input size, in `in_features` order.
 
     Traced with `jax.eval_shape` (no FLOPs) on the unbound module and cached per size, so data
