@@ -1,17 +1,20 @@
-"""Conv + norm + ReLU, the building block of every head, and the shared norm and classifier.
+"""What every head shares: conv + norm + ReLU (`ConvModule`), the norms, and `DecodeHead`.
 
-Mirrors mmcv's `ConvModule` and Hugging Face's `UperNetConvModule`: the conv has no bias when a
-norm follows it (the norm's shift makes it redundant), and the norm sub-module is named after
-its kind (`batch_norm`, as in Hugging Face, `group_norm`, `layer_norm`) so converted PyTorch
-weights land on the same names.
+As mmcv's `ConvModule` and Hugging Face's `UperNetConvModule`, the conv has no bias before a
+norm and the norm is named after its kind (`batch_norm`, `group_norm`, `layer_norm`), so
+converted PyTorch weights land on the same names.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 
 from heads import dense_conv
+from heads.features import select_features
 
 NORMS = ('batch', 'group', 'layer', 'none')
 
@@ -27,41 +30,18 @@ def check_norm(norm: str, owner: str) -> None:
 
 
 def group_count(channels: int, num_groups: int) -> int:
-  """The largest divisor of `channels` that is at most `num_groups`.
-
-  GroupNorm needs `channels % groups == 0`; the usual 32 groups do not divide the narrow
-  widths of test and tiny variants (e.g. 48 or 20 channels), so fall back to fewer groups.
-  """
+  """The largest divisor of `channels` up to `num_groups`: 32 groups do not divide the narrow
+  widths of test and tiny variants (e.g. 48 or 20 channels)."""
   for groups in range(min(num_groups, channels), 0, -1):
     if channels % groups == 0:
       return groups
   return 1
 
 
-def apply_norm(
-    x: jax.Array,
-    norm: str,
-    *,
-    train: bool,
-    axis_name: str | None = None,
-    num_groups: int = 32,
-) -> jax.Array:
-  """Applies the norm named by `norm` over the channels of `x` ([N, H, W, C]).
-
-  Must be called inside a compact method: the norm becomes a sub-module of the caller, named
-  `batch_norm`, `group_norm` or `layer_norm`.
-
-  Args:
-    x: `[N, H, W, C]`.
-    norm: 'batch' (running statistics in eval, batch statistics in train, averaged across
-      devices over `axis_name` when given), 'group', 'layer' or 'none'.
-    train: training mode.
-    axis_name: the mapped axis for cross-device BatchNorm statistics, or None.
-    num_groups: GroupNorm groups (reduced to a divisor of the channels when needed).
-
-  Returns:
-    `[N, H, W, C]`.
-  """
+def apply_norm(x: jax.Array, norm: str, *, train: bool, axis_name: str | None = None,
+               num_groups: int = 32) -> jax.Array:
+  """The norm named by `norm` over the channels of `[N, H, W, C]` (a sub-module of the calling
+  compact method); 'batch' uses batch statistics in train mode, averaged over `axis_name`."""
   if norm == 'batch':
     return nn.BatchNorm(
         use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=NORM_EPSILON,
@@ -78,20 +58,10 @@ def apply_norm(
 
 
 class ConvModule(nn.Module):
-  """Conv2d with symmetric zero padding, then an optional norm, then an optional ReLU.
+  """Conv2d (`dense_conv`) with symmetric zero padding, then an optional norm and ReLU.
 
-  Attributes:
-    features: output channels.
-    kernel_size: square kernel size.
-    stride: stride on both axes.
-    padding: zero padding per side; None means `dilation * (kernel_size // 2)` (same size
-      at stride 1). Explicit padding, never 'SAME', so strided outputs match PyTorch.
-    dilation: kernel dilation.
-    norm: 'batch', 'group', 'layer' or 'none'.
-    axis_name: mapped axis for cross-device BatchNorm statistics.
-    num_groups: GroupNorm groups.
-    activation: apply ReLU.
-    use_bias: conv bias; None means "only without a norm".
+  `padding` None is `dilation * (kernel_size // 2)` (explicit, never 'SAME', so strided
+  outputs match PyTorch); `use_bias` None means "only without a norm".
   """
 
   features: int
@@ -107,11 +77,9 @@ class ConvModule(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """Maps `[N, H, W, C_in]` to `[N, H', W', features]`."""
     check_norm(self.norm, type(self).__name__)
     pad = self.dilation * (self.kernel_size // 2) if self.padding is None else self.padding
     use_bias = self.norm == 'none' if self.use_bias is None else self.use_bias
-    # Flax's Conv parameters, computed with matrix-product gradients on CPU (`dense_conv`).
     x = dense_conv.Conv(
         self.features, self.kernel_size, stride=self.stride, padding=pad,
         dilation=self.dilation, use_bias=use_bias, name='conv')(x)
@@ -120,24 +88,33 @@ class ConvModule(nn.Module):
     return nn.relu(x) if self.activation else x
 
 
-def classify(
-    x: jax.Array, *, num_classes: int, dropout_rate: float, train: bool
-) -> jax.Array:
-  """Dropout, then the 1x1 classifier conv (named `classifier`, as in Hugging Face).
-
-  The dropout drops whole channels (PyTorch `Dropout2d`, as in mmsegmentation's
-  `BaseDecodeHead`), using the 'dropout' rng, and only in train mode. Must be called inside
-  a compact method.
-
-  Args:
-    x: `[N, H, W, C]`.
-    num_classes: output channels K.
-    dropout_rate: probability of dropping a channel.
-    train: training mode.
-
-  Returns:
-    `[N, H, W, K]` logits.
+class DecodeHead(nn.Module):
+  """Settings and steps of every decode head: `head(features, train=...)` maps
+  `{level: [N, H_i, W_i, C_i]}` to `[N, H_0, W_0, num_classes]` logits at the finest level's
+  resolution; `in_features` are ordered fine to coarse, `in_channels` None accepts any, and
+  `dropout_rate` drops channels before the classifier in train mode ('dropout' rng).
   """
-  if dropout_rate > 0:
-    x = nn.Dropout(dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
-  return dense_conv.Conv(num_classes, 1, name='classifier')(x)
+
+  num_classes: int
+  in_features: Sequence[str] = ('stage1', 'stage2', 'stage3')
+  in_channels: Sequence[int] | None = None
+  norm: str = 'batch'
+  axis_name: str | None = None
+  num_groups: int = 32
+  dropout_rate: float = 0.1
+
+  @property
+  def norm_settings(self) -> dict[str, Any]:
+    return dict(norm=self.norm, axis_name=self.axis_name, num_groups=self.num_groups)
+
+  def inputs(self, features: Mapping[str, jax.Array]) -> list[jax.Array]:
+    """Checks the settings and picks the maps of `in_features` (`select_features`)."""
+    owner = type(self).__name__
+    check_norm(self.norm, owner)
+    return select_features(features, self.in_features, self.in_channels, owner=owner)
+
+  def classify(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Channel dropout (`Dropout2d`, as mmseg's `BaseDecodeHead`), then the 1x1 `classifier`."""
+    if self.dropout_rate > 0:
+      x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)(x)
+    return dense_conv.Conv(self.num_classes, 1, name='classifier')(x)

@@ -1,10 +1,9 @@
-"""The feature-dict contract between backbones (or necks) and heads.
+"""The contract between backbones (or necks) and heads, checked where a model's input enters.
 
-A backbone returns `{name: [N, H, W, C]}` maps and describes them, without init, with a
-timm-style `feature_info`: `[{'name': 'stage1', 'num_chs': 64, 'reduction': 4}, ...]`.
-Heads name the levels they use (`in_features`, fine to coarse) and may declare the channels
-they expect (`in_channels`); `select_features` checks a feature dict against both and raises
-errors that name the level and the shapes, instead of failing deep inside a conv.
+A backbone returns `{name: [N, H, W, C]}` maps described, without init, by a timm-style
+`feature_info` (`[{'name': 'stage1', 'num_chs': 64, 'reduction': 4}, ...]`); heads name the
+levels they read (`in_features`, fine to coarse) and may declare their channels. Errors name
+the level and the shapes instead of failing deep inside a conv.
 """
 
 from __future__ import annotations
@@ -17,28 +16,10 @@ from typing import Any
 import jax
 
 
-def select_features(
-    features: Mapping[str, jax.Array],
-    in_features: Sequence[str],
-    in_channels: Sequence[int] | None,
-    *,
-    owner: str,
-) -> list[jax.Array]:
-  """Picks and checks the levels a head uses.
-
-  Args:
-    features: `{name: [N, H, W, C]}` maps from a backbone or neck.
-    in_features: the level names to use, ordered fine to coarse.
-    in_channels: declared channels per level, or None to accept whatever comes.
-    owner: the head's class name, for error messages.
-
-  Returns:
-    The maps of `in_features`, in that order.
-
-  Raises:
-    ValueError: a level is missing, a map is not 4-D, channels disagree with `in_channels`,
-      batch sizes differ, or the levels are not ordered fine to coarse.
-  """
+def select_features(features: Mapping[str, jax.Array], in_features: Sequence[str],
+                    in_channels: Sequence[int] | None, *, owner: str) -> list[jax.Array]:
+  """The maps of `in_features`, in order, checked: present, 4-D, with the declared channels
+  (None accepts any), one batch size, ordered fine to coarse. `owner` names the head."""
   if not isinstance(features, Mapping):
     raise ValueError(
         f'{owner} expects a dict of [N, H, W, C] feature maps, got {type(features).__name__}.')
@@ -46,10 +27,8 @@ def select_features(
     raise ValueError(f'{owner}.in_features must be a sequence of names, got {in_features!r}.')
   if not in_features:
     raise ValueError(f'{owner}.in_features is empty.')
-  if in_channels is not None and len(in_channels) != len(in_features):
-    raise ValueError(
-        f'{owner} declares {len(in_channels)} in_channels {tuple(in_channels)} for '
-        f'{len(in_features)} in_features {tuple(in_features)}.')
+  if in_channels is not None:
+    check_per_level(owner, 'in_channels', in_channels, in_features)
   available = ', '.join(f'{k!r}: {_shape(v)}' for k, v in features.items())
   missing = [name for name in in_features if name not in features]
   if missing:
@@ -81,23 +60,23 @@ def select_features(
   return selected
 
 
+def check_per_level(owner: str, name: str, values: Sequence[Any],
+                    in_features: Sequence[str]) -> None:
+  """Raises unless `values` (e.g. strides) has one entry per level of `in_features`."""
+  if len(values) != len(in_features):
+    raise ValueError(f'{owner}: {len(values)} {name} {tuple(values)} for {len(in_features)} '
+                     f'in_features {tuple(in_features)}.')
+
+
 def _shape(x: Any) -> tuple[int, ...] | str:
   shape = getattr(x, 'shape', None)
   return tuple(shape) if shape is not None else type(x).__name__
 
 
-def feature_kwargs(
-    feature_info: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None
-) -> dict[str, tuple[Any, ...]]:
-  """Head settings derived from a backbone's (or neck's) `feature_info`.
-
-  Args:
-    feature_info: timm-style `[{'name': ..., 'num_chs': ..., 'reduction': ...}, ...]`.
-    names: the levels to use (default: all, in `feature_info` order).
-
-  Returns:
-    `{'in_features': names, 'in_channels': channels, 'in_strides': strides}` for those levels.
-  """
+def feature_kwargs(feature_info: Sequence[Mapping[str, Any]],
+                   names: Sequence[str] | None = None) -> dict[str, tuple[Any, ...]]:
+  """`in_features`, `in_channels` and `in_strides` of the levels `names` (default: all) of a
+  `feature_info`."""
   by_name = {info['name']: info for info in feature_info}
   if names is None:
     names = [info['name'] for info in feature_info]
@@ -117,3 +96,24 @@ def stride_level(stride: int) -> int:
   if not level.is_integer():
     raise ValueError(f'Strides must be powers of two to name pyramid levels, got {stride}.')
   return int(level)
+
+
+def check_images(images: jax.Array, owner: str) -> jax.Array:
+  """Returns `images` if they are `[N, H, W, C]`; raises on other ranks and on NCHW."""
+  if getattr(images, 'ndim', None) != 4:
+    raise ValueError(
+        f'{owner} expects [N, H, W, C] images, got shape {getattr(images, "shape", None)}.')
+  if images.shape[1] in (1, 3, 4) and images.shape[-1] not in (1, 3, 4):
+    raise ValueError(
+        f'{owner} expects channels-last [N, H, W, C] images; shape {tuple(images.shape)} '
+        f'looks channels-first ([N, C, H, W]). Transpose with x.transpose(0, 2, 3, 1).')
+  return images
+
+
+def with_neck(neck: Any, features: Mapping[str, jax.Array], *,
+              train: bool) -> dict[str, jax.Array]:
+  """Backbone maps merged with the neck's levels, if there is a neck (its names win)."""
+  features = dict(features)
+  if neck is not None:
+    features.update(neck(features, train=train))
+  return features

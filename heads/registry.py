@@ -1,8 +1,5 @@
-"""Heads by name, so configs can say `{'name': 'upernet', 'num_classes': 150, ...}`.
-
-`build_head` builds necks and decode heads only: backbones are built by their own package
-and handed to `Segmentor`.
-"""
+"""Necks and decode heads by name, for configs: `{'name': 'upernet', 'num_classes': 150}`
+(backbones are built by their own package and handed to the model)."""
 
 from __future__ import annotations
 
@@ -21,13 +18,8 @@ from heads.semantic_fpn import SemanticFPNHead
 from heads.upernet import FCNHead, UPerNetHead
 
 HEADS: dict[str, type[nn.Module]] = {
-    'fpn': FPN,
-    'semantic_fpn': SemanticFPNHead,
-    'upernet': UPerNetHead,
-    'fcn': FCNHead,
-    'segformer': SegFormerHead,
-    'linear': LinearHead,
-}
+    'fpn': FPN, 'semantic_fpn': SemanticFPNHead, 'upernet': UPerNetHead, 'fcn': FCNHead,
+    'segformer': SegFormerHead, 'linear': LinearHead}
 
 # Flax's own dataclass fields, not settings.
 _RESERVED_FIELDS = ('parent', 'name')
@@ -50,33 +42,15 @@ def head_fields(cls: type[nn.Module]) -> tuple[str, ...]:
   return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _RESERVED_FIELDS)
 
 
-def build_head(
-    config: str | Mapping[str, Any],
-    *,
-    feature_info: Sequence[Mapping[str, Any]] | None = None,
-    **overrides: Any,
-) -> nn.Module:
-  """Builds a head or neck from a name or a config dict.
+def build_head(config: str | Mapping[str, Any], *,
+               feature_info: Sequence[Mapping[str, Any]] | None = None,
+               **overrides: Any) -> nn.Module:
+  """The unbound head or neck of a registered name, or of a mapping (or ConfigDict) with a
+  'name' key and the head's settings, e.g. `build_head('upernet', num_classes=150)`.
 
-  Examples:
-    build_head('upernet', num_classes=150)
-    build_head({'name': 'semantic_fpn', 'num_classes': 19, 'channels': 128})
-    build_head('fpn', feature_info=backbone.feature_info)  # in_features/channels/strides
-
-  Args:
-    config: a registered name ('fpn', 'semantic_fpn', 'upernet', 'fcn', 'segformer',
-      'linear'), or a mapping with a 'name' key and the head's settings (an ml_collections
-      ConfigDict works too).
-    feature_info: optional timm-style metadata of the maps the head will read (a backbone's
-      or `FPN.feature_info`); fills `in_features` (all levels unless set), `in_channels` and
-      `in_strides` where the head has those fields.
-    **overrides: settings that replace those of `config`.
-
-  Returns:
-    The (unbound) Flax module.
-
-  Raises:
-    ValueError: unknown name, or settings the head does not have (typos are not swallowed).
+  `feature_info` (a backbone's or `FPN.feature_info`) fills `in_features` (all levels unless
+  set), `in_channels` and `in_strides` where the head has them; `overrides` replace settings.
+  Unknown names and settings the head does not have raise ValueError (typos are not swallowed).
   """
   if hasattr(config, 'to_dict'):
     config = config.to_dict()

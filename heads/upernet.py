@@ -1,18 +1,12 @@
-"""UPerNet decode head (Xiao et al. 2018, arXiv 1807.10221) and its FCN auxiliary head.
-
-A pyramid pooling module (PSPNet, pool scales 1/2/3/6) on the coarsest level replaces its
-lateral; an FPN top-down pass (bilinear, half-pixel) fuses the other levels; every level is
-upsampled to the finest, concatenated, fused by a 3x3 conv and classified. The FCN head
-(Long et al. 2015) classifies one level (stage 3) and serves as the auxiliary loss (weight 0.4
-in mmsegmentation's UPerNet configs).
-
-Reference: Hugging Face `transformers/models/upernet/modeling_upernet.py` (`UperNetHead`,
-`UperNetFCNHead`), itself a port of mmsegmentation's `UPerHead`/`FCNHead`. Sub-module names
-mirror it (`psp_modules.0.1.conv` -> `psp_modules_0/conv`), see `convert_hf_upernet_head`.
+"""UPerNet decode head (Xiao et al. 2018, arXiv 1807.10221): pyramid pooling (PSPNet, scales
+1/2/3/6) on the coarsest level, an FPN top-down pass, all levels fused at the finest by a 3x3
+conv. The FCN head (Long et al. 2015) is its auxiliary head (loss weight 0.4 in mmseg). Names
+mirror Hugging Face's ports of mmseg's heads (`psp_modules.0.1.conv` -> `psp_modules_0/conv`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,137 +16,68 @@ import jax
 import jax.numpy as jnp
 
 from cvt_backbone.weights.convert import module_path, torch_to_flax
-from heads.conv_module import ConvModule, check_norm, classify
-from heads.features import select_features
+from heads.conv_module import ConvModule, DecodeHead
 from heads.resampling import adaptive_avg_pool, resize_bilinear
 
 
-class UPerNetHead(nn.Module):
-  """UPerNet decode head: `{level: [N, H_i, W_i, C_i]}` -> `[N, H_0, W_0, K]`.
+class UPerNetHead(DecodeHead):
+  """UPerNet decode head, the PPM on the last level; `dropout_rate` 0.1 as mmseg (Hugging
+  Face's port has none, the same in eval)."""
 
-  Attributes:
-    num_classes: K.
-    in_features: level names, fine to coarse; the PPM runs on the last one.
-    in_channels: declared channels per level; None to accept any.
-    channels: width of every conv (512 in mmsegmentation and Hugging Face).
-    pool_scales: PPM output sizes (PSPNet's 1, 2, 3, 6).
-    norm: 'batch' (reference), 'group', 'layer' or 'none'.
-    axis_name: mapped axis for cross-device BatchNorm statistics.
-    num_groups: GroupNorm groups.
-    dropout_rate: channel dropout before the classifier, train mode only (mmseg's 0.1;
-      Hugging Face's port has none, which is the same in eval).
-  """
-
-  num_classes: int
-  in_features: Sequence[str] = ('stage1', 'stage2', 'stage3')
-  in_channels: Sequence[int] | None = None
-  channels: int = 512
-  pool_scales: Sequence[int] = (1, 2, 3, 6)
-  norm: str = 'batch'
-  axis_name: str | None = None
-  num_groups: int = 32
-  dropout_rate: float = 0.1
+  channels: int = 512  # every conv (mmseg and Hugging Face)
+  pool_scales: Sequence[int] = (1, 2, 3, 6)  # PPM output sizes (PSPNet)
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
-    """Decodes the levels.
-
-    Args:
-      features: `{name: [N, H_i, W_i, C_i]}` containing every level of `in_features`.
-      train: training mode (batch statistics, dropout with the 'dropout' rng).
-
-    Returns:
-      `[N, H_0, W_0, num_classes]` logits at the finest level's resolution.
-    """
-    owner = type(self).__name__
-    check_norm(self.norm, owner)
-    inputs = select_features(features, self.in_features, self.in_channels, owner=owner)
-    conv = dict(norm=self.norm, axis_name=self.axis_name, num_groups=self.num_groups)
+    inputs = self.inputs(features)
+    conv = functools.partial(ConvModule, self.channels, **self.norm_settings)
 
     # Pyramid pooling on the coarsest level: pool, 1x1 conv, upsample back, concat, 3x3 conv.
     top = inputs[-1]
     psp_outs = [top]
     for i, scale in enumerate(self.pool_scales):
-      pooled = ConvModule(self.channels, 1, name=f'psp_modules_{i}', **conv)(
-          adaptive_avg_pool(top, scale), train=train)
+      pooled = conv(1, name=f'psp_modules_{i}')(adaptive_avg_pool(top, scale), train=train)
       psp_outs.append(resize_bilinear(pooled, top.shape[1:3]))
-    psp = ConvModule(self.channels, 3, name='bottleneck', **conv)(
-        jnp.concatenate(psp_outs, axis=-1), train=train)
+    psp = conv(3, name='bottleneck')(jnp.concatenate(psp_outs, axis=-1), train=train)
 
-    laterals = [ConvModule(self.channels, 1, name=f'lateral_convs_{i}', **conv)(x, train=train)
+    laterals = [conv(1, name=f'lateral_convs_{i}')(x, train=train)
                 for i, x in enumerate(inputs[:-1])]
     laterals.append(psp)
     for i in range(len(laterals) - 1, 0, -1):
       laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], laterals[i - 1].shape[1:3])
-    outs = [ConvModule(self.channels, 3, name=f'fpn_convs_{i}', **conv)(x, train=train)
-            for i, x in enumerate(laterals[:-1])]
+    outs = [conv(3, name=f'fpn_convs_{i}')(x, train=train) for i, x in enumerate(laterals[:-1])]
     outs.append(laterals[-1])
     size = outs[0].shape[1:3]
     fused = jnp.concatenate([outs[0]] + [resize_bilinear(x, size) for x in outs[1:]], axis=-1)
-    fused = ConvModule(self.channels, 3, name='fpn_bottleneck', **conv)(fused, train=train)
-    return classify(fused, num_classes=self.num_classes, dropout_rate=self.dropout_rate,
-                    train=train)
+    return self.classify(conv(3, name='fpn_bottleneck')(fused, train=train), train=train)
 
 
-class FCNHead(nn.Module):
-  """FCN head on one level, UPerNet's auxiliary head: `{level: ...}` -> `[N, H, W, K]`.
+class FCNHead(DecodeHead):
+  """FCN head on one level (stage 3, stride 16, in mmseg's UPerNet configs); logits at that
+  level's resolution. `concat_input` fuses the input and the convs' output with one more conv."""
 
-  Attributes:
-    num_classes: K.
-    in_features: a single level name (stage 3, stride 16, as in mmseg's UPerNet configs).
-    in_channels: declared channels of that level (a one-element sequence); None for any.
-    channels: conv width (256 for the auxiliary head).
-    num_convs: number of conv-norm-ReLU blocks (0 classifies the input directly).
-    kernel_size: conv kernel size.
-    dilation: conv dilation.
-    concat_input: concatenate the input with the conv output and fuse with one more conv.
-    norm: 'batch' (reference), 'group', 'layer' or 'none'.
-    axis_name: mapped axis for cross-device BatchNorm statistics.
-    num_groups: GroupNorm groups.
-    dropout_rate: channel dropout before the classifier, train mode only.
-  """
-
-  num_classes: int
   in_features: Sequence[str] = ('stage3',)
-  in_channels: Sequence[int] | None = None
-  channels: int = 256
-  num_convs: int = 1
+  channels: int = 256  # the auxiliary head's width
+  num_convs: int = 1  # conv-norm-ReLU blocks; 0 classifies the input
   kernel_size: int = 3
   dilation: int = 1
   concat_input: bool = False
-  norm: str = 'batch'
-  axis_name: str | None = None
-  num_groups: int = 32
-  dropout_rate: float = 0.1
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], *, train: bool = False) -> jax.Array:
-    """Classifies one level.
-
-    Args:
-      features: `{name: [N, H, W, C]}` containing the level of `in_features`.
-      train: training mode (batch statistics, dropout with the 'dropout' rng).
-
-    Returns:
-      `[N, H, W, num_classes]` logits at that level's resolution.
-    """
-    owner = type(self).__name__
-    check_norm(self.norm, owner)
     if len(self.in_features) != 1:
-      raise ValueError(f'{owner} reads exactly one level, got in_features '
+      raise ValueError(f'{type(self).__name__} reads exactly one level, got in_features '
                        f'{tuple(self.in_features)}.')
-    (x,) = select_features(features, self.in_features, self.in_channels, owner=owner)
-    conv = dict(norm=self.norm, axis_name=self.axis_name, num_groups=self.num_groups)
+    (x,) = self.inputs(features)
+    conv = functools.partial(ConvModule, self.channels, self.kernel_size, **self.norm_settings)
     out = x
     for i in range(self.num_convs):
-      out = ConvModule(self.channels, self.kernel_size, dilation=self.dilation,
-                       name=f'convs_{i}', **conv)(out, train=train)
+      out = conv(dilation=self.dilation, name=f'convs_{i}')(out, train=train)
     if self.concat_input:
       # Padding kernel_size // 2 without dilation, as the reference (mmseg, Hugging Face).
-      out = ConvModule(self.channels, self.kernel_size, padding=self.kernel_size // 2,
-                       name='conv_cat', **conv)(jnp.concatenate([x, out], axis=-1), train=train)
-    return classify(out, num_classes=self.num_classes, dropout_rate=self.dropout_rate,
-                    train=train)
+      out = conv(padding=self.kernel_size // 2, name='conv_cat')(
+          jnp.concatenate([x, out], axis=-1), train=train)
+    return self.classify(out, train=train)
 
 
 def _hf_upernet_path(torch_path: str) -> str:
@@ -160,27 +85,17 @@ def _hf_upernet_path(torch_path: str) -> str:
   return module_path(re.sub(r'^psp_modules\.(\d+)\.1\.', r'psp_modules.\1.', torch_path))
 
 
-def convert_hf_upernet_head(
-    state_dict: Mapping[str, Any], prefix: str = 'decode_head.'
-) -> dict[str, dict[str, Any]]:
-  """Hugging Face `UperNetHead` weights -> `UPerNetHead` variables.
-
-  Args:
-    state_dict: numpy arrays keyed like `UperNetForSemanticSegmentation.state_dict()`; keys
-      outside `prefix` are ignored.
-    prefix: where the head sits ('decode_head.'; '' for a bare `UperNetHead`).
-
-  Returns:
-    `{'params': ..., 'batch_stats': ...}` for `UPerNetHead`; pass it through
-    `cvt_backbone.weights.convert.merge_variables` to check it against an initialised model.
+def convert_hf_upernet_head(state_dict: Mapping[str, Any],
+                            prefix: str = 'decode_head.') -> dict[str, dict[str, Any]]:
+  """Hugging Face `UperNetHead` weights (numpy, keyed as `UperNetForSemanticSegmentation`'s
+  state dict; keys outside `prefix` ignored) -> `UPerNetHead` variables, for `merge_variables`.
   """
   sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
   return torch_to_flax(sub, _hf_upernet_path)
 
 
-def convert_hf_fcn_head(
-    state_dict: Mapping[str, Any], prefix: str = 'auxiliary_head.'
-) -> dict[str, dict[str, Any]]:
+def convert_hf_fcn_head(state_dict: Mapping[str, Any],
+                        prefix: str = 'auxiliary_head.') -> dict[str, dict[str, Any]]:
   """Hugging Face `UperNetFCNHead` weights -> `FCNHead` variables (see the UPerNet one)."""
   sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
   return torch_to_flax(sub, module_path)

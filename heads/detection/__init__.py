@@ -1,1 +1,1 @@
-"""One-stage detection on a feature pyramid: ATSS head and neck, `Detector`, assignment, losses, NMS."""
+"""The one-stage detector (`Detector`), its ATSS targets, boxes, losses and jit NMS."""

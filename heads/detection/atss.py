@@ -1,17 +1,10 @@
 """ATSS target assignment with static shapes (Zhang et al. 2020, arXiv 1912.02424, Alg. 1).
 
-Adaptive Training Sample Selection picks, for each ground-truth box and each pyramid level,
-the `topk` anchor points nearest the box centre; the IoUs of their anchor boxes with the gt
-give a threshold `mean + std`, and candidates at or above it whose point lies inside the gt
-are positives. This follows mmdet's `ATSSAssigner`
-(mmdet/models/task_modules/assigners/atss_assigner.py) line by line, with every shape static:
-per-level `lax.top_k` instead of Python lists, masks instead of boolean indexing, and gt boxes
-padded to a fixed `G` per image with a `gt_valid` mask. `atss_assign` is jit-able (with
-`level_sizes` and `topk` static) and vmap-able over images; `assign_targets` does the batch.
-
-Points are `(x, y)` pixel centres of feature-map cells, `((col + 0.5) * stride,
-(row + 0.5) * stride)` (mmdet's `MlvlPointGenerator(offset=0.5)`), levels concatenated fine to
-coarse, each row-major. Assignments are gt indices, -1 for negatives.
+mmdet's `ATSSAssigner` (mmdet/models/task_modules/assigners/atss_assigner.py) line by line, with
+per-level `lax.top_k` instead of lists, masks instead of boolean indexing and gt boxes padded to
+a fixed `G` with a `gt_valid` mask: jit-able with `level_sizes` and `topk` static. Points are
+cell centres `((col + 0.5) * stride, (row + 0.5) * stride)` (mmdet's `MlvlPointGenerator`),
+levels fine to coarse, each row-major; assignments are gt indices, -1 for negatives.
 """
 
 from __future__ import annotations
@@ -22,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heads.detection.boxes import encode_ltrb, pairwise_iou
+from heads.detection.boxes import check_level_sizes, encode_ltrb, pairwise_iou
 
 # Anchor side in strides: mmdet's ATSS config uses `octave_base_scale=8, scales_per_octave=1`
 # (configs/atss/atss_r50_fpn_1x_coco.py), one square anchor per location.
@@ -44,15 +37,7 @@ def _check_levels(level_shapes: Sequence[tuple[int, int]], strides: Sequence[int
 
 
 def anchor_points(level_shapes: Sequence[tuple[int, int]], strides: Sequence[int]) -> jax.Array:
-  """Cell-centre points of every level, fine to coarse, each level row-major.
-
-  Args:
-    level_shapes: `(H_l, W_l)` of each level's feature map.
-    strides: stride of each level in input pixels.
-
-  Returns:
-    `[P, 2]` float32 `(x, y)` with `P = sum(H_l * W_l)`.
-  """
+  """`[P, 2]` float32 `(x, y)` cell centres of levels `(H_l, W_l)` with these strides."""
   _check_levels(level_shapes, strides)
   points = []
   for (h, w), stride in zip(level_shapes, strides, strict=True):
@@ -64,9 +49,7 @@ def anchor_points(level_shapes: Sequence[tuple[int, int]], strides: Sequence[int
 def point_strides(level_shapes: Sequence[tuple[int, int]], strides: Sequence[int]) -> jax.Array:
   """Stride of every point of `anchor_points(level_shapes, strides)`: `[P]` float32."""
   _check_levels(level_shapes, strides)
-  return jnp.asarray(np.concatenate(
-      [np.full(int(h) * int(w), s, np.float32) for (h, w), s in zip(level_shapes, strides,
-                                                                     strict=True)]))
+  return jnp.asarray(np.repeat(np.asarray(strides, np.float32), level_sizes_of(level_shapes)))
 
 
 def level_sizes_of(level_shapes: Sequence[tuple[int, int]]) -> tuple[int, ...]:
@@ -74,17 +57,14 @@ def level_sizes_of(level_shapes: Sequence[tuple[int, int]]) -> tuple[int, ...]:
   return tuple(int(h) * int(w) for h, w in level_shapes)
 
 
+def level_slices(level_sizes: Sequence[int]) -> list[tuple[int, int]]:
+  """`(start, size)` of each level on the point axis."""
+  starts = np.cumsum((0, *level_sizes[:-1]))
+  return [(int(start), int(size)) for start, size in zip(starts, level_sizes, strict=True)]
+
+
 def anchor_boxes(points: jax.Array, strides: jax.Array, scale: float = ANCHOR_SCALE) -> jax.Array:
-  """Square anchors of side `scale * stride` centred on each point.
-
-  Args:
-    points: `[P, 2]` `(x, y)`.
-    strides: `[P]` stride of each point (`point_strides`).
-    scale: anchor side in strides (8 in mmdet's ATSS).
-
-  Returns:
-    `[P, 4]` xyxy anchors.
-  """
+  """`[P, 4]` xyxy square anchors of side `scale * stride` centred on `[P, 2]` points."""
   points, strides = jnp.asarray(points), jnp.asarray(strides)
   if points.ndim != 2 or points.shape[-1] != 2 or strides.shape != points.shape[:1]:
     raise ValueError(f'anchor_boxes expects points [P, 2] and strides [P], got '
@@ -93,36 +73,18 @@ def anchor_boxes(points: jax.Array, strides: jax.Array, scale: float = ANCHOR_SC
   return jnp.concatenate([points - half, points + half], axis=-1)
 
 
-def atss_assign(
-    anchors: jax.Array,
-    points: jax.Array,
-    level_sizes: Sequence[int],
-    gt_boxes: jax.Array,
-    gt_valid: jax.Array,
-    topk: int = TOPK,
-) -> jax.Array:
-  """Assigns each anchor point to a gt box or to the background, for one image.
+def atss_assign(anchors: jax.Array, points: jax.Array, level_sizes: Sequence[int],
+                gt_boxes: jax.Array, gt_valid: jax.Array, topk: int = TOPK) -> jax.Array:
+  """`[P]` int32 index of each point's gt box (-1 for negatives), for one image.
 
-  Steps (mmdet `ATSSAssigner.assign`): IoU of every anchor with every gt; per level and gt the
-  `min(topk, level size)` points nearest the gt centre (ties: lower index first) are
-  candidates; per gt the threshold is `mean + std` of the candidates' IoUs (`std` unbiased,
-  `ddof=1`, as `torch.Tensor.std`; 0 when there is a single candidate); candidates with
-  `IoU >= threshold` whose point is more than 0.01 px inside the gt are positives. A point
-  positive for several gts takes the one with the highest IoU (mmdet and the reference ATSS
-  code; ties go to the lower gt index), not the smallest-area one as FCOS does. Padded gts
-  (`gt_valid` False) are never matched and change nothing for the others, since every gt's
-  threshold uses only its own candidates.
-
-  Args:
-    anchors: `[P, 4]` xyxy anchor boxes (`anchor_boxes`).
-    points: `[P, 2]` anchor centres (`anchor_points`), used for distances and the inside test.
-    level_sizes: static points per level, fine to coarse, summing to `P`.
-    gt_boxes: `[G, 4]` xyxy gt boxes, padded to a fixed `G`.
-    gt_valid: `[G]` bool, False for padding.
-    topk: candidates per level and gt.
-
-  Returns:
-    `[P]` int32 index into `gt_boxes` of the matched gt, -1 for negatives.
+  `anchors` `[P, 4]` and `points` `[P, 2]` come from `anchor_boxes` and `anchor_points`,
+  `level_sizes` (static) are the points per level; `gt_boxes` `[G, 4]` are padded to a fixed
+  `G`, `gt_valid` `[G]` False for padding. Per level and gt the `min(topk, level size)` points
+  nearest the gt centre are candidates (ties: lower index); a gt's threshold is `mean + std`
+  of its candidates' IoUs (`ddof=1` as `torch.std`; 0 for one candidate); candidates at or
+  above it whose point is more than 0.01 px inside the gt are positives. A point positive for
+  several gts takes the highest IoU (mmdet and the reference code; ties to the lower index),
+  not the smallest area as FCOS. Padded gts never match and change nothing for the others.
   """
   anchors, points = jnp.asarray(anchors), jnp.asarray(points)
   gt_boxes, gt_valid = jnp.asarray(gt_boxes), jnp.asarray(gt_valid)
@@ -131,9 +93,7 @@ def atss_assign(
   if points.ndim != 2 or points.shape[-1] != 2 or anchors.shape != (num_points, 4):
     raise ValueError(f'atss_assign expects anchors [P, 4] and points [P, 2], got '
                      f'{tuple(anchors.shape)} and {tuple(points.shape)}.')
-  if sum(level_sizes) != num_points or min(level_sizes, default=0) <= 0:
-    raise ValueError(f'level_sizes {level_sizes} must be positive and sum to the {num_points} '
-                     f'points.')
+  check_level_sizes(level_sizes, num_points)
   if gt_boxes.ndim != 2 or gt_boxes.shape[-1] != 4 or gt_valid.shape != gt_boxes.shape[:1]:
     raise ValueError(f'atss_assign expects gt_boxes [G, 4] and gt_valid [G], got '
                      f'{tuple(gt_boxes.shape)} and {tuple(gt_valid.shape)}.')
@@ -149,14 +109,10 @@ def atss_assign(
   # Squared distance ranks the points as mmdet's Euclidean distance does.
   dist2 = jnp.sum(jnp.square(points[None, :, :] - centres[:, None, :]), axis=-1)  # [G, P]
 
-  candidates = []
-  start = 0
-  for size in level_sizes:
-    # lax.top_k puts the lower index first among equal values.
-    _, idx = jax.lax.top_k(-dist2[:, start:start + size], min(topk, size))
-    candidates.append(idx + start)
-    start += size
-  candidates = jnp.concatenate(candidates, axis=1)  # [G, C], distinct within a row.
+  # [G, C], distinct within a row; lax.top_k puts the lower index first among equal values.
+  candidates = jnp.concatenate(
+      [jax.lax.top_k(-dist2[:, start:start + size], min(topk, size))[1] + start
+       for start, size in level_slices(level_sizes)], axis=1)
   cand_ious = jnp.take_along_axis(ious, candidates, axis=1)
   num_candidates = candidates.shape[1]
   std = jnp.std(cand_ious, axis=1, ddof=1) if num_candidates > 1 else 0.0
@@ -175,31 +131,12 @@ def atss_assign(
   return jnp.where(jnp.max(pos_ious, axis=0) > -jnp.inf, best, -1)
 
 
-def assign_targets(
-    anchors: jax.Array,
-    points: jax.Array,
-    level_sizes: Sequence[int],
-    gt_boxes: jax.Array,
-    gt_labels: jax.Array,
-    gt_valid: jax.Array,
-    topk: int = TOPK,
-) -> dict[str, jax.Array]:
-  """ATSS targets for a batch, the inputs of `detection_losses.atss_losses`.
-
-  Args:
-    anchors: `[P, 4]` xyxy anchors shared by the batch.
-    points: `[P, 2]` anchor centres.
-    level_sizes: static points per level.
-    gt_boxes: `[B, G, 4]` xyxy gt boxes, padded per image.
-    gt_labels: `[B, G]` int class ids in `[0, K)`.
-    gt_valid: `[B, G]` bool, False for padding (an image may have none).
-    topk: candidates per level and gt.
-
-  Returns:
-    `{'cls_targets': [B, P] int32 class id of the matched gt, -1 for background,
-      'box_targets': [B, P, 4] xyxy of the matched gt, zeros for background,
-      'positive': [B, P] bool}`.
-  """
+def assign_targets(anchors: jax.Array, points: jax.Array, level_sizes: Sequence[int],
+                   gt_boxes: jax.Array, gt_labels: jax.Array, gt_valid: jax.Array,
+                   topk: int = TOPK) -> dict[str, jax.Array]:
+  """ATSS targets of a batch (`gt_boxes` `[B, G, 4]`, `gt_labels` and `gt_valid` `[B, G]`)
+  for `atss_losses`: `{'cls_targets': [B, P] int32 class (-1 for background), 'box_targets':
+  [B, P, 4] xyxy gt (zeros for background), 'positive': [B, P] bool}`."""
   gt_boxes, gt_labels, gt_valid = (jnp.asarray(gt_boxes), jnp.asarray(gt_labels),
                                    jnp.asarray(gt_valid))
   if (gt_boxes.ndim != 3 or gt_boxes.shape[-1] != 4 or gt_labels.shape != gt_boxes.shape[:2]

@@ -1,13 +1,13 @@
-"""Axis-aligned boxes for dense detection: areas, IoU, GIoU and FCOS-style distance coding.
+"""Boxes for dense detection (IoU, GIoU, FCOS distance coding) and the detection shape checks.
 
-Boxes are `[..., 4]` float `(x0, y0, x1, y1)` in pixels (xyxy, no `+1`: a box from 0 to 10 is
-10 px wide, as mmdet and torchvision). Points are `[..., 2]` `(x, y)`. Every function is pure
-jnp, works on NumPy inputs, and is safe on zero-area or inverted boxes (the zero padding of a
-static-shape batch): areas clamp negative extents to 0 and divisions are guarded, so no NaN
-reaches a loss or its gradient.
+Boxes are `[..., 4]` float `(x0, y0, x1, y1)` pixels (no `+1`, as mmdet and torchvision),
+points `[..., 2]` `(x, y)`. Zero-area and inverted boxes (a static batch's padding) are safe:
+extents clamp at 0 and divisions are guarded, so no NaN reaches a loss or its gradient.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,21 @@ def _check_last_dim(x: jax.Array, size: int, what: str) -> None:
     raise ValueError(f'{what} expects an array of shape [..., {size}], got {tuple(x.shape)}.')
 
 
+def check_shapes(owner: str, cls_logits: jax.Array,
+                 expected: dict[str, tuple[Any, tuple[int, ...]]]) -> None:
+  """Raises naming the first `name: (array, shape)` whose shape is not the expected one."""
+  for name, (x, shape) in expected.items():
+    if tuple(jnp.shape(x)) != shape:
+      raise ValueError(f'{owner} expects {name} of shape {list(shape)} for cls_logits '
+                       f'{list(cls_logits.shape)}, got {list(jnp.shape(x))}.')
+
+
+def check_level_sizes(level_sizes: tuple[int, ...], num_points: int) -> None:
+  if sum(level_sizes) != num_points or min(level_sizes, default=0) <= 0:
+    raise ValueError(f'level_sizes {level_sizes} must be positive and sum to the {num_points} '
+                     f'points.')
+
+
 def box_area(boxes: jax.Array) -> jax.Array:
   """Areas of `[..., 4]` xyxy boxes -> `[...]`; inverted extents count as 0."""
   boxes = jnp.asarray(boxes)
@@ -31,62 +46,40 @@ def box_area(boxes: jax.Array) -> jax.Array:
   return w * h
 
 
-def pairwise_iou(a: jax.Array, b: jax.Array, eps: float = EPS) -> jax.Array:
-  """IoU of every box of `a` `[N, 4]` with every box of `b` `[M, 4]` -> `[N, M]`.
+def _overlap_area(a: jax.Array, b: jax.Array, enclosing: bool = False) -> jax.Array:
+  """Area of the intersection (or the enclosing box) of broadcast boxes."""
+  lo, hi = (jnp.minimum, jnp.maximum) if enclosing else (jnp.maximum, jnp.minimum)
+  return box_area(jnp.concatenate([lo(a[..., :2], b[..., :2]), hi(a[..., 2:], b[..., 2:])], -1))
 
-  The union is clamped to `eps` as mmdet's `BboxOverlaps2D`, so two zero-area boxes have IoU 0
-  rather than NaN.
-  """
+
+def pairwise_iou(a: jax.Array, b: jax.Array, eps: float = EPS) -> jax.Array:
+  """IoU of every box of `a` `[N, 4]` with every box of `b` `[M, 4]` -> `[N, M]`; the union
+  is clamped to `eps` as mmdet's `BboxOverlaps2D` (two empty boxes have IoU 0, not NaN)."""
   a, b = jnp.asarray(a), jnp.asarray(b)
   if a.ndim != 2 or a.shape[-1] != 4 or b.ndim != 2 or b.shape[-1] != 4:
     raise ValueError(
         f'pairwise_iou expects boxes [N, 4] and [M, 4], got {tuple(a.shape)} and {tuple(b.shape)}.')
-  lt = jnp.maximum(a[:, None, :2], b[None, :, :2])
-  rb = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
-  wh = jnp.maximum(rb - lt, 0)
-  inter = wh[..., 0] * wh[..., 1]
+  inter = _overlap_area(a[:, None], b[None])
   union = box_area(a)[:, None] + box_area(b)[None, :] - inter
   return inter / jnp.maximum(union, eps)
 
 
 def elementwise_giou(a: jax.Array, b: jax.Array, eps: float = EPS) -> jax.Array:
-  """Generalized IoU (Rezatofighi et al. 2019, arXiv 1902.09630) of aligned boxes.
-
-  Follows mmdet's `bbox_overlaps(mode='giou', is_aligned=True)`: union and enclosing area are
-  clamped to `eps`, so degenerate boxes give a finite value.
-
-  Args:
-    a: `[..., 4]` xyxy boxes.
-    b: `[..., 4]` xyxy boxes, broadcastable against `a`.
-    eps: lower bound on the union and the enclosing area.
-
-  Returns:
-    `[...]` GIoU in `[-1, 1]`.
-  """
+  """Generalized IoU (Rezatofighi et al. 2019, arXiv 1902.09630) of broadcast `[..., 4]` boxes
+  -> `[...]` in `[-1, 1]`, as mmdet's `bbox_overlaps(mode='giou', is_aligned=True)` (union and
+  enclosing area clamped to `eps`)."""
   a, b = jnp.asarray(a), jnp.asarray(b)
   _check_last_dim(a, 4, 'elementwise_giou')
   _check_last_dim(b, 4, 'elementwise_giou')
-  lt = jnp.maximum(a[..., :2], b[..., :2])
-  rb = jnp.minimum(a[..., 2:], b[..., 2:])
-  wh = jnp.maximum(rb - lt, 0)
-  inter = wh[..., 0] * wh[..., 1]
+  inter = _overlap_area(a, b)
   union = jnp.maximum(box_area(a) + box_area(b) - inter, eps)
-  enclose_wh = jnp.maximum(
-      jnp.maximum(a[..., 2:], b[..., 2:]) - jnp.minimum(a[..., :2], b[..., :2]), 0)
-  enclose = jnp.maximum(enclose_wh[..., 0] * enclose_wh[..., 1], eps)
+  enclose = jnp.maximum(_overlap_area(a, b, enclosing=True), eps)
   return inter / union - (enclose - union) / enclose
 
 
 def encode_ltrb(points: jax.Array, boxes: jax.Array) -> jax.Array:
-  """Distances from points to box sides, FCOS's regression targets (Tian et al. 2019).
-
-  Args:
-    points: `[P, 2]` `(x, y)`.
-    boxes: `[..., P, 4]` xyxy, one box per point.
-
-  Returns:
-    `[..., P, 4]` `(x - x0, y - y0, x1 - x, y1 - y)`: all positive iff the point is inside.
-  """
+  """FCOS's regression targets: `[P, 2]` points, `[..., P, 4]` boxes -> `[..., P, 4]`
+  `(x - x0, y - y0, x1 - x, y1 - y)`, all positive iff the point is inside."""
   points, boxes = jnp.asarray(points), jnp.asarray(boxes)
   _check_last_dim(points, 2, 'encode_ltrb points')
   _check_last_dim(boxes, 4, 'encode_ltrb boxes')
@@ -106,16 +99,8 @@ def decode_ltrb(points: jax.Array, distances: jax.Array) -> jax.Array:
 
 
 def clip_boxes(boxes: jax.Array, height_width: jax.Array) -> jax.Array:
-  """Clamps x to `[0, width]` and y to `[0, height]`, as mmdet's `distance2bbox(max_shape=)`.
-
-  Args:
-    boxes: `[..., 4]` xyxy.
-    height_width: `[..., 2]` `(height, width)` broadcastable against `boxes[..., :2]`, e.g.
-      `[2]` for one image or `[B, 1, 2]` for boxes `[B, N, 4]`.
-
-  Returns:
-    `[..., 4]` clipped boxes.
-  """
+  """Clamps `[..., 4]` boxes to `[0, width]` x `[0, height]` (mmdet's `distance2bbox(max_shape=)`);
+  `height_width` `[..., 2]` broadcasts against `boxes[..., :2]` (`[2]`, or `[B, 1, 2]`)."""
   boxes, height_width = jnp.asarray(boxes), jnp.asarray(height_width)
   _check_last_dim(boxes, 4, 'clip_boxes boxes')
   _check_last_dim(height_width, 2, 'clip_boxes height_width')
@@ -125,17 +110,9 @@ def clip_boxes(boxes: jax.Array, height_width: jax.Array) -> jax.Array:
 
 
 def centerness_targets(ltrb: jax.Array) -> jax.Array:
-  """FCOS centerness `sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))` of distances.
-
-  As mmdet's `FCOSHead.centerness_target`, negative minima clamp to 0 (points outside the box
-  get 0); where a maximum is not positive the ratio is undefined and the target is 0.
-
-  Args:
-    ltrb: `[..., 4]` distances from `encode_ltrb`.
-
-  Returns:
-    `[...]` in `[0, 1]`.
-  """
+  """FCOS centerness `sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))` of `[..., 4]`
+  distances -> `[...]`; negative minima clamp to 0 (mmdet's `centerness_target`) and an
+  undefined ratio (maximum not positive) gives 0."""
   ltrb = jnp.asarray(ltrb)
   _check_last_dim(ltrb, 4, 'centerness_targets')
 

@@ -1,22 +1,23 @@
-"""Losses of the FCOS/ATSS family: sigmoid focal, GIoU and centerness BCE.
+"""Losses of the FCOS/ATSS family: sigmoid focal, GIoU and centerness BCE, in jnp.
 
-`atss_losses` follows mmdet's `ATSSHead.loss_by_feat` (mmdet/models/dense_heads/atss_head.py)
-with FCOS-style distance regression from points: focal loss over all points and classes divided
-by the number of positives; GIoU of decoded positive boxes weighted by their centerness targets
-and divided by the sum of those weights; centerness BCE of positives divided by the number of
-positives. Normalisers are sums over the whole array passed in, so under `jax.jit` with a
-batch sharded over devices they are global sums (mmdet's `reduce_mean` over GPUs times the GPU
-count). The losses come back unweighted: mmdet's ATSS config weights GIoU by 2.0 and the other
-two by 1.0 (configs/atss/atss_r50_fpn_1x_coco.py).
+`atss_losses` follows mmdet's `ATSSHead.loss_by_feat` with FCOS distance regression. Normalisers
+are sums over the whole array, so under `jax.jit` with a sharded batch they are global (mmdet's
+`reduce_mean` times the GPU count). Losses come back unweighted; mmdet's ATSS config weights
+GIoU by 2.0 and the others by 1.0 (configs/atss/atss_r50_fpn_1x_coco.py).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from heads.detection.boxes import centerness_targets, decode_ltrb, elementwise_giou, encode_ltrb
+from heads.detection.boxes import (
+    centerness_targets,
+    check_shapes,
+    decode_ltrb,
+    elementwise_giou,
+    encode_ltrb,
+)
 
 # RetinaNet's focal loss settings (Lin et al. 2017, arXiv 1708.02002, Sec. 5.1), used by FCOS and
 # ATSS (mmdet `FocalLoss(gamma=2.0, alpha=0.25)`).
@@ -24,23 +25,22 @@ FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
 
 
-def sigmoid_focal_loss(
-    logits: jax.Array, targets: jax.Array, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA
-) -> jax.Array:
-  """Elementwise sigmoid focal loss `-alpha_t (1 - p_t)**gamma log(p_t)`; `optax`'s.
-
-  Args:
-    logits: `[...]` class logits.
-    targets: `[...]` binary (or soft) targets, broadcastable against `logits`.
-    alpha: weight of positives (`1 - alpha` for negatives).
-    gamma: focusing exponent.
-
-  Returns:
-    `[...]` unreduced loss.
-  """
+def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = FOCAL_ALPHA,
+                       gamma: float = FOCAL_GAMMA) -> jax.Array:
+  """Elementwise `-alpha_t (1 - p_t)**gamma log(p_t)` of binary or soft `targets`, as optax's."""
   logits = jnp.asarray(logits)
-  return optax.sigmoid_focal_loss(logits, jnp.asarray(targets, logits.dtype), alpha=alpha,
-                                  gamma=gamma)
+  targets = jnp.asarray(targets, logits.dtype)
+  log_p, log_q = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+  # log(1 - p_t) in log space, so (1 - p_t)**gamma stays finite for gamma < 2 at large logits.
+  log_one_minus_p_t = jax.scipy.special.logsumexp(
+      jnp.stack([log_p, log_q], axis=-1), axis=-1,
+      b=jnp.stack([1 - targets, targets], axis=-1))
+  loss = _binary_cross_entropy(log_p, log_q, targets) * jnp.exp(gamma * log_one_minus_p_t)
+  return (alpha * targets + (1.0 - alpha) * (1.0 - targets)) * loss
+
+
+def _binary_cross_entropy(log_p: jax.Array, log_q: jax.Array, targets: jax.Array) -> jax.Array:
+  return -targets * log_p - (1.0 - targets) * log_q
 
 
 def giou_loss(pred_boxes: jax.Array, target_boxes: jax.Array) -> jax.Array:
@@ -51,62 +51,39 @@ def giou_loss(pred_boxes: jax.Array, target_boxes: jax.Array) -> jax.Array:
 def centerness_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Binary cross-entropy with logits of centerness predictions, `[...]` -> `[...]`."""
   logits = jnp.asarray(logits)
-  return optax.sigmoid_binary_cross_entropy(logits, jnp.asarray(targets, logits.dtype))
+  return _binary_cross_entropy(jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits),
+                               jnp.asarray(targets, logits.dtype))
 
 
-def atss_losses(
-    cls_logits: jax.Array,
-    box_distances: jax.Array,
-    centerness_logits: jax.Array,
-    points: jax.Array,
-    cls_targets: jax.Array,
-    box_targets: jax.Array,
-    positive: jax.Array,
-    num_classes: int,
-    image_mask: jax.Array | None = None,
-) -> dict[str, jax.Array]:
-  """ATSS losses for a batch of dense predictions and `atss.assign_targets` targets.
+def atss_losses(cls_logits: jax.Array, box_distances: jax.Array, centerness_logits: jax.Array,
+                points: jax.Array, cls_targets: jax.Array, box_targets: jax.Array,
+                positive: jax.Array, num_classes: int,
+                image_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+  """ATSS losses of dense predictions (`[B, P, K]` class logits, `[B, P, 4]` `(l, t, r, b)`
+  pixel distances, `[B, P]` centerness logits at `[P, 2]` points) against `assign_targets`
+  targets; `image_mask` `[B]` is 0 for padded batch entries, which contribute nothing.
 
-  Args:
-    cls_logits: `[B, P, K]` class logits, `K = num_classes` (no background class).
-    box_distances: `[B, P, 4]` predicted `(l, t, r, b)` distances in pixels from each point
-      (the head has already multiplied by the stride where it predicts in stride units).
-    centerness_logits: `[B, P]`.
-    points: `[P, 2]` `(x, y)` anchor points.
-    cls_targets: `[B, P]` int class id of positives; ignored (background) where not positive.
-    box_targets: `[B, P, 4]` xyxy gt box of positives; ignored elsewhere.
-    positive: `[B, P]` bool.
-    num_classes: K.
-    image_mask: optional `[B]`, 0 (or False) for padded batch entries, which contribute nothing.
-
-  Returns:
-    `{'loss_cls', 'loss_box', 'loss_centerness', 'num_pos'}` float32 scalars: focal sum over
-    all points and classes / max(num_pos, 1); centerness-weighted GIoU loss sum over positives
-    / max(sum of the weights, 1) (mmdet ATSSHead's `bbox_avg_factor.clamp_(min=1)`); centerness
-    BCE sum over positives / max(num_pos, 1); `num_pos` the number of positives.
+  Returns float32 scalars: `loss_cls` (focal over all points and classes / max(num_pos, 1)),
+  `loss_box` (GIoU loss of positives weighted by their centerness targets / max(sum of the
+  weights, 1), mmdet's `bbox_avg_factor`), `loss_centerness` (BCE of positives / max(num_pos,
+  1)) and `num_pos`.
   """
-  cls_logits = jnp.asarray(cls_logits, jnp.float32)
-  box_distances = jnp.asarray(box_distances, jnp.float32)
-  centerness_logits = jnp.asarray(centerness_logits, jnp.float32)
-  points = jnp.asarray(points, jnp.float32)
-  box_targets = jnp.asarray(box_targets, jnp.float32)
+  cls_logits, box_distances, centerness_logits, points, box_targets = (
+      jnp.asarray(x, jnp.float32)
+      for x in (cls_logits, box_distances, centerness_logits, points, box_targets))
   if cls_logits.ndim != 3 or cls_logits.shape[-1] != num_classes:
     raise ValueError(f'atss_losses expects cls_logits [B, P, {num_classes}], got '
                      f'{tuple(cls_logits.shape)}.')
   batch, num_points = cls_logits.shape[:2]
-  expected = {'box_distances': (batch, num_points, 4), 'centerness_logits': (batch, num_points),
-              'points': (num_points, 2), 'cls_targets': (batch, num_points),
-              'box_targets': (batch, num_points, 4), 'positive': (batch, num_points)}
-  found = {'box_distances': box_distances, 'centerness_logits': centerness_logits,
-           'points': points, 'cls_targets': cls_targets, 'box_targets': box_targets,
-           'positive': positive}
+  expected = {
+      'box_distances': (box_distances, (batch, num_points, 4)),
+      'centerness_logits': (centerness_logits, (batch, num_points)),
+      'points': (points, (num_points, 2)), 'cls_targets': (cls_targets, (batch, num_points)),
+      'box_targets': (box_targets, (batch, num_points, 4)),
+      'positive': (positive, (batch, num_points))}
   if image_mask is not None:
-    expected['image_mask'] = (batch,)
-    found['image_mask'] = image_mask
-  for name, shape in expected.items():
-    if tuple(jnp.shape(found[name])) != shape:
-      raise ValueError(f'atss_losses expects {name} of shape {list(shape)} for cls_logits '
-                       f'{list(cls_logits.shape)}, got {list(jnp.shape(found[name]))}.')
+    expected['image_mask'] = (image_mask, (batch,))
+  check_shapes('atss_losses', cls_logits, expected)
 
   positive = jnp.asarray(positive, bool)
   image_weight = (jnp.ones((batch,), jnp.float32) if image_mask is None

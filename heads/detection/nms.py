@@ -1,12 +1,9 @@
 """Non-maximum suppression and FCOS/ATSS post-processing with static shapes, for `jax.jit`.
 
-Greedy NMS (keep the best box, drop those overlapping it by more than the threshold, repeat) is
-run as a `lax.fori_loop` of `max_outputs` steps, each taking the highest remaining score and
-suppressing against it with one `[N]` IoU row: `max_outputs * N` work, `O(N)` memory, no host
-round trip, and exactly the greedy result truncated to `max_outputs` (the first `max_outputs`
-boxes greedy NMS keeps do not depend on the ones after them). Ties in score go to the lower
-index, as a stable sort would order them. Outputs are index lists padded with -1 plus a
-validity mask; valid entries come first, in decreasing score.
+Greedy NMS runs as a `lax.fori_loop` of `max_outputs` steps, each taking the best remaining
+score and suppressing with one `[N]` IoU row: `O(N)` memory, no host round trip, and exactly
+greedy NMS truncated to `max_outputs` (its first picks do not depend on later ones). Ties go
+to the lower index; outputs are indices padded with -1, valid ones first by decreasing score.
 """
 
 from __future__ import annotations
@@ -16,7 +13,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from heads.detection.boxes import clip_boxes, decode_ltrb, pairwise_iou
+from heads.detection.atss import level_slices
+from heads.detection.boxes import (
+    check_level_sizes,
+    check_shapes,
+    clip_boxes,
+    decode_ltrb,
+    pairwise_iou,
+)
 
 # Test-time settings of mmdet's ATSS config (configs/atss/atss_r50_fpn_1x_coco.py `test_cfg`):
 # nms_pre=1000, score_thr=0.05, nms iou_threshold=0.6, max_per_img=100.
@@ -26,21 +30,25 @@ IOU_THRESHOLD = 0.6
 MAX_DETECTIONS = 100
 
 
-def _greedy_nms(
-    boxes: jax.Array,
-    scores: jax.Array,
-    classes: jax.Array | None,
-    iou_threshold: float,
-    max_outputs: int,
-    score_threshold: float,
-) -> tuple[jax.Array, jax.Array]:
+def nms(boxes: jax.Array, scores: jax.Array, iou_threshold: float, max_outputs: int,
+        score_threshold: float = -float('inf'),
+        classes: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Greedy NMS of `[N, 4]` xyxy boxes (torchvision's and mmcv's `nms`): `[max_outputs]` int32
+  indices padded with -1 and their `valid` mask. Only `scores > score_threshold` can be kept;
+  a box goes when its IoU with a kept one is above `iou_threshold`.
+
+  With `[N]` `classes`, only within a class: `batched_nms`'s result, which offsets each class's
+  boxes by `class * (max coordinate + 1)`, without the float32 rounding of 1e5 px offsets.
+  """
   boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
   if boxes.ndim != 2 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:1]:
     raise ValueError(f'nms expects boxes [N, 4] and scores [N], got {tuple(boxes.shape)} and '
                      f'{tuple(scores.shape)}.')
-  if classes is not None and jnp.shape(classes) != scores.shape:
-    raise ValueError(f'batched_nms expects classes [N] like scores {tuple(scores.shape)}, got '
-                     f'{tuple(jnp.shape(classes))}.')
+  if classes is not None:
+    classes = jnp.asarray(classes)
+    if classes.shape != scores.shape:
+      raise ValueError(f'nms expects classes [N] like scores {tuple(scores.shape)}, got '
+                       f'{tuple(classes.shape)}.')
   if int(max_outputs) < 1:
     raise ValueError(f'max_outputs must be at least 1, got {max_outputs}.')
   max_outputs = int(max_outputs)
@@ -67,131 +75,45 @@ def _greedy_nms(
   return indices, indices >= 0
 
 
-def nms(
-    boxes: jax.Array,
-    scores: jax.Array,
-    iou_threshold: float,
-    max_outputs: int,
-    score_threshold: float = -float('inf'),
-) -> tuple[jax.Array, jax.Array]:
-  """Greedy class-agnostic NMS.
-
-  A box is dropped when its IoU with a kept, higher-ranked box is above `iou_threshold`
-  (torchvision's and mmcv's `nms`).
-
-  Args:
-    boxes: `[N, 4]` xyxy.
-    scores: `[N]`; only boxes with `score > score_threshold` can be kept.
-    iou_threshold: suppression threshold.
-    max_outputs: static number of outputs.
-    score_threshold: minimum score (exclusive); the default keeps every finite score.
-
-  Returns:
-    `indices` `[max_outputs]` int32 into `boxes`, in decreasing score, padded with -1, and
-    `valid` `[max_outputs]` bool (`indices >= 0`).
-  """
-  return _greedy_nms(boxes, scores, None, iou_threshold, max_outputs, score_threshold)
-
-
-def batched_nms(
-    boxes: jax.Array,
-    scores: jax.Array,
-    classes: jax.Array,
-    iou_threshold: float,
-    max_outputs: int,
-    score_threshold: float = -float('inf'),
-) -> tuple[jax.Array, jax.Array]:
-  """Class-aware NMS: boxes only suppress boxes of their own class.
-
-  Equal to torchvision's / mmcv's `batched_nms`, which offset each class's boxes by
-  `class * (max coordinate + 1)` so that a class-agnostic NMS never sees two classes overlap.
-  Here the suppression step masks the IoU row by class equality instead, which gives the same
-  result without the float32 rounding that offsets of 1e5 px put on the coordinates.
-
-  Args:
-    boxes: `[N, 4]` xyxy.
-    scores: `[N]`.
-    classes: `[N]` int class ids.
-    iou_threshold: suppression threshold.
-    max_outputs: static number of outputs.
-    score_threshold: minimum score (exclusive).
-
-  Returns:
-    `(indices [max_outputs] int32 padded with -1, valid [max_outputs] bool)`, as `nms`.
-  """
-  return _greedy_nms(boxes, scores, jnp.asarray(classes), iou_threshold, max_outputs,
-                     score_threshold)
-
-
-def postprocess(
-    cls_logits: jax.Array,
-    box_distances: jax.Array,
-    centerness_logits: jax.Array,
-    points: jax.Array,
-    level_sizes: Sequence[int],
-    image_sizes: jax.Array,
-    scale_factors: jax.Array,
-    pre_nms_topk: int = PRE_NMS_TOPK,
-    score_threshold: float = SCORE_THRESHOLD,
-    iou_threshold: float = IOU_THRESHOLD,
-    max_detections: int = MAX_DETECTIONS,
-) -> dict[str, jax.Array]:
+def postprocess(cls_logits: jax.Array, box_distances: jax.Array, centerness_logits: jax.Array,
+                points: jax.Array, level_sizes: Sequence[int], image_sizes: jax.Array,
+                scale_factors: jax.Array, pre_nms_topk: int = PRE_NMS_TOPK,
+                score_threshold: float = SCORE_THRESHOLD, iou_threshold: float = IOU_THRESHOLD,
+                max_detections: int = MAX_DETECTIONS) -> dict[str, jax.Array]:
   """Detections from dense FCOS/ATSS outputs, as mmdet's `_predict_by_feat_single` + NMS.
 
-  Per image and level: class probabilities `sigmoid(cls_logits)` above `score_threshold`, the
-  `pre_nms_topk` best (point, class) pairs (by class probability alone), their score times
-  `sigmoid(centerness)`, boxes decoded from the points and clipped to the image; then, over all
-  levels, boxes mapped to the original image, class-aware NMS and the `max_detections` best.
-  mmdet (mmdet/models/dense_heads/base_dense_head.py `_bbox_post_process`) rescales before NMS,
-  so IoUs are those of the original image, as here.
-
-  Args:
-    cls_logits: `[B, P, K]`.
-    box_distances: `[B, P, 4]` `(l, t, r, b)` in pixels of the network input.
-    centerness_logits: `[B, P]`.
-    points: `[P, 2]` `(x, y)`.
-    level_sizes: static points per level, fine to coarse, summing to `P`.
-    image_sizes: `[B, 2]` `(height, width)` of each resized image before padding (clip bounds).
-    scale_factors: `[B, 2]` `(height, width)` scale, resized / original size.
-    pre_nms_topk: candidates per level (static).
-    score_threshold: minimum class probability (exclusive).
-    iou_threshold: NMS threshold.
-    max_detections: detections per image (static).
+  Per image and level the `pre_nms_topk` best (point, class) pairs by `sigmoid(cls_logits)`
+  above `score_threshold`, scored times `sigmoid(centerness)`, decoded and clipped to the image
+  (`image_sizes` `[B, 2]`, `(height, width)` before padding); then boxes mapped to the original
+  image (`scale_factors` `[B, 2]`, resized / original `(height, width)`; before NMS, as mmdet's
+  `_bbox_post_process`), class-aware NMS and the `max_detections` best. `box_distances` are in
+  input pixels; `level_sizes` (static) are the points per level.
 
   Returns:
-    `{'boxes': [B, max_detections, 4] xyxy in original-image pixels, 'scores': [B, D],
-      'classes': [B, D] int32, 'valid': [B, D] bool}`, valid entries first in decreasing
-    score; invalid entries have zero boxes and scores and class -1.
+    `{'boxes': [B, D, 4] xyxy original-image pixels, 'scores': [B, D], 'classes': [B, D]
+    int32, 'valid': [B, D]}`, `D = max_detections`, valid first by decreasing score; invalid
+    entries have zero boxes and scores and class -1.
   """
-  cls_logits = jnp.asarray(cls_logits, jnp.float32)
-  box_distances = jnp.asarray(box_distances, jnp.float32)
-  centerness_logits = jnp.asarray(centerness_logits, jnp.float32)
-  points = jnp.asarray(points, jnp.float32)
-  image_sizes = jnp.asarray(image_sizes, jnp.float32)
-  scale_factors = jnp.asarray(scale_factors, jnp.float32)
+  cls_logits, box_distances, centerness_logits, points, image_sizes, scale_factors = (
+      jnp.asarray(x, jnp.float32) for x in (cls_logits, box_distances, centerness_logits,
+                                            points, image_sizes, scale_factors))
   level_sizes = tuple(int(n) for n in level_sizes)
   if cls_logits.ndim != 3:
     raise ValueError(f'postprocess expects cls_logits [B, P, K], got {tuple(cls_logits.shape)}.')
   batch, num_points, num_classes = cls_logits.shape
-  expected = {'box_distances': (batch, num_points, 4), 'centerness_logits': (batch, num_points),
-              'points': (num_points, 2), 'image_sizes': (batch, 2), 'scale_factors': (batch, 2)}
-  found = {'box_distances': box_distances, 'centerness_logits': centerness_logits,
-           'points': points, 'image_sizes': image_sizes, 'scale_factors': scale_factors}
-  for name, shape in expected.items():
-    if found[name].shape != shape:
-      raise ValueError(f'postprocess expects {name} of shape {list(shape)} for cls_logits '
-                       f'{list(cls_logits.shape)}, got {list(found[name].shape)}.')
-  if sum(level_sizes) != num_points or min(level_sizes, default=0) <= 0:
-    raise ValueError(f'level_sizes {level_sizes} must be positive and sum to the {num_points} '
-                     f'points.')
+  check_shapes('postprocess', cls_logits, {
+      'box_distances': (box_distances, (batch, num_points, 4)),
+      'centerness_logits': (centerness_logits, (batch, num_points)),
+      'points': (points, (num_points, 2)), 'image_sizes': (image_sizes, (batch, 2)),
+      'scale_factors': (scale_factors, (batch, 2))})
+  check_level_sizes(level_sizes, num_points)
   if pre_nms_topk < 1 or max_detections < 1:
     raise ValueError(f'pre_nms_topk and max_detections must be at least 1, got {pre_nms_topk} '
                      f'and {max_detections}.')
 
   def one_image(logits, distances, ctr_logits, size, scale):
     point_idx, classes, probs = [], [], []
-    start = 0
-    for n in level_sizes:
+    for start, n in level_slices(level_sizes):
       level = jax.nn.sigmoid(logits[start:start + n]).reshape(-1)  # point-major, as mmdet
       # Sigmoid is in [0, 1], so -1 ranks below every kept candidate.
       vals, flat = jax.lax.top_k(jnp.where(level > score_threshold, level, -1.0),
@@ -199,13 +121,12 @@ def postprocess(
       point_idx.append(flat // num_classes + start)
       classes.append(flat % num_classes)
       probs.append(vals)
-      start += n
     point_idx, classes, probs = (jnp.concatenate(x) for x in (point_idx, classes, probs))
     scores = probs * jax.nn.sigmoid(ctr_logits[point_idx])
     scores = jnp.where(probs > score_threshold, scores, -jnp.inf)
     boxes = clip_boxes(decode_ltrb(points[point_idx], distances[point_idx]), size)
     boxes = boxes / jnp.concatenate([scale[::-1], scale[::-1]])  # (h, w) -> (x, y, x, y)
-    keep, valid = batched_nms(boxes, scores, classes, iou_threshold, max_detections)
+    keep, valid = nms(boxes, scores, iou_threshold, max_detections, classes=classes)
     safe = jnp.maximum(keep, 0)
     return {'boxes': jnp.where(valid[:, None], boxes[safe], 0.0),
             'scores': jnp.where(valid, scores[safe], 0.0),

@@ -1,14 +1,10 @@
 """Per-pixel cross-entropy of a head's logits against full-size labels, resized in the loss.
 
-mmsegmentation's decode heads upsample their logits bilinearly to the label size, then take
-the cross-entropy (`BaseDecodeHead.loss_by_feat`). Written literally, a 512x512 crop of
-ADE20K holds `[B, 512, 512, 150]` float32 logits, their log-softmax and, in the backward pass,
-their gradient: 300 MB each at batch 2, for the decode and the auxiliary head, most of the
-training step's temporary memory. Here the resize is a pair of interpolation matrices
-(`heads.resampling.bilinear_matrix`, the same weights as `resize_bilinear`) and the loss runs
-over blocks of label rows in a loop whose body is rematerialised in the backward pass: only
-one block of upsampled logits exists at a time, and the gradient reaches the low-resolution
-logits without a full-size copy. The value and gradient are those of resize-then-loss.
+mmseg upsamples logits to the labels, then takes the cross-entropy: at 512x512, 150 classes,
+batch 2 that is 300 MB each of logits, log-softmax and gradient per head. Here the bilinear
+resize is a pair of matrices (`bilinear_matrix`, the weights of `resize_bilinear`) applied a
+block of label rows at a time in a loop rematerialised in the backward pass: the same value and
+gradient with one block of full-size logits in memory.
 """
 
 from __future__ import annotations
@@ -32,18 +28,9 @@ def cross_entropy_sum(logits: jax.Array, labels: jax.Array, weights: jax.Array, 
                       block_bytes: int = BLOCK_BYTES) -> jax.Array:
   """`sum(weights * CE(resize(logits), labels))` over every pixel, in float32.
 
-  Args:
-    logits: `[B, h, w, K]`, at the labels' size or any other (then resized bilinearly to it,
-      half-pixel centres unless `align_corners`, as `resize_bilinear`).
-    labels: `[B, H, W]` int class indices; entries with zero weight may hold anything
-      (255 for ignore).
-    weights: `[B, H, W]` float per-pixel weights (0 for ignored and padded pixels).
-    label_smoothing: mass spread uniformly over the K classes.
-    align_corners: PyTorch's `align_corners` of the resize.
-    block_bytes: the most bytes of float32 upsampled logits computed at once.
-
-  Returns:
-    The weighted sum, a float32 scalar.
+  `logits` `[B, h, w, K]` are resized bilinearly to the size of `labels` `[B, H, W]` (int;
+  anything where `weights` `[B, H, W]` is 0, e.g. 255 for ignore) when it differs;
+  `block_bytes` bounds the float32 upsampled logits computed at once.
   """
   batch, height, width = labels.shape
   num_classes = logits.shape[-1]
@@ -91,8 +78,7 @@ def _targets(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _block_loss(columns, interpolation, labels, weights, label_smoothing):
-  """One block of rows: upsample, then `sum(weights * CE)`. Its gradient (below) recomputes
-  the block's logits instead of keeping them, and goes straight to `softmax - targets`."""
+  # One block of rows; the gradient below recomputes the logits and goes to `softmax - targets`.
   logits = _upsample_rows(interpolation, columns)
   targets = _targets(labels, logits.shape[-1], label_smoothing)
   lse = jax.nn.logsumexp(logits, axis=-1)

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from cvt_backbone import PretrainedBackboneInit
+from heads import ATSSHead, Detector, detection_fpn
+from heads.atss_head import PRIOR_PROB
 from heads.detection import atss, nms
-from heads.detection import head as detection
 from heads.detection import losses as detection_losses
 from projects.training import scenic_compat
 from projects.training.configs import backbone_config
@@ -35,7 +36,7 @@ DETECT_DEFAULTS = dict(pre_nms_topk=nms.PRE_NMS_TOPK, score_threshold=nms.SCORE_
                        iou_threshold=nms.IOU_THRESHOLD, max_detections=nms.MAX_DETECTIONS)
 
 
-class PretrainedDetector(PretrainedBackboneInit, detection.Detector):
+class PretrainedDetector(PretrainedBackboneInit, Detector):
   """`heads.Detector` whose `init` loads `pretrained` (a converted CvT) into the backbone."""
 
   pretrained: str = ''
@@ -48,17 +49,17 @@ class DetectionModel(CvTModel, scenic_compat.base_model_class()):
   @classmethod
   def default_model_config(cls) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict({
-        # mmdet's FCOS/ATSS neck: 256 channels, no norm (heads/detection.detection_fpn).
+        # mmdet's FCOS/ATSS neck: 256 channels, no norm (heads.fpn.detection_fpn).
         'neck': dict(out_channels=256, norm='none'),
-        'head': dict(channels=256, num_convs=4, norm='group', prior_prob=detection.PRIOR_PROB),
+        'head': dict(channels=256, num_convs=4, norm='group', prior_prob=PRIOR_PROB),
     })
     config.backbone = backbone_config()
     return config
 
   def build_flax_model(self) -> nn.Module:
     backbone = self.build_backbone()
-    neck = detection.detection_fpn(backbone.feature_info, **self.model_config('neck'))
-    head = detection.ATSSHead(num_classes=self.num_classes, **self.model_config('head'))
+    neck = detection_fpn(backbone.feature_info, **self.model_config('neck'))
+    head = ATSSHead(num_classes=self.num_classes, **self.model_config('head'))
     return PretrainedDetector(backbone=backbone, neck=neck, head=head, **self.pretrained_fields())
 
   def points(self, height: int, width: int) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:

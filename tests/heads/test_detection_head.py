@@ -15,15 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from heads import FPN
-from heads.detection.head import (
-    PRIOR_PROB,
-    ATSSHead,
-    Detector,
-    detection_fpn,
-    flatten_levels,
-    split_levels,
-)
+from heads.atss_head import PRIOR_PROB, ATSSHead, flatten_levels, split_levels
+from heads.detection.detector import Detector
+from heads.fpn import FPN, detection_fpn
 from tests.heads.stand_in import FAST_COMPILE, StandInBackbone, cvt_backbone_class
 
 NUM_CLASSES = 3

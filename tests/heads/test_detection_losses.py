@@ -1,15 +1,16 @@
-"""Detection losses: focal against optax and the paper's formula, GIoU against NumPy, and the
-ATSS loss set against a NumPy transcription of mmdet's `ATSSHead.loss_by_feat`."""
+"""Detection losses: focal and BCE against optax (when installed) and the paper's formula, GIoU
+against NumPy, and the ATSS loss set against a NumPy transcription of mmdet's
+`ATSSHead.loss_by_feat`."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from heads.detection.losses import atss_losses, centerness_loss, giou_loss, sigmoid_focal_loss
+from tests.heads.test_boxes import _np_giou
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 # One compilation per input signature instead of an eager dispatch per op.
@@ -27,26 +28,26 @@ def _np_focal(logits, targets, alpha=0.25, gamma=2.0):
   return (alpha * targets + (1 - alpha) * (1 - targets)) * (1 - p_t) ** gamma * ce
 
 
-def _np_giou(p, q):
-  iw = np.maximum(np.minimum(p[..., 2], q[..., 2]) - np.maximum(p[..., 0], q[..., 0]), 0)
-  ih = np.maximum(np.minimum(p[..., 3], q[..., 3]) - np.maximum(p[..., 1], q[..., 1]), 0)
-  area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-  union = area(p) + area(q) - iw * ih
-  enclose = ((np.maximum(p[..., 2], q[..., 2]) - np.minimum(p[..., 0], q[..., 0]))
-             * (np.maximum(p[..., 3], q[..., 3]) - np.minimum(p[..., 1], q[..., 1])))
-  return iw * ih / union - (enclose - union) / enclose
-
-
 @pytest.mark.parametrize('alpha,gamma', [(0.25, 2.0), (0.5, 1.5), (0.25, 0.0)])
 def test_focal_loss_equals_optax_and_the_formula(alpha, gamma):
   rng = np.random.default_rng(0)
   logits = rng.normal(0, 3, (4, 5)).astype(np.float32)
   targets = (rng.uniform(size=(4, 5)) < 0.3).astype(np.float32)
   loss = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma)
-  np.testing.assert_allclose(
-      loss, optax.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma), rtol=1e-6)
   np.testing.assert_allclose(loss, _np_focal(logits, targets, alpha, gamma), rtol=1e-5,
                              atol=1e-7)
+  optax = pytest.importorskip('optax')  # the losses once called optax; same values without it
+  np.testing.assert_allclose(
+      loss, optax.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma), rtol=1e-6)
+  soft = rng.uniform(size=(4, 5)).astype(np.float32)
+  for fn, expected in (
+      (lambda x, t: sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma),
+       lambda x, t: optax.sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma)),
+      (centerness_loss, optax.sigmoid_binary_cross_entropy)):
+    np.testing.assert_allclose(fn(logits, soft), expected(logits, soft), rtol=1e-6, atol=1e-7)
+    grad, expected_grad = (jax.grad(lambda x, f=f: f(x, soft).sum())(logits)
+                           for f in (fn, expected))
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-7)
 
 
 def test_giou_and_centerness_losses_match_numpy():

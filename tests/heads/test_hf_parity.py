@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 
 from cvt_backbone.weights.convert import merge_variables
-from heads import (
-    FCNHead,
-    SegFormerHead,
-    UPerNetHead,
-    convert_hf_fcn_head,
-    convert_hf_segformer_head,
-    convert_hf_upernet_head,
-)
+from heads import FCNHead, SegFormerHead, UPerNetHead
+from heads.segformer import convert_hf_segformer_head
+from heads.upernet import convert_hf_fcn_head, convert_hf_upernet_head
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -83,6 +78,14 @@ def _upernet_config(**kwargs):
       **kwargs)
 
 
+def _run_reference(reference, shapes, channels):
+  """The reference with randomised norm statistics on random features of `shapes`."""
+  _randomize_norms(reference, seed=1)
+  features, names, nchw = _features(shapes, channels, seed=2)
+  with torch.no_grad():
+    return features, names, reference(nchw)
+
+
 @pytest.mark.parametrize('sizes', list(LEVEL_SHAPES))
 def test_upernet_head_matches_hugging_face(sizes):
   from transformers.models.upernet.modeling_upernet import UperNetHead as HFUperNetHead
@@ -91,10 +94,7 @@ def test_upernet_head_matches_hugging_face(sizes):
   channels = CHANNELS[:len(shapes)]
   torch.manual_seed(0)
   reference = HFUperNetHead(_upernet_config(), in_channels=list(channels)).eval()
-  _randomize_norms(reference, seed=1)
-  features, names, nchw = _features(shapes, channels, seed=2)
-  with torch.no_grad():
-    expected = reference(nchw)
+  features, names, expected = _run_reference(reference, shapes, channels)
   head = UPerNetHead(num_classes=5, in_features=names, in_channels=channels, channels=32)
   converted = convert_hf_upernet_head(_numpy_state_dict(reference), prefix='')
   assert _compare(head, converted, features, expected) < TOLERANCE
@@ -109,10 +109,7 @@ def test_fcn_head_matches_hugging_face(num_convs, concat_input):
   config = _upernet_config(auxiliary_num_convs=num_convs, auxiliary_concat_input=concat_input)
   torch.manual_seed(0)
   reference = UperNetFCNHead(config, in_channels=list(channels), in_index=2).eval()
-  _randomize_norms(reference, seed=1)
-  features, _, nchw = _features(shapes, channels, seed=2)
-  with torch.no_grad():
-    expected = reference(nchw)
+  features, _, expected = _run_reference(reference, shapes, channels)
   head = FCNHead(num_classes=5, in_features=('stage3',), in_channels=(channels[2],),
                  channels=16, num_convs=num_convs, concat_input=concat_input)
   converted = convert_hf_fcn_head(_numpy_state_dict(reference), prefix='')
@@ -130,10 +127,7 @@ def test_segformer_head_matches_hugging_face(sizes):
       num_labels=5)
   torch.manual_seed(0)
   reference = SegformerDecodeHead(config).eval()
-  _randomize_norms(reference, seed=1)
-  features, names, nchw = _features(shapes, channels, seed=2)
-  with torch.no_grad():
-    expected = reference(nchw)
+  features, names, expected = _run_reference(reference, shapes, channels)
   head = SegFormerHead(num_classes=5, in_features=names, in_channels=channels, channels=16)
   converted = convert_hf_segformer_head(_numpy_state_dict(reference), prefix='')
   assert _compare(head, converted, features, expected) < TOLERANCE

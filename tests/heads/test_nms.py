@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from heads.detection.nms import batched_nms, nms, postprocess
+from heads.detection.nms import nms, postprocess
 
 
 def _np_iou(a, b):
@@ -42,7 +42,6 @@ def _random_boxes(rng, n, size=60.0):
 
 
 _nms = jax.jit(nms, static_argnames='max_outputs')
-_batched_nms = jax.jit(batched_nms, static_argnames='max_outputs')
 
 
 @pytest.mark.parametrize('seed,iou_threshold,max_outputs', [
@@ -60,13 +59,13 @@ def test_nms_matches_greedy_reference_under_jit(seed, iou_threshold, max_outputs
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
-def test_batched_nms_is_class_aware(seed):
+def test_nms_with_classes_is_class_aware(seed):
   rng = np.random.default_rng(seed + 10)
   boxes = _random_boxes(rng, 40)
   scores = rng.uniform(size=40).astype(np.float32)
   classes = rng.integers(0, 3, 40).astype(np.int32)
-  indices, valid = _batched_nms(boxes, scores, classes, 0.5, max_outputs=30,
-                                score_threshold=0.2)
+  indices, valid = _nms(boxes, scores, 0.5, max_outputs=30, score_threshold=0.2,
+                        classes=classes)
   expected = _reference_nms(boxes, scores, 0.5, 30, classes=classes, score_threshold=0.2)
   np.testing.assert_array_equal(indices, expected)
   np.testing.assert_array_equal(valid, expected >= 0)

@@ -6,8 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from heads import adaptive_avg_pool, resize_bilinear, resize_nearest
-from heads.resampling import adaptive_pool_matrix
+from heads.resampling import (
+    adaptive_avg_pool,
+    adaptive_pool_matrix,
+    resize_bilinear,
+    resize_nearest,
+)
 
 torch = pytest.importorskip('torch')
 F = torch.nn.functional

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from heads import ConvModule, LinearHead, Segmentor, build_head
-from heads.conv_module import group_count
+from heads import LinearHead, Segmentor, build_head
+from heads.conv_module import ConvModule, group_count
 from tests.heads.stand_in import FAST_COMPILE, StandInBackbone
 
 SIZE = (64, 80)
