@@ -5,7 +5,7 @@
 - `optim`: AdamW with warmup and poly or step decay, layer-wise lr decay, clipping,
   accumulation.
 - `checkpoints`: orbax checkpoints, exact resume, metadata checks, restore for inference.
-- `step_loader`: step-indexed, process-sliced, Grain- or thread-parallel batch loading.
+- `step_loader`: step-indexed, process-sliced, Grain-parallel batch loading.
 - `app`: runs a project's `main(rng, config, workdir, writer)` under `scenic.app` or absl.
 
 Each project keeps its models, data, metrics and configs.

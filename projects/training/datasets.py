@@ -10,6 +10,7 @@ project's builders to Scenic's dataset registry.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -48,6 +49,14 @@ def scenic_dataset(train: Any, evaluation: Any, meta_data: Mapping[str, Any],
   meta_data = dict(meta_data, train_loader=train, eval_loader=evaluation,
                    train_start_step=start_step, num_eval_batches=evaluation.num_batches)
   return Dataset(train.iterate(start_step), evaluation.repeat(), None, meta_data)
+
+
+def shard(batch: dict, num_shards: int) -> dict:
+  """`[b, ...]` arrays -> `[num_shards, b // num_shards, ...]`, the layout Scenic's pmap takes."""
+  b = len(next(iter(batch.values())))
+  if b % num_shards:
+    raise ValueError(f'per-process batch size {b} must be a multiple of num_shards={num_shards}')
+  return {k: v.reshape((num_shards, -1) + v.shape[1:]) for k, v in batch.items()}
 
 
 def register_builders(names: Sequence[str], get_dataset: GetDataset, *, prefix: str,
@@ -105,13 +114,16 @@ def _scenic_builder(name: str, get_dataset: GetDataset, defaults: dict[str, Any]
         batch_size=batch_size * jax.process_count(),
         eval_batch_size=eval_batch_size * jax.process_count(),
         seed=0 if shuffle_seed is None else shuffle_seed,
-        num_shards=num_shards,
         dtype_str=dtype_str,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         **configs,
     )
-    return ds._replace(meta_data=dict(ds.meta_data, input_dtype=getattr(jnp, dtype_str)))
+    # Only Scenic's pmap trainers take `[num_shards, b, ...]`; the loaders give `[b, ...]`.
+    to_shards = functools.partial(shard, num_shards=num_shards)
+    return ds._replace(train_iter=map(to_shards, ds.train_iter),
+                       valid_iter=map(to_shards, ds.valid_iter),
+                       meta_data=dict(ds.meta_data, input_dtype=getattr(jnp, dtype_str)))
 
   builder.__name__ = f'get_{name}_dataset'
   return builder

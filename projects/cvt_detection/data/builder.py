@@ -161,7 +161,6 @@ def build_loaders(
     seed: int = 0,
     process_index: int = 0,
     process_count: int = 1,
-    num_shards: int | None = None,
     dtype_str: str = 'float32',
     with_train: bool = True,
     **kwargs: Any,
@@ -175,7 +174,6 @@ def build_loaders(
     seed: shuffling and augmentation seed.
     process_index: this process among `process_count` (each loads its slice).
     process_count: processes sharing every batch.
-    num_shards: reshape batches to `[num_shards, per_shard, ...]` (pmap); None keeps `[b, ...]`.
     dtype_str: dtype of `inputs`.
     with_train: False: no training split is read (evaluation only); `train_loader` is None.
     **kwargs: the dataset's settings (module docstring).
@@ -198,8 +196,7 @@ def build_loaders(
   import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 
   dtype = np.dtype(dtype_str)
-  slicing = dict(process_index=process_index, process_count=process_count,
-                 num_shards=num_shards)
+  slicing = dict(process_index=process_index, process_count=process_count)
   common = dict(canvas_sizes=canvas_sizes, max_boxes=max_boxes, dtype=dtype)
   train = None
   if with_train:

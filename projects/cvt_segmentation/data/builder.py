@@ -122,7 +122,6 @@ def build_loaders(
     seed: int = 0,
     process_index: int = 0,
     process_count: int = 1,
-    num_shards: int | None = None,
     dtype_str: str = 'float32',
     num_threads: int = 2,
     num_workers: int = 0,
@@ -143,7 +142,6 @@ def build_loaders(
     seed: shuffling and augmentation seed.
     process_index: this process (`jax.process_index()`).
     process_count: number of processes (`jax.process_count()`).
-    num_shards: reshape batches to `[num_shards, per_shard, ...]` (pmap); None keeps `[b, ...]`.
     dtype_str: dtype of `inputs`: 'float32' or 'bfloat16'.
     num_threads: loading threads per process.
     num_workers: Grain worker processes for training (0: threads only).
@@ -190,7 +188,6 @@ def build_loaders(
       seed=seed,
       process_index=process_index,
       process_count=process_count,
-      num_shards=num_shards,
       num_threads=num_threads,
       num_workers=num_workers,
       dtype=dtype,
@@ -202,7 +199,6 @@ def build_loaders(
       batch_size=eval_batch_size,
       process_index=process_index,
       process_count=process_count,
-      num_shards=num_shards,
       pad_shape=eval_pad_shape,
       label_pad_shape=eval_label_pad_shape,
       size_divisor=eval_size_divisor,

@@ -1,6 +1,6 @@
 """Segmentation batches: step-indexed training batches and padded evaluation passes.
 
-The determinism, process slicing and parallelism (Grain or threads) are
+The determinism, process slicing and parallelism (Grain) are
 `projects.training.step_loader`'s: a training batch is a pure function of `(seed, step)`,
 so a run resumed at step `s` sees exactly the batches an uninterrupted run would have seen.
 This module reads, augments and stacks segmentation examples.
@@ -24,7 +24,6 @@ from projects.training.step_loader import (
     StepIndexedLoader,
     epoch_permutation,
     round_up,
-    shard,
 )
 
 __all__ = ['EvalLoader', 'TrainLoader', 'epoch_permutation']
@@ -36,8 +35,7 @@ class TrainLoader(StepIndexedLoader):
   `batch(step)` returns `{'inputs': [b, H, W, 3], 'label': int32 [b, H, W],
   'batch_mask': float32 [b]}` (all ones), `b` the per-process batch size; with
   `pixel_batch_mask` the mask is per pixel, `[b, H, W]`, 0 where the label is ignored
-  (Scenic's segmentation convention). With `num_shards` every array gains a leading
-  `[num_shards, b // num_shards]` split.
+  (Scenic's segmentation convention).
 
   Args:
     source: random-access split; `source[k]` gives `{'image', 'label', ...}`.
@@ -46,12 +44,10 @@ class TrainLoader(StepIndexedLoader):
     seed: data seed (order and augmentation).
     process_index: this process among `process_count` (`jax.process_index()`).
     process_count: number of processes loading disjoint slices of each batch.
-    num_shards: if set, reshape batches for `pmap` over this many local devices.
     num_threads: threads loading examples (0: in the consuming thread).
     num_workers: worker processes (Grain `mp_prefetch`); 0 for none.
-    prefetch: batches computed ahead of the consumer (thread backend) or per worker.
+    prefetch: batches computed ahead of the consumer, per worker.
     dtype: dtype of `inputs` (e.g. np.float32 or ml_dtypes.bfloat16).
-    backend: 'grain', 'threads', or 'auto' (Grain when installed).
     pixel_batch_mask: per-pixel `batch_mask` (Scenic's segmentation models need it).
   """
 
@@ -64,18 +60,15 @@ class TrainLoader(StepIndexedLoader):
       seed: int = 0,
       process_index: int = 0,
       process_count: int = 1,
-      num_shards: int | None = None,
       num_threads: int = 2,
       num_workers: int = 0,
       prefetch: int = 2,
       dtype: Any = np.float32,
-      backend: str = 'auto',
       pixel_batch_mask: bool = False,
   ):
     super().__init__(source, batch_size=batch_size, seed=seed, process_index=process_index,
-                     process_count=process_count, num_shards=num_shards,
-                     num_threads=num_threads, num_workers=num_workers, prefetch=prefetch,
-                     backend=backend)
+                     process_count=process_count, num_threads=num_threads,
+                     num_workers=num_workers, prefetch=prefetch)
     self.transform = transform
     self.dtype = dtype
     self.pixel_batch_mask = pixel_batch_mask
@@ -120,7 +113,6 @@ class EvalLoader(SplitPass):
     batch_size: global batch size.
     process_index: this process among `process_count`.
     process_count: processes sharing each global batch.
-    num_shards: if set, reshape batches for `pmap`.
     pad_shape: fixed `(Hp, Wp)` of `inputs`; None: the batch maximum rounded up to a
       multiple of `size_divisor`. Use a fixed shape on several processes.
     label_pad_shape: fixed `(Hl, Wl)` of `label`; None: the batch maximum.
@@ -138,7 +130,6 @@ class EvalLoader(SplitPass):
       batch_size: int,
       process_index: int = 0,
       process_count: int = 1,
-      num_shards: int | None = None,
       pad_shape: tuple[int, int] | None = None,
       label_pad_shape: tuple[int, int] | None = None,
       size_divisor: int = 32,
@@ -148,8 +139,7 @@ class EvalLoader(SplitPass):
       pixel_batch_mask: bool = False,
   ):
     super().__init__(source, batch_size=batch_size, process_index=process_index,
-                     process_count=process_count, num_shards=num_shards,
-                     num_threads=num_threads, prefetch=prefetch)
+                     process_count=process_count, num_threads=num_threads, prefetch=prefetch)
     self.transform = transform
     self.pixel_batch_mask = pixel_batch_mask
     self.pad_shape = pad_shape
@@ -207,4 +197,4 @@ class EvalLoader(SplitPass):
         'input_size': input_size,
         'label_size': label_size,
     }
-    return shard(batch, self.num_shards)
+    return batch
