@@ -197,9 +197,7 @@ def initial_state(config: Any, model: Any, meta: Any, rng: jax.Array) -> tuple[
   """The step-0 state of a run, its optimizer and its learning-rate schedule."""
   init_rng, train_rng = jax.random.split(rng)
   variables = model.init_variables(init_rng, tuple(meta['input_shape']))
-  depths = model.flax_model.backbone.resolved_spec.depths
-  tx, schedule = optim.make_optimizer(config, variables['params'], depths,
-                                      int(config.num_training_steps))
+  tx, schedule = optim.make_optimizer(config, variables['params'], int(config.num_training_steps))
   state = TrainState(step=jnp.asarray(0, jnp.int32), variables=variables,
                      opt_state=tx.init(variables['params']), rng=train_rng)
   return state, tx, schedule

@@ -70,12 +70,22 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def backbone_layer_ids(params: Mapping[str, Any], depths: tuple[int, ...]) -> Any:
+def stage_depths(backbone: Mapping[str, Any]) -> tuple[int, ...]:
+  """Blocks per stage of a CvT parameter tree (`stage{i}/blocks_{j}`)."""
+  depths = {}
+  for stage, subtree in backbone.items():
+    if m := _STAGE.match(stage):
+      depths[int(m.group(1))] = sum(1 for name in subtree if _BLOCK.match(name))
+  return tuple(depths[i] for i in sorted(depths))
+
+
+def backbone_layer_ids(params: Mapping[str, Any]) -> Any:
   """Layer id of every backbone parameter: 0 for the first embedding, block k (over all stages) k+1.
 
   A stage's conv embedding (and cls token) shares the id of the block before it,
   so it trains at the rate of the layers it feeds from.
   """
+  depths = stage_depths(params)
   starts = [sum(depths[:i]) for i in range(len(depths))]
 
   def layer_id(path, _):
@@ -91,16 +101,15 @@ def backbone_layer_ids(params: Mapping[str, Any], depths: tuple[int, ...]) -> An
   return jax.tree_util.tree_map_with_path(layer_id, params)
 
 
-def lr_multipliers(params: Mapping[str, Any], *, depths: tuple[int, ...],
-                   layer_decay: float = 1.0, head_lr_mult: float = 1.0,
-                   backbone_key: str = 'backbone') -> Any:
+def lr_multipliers(params: Mapping[str, Any], *, layer_decay: float = 1.0,
+                   head_lr_mult: float = 1.0, backbone_key: str = 'backbone') -> Any:
   """Per-parameter multiplier of the learning rate (same tree as `params`)."""
-  num_layers = sum(depths) + 1
+  num_layers = sum(stage_depths(params[backbone_key])) + 1
 
   def for_subtree(key, subtree):
     if key != backbone_key:
       return jax.tree.map(lambda _: head_lr_mult, subtree)
-    ids = backbone_layer_ids(subtree, depths)
+    ids = backbone_layer_ids(subtree)
     return jax.tree.map(lambda i: float(layer_decay**(num_layers - i)), ids)
 
   return {key: for_subtree(key, subtree) for key, subtree in params.items()}
@@ -120,7 +129,7 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(config: Any, params: Mapping[str, Any], depths: tuple[int, ...],
+def make_optimizer(config: Any, params: Mapping[str, Any],
                    total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer of `config.optimizer` and its learning-rate schedule.
 
@@ -141,7 +150,7 @@ def make_optimizer(config: Any, params: Mapping[str, Any], depths: tuple[int, ..
                                     opt.warmup_steps, opt.warmup_ratio)
   else:
     raise ValueError(f"config.optimizer.schedule must be 'poly' or 'step', got {kind!r}.")
-  multipliers = lr_multipliers(params, depths=depths, layer_decay=opt.layer_decay,
+  multipliers = lr_multipliers(params, layer_decay=opt.layer_decay,
                                head_lr_mult=opt.head_lr_mult)
   parts = []
   if opt.grad_clip_norm:
