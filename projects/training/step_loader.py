@@ -44,44 +44,60 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
-def _check_process(process_index: int, process_count: int) -> None:
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+def numpy_dtype(dtype_str: str) -> np.dtype:
+  """The numpy dtype of the inputs: 'float32', 'bfloat16' (ml_dtypes, installed with jax)..."""
+  import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+  return np.dtype(dtype_str)
 
 
-class StepIndexedLoader:
-  """Training batches as a pure function of the step; subclasses `augment` and `collate`.
+class _ProcessSlices:
+  """A split read in global batches, this process loading its slice of each."""
 
-  Args:
-    source: random-access split; `source[k]` gives one example's dict.
-    batch_size: global batch size.
-    seed: data seed (order and augmentation).
-    process_index: this process among `process_count` (`jax.process_index()`).
-    process_count: number of processes loading disjoint slices of each batch.
-    num_threads: threads loading examples (0: in the consuming thread).
-    num_workers: worker processes (Grain `mp_prefetch`); 0 for none.
-    prefetch: batches computed ahead of the consumer, per worker.
-  """
-
-  def __init__(self, source, *, batch_size: int, seed: int = 0, process_index: int = 0,
-               process_count: int = 1, num_threads: int = 2, num_workers: int = 0,
-               prefetch: int = 2):
-    if len(source) == 0:
-      raise ValueError('the training split is empty')
-    _check_process(process_index, process_count)
+  def __init__(self, source, transform, *, batch_size: int, process_index: int = 0,
+               process_count: int = 1, num_threads: int = 2, prefetch: int = 2,
+               dtype: Any = np.float32):
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} not in [0, {process_count})')
     self.source = source
+    self.transform = transform
     self.batch_size = batch_size
     self.local_batch_size = local_batch_size(batch_size, process_count)
-    self.seed = seed
     self.process_index = process_index
     self.process_count = process_count
     self.num_threads = num_threads
-    self.num_workers = num_workers
     self.prefetch = prefetch
+    self.dtype = dtype
 
   @property
   def num_examples(self) -> int:
     return len(self.source)
+
+  def __iter__(self) -> Iterator[dict]:
+    return self.iterate()
+
+
+class StepIndexedLoader(_ProcessSlices):
+  """Training batches as a pure function of the step; subclasses `augment` and `collate`.
+
+  Args:
+    source: random-access split; `source[k]` gives one example's dict.
+    transform: the augmentation, for `augment`.
+    batch_size: global batch size.
+    seed: data seed (order and augmentation).
+    process_index: this process among `process_count` (`jax.process_index()`).
+    num_threads: threads loading examples (0: in the consuming thread).
+    num_workers: worker processes (Grain `mp_prefetch`); 0 for none.
+    prefetch: batches computed ahead of the consumer, per worker.
+    dtype: dtype of `inputs`.
+  """
+
+  def __init__(self, source, transform, *, seed: int = 0, num_workers: int = 0, **kwargs: Any):
+    if len(source) == 0:
+      raise ValueError('the training split is empty')
+    super().__init__(source, transform, **kwargs)
+    self.seed = seed
+    self.num_workers = num_workers
 
   @property
   def steps_per_epoch(self) -> float:
@@ -99,11 +115,10 @@ class StepIndexedLoader:
     return self.augment(self.source[index], rng)
 
   def augment(self, item: dict, rng: np.random.Generator) -> Any:
-    """One source item, augmented with `rng` (subclasses)."""
     raise NotImplementedError
 
   def collate(self, examples: Sequence[Any]) -> dict:
-    """Examples -> a batch dict of `[b, ...]` arrays (subclasses)."""
+    """Examples -> a batch dict of `[b, ...]` arrays."""
     raise NotImplementedError
 
   def _local_example(self, k: int) -> Any:
@@ -127,31 +142,10 @@ class StepIndexedLoader:
     ds = ds.batch(b, batch_fn=self.collate)
     return grain_iterator(ds, self.num_threads, self.num_workers, self.prefetch)
 
-  def __iter__(self) -> Iterator[dict]:
-    return self.iterate()
 
-
-class SplitPass:
-  """One pass over a split in global batches, the last one padded; subclasses build batches.
-
-  Subclasses implement `batch(i)` from `local_indices(i)` (indices past the end of the
-  split are padding, to be masked).
-  """
-
-  def __init__(self, source, *, batch_size: int, process_index: int = 0,
-               process_count: int = 1, num_threads: int = 2, prefetch: int = 2):
-    _check_process(process_index, process_count)
-    self.source = source
-    self.batch_size = batch_size
-    self.local_batch_size = local_batch_size(batch_size, process_count)
-    self.process_index = process_index
-    self.process_count = process_count
-    self.num_threads = num_threads
-    self.prefetch = prefetch
-
-  @property
-  def num_examples(self) -> int:
-    return len(self.source)
+class SplitPass(_ProcessSlices):
+  """One pass over a split in global batches, the last one padded; subclasses build `batch(i)`
+  from `local_indices(i)` (indices past the end of the split are padding, to be masked)."""
 
   @property
   def num_batches(self) -> int:
@@ -171,9 +165,6 @@ class SplitPass:
     """One pass over the split: `num_batches` batches."""
     ds = grain.MapDataset.range(self.num_batches).map(self.batch)
     return grain_iterator(ds, self.num_threads, 0, self.prefetch)
-
-  def __iter__(self) -> Iterator[dict]:
-    return self.iterate()
 
   def repeat(self) -> Iterator[dict]:
     """Passes over the split without end (Scenic's `valid_iter` convention)."""
