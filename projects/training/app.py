@@ -4,7 +4,7 @@ Under `scenic.app` when Scenic is importable (its flags, logging and metric writ
 with the same flags through absl when it is not (`--config=CONFIG.py[:ARGS]`,
 `--workdir=DIR`, and a TensorBoard writer that needs no TensorFlow,
 `projects.training.metric_writer`). Both add the multi-process flags
-`--coordinator_address`, `--num_processes`, `--process_id` (`projects.training.distributed`).
+`--coordinator_address`, `--num_processes`, `--process_id` (`projects.training.launch.initialize`).
 
 Mistakes a user can make print one line, `error: ...`, instead of a traceback: a
 `--config.x` flag naming no key of the config (exit status 2, before the flags are parsed),
@@ -144,7 +144,7 @@ def _define_distributed_flags() -> None:
   """`--coordinator_address`, `--num_processes`, `--process_id`: a multi-process run."""
   from absl import app, flags
 
-  from projects.training import distributed
+  from projects.training import launch
 
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process)')
   flags.DEFINE_integer('num_processes', None, 'processes in a multi-process run')
@@ -152,7 +152,7 @@ def _define_distributed_flags() -> None:
 
   def start() -> None:
     f = flags.FLAGS
-    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    launch.initialize(f.coordinator_address, f.num_processes, f.process_id)
 
   # After the flags are parsed and before anything uses a JAX device.
   app.call_after_init(start)
