@@ -98,9 +98,8 @@ def register_builders(names: Sequence[str], get_dataset: GetDataset, *, prefix: 
 
 
 def _scenic_builder(name: str, get_dataset: GetDataset, defaults: dict[str, Any], project: str):
-  def builder(*, batch_size: int, eval_batch_size: int, num_shards: int,
-              dtype_str: str = 'float32', shuffle_seed: int | None = 0, rng=None,
-              dataset_configs: Mapping | None = None,
+  def builder(*, batch_size: int, eval_batch_size: int, num_shards: int, dtype_str: str = 'float32',
+              shuffle_seed: int | None = 0, rng=None, dataset_configs: Mapping | None = None,
               dataset_service_address: str | None = None) -> Dataset:
     import jax
     import jax.numpy as jnp

@@ -34,16 +34,6 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, _PERMUTATION_TAG, epoch]).permutation(num_examples)
 
 
-def local_batch_size(batch_size: int, process_count: int) -> int:
-  """This process's share of a global batch; an error unless it divides evenly."""
-  if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(
-        f'global batch size {batch_size} must be a positive multiple of the process count '
-        f'{process_count}'
-    )
-  return batch_size // process_count
-
-
 def numpy_dtype(dtype_str: str) -> np.dtype:
   """The numpy dtype of the inputs: 'float32', 'bfloat16' (ml_dtypes, installed with jax)..."""
   import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
@@ -59,10 +49,13 @@ class _ProcessSlices:
                dtype: Any = np.float32):
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    if batch_size <= 0 or batch_size % process_count:
+      raise ValueError(f'global batch size {batch_size} must be a positive multiple of the '
+                       f'process count {process_count}')
     self.source = source
     self.transform = transform
     self.batch_size = batch_size
-    self.local_batch_size = local_batch_size(batch_size, process_count)
+    self.local_batch_size = batch_size // process_count  # this process's share
     self.process_index = process_index
     self.process_count = process_count
     self.num_threads = num_threads

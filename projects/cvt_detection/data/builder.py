@@ -127,18 +127,10 @@ def _sources(name: str, kw: dict[str, Any], with_train: bool = True) -> tuple[An
   return train, evaluation, evaluation.ground_truth
 
 
-def build_loaders(
-    name: str,
-    *,
-    batch_size: int,
-    eval_batch_size: int,
-    seed: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    dtype_str: str = 'float32',
-    with_train: bool = True,
-    **kwargs: Any,
-) -> tuple[TrainLoader | None, EvalLoader, dict[str, Any]]:
+def build_loaders(name: str, *, batch_size: int, eval_batch_size: int, seed: int = 0,
+                  process_index: int = 0, process_count: int = 1, dtype_str: str = 'float32',
+                  with_train: bool = True,
+                  **kwargs: Any) -> tuple[TrainLoader | None, EvalLoader, dict[str, Any]]:
   """The train and validation loaders of a detection dataset and its meta data.
 
   `with_train=False` reads no training split (evaluation only; the train loader is None);

@@ -92,25 +92,14 @@ def _pop_required(kw: dict, key: str, name: str):
   return kw.pop(key)
 
 
-def build_loaders(
-    name: str,
-    *,
-    batch_size: int,
-    eval_batch_size: int,
-    seed: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    dtype_str: str = 'float32',
-    num_threads: int = 2,
-    num_workers: int = 0,
-    eval_pad_shape: tuple[int, int] | None = None,
-    eval_label_pad_shape: tuple[int, int] | None = None,
-    eval_size_divisor: int = 32,
-    test_scale: tuple[int, int] | None | str = 'default',
-    pixel_batch_mask: bool = False,
-    validate: str = 'full',
-    **dataset_kwargs: Any,
-) -> tuple[TrainLoader, EvalLoader, dict]:
+def build_loaders(name: str, *, batch_size: int, eval_batch_size: int, seed: int = 0,
+                  process_index: int = 0, process_count: int = 1, dtype_str: str = 'float32',
+                  num_threads: int = 2, num_workers: int = 0,
+                  eval_pad_shape: tuple[int, int] | None = None,
+                  eval_label_pad_shape: tuple[int, int] | None = None, eval_size_divisor: int = 32,
+                  test_scale: tuple[int, int] | None | str = 'default',
+                  pixel_batch_mask: bool = False, validate: str = 'full',
+                  **dataset_kwargs: Any) -> tuple[TrainLoader, EvalLoader, dict]:
   """The train and validation loaders of a dataset and its meta data.
 
   Args:
