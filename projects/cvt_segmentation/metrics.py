@@ -1,8 +1,7 @@
 """Semantic segmentation metrics from an integer confusion matrix, as mmsegmentation.
 
-The confusion matrix `cm[K, K]` (rows: ground truth, columns: prediction) is summed
-over a whole split at the original label resolution; pixels labelled `ignore_index`
-(255) and padding are left out. From it, as mmseg's `IoUMetric`
+`cm[K, K]` (rows: ground truth, columns: prediction) is summed over a split at the original
+label resolution, without `ignore_index` (255) and padding; then, as mmseg's `IoUMetric`
 (mmseg/evaluation/metrics/iou_metric.py):
 
   intersect = diag(cm), area_label = row sums, area_pred = column sums,
@@ -13,9 +12,6 @@ over a whole split at the original label resolution; pixels labelled `ignore_ind
 
 A class predicted but absent from the ground truth has IoU 0 and counts in mIoU, as in
 mmseg. Counts are exact integers (mmseg sums float32 histograms).
-
-`confusion_matrix` is numpy (int64); `confusion_matrix_jax` is jit-friendly for
-accumulating per batch on device (int32 per batch: exact below 2**31 pixels per call).
 """
 
 from __future__ import annotations
@@ -43,27 +39,13 @@ def _valid_mask(label, num_classes, ignore_index, mask, xp):
   return valid
 
 
-def confusion_matrix(
-    label: np.ndarray,
-    pred: np.ndarray,
-    num_classes: int,
-    *,
-    ignore_index: int = IGNORE_INDEX,
-    mask: np.ndarray | None = None,
-) -> np.ndarray:
-  """Confusion matrix of one batch or image, numpy.
+def confusion_matrix(label: np.ndarray, pred: np.ndarray, num_classes: int, *,
+                     ignore_index: int = IGNORE_INDEX,
+                     mask: np.ndarray | None = None) -> np.ndarray:
+  """int64 `[K, K]` confusion matrix of labels `[..., H, W]` and predictions in `[0, K)`.
 
-  Args:
-    label: ground truth `[..., H, W]` integers; `ignore_index` is skipped, as are values
-      outside `[0, num_classes)` (mmseg's histogram drops them too).
-    pred: predicted classes, same shape, in `[0, num_classes)`.
-    num_classes: K.
-    ignore_index: label value to skip.
-    mask: optional weights, per example `[B]` or per pixel (same shape as `label`);
-      pixels with mask 0 (padding) are skipped.
-
-  Returns:
-    int64 `[K, K]`, rows ground truth, columns prediction.
+  Labels `ignore_index` or outside `[0, K)` are skipped (mmseg's histogram drops them too),
+  as are pixels whose `mask` (per example `[B]` or per pixel) is 0.
   """
   label, pred = np.asarray(label), np.asarray(pred)
   if label.shape != pred.shape:
@@ -76,22 +58,14 @@ def confusion_matrix(
   return counts.reshape(num_classes, num_classes).astype(np.int64)
 
 
-def confusion_matrix_jax(
-    label: jax.Array,
-    pred: jax.Array,
-    num_classes: int,
-    *,
-    ignore_index: int = IGNORE_INDEX,
-    mask: jax.Array | None = None,
-) -> jax.Array:
-  """Confusion matrix of one batch on device; same contract as `confusion_matrix`.
+def confusion_matrix_jax(label: jax.Array, pred: jax.Array, num_classes: int, *,
+                         ignore_index: int = IGNORE_INDEX,
+                         mask: jax.Array | None = None) -> jax.Array:
+  """`confusion_matrix` on device (jit with `num_classes` static): int32 `[K, K]` per batch
+  (exact below 2**31 pixels), to add into an int64 total on the host.
 
-  jit with `num_classes` (and `ignore_index`) static. Invalid pixels are counted in an
-  extra bin that is dropped, so counts stay integers (no float weights). Predictions
-  outside `[0, num_classes)` are skipped instead of raising.
-
-  Returns:
-    int32 `[K, K]`; add into an int64 numpy total on the host.
+  Invalid pixels go to an extra bin that is dropped (integer counts, no float weights);
+  predictions outside `[0, K)` are skipped instead of raising.
   """
   label, pred = jnp.asarray(label), jnp.asarray(pred)
   valid = _valid_mask(label, num_classes, ignore_index, mask, jnp)
@@ -109,15 +83,8 @@ def _nanmean(x: np.ndarray) -> float:
 
 
 def segmentation_metrics(cm: np.ndarray) -> dict:
-  """mmseg's aAcc, mIoU, mAcc and per-class IoU / Acc from a confusion matrix.
-
-  Args:
-    cm: `[K, K]` integer confusion matrix (rows ground truth).
-
-  Returns:
-    `{'aAcc', 'mIoU', 'mAcc': float, 'IoU', 'Acc': float64 [K]}` as fractions in [0, 1]
-    (mmseg reports them x100); NaN where undefined.
-  """
+  """mmseg's `{'aAcc', 'mIoU', 'mAcc': float, 'IoU', 'Acc': float64 [K]}` of `cm [K, K]`, as
+  fractions (mmseg reports them x100); NaN where undefined."""
   cm = np.asarray(cm, np.int64)
   if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
     raise ValueError(f'confusion matrix must be square [K, K], got shape {cm.shape}')
@@ -141,23 +108,11 @@ def _percent(x: float, decimals: int | None) -> float | None:
   return round(x, decimals) if decimals is not None else x
 
 
-def metrics_report(
-    cm: np.ndarray,
-    class_names: Sequence[str] | None = None,
-    decimals: int | None = 2,
-    include_confusion_matrix: bool = False,
-) -> dict:
-  """JSON-ready summary: percentages (mmseg rounds to 2 decimals), NaN -> None.
-
-  Args:
-    cm: `[K, K]` confusion matrix.
-    class_names: K names; defaults to 'class_0', ...
-    decimals: rounding of the percentages; None keeps full precision.
-    include_confusion_matrix: add the matrix as nested lists.
-
-  Returns:
-    `{'aAcc', 'mIoU', 'mAcc', 'num_pixels', 'num_classes', 'per_class': [{'class', 'IoU',
-    'Acc', 'num_pixels'}], ['confusion_matrix']}`.
+def metrics_report(cm: np.ndarray, class_names: Sequence[str] | None = None,
+                   decimals: int | None = 2, include_confusion_matrix: bool = False) -> dict:
+  """JSON-ready `{'aAcc', 'mIoU', 'mAcc', 'num_pixels', 'num_classes', 'per_class': [{'class',
+  'IoU', 'Acc', 'num_pixels'}], ['confusion_matrix']}`: percentages rounded to `decimals`
+  (mmseg: 2; None: not rounded), NaN -> None; `class_names` default to 'class_0', ...
   """
   cm = np.asarray(cm, np.int64)
   m = segmentation_metrics(cm)
@@ -201,12 +156,8 @@ def _fmt(x: float | None) -> str:
   return 'nan' if x is None else f'{x:.2f}'
 
 
-def write_metrics_json(
-    path: str | os.PathLike,
-    cm: np.ndarray,
-    class_names: Sequence[str] | None = None,
-    **report_kwargs,
-) -> dict:
+def write_metrics_json(path: str | os.PathLike, cm: np.ndarray,
+                       class_names: Sequence[str] | None = None, **report_kwargs) -> dict:
   """Writes `metrics_report(cm, class_names, ...)` to `path` as strict JSON; returns it."""
   report = metrics_report(cm, class_names, **report_kwargs)
   with open(path, 'w') as f:

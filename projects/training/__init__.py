@@ -1,12 +1,4 @@
-"""The training machinery the segmentation and detection projects share.
-
-- `loop`: the jit training loop over a device mesh (Scenic's trainer signature), with the
-  project's periodic `Evaluation`, progress lines and metric writer.
-- `optim`: AdamW with warmup and poly or step decay, layer-wise lr decay, clipping,
-  accumulation.
-- `checkpoints`: orbax checkpoints, exact resume, metadata checks, restore for inference.
-- `step_loader`: step-indexed, process-sliced, Grain- or thread-parallel batch loading.
-- `app`: runs a project's `main(rng, config, workdir, writer)` under `scenic.app` or absl.
-
-Each project keeps its models, data, metrics and configs.
+"""The training library both projects share: `loop` (jit training, Scenic's trainer
+signature), `optim`, `checkpoints`, `step_loader` and `datasets` (what their data pipelines
+share), `app` (runs a project's `main`), `launch` (multi-process runs).
 """

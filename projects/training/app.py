@@ -160,7 +160,7 @@ def _define_distributed_flags() -> None:
   """`--coordinator_address`, `--num_processes`, `--process_id`: a multi-process run."""
   from absl import app, flags
 
-  from projects.training import distributed
+  from projects.training import launch
 
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process)')
   flags.DEFINE_integer('num_processes', None, 'processes in a multi-process run')
@@ -168,7 +168,7 @@ def _define_distributed_flags() -> None:
 
   def start() -> None:
     f = flags.FLAGS
-    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    launch.initialize(f.coordinator_address, f.num_processes, f.process_id)
 
   # After the flags are parsed and before anything uses a JAX device.
   app.call_after_init(start)

@@ -1,24 +1,11 @@
 """Training checkpoints: orbax, atomic, verified, resumable, checked against their model.
 
-Layout: `WORKDIR/checkpoints/<step>/{state,metadata}`. Orbax writes each step
-to a temporary folder and renames it when complete, so a run killed at any
-point leaves either a whole checkpoint or a temporary folder that is ignored
-(and removed by the next training run). `metadata` records the model name,
-class count and backbone, and restoring into another model is an error naming
-what differs.
-
-A complete checkpoint can still be damaged later (a truncated copy, flipped bits on a
-disk): `metadata` also records sha256 checksums of the saved arrays, of the whole
-training state and of the variables alone (what evaluation restores), committed with the
-checkpoint in the same orbax save. Restoring recomputes them, so a damaged checkpoint is
-an error (`CheckpointCorruptError`) instead of silently wrong weights; resuming a
-training run skips it for the newest older one that verifies, sets it aside as
-`<step>.corrupt`, and says so. Checkpoints written before checksums were recorded
-restore unverified.
-
-A checkpoint that cannot be written (a full disk) is a `CheckpointWriteError` that names
-the complete checkpoint a rerun will resume from; when the previous checkpoint shows
-there is not enough room for the next, the save is refused before anything is written.
+`WORKDIR/checkpoints/<step>/{state,metadata}`; orbax renames a step's folder once complete,
+so a killed run leaves a whole checkpoint or an ignored temporary folder. `metadata`
+records the model (restoring into another is a `CheckpointMismatchError`) and sha256
+checksums of the state and of the variables alone: a checkpoint damaged later is a
+`CheckpointCorruptError`, and resuming skips it for the newest that verifies, renaming it
+`<step>.corrupt`. A save that cannot fit (a full disk) is a `CheckpointWriteError`.
 """
 
 from __future__ import annotations
@@ -46,11 +33,8 @@ CORRUPT_SUFFIX = '.corrupt'  # a skipped checkpoint is renamed `<step>.corrupt`
 
 
 class CheckpointCorruptError(ValueError):
-  """A checkpoint that cannot be read, or whose arrays differ from those saved.
-
-  Attributes:
-    reason: why, in one line (also the end of the message).
-  """
+  """A checkpoint that cannot be read, or whose arrays differ from those saved; `reason`
+  says why in one line (also the end of the message)."""
 
   def __init__(self, message: str, reason: str):
     super().__init__(message)
@@ -67,11 +51,8 @@ def checkpoint_dir(workdir: str | os.PathLike) -> Path:
 
 def manager(workdir: str | os.PathLike, max_to_keep: int = 3,
             create: bool = True) -> ocp.CheckpointManager:
-  """The checkpoint manager of `workdir`; `create`: the training run's (it writes).
-
-  The training run's manager removes temporary folders of saves that never completed:
-  safe because the run holds the workdir (`workdir_lock`), so no other save is underway.
-  """
+  """The checkpoint manager of `workdir`; `create`: the training run's, which writes and
+  removes unfinished saves (safe: the run holds `workdir_lock`)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                          cleanup_tmp_directories=create)
   _drop_async_io_noise()
@@ -97,11 +78,8 @@ def model_metadata(config: Any, num_classes: int) -> dict[str, Any]:
 
 
 def _local(leaf: Any) -> Any:
-  """This process's full copy of a replicated array.
-
-  The training state is replicated (`loop.py`), so the copy is the whole array, the same in
-  every process and in any later topology. A sharded state would need per-shard checksums.
-  """
+  """This process's full copy of a replicated array (the state is replicated by `loop`; a
+  sharded state would need per-shard checksums)."""
   if isinstance(leaf, jax.Array):
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
@@ -128,8 +106,7 @@ def _combine(records: Sequence[bytes]) -> str:
 def tree_checksum(tree: Any) -> str:
   """sha256 over every leaf's dtype, shape and bytes, in tree order (`'sha256:<hex>'`).
 
-  Array values only: the leaf paths are left out, since a tree restored by orbax may
-  name its nodes differently (dicts for dataclasses) while holding the same arrays.
+  Not the paths: orbax may restore dataclasses as dicts holding the same arrays.
   """
   return _combine([_leaf_record(leaf) for leaf in jax.tree.leaves(_host(tree))])
 
@@ -146,11 +123,7 @@ def _variables_of(state: Any) -> Mapping[str, Any] | None:
 
 
 def state_checksums(state: Any) -> dict[str, str]:
-  """`{'state': ..., 'variables': ...}` checksums of a training state (`tree_checksum`).
-
-  Each array is copied to the host and hashed once; the variables' checksum reuses the
-  digests of the state's.
-  """
+  """`{'state': ..., 'variables': ...}` checksums of a training state, each array hashed once."""
   host = _host(state)
   records = {id(leaf): _leaf_record(leaf) for leaf in jax.tree.leaves(host)}
   checksums = {'state': _combine([records[id(leaf)] for leaf in jax.tree.leaves(host)])}
@@ -230,13 +203,10 @@ class _OrbaxFutureNoise(logging.Filter):
 def _drop_async_io_noise() -> None:
   """Stops the noise a failed orbax read or write leaves on stderr.
 
-  When one array of a tensorstore read or write fails, orbax abandons the other arrays'
-  I/O: their coroutines and futures fail later ('Event loop is closed', 'Encountered
-  error while reading array index', 'Future exception was never retrieved') and Python
-  reports each when it is collected, tens of thousands of lines burying the one error that
-  matters, which is raised (and named by the caller). Exceptions that nothing can catch
-  any more (`sys.unraisablehook`) raised inside orbax, the two shutdown messages, and
-  asyncio's report of orbax futures are dropped; everything else is reported as before.
+  When one array's tensorstore I/O fails, orbax abandons the others, whose coroutines and
+  futures fail when collected: tens of thousands of lines burying the one error raised.
+  Unraisable exceptions from orbax, the two shutdown messages and asyncio's reports of
+  orbax futures are dropped; everything else is reported as before.
   """
   previous = sys.unraisablehook
   if getattr(previous, 'drops_async_io_noise', False):
@@ -295,12 +265,8 @@ def _write_error(mngr: ocp.CheckpointManager, what: str) -> CheckpointWriteError
 
 
 def _check_free_space(mngr: ocp.CheckpointManager, step: int) -> None:
-  """Refuses a save that the previous checkpoint shows cannot fit, before writing anything.
-
-  A save that runs out of space fails inside orbax's writer threads, hundreds of lines
-  of tracebacks; the previous checkpoint of the same state is an exact measure of the
-  room the next one needs.
-  """
+  """Refuses a save that cannot fit, measured by the previous checkpoint of the same state
+  (out of space inside orbax's writer threads is hundreds of lines of tracebacks)."""
   previous = mngr.latest_step()
   directory = Path(str(mngr.directory))
   if previous is None or '://' in str(mngr.directory):
@@ -330,10 +296,7 @@ def wait(mngr: ocp.CheckpointManager) -> None:
 def close(mngr: ocp.CheckpointManager, *, raise_errors: bool = True) -> None:
   """Waits for the last save and closes `mngr`; never leaves a checkpoint half-written.
 
-  Args:
-    mngr: the training run's manager.
-    raise_errors: False while another error is propagating: a failed save is then
-      logged, so that it does not hide the error that stopped the run.
+  `raise_errors=False` while another error propagates: a failed save is then only logged.
   """
   try:
     wait(mngr)
@@ -347,13 +310,8 @@ def close(mngr: ocp.CheckpointManager, *, raise_errors: bool = True) -> None:
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any,
          metadata: Mapping[str, Any]) -> None:
-  """Starts saving `state` as `step`, with `metadata` and the checksums of `state`.
-
-  Returns once the arrays are copied to the host; orbax writes them in the background.
-
-  Raises:
-    CheckpointWriteError: the previous save failed, or this one cannot fit on the disk.
-  """
+  """Starts saving `state` as `step` with `metadata` and its checksums; orbax writes in the
+  background. `CheckpointWriteError`: the previous save failed, or this one cannot fit."""
   wait(mngr)
   _check_free_space(mngr, step)
   # Hashed from the same values orbax copies; committed atomically with the checkpoint.
@@ -403,11 +361,8 @@ def _check_metadata(saved: Mapping[str, Any], expected: Mapping[str, Any], where
 
 def _check_saved_shapes(mngr: ocp.CheckpointManager, step: int, abstract_variables: Any,
                         where: Any) -> None:
-  """After a failed restore: another model's variables (a mismatch), or damage?
-
-  Compares the variable shapes the checkpoint's own metadata records with the model's;
-  when they differ the restore failed because the model differs, not the files.
-  """
+  """After a failed restore: a mismatch if the shapes the checkpoint records differ from the
+  model's (else the caller reports damage)."""
   try:
     saved = ocp.StandardCheckpointHandler().metadata(_step_dir(mngr, step) / 'state')
     saved_variables = saved.tree['variables']
@@ -418,12 +373,8 @@ def _check_saved_shapes(mngr: ocp.CheckpointManager, step: int, abstract_variabl
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
             metadata: Mapping[str, Any]) -> Any:
-  """Restores `step` into the structure of `abstract_state`, checked and verified.
-
-  Raises:
-    CheckpointMismatchError: the checkpoint is another model's (`metadata` or shapes).
-    CheckpointCorruptError: it cannot be read, or its arrays differ from those saved.
-  """
+  """Restores `step` into the structure of `abstract_state`, checked (`metadata`, shapes) and
+  verified (checksums)."""
   where = _step_dir(mngr, step)
   saved = _saved_metadata(mngr, step)
   _check_metadata(saved, metadata, where)
@@ -442,10 +393,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
 
 
 def _set_aside(mngr: ocp.CheckpointManager, steps: Sequence[int]) -> None:
-  """Renames skipped checkpoints `<step>.corrupt`: kept for inspection, out of the way.
-
-  The resumed run saves these steps again; orbax ignores the renamed folders.
-  """
+  """Renames skipped checkpoints `<step>.corrupt` (kept for inspection; orbax ignores them)."""
   if jax.process_index() == 0:
     for step in steps:
       source = _step_dir(mngr, step)
@@ -467,15 +415,9 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
                    metadata: Mapping[str, Any]) -> tuple[int, Any]:
   """The newest checkpoint that restores and verifies: `(step, state)`, `(0, None)` if none.
 
-  A checkpoint that cannot be read or fails its checksum is skipped with the warning
-  `skipping checkpoint <path>: <reason>` and, once an older one restores, renamed
-  `<step>.corrupt` so that the run can write that step again.
-
-  Raises:
-    CheckpointMismatchError: the checkpoints are another model's (never skipped: the
-      config or the workdir is wrong).
-    CheckpointCorruptError: checkpoints exist but none restores; the message lists each
-      and why. Training from scratch over them is left to the user to decide.
+  Damaged ones are skipped (`skipping checkpoint <path>: <reason>`) and set aside once an
+  older one restores; another model's are never skipped. None restoring is a
+  `CheckpointCorruptError` listing each: training from scratch is the user's decision.
   """
   skipped: list[tuple[int, str]] = []
   for step in sorted(mngr.all_steps(), reverse=True):
@@ -498,11 +440,10 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
 
 
 def locate(checkpoint: str | os.PathLike) -> tuple[Path, int | None]:
-  """The checkpoints folder and step a tool's `--checkpoint` names.
+  """The checkpoints folder and step of a workdir, its `checkpoints` folder or a step folder.
 
-  `checkpoint` is a workdir, its `checkpoints` folder, or one step folder in it. The step
-  is that folder's, else the latest complete one (orbax names a step folder `N` only once
-  it is complete; `N.corrupt` and unfinished folders are not steps); None when there is none.
+  The step is that folder's, else the latest complete one (`N`; not `N.corrupt` nor
+  unfinished folders), else None.
   """
   path = Path(checkpoint).absolute()
   if path.name.isdigit() and (path / 'state').exists():
@@ -515,35 +456,18 @@ def locate(checkpoint: str | os.PathLike) -> tuple[Path, int | None]:
 
 
 def identity(checkpoint: str | os.PathLike) -> dict[str, Any]:
-  """`{'path', 'step'}` of the weights `checkpoint` names (`locate`), as outputs record it.
-
-  The path is the checkpoints folder, so a workdir and its `checkpoints` folder name the
-  same weights.
-  """
+  """`{'path', 'step'}` of the weights `checkpoint` names (`locate`), as outputs record it."""
   path, step = locate(checkpoint)
   return {'path': str(path), 'step': step}
 
 
 def restore_for_inference(config: Any, checkpoint: str | os.PathLike, *, model_cls: Any,
                           num_classes: int | None = None) -> tuple[Any, dict[str, Any]]:
-  """The flax model of `config` and its trained variables, for `apply(v, x, train=False)`.
+  """`(flax_model, {'params', 'batch_stats'})` of `config` from a trained checkpoint.
 
-  Args:
-    config: the training config (`config.model_name`, `config.model`, dataset).
-    checkpoint: a workdir, its `checkpoints` folder, or one step folder in it.
-    model_cls: the project's model class for `config.model_name`, built as
-      `model_cls(config, {'num_classes': K})` with a `flax_model` whose `pretrained`
-      field names the backbone file `init` would load.
-    num_classes: the class count; by default the checkpoint's.
-
-  Returns:
-    (flax_model, {'params': ..., 'batch_stats': ...}).
-
-  Raises:
-    FileNotFoundError: no complete checkpoint at `checkpoint`.
-    CheckpointMismatchError: the checkpoint is another model's.
-    CheckpointCorruptError: it cannot be read or fails its checksum; the message names
-      the other steps that could be used instead (never picked silently).
+  `checkpoint` as `locate`; `model_cls(config, {'num_classes': K})` builds the model
+  (`num_classes`: by default the checkpoint's). A damaged checkpoint's error names the
+  other steps that could be used instead (never picked silently).
   """
   path, step = locate(checkpoint)
   if not path.is_dir():

@@ -1,18 +1,9 @@
 """Facts about dataset files (image sizes, mask label values), cached across runs.
 
-Checking a dataset up front means opening every file; the facts found are kept in an index
-keyed by each file's path, size and modification time (`st_mtime_ns`), so a second run
-re-reads only files that changed (or were added), and a changed file is never trusted
-stale (unless rewritten at the same size within the file system's mtime resolution:
-nanoseconds on ext4, xfs and tmpfs). The index of a folder is the JSON file
-`$XDG_CACHE_HOME/cvt-dense/index/<name>-<hash>.json` (`~/.cache/...` when XDG_CACHE_HOME is
-unset), named after the folder's real path: nothing is written into dataset folders, which
-are often shared or read-only.
-
-The index is written atomically (`projects.tools.output_files.write_atomically`), so a killed or
-concurrent run leaves the previous index or a whole new one; an index that cannot be read
-(not JSON, another format) is ignored and rebuilt. It is only a cache: deleting it costs one
-rescan.
+Keyed by each file's path, size and `st_mtime_ns`, so a second run re-reads only changed or
+new files (ns mtimes on ext4, xfs, tmpfs). A folder's index is
+`$XDG_CACHE_HOME/cvt-dense/index/<name>-<hash>.json` (default `~/.cache`), never inside the
+dataset folder (often shared or read-only); written atomically, and rebuilt when unreadable.
 """
 
 from __future__ import annotations
@@ -89,11 +80,7 @@ def _read_entries(path: str) -> dict[str, dict]:
 
 
 class FileIndex:
-  """Per-file facts of the files under one folder, valid while a file's size and mtime hold.
-
-  Args:
-    folder: the dataset folder the index belongs to (module docstring for where it lives).
-  """
+  """Per-file facts of the files under `folder`, valid while a file's size and mtime hold."""
 
   def __init__(self, folder: str):
     self.folder = os.path.abspath(folder)
@@ -118,14 +105,8 @@ class FileIndex:
     self._changed[self._key(path)] = entry
 
   def save(self) -> str | None:
-    """Writes the new facts (if any), merged into the index as it is on disk now.
-
-    Merging keeps the entries another process (or another split sharing the folder) wrote
-    meanwhile. A failure to write only costs a rescan next time: it is logged, not raised.
-
-    Returns:
-      The index file written, or None.
-    """
+    """Writes the new facts merged into the index on disk (keeping other processes'
+    entries); returns the file written, or None. A failure only costs a rescan: logged."""
     if not self._changed:
       return None
     target = self.path
@@ -142,28 +123,12 @@ class FileIndex:
     return target
 
 
-def probe_files(
-    index: FileIndex,
-    paths: Sequence[str],
-    probe: Callable[[str], dict],
-    usable: Callable[[dict], bool] = lambda info: True,
-    num_threads: int | None = None,
-) -> list[dict | Exception]:
-  """`probe(path)` for each path, from `index` where a usable cached result is valid.
-
-  Probes run in a thread pool (PIL and numpy release the GIL while decoding). Results are
-  stored in `index` (not saved: call `index.save()`); failures are returned, not stored.
-
-  Args:
-    index: the cache.
-    paths: files to probe.
-    probe: path -> JSON-serialisable facts; raises for a file it cannot read.
-    usable: whether cached facts answer this probe (e.g. they hold the label values).
-    num_threads: pool size; None: `min(32, cpu_count + 4)`.
-
-  Returns:
-    Per path, the facts or the exception (`FileNotFoundError` for a missing file).
-  """
+def probe_files(index: FileIndex, paths: Sequence[str], probe: Callable[[str], dict],
+                usable: Callable[[dict], bool] = lambda info: True,
+                num_threads: int | None = None) -> list[dict | Exception]:
+  """Per path, `probe(path)` (JSON-able facts) or the exception it raised, from `index` where
+  cached facts are valid and `usable`; probed in a thread pool (PIL and numpy release the
+  GIL). New facts are stored in `index`, not saved."""
   results: list[Any] = [None] * len(paths)
   todo = []
   for k, path in enumerate(paths):

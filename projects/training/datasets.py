@@ -1,15 +1,15 @@
-"""Scenic-style datasets from a project's loaders, and their registration with Scenic.
+"""What both projects' datasets share: their errors, Scenic's `Dataset` and its registry.
 
-A project's `build_loaders(name, batch_size=..., eval_batch_size=..., seed=..., **kwargs)`
-returns `(train_loader, eval_loader, meta_data)` (`step_loader` subclasses);
-`scenic_dataset` turns those into `Dataset(train_iter, valid_iter, test_iter, meta_data)`
-with the fields of Scenic's `dataset_utils.Dataset`, and `register_builders` adds a
-project's builders to Scenic's dataset registry.
+A project's `build_loaders(name, batch_size=..., eval_batch_size=..., **kwargs)` returns
+`(train_loader, eval_loader, meta_data)` (`step_loader` subclasses); `dataset_getter` makes
+its `get_dataset`, returning Scenic's `Dataset(train_iter, valid_iter, test_iter,
+meta_data)`, and `register_builders` adds it to Scenic's dataset registry.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,28 +26,46 @@ GetDataset = Callable[..., Dataset]
 class DatasetError(ValueError):
   """A dataset's files are invalid; the message names the file, the entries and the fix.
 
-  Raised while a dataset is built, before training starts; the projects' `main` prints it
-  as one line (no traceback) and exits with status 1.
+  Raised while a dataset is built, before training; `main` prints it as one line and exits 1.
   """
 
 
 class MissingFilesError(DatasetError, FileNotFoundError):
-  """Files a dataset lists (images, masks) do not exist; the message lists them.
+  """Files a dataset lists (images, masks) do not exist; the message lists them."""
 
-  Both a `DatasetError` and a `FileNotFoundError`, so either kind of handler catches it.
+
+def listing(lines: Sequence[str], shown: int) -> str:
+  """The first `shown` lines, indented, and how many more there are."""
+  text = '\n'.join(f'  {line}' for line in lines[:shown])
+  if len(lines) > shown:
+    text += f'\n  ... and {len(lines) - shown} more'
+  return text
+
+
+def dataset_getter(build_loaders: Callable[..., tuple[Any, Any, dict]]) -> GetDataset:
+  """A project's `get_dataset(name, *, start_step=0, **kwargs)` from its `build_loaders`.
+
+  Endless training batches from `start_step`, endless evaluation passes (Scenic's
+  `valid_iter`; trainers take `meta_data['num_eval_batches']` of them); `test_iter` is None.
+  `meta_data` gains the loaders, for trainers that resume at a step known only after
+  restoring a checkpoint and for exact single evaluation passes.
   """
 
+  def get_dataset(name: str, *, start_step: int = 0, **kwargs: Any) -> Dataset:
+    train, evaluation, meta_data = build_loaders(name, **kwargs)
+    meta_data = dict(meta_data, train_loader=train, eval_loader=evaluation,
+                     train_start_step=start_step, num_eval_batches=evaluation.num_batches)
+    return Dataset(train.iterate(start_step), evaluation.repeat(), None, meta_data)
 
-def scenic_dataset(train: Any, evaluation: Any, meta_data: Mapping[str, Any],
-                   start_step: int = 0) -> Dataset:
-  """Endless train batches from `start_step`, endless eval passes (Scenic's `valid_iter`).
+  return get_dataset
 
-  `meta_data` gains the loaders themselves, for trainers that resume at a step known only
-  after restoring a checkpoint and for exact single evaluation passes. `test_iter` is None.
-  """
-  meta_data = dict(meta_data, train_loader=train, eval_loader=evaluation,
-                   train_start_step=start_step, num_eval_batches=evaluation.num_batches)
-  return Dataset(train.iterate(start_step), evaluation.repeat(), None, meta_data)
+
+def shard(batch: dict, num_shards: int) -> dict:
+  """`[b, ...]` arrays -> `[num_shards, b // num_shards, ...]`, the layout Scenic's pmap takes."""
+  b = len(next(iter(batch.values())))
+  if b % num_shards:
+    raise ValueError(f'per-process batch size {b} must be a multiple of num_shards={num_shards}')
+  return {k: v.reshape((num_shards, -1) + v.shape[1:]) for k, v in batch.items()}
 
 
 def register_builders(names: Sequence[str], get_dataset: GetDataset, *, prefix: str,
@@ -55,13 +73,11 @@ def register_builders(names: Sequence[str], get_dataset: GetDataset, *, prefix: 
                       project: str = 'cvt') -> list[str]:
   """Registers `get_dataset(name, ...)` for each name in Scenic's registry as `prefix + name`.
 
-  The registered builders follow Scenic's signature (`batch_size, eval_batch_size,
-  num_shards, dtype_str, shuffle_seed, rng, dataset_configs, dataset_service_address`)
-  and conventions: `batch_size` and `eval_batch_size` are per host (Scenic's
-  `train_utils.get_dataset` divides the config's by the process count; the loaders take
-  global sizes and slice them per host), batches are reshaped to `[num_shards, ...]` for
-  pmap, and `dataset_configs` holds the keyword arguments of the project's `build_loaders`
-  (plus `start_step`), over `scenic_defaults`. Registering twice is harmless.
+  The builders take Scenic's arguments (`batch_size, eval_batch_size, num_shards, dtype_str,
+  shuffle_seed, rng, dataset_configs, dataset_service_address`): batch sizes per host
+  (Scenic's `train_utils.get_dataset` divides the config's by the process count), batches
+  `[num_shards, ...]` for pmap, `dataset_configs` the keyword arguments of `build_loaders`
+  (plus `start_step`) over `scenic_defaults`. Registering twice is harmless.
 
   Returns:
     The registered names, or an empty list when Scenic is not installed.
@@ -82,36 +98,26 @@ def register_builders(names: Sequence[str], get_dataset: GetDataset, *, prefix: 
 
 
 def _scenic_builder(name: str, get_dataset: GetDataset, defaults: dict[str, Any], project: str):
-  def builder(
-      *,
-      batch_size: int,
-      eval_batch_size: int,
-      num_shards: int,
-      dtype_str: str = 'float32',
-      shuffle_seed: int | None = 0,
-      rng=None,
-      dataset_configs: Mapping | None = None,
-      dataset_service_address: str | None = None,
-  ) -> Dataset:
+  def builder(*, batch_size: int, eval_batch_size: int, num_shards: int, dtype_str: str = 'float32',
+              shuffle_seed: int | None = 0, rng=None, dataset_configs: Mapping | None = None,
+              dataset_service_address: str | None = None) -> Dataset:
     import jax
     import jax.numpy as jnp
 
     del rng  # the data stream is keyed by shuffle_seed and the step
     if dataset_service_address:
       raise ValueError(f'tf.data service is not supported by the {project} datasets')
-    configs = {**defaults, **as_dict(dataset_configs)}
     ds = get_dataset(
-        name,
-        batch_size=batch_size * jax.process_count(),
+        name, batch_size=batch_size * jax.process_count(),
         eval_batch_size=eval_batch_size * jax.process_count(),
-        seed=0 if shuffle_seed is None else shuffle_seed,
-        num_shards=num_shards,
-        dtype_str=dtype_str,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        **configs,
-    )
-    return ds._replace(meta_data=dict(ds.meta_data, input_dtype=getattr(jnp, dtype_str)))
+        seed=0 if shuffle_seed is None else shuffle_seed, dtype_str=dtype_str,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        **{**defaults, **as_dict(dataset_configs)})
+    # Only Scenic's pmap trainers take `[num_shards, b, ...]`; the loaders give `[b, ...]`.
+    to_shards = functools.partial(shard, num_shards=num_shards)
+    return ds._replace(train_iter=map(to_shards, ds.train_iter),
+                       valid_iter=map(to_shards, ds.valid_iter),
+                       meta_data=dict(ds.meta_data, input_dtype=getattr(jnp, dtype_str)))
 
   builder.__name__ = f'get_{name}_dataset'
   return builder

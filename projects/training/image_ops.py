@@ -17,18 +17,8 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 def rescale_size(size: tuple[int, int], scale: Sequence[int]) -> tuple[int, int]:
-  """Output size of a keep-ratio resize, as `mmcv.rescale_size`.
-
-  The image is scaled by one factor so that its long edge is at most `max(scale)` and
-  its short edge at most `min(scale)` (the order of `scale` does not matter).
-
-  Args:
-    size: input `(height, width)`.
-    scale: two edge limits, e.g. `(2048, 512)` for ADE20K.
-
-  Returns:
-    `(height, width)` after rescaling.
-  """
+  """`(height, width)` of a keep-ratio resize (`mmcv.rescale_size`): long edge at most
+  `max(scale)`, short edge at most `min(scale)`, e.g. `(2048, 512)` for ADE20K."""
   h, w = size
   factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
   # mmcv `_scale_size`: int(x * factor + 0.5).
@@ -47,18 +37,11 @@ def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 def resize_image(
     image: np.ndarray, size: tuple[int, int], window: tuple[int, int, int, int] | None = None
 ) -> np.ndarray:
-  """Bilinear resize with half-pixel centers and no antialiasing (cv2.INTER_LINEAR).
+  """Bilinear resize `[H, W, C]` -> `[height, width, C]`, same dtype (uint8 rounded), with
+  half-pixel centers and no antialiasing (cv2.INTER_LINEAR).
 
-  Args:
-    image: `[H, W, C]` uint8 or float.
-    size: output `(height, width)`.
-    window: optional `(y0, y1, x0, x1)` region of the output to compute; equal to
-      `resize_image(image, size)[y0:y1, x0:x1]` at the cost of the window only (the
-      training pipeline resizes up to 2x and then crops).
-
-  Returns:
-    `[height, width, C]` (or the window), same dtype as `image` (uint8 is rounded and
-    clipped).
+  `window=(y0, y1, x0, x1)` computes only `resize_image(image, size)[y0:y1, x0:x1]` (the
+  training pipeline resizes up to 2x, then crops).
   """
   h, w = image.shape[:2]
   out_h, out_w = size
@@ -75,22 +58,15 @@ def resize_image(
   return x.astype(image.dtype)
 
 
-def normalize(
-    image: np.ndarray,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> np.ndarray:
+def normalize(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
   """`(image - mean) / std` per channel on the 0-255 scale; returns float32 `[H, W, 3]`."""
   image = image.astype(np.float32)
   return (image - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def pad_image(image: np.ndarray, size: tuple[int, int], pad_value: float = 0) -> np.ndarray:
-  """Pads `[h, w, ...]` at the bottom and right to `size` (mmcv `impad`); never crops.
-
-  Raises:
-    ValueError: `image` is larger than `size` along either axis.
-  """
+  """Pads `[h, w, ...]` at the bottom and right to `size` (mmcv `impad`); never crops."""
   h, w = image.shape[:2]
   if h > size[0] or w > size[1]:
     raise ValueError(f'cannot pad an array of size {(h, w)} to the smaller size {tuple(size)}')

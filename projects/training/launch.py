@@ -1,24 +1,69 @@
-r"""Runs a command as several local JAX processes: multi-process training on one machine.
+r"""Multi-process runs: `initialize` (what each process's `main` calls) and the local launcher.
 
   python -m projects.training.launch --num_processes 2 --devices_per_process 2 -- \
     python -m projects.cvt_segmentation.main --config=CONFIG.py --workdir=DIR
 
-Each process gets `--coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i`
-appended (the flags of the projects' `main.py`), and with `--devices_per_process` that many
-CPU devices (`--xla_force_host_platform_device_count`), so a laptop runs what a cluster
-runs: one process per host, each feeding its slice of every batch. If a process fails,
-the others are stopped and the launcher exits with its code; on success it exits 0.
+The launcher appends `--coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i`
+(the flags of the projects' `main.py`) to each process's command and, with
+`--devices_per_process`, gives it that many CPU devices, so a laptop runs what a cluster
+runs: one process per host, each feeding its slice of every batch. If a process fails, the
+others are stopped and the launcher exits with its code; on success it exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+
+log = logging.getLogger(__name__)
+
+
+def _cluster_detected() -> bool:
+  """A multi-process launch by a cluster manager JAX knows how to read."""
+  slurm_tasks = int(os.environ.get('SLURM_NTASKS', '1') or 1)
+  tpu_hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  return slurm_tasks > 1 or ',' in tpu_hosts
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+  """Starts `jax.distributed` for a multi-process run; returns whether it did.
+
+  From explicit settings (all three, or `num_processes` None or 1 for a single process) or
+  from a cluster JAX detects itself (SLURM, Cloud TPU pods); nothing for one process.
+
+  Raises:
+    ValueError: explicit settings that are incomplete or out of range.
+  """
+  import jax
+
+  explicit = [coordinator_address, num_processes, process_id]
+  if any(v is not None for v in explicit):
+    if num_processes is None or num_processes <= 1:
+      if num_processes is not None and num_processes < 1:
+        raise ValueError(f'num_processes must be >= 1, got {num_processes}.')
+      return False
+    if coordinator_address is None or process_id is None:
+      raise ValueError('A multi-process run needs --coordinator_address, --num_processes and '
+                       f'--process_id; got {coordinator_address!r}, {num_processes!r}, '
+                       f'{process_id!r}.')
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f'process_id {process_id} is not in [0, {num_processes}).')
+  elif not _cluster_detected():
+    return False
+  # CPU devices of different processes exchange data through gloo (TCP); GPUs and TPUs
+  # use their own collectives, which this setting does not touch.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  log.info('Process %d of %d, %d local of %d devices.', jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
 
 
 def free_port() -> int:

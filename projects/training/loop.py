@@ -1,34 +1,22 @@
 """The training loop both projects run, with Scenic's trainer signature.
 
-`train(*, rng, config, model, dataset, workdir, writer, evaluation)`:
-- `jax.jit` over a mesh of every device with named shardings: batches split on
-  the 'data' axis, parameters and optimizer state replicated (data parallel;
-  multi-host after `jax.distributed.initialize()`, each process feeding its slice).
-  BatchNorm statistics are those of the global batch: under jit the mean over
-  the sharded batch axis is a cross-device reduction.
-- the step compiled ahead of its first call, the compiler's freed memory handed back
-  (`CompiledSteps`); on CPU, XLA's memory-minimising scheduler (`xla_flags`, set by `app`).
-- optax AdamW with warmup and poly or step decay, layer-wise lr decay, clipping,
-  accumulation (`optim.py`); bf16 compute and remat come from the model config.
-- periodic evaluation by the project's `Evaluation` (mIoU for segmentation, COCO AP for
-  detection) with the same code as its `evaluate` tool, after that step's checkpoint is
-  started; orbax checkpoints every `checkpoint_steps`, verified by checksums, and
-  automatic resume from the latest that verifies; the batches and dropout keys of step s
-  are functions of (seed, s), so a resumed run repeats an uninterrupted one.
-- one run per workdir: a second run in the same workdir stops at once (`workdir_lock`).
-- every evaluation's numbers are kept in `WORKDIR/validation.json` (`{"steps": {"500":
-  {"mIoU": 92.03, ...}}}`, the evaluation's scalars and other JSON-able entries), so rerunning
-  a finished run says so and returns the final numbers without training or evaluating again
-  (it evaluates the last checkpoint once when they were never recorded).
+`jax.jit` over a mesh of every device: batches split on the 'data' axis, parameters and
+optimizer state replicated (multi-host after `jax.distributed.initialize()`; BatchNorm
+statistics are the global batch's). A resumed run repeats an uninterrupted one: batches and
+dropout keys of step s are functions of (seed, s), and it restarts from the latest
+checkpoint that verifies. One run per workdir (`workdir_lock`). Each evaluation's numbers
+are kept in `WORKDIR/validation.json` (`{"steps": {"500": {"mIoU": 92.03, ...}}}`), so a
+rerun of a finished run returns them without training or evaluating again.
 
-What a project provides: a model object (`flax_model`, `init_variables(rng, input_shape)`,
+A project provides a model (`flax_model`, `init_variables(rng, input_shape)`,
 `loss_function(outputs, batch)` or `loss_and_metrics(outputs, batch) -> (loss, {name:
-scalar})`), a dataset (`meta_data` with `input_shape`, `num_classes`, and `train_loader` to
-restart the stream at a step), and an `Evaluation`.
+scalar})`), a dataset (`meta_data` with `input_shape`, `num_classes` and `train_loader`)
+and an `Evaluation`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -54,12 +42,9 @@ log = logging.getLogger(__name__)
 
 
 class Evaluation(Protocol):
-  """A project's periodic evaluation, run on process-local copies of the variables.
-
-  `__call__(variables)` scores the validation split and returns a summary dict;
-  `scalars` names its entries written to TensorBoard as `valid/<name>`; `describe(summary)`
-  is the one-line report printed after `step N: validation `.
-  """
+  """A project's periodic evaluation: `__call__(variables)` scores the validation split (on
+  process-local variables); `scalars` go to TensorBoard as `valid/<name>`; `describe` gives
+  the line printed after `step N: validation `."""
 
   scalars: Sequence[str]
 
@@ -79,11 +64,8 @@ class TrainState:
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, flax_model: Any, loss_fn: Any,
                tx: optax.GradientTransformation,
                schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer micro-step on a global batch.
-
-  `loss_fn(outputs, batch)` returns the loss, or `(loss, {name: scalar})` whose entries are
-  logged next to it (e.g. the parts of a detection loss).
-  """
+  """One optimizer micro-step on a global batch; `loss_fn` returns the loss or `(loss,
+  {name: scalar})`, logged next to it."""
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def compute_loss(params):
@@ -116,10 +98,9 @@ def jit_train_step(*, flax_model: Any, loss_fn: Any, tx: optax.GradientTransform
 class CompiledSteps:
   """A jitted step compiled ahead of its first call, once per batch structure.
 
-  The compiler's working memory (about 1 GB for CvT-13 + UPerNet) is freed into the
-  allocator's heap, where it stays as resident memory that the step's own buffers (allocated
-  apart) cannot reuse; it is handed back to the OS (`release_freed_memory`) between
-  compiling and running, so the process peaks at the step's memory, not at both.
+  The compiler's working memory (about 1 GB for CvT-13 + UPerNet) stays resident in the
+  allocator's heap, unusable by the step's buffers; handing it back to the OS between
+  compiling and running makes the process peak at the step's memory, not at both.
   """
 
   def __init__(self, step_fn: Any):
@@ -197,9 +178,7 @@ def initial_state(config: Any, model: Any, meta: Any, rng: jax.Array) -> tuple[
   """The step-0 state of a run, its optimizer and its learning-rate schedule."""
   init_rng, train_rng = jax.random.split(rng)
   variables = model.init_variables(init_rng, tuple(meta['input_shape']))
-  depths = model.flax_model.backbone.resolved_spec.depths
-  tx, schedule = optim.make_optimizer(config, variables['params'], depths,
-                                      int(config.num_training_steps))
+  tx, schedule = optim.make_optimizer(config, variables['params'], int(config.num_training_steps))
   state = TrainState(step=jnp.asarray(0, jnp.int32), variables=variables,
                      opt_state=tx.init(variables['params']), rng=train_rng)
   return state, tx, schedule
@@ -207,24 +186,12 @@ def initial_state(config: Any, model: Any, meta: Any, rng: jax.Array) -> tuple[
 
 def train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: str, writer: Any,
           evaluation: Evaluation) -> tuple[TrainState, dict[str, Any]]:
-  """Trains `model` on `dataset` as `config` says, evaluating with `evaluation`.
-
-  The run holds `workdir` (`workdir_lock`, taken by process 0 before any checkpoint is
-  read or written) until its last checkpoint is complete.
-
-  Returns:
-    The final state and the last evaluation summary.
-
-  Raises:
-    workdir_lock.WorkdirInUseError: another run is training in `workdir`.
-    checkpoints.CheckpointCorruptError: checkpoints exist but none can be restored.
-    checkpoints.CheckpointWriteError: a checkpoint could not be written (disk full).
+  """Trains `model` on `dataset` as `config` says; returns the final state and the last
+  evaluation summary. Process 0 holds `workdir_lock` until the last checkpoint is complete.
   """
-  if jax.process_index() > 0:
-    # Process 0 holds the lock for the processes of its run, which share the workdir.
-    return _train(rng=rng, config=config, model=model, dataset=dataset, workdir=workdir,
-                  writer=writer, evaluation=evaluation)
-  with workdir_lock.hold(workdir):
+  # Process 0 holds the lock for the processes of its run, which share the workdir.
+  lead = jax.process_index() == 0
+  with workdir_lock.hold(workdir) if lead else contextlib.nullcontext():
     return _train(rng=rng, config=config, model=model, dataset=dataset, workdir=workdir,
                   writer=writer, evaluation=evaluation)
 

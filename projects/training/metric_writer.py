@@ -1,16 +1,10 @@
 """TensorBoard event files without TensorFlow, behind clu's `MetricWriter` methods.
 
-clu's default writer writes its event files through TensorFlow: 1.3 GB installed and seconds
-of start-up (and TensorFlow's notices) on every run, for a log file. This writer encodes the
-same events with TensorBoard's own protocol buffers and record framing (pure Python; the
-`tensorboard` package is needed to view them anyway) and logs the scalars as clu's
-`LoggingWriter` does. Runs under `scenic.app` keep the writer Scenic makes.
-
-It has clu's `MetricWriter` methods, so trainers take either writer. clu's class itself is
-not subclassed: importing anything from `clu.metric_writers` imports TensorFlow.
-
-Scalars, images, texts and histograms are written to the event file; hyperparameters,
-raw summaries, videos and audios are only logged.
+clu's default writer goes through TensorFlow (1.3 GB and seconds of start-up for a log
+file); this one encodes the same events with TensorBoard's own protocol buffers and logs
+the scalars as clu's `LoggingWriter`. clu's class is not subclassed: importing
+`clu.metric_writers` imports TensorFlow. Scalars, images, texts and histograms are written;
+hyperparameters, raw summaries, videos and audios only logged.
 """
 
 from __future__ import annotations
@@ -197,9 +191,6 @@ class TensorBoardWriter:
 
 def create_default_writer(logdir: str | os.PathLike, *,
                           just_logging: bool = False) -> TensorBoardWriter:
-  """clu's `create_default_writer` without TensorFlow: event files unless `just_logging`.
-
-  `just_logging` is for every process but the first of a multi-process run: one set of
-  event files per run.
-  """
+  """clu's `create_default_writer` without TensorFlow: event files unless `just_logging`
+  (every process but the first of a run)."""
   return TensorBoardWriter(logdir, just_logging=just_logging)

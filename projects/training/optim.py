@@ -1,11 +1,9 @@
-"""The fine-tuning optimizer users of mmsegmentation and mmdetection expect, in optax.
+"""mmsegmentation's and mmdetection's fine-tuning optimizer in optax.
 
-AdamW with linear warmup then poly decay (mmseg) or step decay at given steps (mmdet's 1x
-`MultiStepLR`); no weight decay on norms, biases and
-the cls token; layer-wise learning-rate decay over the backbone (BEiT/Swin
-style: the deepest block gets the base rate, each earlier one `decay` times
-less); a learning-rate multiplier for the heads; gradient clipping; gradient
-accumulation.
+AdamW, linear warmup then poly (mmseg) or step decay (mmdet 1x); no weight decay on norms,
+biases and the cls token; layer-wise lr decay over the backbone (BEiT/Swin: the last block
+gets the base rate, each earlier one `layer_decay` times less); a head lr multiplier;
+clipping; gradient accumulation.
 """
 
 from __future__ import annotations
@@ -40,11 +38,8 @@ def warmup_poly_schedule(base_lr: float, total_steps: int, warmup_steps: int = 1
 
 def warmup_step_schedule(base_lr: float, decay_steps: tuple[int, ...], decay_factor: float = 0.1,
                          warmup_steps: int = 500, warmup_ratio: float = 1e-3) -> optax.Schedule:
-  """mmdet's 1x schedule: `LinearLR` warmup, then the rate times `decay_factor` at each step.
-
-  mmdet `schedule_1x.py`: warmup over 500 iterations from 0.001 of the rate, then
-  `MultiStepLR(milestones=[8, 11], gamma=0.1)` over 12 epochs; here milestones are steps.
-  """
+  """mmdet's 1x schedule (`schedule_1x.py`): `LinearLR` warmup over 500 iterations from
+  0.001 of the rate, then `MultiStepLR(milestones=[8, 11], gamma=0.1)`; milestones in steps."""
   boundaries = tuple(sorted(int(s) for s in decay_steps))
 
   def schedule(step):
@@ -70,12 +65,19 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def backbone_layer_ids(params: Mapping[str, Any], depths: tuple[int, ...]) -> Any:
-  """Layer id of every backbone parameter: 0 for the first embedding, block k (over all stages) k+1.
+def stage_depths(backbone: Mapping[str, Any]) -> tuple[int, ...]:
+  """Blocks per stage of a CvT parameter tree (`stage{i}/blocks_{j}`)."""
+  depths = {}
+  for stage, subtree in backbone.items():
+    if m := _STAGE.match(stage):
+      depths[int(m.group(1))] = sum(1 for name in subtree if _BLOCK.match(name))
+  return tuple(depths[i] for i in sorted(depths))
 
-  A stage's conv embedding (and cls token) shares the id of the block before it,
-  so it trains at the rate of the layers it feeds from.
-  """
+
+def backbone_layer_ids(params: Mapping[str, Any]) -> Any:
+  """Layer id of every backbone parameter: 0 for the first embedding, block k (over all
+  stages) k+1; a later stage's embedding and cls token share the id of the block before it."""
+  depths = stage_depths(params)
   starts = [sum(depths[:i]) for i in range(len(depths))]
 
   def layer_id(path, _):
@@ -91,16 +93,15 @@ def backbone_layer_ids(params: Mapping[str, Any], depths: tuple[int, ...]) -> An
   return jax.tree_util.tree_map_with_path(layer_id, params)
 
 
-def lr_multipliers(params: Mapping[str, Any], *, depths: tuple[int, ...],
-                   layer_decay: float = 1.0, head_lr_mult: float = 1.0,
-                   backbone_key: str = 'backbone') -> Any:
+def lr_multipliers(params: Mapping[str, Any], *, layer_decay: float = 1.0,
+                   head_lr_mult: float = 1.0, backbone_key: str = 'backbone') -> Any:
   """Per-parameter multiplier of the learning rate (same tree as `params`)."""
-  num_layers = sum(depths) + 1
+  num_layers = sum(stage_depths(params[backbone_key])) + 1
 
   def for_subtree(key, subtree):
     if key != backbone_key:
       return jax.tree.map(lambda _: head_lr_mult, subtree)
-    ids = backbone_layer_ids(subtree, depths)
+    ids = backbone_layer_ids(subtree)
     return jax.tree.map(lambda i: float(layer_decay**(num_layers - i)), ids)
 
   return {key: for_subtree(key, subtree) for key, subtree in params.items()}
@@ -120,15 +121,9 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(config: Any, params: Mapping[str, Any], depths: tuple[int, ...],
+def make_optimizer(config: Any, params: Mapping[str, Any],
                    total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimizer of `config.optimizer` and its learning-rate schedule.
-
-  `config.optimizer`: base_lr, weight_decay, b1, b2, warmup_steps, warmup_ratio,
-  schedule ('poly', the default: power, min_lr; or 'step': decay_steps, decay_factor,
-  counted in optimizer updates), layer_decay, head_lr_mult, grad_clip_norm (0: off),
-  accumulation_steps.
-  """
+  """The optimizer of `config.optimizer` and its learning-rate schedule (in updates)."""
   opt = config.optimizer
   # With accumulation, `total_steps` counts micro-batches; the schedule counts updates.
   updates = max(total_steps // max(opt.accumulation_steps, 1), 1)
@@ -141,7 +136,7 @@ def make_optimizer(config: Any, params: Mapping[str, Any], depths: tuple[int, ..
                                     opt.warmup_steps, opt.warmup_ratio)
   else:
     raise ValueError(f"config.optimizer.schedule must be 'poly' or 'step', got {kind!r}.")
-  multipliers = lr_multipliers(params, depths=depths, layer_decay=opt.layer_decay,
+  multipliers = lr_multipliers(params, layer_decay=opt.layer_decay,
                                head_lr_mult=opt.head_lr_mult)
   parts = []
   if opt.grad_clip_norm:

@@ -1,13 +1,9 @@
-"""What the projects share to be Scenic-native when Scenic is importable, and to run without it.
+"""Scenic-native when Scenic is importable, the same protocol without it.
 
-google-research/scenic is not on PyPI (the PyPI package `scenic` is unrelated), so it is an
-optional extra: with it, the model classes subclass Scenic's base models and are added to its
-model registry, the datasets to its dataset registry, and `main.py` runs under `scenic.app`.
-Without it the same classes follow the same protocol as plain Python classes.
-
-Only Scenic modules that import without big_vision are used here (`scenic.app`,
-`scenic.model_lib`, `scenic.dataset_lib`); never `scenic.main`, `scenic.train_lib.trainers`
-or `pretrain_utils`.
+google-research/scenic is not on PyPI (the PyPI `scenic` is unrelated): an optional extra.
+With it the model classes subclass its base models and join its registries. Only modules
+that import without big_vision are used (`scenic.app`, `scenic.model_lib`,
+`scenic.dataset_lib`).
 """
 
 from __future__ import annotations
@@ -49,10 +45,8 @@ def base_model_class() -> type:
 
 def psum_metrics(metrics: Mapping[str, tuple[Any, Any]],
                  axis_name: str | None) -> dict[str, tuple[Any, Any]]:
-  """`{name: (sum, normalizer)}` summed over `axis_name` (Scenic's `psum_metric_normalizer`).
-
-  `axis_name=None` leaves them as they are (jit: the arrays are already global).
-  """
+  """`{name: (sum, normalizer)}` summed over `axis_name` (Scenic's `psum_metric_normalizer`);
+  None leaves them (under jit the arrays are already global)."""
   if axis_name is None:
     return dict(metrics)
   import jax
@@ -61,15 +55,9 @@ def psum_metrics(metrics: Mapping[str, tuple[Any, Any]],
 
 
 def register_models(models: Mapping[str, type], *, group: str = 'SEGMENTATION_MODELS') -> list[str]:
-  """Adds model classes to Scenic's model registry (`scenic.model_lib.models`).
-
-  Afterwards `scenic.model_lib.models.get_model_cls(name)` returns them, so a Scenic config
-  with `model_name='cvt_upernet'` resolves. Registering again is harmless; a name that
-  Scenic already uses for another class is an error.
-
-  Returns:
-    The registered names, or an empty list when Scenic is not importable.
-  """
+  """Adds model classes to Scenic's model registry (`get_model_cls(name)` finds them);
+  returns their names, or [] without Scenic. Registering again is harmless; a name Scenic
+  uses for another class is an error."""
   if not scenic_available():
     logging.info('Scenic is not installed; no models registered.')
     return []
@@ -88,11 +76,8 @@ def register_models(models: Mapping[str, type], *, group: str = 'SEGMENTATION_MO
 
 
 def quiet_library_logs() -> None:
-  """Library INFO logs (orbax, clu, Scenic's start-up) off unless `--verbosity` was given.
-
-  Call before `absl.app.run` (or `scenic.app.run`): it acts once the flags are parsed,
-  before `main` runs.
-  """
+  """Library INFO logs (orbax, clu, Scenic's start-up) off unless `--verbosity` was given;
+  call before `absl.app.run` (or `scenic.app.run`)."""
   from absl import app, flags
   from absl import logging as absl_logging
 

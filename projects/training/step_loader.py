@@ -1,49 +1,31 @@
 """Deterministic, step-indexed batch loading: the part every project's loaders share.
 
-Training batches are a pure function of `(seed, step)`: the training stream is the
-concatenation of epochs, each a seeded permutation of the split, and the example at
-global position `i` is augmented with a generator keyed by `(seed, epoch, index)`.
-A run resumed at step `s` (`iterate(start_step=s)`) therefore sees exactly the batches
-an uninterrupted run would have seen, whatever the number of workers.
+Training batches are a pure function of `(seed, step)`: the stream is the concatenation of
+epochs, each a seeded permutation of the split, and the example at global position `i` is
+augmented with a generator keyed by `(seed, epoch, index)`, so a run resumed at step `s`
+sees exactly the batches of an uninterrupted run, whatever the number of workers. Grain
+supplies the parallelism: threads (numpy and PIL release the GIL) and optionally worker
+processes (`mp_prefetch`, which keeps the order).
 
-Parallelism comes from Grain (`grain.MapDataset`): threads within a process
-(`num_threads`; numpy and PIL release the GIL for the heavy work) and optionally
-worker processes (`num_workers`, Grain's `mp_prefetch`, which keeps the output order).
-Without Grain installed the same batches are produced by a thread pool.
-
-Batch sizes are global (the Scenic convention): with `process_count` hosts each host
-loads its contiguous slice `[process_index * b, (process_index + 1) * b)` of every
-global batch, `b = batch_size // process_count`, and may reshape it to
-`[num_shards, b // num_shards, ...]` for `pmap`.
-
-A project subclasses `StepIndexedLoader` with its `example(position)` (read and augment)
-and `collate(examples)` (stack into a batch), and `SplitPass` for evaluation.
+Batch sizes are global (Scenic's convention): each of `process_count` processes loads its
+contiguous slice `[process_index * b, (process_index + 1) * b)` of every global batch,
+`b = batch_size // process_count`.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import grain
 import numpy as np
 
 # A stream long enough to never run out (Grain datasets need a finite length).
 ENDLESS_STEPS = 2**40
 # Domain tags keep the permutation and augmentation streams of one seed independent.
 _PERMUTATION_TAG, _AUGMENTATION_TAG = 0, 1
-BACKENDS = ('auto', 'grain', 'threads')
-
-
-def have_grain() -> bool:
-  try:
-    import grain  # noqa: F401
-  except ImportError:
-    return False
-  return True
 
 
 @functools.lru_cache(maxsize=4)
@@ -52,76 +34,63 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, _PERMUTATION_TAG, epoch]).permutation(num_examples)
 
 
-def local_batch_size(batch_size: int, process_count: int, num_shards: int | None) -> int:
-  """This process's share of a global batch; an error unless it divides evenly."""
-  if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(
-        f'global batch size {batch_size} must be a positive multiple of the process count '
-        f'{process_count}'
-    )
-  local = batch_size // process_count
-  if num_shards and local % num_shards:
-    raise ValueError(
-        f'per-process batch size {local} (global {batch_size} / {process_count} processes) '
-        f'must be a multiple of num_shards={num_shards}'
-    )
-  return local
+def numpy_dtype(dtype_str: str) -> np.dtype:
+  """The numpy dtype of the inputs: 'float32', 'bfloat16' (ml_dtypes, installed with jax)..."""
+  import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+  return np.dtype(dtype_str)
 
 
-def shard(batch: dict, num_shards: int | None) -> dict:
-  """Reshapes every array `[b, ...]` to `[num_shards, b // num_shards, ...]` (Scenic `shard`)."""
-  if not num_shards:
-    return batch
-  return {k: v.reshape((num_shards, -1) + v.shape[1:]) for k, v in batch.items()}
+class _ProcessSlices:
+  """A split read in global batches, this process loading its slice of each."""
 
-
-def _check_process(process_index: int, process_count: int) -> None:
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
-
-
-class StepIndexedLoader:
-  """Training batches as a pure function of the step; subclasses read and collate examples.
-
-  Subclasses implement `example(position, item, rng)` (the augmented example of a source
-  item at global stream position `position`) and `collate(examples) -> dict of arrays`.
-
-  Args:
-    source: random-access split; `source[k]` gives one example's dict.
-    batch_size: global batch size.
-    seed: data seed (order and augmentation).
-    process_index: this process among `process_count` (`jax.process_index()`).
-    process_count: number of processes loading disjoint slices of each batch.
-    num_shards: if set, reshape batches for `pmap` over this many local devices.
-    num_threads: threads loading examples (0: in the consuming thread).
-    num_workers: worker processes (Grain `mp_prefetch`); 0 for none.
-    prefetch: batches computed ahead of the consumer (thread backend) or per worker.
-    backend: 'grain', 'threads', or 'auto' (Grain when installed).
-  """
-
-  def __init__(self, source, *, batch_size: int, seed: int = 0, process_index: int = 0,
-               process_count: int = 1, num_shards: int | None = None, num_threads: int = 2,
-               num_workers: int = 0, prefetch: int = 2, backend: str = 'auto'):
-    if len(source) == 0:
-      raise ValueError('the training split is empty')
-    _check_process(process_index, process_count)
-    if backend not in BACKENDS:
-      raise ValueError(f"backend must be 'auto', 'grain' or 'threads', got {backend!r}")
+  def __init__(self, source, transform, *, batch_size: int, process_index: int = 0,
+               process_count: int = 1, num_threads: int = 2, prefetch: int = 2,
+               dtype: Any = np.float32):
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    if batch_size <= 0 or batch_size % process_count:
+      raise ValueError(f'global batch size {batch_size} must be a positive multiple of the '
+                       f'process count {process_count}')
     self.source = source
+    self.transform = transform
     self.batch_size = batch_size
-    self.local_batch_size = local_batch_size(batch_size, process_count, num_shards)
-    self.seed = seed
+    self.local_batch_size = batch_size // process_count  # this process's share
     self.process_index = process_index
     self.process_count = process_count
-    self.num_shards = num_shards
     self.num_threads = num_threads
-    self.num_workers = num_workers
     self.prefetch = prefetch
-    self.backend = ('grain' if have_grain() else 'threads') if backend == 'auto' else backend
+    self.dtype = dtype
 
   @property
   def num_examples(self) -> int:
     return len(self.source)
+
+  def __iter__(self) -> Iterator[dict]:
+    return self.iterate()
+
+
+class StepIndexedLoader(_ProcessSlices):
+  """Training batches as a pure function of the step; subclasses `augment` and `collate`.
+
+  Args:
+    source: random-access split; `source[k]` gives one example's dict.
+    transform: the augmentation, for `augment`.
+    batch_size: global batch size.
+    seed: data seed (order and augmentation).
+    process_index: this process among `process_count` (`jax.process_index()`).
+    num_threads: threads loading examples (0: in the consuming thread).
+    num_workers: worker processes (Grain `mp_prefetch`); 0 for none.
+    prefetch: batches computed ahead of the consumer, per worker.
+    dtype: dtype of `inputs`.
+  """
+
+  def __init__(self, source, transform, *, seed: int = 0, num_workers: int = 0, **kwargs: Any):
+    if len(source) == 0:
+      raise ValueError('the training split is empty')
+    super().__init__(source, transform, **kwargs)
+    self.seed = seed
+    self.num_workers = num_workers
 
   @property
   def steps_per_epoch(self) -> float:
@@ -139,15 +108,11 @@ class StepIndexedLoader:
     return self.augment(self.source[index], rng)
 
   def augment(self, item: dict, rng: np.random.Generator) -> Any:
-    """One source item, augmented with `rng` (subclasses)."""
     raise NotImplementedError
 
   def collate(self, examples: Sequence[Any]) -> dict:
-    """Examples -> a batch dict of `[b, ...]` arrays (subclasses; no sharding)."""
+    """Examples -> a batch dict of `[b, ...]` arrays."""
     raise NotImplementedError
-
-  def _collate(self, examples: Sequence[Any]) -> dict:
-    return shard(self.collate(examples), self.num_shards)
 
   def _local_example(self, k: int) -> Any:
     """Example `k` of this process's stream: row `k % b` of its slice of step `k // b`."""
@@ -157,54 +122,23 @@ class StepIndexedLoader:
   def batch(self, step: int) -> dict:
     """This process's part of the global batch of training step `step`."""
     b = self.local_batch_size
-    return self._collate([self._local_example(step * b + j) for j in range(b)])
+    return self.collate([self._local_example(step * b + j) for j in range(b)])
 
   def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict]:
     """Batches for steps `start_step, start_step + 1, ...` (`num_steps` of them, or endless)."""
     stop = start_step + (ENDLESS_STEPS if num_steps is None else num_steps)
-    if self.backend == 'grain':
-      return self._iterate_grain(start_step, stop)
-    return threaded(self.batch, range(start_step, stop), self.num_threads, self.prefetch)
-
-  def __iter__(self) -> Iterator[dict]:
-    return self.iterate()
-
-  def _iterate_grain(self, start: int, stop: int) -> Iterator[dict]:
-    import grain
-
     b = self.local_batch_size
-    # Element `p` of the batched MapDataset is the batch of step `start + p`. Batching
-    # stays in the MapDataset so that threads and worker processes each build whole
-    # batches and Grain keeps them in step order (batching after `mp_prefetch`'s
-    # round-robin over examples would mix steps).
-    ds = grain.MapDataset.range(start * b, stop * b).map(self._local_example)
-    ds = ds.batch(b, batch_fn=self._collate)
+    # Element `p` is the batch of step `start_step + p`. Batching stays in the MapDataset so
+    # that threads and worker processes each build whole batches and Grain keeps them in
+    # step order (batching after `mp_prefetch`'s round-robin over examples would mix steps).
+    ds = grain.MapDataset.range(start_step * b, stop * b).map(self._local_example)
+    ds = ds.batch(b, batch_fn=self.collate)
     return grain_iterator(ds, self.num_threads, self.num_workers, self.prefetch)
 
 
-class SplitPass:
-  """One pass over a split in global batches, the last one padded; subclasses build batches.
-
-  Subclasses implement `batch(i)` from `local_indices(i)` (indices past the end of the
-  split are padding, to be masked).
-  """
-
-  def __init__(self, source, *, batch_size: int, process_index: int = 0,
-               process_count: int = 1, num_shards: int | None = None, num_threads: int = 2,
-               prefetch: int = 2):
-    _check_process(process_index, process_count)
-    self.source = source
-    self.batch_size = batch_size
-    self.local_batch_size = local_batch_size(batch_size, process_count, num_shards)
-    self.process_index = process_index
-    self.process_count = process_count
-    self.num_shards = num_shards
-    self.num_threads = num_threads
-    self.prefetch = prefetch
-
-  @property
-  def num_examples(self) -> int:
-    return len(self.source)
+class SplitPass(_ProcessSlices):
+  """One pass over a split in global batches, the last one padded; subclasses build `batch(i)`
+  from `local_indices(i)` (indices past the end of the split are padding, to be masked)."""
 
   @property
   def num_batches(self) -> int:
@@ -222,10 +156,8 @@ class SplitPass:
 
   def iterate(self) -> Iterator[dict]:
     """One pass over the split: `num_batches` batches."""
-    return threaded(self.batch, range(self.num_batches), self.num_threads, self.prefetch)
-
-  def __iter__(self) -> Iterator[dict]:
-    return self.iterate()
+    ds = grain.MapDataset.range(self.num_batches).map(self.batch)
+    return grain_iterator(ds, self.num_threads, 0, self.prefetch)
 
   def repeat(self) -> Iterator[dict]:
     """Passes over the split without end (Scenic's `valid_iter` convention)."""
@@ -233,34 +165,7 @@ class SplitPass:
       yield from self.iterate()
 
 
-def threaded(fn, indices, num_threads: int, prefetch: int) -> Iterator[dict]:
-  """`fn(i)` for `i` in order, computed by a thread pool up to `prefetch` ahead."""
-  if num_threads <= 0:
-    yield from map(fn, indices)
-    return
-  window = max(prefetch, num_threads)
-  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-    pending = collections.deque()
-    it = iter(indices)
-    try:
-      for i in it:
-        pending.append(pool.submit(fn, i))
-        if len(pending) >= window:
-          break
-      while pending:
-        result = pending.popleft().result()
-        nxt = next(it, None)
-        if nxt is not None:
-          pending.append(pool.submit(fn, nxt))
-        yield result
-    finally:
-      for f in pending:
-        f.cancel()
-
-
 def grain_iterator(ds, num_threads: int, num_workers: int, prefetch: int) -> Iterator[dict]:
-  import grain
-
   it_ds = ds.to_iter_dataset(
       grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(prefetch, num_threads))
   )

@@ -1,16 +1,10 @@
 """One training run per workdir: an exclusive `flock` on `WORKDIR/.lock` for the whole run.
 
-Two runs writing checkpoints into one workdir overwrite each other's temporary folders
-and both crash, and the run that was about to finish loses its last checkpoint. The
-training loop therefore holds this lock (process 0 of a multi-process run; the other
-processes share its workdir by design) from before it restores or creates checkpoints
-until its last checkpoint is written. A second run fails at once with
-`WorkdirInUseError`, whose one-line message names the holder recorded in the lock file:
-pid, host, start time and command line.
-
-The kernel releases a `flock` when the process holding it dies, even by SIGKILL, so a
-killed run never leaves a stale lock behind: the file may remain, the lock does not.
-Standard library only, so a second process can check the lock without importing JAX.
+Two runs in one workdir overwrite each other's checkpoint folders and both crash. Process 0
+holds the lock from before checkpoints are read until the last is written; a second run
+fails at once with `WorkdirInUseError` naming the holder recorded in the file (pid, host,
+start, command). The kernel releases a `flock` when its process dies, even by SIGKILL, so
+no stale lock remains. Standard library only (no JAX import to check it).
 """
 
 from __future__ import annotations
@@ -108,14 +102,8 @@ def _alive(pid: int) -> bool:
 
 
 def acquire(workdir: str | os.PathLike) -> WorkdirLock:
-  """Takes the lock of `workdir` (created if missing) without waiting.
-
-  Remote workdirs (`gs://...`) and filesystems without `flock` are not locked: a warning
-  says so and the run goes on unprotected, as before this lock existed.
-
-  Raises:
-    WorkdirInUseError: another process holds it; the message names that process.
-  """
+  """Takes the lock of `workdir` (created if missing) without waiting, or raises
+  `WorkdirInUseError`. Remote workdirs and filesystems without `flock` go unlocked."""
   if '://' in str(workdir):
     log.info('Workdir %s is not a local path: not locked against a second run.', workdir)
     return WorkdirLock(Path(str(workdir)), None)

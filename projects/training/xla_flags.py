@@ -1,13 +1,10 @@
 """XLA settings of the training processes, set in the environment before JAX starts.
 
-XLA:CPU orders a program for concurrency by default, starting work as early as its inputs
-allow. In a training step that computes parts of the backward pass (weight gradients,
-rematerialised blocks) during the forward pass and holds their results there; the
-memory-minimising scheduler keeps them where they belong. CvT-13 + UPerNet at 512x512
-batch 2: XLA's temporary buffers 4.0 -> 3.0 GB and the step 11.4 -> 10.4 s on 2 cores
+XLA:CPU's default concurrency-optimised scheduler computes parts of the backward pass early
+and holds them; the memory-minimising one does not. CvT-13 + UPerNet at 512x512 batch 2:
+XLA's temporaries 4.0 -> 3.0 GB, the step 11.4 -> 10.4 s on 2 cores
 (`benchmarks/train_speed.py`). XLA reads `XLA_FLAGS` once, when JAX creates its first
-backend, and compile-time options do not reach this one: `set_training_flags` must run
-before anything computes with JAX (the project mains call it on import).
+backend: the project mains call `set_training_flags` on import.
 """
 
 from __future__ import annotations

@@ -16,14 +16,15 @@ from projects.cvt_segmentation.data import (
     build_loaders,
     get_dataset,
 )
+from projects.training import datasets
 
 SIZE = (16, 24)
 
 
-def _train_loader(seed=0, backend='threads', num_examples=10, batch_size=4, **kw):
+def _train_loader(seed=0, num_examples=10, batch_size=4, **kw):
   src = SyntheticSegmentation(num_classes=4, image_size=SIZE, num_examples=num_examples)
   transform = TrainTransform(crop_size=(12, 16), scale=(48, 16), cat_max_ratio=0.75)
-  return TrainLoader(src, transform, batch_size=batch_size, seed=seed, backend=backend, **kw)
+  return TrainLoader(src, transform, batch_size=batch_size, seed=seed, **kw)
 
 
 def _assert_batches_equal(a, b):
@@ -40,13 +41,11 @@ def test_train_batch_format():
   assert set(np.unique(batch['label'])) <= {0, 1, 2, 3, 255}
 
 
-@pytest.mark.parametrize('backend', ['threads', 'grain'])
-def test_resume_sees_the_same_batches(backend):
-  if backend == 'grain':
-    pytest.importorskip('grain')
-  loader = _train_loader(backend=backend)
+@pytest.mark.parametrize('num_threads', [0, 2])
+def test_resume_sees_the_same_batches(num_threads):
+  loader = _train_loader(num_threads=num_threads)
   from_start = list(itertools.islice(loader.iterate(0), 8))
-  resumed = list(itertools.islice(_train_loader(backend=backend).iterate(start_step=5), 3))
+  resumed = list(itertools.islice(_train_loader(num_threads=num_threads).iterate(start_step=5), 3))
   for a, b in zip(from_start[5:8], resumed, strict=True):
     _assert_batches_equal(a, b)
   _assert_batches_equal(from_start[6], loader.batch(6))  # pure function of the step
@@ -54,9 +53,9 @@ def test_resume_sees_the_same_batches(backend):
   assert not np.array_equal(from_start[0]['inputs'], from_start[1]['inputs'])
 
 
-def test_backends_agree_and_seed_matters():
-  a = list(itertools.islice(_train_loader(backend='threads', num_threads=0).iterate(2), 2))
-  b = list(itertools.islice(_train_loader(backend='threads', num_threads=2).iterate(2), 2))
+def test_thread_counts_agree_and_seed_matters():
+  a = list(itertools.islice(_train_loader(num_threads=0).iterate(2), 2))
+  b = list(itertools.islice(_train_loader(num_threads=2).iterate(2), 2))
   for x, y in zip(a, b, strict=True):
     _assert_batches_equal(x, y)
   other = _train_loader(seed=1).batch(2)
@@ -77,18 +76,18 @@ def test_processes_load_disjoint_slices_of_the_global_batch():
   parts = [_train_loader(batch_size=4, process_index=p, process_count=2).batch(3) for p in range(2)]
   for k in whole:
     np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k])
-  sharded = _train_loader(batch_size=4, num_shards=2).batch(3)
+  # Scenic's registered builders reshape for pmap (`datasets.shard`).
+  sharded = datasets.shard(whole, 2)
   assert sharded['inputs'].shape == (2, 2, 12, 16, 3) and sharded['label'].shape == (2, 2, 12, 16)
   np.testing.assert_array_equal(sharded['inputs'].reshape(whole['inputs'].shape), whole['inputs'])
   with pytest.raises(ValueError, match='multiple of the process count'):
     _train_loader(batch_size=3, process_count=2)
   with pytest.raises(ValueError, match='num_shards'):
-    _train_loader(batch_size=4, num_shards=3)
+    datasets.shard(whole, 3)
 
 
 def test_grain_worker_processes_give_the_same_batches():
-  pytest.importorskip('grain')
-  loader = _train_loader(backend='grain', num_workers=2, num_threads=1)
+  loader = _train_loader(num_workers=2, num_threads=1)
   it = loader.iterate(start_step=1, num_steps=4)
   got = list(it)
   assert len(got) == 4

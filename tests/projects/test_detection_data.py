@@ -10,20 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from projects.cvt_detection.data import (
-    CocoDetection,
+from projects.cvt_detection.data import builder, transforms
+from projects.cvt_detection.data.coco import CocoDetection, write_coco
+from projects.cvt_detection.data.synthetic import SyntheticDetection
+from projects.cvt_detection.data.transforms import (
     DetectionEvalTransform,
     DetectionTrainTransform,
-    SyntheticDetection,
-    builder,
     collate,
     default_canvas_sizes,
     flip_boxes,
     pad_batch,
     random_flip,
     resize_keep_ratio,
-    transforms,
-    write_coco,
 )
 from projects.training.image_ops import IMAGENET_MEAN, IMAGENET_STD
 

@@ -15,7 +15,7 @@ import pytest
 
 from projects.cvt_segmentation import models
 from projects.cvt_segmentation.configs import synthetic_demo
-from projects.training import checkpoints, distributed
+from projects.training import checkpoints, launch
 
 from . import trainer_support as support
 
@@ -147,12 +147,12 @@ def test_a_killed_process_stops_the_run_and_a_restart_resumes(tmp_path):
 ])
 def test_bad_distributed_settings(args, message):
   with pytest.raises(ValueError, match=message):
-    distributed.initialize(**args)
+    launch.initialize(**args)
 
 
 def test_one_process_is_left_alone(monkeypatch):
   monkeypatch.delenv('SLURM_NTASKS', raising=False)
   monkeypatch.delenv('TPU_WORKER_HOSTNAMES', raising=False)
-  assert distributed.initialize() is False
-  assert distributed.initialize(num_processes=1) is False
+  assert launch.initialize() is False
+  assert launch.initialize(num_processes=1) is False
 

@@ -7,6 +7,7 @@ import pytest
 
 from projects.cvt_segmentation import evaluate, inference, metrics
 from projects.cvt_segmentation.data import EvalLoader, EvalTransform
+from projects.training import datasets
 from projects.training.configs import load_config
 
 from .test_inference_support import (
@@ -38,15 +39,17 @@ def test_evaluate_dataset_equals_per_example_brute_force(kwargs, num_shards):
   logits_fn = logits_fn_of(ContextModel(K))
   source = ListSource([(20, 28), (33, 17), (20, 28), (12, 40), (25, 25)], K, seed=3)
   transform = EvalTransform(scale=(24, 16))
-  loader = EvalLoader(source, transform, batch_size=4, size_divisor=32, num_threads=0,
-                      num_shards=num_shards)
-  cm = evaluate.evaluate_dataset(logits_fn, loader, K, **kwargs)
+  loader = EvalLoader(source, transform, batch_size=4, size_divisor=32, num_threads=0)
+  pmap_layout = (lambda batches: batches) if num_shards is None else (
+      lambda batches: (datasets.shard(b, num_shards) for b in batches))
+  batches = loader if num_shards is None else list(pmap_layout(loader))
+  cm = evaluate.evaluate_dataset(logits_fn, batches, K, **kwargs)
   want = _brute_force_cm(logits_fn, source, transform, **kwargs)
   assert cm.dtype == np.int64
   np.testing.assert_array_equal(cm, want)
   assert cm.sum() == sum(np.sum(it['label'] != 255) for it in source.items)
   # An endless iterator (Scenic's valid_iter) needs num_batches.
-  endless = loader.repeat()
+  endless = pmap_layout(loader.repeat())
   for _ in range(2):  # no batch of the next pass is consumed
     again = evaluate.evaluate_dataset(logits_fn, endless, K, num_batches=2, **kwargs)
     np.testing.assert_array_equal(again, want)

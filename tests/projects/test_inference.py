@@ -6,6 +6,7 @@ import pytest
 
 from projects.cvt_segmentation import inference
 from projects.cvt_segmentation.data import EvalLoader, EvalTransform, normalize, resize_image
+from projects.training import datasets
 
 from .test_inference_support import (
     ContextModel,
@@ -212,10 +213,8 @@ def test_pmap_layout_batches_are_flattened():
   logits_fn = logits_fn_of(PointwiseModel(K))
   source = ListSource([(20, 28), (33, 17), (20, 28)], K, seed=2)
   flat = EvalLoader(source, EvalTransform(), batch_size=4, size_divisor=8, num_threads=0)
-  sharded = EvalLoader(source, EvalTransform(), batch_size=4, size_divisor=8, num_threads=0,
-                       num_shards=2)
   a = inference.predict_batch(logits_fn, flat.batch(0))
-  b = inference.predict_batch(logits_fn, sharded.batch(0))
+  b = inference.predict_batch(logits_fn, datasets.shard(flat.batch(0), 2))
   assert a[3] is None and b[3] is None
   for x, y in zip(a[:3], b[:3], strict=True):
     np.testing.assert_array_equal(x, y)

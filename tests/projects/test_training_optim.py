@@ -47,8 +47,9 @@ def test_no_weight_decay_on_norms_biases_and_cls_token():
 
 
 def test_layer_wise_lr_decay_and_head_multiplier():
-  depths = (1, 2, 1)  # 4 blocks: layer ids 1..4, embedding 0.
-  mult = optim.lr_multipliers(_params(), depths=depths, layer_decay=0.5, head_lr_mult=10.0)
+  # depths (1, 2, 1), read from the tree: 4 blocks, layer ids 1..4, embedding 0.
+  assert optim.stage_depths(_params()['backbone']) == (1, 2, 1)
+  mult = optim.lr_multipliers(_params(), layer_decay=0.5, head_lr_mult=10.0)
   b = mult['backbone']
   assert b['stage0']['patch_embed']['proj']['kernel'] == 0.5**5  # id 0
   assert b['stage0']['blocks_0']['norm1']['scale'] == 0.5**4  # id 1
@@ -69,7 +70,7 @@ def test_accumulation_updates_every_k_micro_steps(accumulation):
   params = _params()
   tx, _ = optim.make_optimizer(_config(accumulation_steps=accumulation, warmup_steps=0,
                                        grad_clip_norm=1.0),
-                               params, (1, 2, 1), total_steps=10)
+                               params, total_steps=10)
   state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, state = tx.update(grads, state, params)
@@ -82,7 +83,7 @@ def test_accumulation_updates_every_k_micro_steps(accumulation):
 def test_config_optimizer_is_complete():
   config = common.base_config('cvt_upernet', 'synthetic')
   assert isinstance(config.optimizer, ml_collections.ConfigDict)
-  tx, schedule = optim.make_optimizer(config, _params(), (1, 2, 1), total_steps=10_000)
+  tx, schedule = optim.make_optimizer(config, _params(), total_steps=10_000)
   assert float(schedule(config.optimizer.warmup_steps)) == pytest.approx(
       config.optimizer.base_lr)
 
@@ -101,4 +102,13 @@ def test_unknown_schedule_is_an_error():
   with config.unlocked():
     config.optimizer.schedule = 'cosine'
   with pytest.raises(ValueError, match="'poly' or 'step'"):
-    optim.make_optimizer(config, _params(), (1, 2, 1), 100)
+    optim.make_optimizer(config, _params(), 100)
+
+
+@pytest.mark.parametrize('variant', ['cvt-tiny', 'cvt-13'])
+def test_stage_depths_of_a_real_backbone_are_its_spec(variant):
+  from cvt_backbone import CvTBackbone
+
+  backbone = CvTBackbone(variant)
+  params = jax.eval_shape(backbone.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  assert optim.stage_depths(params['params']) == backbone.resolved_spec.depths

@@ -1,29 +1,21 @@
-"""Detection dataset builders: 'synthetic', 'coco', 'coco_format' -> Scenic-style `Dataset`.
+"""Detection datasets 'synthetic', 'coco', 'coco_format': loaders and Scenic.
 
-`build_loaders(name, batch_size=..., eval_batch_size=..., **dataset_kwargs)` returns the
-step-indexed `TrainLoader`, the padded `EvalLoader` and the meta data; `get_dataset` wraps
-them as Scenic's `Dataset(train_iter, valid_iter, test_iter, meta_data)`, and
-`register_with_scenic()` adds the builders to Scenic's dataset registry as `cvt_det_<name>`.
+`build_loaders` gives the step-indexed `TrainLoader`, the padded `EvalLoader` and the meta
+data (`num_classes`, `class_names`, `label_to_category_id`, `ground_truth`: the validation
+annotations for COCO evaluation); `get_dataset` Scenic's `Dataset`; `register_with_scenic`
+adds the builders to Scenic's registry as `cvt_det_<name>`.
 
-Datasets (`dataset_configs`):
-- 'synthetic': the embedded set (`SyntheticDetection`): num_classes, image_size, num_train,
-  num_eval; images used at their size.
-- 'coco': a COCO 2017 folder, `data_dir` holding `train2017/`, `val2017/` and
-  `annotations/instances_{train,val}2017.json`.
-- 'coco_format': any dataset in COCO's format: `train_annotations`, `train_images`,
-  `val_annotations`, `val_images`.
-- Both COCO ones: `invalid_boxes`, 'error' (default: building the dataset raises, listing
-  the annotations whose boxes are invalid) or 'drop' (drop them with a warning, as
-  mmdetection does silently); see `CocoDetection`. Evaluation still scores against the
-  annotation file as it is. `validate`: 'full' (default) or 'headers' lists every missing
-  image file and every image whose header size is not the json's (headers cached per
-  file), 'none' checks existence only.
-Common settings: `scale` (keep-ratio resize to fit, mmdet's (1333, 800)), `flip_prob`,
-`max_boxes` (boxes per image after padding), `canvas_sizes` (the padded batch shapes;
-default: landscape, portrait and square canvases of `scale`), `num_threads`, `num_workers`.
-
-Meta data: `num_classes`, `input_shape`, `class_names`, `label_to_category_id`,
-`ground_truth` (the validation annotations, for COCO evaluation), example counts.
+Settings (`dataset_configs`):
+- 'synthetic' (`SyntheticDetection`): num_classes, image_size, num_train, num_eval; images
+  used at their size.
+- 'coco': `data_dir` holding `train2017/`, `val2017/` and `annotations/`.
+- 'coco_format': `train_annotations`, `train_images`, `val_annotations`, `val_images`.
+- both COCO ones: `invalid_boxes` ('error' or 'drop', see `CocoDetection`; evaluation
+  scores against the annotation file as it is) and `validate` ('full'/'headers': every
+  missing image file and every header size that is not the json's; 'none': existence).
+- all: `scale` (keep-ratio resize to fit, mmdet's (1333, 800)), `flip_prob`, `max_boxes`,
+  `canvas_sizes` (the padded batch shapes; default `default_canvas_sizes(scale)`),
+  `num_threads`, `prefetch`, `num_workers`.
 """
 
 from __future__ import annotations
@@ -46,7 +38,7 @@ from projects.cvt_detection.data.transforms import (
     pad_batch,
 )
 from projects.training import data_index, datasets
-from projects.training.step_loader import SplitPass, StepIndexedLoader
+from projects.training.step_loader import SplitPass, StepIndexedLoader, numpy_dtype
 
 Dataset = datasets.Dataset
 DATASET_NAMES = ('synthetic', 'coco', 'coco_format')
@@ -56,61 +48,43 @@ TRAIN_KEYS = ('inputs', 'boxes', 'labels', 'box_mask', 'batch_mask')
 EVAL_DEVICE_KEYS = ('inputs', 'image_size', 'scale_factor')
 
 
-class TrainLoader(StepIndexedLoader):
-  """Step-indexed training batches of `TRAIN_KEYS` (see `transforms.collate`).
+class _Canvases:
+  """Batches padded to one of `canvas_sizes` (bounded compiles) with `max_boxes` per image."""
 
-  Args:
-    source: random-access split (`CocoDetection`, `SyntheticDetection`).
-    transform: `DetectionTrainTransform`.
-    canvas_sizes: the padded `(H, W)` shapes a batch may take (bounded compiles).
-    max_boxes: boxes per image after padding.
-    dtype: dtype of `inputs`.
-    **kwargs: `StepIndexedLoader` settings (batch_size, seed, process slicing, threads).
-  """
-
-  def __init__(self, source, transform: DetectionTrainTransform, *,
-               canvas_sizes: Sequence[tuple[int, int]], max_boxes: int = DEFAULT_MAX_BOXES,
-               dtype: Any = np.float32, **kwargs: Any):
-    super().__init__(source, **kwargs)
-    self.transform = transform
+  def __init__(self, source, transform, *, canvas_sizes: Sequence[tuple[int, int]],
+               max_boxes: int = DEFAULT_MAX_BOXES, **kwargs: Any):
+    super().__init__(source, transform, **kwargs)
     self.canvas_sizes = tuple(tuple(c) for c in canvas_sizes)
     self.max_boxes = max_boxes
-    self.dtype = dtype
+
+  def _collate(self, examples: Sequence[dict]) -> dict:
+    batch = collate(examples, self.canvas_sizes, self.max_boxes)
+    batch['inputs'] = batch['inputs'].astype(self.dtype, copy=False)
+    return batch
+
+
+class TrainLoader(_Canvases, StepIndexedLoader):
+  """Step-indexed training batches of `TRAIN_KEYS` (`transforms.collate`)."""
 
   def augment(self, item: dict, rng: np.random.Generator) -> dict:
     return self.transform(item, rng)
 
   def collate(self, examples: Sequence[dict]) -> dict:
-    batch = collate(examples, self.canvas_sizes, self.max_boxes)
-    batch['inputs'] = batch['inputs'].astype(self.dtype, copy=False)
+    batch = self._collate(examples)
     return {k: batch[k] for k in TRAIN_KEYS}
 
 
-class EvalLoader(SplitPass):
-  """One pass over a split: batches of `transforms.collate`, the last padded (`batch_mask` 0).
-
-  Every batch has `local_batch_size` entries and one of `canvas_sizes` as its input shape.
-  """
-
-  def __init__(self, source, transform: DetectionEvalTransform, *,
-               canvas_sizes: Sequence[tuple[int, int]], max_boxes: int = DEFAULT_MAX_BOXES,
-               dtype: Any = np.float32, **kwargs: Any):
-    super().__init__(source, **kwargs)
-    self.transform = transform
-    self.canvas_sizes = tuple(tuple(c) for c in canvas_sizes)
-    self.max_boxes = max_boxes
-    self.dtype = dtype
+class EvalLoader(_Canvases, SplitPass):
+  """One pass over a split: batches of `transforms.collate`, the last padded (`batch_mask` 0)."""
 
   def batch(self, i: int) -> dict:
     indices = [k for k in self.local_indices(i) if k < self.num_examples]
     # A process past the end of the split still sends a (fully masked) batch.
-    examples = [self.transform(self.source[k]) for k in indices or [self.num_examples - 1]]
-    batch = collate(examples, self.canvas_sizes, self.max_boxes)
+    batch = self._collate([self.transform(self.source[k])
+                           for k in indices or [self.num_examples - 1]])
     if not indices:
       batch = {k: v[:0] for k, v in batch.items()}
-    batch = pad_batch(batch, self.local_batch_size)
-    batch['inputs'] = batch['inputs'].astype(self.dtype, copy=False)
-    return batch
+    return pad_batch(batch, self.local_batch_size)
 
 
 def _sources(name: str, kw: dict[str, Any], with_train: bool = True) -> tuple[Any, Any, Any]:
@@ -153,61 +127,35 @@ def _sources(name: str, kw: dict[str, Any], with_train: bool = True) -> tuple[An
   return train, evaluation, evaluation.ground_truth
 
 
-def build_loaders(
-    name: str,
-    *,
-    batch_size: int,
-    eval_batch_size: int,
-    seed: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    num_shards: int | None = None,
-    dtype_str: str = 'float32',
-    with_train: bool = True,
-    **kwargs: Any,
-) -> tuple[TrainLoader | None, EvalLoader, dict[str, Any]]:
+def build_loaders(name: str, *, batch_size: int, eval_batch_size: int, seed: int = 0,
+                  process_index: int = 0, process_count: int = 1, dtype_str: str = 'float32',
+                  with_train: bool = True,
+                  **kwargs: Any) -> tuple[TrainLoader | None, EvalLoader, dict[str, Any]]:
   """The train and validation loaders of a detection dataset and its meta data.
 
-  Args:
-    name: 'synthetic', 'coco' or 'coco_format'.
-    batch_size: global training batch size.
-    eval_batch_size: global evaluation batch size.
-    seed: shuffling and augmentation seed.
-    process_index: this process among `process_count` (each loads its slice).
-    process_count: processes sharing every batch.
-    num_shards: reshape batches to `[num_shards, per_shard, ...]` (pmap); None keeps `[b, ...]`.
-    dtype_str: dtype of `inputs`.
-    with_train: False: no training split is read (evaluation only); `train_loader` is None.
-    **kwargs: the dataset's settings (module docstring).
-
-  Returns:
-    `(train_loader, eval_loader, meta_data)`.
+  `with_train=False` reads no training split (evaluation only; the train loader is None);
+  `kwargs` are the dataset's settings (module docstring).
   """
   kw = dict(kwargs)
   train_src, eval_src, ground_truth = _sources(name, kw, with_train)
   default_scale = tuple(eval_src.image_size[::-1]) if name == 'synthetic' else None
   scale = tuple(kw.pop('scale', None) or default_scale or DEFAULT_SCALE)
-  canvas_sizes = kw.pop('canvas_sizes', None) or default_canvas_sizes(scale)
-  max_boxes = int(kw.pop('max_boxes', DEFAULT_MAX_BOXES))
+  common = dict(canvas_sizes=kw.pop('canvas_sizes', None) or default_canvas_sizes(scale),
+                max_boxes=int(kw.pop('max_boxes', DEFAULT_MAX_BOXES)),
+                dtype=numpy_dtype(dtype_str), process_index=process_index,
+                process_count=process_count, num_threads=kw.pop('num_threads', 2),
+                prefetch=kw.pop('prefetch', 2))
   flip_prob = float(kw.pop('flip_prob', 0.5))
-  threads = dict(num_threads=kw.pop('num_threads', 2), prefetch=kw.pop('prefetch', 2))
   num_workers = kw.pop('num_workers', 0)
   kw.pop('start_step', None)  # Scenic builders pass it; get_dataset takes it
   if kw:
     raise ValueError(f'Unknown settings for detection dataset {name!r}: {sorted(kw)}.')
-  import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-
-  dtype = np.dtype(dtype_str)
-  slicing = dict(process_index=process_index, process_count=process_count,
-                 num_shards=num_shards)
-  common = dict(canvas_sizes=canvas_sizes, max_boxes=max_boxes, dtype=dtype)
   train = None
   if with_train:
     train = TrainLoader(train_src, DetectionTrainTransform(scale=scale, flip_prob=flip_prob),
-                        batch_size=batch_size, seed=seed, num_workers=num_workers, **slicing,
-                        **threads, **common)
+                        batch_size=batch_size, seed=seed, num_workers=num_workers, **common)
   evaluation = EvalLoader(eval_src, DetectionEvalTransform(scale=scale),
-                          batch_size=eval_batch_size, **slicing, **threads, **common)
+                          batch_size=eval_batch_size, **common)
   canvas = min(evaluation.canvas_sizes, key=lambda c: c[0] * c[1])
   # Train and validation annotations share COCO's categories; the validation file's are read.
   meta_data = {
@@ -215,29 +163,21 @@ def build_loaders(
       'input_shape': (-1, *canvas, 3),
       'num_train_examples': len(train_src) if with_train else 0,
       'num_eval_examples': len(eval_src),
-      'input_dtype': dtype,
+      'input_dtype': common['dtype'],
       'target_is_onehot': False,
       'class_names': tuple(eval_src.class_names),
       'label_to_category_id': tuple(int(c) for c in eval_src.label_to_category_id),
       'ground_truth': ground_truth,
-      'max_boxes': max_boxes,
+      'max_boxes': common['max_boxes'],
   }
   return train, evaluation, meta_data
 
 
-def get_dataset(name: str, *, batch_size: int, eval_batch_size: int, seed: int = 0,
-                start_step: int = 0, **kwargs: Any) -> Dataset:
-  """Scenic-style dataset: endless train batches from `start_step`, endless eval passes."""
-  train, evaluation, meta_data = build_loaders(
-      name, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, **kwargs)
-  return datasets.scenic_dataset(train, evaluation, meta_data, start_step)
+get_dataset = datasets.dataset_getter(build_loaders)
 
 
 def register_with_scenic(prefix: str = 'cvt_det_') -> list[str]:
-  """Registers the builders in Scenic's dataset registry as `prefix + name`.
-
-  Scenic's conventions (per-host batch sizes, `[num_shards, ...]` batches for pmap,
-  `dataset_configs` the settings above); see `projects.training.datasets.register_builders`.
-  """
+  """Registers the builders in Scenic's registry as `prefix + name`
+  (`datasets.register_builders`)."""
   return datasets.register_builders(DATASET_NAMES, get_dataset, prefix=prefix,
                                     project='cvt_detection')

@@ -1,25 +1,13 @@
 """Detection datasets in COCO's format: an `instances_*.json` file and a folder of images.
 
-`CocoDetection` reads any dataset laid out like COCO (`train2017/`, `val2017/`,
-`annotations/instances_val2017.json`, or your own) with random access; `write_coco`
-writes any detection source in that layout, so a synthetic set exercises the same path.
-
-The annotation file is checked when the dataset is constructed, before any training:
-a file that is not JSON or not a COCO detection file, and every invalid annotation (an
-unknown image or category id; a bbox that is not 4 finite numbers, has width or height
-<= 0, lies outside its image or extends more than 1 px beyond it) is reported in one
-error naming the file and the annotation ids. `invalid_boxes='drop'` drops the invalid
-boxes with a warning instead. Boxes up to 1 px beyond the image (COCO's own boxes are,
-by rounding) are clipped to it. The image files are checked too: every missing file and
-every file whose size (read from its header, cached per file by
-`projects.training.data_index`) is not the json's `height` x `width` is listed in one
-error, since the boxes are in the json's pixel frame.
-
-Otherwise filtering follows mmdetection 3.x `CocoDataset.parse_data_info`
-(mmdet/datasets/coco.py): annotations flagged `ignore` are dropped, and so (with one
-warning giving the count) are boxes with `0 < w < 1` or `0 < h < 1` (after clipping) and
-`area <= 0`; crowd boxes are validated alike, kept and flagged. Evaluation reads the
-ground truth from the json itself, so nothing dropped here changes the AP.
+`CocoDetection` reads one with random access; `write_coco` writes any detection source in
+that layout. Construction checks the whole file before training: not JSON or not COCO's,
+every invalid annotation (unknown image or category id; a bbox not 4 finite numbers, with
+a side <= 0, outside its image or more than 1 px beyond it: COCO's own are, by rounding,
+and are clipped) and every image file missing or not of the json's size, each in one
+error. Otherwise filtering is mmdet 3.x `CocoDataset.parse_data_info`'s: `ignore` dropped,
+boxes under 1 px or `area <= 0` dropped with one warning, crowd kept and flagged.
+Evaluation reads the json itself, so nothing dropped here changes the AP.
 """
 
 from __future__ import annotations
@@ -36,7 +24,7 @@ from PIL import Image
 
 from projects.tools.output_files import write_atomically
 from projects.training import data_index
-from projects.training.datasets import DatasetError, MissingFilesError
+from projects.training.datasets import DatasetError, MissingFilesError, listing
 from projects.training.images import read_stored_image
 
 logger = logging.getLogger(__name__)
@@ -45,14 +33,6 @@ INVALID_BOXES = ('error', 'drop')
 # A COCO bbox may extend this far (pixels) beyond its image; it is clipped to the image.
 BOX_TOLERANCE = 1.0
 _SHOWN = 10  # invalid entries listed in an error
-
-
-def _listing(lines: Sequence[str]) -> str:
-  """The first `_SHOWN` lines, indented, and how many more there are."""
-  text = '\n'.join(f'  {line}' for line in lines[:_SHOWN])
-  if len(lines) > _SHOWN:
-    text += f'\n  ... and {len(lines) - _SHOWN} more'
-  return text
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -77,13 +57,9 @@ def _lookup(mapping: dict, key: Any) -> Any:
 
 
 def load_coco_json(path: str) -> dict:
-  """Parses a COCO annotation file; a clear `ValueError` if it is not JSON or not COCO's.
-
-  Checks the layout `CocoDetection` relies on: an object with an `images` list (each with
-  an integer `id`, a `file_name` and positive integer `height` and `width`), a non-empty
-  `categories` list (each with an integer `id` and a `name`) and, if present, an
-  `annotations` list. The annotations themselves are checked by `CocoDetection`.
-  """
+  """Parses a COCO annotation file; a `DatasetError` unless it is JSON with the layout
+  `CocoDetection` relies on: `images` (integer `id`, `file_name`, positive `height` and
+  `width`), non-empty `categories` (integer `id`, `name`), optional `annotations` list."""
   try:
     with open(path, encoding='utf-8-sig') as f:
       text = f.read()
@@ -136,69 +112,45 @@ def load_coco_json(path: str) -> dict:
                  'positive integers (pixels)')
   if bad:
     raise DatasetError(f'{len(bad)} of the {len(gt["images"])} images listed in {path} are '
-                     f'invalid:\n{_listing(bad)}')
+                     f'invalid:\n{listing(bad, _SHOWN)}')
   bad = []
   for k, category in enumerate(gt['categories']):
     if not isinstance(category, dict) or not _is_int(category.get('id')) or 'name' not in category:
       bad.append(f'categories[{k}] = {_short(category)}')
   if bad:
     raise DatasetError(f'{len(bad)} of the {len(gt["categories"])} categories in {path} lack an '
-                     f"integer 'id' or a 'name':\n{_listing(bad)}")
+                     f"integer 'id' or a 'name':\n{listing(bad, _SHOWN)}")
   return gt
 
 
 class CocoDetection:
   """Random-access source for a dataset in COCO's detection format.
 
-  `ds[k]` returns `{'image': uint8 [H, W, 3] RGB, 'boxes': float32 [n, 4] xyxy pixels,
-  'labels': int32 [n] in [0, num_classes), 'crowd': bool [n], 'image_id': int,
-  'orig_size': (H, W)}`. COCO's `[x, y, w, h]` boxes become `[x, y, x + w, y + h]`,
-  clipped to the image; category ids map to contiguous labels in sorted-id order (COCO's
-  80 ids 1..90 give labels 0..79). Images come in the order of the json's `images` list;
-  images without annotations are kept unless `filter_empty` is set.
-
-  Construction checks the whole annotation file (module docstring) and raises a
-  `DatasetError` (a `ValueError`) naming the file and listing every invalid annotation
-  (id, image id and file name, what is wrong; the first ten and the count); likewise
-  every missing image file (a `MissingFilesError`, also a `FileNotFoundError`) and every
-  image whose header size differs from the json's.
+  `ds[k]` is `{'image': uint8 [H, W, 3] RGB, 'boxes': float32 [n, 4] xyxy pixels, 'labels':
+  int32 [n], 'crowd': bool [n], 'image_id': int, 'orig_size': (H, W)}`, images in the
+  json's order; labels are category ids in sorted order (COCO's 80 ids 1..90 give 0..79).
+  Construction checks the file (module docstring); errors list the first ten and the count.
 
   Args:
-    annotation_file: the `instances_*.json` file. A file without an `annotations` list
-      (COCO's test-dev image info) gives images without boxes.
-    image_dir: folder holding each image's `file_name`.
+    annotation_file: the `instances_*.json` (without `annotations`, as COCO's test-dev
+      image info: images without boxes).
     filter_empty: drop images without annotations of a listed category, as mmdet's
-      training `filter_cfg=dict(filter_empty_gt=True)` (configs/_base_/datasets/
-      coco_detection.py). Like mmdet, an image whose only annotations are crowd or
-      dropped ones is kept.
-    min_size: drop images whose json width or height is below this (mmdet's training
-      `filter_cfg` uses 32); 0 keeps all.
-    invalid_boxes: 'error' (default) raises for invalid boxes; 'drop' drops them with one
-      warning giving the count and the first annotation ids, as mmdetection drops them
-      silently. Annotations with an unknown image or category id raise either way.
-    validate: 'full' or 'headers' (the same here: there are no masks) checks that each
-      image file exists and that its header size is the json's; 'none' checks existence
-      only (`data_index.VALIDATE_MODES`).
+      training `filter_empty_gt=True` (an image with only crowd or dropped ones is kept).
+    min_size: drop images whose json width or height is smaller (mmdet's training uses 32).
+    invalid_boxes: 'error' raises for invalid boxes; 'drop' drops them with one warning
+      (mmdetection drops them silently). Unknown image or category ids raise either way.
+    validate: 'full' or 'headers' (the same here): each image exists and its header size
+      is the json's; 'none': existence only.
 
   Attributes:
-    annotation_file: path of the ground-truth json (what COCO evaluators load).
     ground_truth: the parsed json dict, unchanged.
-    category_ids: sorted COCO category ids, one per label.
-    class_names: category names, one per label.
     label_to_category_id: int64 `[num_classes]`, for writing results in COCO ids.
-    category_id_to_label: dict from COCO category id to label.
     image_ids: the ids of the images kept, in dataset order.
   """
 
-  def __init__(
-      self,
-      annotation_file: str | os.PathLike,
-      image_dir: str | os.PathLike,
-      filter_empty: bool = False,
-      min_size: int = 0,
-      invalid_boxes: str = 'error',
-      validate: str = 'full',
-  ):
+  def __init__(self, annotation_file: str | os.PathLike, image_dir: str | os.PathLike,
+               filter_empty: bool = False, min_size: int = 0, invalid_boxes: str = 'error',
+               validate: str = 'full'):
     self.annotation_file = os.fspath(annotation_file)
     self.image_dir = os.fspath(image_dir)
     if invalid_boxes not in INVALID_BOXES:
@@ -290,15 +242,11 @@ class CocoDetection:
     # Boxes are in the json's pixel frame: a differently sized file would misplace them.
     text = (f'{len(lines)} of the {len(self._paths)} images listed in {self.annotation_file} '
             f'are missing from {self.image_dir} or do not match the json')
-    text += f': {lines[0]}' if len(lines) == 1 else f':\n{_listing(lines)}'
+    text += f': {lines[0]}' if len(lines) == 1 else f':\n{listing(lines, _SHOWN)}'
     raise (MissingFilesError if missing else DatasetError)(text)
 
   def _parse_annotations(self, images: list[dict], anns: list) -> list[tuple]:
-    """Per image (json order): `(boxes, labels, crowd, number of annotations listed)`.
-
-    Checks every annotation; raises for invalid ones (`invalid_boxes`), drops the rest of
-    mmdet's degenerate boxes with a warning.
-    """
+    """Per image (json order): `(boxes, labels, crowd, number of annotations listed)`."""
     if not images and not anns:
       return []
     index_of = {info['id']: i for i, info in enumerate(images)}
@@ -446,29 +394,17 @@ class CocoDetection:
                    'unknown image or category id in the file.')
     raise DatasetError(
         f'{len(problems)} of the {len(anns)} annotations in {self.annotation_file} are invalid '
-        f'(COCO bbox: [x, y, width, height] in image pixels):\n{_listing(lines)}\n'
+        f'(COCO bbox: [x, y, width, height] in image pixels):\n{listing(lines, _SHOWN)}\n'
         + '\n'.join(notes)
     )
 
 
-def coco_ground_truth(
-    source: Sequence[dict],
-    split: str | None = None,
-    category_ids: Sequence[int] | None = None,
-) -> dict:
+def coco_ground_truth(source: Sequence[dict], split: str | None = None,
+                      category_ids: Sequence[int] | None = None) -> dict:
   """A detection source's annotations as a COCO instances dict (what `write_coco` writes).
 
-  `images` (id, file_name `<image_id:012d>.png`, height, width), `annotations` (id,
-  image_id, category_id, bbox `[x, y, w, h]`, area `w * h`, iscrowd) and `categories` (id,
-  name, supercategory), as COCO's own files. Reads every item (images included).
-
-  Args:
-    source: items as `CocoDetection` returns them (`image`, `boxes` xyxy, `labels`,
-      optional `crowd`, `image_id`); needs `class_names`.
-    split: split name for the description; defaults to `source.split`.
-    category_ids: the COCO id of each label (e.g. `(1, 3, 90)` to test non-contiguous
-      ids); defaults to `source.label_to_category_id`, else `1..num_classes` as COCO
-      numbers from 1.
+  Reads every item; images are named `<image_id:012d>.png`. `category_ids`: the COCO id of
+  each label (e.g. `(1, 3, 90)`); default `source.label_to_category_id`, else from 1.
   """
   class_names = tuple(source.class_names)
   split = split if split is not None else getattr(source, 'split', 'val')
@@ -510,27 +446,10 @@ def coco_ground_truth(
   }
 
 
-def write_coco(
-    root: str | os.PathLike,
-    source: Sequence[dict],
-    split: str | None = None,
-    category_ids: Sequence[int] | None = None,
-) -> tuple[str, str]:
-  """Writes a detection source in COCO's layout: PNG images and an instances json.
-
-  Layout: `root/<split>/<image_id:012d>.png` and `root/annotations/instances_<split>.json`
-  (`coco_ground_truth`). Each file is written under a temporary name and renamed, so an
-  interrupted run leaves no half-written file under the final name.
-
-  Args:
-    root: output folder (created).
-    source: items as `CocoDetection` returns them; needs `class_names`.
-    split: split name in the paths; defaults to `source.split`.
-    category_ids: the COCO id of each label (`coco_ground_truth`).
-
-  Returns:
-    `(annotation_file, image_dir)`, the arguments of `CocoDetection`.
-  """
+def write_coco(root: str | os.PathLike, source: Sequence[dict], split: str | None = None,
+               category_ids: Sequence[int] | None = None) -> tuple[str, str]:
+  """Writes `root/<split>/<image_id:012d>.png` and `root/annotations/instances_<split>.json`,
+  each atomically; returns `(annotation_file, image_dir)`, `CocoDetection`'s arguments."""
   split = split if split is not None else source.split
   gt = coco_ground_truth(source, split, category_ids)
   root = os.fspath(root)

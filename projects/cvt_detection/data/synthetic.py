@@ -1,17 +1,10 @@
 """A synthetic detection dataset: coloured, textured shapes on a noisy textured background.
 
-Made for the demo and the tests: no download, any size, and a small detector reaches a
-useful COCO AP on it in minutes on CPU. Every class has its own shape, hue and texture
-(filled rectangle, striped ellipse, checkered triangle, ring, cross), so the classes are
-learnable from local cues, while what makes detection non-trivial is kept: 2 to 6 objects
-per image, box sides spanning about 5x (10 to 48 px on a 128x128 image), objects that
-touch and overlap, colour jitter and pixel noise.
-
-Boxes are the full extent of each drawn shape (its pixels before anything is painted over
-it), in drawing order: later objects occlude earlier ones, and a placement is redrawn if it
-would leave an earlier object less than `_MIN_VISIBLE` of its pixels, so every object stays
-recognisable. Example `k` of a split is a pure function of `(seed, split, k)`, drawn when it
-is read, so nothing is cached.
+A small detector reaches a useful COCO AP on it in minutes on CPU: every class has its own
+shape, hue and texture, while 2 to 6 objects per image, box sides spanning about 5x (10 to
+48 px at 128x128), touching and overlapping objects and noise keep detection non-trivial.
+Boxes are each shape's full extent; a placement that would leave an earlier object less
+than `_MIN_VISIBLE` visible is redrawn. Example `k` is a pure function of `(seed, split, k)`.
 """
 
 from __future__ import annotations
@@ -36,34 +29,21 @@ _PLACEMENT_TRIES = 10
 
 
 class SyntheticDetection:
-  """Random-access synthetic detection split with `CocoDetection`'s item format.
-
-  `ds[k]` returns `{'image': uint8 [H, W, 3], 'boxes': float32 [n, 4] xyxy pixels,
-  'labels': int32 [n] in [0, num_classes), 'crowd': bool [n] (all False), 'image_id':
-  k + 1, 'orig_size': (H, W)}`, objects in drawing order (back to front).
+  """Random-access synthetic split with `CocoDetection`'s items (`image_id` k + 1, no crowd),
+  objects back to front.
 
   Args:
-    num_images: length of the split.
     image_size: `(height, width)`, at least 32x32.
     num_classes: 1 to 5 (`SHAPES[:num_classes]`).
-    seed: dataset seed.
     split: 'train', 'val' ('validation' is the same split) or 'test'.
-    objects_per_image: `(min, max)` objects drawn per image (fewer when a placement
-      fails `_PLACEMENT_TRIES` times, which is rare).
-    box_size: `(min, max)` long side of a box as a fraction of `min(image_size)`; the
-      default gives 10 to 48 px at 128 px.
+    objects_per_image: `(min, max)` per image (fewer if a placement fails, rarely).
+    box_size: `(min, max)` long side of a box as a fraction of `min(image_size)`.
   """
 
-  def __init__(
-      self,
-      num_images: int = 512,
-      image_size: tuple[int, int] = (128, 128),
-      num_classes: int = 4,
-      seed: int = 0,
-      split: str = 'train',
-      objects_per_image: tuple[int, int] = (2, 6),
-      box_size: tuple[float, float] = (0.08, 0.375),
-  ):
+  def __init__(self, num_images: int = 512, image_size: tuple[int, int] = (128, 128),
+               num_classes: int = 4, seed: int = 0, split: str = 'train',
+               objects_per_image: tuple[int, int] = (2, 6),
+               box_size: tuple[float, float] = (0.08, 0.375)):
     if not 1 <= num_classes <= len(SHAPES):
       raise ValueError(f'num_classes must be in [1, {len(SHAPES)}] ({SHAPES}), got {num_classes}')
     if min(image_size) < 32:
@@ -195,14 +175,8 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def _keeps_visible(
     owner: np.ndarray, window: tuple[slice, slice], mask: np.ndarray, areas: list[int]
 ) -> bool:
-  """Whether painting `mask` at `window` leaves each earlier object `_MIN_VISIBLE` visible.
-
-  Args:
-    owner: `[H, W]` index of the object on top of each pixel, -1 for background.
-    window: the new object's pixel window.
-    mask: `[h, w]` its pixels in the window.
-    areas: full pixel count of each earlier object.
-  """
+  """Whether painting `mask [h, w]` at `window` leaves each earlier object (`owner [H, W]`:
+  the top one per pixel, -1 none; `areas`: full pixel counts) `_MIN_VISIBLE` visible."""
   if not areas:
     return True
   n = len(areas)

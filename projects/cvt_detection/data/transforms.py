@@ -1,20 +1,11 @@
 """mmdetection's 1x detection pipeline in numpy, batched to a few static shapes.
 
-mmdet 3.x `configs/_base_/datasets/coco_detection.py`:
-
-  train: LoadImageFromFile -> LoadAnnotations -> Resize(scale=(1333, 800), keep_ratio=True)
-         -> RandomFlip(prob=0.5)
-  test:  LoadImageFromFile -> Resize(scale=(1333, 800), keep_ratio=True)
-
-then `DetDataPreprocessor` (configs/_base_/models/*.py): ImageNet mean/std normalisation in
-RGB and zero padding after it. mmdet pads each batch to its largest image rounded up to 32
-(`pad_size_divisor=32`), a shape per batch; under jit every new shape compiles again, so
-`collate` pads instead to the smallest of a few fixed canvases (`default_canvas_sizes`:
-landscape, portrait, square) that holds the whole batch. Crowd boxes are dropped here:
-mmdet's assigners ignore them in training, and evaluation reads them from the json.
-
-Images and boxes use the segmentation project's resizing (OpenCV INTER_LINEAR, as mmcv)
-and mmcv's keep-ratio size rule, so both projects resize identically.
+mmdet 3.x `configs/_base_/datasets/coco_detection.py`: train `Resize(scale=(1333, 800),
+keep_ratio=True) -> RandomFlip(prob=0.5)`, test the resize alone, then `DetDataPreprocessor`:
+ImageNet normalisation in RGB, zero padding after it. mmdet pads each batch to its largest
+image rounded up to 32, a shape per batch (a compile each under jit); `collate` pads to the
+smallest of a few fixed canvases that holds the batch. Crowd boxes are dropped (mmdet's
+assigners ignore them; evaluation reads them from the json).
 """
 
 from __future__ import annotations
@@ -26,14 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from projects.training.image_ops import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    normalize,
-    pad_image,
-    rescale_size,
-    resize_image,
-)
+from projects.training import image_ops
 
 # mmdet `Resize(scale=(1333, 800), keep_ratio=True)`: long edge <= 1333, short edge <= 800.
 DEFAULT_SCALE = (1333, 800)
@@ -47,24 +31,15 @@ _warned_max_boxes = False
 def resize_keep_ratio(
     image: np.ndarray, boxes: np.ndarray, scale: Sequence[int] = DEFAULT_SCALE
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-  """mmdet `Resize(scale, keep_ratio=True)` of an image and its boxes.
+  """mmdet `Resize(scale, keep_ratio=True)` of an image `[H, W, 3]` and its xyxy boxes `[n, 4]`.
 
-  The factor is `min(max(scale) / long_side, min(scale) / short_side)` and the output size
-  `int(side * factor + 0.5)` (`mmcv.rescale_size`); boxes are multiplied by the exact
-  per-axis ratios of the rounded size and clipped to the image
-  (mmdet `Resize(clip_object_border=True)`).
-
-  Args:
-    image: `[H, W, 3]` uint8 or float.
-    boxes: `[n, 4]` xyxy pixels.
-    scale: two edge limits `(long, short)`; their order does not matter.
-
-  Returns:
-    `(image [h, w, 3] same dtype, boxes float32 [n, 4], scale_factor (h / H, w / W))`.
+  Size as `mmcv.rescale_size`; boxes scaled by the per-axis ratios of the rounded size and
+  clipped to the image (`clip_object_border=True`). Returns `(image [h, w, 3], boxes
+  float32 [n, 4], scale_factor (h / H, w / W))`.
   """
   in_h, in_w = image.shape[:2]
-  out_h, out_w = rescale_size((in_h, in_w), scale)
-  image = resize_image(image, (out_h, out_w))
+  out_h, out_w = image_ops.rescale_size((in_h, in_w), scale)
+  image = image_ops.resize_image(image, (out_h, out_w))
   h_ratio, w_ratio = out_h / in_h, out_w / in_w
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4) * np.float32(
       [w_ratio, h_ratio, w_ratio, h_ratio]
@@ -82,10 +57,8 @@ def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
 def random_flip(
     rng: np.random.Generator, image: np.ndarray, boxes: np.ndarray, prob: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray]:
-  """mmdet `RandomFlip(prob)`, horizontal: flips image `[H, W, C]` and boxes `[n, 4]` together.
-
-  One uniform draw, as the segmentation `random_flip`, whose argument order it keeps.
-  """
+  """mmdet `RandomFlip(prob)`, horizontal: image `[H, W, C]` and boxes `[n, 4]` together (one
+  uniform draw, as the segmentation `random_flip`)."""
   if rng.random() < prob:
     return image[:, ::-1], flip_boxes(boxes, image.shape[1])
   return image, np.asarray(boxes, np.float32)
@@ -93,7 +66,7 @@ def random_flip(
 
 def pad_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Zero-pads `[h, w, C]` at the bottom and right to `size` (mmdet pads after normalising)."""
-  return pad_image(image, size, pad_value=0)
+  return image_ops.pad_image(image, size, pad_value=0)
 
 
 def _pack(
@@ -114,25 +87,18 @@ def _pack(
 
 @dataclasses.dataclass(frozen=True)
 class DetectionTrainTransform:
-  """mmdet's 1x training pipeline: keep-ratio resize, horizontal flip, normalise.
+  """mmdet's 1x training pipeline: keep-ratio resize to `scale`, horizontal flip, normalise.
 
-  Called as `transform(example, rng)` on an item of `CocoDetection` or
-  `SyntheticDetection`; returns `{'image': float32 [h, w, 3] normalised (unpadded),
-  'boxes': float32 [n, 4] xyxy in resized pixels, 'labels': int32 [n], 'image_id': int,
-  'orig_size': (H, W), 'image_size': (h, w), 'scale_factor': (h / H, w / W)}` with crowd
-  boxes removed. Padding happens in `collate`.
-
-  Attributes:
-    scale: `(long, short)` edge limits of the resize.
-    flip_prob: probability of a horizontal flip.
-    mean: normalisation mean (0-255 scale, RGB).
-    std: normalisation std.
+  `transform(example, rng)` on a `CocoDetection` or `SyntheticDetection` item returns
+  `{'image': float32 [h, w, 3] (unpadded), 'boxes': float32 [n, 4] xyxy resized, 'labels':
+  int32 [n], 'image_id', 'orig_size': (H, W), 'image_size': (h, w), 'scale_factor': (h / H,
+  w / W)}` without crowd boxes.
   """
 
   scale: tuple[int, int] = DEFAULT_SCALE
   flip_prob: float = 0.5
-  mean: tuple[float, float, float] = IMAGENET_MEAN
-  std: tuple[float, float, float] = IMAGENET_STD
+  mean: tuple[float, float, float] = image_ops.IMAGENET_MEAN
+  std: tuple[float, float, float] = image_ops.IMAGENET_STD
 
   def __call__(self, example: dict, rng: np.random.Generator | None) -> dict:
     if rng is None and self.flip_prob > 0:
@@ -142,66 +108,45 @@ class DetectionTrainTransform:
     image, boxes, scale_factor = resize_keep_ratio(example['image'], example['boxes'], self.scale)
     if self.flip_prob > 0:
       image, boxes = random_flip(rng, image, boxes, self.flip_prob)
-    return _pack(example, normalize(image, self.mean, self.std), boxes, scale_factor)
+    return _pack(example, image_ops.normalize(image, self.mean, self.std), boxes, scale_factor)
 
 
 @dataclasses.dataclass(frozen=True)
 class DetectionEvalTransform:
-  """mmdet's test pipeline: keep-ratio resize and normalise (output as the train transform).
-
-  Boxes are resized too (crowd ones dropped) so a validation loss can be computed; the
-  COCO evaluator reads the original boxes from the json.
-
-  Attributes:
-    scale: `(long, short)` edge limits of the resize.
-    mean: normalisation mean.
-    std: normalisation std.
-  """
+  """mmdet's test pipeline: keep-ratio resize and normalise, output as the train transform
+  (boxes resized for a validation loss; COCO evaluation reads the json's)."""
 
   scale: tuple[int, int] = DEFAULT_SCALE
-  mean: tuple[float, float, float] = IMAGENET_MEAN
-  std: tuple[float, float, float] = IMAGENET_STD
+  mean: tuple[float, float, float] = image_ops.IMAGENET_MEAN
+  std: tuple[float, float, float] = image_ops.IMAGENET_STD
 
   def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
     del rng  # deterministic
     image, boxes, scale_factor = resize_keep_ratio(example['image'], example['boxes'], self.scale)
-    return _pack(example, normalize(image, self.mean, self.std), boxes, scale_factor)
+    return _pack(example, image_ops.normalize(image, self.mean, self.std), boxes, scale_factor)
 
 
 def default_canvas_sizes(
     scale: Sequence[int] = DEFAULT_SCALE, divisor: int = 32
 ) -> tuple[tuple[int, int], ...]:
-  """Landscape, portrait and square `(height, width)` canvases for a keep-ratio `scale`.
-
-  Any image resized to `scale` fits the landscape or the portrait canvas; a batch that
-  mixes the two needs the square one. Sides are rounded up to `divisor` (mmdet's
-  `pad_size_divisor=32`, the coarsest stride that must divide the input for the FPN).
-  E.g. `(1333, 800)` gives `((800, 1344), (1344, 800), (1344, 1344))`.
+  """Landscape, portrait and square `(height, width)` canvases for a keep-ratio `scale` (a
+  batch mixing the first two needs the square), sides rounded up to `divisor` (mmdet's
+  `pad_size_divisor=32`): `(1333, 800)` gives `((800, 1344), (1344, 800), (1344, 1344))`.
   """
   long = math.ceil(max(scale) / divisor) * divisor
   short = math.ceil(min(scale) / divisor) * divisor
   return tuple(dict.fromkeys(((short, long), (long, short), (long, long))))
 
 
-def collate(
-    examples: Sequence[dict],
-    canvas_sizes: Sequence[tuple[int, int]],
-    max_boxes: int = DEFAULT_MAX_BOXES,
-) -> dict[str, np.ndarray]:
-  """Stacks transformed examples on the smallest canvas that holds them all.
+def collate(examples: Sequence[dict], canvas_sizes: Sequence[tuple[int, int]],
+            max_boxes: int = DEFAULT_MAX_BOXES) -> dict[str, np.ndarray]:
+  """Stacks transformed examples on the least-area canvas of `canvas_sizes` (ties: the first)
+  that holds them all.
 
-  Args:
-    examples: outputs of `DetectionTrainTransform` / `DetectionEvalTransform`.
-    canvas_sizes: allowed `(height, width)` of `inputs`; the one with the least area (ties
-      in the order given) that holds every image of the batch is used.
-    max_boxes: boxes per image `M`; an image with more keeps its `M` largest (by area, in
-      their original order) and a warning names the first such image.
-
-  Returns:
-    `{'inputs': float32 [B, H, W, 3] (zero padded), 'boxes': float32 [B, M, 4] xyxy in
-    resized pixels (zeros for padding), 'labels': int32 [B, M] (-1 for padding),
-    'box_mask': bool [B, M], 'image_size': int32 [B, 2], 'orig_size': int32 [B, 2],
-    'scale_factor': float32 [B, 2], 'image_id': int64 [B], 'batch_mask': float32 [B]}`.
+  An image with more than `max_boxes` (M) keeps its M largest, in order (one warning).
+  Returns `{'inputs': float32 [B, H, W, 3] (zero padded), 'boxes': float32 [B, M, 4],
+  'labels': int32 [B, M] (-1 for padding), 'box_mask': bool [B, M], 'image_size', 'orig_size':
+  int32 [B, 2], 'scale_factor': float32 [B, 2], 'image_id': int64 [B], 'batch_mask': [B]}`.
   """
   if not examples:
     raise ValueError('collate needs at least one example')
@@ -267,18 +212,8 @@ _PAD_VALUES = {'labels': -1, 'scale_factor': 1, 'image_id': -1}
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-  """Pads a short batch to `batch_size` entries with masked ones (a dataset's last batch).
-
-  Padding entries have zero inputs, boxes, sizes and `batch_mask`, `box_mask` False,
-  labels -1, image id -1 and scale factor 1.
-
-  Args:
-    batch: output of `collate` with `B <= batch_size` entries.
-    batch_size: leading size of every array of the result.
-
-  Returns:
-    The batch with leading dimension `batch_size`.
-  """
+  """Pads a `collate` batch to `batch_size` entries with masked ones (zeros, `box_mask`
+  False, labels and image id -1, scale factor 1)."""
   b = len(batch['batch_mask'])
   if b > batch_size:
     raise ValueError(f'cannot pad a batch of {b} entries to the smaller batch size {batch_size}')

@@ -1,17 +1,10 @@
 """Segmentation datasets read from image/mask folders: ADE20K, Cityscapes, generic pairs.
 
-Each source lists its files when built (a missing folder is reported at once; images
-without a mask are listed in one error, or kept aside with `missing_masks='keep'`) and
-reads, maps and checks labels lazily, one example at a time: `ds[i]` returns
-`{'image': uint8 [H, W, 3], 'label': uint8 [H, W], 'name': str}` with labels in
-`[0, num_classes)` or 255 (ignore).
-
-`validate_splits` checks every file of the splits up front (what the dataset builder runs
-before training): pairs, image and mask sizes from the file headers, mask modes, and the
-label values of every mask, which are decoded once and then cached per file by size and
-mtime (`projects.training.data_index`). All problems come in one `DatasetError`. The
-read-time checks of `ds[i]` stay as the last line of defence; on a split validated in
-'full' mode only a file whose pixels are damaged behind a valid header can still fail there.
+A source lists its files when built and reads one example at a time: `ds[i]` is
+`{'image': uint8 [H, W, 3], 'label': uint8 [H, W], 'name': str}`, labels in
+`[0, num_classes)` or 255 (ignore). `validate_splits` checks every file up front (pairs,
+sizes, modes, label values; cached per file by `projects.training.data_index`) and reports
+all problems in one `DatasetError`; `ds[i]`'s checks stay as the last line of defence.
 """
 
 from __future__ import annotations
@@ -23,15 +16,13 @@ import numpy as np
 from PIL import Image
 
 from projects.training import data_index
-from projects.training.datasets import DatasetError, MissingFilesError
+from projects.training.datasets import DatasetError, MissingFilesError, listing
 from projects.training.images import read_stored_image
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 # PIL modes of single-channel masks (class indices); multi-channel masks are rejected.
 LABEL_MODES = ('L', 'P', 'I', 'I;16', 'I;16B', 'I;16L', '1')
-# `validate_splits` modes: 'full' also decodes every mask (once, then cached) to check its
-# label values; 'headers' reads file headers only (pairs, sizes, modes); 'none' only pairs.
 VALIDATE_MODES = data_index.VALIDATE_MODES
 MISSING_MASKS = ('raise', 'keep')
 _SHOWN = 20  # problems listed in a validation error
@@ -74,14 +65,7 @@ CITYSCAPES_CLASSES = (
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-  """mmseg `reduce_zero_label`: 0 -> 255 (ignore), v -> v - 1 otherwise, 255 stays 255.
-
-  Args:
-    label: `[H, W]` uint8 raw labels.
-
-  Returns:
-    `[H, W]` uint8.
-  """
+  """mmseg `reduce_zero_label` of uint8 `[H, W]`: 0 -> 255 (ignore), v -> v - 1, 255 stays."""
   out = label.astype(np.int32) - 1
   out[(label == 0) | (label == 255)] = IGNORE_INDEX
   return out.astype(np.uint8)
@@ -100,11 +84,8 @@ for _label_id, _train_id in CITYSCAPES_TRAIN_IDS.items():
 
 
 def read_label(path: str) -> np.ndarray:
-  """Reads a single-channel label PNG (mode L, P or I) as `[H, W]` class indices.
-
-  Palette ('P') masks give their palette indices, which is how VOC-style masks store
-  class ids. Multi-channel masks are rejected rather than guessed at.
-  """
+  """A single-channel label file as `[H, W]` class indices; palette ('P') masks give their
+  indices (VOC-style class ids); multi-channel masks are rejected rather than guessed at."""
   with Image.open(path) as im:
     if im.mode not in LABEL_MODES:
       raise ValueError(
@@ -118,30 +99,20 @@ class SegmentationFolder:
   """Image/label file pairs with a label mapping; random access, lazy reads.
 
   Args:
-    image_paths: image files.
-    label_paths: label files, one per image.
     num_classes: number of classes after `label_map`.
-    class_names: one name per class.
     label_map: raw label array -> class ids (uint8, 255 = ignore); None keeps raw values.
-    max_raw_label: largest valid raw label value (255 always allowed); larger values
-      raise when the example is read. None derives it as `num_classes - 1`.
-    unpaired: `(image, expected mask)` of images left out for lack of a mask
-      (`missing_masks='keep'`); `validate_splits` reports them.
-    mask_root: the folder of the masks (where `validate_splits` keeps its index); None:
-      the folder the masks have in common.
+    max_raw_label: largest valid raw label (255 always allowed); None: `num_classes - 1`.
+    unpaired: `(image, expected mask)` of images without a mask (`missing_masks='keep'`),
+      reported by `validate_splits`.
+    mask_root: the masks' folder (`validate_splits` keeps its index there); None: their
+      common folder.
   """
 
-  def __init__(
-      self,
-      image_paths: Sequence[str],
-      label_paths: Sequence[str],
-      num_classes: int,
-      class_names: Sequence[str],
-      label_map: Callable[[np.ndarray], np.ndarray] | None = None,
-      max_raw_label: int | None = None,
-      unpaired: Sequence[tuple[str, str]] = (),
-      mask_root: str | None = None,
-  ):
+  def __init__(self, image_paths: Sequence[str], label_paths: Sequence[str], num_classes: int,
+               class_names: Sequence[str],
+               label_map: Callable[[np.ndarray], np.ndarray] | None = None,
+               max_raw_label: int | None = None, unpaired: Sequence[tuple[str, str]] = (),
+               mask_root: str | None = None):
     if len(image_paths) != len(label_paths):
       raise ValueError(f'{len(image_paths)} images but {len(label_paths)} label files')
     if len(class_names) != num_classes:
@@ -198,27 +169,12 @@ def _list_files(root: str, suffixes: Sequence[str]) -> list[str]:
   return sorted(found)
 
 
-def _pair(
-    images: list[str],
-    image_root: str,
-    label_root: str,
-    label_suffix: str,
-    image_suffix: str | None = None,
-    missing_masks: str = 'raise',
-) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-  """Pairs each image with its label file: same relative path, suffix swapped.
-
-  Args:
-    images: image files under `image_root`.
-    image_root: their folder.
-    label_root: the label folder.
-    label_suffix: the label file ending replacing the image's.
-    image_suffix: the image ending to replace; None: each image's extension.
-    missing_masks: 'raise' lists every image without a label file in one
-      `MissingFilesError`; 'keep' returns them.
-
-  Returns:
-    `(paired images, their labels, [(image, expected label) without a label file])`.
+def _pair(images: list[str], image_root: str, label_root: str, label_suffix: str,
+          image_suffix: str | None = None,
+          missing_masks: str = 'raise') -> tuple[list[str], list[str], list[tuple[str, str]]]:
+  """`(paired images, their labels, [(image, expected label)] without one)`: the label file
+  has the image's relative path with `image_suffix` (None: the extension) replaced by
+  `label_suffix`. `missing_masks='raise'` lists the unpaired in one `MissingFilesError`.
   """
   if missing_masks not in MISSING_MASKS:
     raise ValueError(f'missing_masks must be one of {MISSING_MASKS}, got {missing_masks!r}')
@@ -236,7 +192,7 @@ def _pair(
     lines = [_unpaired_line(image, label) for image, label in unpaired]
     raise MissingFilesError(
         f'{len(unpaired)} of the {len(images)} images in {image_root} have no label file in '
-        f'{label_root}:\n{_listing(lines)}'
+        f'{label_root}:\n{listing(lines, _SHOWN)}'
     )
   return paired, labels, unpaired
 
@@ -245,29 +201,12 @@ def _unpaired_line(image: str, label: str) -> str:
   return f'{image}: no label file; expected {label}'
 
 
-def _listing(lines: Sequence[str]) -> str:
-  """The first `_SHOWN` lines, indented, and how many more there are."""
-  text = '\n'.join(f'  {line}' for line in lines[:_SHOWN])
-  if len(lines) > _SHOWN:
-    text += f'\n  ... and {len(lines) - _SHOWN} more'
-  return text
-
-
 def ade20k(root: str, split: str = 'training', missing_masks: str = 'raise') -> SegmentationFolder:
-  """ADE20K SceneParsing (`ADEChallengeData2016`), 150 classes, reduce_zero_label.
+  """ADE20K SceneParsing, 150 classes: raw label 0 ("other") becomes 255, others minus 1.
 
-  Layout: `root/images/{training,validation}/*.jpg` and
-  `root/annotations/{training,validation}/*.png` (`root` may also be the folder that
-  contains `ADEChallengeData2016`). Raw label 0 ("other") becomes 255, others minus 1.
-
-  Args:
-    root: dataset root.
-    split: 'training' or 'validation' ('train'/'val' accepted).
-    missing_masks: 'raise' (images without a mask, all listed, raise
-      `MissingFilesError`) or 'keep' (they are left out and kept in `unpaired`).
-
-  Returns:
-    The split as a `SegmentationFolder`.
+  `root/images/{training,validation}/*.jpg`, `root/annotations/.../*.png` (`root` may hold
+  `ADEChallengeData2016`); `split` 'training'/'train' or 'validation'/'val'. Images without
+  a mask: `missing_masks='raise'` (`MissingFilesError` listing all) or 'keep' (`unpaired`).
   """
   split = {'train': 'training', 'val': 'validation'}.get(split, split)
   if split not in ('training', 'validation'):
@@ -291,16 +230,8 @@ def ade20k(root: str, split: str = 'training', missing_masks: str = 'raise') -> 
 def cityscapes(root: str, split: str = 'train', missing_masks: str = 'raise') -> SegmentationFolder:
   """Cityscapes fine annotations, 19 classes (labelIds mapped to trainIds, others 255).
 
-  Layout: `root/leftImg8bit/{train,val}/<city>/<stem>_leftImg8bit.png` with
-  `root/gtFine/{train,val}/<city>/<stem>_gtFine_labelIds.png`.
-
-  Args:
-    root: dataset root.
-    split: 'train' or 'val' ('validation' accepted).
-    missing_masks: 'raise' or 'keep' images without a mask (see `ade20k`).
-
-  Returns:
-    The split as a `SegmentationFolder`.
+  `root/leftImg8bit/{train,val}/<city>/<stem>_leftImg8bit.png` with
+  `root/gtFine/.../<stem>_gtFine_labelIds.png`; `split` and `missing_masks` as `ade20k`.
   """
   split = {'validation': 'val', 'training': 'train'}.get(split, split)
   if split not in ('train', 'val'):
@@ -325,31 +256,15 @@ def cityscapes(root: str, split: str = 'train', missing_masks: str = 'raise') ->
   )
 
 
-def image_mask_folders(
-    image_dir: str,
-    mask_dir: str,
-    num_classes: int,
-    class_names: Sequence[str] | None = None,
-    reduce_zero_label: bool = False,
-    mask_suffix: str = '.png',
-    missing_masks: str = 'raise',
-) -> SegmentationFolder:
-  """A generic images/masks folder pair matched by relative path and file stem.
+def image_mask_folders(image_dir: str, mask_dir: str, num_classes: int,
+                       class_names: Sequence[str] | None = None, reduce_zero_label: bool = False,
+                       mask_suffix: str = '.png',
+                       missing_masks: str = 'raise') -> SegmentationFolder:
+  """Images (any of `IMAGE_EXTENSIONS`, recursively) and single-channel masks (255 ignored)
+  paired by relative path: `image_dir/a/b.jpg` with `mask_dir/a/b` + `mask_suffix`.
 
-  `image_dir/a/b.jpg` pairs with `mask_dir/a/b.png`. Masks are single-channel class
-  indices (mode L or P); 255 is ignored.
-
-  Args:
-    image_dir: folder of images (any of `IMAGE_EXTENSIONS`, searched recursively).
-    mask_dir: folder of masks.
-    num_classes: number of classes (after `reduce_zero_label`).
-    class_names: names; defaults to 'class_0', 'class_1', ...
-    reduce_zero_label: apply mmseg's reduce_zero_label (0 = unlabelled).
-    mask_suffix: mask file ending replacing the image extension.
-    missing_masks: 'raise' or 'keep' images without a mask (see `ade20k`).
-
-  Returns:
-    A `SegmentationFolder`.
+  `num_classes` counts after `reduce_zero_label` (mmseg's, 0 = unlabelled); `class_names`
+  default to 'class_0', ...; `missing_masks` as `ade20k`.
   """
   _require_dir(image_dir)
   _require_dir(mask_dir)
@@ -375,8 +290,8 @@ _MAX_VALUES = 256  # distinct label values kept per mask in the index (uint8 has
 
 
 def _label_values(raw: np.ndarray) -> dict:
-  """The distinct values of a label map: `values` (sorted, at most `_MAX_VALUES`), `min`,
-  `top` (the largest value other than 255, None if none) and `num_values`."""
+  """`values` (sorted, at most `_MAX_VALUES`), `min`, `top` (the largest but 255, or None) and
+  `num_values` of a label map."""
   if raw.dtype == np.uint8:
     present = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
   else:
@@ -441,33 +356,15 @@ def _pair_problems(ds: SegmentationFolder, image: str, image_facts: dict | Excep
   return problems
 
 
-def validate_splits(
-    splits: Mapping[str, SegmentationFolder],
-    mode: str = 'full',
-    num_threads: int | None = None,
-) -> None:
+def validate_splits(splits: Mapping[str, SegmentationFolder], mode: str = 'full',
+                    num_threads: int | None = None) -> None:
   """Checks every file of `splits` up front; one `DatasetError` lists every bad pair.
 
-  Checks, by `mode` (`VALIDATE_MODES`):
-  - always: every image has its mask (the `unpaired` images of each split);
-  - 'headers' and 'full': images and masks open (headers only), each mask is a
-    single-channel map (mode L, P, I or 1) of its image's size;
-  - 'full': the values of every mask are within `[0, max_raw_label]` or 255 (ignore) and
-    the dataset's label mapping (reduce_zero_label, Cityscapes ids) takes them into
-    `[0, num_classes)` or 255: what `ds[i]` would otherwise find only when it reads them.
-
-  Headers and label values are cached per file (path, size, mtime) in the index of each
-  split's mask folder (`projects.training.data_index`): a rerun decodes only new or
-  changed masks. Files are probed by a thread pool.
-
-  Args:
-    splits: split name -> folder source.
-    mode: 'full', 'headers' or 'none'.
-    num_threads: probing threads; None: `min(32, cpu_count + 4)`.
-
-  Raises:
-    DatasetError: naming each bad file, what was expected and what was found (the first
-      20, then the count).
+  By `mode`: always, every image has its mask; 'headers' and 'full': files open and each
+  mask is a single-channel map of its image's size; 'full': every mask's values are in
+  `[0, max_raw_label]` or 255 and the label mapping takes them into `[0, num_classes)` or
+  255. Headers and values are cached per file in the mask folder's index: a rerun decodes
+  only new or changed masks.
   """
   if mode not in VALIDATE_MODES:
     raise ValueError(f'validate must be one of {VALIDATE_MODES}, got {mode!r}')
@@ -508,6 +405,6 @@ def validate_splits(
     raise DatasetError(
         f'{len(lines)} of the {total} image/mask pairs of the {names} split'
         f'{"s" if len(splits) > 1 else ""} are invalid (checked: {checked}):\n'
-        f'{_listing(lines)}\n'
+        f'{listing(lines, _SHOWN)}\n'
         'Fix or remove these files; a rerun rechecks only the files that changed.'
     )

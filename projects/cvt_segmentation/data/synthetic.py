@@ -1,11 +1,8 @@
 """A synthetic segmentation dataset: coloured, textured shapes on textured backgrounds.
 
-Made for smoke tests and quick experiments on CPU: a small CvT with a decode head learns
-it in minutes because every class has its own hue and texture (local cues at stride 4)
-as well as its own shape. Class 0 is the background: a low-saturation texture (smooth
-noise, linear gradient or stripes), so colour saturation alone separates it from objects.
-Example `i` of a split is a pure function of `(seed, split, i)` and is drawn when it is
-read, so any size and length cost no memory.
+A small CvT learns it in minutes on CPU: every class has its own hue and texture (local
+cues at stride 4) and shape; class 0, the background, is a low-saturation texture. Example
+`i` is a pure function of `(seed, split, i)`, drawn when read (no memory).
 """
 
 from __future__ import annotations
@@ -40,29 +37,12 @@ def _class_color(c: int, num_classes: int) -> np.ndarray:
 
 
 class SyntheticSegmentation:
-  """Random-access synthetic segmentation split.
+  """Random-access synthetic split: `ds[i]` is `{'image': uint8 [H, W, 3], 'label': uint8
+  [H, W] in [0, num_classes) (0 the background), 'name'}`; 2 to 255 classes, images at
+  least 8x8, 1 to `max_objects` shapes each; each `split` its own images."""
 
-  `ds[i]` returns `{'image': uint8 [H, W, 3], 'label': uint8 [H, W], 'name': str}`;
-  labels are in `[0, num_classes)` with 0 the background; none are ignored.
-
-  Args:
-    num_classes: classes including the background, 2 to 255.
-    image_size: `(height, width)` of every image, at least 8x8.
-    num_examples: length of the split.
-    seed: dataset seed.
-    split: 'train', 'validation' or 'test' (different images for the same seed).
-    max_objects: at most this many shapes per image (at least one).
-  """
-
-  def __init__(
-      self,
-      num_classes: int = 6,
-      image_size: tuple[int, int] = (64, 64),
-      num_examples: int = 1000,
-      seed: int = 0,
-      split: str = 'train',
-      max_objects: int = 4,
-  ):
+  def __init__(self, num_classes: int = 6, image_size: tuple[int, int] = (64, 64),
+               num_examples: int = 1000, seed: int = 0, split: str = 'train', max_objects: int = 4):
     if not 2 <= num_classes <= 255:
       raise ValueError(f'num_classes must be in [2, 255] (background included), got {num_classes}')
     if min(image_size) < 8:

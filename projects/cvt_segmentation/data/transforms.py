@@ -1,18 +1,15 @@
-"""Segmentation augmentations of mmsegmentation, as small pure numpy functions.
+"""mmsegmentation's augmentations as pure numpy functions of an explicit generator.
 
-Each function takes an image `[H, W, 3]` (uint8 or float, RGB) and, where it
-matters, a label map `[H, W]` (integer class ids, 255 = ignore), plus an explicit
-`np.random.Generator`; none keeps state. Together they reproduce the mmsegmentation
-training pipeline used by the ADE20K / Cityscapes recipes (mmseg 1.x,
-`configs/_base_/datasets/ade20k.py`):
+Images are `[H, W, 3]` RGB (uint8 or float), labels `[H, W]` class ids (255 = ignore).
+The ADE20K / Cityscapes training pipeline (mmseg 1.x `configs/_base_/datasets/ade20k.py`):
 
   RandomResize(scale, ratio_range=(0.5, 2.0), keep_ratio=True)
   -> RandomCrop(crop_size, cat_max_ratio=0.75) -> RandomFlip(0.5)
   -> PhotoMetricDistortion -> normalize (ImageNet mean/std) -> pad to crop size
-     (image 0, label 255; done by mmseg's SegDataPreProcessor after normalization).
+     (image 0, label 255; mmseg's SegDataPreProcessor pads after normalization).
 
-Resizing follows OpenCV (which mmcv uses): bilinear with half-pixel centers and no
-antialiasing for images, `floor(dst * in / out)` nearest for labels.
+Resizing follows OpenCV, as mmcv: bilinear with half-pixel centers and no antialiasing
+for images, `floor(dst * in / out)` nearest for labels.
 """
 
 from __future__ import annotations
@@ -33,19 +30,9 @@ from projects.training.image_ops import (
 
 IGNORE_INDEX = 255
 
-# ------------------------------------------------------------------- resizing
-
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Nearest-neighbour resize of a label map, as cv2.INTER_NEAREST.
-
-  Args:
-    label: `[H, W]` integer map.
-    size: output `(height, width)`.
-
-  Returns:
-    `[height, width]`, same dtype.
-  """
+  """Nearest-neighbour resize of a label map `[H, W]` to `size`, as cv2.INTER_NEAREST."""
   h, w = label.shape[:2]
   out_h, out_w = size
   # OpenCV's nearest uses floor(dst * in / out), not pixel centers; mmseg inherits it.
@@ -54,45 +41,21 @@ def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return label[ys[:, None], xs[None, :]]
 
 
-def random_resize_size(
-    rng: np.random.Generator,
-    size: tuple[int, int],
-    scale: Sequence[int],
-    ratio_range: tuple[float, float] = (0.5, 2.0),
-) -> tuple[int, int]:
+def random_resize_size(rng: np.random.Generator, size: tuple[int, int], scale: Sequence[int],
+                       ratio_range: tuple[float, float] = (0.5, 2.0)) -> tuple[int, int]:
   """Output `(height, width)` of mmseg `RandomResize` for an input of `size` (one draw)."""
   lo, hi = ratio_range
   ratio = rng.random() * (hi - lo) + lo
   return rescale_size(size, (int(scale[0] * ratio), int(scale[1] * ratio)))
 
 
-def random_resize(
-    rng: np.random.Generator,
-    image: np.ndarray,
-    label: np.ndarray,
-    scale: Sequence[int],
-    ratio_range: tuple[float, float] = (0.5, 2.0),
-) -> tuple[np.ndarray, np.ndarray]:
-  """mmseg `RandomResize(scale, ratio_range, keep_ratio=True)`.
-
-  A ratio r ~ U(ratio_range) multiplies both limits of `scale`; the image is then
-  rescaled keeping its aspect ratio to fit `r * scale` (see `rescale_size`).
-
-  Args:
-    rng: random generator (one uniform draw).
-    image: `[H, W, 3]`.
-    label: `[H, W]`.
-    scale: base edge limits, e.g. `(2048, 512)`.
-    ratio_range: `(min, max)` multiplier of `scale`.
-
-  Returns:
-    Resized `(image, label)`, image bilinear, label nearest.
-  """
+def random_resize(rng: np.random.Generator, image: np.ndarray, label: np.ndarray,
+                  scale: Sequence[int],
+                  ratio_range: tuple[float, float] = (0.5, 2.0)) -> tuple[np.ndarray, np.ndarray]:
+  """mmseg `RandomResize(scale, ratio_range, keep_ratio=True)`: a keep-ratio resize to fit
+  `r * scale` (`rescale_size`), r ~ U(ratio_range); image bilinear, label nearest."""
   size = random_resize_size(rng, image.shape[:2], scale, ratio_range)
   return resize_image(image, size), resize_label(label, size)
-
-
-# ------------------------------------------------------------- crop, flip, pad
 
 
 def _crop_box(rng: np.random.Generator, shape: tuple[int, int], crop_size: tuple[int, int]):
@@ -103,13 +66,9 @@ def _crop_box(rng: np.random.Generator, shape: tuple[int, int], crop_size: tuple
   return y, y + crop_size[0], x, x + crop_size[1]
 
 
-def random_crop_box(
-    rng: np.random.Generator,
-    label: np.ndarray,
-    crop_size: tuple[int, int],
-    cat_max_ratio: float = 0.75,
-    ignore_index: int = IGNORE_INDEX,
-) -> tuple[int, int, int, int]:
+def random_crop_box(rng: np.random.Generator, label: np.ndarray, crop_size: tuple[int, int],
+                    cat_max_ratio: float = 0.75,
+                    ignore_index: int = IGNORE_INDEX) -> tuple[int, int, int, int]:
   """The `(y0, y1, x0, x1)` box of mmseg `RandomCrop` (see `random_crop`)."""
   box = _crop_box(rng, label.shape, crop_size)
   if cat_max_ratio < 1.0:
@@ -123,32 +82,14 @@ def random_crop_box(
   return box
 
 
-def random_crop(
-    rng: np.random.Generator,
-    image: np.ndarray,
-    label: np.ndarray,
-    crop_size: tuple[int, int],
-    cat_max_ratio: float = 0.75,
-    ignore_index: int = IGNORE_INDEX,
-) -> tuple[np.ndarray, np.ndarray]:
-  """mmseg `RandomCrop(crop_size, cat_max_ratio)`.
+def random_crop(rng: np.random.Generator, image: np.ndarray, label: np.ndarray,
+                crop_size: tuple[int, int], cat_max_ratio: float = 0.75,
+                ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
+  """mmseg `RandomCrop(crop_size, cat_max_ratio)`: `min(H, crop_h) x min(W, crop_w)`.
 
-  If `cat_max_ratio < 1`, a crop is accepted only if it holds at least two classes
-  (ignoring `ignore_index`) and the most frequent covers less than `cat_max_ratio` of
-  the labelled pixels; up to 10 rejected crops are redrawn, and after the 10th
-  rejection the next draw is used unchecked, exactly as mmseg does. Images smaller
-  than the crop give a smaller output (padded later by `pad`).
-
-  Args:
-    rng: random generator.
-    image: `[H, W, 3]`.
-    label: `[H, W]`.
-    crop_size: `(height, width)`.
-    cat_max_ratio: maximum share of one class in the crop; 1 disables the check.
-    ignore_index: label value not counted.
-
-  Returns:
-    `(image, label)` of size `min(H, crop_h) x min(W, crop_w)`.
+  With `cat_max_ratio < 1` a crop needs two classes or more (not counting `ignore_index`),
+  the most frequent under `cat_max_ratio` of the labelled pixels; after 10 rejections the
+  next draw is used unchecked, exactly as mmseg does.
   """
   y0, y1, x0, x1 = random_crop_box(rng, label, crop_size, cat_max_ratio, ignore_index)
   return image[y0:y1, x0:x1], label[y0:y1, x0:x1]
@@ -163,42 +104,19 @@ def random_flip(
   return image, label
 
 
-def pad(
-    image: np.ndarray,
-    label: np.ndarray | None,
-    size: tuple[int, int],
-    pad_value: float = 0,
-    label_pad_value: int = IGNORE_INDEX,
-) -> tuple[np.ndarray, np.ndarray | None]:
-  """Pads bottom and right to `size` (mmcv `impad`); never crops.
+def pad(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int], pad_value: float = 0,
+        label_pad_value: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray | None]:
+  """Pads image and label (or None) bottom and right to `size` (mmcv `impad`); never crops.
 
-  Args:
-    image: `[H, W, C]` with `H <= size[0]`, `W <= size[1]`.
-    label: `[H', W']` or None.
-    size: `(height, width)` of the output.
-    pad_value: image fill (0: mmseg pads after normalization).
-    label_pad_value: label fill (255 = ignore).
-
-  Returns:
-    `(image [size..., C], label [size...] or None)`.
+  Image fill 0 (mmseg pads after normalization), label fill 255 (ignore).
   """
-
   padded = pad_image(image, size, pad_value)
   return padded, None if label is None else pad_image(label, size, label_pad_value)
 
 
-# ------------------------------------------------------- photometric distortion
-
-
 def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
-  """RGB -> HSV in OpenCV's 8-bit convention: H in [0, 180), S and V in [0, 255].
-
-  Args:
-    image: `[H, W, 3]` on the 0-255 scale.
-
-  Returns:
-    float32 `[H, W, 3]` (not rounded; callers round where OpenCV would).
-  """
+  """RGB `[H, W, 3]` (0-255) -> float32 HSV in OpenCV's 8-bit convention: H in [0, 180), S
+  and V in [0, 255]; not rounded (callers round where OpenCV would)."""
   x = image.astype(np.float32)
   r, g, b = x[..., 0], x[..., 1], x[..., 2]
   v = np.maximum(np.maximum(r, g), b)
@@ -233,30 +151,15 @@ def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0, as_uint8: boo
   return x.astype(np.uint8) if as_uint8 else x
 
 
-def photometric_distortion(
-    rng: np.random.Generator,
-    image: np.ndarray,
-    brightness_delta: int = 32,
-    contrast_range: tuple[float, float] = (0.5, 1.5),
-    saturation_range: tuple[float, float] = (0.5, 1.5),
-    hue_delta: int = 18,
-) -> np.ndarray:
-  """mmseg `PhotoMetricDistortion`: brightness, contrast, saturation, hue.
+def photometric_distortion(rng: np.random.Generator, image: np.ndarray, brightness_delta: int = 32,
+                           contrast_range: tuple[float, float] = (0.5, 1.5),
+                           saturation_range: tuple[float, float] = (0.5, 1.5),
+                           hue_delta: int = 18) -> np.ndarray:
+  """mmseg `PhotoMetricDistortion`: brightness, contrast, saturation, hue (same shape, dtype).
 
-  Each of the four is applied with probability 1/2; contrast comes second or last
-  (coin flip). The random draws happen in mmseg's order. A uint8 image is truncated to
-  uint8 after each step as mmseg does; a float image (0-255 scale) is only clipped.
-
-  Args:
-    rng: random generator.
-    image: `[H, W, 3]` RGB, uint8 or float on the 0-255 scale.
-    brightness_delta: shift drawn from U(-delta, delta).
-    contrast_range: multiplier range.
-    saturation_range: multiplier range of S in HSV.
-    hue_delta: H shift (OpenCV units, 180 = full circle) drawn from [-delta, delta).
-
-  Returns:
-    Distorted image, same shape and dtype.
+  Each applied with probability 1/2, contrast second or last (coin flip), the draws in
+  mmseg's order; uint8 is truncated after each step as mmseg does, float (0-255) only
+  clipped. `hue_delta` is in OpenCV units (180 = full circle), drawn from [-delta, delta).
   """
   as_uint8 = image.dtype == np.uint8
 
@@ -293,24 +196,13 @@ def _from_hsv(hsv: np.ndarray, as_uint8: bool) -> np.ndarray:
   return np.clip(np.rint(rgb), 0, 255).astype(np.uint8) if as_uint8 else np.clip(rgb, 0, 255)
 
 
-# ------------------------------------------------------------------ pipelines
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-  """The mmseg training pipeline as one pure function of (image, label, rng).
+  """The mmseg training pipeline: `(image uint8 [H, W, 3], label [H, W], rng) -> (inputs
+  float32 [crop_h, crop_w, 3], label int32 [crop_h, crop_w])`.
 
-  Attributes:
-    crop_size: `(height, width)` of every output.
-    scale: base `(long, short)` edge limits of `random_resize`, e.g. `(2048, 512)`; None
-      skips resizing.
-    ratio_range: multiplier range of `scale`.
-    cat_max_ratio: `random_crop` class-share limit (1 disables).
-    flip_prob: probability of a horizontal flip.
-    photometric: whether to apply `photometric_distortion`.
-    mean: normalization mean (0-255 scale, RGB).
-    std: normalization std.
-    ignore_index: label value for ignored and padded pixels.
+  `scale`: base `(long, short)` limits of `random_resize` (None: no resize); the rest as
+  the functions above; `mean`, `std` on the 0-255 scale, RGB.
   """
 
   crop_size: tuple[int, int]
@@ -326,16 +218,6 @@ class TrainTransform:
   def __call__(
       self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
   ) -> tuple[np.ndarray, np.ndarray]:
-    """Augments one example.
-
-    Args:
-      image: `[H, W, 3]` uint8 RGB.
-      label: `[H, W]` integer labels (255 = ignore).
-      rng: generator owning every random decision of this example.
-
-    Returns:
-      `(inputs float32 [crop_h, crop_w, 3], label int32 [crop_h, crop_w])`.
-    """
     # random_resize then random_crop, fused: the label is resized whole (the crop check
     # needs it) but only the crop window of the image, which is the same result as
     # resizing everything and cropping at a fraction of the cost (up to 16x at ratio 2).
@@ -359,17 +241,9 @@ class TrainTransform:
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform:
-  """mmseg test pipeline: keep-ratio resize of the image only, then normalize.
-
-  The label stays at its original resolution: mmseg scores predictions resized back
-  to the original size.
-
-  Attributes:
-    scale: `(long, short)` edge limits of the test resize, e.g. `(2048, 512)`; None keeps
-      the image size.
-    mean: normalization mean.
-    std: normalization std.
-  """
+  """mmseg's test pipeline: keep-ratio resize of the image to `scale` (None: as it is), then
+  normalize; the label stays at its original resolution (mmseg scores predictions resized
+  back to it)."""
 
   scale: tuple[int, int] | None = None
   mean: tuple[float, float, float] = IMAGENET_MEAN
