@@ -1,7 +1,8 @@
 """What every command-line tool shares, kept in the lowest layer that has one (`cvt-convert`).
 
-The help formatter, outputs written whole or not at all, and the sha256 of a file; the
-projects' tools (`projects.tools`) build on these. Standard library only.
+The help formatter, files (and JSON) written whole or not at all, and the sha256 of a file;
+the training library and the projects' tools (`projects.tools`) build on these. Standard
+library only.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import argparse
 import contextlib
 import errno
 import hashlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -79,6 +82,22 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None])
       raise _write_error(path, e) from e
     raise
   return path
+
+
+def write_json(value: Any, path: str | os.PathLike) -> str:
+  """Writes `value` as indented JSON atomically, NaN as null (a metric of an empty class)."""
+  text = json.dumps(_nan_to_none(value), indent=2, allow_nan=False) + '\n'
+  return write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def _nan_to_none(value: Any) -> Any:
+  if isinstance(value, float) and math.isnan(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _nan_to_none(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_nan_to_none(v) for v in value]
+  return value
 
 
 def file_sha256(path: str | os.PathLike) -> str:

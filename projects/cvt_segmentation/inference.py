@@ -86,18 +86,12 @@ def _hw(value: Any) -> tuple[int, int] | None:
 
 def inference_settings(config: Any, **overrides: Any) -> InferenceSettings:
   """`config.eval` (what the trainer's evaluation and the tools run), with the `overrides`
-  that are not None (the command-line flags)."""
-  ev = config_get(config, 'eval')
-  values = dict(
-      mode=config_get(ev, 'mode', 'whole'),
-      crop_size=_hw(config_get(ev, 'crop_size')),
-      stride=_hw(config_get(ev, 'stride')),
-      scales=tuple(float(s) for s in config_get(ev, 'scales', (1.0,))),
-      flip=bool(config_get(ev, 'flip', False)),
-      min_size=int(config_get(ev, 'min_size', DEFAULT_MIN_SIZE)),
-      pad_to_crop=bool(config_get(ev, 'pad_to_crop', False)))
-  values.update({k: v for k, v in overrides.items() if v is not None})
-  return InferenceSettings(**values)
+  that are not None (the command-line flags); what neither sets keeps its field default."""
+  values = {**as_dict(config_get(config, 'eval')), **overrides}
+  convert = dict(crop_size=_hw, stride=_hw, scales=lambda v: tuple(float(s) for s in v),
+                 flip=bool, min_size=int, pad_to_crop=bool)
+  return InferenceSettings(**{k: convert.get(k, lambda v: v)(v) for k, v in values.items()
+                              if v is not None})
 
 
 def config_test_scale(config: Any, flag: tuple[int, int] | str | None = None

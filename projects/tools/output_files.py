@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import struct
@@ -22,6 +21,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from cvt_backbone import tools
 from cvt_backbone.tools import file_sha256, write_atomically
 
 RECORD_KEY = 'cvt-dense provenance'
@@ -72,18 +72,7 @@ def write_json(value: Any, path: str | os.PathLike,
     if not isinstance(value, Mapping):
       raise TypeError(f'a record needs a JSON object, got {type(value).__name__}')
     value = {**value, RECORD_KEY: dict(record)}
-  text = json.dumps(_nan_to_none(value), indent=2, allow_nan=False) + '\n'
-  return write_atomically(path, lambda f: f.write(text.encode()))
-
-
-def _nan_to_none(value: Any) -> Any:
-  if isinstance(value, float) and math.isnan(value):
-    return None
-  if isinstance(value, dict):
-    return {k: _nan_to_none(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_nan_to_none(v) for v in value]
-  return value
+  return tools.write_json(value, path)
 
 
 def save_png(image: Any, path: str | os.PathLike, record: Mapping[str, Any] | None = None) -> str:

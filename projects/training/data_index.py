@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from projects.tools.output_files import write_atomically
+from cvt_backbone.tools import write_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from projects.tools.output_files import write_json
+from cvt_backbone.tools import write_json
 from projects.training import checkpoints, optim, workdir_lock
 
 log = logging.getLogger(__name__)

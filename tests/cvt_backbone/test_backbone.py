@@ -13,7 +13,7 @@ from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.kernels import depthwise as depthwise_lib
 
 OFFICIAL_PARAM_COUNTS = {'cvt-13': 19_997_480, 'cvt-21': 31_622_696, 'cvt-w24': 277_196_392}
-# DESIGN.md: n1 = floor((n+1)/4), n2 = ceil(n1/2), n3 = ceil(n2/2).
+# The official output sizes: n1 = floor((n+1)/4), n2 = ceil(n1/2), n3 = ceil(n2/2).
 SIZES = [(224, 224), (250, 250), (513, 513), (225, 301)]
 EXPECTED = {
     (224, 224): [(56, 56), (28, 28), (14, 14)],
