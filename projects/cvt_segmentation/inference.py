@@ -87,7 +87,8 @@ def _hw(value: Any) -> tuple[int, int] | None:
 def inference_settings(config: Any, **overrides: Any) -> InferenceSettings:
   """`config.eval` (what the trainer's evaluation and the tools run), with the `overrides`
   that are not None (the command-line flags); what neither sets keeps its field default."""
-  values = {**as_dict(config_get(config, 'eval')), **overrides}
+  values = as_dict(config_get(config, 'eval'))
+  values.update((k, v) for k, v in overrides.items() if v is not None)
   convert = dict(crop_size=_hw, stride=_hw, scales=lambda v: tuple(float(s) for s in v),
                  flip=bool, min_size=int, pad_to_crop=bool)
   return InferenceSettings(**{k: convert.get(k, lambda v: v)(v) for k, v in values.items()
