@@ -289,10 +289,11 @@ def extract_files(
     extractor: FeatureExtractor, inputs: Sequence[InputImage], output_dir: str, *, fmt: str = 'npz',
     dtype: str = 'float32', max_side: int | None = None, batch_size: int = 1, pca: bool = False,
     overwrite: bool = False, strict: bool = False, progress: bool = True,
-    console: _Console | None = None) -> Summary:
+    console: _Console | None = None, reads: Mapping[str, str] | None = None) -> Summary:
   """Extracts and writes the features of `inputs` into the writable `output_dir`.
 
-  What can be checked without the model comes first (existing outputs and their records,
+  What can be checked without the model comes first (outputs that are inputs or `reads`,
+  `{path: what}`, such as the checkpoint: a ValueError; existing outputs and their records,
   non-images, sizes against the memory budget), so these errors come before any work:
   MemoryBudgetError for a size even in batches of 1, ExtractionError for a failed input
   with `strict`. A write error (OutputWriteError) stops the run.
@@ -313,7 +314,7 @@ def extract_files(
 
   # 1. What existing outputs record, non-images and sizes: headers only.
   todo, done = output_files.plan_inputs(inputs, outputs, TOOL, overwrite, skip,
-                                        say=console.write)
+                                        say=console.write, inputs=reads)
   summary.done.extend(job.item.path for job in done)
   groups: dict[tuple[int, int], list[_Pending]] = collections.defaultdict(list)
   for job in todo:
@@ -518,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extractor, inputs, args.output, fmt=args.format, dtype=args.dtype,
         max_side=args.max_side, batch_size=args.batch_size, pca=args.pca,
         overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress,
-        console=console)
+        console=console, reads={args.checkpoint: 'the checkpoint'} if args.checkpoint else None)
   except (ExtractionError, MemoryBudgetError, OSError, ValueError) as e:
     print(f'cvt-extract: error: {e}', file=sys.stderr)
     return command_line.EXIT_FAILED
