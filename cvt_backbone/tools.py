@@ -1,7 +1,7 @@
 """What every command-line tool shares, kept in the lowest layer that has one (`cvt-convert`).
 
-The help formatter, files (and JSON) written whole or not at all, the refusal to write over
-an input, and the sha256 of a file; the training library and the projects' tools (`projects.tools`) build on these. Standard
+The help formatter and image sides, files (and JSON) written whole or not at all, the refusal
+to write over an input, and the sha256 of a file; the training library and the projects' tools (`projects.tools`) build on these. Standard
 library only.
 """
 
@@ -35,6 +35,20 @@ class HelpFormatter(argparse.HelpFormatter):
     if isinstance(default, (tuple, list)):
       default = ','.join(str(v) for v in default)
     return f'{text} (default: {default})'.replace('%', '%%') if text else f'(default: {default})'
+
+
+def image_side(text: str) -> int:
+  """An argparse type: an image side in pixels that CvT takes (`MIN_INPUT_SIZE` or more)."""
+  from cvt_backbone.cvt import MIN_INPUT_SIZE  # Here: this module imports no JAX.
+
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < MIN_INPUT_SIZE:
+    raise argparse.ArgumentTypeError(
+        f'expected an integer of at least {MIN_INPUT_SIZE} (pixels), got {text!r}')
+  return value
 
 
 def check_apart(outputs: Iterable[str | os.PathLike],

@@ -30,6 +30,7 @@ from PIL import Image
 
 from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
 from cvt_backbone.kernels import attention as attention_lib
+from cvt_backbone.tools import image_side
 from cvt_backbone.weights.converted import variables_digest
 from projects.feature_extraction import images as images_lib
 from projects.feature_extraction import planning, writers
@@ -200,7 +201,7 @@ def extract_features(
   if image.ndim != 3:
     raise ValueError(f'Expected one [H, W, C] image; got shape {image.shape}.')
   pixels = image.astype(np.float32)
-  pixels = images_lib.resize(pixels, images_lib.target_size(*pixels.shape[:2], max_side))
+  pixels = images_lib.resize(pixels, images_lib.model_size(*pixels.shape[:2], max_side))
   if normalize:
     pixels = images_lib.normalize(pixels)
   extractor = FeatureExtractor(backbone, variables, stages=stages,
@@ -320,8 +321,7 @@ def extract_files(
   for job in todo:
     try:
       original = displayed_size(job.item.path)
-      size = images_lib.target_size(*original, max_side)
-      images_lib.check_size(*size, job.item.path)
+      size = images_lib.model_size(*original, max_side, job.item.path)
     except ImageError as e:
       skip(str(e))
       continue
@@ -442,8 +442,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--format', choices=writers.FORMATS, default='npz', help='feature file format')
   parser.add_argument('--dtype', choices=DTYPES, default='float32',
                       help='stored dtype (computed in float32)')
-  parser.add_argument('--max-side', type=command_line.positive_int, default=None,
-                      help='shrink images whose longer side exceeds this (default: any size)')
+  parser.add_argument('--max-side', type=image_side, default=None,
+                      help='shrink images whose longer side exceeds this, keeping their aspect '
+                      'ratio; images whose shorter side then falls below 16 pixels are skipped '
+                      '(default: any size)')
   parser.add_argument('--batch-size', type=command_line.positive_int, default=1,
                       help='images of the same size per forward pass (halved when the memory '
                       'budget needs it)')
