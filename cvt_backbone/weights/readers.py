@@ -294,9 +294,10 @@ def other_format_error(path: Path, expected: str) -> CheckpointError | None:
     return None
   hint = ''
   if found.startswith('a NumPy .npz'):
+    out = path.with_suffix('.safetensors')
     hint = ('; to convert its arrays (official or Hugging Face names), save them as a '
-            "safetensors file first: safetensors.numpy.save_file(dict(numpy.load("
-            f"'{path}')), 'weights.safetensors')")
+            f"safetensors file first: safetensors.numpy.save_file(dict(numpy.load('{path}')), "
+            f"'{out}'), then cvt-convert {out} {path.with_suffix('.msgpack')}")
   return CheckpointError(f'{path} is {found}, not {expected}{hint}.')
 
 
