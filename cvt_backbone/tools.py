@@ -1,7 +1,7 @@
 """What every command-line tool shares, kept in the lowest layer that has one (`cvt-convert`).
 
-The help formatter, files (and JSON) written whole or not at all, and the sha256 of a file;
-the training library and the projects' tools (`projects.tools`) build on these. Standard
+The help formatter and image sides, files (and JSON) written whole or not at all, the refusal
+to write over an input, and the sha256 of a file; the training library and the projects' tools (`projects.tools`) build on these. Standard
 library only.
 """
 
@@ -15,7 +15,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, BinaryIO
 
 
@@ -35,6 +35,59 @@ class HelpFormatter(argparse.HelpFormatter):
     if isinstance(default, (tuple, list)):
       default = ','.join(str(v) for v in default)
     return f'{text} (default: {default})'.replace('%', '%%') if text else f'(default: {default})'
+
+
+def image_side(text: str) -> int:
+  """An argparse type: an image side in pixels that CvT takes (`MIN_INPUT_SIZE` or more)."""
+  from cvt_backbone.cvt import MIN_INPUT_SIZE  # Here: this module imports no JAX.
+
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < MIN_INPUT_SIZE:
+    raise argparse.ArgumentTypeError(
+        f'expected an integer of at least {MIN_INPUT_SIZE} (pixels), got {text!r}')
+  return value
+
+
+def check_apart(outputs: Iterable[str | os.PathLike],
+                inputs: Mapping[str | os.PathLike, str]) -> None:
+  """Refuses, before anything is written, outputs that are inputs: whatever the flags, a tool
+  never writes over what it reads.
+
+  Args:
+    outputs: the paths to be written.
+    inputs: `{path: what it is}` ('the source weights file'); missing ones are skipped.
+
+  Raises:
+    ValueError: "OUT is WHAT [PATH]: ..." for an output that is an input file (by its path, a
+      symbolic or a hard link) or lies inside an input folder.
+  """
+  files, folders = {}, {}
+  for path, what in inputs.items():
+    try:
+      st = os.stat(path)
+    except OSError:
+      continue  # The tool that reads it reports it.
+    if os.path.isdir(path):
+      folders[os.path.join(os.path.realpath(path), '')] = path, what
+    else:
+      files[st.st_dev, st.st_ino] = path, what
+  for output in outputs:
+    try:
+      st = os.stat(output)
+      found, where = files.get((st.st_dev, st.st_ino)), 'is'
+    except OSError:
+      found = None
+    if found is None and folders:
+      real = os.path.realpath(output)
+      found, where = next((v for f, v in folders.items() if real.startswith(f)), None), 'lies in'
+    if found is not None:
+      path, what = found
+      named = '' if os.fspath(path) == os.fspath(output) else f' {path}'
+      raise ValueError(f'{output} {where} {what}{named}: an output never replaces an input, '
+                       'even with --overwrite; give another output path')
 
 
 class OutputWriteError(OSError):

@@ -34,11 +34,12 @@ from cvt_backbone.cvt import (
   canonical_variant_name,
   get_spec,
 )
-from cvt_backbone.tools import HelpFormatter, file_sha256, write_atomically
+from cvt_backbone.tools import HelpFormatter, check_apart, file_sha256, write_atomically
 from cvt_backbone.weights import convert as convert_lib
 from cvt_backbone.weights.convert import CheckpointError, CheckpointMismatchError
 from cvt_backbone.weights.readers import (
   HF_WEIGHT_FILES,
+  other_format_error,
   read_state_dict,
   released_format,
   resolve_weights_file,
@@ -125,10 +126,36 @@ def _released_file_error(path: Path) -> CheckpointError | None:
       '(load_pretrained and load_backbone_weights also read it as it is).')
 
 
+def _training_run_error(path: Path) -> CheckpointError | None:
+  """The error for a training run's checkpoints (`projects.training`: `checkpoints/<step>/state`)
+  given where a converted file is expected."""
+  if path.name.isdigit() and (path / 'state').is_dir():
+    kind, steps = 'a training checkpoint', [path.name]
+  else:
+    kind = 'a training checkpoints folder'
+    if (path / 'checkpoints').is_dir():
+      kind, path_steps = 'a training workdir', path / 'checkpoints'
+    else:
+      path_steps = path
+    steps = sorted((p.name for p in path_steps.iterdir() if p.name.isdigit()
+                    and (p / 'state').is_dir()), key=int) if path_steps.is_dir() else []
+    if not steps:
+      return None
+  return CheckpointError(
+      f'{path} is {kind} (step{"s" * (len(steps) > 1)} {", ".join(steps)}), not a converted '
+      f'file; load the trained model with projects.cvt_segmentation.models.'
+      f"restore_for_inference(config, '{path}') (cvt_detection's for a detector), the "
+      "backbone's variables under 'backbone' in each collection (variables['params']"
+      "['backbone']), or run the project's evaluate or predict with "
+      f'--checkpoint {path}.')
+
+
 def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """(variables, metadata) of a converted file; CheckpointError for a damaged or other file."""
   path = Path(path)
-  released = _released_file_error(path)
+  released = _released_file_error(path) or (
+      _training_run_error(path) if path.is_dir() else
+      other_format_error(path, 'a converted file') if path.is_file() else None)
   if released is not None:
     raise released
   if not path.is_file():
@@ -195,8 +222,12 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
     The metadata written.
   """
   out = Path(out)
-  _check_destination(out, overwrite)  # Fail before reading a large file.
   src = resolve_weights_file(src)
+  inputs = {src: 'the source weights file'}
+  if num_heads is None:
+    inputs[src.parent / 'config.json'] = 'the Hugging Face config of the source'
+  check_apart([out], inputs)
+  _check_destination(out, overwrite)  # Fail before reading a large file.
   if activation not in ACTIVATIONS:
     raise ValueError(f'Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}.')
   if backbone_only and drop_head:

@@ -47,6 +47,10 @@ _TORCH_DTYPES = {
 
 _ZIP_MAGIC = b'PK\x03\x04'
 _PICKLE_PROTO = 0x80
+# Files often taken for weights files: NumPy arrays, HDF5 (Keras, TensorFlow .h5).
+_NPY_MAGIC = b'\x93NUMPY'
+_HDF5_MAGIC = b'\x89HDF\r\n\x1a\n'
+_TEXT_BYTES = frozenset(range(32, 127)) | frozenset(b'\t\n\r')
 
 
 def _corrupt(path: Path, what: str, error: BaseException | None = None) -> CheckpointError:
@@ -252,6 +256,51 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
   raise CheckpointError(f'{path} is not a PyTorch checkpoint (it starts with {magic!r}).')
 
 
+def _listing(names: list[str], most: int = 5) -> str:
+  return ', '.join(names[:most]) + (f', ... ({len(names)} in all)' if len(names) > most else '')
+
+
+def other_format(path: str | os.PathLike) -> str | None:
+  """What a file that is no weights file holds, from its content ('a NumPy .npz archive
+  (arrays a, b)', 'a text file', ...); None for weights files, damaged ones included."""
+  with open(path, 'rb') as f:
+    head = f.read(512)
+  if not head:
+    return 'an empty file (0 bytes)'
+  if head.startswith(_ZIP_MAGIC):
+    try:
+      with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+      return None  # A truncated torch.save zip, as likely as anything else.
+    if any(n == 'data.pkl' or n.endswith('/data.pkl') for n in names):
+      return None
+    if names and all(n.endswith('.npy') for n in names):
+      return f'a NumPy .npz archive (arrays {_listing([n[:-4] for n in names])})'
+    return f'a zip archive without data.pkl ({_listing(names) or "empty"})'
+  if head.startswith(_NPY_MAGIC):
+    return 'a NumPy .npy array'
+  if head.startswith(_HDF5_MAGIC):
+    return 'an HDF5 file (Keras or TensorFlow .h5)'
+  if _TEXT_BYTES.issuperset(head):
+    return 'a text file'
+  return None
+
+
+def other_format_error(path: Path, expected: str) -> CheckpointError | None:
+  """"PATH is <what it is>, not <expected>" for a file of another kind (`other_format`)."""
+  found = other_format(path)
+  if found is None:
+    return None
+  hint = ''
+  if found.startswith('a NumPy .npz'):
+    out = path.with_suffix('.safetensors')
+    hint = ('; to convert its arrays (official or Hugging Face names), save them as a '
+            f"safetensors file first: safetensors.numpy.save_file(dict(numpy.load('{path}')), "
+            f"'{out}'), then cvt-convert {out} {path.with_suffix('.msgpack')}")
+  return CheckpointError(f'{path} is {found}, not {expected}{hint}.')
+
+
 def released_format(path: str | os.PathLike) -> str | None:
   """'PyTorch checkpoint', 'safetensors checkpoint' or None, from the file's first bytes
   (a released file given by mistake, not a damaged converted one)."""
@@ -301,6 +350,9 @@ def resolve_weights_file(path: str | os.PathLike) -> Path:
 def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   """The tensors of a `.safetensors`, `.pth` or `.bin` file or a Hugging Face model folder."""
   path = resolve_weights_file(path)
+  other = other_format_error(path, 'a PyTorch checkpoint (.pth, .bin) or a safetensors file')
+  if other is not None:
+    raise other
   with open(path, 'rb') as f:
     head = f.read(9)
   # safetensors first: its header length may start with any byte, but the header

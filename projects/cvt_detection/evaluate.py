@@ -87,6 +87,17 @@ def val_annotation_file(name: str, dataset_configs: dict[str, Any]) -> str:
   return dataset_configs['val_annotations']
 
 
+def read_files(config_spec: str | None, checkpoint: str, config: Any) -> dict[str, str]:
+  """What evaluate and predict read, as `output_files.check_apart` takes it: the model's
+  files and a COCO dataset's validation annotations."""
+  inputs = output_files.model_inputs(config_spec, checkpoint)
+  name = config_get(config, 'dataset_name')
+  if name in ('coco', 'coco_format'):
+    annotations = val_annotation_file(name, as_dict(config_get(config, 'dataset_configs')))
+    inputs[annotations] = 'the validation annotations'
+  return inputs
+
+
 def default_output_paths(checkpoint: str, dataset_name: str) -> tuple[str, str]:
   """`(results, metrics)`: `WORKDIR/eval_<dataset>[_step<N>]_{results,metrics}.json`."""
   return tuple(output_files.report_path(checkpoint, dataset_name, f'_{kind}.json')
@@ -171,6 +182,8 @@ def run_evaluation(
 
   dataset_kwargs = as_dict(config_get(config, 'dataset_configs'))
   dataset_kwargs.pop('start_step', None)
+  output_files.check_apart([results_path, metrics_path],
+                           read_files(config_spec, checkpoint, config))
   settings = record_settings(config_spec, checkpoint, config, dataset_kwargs)
   record = output_files.make_record(TOOL, data_identity(name, dataset_kwargs), settings)
   state = output_files.report_state(metrics_path, record, overwrite, results=results_path)

@@ -38,6 +38,7 @@ from projects.cvt_detection.data.transforms import (
 from projects.cvt_detection.evaluate import (
   USER_ERRORS,
   load_detector,
+  read_files,
   val_annotation_file,
   with_eval_settings,
 )
@@ -365,14 +366,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 max_detections=args.max_detections)
     info = dataset_info(config)
     settings = record_settings(args.config, args.checkpoint, config, info, args.score_threshold)
-    # Before the model is loaded: conflicts, the run files and an unwritable place.
+    # Before the model is loaded: inputs as outputs, conflicts, the run files and an
+    # unwritable place.
+    inputs = read_files(args.config, args.checkpoint, config)
+    run_paths = [os.path.join(args.output, name) for name in (RESULTS_FILE, IMAGES_FILE)]
+    output_files.check_apart(run_paths, inputs)
     todo, done = output_files.plan_inputs(
         images, lambda item: {os.path.join(args.output, item.stem + '.png'): settings}, TOOL,
-        args.overwrite, fail, check=check_image_header)
+        args.overwrite, fail, check=check_image_header, inputs=inputs)
     done = {job.item.path: dict(next(iter(job.state.records.values()))) for job in done}
     if not args.overwrite:
       check_run_files(args.output, done)
-    run_paths = [os.path.join(args.output, name) for name in (RESULTS_FILE, IMAGES_FILE)]
     check_writable([p for job in todo for p in job.records] + (run_paths if todo or done
                                                                 else []))
     made, stopped = {}, None

@@ -174,6 +174,7 @@ def run_evaluation(
     tag = (f'{name}_{settings.mode}' + '_ms' * (tuple(settings.scales) != (1.0,))
            + '_flip' * settings.flip + ('' if max_examples is None else f'_first{max_examples}'))
     output = output_files.report_path(checkpoint, tag)
+  output_files.check_apart([output], output_files.model_inputs(config_file, checkpoint))
   record = evaluation_record(config_file, config, checkpoint, settings, test_scale, max_examples)
   # Decided before any work: a done or conflicting report, or a bad path, costs nothing.
   state = output_files.report_state(output, record, overwrite, values=True)

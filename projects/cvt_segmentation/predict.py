@@ -166,8 +166,9 @@ def main(argv: Sequence[str] | None = None, *, model_loader: ModelLoader | None 
       base = os.path.join(args.output, item.stem)
       return {base + MASK_SUFFIX: mask, base + OVERLAY_SUFFIX: overlay}
 
-    todo, done = output_files.plan_inputs(images, outputs, TOOL, args.overwrite, fail,
-                                          check=check_image_header)
+    todo, done = output_files.plan_inputs(
+        images, outputs, TOOL, args.overwrite, fail, check=check_image_header,
+        inputs=output_files.model_inputs(args.config, args.checkpoint))
     # Before the model: an unwritable place fails in one line, not after the inference.
     output_files.check_writable([p for job in todo for p in job.records])
     if todo:

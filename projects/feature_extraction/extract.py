@@ -30,6 +30,7 @@ from PIL import Image
 
 from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
 from cvt_backbone.kernels import attention as attention_lib
+from cvt_backbone.tools import image_side
 from cvt_backbone.weights.converted import variables_digest
 from projects.feature_extraction import images as images_lib
 from projects.feature_extraction import planning, writers
@@ -200,7 +201,7 @@ def extract_features(
   if image.ndim != 3:
     raise ValueError(f'Expected one [H, W, C] image; got shape {image.shape}.')
   pixels = image.astype(np.float32)
-  pixels = images_lib.resize(pixels, images_lib.target_size(*pixels.shape[:2], max_side))
+  pixels = images_lib.resize(pixels, images_lib.model_size(*pixels.shape[:2], max_side))
   if normalize:
     pixels = images_lib.normalize(pixels)
   extractor = FeatureExtractor(backbone, variables, stages=stages,
@@ -289,10 +290,11 @@ def extract_files(
     extractor: FeatureExtractor, inputs: Sequence[InputImage], output_dir: str, *, fmt: str = 'npz',
     dtype: str = 'float32', max_side: int | None = None, batch_size: int = 1, pca: bool = False,
     overwrite: bool = False, strict: bool = False, progress: bool = True,
-    console: _Console | None = None) -> Summary:
+    console: _Console | None = None, reads: Mapping[str, str] | None = None) -> Summary:
   """Extracts and writes the features of `inputs` into the writable `output_dir`.
 
-  What can be checked without the model comes first (existing outputs and their records,
+  What can be checked without the model comes first (outputs that are inputs or `reads`,
+  `{path: what}`, such as the checkpoint: a ValueError; existing outputs and their records,
   non-images, sizes against the memory budget), so these errors come before any work:
   MemoryBudgetError for a size even in batches of 1, ExtractionError for a failed input
   with `strict`. A write error (OutputWriteError) stops the run.
@@ -313,14 +315,13 @@ def extract_files(
 
   # 1. What existing outputs record, non-images and sizes: headers only.
   todo, done = output_files.plan_inputs(inputs, outputs, TOOL, overwrite, skip,
-                                        say=console.write)
+                                        say=console.write, inputs=reads)
   summary.done.extend(job.item.path for job in done)
   groups: dict[tuple[int, int], list[_Pending]] = collections.defaultdict(list)
   for job in todo:
     try:
       original = displayed_size(job.item.path)
-      size = images_lib.target_size(*original, max_side)
-      images_lib.check_size(*size, job.item.path)
+      size = images_lib.model_size(*original, max_side, job.item.path)
     except ImageError as e:
       skip(str(e))
       continue
@@ -441,8 +442,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--format', choices=writers.FORMATS, default='npz', help='feature file format')
   parser.add_argument('--dtype', choices=DTYPES, default='float32',
                       help='stored dtype (computed in float32)')
-  parser.add_argument('--max-side', type=command_line.positive_int, default=None,
-                      help='shrink images whose longer side exceeds this (default: any size)')
+  parser.add_argument('--max-side', type=image_side, default=None,
+                      help='shrink images whose longer side exceeds this, keeping their aspect '
+                      'ratio; images whose shorter side then falls below 16 pixels are skipped '
+                      '(default: any size)')
   parser.add_argument('--batch-size', type=command_line.positive_int, default=1,
                       help='images of the same size per forward pass (halved when the memory '
                       'budget needs it)')
@@ -518,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extractor, inputs, args.output, fmt=args.format, dtype=args.dtype,
         max_side=args.max_side, batch_size=args.batch_size, pca=args.pca,
         overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress,
-        console=console)
+        console=console, reads={args.checkpoint: 'the checkpoint'} if args.checkpoint else None)
   except (ExtractionError, MemoryBudgetError, OSError, ValueError) as e:
     print(f'cvt-extract: error: {e}', file=sys.stderr)
     return command_line.EXIT_FAILED

@@ -49,11 +49,17 @@ def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
   return resize(pixels, size) if size is not None else pixels
 
 
-def check_size(height: int, width: int, path: str = 'the image') -> None:
-  """Raises `ImageError` for images the backbone cannot take (a side under 16 pixels)."""
-  if min(height, width) < MIN_INPUT_SIZE:
-    raise ImageError(f'{path}: {height}x{width} pixels; CvT needs at least '
+def model_size(height: int, width: int, max_side: int | None,
+               path: str = 'the image') -> tuple[int, int]:
+  """`target_size`; `ImageError` when the backbone cannot take it (a side under 16 pixels),
+  naming the image's size and the shrunk one."""
+  size = target_size(height, width, max_side)
+  if min(size) < MIN_INPUT_SIZE:
+    shrunk = '' if size == (height, width) else ', shrunk to {}x{} (max side {})'.format(
+        *size, max_side)
+    raise ImageError(f'{path}: {height}x{width} pixels{shrunk}; CvT needs at least '
                      f'{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}')
+  return size
 
 
 def normalize(pixels: np.ndarray) -> np.ndarray:

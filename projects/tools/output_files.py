@@ -5,7 +5,8 @@ inside the file (a PNG text chunk, the `.npz` zip comment, the safetensors heade
 report's `RECORD_KEY` entry) so that one atomic rename writes both. The README's "Existing
 outputs" is the policy `output_state`, `plan_inputs` and `report_state` apply: the same input
 and settings are already done; another input, other settings or no readable record is a
-conflict, kept until --overwrite.
+conflict, kept until --overwrite. An output that is one of the tool's inputs is refused
+whatever the flags (`check_apart`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from cvt_backbone import tools
-from cvt_backbone.tools import file_sha256, write_atomically
+from cvt_backbone.tools import check_apart, file_sha256, write_atomically
 
 RECORD_KEY = 'cvt-dense provenance'
 RECORD_FORMAT = 1
@@ -123,6 +124,18 @@ def model_settings(config_spec: str | None, checkpoint: str) -> dict[str, Any]:
     path, sep, arg = config_spec.partition(':')
     config = os.path.abspath(path) + sep + arg
   return {'config': config, 'checkpoint': checkpoints.identity(checkpoint)}
+
+
+def model_inputs(config_spec: str | None, checkpoint: str) -> dict[str, str]:
+  """What the trained-model tools read, as `check_apart` takes it: the config file and the
+  checkpoints folder (`WORKDIR/checkpoints`; reports go beside it)."""
+  from projects.training import checkpoints
+
+  inputs = {config_spec.partition(':')[0]: 'the config file'} if config_spec else {}
+  folder, _ = checkpoints.locate(checkpoint)
+  if folder.name == 'checkpoints':
+    inputs[str(folder)] = 'the checkpoints folder'
+  return inputs
 
 
 def report_path(checkpoint: str, tag: str, suffix: str = '.json') -> str:
@@ -379,15 +392,20 @@ class Planned:
 def plan_inputs(items: Iterable[Any], outputs: Callable[[Any], Mapping[str, Mapping[str, Any]]],
                 tool: str, overwrite: bool, fail: Callable[[str], None], *,
                 check: Callable[[str], None] | None = None,
-                say: Callable[[str], None] | None = None) -> tuple[list[Planned], list[Planned]]:
+                say: Callable[[str], None] | None = None,
+                inputs: Mapping[str, str] | None = None) -> tuple[list[Planned], list[Planned]]:
   """`(todo, done)` of the tools of many inputs (`items` with a `.path`), before any work.
 
-  `outputs(item)` gives `{output path: settings}`. An input that cannot be read (an
+  `outputs(item)` gives `{output path: settings}`. An output that is an item or one of the
+  other `inputs` (`check_apart`) is a ValueError. An input that cannot be read (an
   OSError, or `check` raised a ValueError naming it) or whose outputs are in conflict goes
   to `fail`; `say` prints the "already done" lines (default stderr).
   """
+  planned = [(item, outputs(item)) for item in items]
+  check_apart((path for _, paths in planned for path in paths),
+              {**{item.path: 'the input' for item, _ in planned}, **(inputs or {})})
   todo, done = [], []
-  for item in items:
+  for item, paths in planned:
     try:
       if check is not None:
         check(item.path)
@@ -398,8 +416,7 @@ def plan_inputs(items: Iterable[Any], outputs: Callable[[Any], Mapping[str, Mapp
     except ValueError as e:
       fail(str(e))
       continue
-    records = {path: make_record(tool, source, settings)
-               for path, settings in outputs(item).items()}
+    records = {path: make_record(tool, source, settings) for path, settings in paths.items()}
     state = output_state(records, overwrite)
     if state.status == 'conflict':
       fail(f'{item.path}: {state.message}')

@@ -1,7 +1,9 @@
 """Faulty inputs of `cvt-convert` and of the converted-file loaders (checkpoint.py)."""
 
 import os
+import re
 import shutil
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -292,3 +294,93 @@ def test_renamed_pytorch_checkpoint(tmp_path, good_pth, good_msgpack):
   for key in flat_a:
     np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
 
+
+
+# ---------------------------------------------------------------------------
+# An output is never one of the inputs
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('flags', [[], ['--overwrite']])
+def test_the_source_is_never_the_output(tmp_path, good_pth, hf_model, capsys, flags):
+  """Not by its own path, another spelling of it, a symbolic or a hard link, nor a file the
+  conversion reads beside the weights (a Hugging Face folder's config.json)."""
+  src = tmp_path / 'CvT-tiny.pth'
+  shutil.copy(good_pth, src)
+  (tmp_path / 'sub').mkdir()
+  (tmp_path / 'link.pth').symlink_to(src)
+  os.link(src, tmp_path / 'hard.pth')
+  folder = tmp_path / 'hf'
+  weights = save_hf(hf_model, folder)
+  before = {p: p.read_bytes() for p in (src, weights, folder / 'config.json')}
+  capsys.readouterr()  # save_pretrained's progress bar
+  rule = 'an output never replaces an input, even with --overwrite; give another output path'
+  cases = {
+      (src, src): f'{src} is the source weights file: {rule}',
+      (src, tmp_path / 'sub' / '..' / src.name):
+          f'{tmp_path / "sub" / ".." / src.name} is the source weights file {src}: {rule}',
+      (src, tmp_path / 'link.pth'): f'{tmp_path / "link.pth"} is the source weights file {src}: {rule}',
+      (src, tmp_path / 'hard.pth'): f'{tmp_path / "hard.pth"} is the source weights file {src}: {rule}',
+      (folder, weights): f'{weights} is the source weights file: {rule}',
+      (folder, folder / 'config.json'):
+          f'{folder / "config.json"} is the Hugging Face config of the source: {rule}',
+  }
+  for (source, out), message in cases.items():
+    assert checkpoint_lib.main([str(source), str(out), *flags]) == 1
+    assert capsys.readouterr().err.splitlines() == [f'cvt-convert: error: {message}']
+  assert {p: p.read_bytes() for p in before} == before
+  assert sorted(os.listdir(tmp_path)) == ['CvT-tiny.pth', 'hard.pth', 'hf', 'link.pth', 'sub']
+  assert sorted(os.listdir(folder)) == ['config.json', 'model.safetensors']
+
+
+# ---------------------------------------------------------------------------
+# Other files: named by their content
+# ---------------------------------------------------------------------------
+
+
+def test_other_formats_are_named_not_called_corrupt(tmp_path, capsys):
+  np.savez(tmp_path / 'weights.npz', a=np.zeros(3), b=np.ones(2))
+  np.save(tmp_path / 'weights.npy', np.zeros(3))
+  with zipfile.ZipFile(tmp_path / 'other.zip', 'w') as archive:
+    archive.writestr('readme.txt', 'hello')
+  (tmp_path / 'model.h5').write_bytes(b'\x89HDF\r\n\x1a\n' + bytes(100))
+  (tmp_path / 'notes.json').write_text('{"a": 1}\n')
+  cases = {
+      'weights.npz': 'is a NumPy .npz archive (arrays a, b)',
+      'weights.npy': 'is a NumPy .npy array',
+      'other.zip': 'is a zip archive without data.pkl (readme.txt)',
+      'model.h5': 'is an HDF5 file (Keras or TensorFlow .h5)',
+      'notes.json': 'is a text file',
+  }
+  for name, found in cases.items():
+    path = tmp_path / name
+    assert checkpoint_lib.main([str(path), str(tmp_path / 'out.msgpack')]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f'cvt-convert: error: {path} {found}, not a PyTorch checkpoint '
+                          '(.pth, .bin) or a safetensors file'), err
+    assert 'corrupt' not in err
+    if name == 'weights.npz':  # What to do: a name -> array file that the converter reads.
+      assert 'safetensors.numpy.save_file' in err
+    with pytest.raises(CheckpointError, match=re.escape(f'{path} {found}, not a converted file')):
+      checkpoint_lib.load_backbone(path)
+  assert not (tmp_path / 'out.msgpack').exists()
+
+
+def _training_workdir(root):
+  for step in (4, 8):
+    (root / 'checkpoints' / str(step) / 'state').mkdir(parents=True)
+  return root
+
+
+def test_a_training_workdir_is_named_with_how_to_load_it(tmp_path):
+  workdir = _training_workdir(tmp_path / 'run')
+  for path in (workdir, workdir / 'checkpoints', workdir / 'checkpoints' / '8'):
+    for load in (checkpoint_lib.load_converted, checkpoint_lib.load_backbone,
+                 checkpoint_lib.load_classifier):
+      with pytest.raises(CheckpointError) as error:
+        load(path)
+      message = str(error.value)
+      assert message.startswith(f'{path} is a training ') and 'not a converted file' in message
+      assert 'steps 4, 8' in message or 'step 8' in message, message
+      assert 'restore_for_inference(config, ' in message and 'No converted' not in message

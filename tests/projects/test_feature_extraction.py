@@ -3,6 +3,7 @@
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -348,6 +349,28 @@ def test_safetensors_max_side_and_name_clashes(tmp_path, checkpoint, backbone_an
   tensors, _ = writers.read_safetensors(str(out / 'tile.safetensors'))
   for name in api:
     np.testing.assert_allclose(tensors[name], api[name], rtol=0, atol=1e-5)
+
+
+def test_max_side_below_the_smallest_input_is_a_usage_error(capsys):
+  """No image can be shrunk to 8 pixels and still be read by CvT: refused before any work."""
+  with pytest.raises(SystemExit) as exit_info:
+    extract.parse_args(['--random-weights', '--output', 'out', 'a.png', '--max-side', '8'])
+  assert exit_info.value.code == 2
+  assert ("argument --max-side: expected an integer of at least 16 (pixels), got '8'"
+          in capsys.readouterr().err)
+
+
+def test_an_image_too_small_after_max_side_names_both_sizes(tmp_path, checkpoint,
+                                                             backbone_and_variables):
+  strip = _save(tmp_path / 'strip.png', 16, 64, 0)
+  status, err = _run('--checkpoint', checkpoint, '--output', tmp_path / 'out', '--max-side', '32',
+                     strip)
+  assert status == 1
+  message = '16x64 pixels, shrunk to 8x32 (max side 32); CvT needs at least 16x16'
+  assert f'skipped {strip}: {message}' in err
+  backbone, variables = backbone_and_variables
+  with pytest.raises(read_images.ImageError, match=re.escape(f'the image: {message}')):
+    extract.extract_features(backbone, variables, np.zeros((16, 64, 3)), max_side=32)
 
 
 def test_python_m_entry_point():

@@ -384,3 +384,66 @@ def test_extract_skips_only_the_same_input(tmp_path, weights, inputs, fmt):
   status, err = _extract(weights, out, inputs['a'], inputs['c'], inputs['notes'], '--format', fmt)
   assert status == 1 and 'notes.txt: not an image file' in err and 'already done' in err
   assert (out / f'c.{fmt}').is_file()
+
+
+# --------------------------------------------------------------- no output is an input
+
+_NEVER = 'an output never replaces an input, even with --overwrite; give another output path'
+
+
+@pytest.mark.parametrize('flags', [[], ['--overwrite']])
+def test_no_tool_writes_over_its_inputs(tmp_path, capsys, monkeypatch, seg_config, inputs, weights,
+                                        flags):
+  """Whatever the flags: the config, the checkpoint, an input image (here by a symbolic
+  link), each named in one `error:` line before anything is written or loaded."""
+  kept = {p: p.read_bytes() for p in (inputs['a'], tmp_path / 'seg_config.py')}
+  run = tmp_path / 'run'
+  (run / 'checkpoints' / '4' / 'state').mkdir(parents=True)
+  argv = ['--no-progress', '--config', seg_config, '--checkpoint', str(run), *flags]
+
+  assert seg_evaluate.main([*argv, '--output', seg_config], model_loader=_fail_if_called) == 1
+  assert capsys.readouterr().err.splitlines() == [
+      f'error: {seg_config} is the config file: {_NEVER}']
+
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'a_mask.png').symlink_to(inputs['a'])
+  assert seg_predict.main([*argv, '--output', str(out), str(inputs['a'])],
+                          model_loader=_fail_if_called) == 1
+  assert capsys.readouterr().err.splitlines() == [
+      f'error: {out / "a_mask.png"} is the input {inputs["a"]}: {_NEVER}']
+  masks = run / 'checkpoints' / 'masks'
+  assert seg_predict.main([*argv, '--output', str(masks), str(inputs['c'])],
+                          model_loader=_fail_if_called) == 1
+  assert capsys.readouterr().err.splitlines() == [
+      f'error: {masks / "c_mask.png"} lies in the checkpoints folder {run / "checkpoints"}: '
+      f'{_NEVER}']
+
+  monkeypatch.setattr(det_evaluate, 'load_detector', _fail_if_called)
+  monkeypatch.setattr(det_predict, 'load_detector', _fail_if_called)
+  det_config = tmp_path / 'det_config.py'
+  det_config.write_text('from projects.cvt_detection.configs.synthetic_demo import get_config\n')
+  kept[det_config] = det_config.read_bytes()
+  det = ['--config', f'{det_config}:runlocal', '--checkpoint', str(run), '--no-progress', *flags]
+  assert det_evaluate.main([*det, '--metrics', str(det_config),
+                            '--results', str(tmp_path / 'r.json')]) == 1
+  assert capsys.readouterr().err.splitlines() == [
+      f'error: {det_config} is the config file: {_NEVER}']
+  assert det_predict.main([*det, '--output', str(run / 'checkpoints' / '4'),
+                           str(inputs['c'])]) == 1
+  assert capsys.readouterr().err.splitlines() == [
+      f'error: {run / "checkpoints" / "4" / "results.json"} lies in the checkpoints folder '
+      f'{run / "checkpoints"}: {_NEVER}']
+
+  # cvt-extract: the converted weights where a feature file would go.
+  features = tmp_path / 'features'
+  features.mkdir()
+  shutil.copy(weights, features / 'a.npz')
+  kept[features / 'a.npz'] = (features / 'a.npz').read_bytes()
+  status, err = _extract(str(features / 'a.npz'), features, inputs['a'], *flags)
+  assert status == 1 and err.splitlines()[-1] == (
+      f'cvt-extract: error: {features / "a.npz"} is the checkpoint: {_NEVER}')
+
+  assert {p: p.read_bytes() for p in kept} == kept
+  assert sorted(os.listdir(out)) == ['a_mask.png'] and os.listdir(features) == ['a.npz']
+  assert sorted(os.listdir(run / 'checkpoints')) == ['4'] and not (tmp_path / 'r.json').exists()
