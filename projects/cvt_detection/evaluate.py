@@ -194,7 +194,7 @@ def run_evaluation(
 
   with Progress(loader.num_batches, 'evaluate', 'batch', enabled=progress) as bar:
     detections = evaluation.detect_batches(predict, variables, bar.wrap(loader.iterate()))
-  results = evaluation.to_results(detections, meta['label_to_category_id'])
+  results = evaluation.to_results(detections, meta['category_ids'])
   metrics = coco_eval.evaluate_boxes(meta['ground_truth'], results)
   metrics.update(dataset=name, checkpoint=checkpoint, num_images=int(len(detections['image_id'])),
                  num_detections=len(results), eval=settings['eval'], results=results_path,
