@@ -102,13 +102,6 @@ def val_annotation_file(name: str, dataset_configs: dict[str, Any]) -> str:
   return dataset_configs['val_annotations']
 
 
-def categories_source(name: str, dataset_configs: dict[str, Any]) -> str:
-  """Where the config's dataset lists its categories, as errors name it."""
-  if name in ('coco', 'coco_format'):
-    return val_annotation_file(name, dataset_configs)
-  return f'the {name} dataset of the config'
-
-
 def default_output_paths(checkpoint: str, dataset_name: str) -> tuple[str, str]:
   """`(results, metrics)`: `WORKDIR/eval_<dataset>[_step<N>]_{results,metrics}.json`."""
   return tuple(output_files.report_path(checkpoint, dataset_name, f'_{kind}.json')
@@ -127,6 +120,13 @@ def data_identity(name: str, dataset_configs: dict[str, Any]) -> dict[str, Any]:
                     default=list).encode()
   return {'path': f'the {name} validation set (generated, no file)', 'size': len(text),
           'sha256': hashlib.sha256(text).hexdigest()}
+
+
+def categories_source(name: str, dataset_configs: dict[str, Any]) -> str:
+  """Where the config's dataset lists its categories, as errors name it."""
+  if name in ('coco', 'coco_format'):
+    return val_annotation_file(name, dataset_configs)
+  return f'the {name} dataset of the config'
 
 
 def record_settings(config_spec: str | None, checkpoint: str, config: Any,
