@@ -16,11 +16,12 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from projects.cvt_detection import coco_eval, evaluation, models
 from projects.cvt_detection.configs.common import load_config
+from projects.cvt_detection.data.coco import check_same_categories
 from projects.tools import command_line, output_files
 from projects.tools.output_files import check_writable, write_json
 from projects.tools.progress import Progress
@@ -58,15 +59,29 @@ def with_eval_settings(config: Any, **overrides: Any) -> Any:
   return config
 
 
-def load_detector(config: Any, checkpoint: str,
-                  num_classes: int) -> tuple[evaluation.PredictFn, dict[str, Any]]:
+def load_detector(config: Any, checkpoint: str, categories: Mapping[int, str],
+                  listed_in: str) -> tuple[evaluation.PredictFn, dict[str, Any]]:
   """`(predict, variables)` of a checkpoint: `DetectionModel.predict_fn` with `config.eval`'s
-  post-processing, boxes `[B, D, 4]` in original pixels."""
+  post-processing, boxes `[B, D, 4]` in original pixels.
+
+  `categories` (id -> name, labels in id order, from `listed_in`) must be the category map
+  the checkpoint records (a `DatasetError` naming both otherwise; older checkpoints record
+  none, only their number of classes).
+  """
+  from projects.training import checkpoints
+
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
   model_name = config_get(config, 'model_name')
   if model_name is None:
     raise ValueError('the config has no model_name')
+  saved = checkpoints.saved_metadata(checkpoint)
+  if 'category_ids' in saved:
+    where = checkpoints.identity(checkpoint)
+    check_same_categories(categories, listed_in,
+                          dict(zip(saved['category_ids'], saved['class_names'], strict=True)),
+                          f'the checkpoint of step {where["step"]} in {where["path"]}')
+  num_classes = len(categories)
   flax_model, variables = models.restore_for_inference(config, checkpoint,
                                                        num_classes=num_classes)
   model = models.get_model_cls(model_name)(config, {'num_classes': num_classes})
@@ -116,6 +131,13 @@ def data_identity(name: str, dataset_configs: dict[str, Any]) -> dict[str, Any]:
                     default=list).encode()
   return {'path': f'the {name} validation set (generated, no file)', 'size': len(text),
           'sha256': hashlib.sha256(text).hexdigest()}
+
+
+def categories_source(name: str, dataset_configs: dict[str, Any]) -> str:
+  """Where the config's dataset lists its categories, as errors name it."""
+  if name in ('coco', 'coco_format'):
+    return val_annotation_file(name, dataset_configs)
+  return f'the {name} dataset of the config'
 
 
 def record_settings(config_spec: str | None, checkpoint: str, config: Any,
@@ -203,11 +225,13 @@ def run_evaluation(
   _, loader, meta = builder.build_loaders(
       name, batch_size=batch_size, eval_batch_size=batch_size, with_train=False,
       dtype_str=config_get(config, 'data_dtype_str', 'float32'), **dataset_kwargs)
-  predict, variables = load_detector(config, checkpoint, meta['num_classes'])
+  predict, variables = load_detector(
+      config, checkpoint, dict(zip(meta['category_ids'], meta['class_names'], strict=True)),
+      categories_source(name, dataset_kwargs))
 
   with Progress(loader.num_batches, 'evaluate', 'batch', enabled=progress) as bar:
     detections = evaluation.detect_batches(predict, variables, bar.wrap(loader.iterate()))
-  results = evaluation.to_results(detections, meta['label_to_category_id'])
+  results = evaluation.to_results(detections, meta['category_ids'])
   metrics = coco_eval.evaluate_boxes(meta['ground_truth'], results)
   metrics.update(dataset=name, checkpoint=checkpoint, num_images=int(len(detections['image_id'])),
                  num_detections=len(results), eval=settings['eval'], results=results_path,

@@ -76,7 +76,7 @@ class DetectionEvaluation:
   def __init__(self, model: Any, dataset: Any):
     meta = dataset.meta_data
     self.loader = meta['eval_loader']
-    self.label_to_category_id = meta['label_to_category_id']
+    self.label_to_category_id = meta['category_ids']
     # Parsed once; COCOeval reads it at every evaluation.
     self.ground_truth = coco_eval.load_ground_truth(meta['ground_truth'])
     # Built once: one compiled program per canvas size for the whole run.

@@ -37,6 +37,7 @@ from projects.cvt_detection.data.transforms import (
 )
 from projects.cvt_detection.evaluate import (
   USER_ERRORS,
+  categories_source,
   load_detector,
   read_files,
   val_annotation_file,
@@ -62,6 +63,7 @@ class DatasetInfo:
 
   class_names: tuple[str, ...]
   category_ids: tuple[int, ...]
+  listed_in: str  # where the categories come from, as errors name it
   image_ids: dict[str, int]  # validation file base name -> COCO image id
   scale: tuple[int, int]  # (long, short) keep-ratio resize limits
   canvas_sizes: tuple[tuple[int, int], ...]
@@ -99,8 +101,9 @@ def dataset_info(config: Any) -> DatasetInfo:
                      "'coco_format'")
   scale = tuple(int(s) for s in (kw.get('scale') or default_scale))
   canvas_sizes = kw.get('canvas_sizes') or default_canvas_sizes(scale)
-  return DatasetInfo(tuple(str(n) for n in names), tuple(int(i) for i in ids), image_ids,
-                     scale, tuple(tuple(int(s) for s in c) for c in canvas_sizes))
+  return DatasetInfo(tuple(str(n) for n in names), tuple(int(i) for i in ids),
+                     categories_source(name, kw), image_ids, scale,
+                     tuple(tuple(int(s) for s in c) for c in canvas_sizes))
 
 
 def assign_image_ids(paths: Sequence[str], coco_ids: dict[str, int]) -> list[int]:
@@ -381,7 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                 else []))
     made, stopped = {}, None
     if todo:
-      predict, variables = load_detector(config, args.checkpoint, len(info.class_names))
+      # The checkpoint's category map must be the config's: the names drawn and the ids written.
+      predict, variables = load_detector(
+          config, args.checkpoint, dict(zip(info.category_ids, info.class_names, strict=True)),
+          info.listed_in)
       detector = Detector(predict, variables, info.scale, info.canvas_sizes,
                           config_get(config, 'data_dtype_str', 'float32'))
       made, stopped = predict_images(detector, todo, info, fail,

@@ -67,11 +67,18 @@ def latest_step(workdir: str | os.PathLike) -> int | None:
     return mngr.latest_step()
 
 
-def model_metadata(config: Any, num_classes: int) -> dict[str, Any]:
-  """What a checkpoint must agree on with the model restoring it."""
+def model_metadata(config: Any, num_classes: int,
+                   meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """What a checkpoint must agree on with the model restoring it; with the dataset's `meta`
+  also its category map where it has one (detection: `category_ids`, `class_names`), which
+  evaluation and prediction read back (`saved_metadata`)."""
   backbone = config.model.backbone
-  return {'model_name': config.model_name, 'num_classes': int(num_classes),
-          'backbone_variant': backbone.variant}
+  metadata = {'model_name': config.model_name, 'num_classes': int(num_classes),
+              'backbone_variant': backbone.variant}
+  if meta and 'category_ids' in meta:  # lists: what JSON reads back
+    metadata.update(category_ids=[int(c) for c in meta['category_ids']],
+                    class_names=[str(n) for n in meta['class_names']])
+  return metadata
 
 
 # --- checksums ----------------------------------------------------------------------------
@@ -459,6 +466,15 @@ def identity(checkpoint: str | os.PathLike) -> dict[str, Any]:
   """`{'path', 'step'}` of the weights `checkpoint` names (`locate`), as outputs record it."""
   path, step = locate(checkpoint)
   return {'path': str(path), 'step': step}
+
+
+def saved_metadata(checkpoint: str | os.PathLike) -> dict[str, Any]:
+  """The metadata saved with the checkpoint `checkpoint` names (`locate`)."""
+  path, step = locate(checkpoint)
+  if step is None:
+    raise FileNotFoundError(f'No complete checkpoint in {path}.')
+  with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as mngr:
+    return _saved_metadata(mngr, step)
 
 
 def restore_for_inference(config: Any, checkpoint: str | os.PathLike, *, model_cls: Any,

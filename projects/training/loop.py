@@ -215,7 +215,7 @@ def _train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: st
   state, tx, schedule = initial_state(config, model, meta, rng)
   state = jax.device_put(state, replicated)
 
-  metadata = checkpoints.model_metadata(config, num_classes)
+  metadata = checkpoints.model_metadata(config, num_classes, meta)
   mngr = checkpoints.manager(workdir, max_to_keep=config.get('max_checkpoints_to_keep', 3))
   try:
     # The newest checkpoint that restores and verifies (damaged ones are skipped).

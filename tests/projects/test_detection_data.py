@@ -294,6 +294,59 @@ def test_builder_passes_invalid_boxes(tmp_path):
   assert len(ground_truth['annotations']) == 2  # evaluation reads the file as it is
 
 
+def _split(folder, category_ids, names=None, annotated=None):
+  """A one-image COCO file in `folder` listing `category_ids`, one box of each of `annotated`
+  (default: every category); returns `(annotation file, image folder)`."""
+  folder.mkdir()
+  names = names or [f'c{c}' for c in category_ids]
+  anns = [{'image_id': 1, 'category_id': c, 'bbox': [2, 2, 8, 8]}
+          for c in (category_ids if annotated is None else annotated)]
+  categories = [{'id': c, 'name': n} for c, n in zip(category_ids, names, strict=True)]
+  return _write_json(folder, {1: (24, 32)}, anns, categories)
+
+
+def _loaders(train, val):
+  return builder.build_loaders(
+      'coco_format', batch_size=1, eval_batch_size=1, train_annotations=train[0],
+      train_images=train[1], val_annotations=val[0], val_images=val[1])
+
+
+def test_one_category_map_from_the_training_file_checked_against_validation(tmp_path):
+  train = _split(tmp_path / 'train', (1, 5, 90))
+  # Validation lists the same categories but has no box of category 1: fine.
+  _, _, meta = _loaders(train, _split(tmp_path / 'val', (1, 5, 90), annotated=(90,)))
+  assert meta['num_classes'] == 3 and meta['category_ids'] == (1, 5, 90)
+  assert meta['class_names'] == ('c1', 'c5', 'c90')
+  # Validation lists fewer categories: label 0 would mean 1 in training, 5 in evaluation.
+  val = _split(tmp_path / 'fewer', (5, 90))
+  with pytest.raises(ValueError) as error:
+    _loaders(train, val)
+  message = str(error.value)
+  assert '\n' not in message and val[0] in message and train[0] in message
+  assert 'id 1 ' in message and '5' not in message.replace(val[0], '').replace(train[0], '')
+  # More categories, or the same ids named otherwise.
+  val = _split(tmp_path / 'more', (1, 5, 7, 90))
+  with pytest.raises(ValueError, match=re.escape(f'{val[0]} lists category id 7, which')):
+    _loaders(train, val)
+  val = _split(tmp_path / 'renamed', (1, 5, 90), names=('c1', 'dog', 'c90'))
+  with pytest.raises(ValueError, match="category 5 is 'dog' in .* but 'c5' in"):
+    _loaders(train, val)
+
+
+def test_duplicate_ids_name_the_id_and_the_file(tmp_path):
+  ann_file, image_dir = _write_json(tmp_path, {1: (8, 8), 2: (8, 8)}, [],
+                                    [{'id': 7, 'name': 'a'}, {'id': 3, 'name': 'b'},
+                                     {'id': 7, 'name': 'c'}])
+  with pytest.raises(ValueError, match=re.escape(f'{ann_file} lists category id 7 twice')):
+    CocoDetection(ann_file, image_dir)
+  gt = json.loads(open(ann_file).read())
+  gt['categories'] = gt['categories'][:2]
+  gt['images'][1]['id'] = 1
+  open(ann_file, 'w').write(json.dumps(gt))
+  with pytest.raises(ValueError, match=re.escape(f'{ann_file} lists image id 1 twice')):
+    CocoDetection(ann_file, image_dir)
+
+
 def test_errors_name_what_is_wrong(tmp_path):
   args = _write_json(tmp_path, {1: (8, 8), 2: (8, 8)}, [{'image_id': 1, 'bbox': [1, 1, 3, 3]}])
   os.remove(os.path.join(args[1], '2.png'))

@@ -271,11 +271,13 @@ def test_dataset_info_reads_class_names_and_image_ids_of_the_val_annotations(tmp
     config.dataset_configs = dict(val_annotations=str(ann), scale=(640, 480))
   info = predict.dataset_info(config)
   assert info.class_names == ('cat', 'dog') and info.category_ids == (2, 5)
+  assert info.listed_in == str(ann)
   assert info.image_ids == {'p.jpg': 7, 'q.jpg': 8}
   assert info.scale == (640, 480) and info.canvas_sizes == ((480, 640), (640, 480), (640, 640))
 
   synthetic = predict.dataset_info(load_config(os.path.join(REPO, CONFIG)))
   assert synthetic.class_names == tuple(SHAPE_NAMES) and synthetic.category_ids == (1, 2, 3, 4)
+  assert synthetic.listed_in == 'the synthetic dataset of the config'
   assert synthetic.scale == (128, 128) and synthetic.canvas_sizes == ((128, 128),)
   with config.unlocked():
     config.dataset_configs = dict(val_annotations=str(tmp_path / 'missing.json'))
@@ -301,7 +303,11 @@ def test_predict_with_a_config_of_other_classes_names_the_mismatch(workdir, phot
   argv = ['--config', str(config), '--checkpoint', str(workdir), '--output',
           str(tmp_path / 'out'), str(folder / 'camera.png')]
   assert predict.main(argv) == 1
-  assert 'num_classes: checkpoint 4 vs config 2' in capsys.readouterr().err
+  # The checkpoint's category map (the synthetic set's 4 shapes, ids 1-4) against the file's.
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {ann} does not list category ids 2, 4 of the checkpoint of '
+                        f'step 4 in {workdir / "checkpoints"}; category 1 is \'cat\' in {ann} '
+                        "but 'rectangle' in the checkpoint"), err
   assert not (tmp_path / 'out').exists()
 
 

@@ -9,7 +9,9 @@ checkpoint and restarted, and must end where the 1-device run ended.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from projects.cvt_detection import models
+from projects.cvt_detection import evaluate, models, predict
 from projects.cvt_detection.configs import coco_cvt13_atss_1x
 from projects.cvt_detection.data import SyntheticDetection, write_coco
 from projects.training import checkpoints
@@ -149,11 +151,85 @@ def test_bad_annotations_stop_the_run_before_training_in_one_line(tmp_path):
 
 
 def test_rerun_of_the_finished_run_prints_its_recorded_table(reference, coco_root, tmp_path):
-  import shutil
-
   workdir = tmp_path / 'copy'
   shutil.copytree(reference[0], workdir)
   stdout = _run(workdir, coco_root)
   assert f'Already trained to step {STEPS}:' in stdout and 'step 1/' not in stdout
   table = reference[1].split('Final validation (COCO box metrics, %):')[1].split('Checkpoints')[0]
   assert f'Final validation (COCO box metrics, %):{table}' in stdout  # per-class rows too
+
+
+def _without_category_1(annotations: Path) -> None:
+  gt = json.loads(annotations.read_text())
+  gt['categories'] = [c for c in gt['categories'] if c['id'] != 1]
+  gt['annotations'] = [a for a in gt['annotations'] if a['category_id'] != 1]
+  annotations.write_text(json.dumps(gt))
+
+
+def _error_line(stderr: str) -> str:
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  lines = [line for line in stderr.splitlines() if line.startswith('error: ')]
+  assert len(lines) == 1, stderr[-3000:]
+  return lines[0]
+
+
+def test_splits_listing_other_categories_stop_the_run_in_one_line(tmp_path):
+  root = make_coco_folder(tmp_path / 'coco')
+  val = root / 'annotations' / 'instances_val2017.json'
+  _without_category_1(val)  # label 0 would be category 1 in training, 3 in evaluation
+  workdir = tmp_path / 'work'
+  proc = subprocess.run(_command(workdir, root), cwd=support.REPO, env=support.subprocess_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1
+  train = root / 'annotations' / 'instances_train2017.json'
+  assert _error_line(proc.stderr).startswith(
+      f'error: {val} does not list category id 1 of {train} (one category map per run')
+  assert checkpoints.latest_step(workdir) is None
+
+
+def test_the_checkpoint_records_the_category_map_evaluate_and_predict_check_it(
+    reference, coco_root, tmp_path, capsys):
+  workdir = reference[0]
+  saved = checkpoints.saved_metadata(workdir)
+  assert saved['category_ids'] == list(CATEGORY_IDS)
+  assert saved['class_names'] == ['rectangle', 'ellipse', 'triangle']
+  # A config whose validation file lists other categories: refused before any inference.
+  root = tmp_path / 'coco'
+  shutil.copytree(coco_root, root)
+  val = root / 'annotations' / 'instances_val2017.json'
+  _without_category_1(val)
+  config = os.path.join(support.REPO, CONFIG.format(root))
+  expected = (f'error: {val} does not list category id 1 of the checkpoint of step {STEPS} in '
+              f'{workdir / "checkpoints"} (one category map per run')
+  metrics = tmp_path / 'metrics.json'
+  assert evaluate.main(['--config', config, '--checkpoint', str(workdir), '--metrics',
+                        str(metrics), '--results', str(tmp_path / 'results.json'),
+                        '--no-progress']) == 1
+  assert _error_line(capsys.readouterr().err).startswith(expected)
+  assert not metrics.exists()
+  out = tmp_path / 'out'
+  assert predict.main(['--config', config, '--checkpoint', str(workdir), '--output', str(out),
+                       '--no-progress', str(root / 'val2017' / '000000000001.png')]) == 1
+  assert _error_line(capsys.readouterr().err).startswith(expected)
+  assert not list(out.glob('*'))
+
+
+def test_resuming_with_another_category_map_is_refused(reference, coco_root, tmp_path):
+  workdir, root = tmp_path / 'work', tmp_path / 'coco'
+  shutil.copytree(reference[0], workdir)
+  shutil.copytree(coco_root, root)
+  for split in ('train2017', 'val2017'):
+    annotations = root / 'annotations' / f'instances_{split}.json'
+    gt = json.loads(annotations.read_text())
+    gt['categories'][0]['name'] = 'square'  # category 1, 'rectangle' in the checkpoint
+    annotations.write_text(json.dumps(gt))
+  command = _command(workdir, root)
+  command[command.index(f'--config.num_training_steps={STEPS}')] = (
+      f'--config.num_training_steps={STEPS + 2}')
+  proc = subprocess.run(command, cwd=support.REPO, env=support.subprocess_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1
+  error = _error_line(proc.stderr)
+  assert "class_names: checkpoint ['rectangle', 'ellipse', 'triangle'] vs config ['square', " in (
+      error)
+  assert checkpoints.latest_step(workdir) == STEPS

@@ -1,7 +1,8 @@
 """Detection datasets 'synthetic', 'coco', 'coco_format': loaders and Scenic.
 
 `build_loaders` gives the step-indexed `TrainLoader`, the padded `EvalLoader` and the meta
-data (`num_classes`, `class_names`, `label_to_category_id`, `ground_truth`: the validation
+data (`num_classes`, `class_names`, `category_ids`: the COCO id of each label, from the
+training file and listed alike by the validation one; `ground_truth`: the validation
 annotations for COCO evaluation); `get_dataset` Scenic's `Dataset`; `register_with_scenic`
 adds the builders to Scenic's registry as `cvt_det_<name>`.
 
@@ -26,7 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from projects.cvt_detection.data.coco import CocoDetection, coco_ground_truth
+from projects.cvt_detection.data.coco import (
+    CocoDetection,
+    check_same_categories,
+    coco_ground_truth,
+)
 from projects.cvt_detection.data.synthetic import SyntheticDetection
 from projects.cvt_detection.data.transforms import (
     DEFAULT_MAX_BOXES,
@@ -124,6 +129,9 @@ def _sources(name: str, kw: dict[str, Any], with_train: bool = True) -> tuple[An
            if with_train else None)
   evaluation = CocoDetection(paths['val_annotations'], paths['val_images'],
                              invalid_boxes=invalid_boxes, validate=validate)
+  if train is not None:  # the training file's categories are the run's map
+    check_same_categories(evaluation.categories, evaluation.annotation_file, train.categories,
+                          train.annotation_file)
   return train, evaluation, evaluation.ground_truth
 
 
@@ -157,7 +165,7 @@ def build_loaders(name: str, *, batch_size: int, eval_batch_size: int, seed: int
   evaluation = EvalLoader(eval_src, DetectionEvalTransform(scale=scale),
                           batch_size=eval_batch_size, **common)
   canvas = min(evaluation.canvas_sizes, key=lambda c: c[0] * c[1])
-  # Train and validation annotations share COCO's categories; the validation file's are read.
+  # The category map: label k is category_ids[k], the same in every split (checked).
   meta_data = {
       'num_classes': int(eval_src.num_classes),
       'input_shape': (-1, *canvas, 3),
@@ -166,7 +174,7 @@ def build_loaders(name: str, *, batch_size: int, eval_batch_size: int, seed: int
       'input_dtype': common['dtype'],
       'target_is_onehot': False,
       'class_names': tuple(eval_src.class_names),
-      'label_to_category_id': tuple(int(c) for c in eval_src.label_to_category_id),
+      'category_ids': tuple(int(c) for c in eval_src.label_to_category_id),
       'ground_truth': ground_truth,
       'max_boxes': common['max_boxes'],
   }

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,31 @@ def _lookup(mapping: dict, key: Any) -> Any:
     return mapping.get(key)
   except TypeError:
     return None
+
+
+def _ids(ids: Sequence[int]) -> str:
+  """'id 7' or 'ids 1, 7' (the first ten, then the count)."""
+  shown = ', '.join(map(str, ids[:_SHOWN]))
+  more = f' and {len(ids) - _SHOWN} more' if len(ids) > _SHOWN else ''
+  return f'id{"s" if len(ids) > 1 else ""} {shown}{more}'
+
+
+def check_same_categories(found: Mapping[int, str], found_in: str,
+                          expected: Mapping[int, str], expected_from: str) -> None:
+  """Raises a one-line `DatasetError` unless `found` (category id -> name, listed in
+  `found_in`) is `expected`, the run's category map (from `expected_from`)."""
+  extra = sorted(set(found) - set(expected))
+  missing = sorted(set(expected) - set(found))
+  renamed = [c for c in expected if c in found and found[c] != expected[c]]
+  problems = [f'{found_in} lists category {_ids(extra)}, which {expected_from} does not'] if (
+      extra) else []
+  if missing:
+    problems.append(f'{found_in} does not list category {_ids(missing)} of {expected_from}')
+  problems += [f'category {c} is {found[c]!r} in {found_in} but {expected[c]!r} in '
+               f'{expected_from}' for c in renamed[:3]]
+  if problems:
+    raise DatasetError('; '.join(problems) + ' (one category map per run: every split lists '
+                       'the same categories, with or without boxes of each)')
 
 
 def load_coco_json(path: str) -> dict:
@@ -168,9 +193,12 @@ class CocoDetection:
     gt = self.ground_truth
     categories = sorted(gt['categories'], key=lambda c: c['id'])
     self.category_ids = tuple(int(c['id']) for c in categories)
-    if len(set(self.category_ids)) != len(self.category_ids):
-      raise DatasetError(f'{self.annotation_file} lists a category id twice: {self.category_ids}')
+    twice = sorted({c for c in self.category_ids if self.category_ids.count(c) > 1})
+    if twice:
+      raise DatasetError(f'{self.annotation_file} lists category {_ids(twice)} twice in '
+                         '`categories`; each id names one category')
     self.class_names = tuple(str(c['name']) for c in categories)
+    self.categories = dict(zip(self.category_ids, self.class_names, strict=True))
     self.label_to_category_id = np.asarray(self.category_ids, np.int64)
     self.category_id_to_label = {c: i for i, c in enumerate(self.category_ids)}
 
@@ -251,7 +279,13 @@ class CocoDetection:
       return []
     index_of = {info['id']: i for i, info in enumerate(images)}
     if len(index_of) != len(images):
-      raise DatasetError(f'{self.annotation_file} lists an image id twice in `images`')
+      names: dict[int, list[str]] = {}
+      for info in images:
+        names.setdefault(info['id'], []).append(info['file_name'])
+      twice = {i: n for i, n in names.items() if len(n) > 1}
+      raise DatasetError(
+          f'{self.annotation_file} lists image {_ids(list(twice))} twice in `images` ('
+          + '; '.join(f'{i}: {", ".join(n)}' for i, n in list(twice.items())[:_SHOWN]) + ')')
     n = len(anns)
     # Per annotation; placeholders where it is invalid. `bad_box` and `fatal` map an
     # annotation index to what is wrong; fatal ones (unknown ids) raise whatever
