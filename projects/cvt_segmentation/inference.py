@@ -30,6 +30,7 @@ from projects.cvt_segmentation.data.transforms import (
 )
 from projects.tools.progress import Progress
 from projects.training.configs import as_dict, config_get
+from projects.training.image_ops import scale_size
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 MODES = ('whole', 'slide')
@@ -319,7 +320,7 @@ def scaled_size(
   """
   if test_scale is not None:
     return rescale_size(size, (int(test_scale[0] * ratio), int(test_scale[1] * ratio)))
-  return int(size[0] * ratio + 0.5), int(size[1] * ratio + 0.5)
+  return scale_size(size, ratio)
 
 
 def aug_inference(

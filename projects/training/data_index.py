@@ -9,6 +9,7 @@ dataset folder (often shared or read-only); written atomically, and rebuilt when
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import json
 import logging
@@ -21,9 +22,9 @@ from cvt_backbone.tools import write_atomically
 logger = logging.getLogger(__name__)
 
 # How thoroughly a dataset is checked when built (`dataset_configs.validate`): 'full' also
-# decodes what only pixels can tell (segmentation masks' label values, once, then cached);
-# 'headers' reads file headers only (existence, sizes, modes); 'none' checks what listing
-# the files already tells (pairs, existence).
+# decodes what only pixels can tell (truncated or damaged images, segmentation masks' label
+# values; once, then cached); 'headers' reads file headers only (existence, sizes, modes);
+# 'none' checks what listing the files already tells (pairs, existence).
 VALIDATE_MODES = ('full', 'headers', 'none')
 _FORMAT = 'cvt-dense file index'
 _VERSION = 1
@@ -43,12 +44,17 @@ def index_path(folder: str) -> str:
   return os.path.join(cache_dir(), 'index', name)
 
 
-def read_header(path: str) -> dict:
-  """`{'height', 'width', 'mode'}` of an image file from its header (no pixels decoded)."""
+def read_header(path: str, decode: bool = False) -> dict:
+  """`{'height', 'width', 'mode'}` of an image file from its header; with `decode` every pixel
+  is decoded too (a truncated or damaged file raises) and the facts say `'decoded': True`."""
   from PIL import Image
 
   with Image.open(path) as im:
-    return {'height': im.height, 'width': im.width, 'mode': im.mode}
+    facts = {'height': im.height, 'width': im.width, 'mode': im.mode}
+    if decode:
+      im.load()
+      facts['decoded'] = True
+  return facts
 
 
 def describe_error(what: str, path: str, error: Exception) -> str:
@@ -166,3 +172,17 @@ def probe_files(index: FileIndex, paths: Sequence[str], probe: Callable[[str], d
   for k, value in done:
     results[k] = value
   return results
+
+
+def probe_images(index: FileIndex, paths: Sequence[str], mode: str,
+                 num_threads: int | None = None) -> list[dict | Exception]:
+  """`probe_files` with `read_header`, decoding every image in `mode` 'full'.
+
+  The decode finds what a header hides (a file cut short by a copy); it costs about 1 ms per
+  640x480 JPEG and 40 ms per 2048x1024 PNG on one core, once: the facts are cached.
+  """
+  if mode == 'full':
+    return probe_files(index, paths, functools.partial(read_header, decode=True),
+                       lambda info: info.get('decoded', False), num_threads)
+  return probe_files(index, paths, read_header, num_threads=num_threads)
+

@@ -26,7 +26,8 @@ GetDataset = Callable[..., Dataset]
 class DatasetError(ValueError):
   """A dataset's files are invalid; the message names the file, the entries and the fix.
 
-  Raised while a dataset is built, before training; `main` prints it as one line and exits 1.
+  Raised while a dataset is built, before training, or by a loader for an example it cannot
+  load (`step_loader`); `main` prints it as one line and exits 1.
   """
 
 

@@ -18,11 +18,17 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 def rescale_size(size: tuple[int, int], scale: Sequence[int]) -> tuple[int, int]:
   """`(height, width)` of a keep-ratio resize (`mmcv.rescale_size`): long edge at most
-  `max(scale)`, short edge at most `min(scale)`, e.g. `(2048, 512)` for ADE20K."""
+  `max(scale)`, short edge at most `min(scale)`, e.g. `(2048, 512)` for ADE20K; sides at
+  least 1 (`scale_size`)."""
   h, w = size
-  factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-  # mmcv `_scale_size`: int(x * factor + 0.5).
-  return int(h * factor + 0.5), int(w * factor + 0.5)
+  return scale_size(size, min(max(scale) / max(h, w), min(scale) / min(h, w)))
+
+
+def scale_size(size: Sequence[int], factor: float) -> tuple[int, int]:
+  """`(height, width)` times `factor` as mmcv `_scale_size` rounds it, `int(x * factor + 0.5)`,
+  but at least 1: mmcv gives a 12x10000 strip fitted into (64, 32) 0 rows, which no resize
+  takes; 1 row keeps its aspect as nearly as a whole pixel can."""
+  return tuple(max(1, int(s * factor + 0.5)) for s in size)
 
 
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

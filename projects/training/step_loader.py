@@ -14,6 +14,7 @@ contiguous slice `[process_index * b, (process_index + 1) * b)` of every global 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,8 @@ from typing import Any
 
 import grain
 import numpy as np
+
+from projects.training.datasets import DatasetError
 
 # A stream long enough to never run out (Grain datasets need a finite length).
 ENDLESS_STEPS = 2**40
@@ -66,6 +69,18 @@ class _ProcessSlices:
   def num_examples(self) -> int:
     return len(self.source)
 
+  @contextlib.contextmanager
+  def naming(self, index: int) -> Iterator[None]:
+    """Re-raises a failure to read or transform example `index` (in a thread or a worker
+    process) as one `DatasetError` line naming it and its files (`source.example_files`)."""
+    try:
+      yield
+    except Exception as error:
+      files = getattr(self.source, 'example_files', None)
+      where = f' ({", ".join(map(str, files(index)))})' if files else ''
+      raise DatasetError(f'cannot load {self.role} example {index}{where}: '
+                         f'{type(error).__name__}: {error}') from error
+
   def __iter__(self) -> Iterator[dict]:
     return self.iterate()
 
@@ -84,6 +99,8 @@ class StepIndexedLoader(_ProcessSlices):
     prefetch: batches computed ahead of the consumer, per worker.
     dtype: dtype of `inputs`.
   """
+
+  role = 'training'
 
   def __init__(self, source, transform, *, seed: int = 0, num_workers: int = 0, **kwargs: Any):
     if len(source) == 0:
@@ -105,7 +122,8 @@ class StepIndexedLoader(_ProcessSlices):
     """The augmented example at global stream position `position`."""
     epoch, index = self.record(position)
     rng = np.random.default_rng([self.seed, _AUGMENTATION_TAG, epoch, index])
-    return self.augment(self.source[index], rng)
+    with self.naming(index):
+      return self.augment(self.source[index], rng)
 
   def augment(self, item: dict, rng: np.random.Generator) -> Any:
     raise NotImplementedError
@@ -139,6 +157,8 @@ class StepIndexedLoader(_ProcessSlices):
 class SplitPass(_ProcessSlices):
   """One pass over a split in global batches, the last one padded; subclasses build `batch(i)`
   from `local_indices(i)` (indices past the end of the split are padding, to be masked)."""
+
+  role = 'evaluation'
 
   @property
   def num_batches(self) -> int:

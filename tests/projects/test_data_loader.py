@@ -18,6 +18,8 @@ from projects.cvt_segmentation.data import (
 )
 from projects.training import datasets
 
+from . import trainer_support as support
+
 SIZE = (16, 24)
 
 
@@ -196,3 +198,99 @@ def test_get_dataset_bad_arguments():
     get_dataset('synthetic', batch_size=2, eval_batch_size=2, colour=1)
   with pytest.raises(ValueError, match='data_dir'):
     get_dataset('cityscapes', batch_size=2, eval_batch_size=2)
+
+
+def _truncated_jpeg(path, size):
+  """A JPEG cut in the middle of its pixel data (an interrupted copy): its header reads, its
+  pixels do not."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, size + (3,), np.uint8)).save(path)
+  data = path.read_bytes()
+  path.write_bytes(data[: (data.index(b'\xff\xda') + len(data)) // 2])  # SOS marker .. end
+
+
+def _one_line_naming(error, *parts):
+  text = str(error.value)
+  assert '\n' not in text and all(str(p) in text for p in parts), text
+  return text
+
+
+# Threads in this process, and a Grain worker process (`mp_prefetch`).
+LOADER_SETTINGS = [dict(num_threads=0), dict(num_threads=2), dict(num_threads=1, num_workers=1)]
+
+
+@pytest.mark.parametrize('settings', LOADER_SETTINGS)
+def test_an_image_that_fails_to_load_is_named_by_the_segmentation_loaders(tmp_path, settings):
+  for i in range(3):
+    (tmp_path / 'masks').mkdir(exist_ok=True)
+    Image.fromarray(np.full((32, 48), i, np.uint8)).save(tmp_path / 'masks' / f'{i}.png')
+    if i != 1:
+      (tmp_path / 'images').mkdir(exist_ok=True)
+      Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / 'images' / f'{i}.png')
+  bad = tmp_path / 'images/1.jpg'
+  _truncated_jpeg(bad, (32, 48))
+  folder = dict(train_images=str(tmp_path / 'images'), train_masks=str(tmp_path / 'masks'),
+                val_images=str(tmp_path / 'images'), val_masks=str(tmp_path / 'masks'))
+  train, evaluation, _ = build_loaders(
+      'folder', batch_size=3, eval_batch_size=3, num_classes=3, crop_size=(8, 8),
+      validate='headers', **folder, **settings)
+  with pytest.raises(datasets.DatasetError) as error:
+    next(iter(train))
+  _one_line_naming(error, 'training example 1', bad, tmp_path / 'masks/1.png', 'truncated')
+  with pytest.raises(datasets.DatasetError) as error:
+    next(evaluation.iterate())
+  _one_line_naming(error, 'evaluation example 1', bad, 'truncated')
+
+
+@pytest.mark.parametrize('settings', LOADER_SETTINGS[1:])
+def test_an_image_that_fails_to_load_is_named_by_the_detection_loaders(tmp_path, settings):
+  import json
+
+  from projects.cvt_detection.data import builder as detection
+
+  infos = []
+  for image_id in (1, 2, 3):
+    name = f'{image_id}.jpg'
+    if image_id == 2:
+      _truncated_jpeg(tmp_path / name, (32, 32))
+    else:
+      Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / name)
+    infos.append({'id': image_id, 'file_name': name, 'height': 32, 'width': 32})
+  ann = tmp_path / 'instances.json'
+  boxes = [{'id': i, 'image_id': i, 'category_id': 1, 'bbox': [2, 2, 9, 9], 'area': 81,
+            'iscrowd': 0} for i in (1, 2, 3)]
+  ann.write_text(json.dumps({'images': infos, 'categories': [{'id': 1, 'name': 'thing'}],
+                             'annotations': boxes}))
+  coco = dict(train_annotations=str(ann), train_images=str(tmp_path), val_annotations=str(ann),
+              val_images=str(tmp_path))
+  train, evaluation, _ = detection.build_loaders(
+      'coco_format', batch_size=3, eval_batch_size=3, scale=(16, 16), validate='headers',
+      **coco, **settings)
+  bad = tmp_path / '2.jpg'
+  with pytest.raises(datasets.DatasetError) as error:
+    next(iter(train))
+  _one_line_naming(error, 'training example 1', bad, 'truncated')
+  with pytest.raises(datasets.DatasetError) as error:
+    next(evaluation.iterate())
+  _one_line_naming(error, 'evaluation example 1', bad, 'truncated')
+
+
+@pytest.mark.slow  # half a minute or more (a compile): left out by -m "not slow"
+def test_a_training_run_names_the_file_it_cannot_load_in_one_line(tmp_path):
+  # ADE20K's config loads with Grain worker processes; 'headers' validation lets the file
+  # through, so the loader meets it after compilation.
+  base = support.make_ade20k(tmp_path / 'data', size=(24, 32))
+  bad = base / 'images/training/ADE_training_00000001.jpg'
+  _truncated_jpeg(bad, (24, 32))
+  config = tmp_path / 'headers_only.py'
+  config.write_text(
+      'from projects.cvt_segmentation.configs import ade20k_cvt13_upernet\n\n\n'
+      'def get_config(arg=None):\n'
+      '  config = ade20k_cvt13_upernet.get_config(arg)\n'
+      '  with config.unlocked():\n'
+      "    config.dataset_configs.validate = 'headers'\n"
+      '  return config\n')
+  error, _ = support.main_error(f'{config}:data_dir={base},runlocal', tmp_path / 'work')
+  mask = base / 'annotations/training/ADE_training_00000001.png'
+  assert error.startswith(f'error: cannot load training example 1 ({bad}, {mask}): OSError: '
+                          'image file is truncated'), error

@@ -217,3 +217,39 @@ def test_eval_transform_resizes_image_only():
   assert y.shape == (20, 40) and y.dtype == np.int32
   x, _ = T.EvalTransform(scale=None)(img, label)
   assert x.shape == (20, 40, 3)
+
+
+EXTREME_SIZES = [(12, 10000), (10000, 12), (1, 1)]
+
+
+@pytest.mark.parametrize('size', EXTREME_SIZES)
+def test_extreme_aspect_ratios_resize_to_at_least_one_pixel(size):
+  # A keep-ratio resize of a 12x10000 strip into (64, 32) has 0.08 rows: clamped to 1
+  # (the long side keeps its size), never a zero-sized array or a division by zero.
+  scale = (64, 32)
+  h, w = T.rescale_size(size, scale)
+  assert min(h, w) >= 1 and max(h, w) <= 64
+  img = _image(*size)
+  label = np.random.default_rng(1).integers(0, 4, size).astype(np.uint8)
+  for seed in range(4):
+    x, y = T.TrainTransform(crop_size=(32, 32), scale=scale)(img, label,
+                                                              np.random.default_rng(seed))
+    assert x.shape == (32, 32, 3) and y.shape == (32, 32) and np.isfinite(x).all()
+  x, y = T.EvalTransform(scale=scale)(img, label)
+  assert x.shape[:2] == (h, w) and y.shape == size
+
+
+@pytest.mark.parametrize('size', EXTREME_SIZES)
+def test_extreme_aspect_ratios_in_detection_and_inference_resizes(size):
+  from projects.cvt_detection.data import transforms as D
+  from projects.cvt_segmentation.inference import scaled_size
+
+  example = {'image': _image(*size), 'boxes': np.float32([[0, 0, size[1], size[0]]]),
+             'labels': np.int32([0]), 'image_id': 1}
+  out = D.DetectionTrainTransform(scale=(64, 32))(example, np.random.default_rng(0))
+  assert min(out['image_size']) >= 1 and np.isfinite(out['boxes']).all()
+  assert min(out['scale_factor']) > 0
+  # Test-time scales: mmseg 1.x `Resize(scale_factor=ratio)` and a (long, short) test scale.
+  for ratio in (0.03, 0.5):
+    assert min(scaled_size(size, ratio)) >= 1
+    assert min(scaled_size(size, ratio, (64, 32))) >= 1

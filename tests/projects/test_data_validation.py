@@ -7,8 +7,6 @@ header sizes that differ from the json. Plus a training run that stops before tr
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -255,14 +253,41 @@ def test_training_run_with_a_bad_validation_mask_stops_before_training(tmp_path)
   _save(bad, np.full((24, 32), 200, np.uint8))
   config = support.REPO / 'projects/cvt_segmentation/configs/ade20k_cvt13_upernet.py'
   workdir = tmp_path / 'work'
-  proc = subprocess.run(
-      [sys.executable, '-m', 'projects.cvt_segmentation.main',
-       f'--config={config}:data_dir={base},runlocal', f'--workdir={workdir}'],
-      cwd=support.REPO, env=support.subprocess_env(), capture_output=True, text=True,
-      timeout=300)
-  assert proc.returncode == 1, proc.stderr[-3000:]
-  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
-  assert len(errors) == 1 and errors[0].startswith('error: 1 of the 4 image/mask pairs')
-  assert f'validation: {bad}: label values [200]' in proc.stderr
+  error, stderr = support.main_error(f'{config}:data_dir={base},runlocal', workdir)
+  assert error.startswith('error: 1 of the 4 image/mask pairs')
+  assert f'validation: {bad}: label values [200]' in stderr
   assert checkpoints.latest_step(workdir) is None
+
+
+def _truncate(path):
+  """Cuts an image file in half, as an interrupted copy or download leaves it."""
+  data = Path(path).read_bytes()
+  Path(path).write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_images_are_all_named_when_built(tmp_path, monkeypatch):
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  args = _folder(tmp_path)
+  jpeg = tmp_path / 'img/train/1.jpg'
+  os.remove(tmp_path / 'img/train/1.png')
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, SIZE + (3,), np.uint8)).save(jpeg)
+  _truncate(jpeg)
+  _truncate(tmp_path / 'img/val/2.png')
+  # The headers are whole: only a decode of the pixels finds these files.
+  _build(args, validate='headers')
+  with pytest.raises(DatasetError) as error:
+    _build(args)
+  assert str(error.value).startswith('2 of the 6 image/mask pairs')
+  lines = _error_lines(error.value)
+  assert len(lines) == 2
+  assert f'cannot read image {jpeg}: image file is truncated' in lines[0]
+  assert f'cannot read image {tmp_path / "img/val/2.png"}:' in lines[1]
+  # COCO-format detection: the same decode, the file and its image id named.
+  ann_file, image_dir = _coco_folder(tmp_path / 'coco')
+  _save(Path(image_dir) / '2.png', np.full((8, 8, 3), 90, np.uint8))
+  _save(Path(image_dir) / '3.png', np.random.default_rng(0).integers(0, 256, (8, 10, 3),
+                                                                      np.uint8))
+  _truncate(Path(image_dir) / '3.png')
+  CocoDetection(ann_file, image_dir, validate='headers')
+  with pytest.raises(DatasetError, match=rf'cannot read image {image_dir}/3\.png \(image id 3\): '):
+    CocoDetection(ann_file, image_dir)

@@ -83,6 +83,20 @@ def run_training_subprocess(workdir, overrides: dict[str, Any], **env: str):
   return {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
 
 
+def main_error(config: str, workdir, project: str = 'cvt_segmentation') -> tuple[str, str]:
+  """`(the one error: line, stderr)` of a project's main that must fail as a user's mistake:
+  status 1, no traceback."""
+  proc = subprocess.run(
+      [sys.executable, '-m', f'projects.{project}.main', f'--config={config}',
+       f'--workdir={workdir}'], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  return errors[0], proc.stderr
+
+
 # --- tiny dataset folders in the real layouts -------------------------------------------
 
 

@@ -12,8 +12,9 @@ Settings (`dataset_configs`):
 - 'coco': `data_dir` holding `train2017/`, `val2017/` and `annotations/`.
 - 'coco_format': `train_annotations`, `train_images`, `val_annotations`, `val_images`.
 - both COCO ones: `invalid_boxes` ('error' or 'drop', see `CocoDetection`; evaluation
-  scores against the annotation file as it is) and `validate` ('full'/'headers': every
-  missing image file and every header size that is not the json's; 'none': existence).
+  scores against the annotation file as it is) and `validate` ('headers': every missing
+  image file and every header size that is not the json's; 'full' also every image that
+  does not decode; 'none': existence).
 - all: `scale` (keep-ratio resize to fit, mmdet's (1333, 800)), `flip_prob`, `max_boxes`,
   `canvas_sizes` (the padded batch shapes; default `default_canvas_sizes(scale)`),
   `num_threads`, `prefetch`, `num_workers`.
@@ -82,11 +83,14 @@ class TrainLoader(_Canvases, StepIndexedLoader):
 class EvalLoader(_Canvases, SplitPass):
   """One pass over a split: batches of `transforms.collate`, the last padded (`batch_mask` 0)."""
 
+  def example(self, k: int) -> dict:
+    with self.naming(k):
+      return self.transform(self.source[k])
+
   def batch(self, i: int) -> dict:
     indices = [k for k in self.local_indices(i) if k < self.num_examples]
     # A process past the end of the split still sends a (fully masked) batch.
-    batch = self._collate([self.transform(self.source[k])
-                           for k in indices or [self.num_examples - 1]])
+    batch = self._collate([self.example(k) for k in indices or [self.num_examples - 1]])
     if not indices:
       batch = {k: v[:0] for k, v in batch.items()}
     return pad_batch(batch, self.local_batch_size)

@@ -164,8 +164,9 @@ class CocoDetection:
     min_size: drop images whose json width or height is smaller (mmdet's training uses 32).
     invalid_boxes: 'error' raises for invalid boxes; 'drop' drops them with one warning
       (mmdetection drops them silently). Unknown image or category ids raise either way.
-    validate: 'full' or 'headers' (the same here): each image exists and its header size
-      is the json's; 'none': existence only.
+    validate: 'headers': each image exists and its header size is the json's; 'full' also
+      decodes each image once (cached: a truncated or damaged file is named before
+      training); 'none': existence only.
 
   Attributes:
     ground_truth: the parsed json dict, unchanged.
@@ -224,6 +225,10 @@ class CocoDetection:
   def __len__(self) -> int:
     return len(self._images)
 
+  def example_files(self, index: int) -> tuple[str]:
+    """The image file of example `index` (the loaders name it when it fails)."""
+    return (self._paths[index],)
+
   def __getitem__(self, index: int) -> dict:
     if not -len(self) <= index < len(self):
       raise IndexError(f'index {index} out of range for {len(self)} images')
@@ -251,7 +256,7 @@ class CocoDetection:
       facts = [None if os.path.isfile(p) else FileNotFoundError(p) for p in self._paths]
     else:
       index = data_index.FileIndex(self.image_dir)
-      facts = data_index.probe_files(index, self._paths, data_index.read_header)
+      facts = data_index.probe_images(index, self._paths, validate)
       index.save()
     lines, missing = [], 0
     for info, path, found in zip(self._images, self._paths, facts, strict=True):

@@ -131,8 +131,12 @@ class SegmentationFolder:
   def __len__(self) -> int:
     return len(self.image_paths)
 
+  def example_files(self, index: int) -> tuple[str, str]:
+    """The image and mask of example `index` (the loaders name them when it fails)."""
+    return self.image_paths[index], self.label_paths[index]
+
   def __getitem__(self, index: int) -> dict:
-    image_path, label_path = self.image_paths[index], self.label_paths[index]
+    image_path, label_path = self.example_files(index)
     image = read_stored_image(image_path)
     raw = read_label(label_path)
     if raw.shape != image.shape[:2]:
@@ -361,10 +365,10 @@ def validate_splits(splits: Mapping[str, SegmentationFolder], mode: str = 'full'
   """Checks every file of `splits` up front; one `DatasetError` lists every bad pair.
 
   By `mode`: always, every image has its mask; 'headers' and 'full': files open and each
-  mask is a single-channel map of its image's size; 'full': every mask's values are in
-  `[0, max_raw_label]` or 255 and the label mapping takes them into `[0, num_classes)` or
-  255. Headers and values are cached per file in the mask folder's index: a rerun decodes
-  only new or changed masks.
+  mask is a single-channel map of its image's size; 'full': every image decodes (none is
+  truncated or damaged), every mask's values are in `[0, max_raw_label]` or 255 and the
+  label mapping takes them into `[0, num_classes)` or 255. Headers and values are cached
+  per file in the mask folder's index: a rerun decodes only new or changed files.
   """
   if mode not in VALIDATE_MODES:
     raise ValueError(f'validate must be one of {VALIDATE_MODES}, got {mode!r}')
@@ -382,8 +386,7 @@ def validate_splits(splits: Mapping[str, SegmentationFolder], mode: str = 'full'
     if key not in indexes:  # splits sharing a mask folder share its index
       indexes[key] = data_index.FileIndex(folder)
     index = indexes[key]
-    image_facts = data_index.probe_files(index, ds.image_paths, data_index.read_header,
-                                         num_threads=num_threads)
+    image_facts = data_index.probe_images(index, ds.image_paths, mode, num_threads)
     if mode == 'full':
       mask_facts = data_index.probe_files(index, ds.label_paths, _mask_facts, _has_values,
                                           num_threads=num_threads)

@@ -75,11 +75,12 @@ class EvalLoader(SplitPass):
 
   def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
     """`(inputs float [h, w, 3], label int32 [H, W])` of example `index`."""
-    item = self.source[index]
-    image, label = self.transform(item['image'], item['label'])
-    if self.pixel_batch_mask and label.shape != image.shape[:2]:
-      label = resize_label(label, image.shape[:2])
-    return image.astype(self.dtype, copy=False), label
+    with self.naming(index):
+      item = self.source[index]
+      image, label = self.transform(item['image'], item['label'])
+      if self.pixel_batch_mask and label.shape != image.shape[:2]:
+        label = resize_label(label, image.shape[:2])
+      return image.astype(self.dtype, copy=False), label
 
   def batch(self, i: int) -> dict:
     """This process's part of evaluation batch `i` (0 <= i < num_batches)."""
