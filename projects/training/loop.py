@@ -300,7 +300,7 @@ def _check_finite(host_metrics: list[dict[str, Any]], first_step: int, mngr: Any
         f'Training diverged at step {step}: the loss is {metrics["loss"]:.4g} and the gradient '
         f'norm {metrics["grad_norm"]:.4g} at learning rate {metrics["learning_rate"]:.4g}. '
         f'Nothing from step {step} on is saved; {kept}. A lower optimizer.base_lr or an '
-        'optimizer.grad_clip_norm may help.')
+        'optimizer.grad_clip_norm may help; another --workdir starts over.')
 
 
 VALIDATION_FILE = 'validation.json'
