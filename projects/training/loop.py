@@ -294,7 +294,7 @@ def _check_finite(host_metrics: list[dict[str, Any]], first_step: int, mngr: Any
     if np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm']):
       continue
     last = mngr.latest_step()
-    kept = ('no checkpoint was saved' if last is None else
+    kept = ('no earlier checkpoint exists' if last is None else
             f'the checkpoint of step {last} in {mngr.directory} is the last, kept')
     raise checkpoints.NonFiniteStateError(
         f'Training diverged at step {step}: the loss is {metrics["loss"]:.4g} and the gradient '
