@@ -5,7 +5,7 @@ Under `scenic.app` when Scenic is importable, else with the same flags through a
 both add `--coordinator_address`, `--num_processes`, `--process_id` for several processes.
 A user's mistake prints one line, `error: ...`: a `--config.x` flag naming no key (exit
 status 2, before the flags are parsed); from `main`, an unknown config key, invalid data, a
-missing file, a workdir in use, unusable checkpoints or a full disk (status 1).
+missing file, a workdir in use, unusable checkpoints, a full disk or a diverging run (status 1).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _user_errors_in_one_line(main: MainFn) -> MainFn:
 
   one_line = (configs.ConfigKeyError, DatasetError, FileNotFoundError, WorkdirInUseError,
               checkpoints.CheckpointMismatchError, checkpoints.CheckpointCorruptError,
-              checkpoints.CheckpointWriteError)
+              checkpoints.CheckpointWriteError, checkpoints.NonFiniteStateError)
 
   @functools.wraps(main)
   def run(*args: Any, **kwargs: Any) -> Any:  # scenic.app passes keywords

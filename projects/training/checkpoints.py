@@ -5,7 +5,9 @@ so a killed run leaves a whole checkpoint or an ignored temporary folder. `metad
 records the model (restoring into another is a `CheckpointMismatchError`) and sha256
 checksums of the state and of the variables alone: a checkpoint damaged later is a
 `CheckpointCorruptError`, and resuming skips it for the newest that verifies, renaming it
-`<step>.corrupt`. A save that cannot fit (a full disk) is a `CheckpointWriteError`.
+`<step>.corrupt`. A save that cannot fit (a full disk) is a `CheckpointWriteError`. A state
+holding NaN or inf is never saved (`NonFiniteStateError`); one saved by an older version is
+skipped on resume like a damaged one, and set aside as `<step>.non-finite`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -29,16 +32,27 @@ from cvt_backbone.weights.convert import CheckpointMismatchError
 log = logging.getLogger(__name__)
 
 CHECKSUMS = 'checksums'  # the metadata entry: {'state': 'sha256:...', 'variables': ...}
-CORRUPT_SUFFIX = '.corrupt'  # a skipped checkpoint is renamed `<step>.corrupt`
 
 
 class CheckpointCorruptError(ValueError):
   """A checkpoint that cannot be read, or whose arrays differ from those saved; `reason`
   says why in one line (also the end of the message)."""
 
+  suffix = '.corrupt'  # resuming skips it and renames it `<step>.corrupt`
+
   def __init__(self, message: str, reason: str):
     super().__init__(message)
     self.reason = reason
+
+
+class CheckpointNonFiniteError(CheckpointCorruptError):
+  """A checkpoint whose state holds NaN or inf (a diverged run, saved by an older version)."""
+
+  suffix = '.non-finite'
+
+
+class NonFiniteStateError(FloatingPointError):
+  """Training produced a NaN or inf loss, gradient or state: the run stops, nothing of it saved."""
 
 
 class CheckpointWriteError(OSError):
@@ -127,6 +141,19 @@ def _variables_of(state: Any) -> Mapping[str, Any] | None:
   variables = state.get('variables') if isinstance(state, Mapping) else getattr(
       state, 'variables', None)
   return variables if isinstance(variables, Mapping) and 'params' in variables else None
+
+
+def _non_finite(host_state: Any) -> str | None:
+  """What of a host copy of a training state is NaN or inf (`non-finite parameters (3 of 8
+  values)`, else the rest of the `state`), or None."""
+  variables = _variables_of(host_state)
+  for what, tree in (('parameters', variables and variables['params']), ('state', host_state)):
+    floats = [np.asarray(x) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(np.asarray(x).dtype, jnp.inexact)]
+    bad = sum(int(np.count_nonzero(~np.isfinite(x))) for x in floats)
+    if bad:
+      return f'non-finite {what} ({bad} of {sum(x.size for x in floats)} values)'
+  return None
 
 
 def state_checksums(state: Any) -> dict[str, str]:
@@ -318,11 +345,19 @@ def close(mngr: ocp.CheckpointManager, *, raise_errors: bool = True) -> None:
 def save(mngr: ocp.CheckpointManager, step: int, state: Any,
          metadata: Mapping[str, Any]) -> None:
   """Starts saving `state` as `step` with `metadata` and its checksums; orbax writes in the
-  background. `CheckpointWriteError`: the previous save failed, or this one cannot fit."""
+  background. `CheckpointWriteError`: the previous save failed, or this one cannot fit;
+  `NonFiniteStateError`: `state` holds NaN or inf (never saved, never rotated over a finite
+  checkpoint)."""
+  host = _host(state)
+  problem = _non_finite(host)
+  if problem:
+    raise NonFiniteStateError(
+        f'Refusing to save the checkpoint of step {step} in {mngr.directory}: its state has '
+        f'{problem}.')
   wait(mngr)
   _check_free_space(mngr, step)
   # Hashed from the same values orbax copies; committed atomically with the checkpoint.
-  metadata = {**metadata, CHECKSUMS: state_checksums(state)}
+  metadata = {**metadata, CHECKSUMS: state_checksums(host)}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           metadata=ocp.args.JsonSave(metadata)))
 
@@ -380,8 +415,8 @@ def _check_saved_shapes(mngr: ocp.CheckpointManager, step: int, abstract_variabl
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
             metadata: Mapping[str, Any]) -> Any:
-  """Restores `step` into the structure of `abstract_state`, checked (`metadata`, shapes) and
-  verified (checksums)."""
+  """Restores `step` into the structure of `abstract_state`, checked (`metadata`, shapes),
+  verified (checksums) and finite (else `CheckpointNonFiniteError`)."""
   where = _step_dir(mngr, step)
   saved = _saved_metadata(mngr, step)
   _check_metadata(saved, metadata, where)
@@ -395,22 +430,29 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
     raise _corrupt(where, error) from error
   state = restored.state
   _check_shapes(abstract_state, state, where)
-  _verify(saved, 'state', state, where)
+  host = _host(state)
+  _verify(saved, 'state', host, where)
+  problem = _non_finite(host)
+  if problem:
+    raise CheckpointNonFiniteError(
+        f'The checkpoint at {where} cannot be resumed from: its state has {problem}', problem)
   return state
 
 
-def _set_aside(mngr: ocp.CheckpointManager, steps: Sequence[int]) -> None:
-  """Renames skipped checkpoints `<step>.corrupt` (kept for inspection; orbax ignores them)."""
+def _set_aside(mngr: ocp.CheckpointManager,
+               skipped: Sequence[tuple[int, CheckpointCorruptError]]) -> None:
+  """Renames skipped checkpoints `<step><error.suffix>` (`4.corrupt`, `4.non-finite`; kept
+  for inspection, orbax ignores them)."""
   if jax.process_index() == 0:
-    for step in steps:
+    for step, error in skipped:
       source = _step_dir(mngr, step)
-      target = source.with_name(f'{step}{CORRUPT_SUFFIX}')
+      target = source.with_name(f'{step}{error.suffix}')
       n = 1
       while target.exists():
         n += 1
-        target = source.with_name(f'{step}{CORRUPT_SUFFIX}{n}')
+        target = source.with_name(f'{step}{error.suffix}{n}')
       source.rename(target)
-      log.warning('Moved the corrupt checkpoint %s to %s.', source, target)
+      log.warning('Moved the %s checkpoint %s to %s.', error.suffix[1:], source, target)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
@@ -419,27 +461,28 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: Sequence[int]) -> None:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
-                   metadata: Mapping[str, Any]) -> tuple[int, Any]:
-  """The newest checkpoint that restores and verifies: `(step, state)`, `(0, None)` if none.
+                   metadata: Mapping[str, Any]) -> tuple[int, Any, list[tuple[int, str]]]:
+  """The newest checkpoint that restores, verifies and is finite: `(step, state, skipped)`,
+  `(0, None, [])` if none; `skipped`: `(step, reason)` of each newer one.
 
-  Damaged ones are skipped (`skipping checkpoint <path>: <reason>`) and set aside once an
-  older one restores; another model's are never skipped. None restoring is a
+  Damaged or non-finite ones are skipped (`skipping checkpoint <path>: <reason>`) and set
+  aside once an older one restores; another model's are never skipped. None restoring is a
   `CheckpointCorruptError` listing each: training from scratch is the user's decision.
   """
-  skipped: list[tuple[int, str]] = []
+  skipped: list[tuple[int, CheckpointCorruptError]] = []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       state = restore(mngr, step, abstract_state, metadata)
     except CheckpointCorruptError as error:
       log.warning('skipping checkpoint %s: %s', _step_dir(mngr, step), error.reason)
-      skipped.append((step, error.reason))
+      skipped.append((step, error))
       continue
     if skipped:
-      _set_aside(mngr, [s for s, _ in skipped])
-    return step, state
+      _set_aside(mngr, skipped)
+    return step, state, [(s, error.reason) for s, error in skipped]
   if not skipped:
-    return 0, None
-  listing = '; '.join(f'{_step_dir(mngr, s)}: {reason}' for s, reason in skipped)
+    return 0, None, []
+  listing = '; '.join(f'{_step_dir(mngr, s)}: {error.reason}' for s, error in skipped)
   reason = f'none of its {len(skipped)} checkpoints can be restored'
   raise CheckpointCorruptError(
       f'Cannot resume in {mngr.directory}: {reason} ({listing}). Move or remove these '

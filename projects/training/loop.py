@@ -4,7 +4,9 @@
 optimizer state replicated (multi-host after `jax.distributed.initialize()`; BatchNorm
 statistics are the global batch's). A resumed run repeats an uninterrupted one: batches and
 dropout keys of step s are functions of (seed, s), and it restarts from the latest
-checkpoint that verifies. One run per workdir (`workdir_lock`). Each evaluation's numbers
+checkpoint that verifies. A NaN or inf loss or gradient stops the run
+(`checkpoints.NonFiniteStateError`, a `FloatingPointError`) before anything of that step is
+saved or evaluated, naming the step. One run per workdir (`workdir_lock`). Each evaluation's numbers
 are kept in `WORKDIR/validation.json` (`{"steps": {"500": {"mIoU": 92.03, ...}}}`), so a
 rerun of a finished run returns them without training or evaluating again.
 
@@ -220,7 +222,7 @@ def _train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: st
   try:
     # The newest checkpoint that restores and verifies (damaged ones are skipped).
     abstract = jax.tree.map(ocp_abstract(replicated), state)
-    start_step, restored = checkpoints.restore_latest(mngr, abstract, metadata)
+    start_step, restored, skipped = checkpoints.restore_latest(mngr, abstract, metadata)
   except BaseException:
     mngr.close()
     raise
@@ -228,8 +230,9 @@ def _train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: st
   if restored is not None:
     state = restored
     if lead and start_step < total_steps:
+      why = '; '.join(f'step {step} skipped: {reason}' for step, reason in skipped)
       print(f'Resuming from the checkpoint of step {start_step} in '
-            f'{checkpoints.checkpoint_dir(workdir)}', flush=True)
+            f'{checkpoints.checkpoint_dir(workdir)}' + (f' ({why})' if why else ''), flush=True)
   if start_step >= total_steps:
     try:
       return state, _finished_run(workdir, start_step, total_steps, state, evaluation, writer,
@@ -252,19 +255,24 @@ def _train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: st
     for step in range(start_step + 1, total_steps + 1):
       state, step_metrics = step_fn(state, put_batch(next(batches), data_sharding))
       pending.append(step_metrics)
-      if step % log_every == 0 or step == total_steps:
-        # One host transfer per summary, not per step.
+      log_now, save_now, eval_now = (step % every == 0 or step == total_steps
+                                     for every in (log_every, ckpt_every, eval_every))
+      if log_now or save_now or eval_now:
+        # One host transfer per summary, not per step; a diverged step is found before its
+        # state is saved or evaluated.
         host = jax.device_get(pending)
+        _check_finite(host, step - len(host) + 1, mngr)
+      if log_now:
         scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         pending = []
         writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
         if lead:
           print(progress_line(step, total_steps, start_step, started, scalars), flush=True)
-      if step % ckpt_every == 0 or step == total_steps:
+      if save_now:
         # Before the evaluation, which the save overlaps (orbax writes in the
         # background): an evaluation that fails loses no training.
         checkpoints.save(mngr, step, state, metadata)
-      if step % eval_every == 0 or step == total_steps:
+      if eval_now:
         summary = _evaluate(evaluation, state, step, workdir, writer, lead)
         if lead:
           print(f'step {step}: validation {evaluation.describe(summary)}', flush=True)
@@ -277,6 +285,22 @@ def _train(*, rng: jax.Array, config: Any, model: Any, dataset: Any, workdir: st
   # Never return with a checkpoint half-written by the async saver.
   checkpoints.close(mngr)
   return state, summary
+
+
+def _check_finite(host_metrics: list[dict[str, Any]], first_step: int, mngr: Any) -> None:
+  """`NonFiniteStateError` naming the first of these steps whose loss or gradients are NaN or
+  inf, and the checkpoint that is left."""
+  for step, metrics in enumerate(host_metrics, first_step):
+    if np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm']):
+      continue
+    last = mngr.latest_step()
+    kept = ('no earlier checkpoint exists' if last is None else
+            f'the checkpoint of step {last} in {mngr.directory} is the last, kept')
+    raise checkpoints.NonFiniteStateError(
+        f'Training diverged at step {step}: the loss is {metrics["loss"]:.4g} and the gradient '
+        f'norm {metrics["grad_norm"]:.4g} at learning rate {metrics["learning_rate"]:.4g}. '
+        f'Nothing from step {step} on is saved; {kept}. A lower optimizer.base_lr or an '
+        'optimizer.grad_clip_norm may help; another --workdir starts over.')
 
 
 VALIDATION_FILE = 'validation.json'

@@ -1,9 +1,10 @@
-"""Training under faults: a failing evaluation, damaged checkpoints, two runs, a full disk.
+"""Training under faults: a failing evaluation, damaged checkpoints, two runs, a full disk,
+a diverging run.
 
 One in-process run (module fixture) trains the tiny synthetic config to step 4 with
 checkpoints at 2 and 4 and an evaluation that fails at step 4; copies of its workdir are
-damaged in different ways and restored in-process. The full-disk test is the only one
-that launches training subprocesses.
+damaged in different ways and restored in-process. The full-disk and diverging-run tests
+launch training subprocesses.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import gc
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -163,7 +165,7 @@ def _abstract_state():
 def _restore_latest(workdir):
   abstract, metadata = _abstract_state()
   with checkpoints.manager(workdir) as mngr:
-    return checkpoints.restore_latest(mngr, abstract, metadata)
+    return checkpoints.restore_latest(mngr, abstract, metadata)[:2]
 
 
 def _inference_variables(workdir):
@@ -460,3 +462,79 @@ def test_full_disk_keeps_the_previous_checkpoint_and_a_rerun_resumes(trained, tm
   resumed = support.run_training_subprocess(kept, OVERRIDES)
   assert min(resumed) > 2, resumed
   assert checkpoints.latest_step(kept) == 4
+
+
+# --- E: a diverging run -----------------------------------------------------------------------
+
+
+def _finite_steps(workdir: Path) -> dict[int, bool]:
+  """Each complete checkpoint's step: whether every float of its state is finite."""
+  abstract, _ = _abstract_state()
+  finite = {}
+  with checkpoints.manager(workdir, create=False) as mngr:
+    for step in mngr.all_steps():
+      state = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))['state']
+      finite[step] = all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(state)
+                         if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact))
+  return finite
+
+
+def test_diverging_run_stops_naming_the_step_and_keeps_the_last_finite_checkpoint(tmp_path):
+  """lr 1e6: the loss is NaN from step 3. Before, the run went on to exit 0 with a validation
+  table, saving NaN checkpoints at 4, 6 and 8 that rotated the finite one of step 2 away."""
+  workdir = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'projects.cvt_segmentation.main',
+       '--config=projects/cvt_segmentation/configs/synthetic_demo.py:runlocal',
+       f'--workdir={workdir}', '--config.optimizer.base_lr=1e6',
+       '--config.num_training_steps=8', '--config.log_summary_steps=4'],
+      cwd=support.REPO, env={**support.subprocess_env(), 'PYTHONPATH': str(support.REPO)},
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr and 'Final validation' not in proc.stdout
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  assert errors[0].startswith('error: Training diverged at step 3: the loss is nan'), errors
+  assert f'the checkpoint of step 2 in {workdir / "checkpoints"} is the last' in errors[0]
+  # Nothing non-finite was saved, and the finite checkpoint of step 2 is still there.
+  assert _finite_steps(workdir) == {2: True}
+
+
+def _save_unchecked(workdir: Path, step: int, state, metadata) -> None:
+  """Writes `state` as checkpoint `step` as versions before the finiteness check did."""
+  shutil.rmtree(workdir / 'checkpoints' / str(step))
+  metadata = {**metadata, checkpoints.CHECKSUMS: checkpoints.state_checksums(state)}
+  with checkpoints.manager(workdir) as mngr:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            metadata=ocp.args.JsonSave(metadata)))
+
+
+def test_resume_skips_a_non_finite_checkpoint_and_says_so(trained, tmp_path, capsys):
+  workdir = _copy(trained, tmp_path)
+  step, state = _restore_latest(workdir)
+  assert step == 4
+  nan_params = jax.tree.map(lambda x: x * np.nan, state.variables['params'])
+  _, metadata = _abstract_state()
+  _save_unchecked(workdir, 4, state.replace(variables={**state.variables, 'params': nan_params}),
+                  metadata)
+  capsys.readouterr()
+  state, _ = _train(workdir, NoEvaluation())
+  out = capsys.readouterr().out
+  line = next(line for line in out.splitlines() if line.startswith('Resuming'))
+  resumed = re.escape(f'Resuming from the checkpoint of step 2 in {workdir / "checkpoints"} ')
+  assert re.fullmatch(resumed + r'\(step 4 skipped: non-finite parameters \((\d+) of \1 values\)\)',
+                      line), line
+  assert int(state.step) == 4
+  # Set aside under its own name; the step trained again from step 2 is finite.
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['2', '4',
+                                                                         '4.non-finite']
+  assert _finite_steps(workdir) == {2: True, 4: True}
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+  state = {'variables': {'params': {'w': np.array([1.0, np.inf], np.float32)}}}
+  with checkpoints.manager(tmp_path) as mngr:
+    with pytest.raises(FloatingPointError, match='step 7 .*non-finite parameters'):
+      checkpoints.save(mngr, 7, state, {})
+  assert not list((tmp_path / 'checkpoints').iterdir())
