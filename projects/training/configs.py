@@ -223,7 +223,7 @@ _fraction = ValueRule('a number in [0, 1]', lambda v: _is_number(v) and 0 <= v <
 _below_one = ValueRule('a number in [0, 1)', lambda v: _is_number(v) and 0 <= v < 1)
 _share = ValueRule('a number in (0, 1]', lambda v: _is_number(v) and 0 < v <= 1)
 _factor = ValueRule('a positive number', lambda v: _is_number(v) and v > 0)
-_size = ValueRule('(h, w): two positive integers', _all(_positive.test, 2))
+_size = ValueRule('two positive integers', _all(_positive.test, 2))
 
 # The count, size and rate settings of both projects: {dotted path: rule}. `check_config`
 # checks those a config holds (None leaves a setting to its default, and a project adds or
@@ -238,7 +238,7 @@ VALUE_RULES: dict[str, ValueRule] = {
     **{f'dataset_configs.{key}': _size for key in (
         'image_size', 'crop_size', 'scale', 'eval_pad_shape', 'eval_label_pad_shape')},
     'dataset_configs.test_scale': _size._replace(allowed=(None, 'default')),
-    'dataset_configs.canvas_sizes': ValueRule('a list of (h, w) sizes, two positive integers',
+    'dataset_configs.canvas_sizes': ValueRule('a list of (h, w) pairs of positive integers',
                                               _all(_size.test)),
     'dataset_configs.ratio_range': ValueRule('(low, high): two positive numbers, low <= high',
                                              lambda v: _all(_factor.test, 2)(v) and v[0] <= v[1]),
@@ -258,7 +258,8 @@ VALUE_RULES: dict[str, ValueRule] = {
                                         'centerness_weight')},
     **{f'eval.{key}': _size for key in ('crop_size', 'stride')},
     'eval.scales': ValueRule('a list of positive numbers', _all(_factor.test)),
-    'eval.min_size': _positive,
+    'eval.min_size': ValueRule('an integer >= 0 or two',
+                               lambda v: _count.test(v) or _all(_count.test, 2)(v)),
     **{f'eval.{key}': _positive for key in ('pre_nms_topk', 'max_detections')},
     **{f'eval.{key}': _fraction for key in ('score_threshold', 'iou_threshold')},
     'model.backbone.drop_path_rate': _below_one,

@@ -227,3 +227,32 @@ def test_two_images_that_would_share_one_mask_are_an_error(tmp_path):
   assert str(error.value) == (
       f'{tmp_path}/img/a.jpg and {tmp_path}/img/a.png would pair with the same mask '
       f'{tmp_path}/ann/a.png; keep one image per mask (rename or remove the others)')
+
+
+def test_training_on_binary_0_255_masks_stops_with_one_error_line(tmp_path):
+  """As a user runs it: `main` on a folder config, before anything compiles."""
+  import subprocess
+  import sys
+
+  from . import trainer_support as support
+
+  args = _pairs(tmp_path / 'data', [_binary(32, 32)] * 2)
+  config = tmp_path / 'binary.py'
+  config.write_text(
+      'from projects.cvt_segmentation.configs import synthetic_demo\n\n\n'
+      'def get_config():\n'
+      "  config = synthetic_demo.get_config('runlocal')\n"
+      '  with config.unlocked():\n'
+      "    config.dataset_name = 'folder'\n"
+      f'    config.dataset_configs = dict(num_classes=2, crop_size=(32, 32), **{args!r})\n'
+      '  return config\n')
+  workdir = tmp_path / 'work'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'projects.cvt_segmentation.main', f'--config={config}',
+       f'--workdir={workdir}'], cwd=support.REPO, env=support.subprocess_env(),
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert errors == ['error: the masks of 2 splits make training meaningless:'], proc.stderr
+  assert f'train: the 2 masks hold only the values 0 and 255 (such as {tmp_path}' in proc.stderr
+  assert not (workdir / 'checkpoints').exists()

@@ -454,7 +454,9 @@ def _split_labels(name: str, ds: SegmentationFolder,
   mapped = raw if ds.label_map is None else np.asarray(ds.label_map(raw))
   present = set(mapped.tolist()) - {IGNORE_INDEX}
   mapping = getattr(ds.label_map, '__name__', 'the label mapping')
-  n, training = len(facts), name == 'train'
+  training = name == 'train'
+  masks = f'{len(facts)} mask{"s" if len(facts) > 1 else ""}'
+  hold = f'the {masks} hold' if len(facts) > 1 else 'the mask holds'
 
   def such_as(value: int) -> str:
     paths = [p for p, f in zip(ds.label_paths, facts, strict=True) if value in f['values']]
@@ -462,14 +464,14 @@ def _split_labels(name: str, ds: SegmentationFolder,
 
   if values == [0, IGNORE_INDEX]:
     labelled = 'only class 0 is labelled' if present else 'no pixel is labelled'
-    return None, (f'{name}: the {n} masks hold only the values 0 and 255 (such as '
+    return None, (f'{name}: {hold} only the values 0 and 255 (such as '
                   f'{such_as(IGNORE_INDEX)}), and 255 is the ignore label: {labelled}. If 255 '
                   'marks the foreground of binary masks, map 255 to 1 in the mask files '
                   '(numpy: mask // 255)')
   if not present:
     held = ('255 (ignore)' if values == [IGNORE_INDEX] else
             f'the values {values}, all 255 (ignore) after {mapping}')
-    return None, (f'{name}: the {n} masks hold only {held}; nothing to '
+    return None, (f'{name}: {hold} only {held}; nothing to '
                   f'{"train on" if training else "score"} (such as {such_as(values[0])})')
   missing = [k for k in range(ds.num_classes) if k not in present]
   if not training or not missing:
@@ -478,5 +480,5 @@ def _split_labels(name: str, ds: SegmentationFolder,
   more = f' and {len(missing) - 10} more' if len(missing) > 10 else ''
   one = len(missing) == 1
   return (f'{name}: class{"" if one else "es"} {shown}{more} of {ds.num_classes} '
-          f'appear{"s" if one else ""} in none of its {n} masks; the model cannot learn '
+          f'appear{"s" if one else ""} in none of its {masks}; the model cannot learn '
           f'{"it" if one else "them"}'), None
