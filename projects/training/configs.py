@@ -256,7 +256,9 @@ VALUE_RULES: dict[str, ValueRule] = {
     'loss.label_smoothing': _fraction,
     **{f'loss.{key}': _rate for key in ('aux_weight', 'cls_weight', 'box_weight',
                                         'centerness_weight')},
-    **{f'eval.{key}': _size for key in ('crop_size', 'stride')},
+    **{f'eval.{key}': ValueRule('a positive integer or two',
+                                lambda v: _positive.test(v) or _size.test(v))
+       for key in ('crop_size', 'stride')},
     'eval.scales': ValueRule('a list of positive numbers', _all(_factor.test)),
     'eval.min_size': ValueRule('an integer >= 0 or two',
                                lambda v: _count.test(v) or _all(_count.test, 2)(v)),
