@@ -377,15 +377,14 @@ def _pair_problems(ds: SegmentationFolder, image: str, image_facts: dict | Excep
 
 def validate_splits(splits: Mapping[str, SegmentationFolder], mode: str = 'full',
                     num_threads: int | None = None) -> list[str]:
-  """Checks every file of `splits` up front; one `DatasetError` lists every bad pair.
+  """Checks every file of `splits` up front; one `DatasetError` lists every bad pair. Then,
+  in 'full' mode, each split's labels as a whole (`_split_labels`); returns its warnings.
 
   By `mode`: always, every image has its mask; 'headers' and 'full': files open and each
   mask is a single-channel map of its image's size; 'full': every mask's values are in
   `[0, max_raw_label]` or 255 and the label mapping takes them into `[0, num_classes)` or
-  255, and then each split as a whole (`_split_labels`: masks with no labelled pixel or
-  only 0 and 255 are an error; the classes no 'train' mask holds, returned as warnings).
-  Headers and values are cached per file in the mask folder's index: a rerun decodes only
-  new or changed masks.
+  255. Headers and values are cached per file in the mask folder's index: a rerun decodes
+  only new or changed masks.
   """
   if mode not in VALIDATE_MODES:
     raise ValueError(f'validate must be one of {VALIDATE_MODES}, got {mode!r}')
