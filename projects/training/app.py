@@ -82,7 +82,7 @@ def _user_errors_in_one_line(main: MainFn) -> MainFn:
   from projects.training.datasets import DatasetError
   from projects.training.workdir_lock import WorkdirInUseError
 
-  one_line = (configs.ConfigKeyError, DatasetError, FileNotFoundError, WorkdirInUseError,
+  one_line = (configs.ConfigError, DatasetError, FileNotFoundError, WorkdirInUseError,
               checkpoints.CheckpointMismatchError, checkpoints.CheckpointCorruptError,
               checkpoints.CheckpointWriteError, checkpoints.NonFiniteStateError)
 
@@ -91,7 +91,7 @@ def _user_errors_in_one_line(main: MainFn) -> MainFn:
     try:
       return main(*args, **kwargs)
     except one_line as error:
-      if isinstance(error, configs.ConfigKeyError) and error.source is None and _config_file():
+      if isinstance(error, configs.ConfigError) and error.source is None and _config_file():
         error.source = f'config {_config_file()}'
       print(f'error: {error}', file=sys.stderr, flush=True)
       sys.exit(1)

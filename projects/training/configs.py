@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
+import numbers
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, Union
 
 import ml_collections
 
@@ -41,19 +43,33 @@ SCENIC_KEYS = ('workdir_suffix', 'trainer_name', 'checkpoint', 'shuffle_seed', '
 _EQUIVALENTS = {'init_from': 'model.backbone.pretrained'}
 
 
-class ConfigKeyError(ValueError):
-  """Config keys that no setting reads: `(dotted path, hint)` pairs, and `source` (a file)."""
+class ConfigError(ValueError):
+  """Config settings that are wrong: `(setting, hint)` pairs, and `source` (a file)."""
 
-  def __init__(self, unknown: Sequence[tuple[str, str]], source: str | None = None):
-    self.unknown = tuple(unknown)
+  what = 'config problem'
+
+  def __init__(self, problems: Sequence[tuple[str, str]], source: str | None = None):
+    self.problems = tuple(problems)
     self.source = source
-    super().__init__(self.unknown, source)  # args that rebuild it (pickling, copies)
+    super().__init__(self.problems, source)  # args that rebuild it (pickling, copies)
 
   def __str__(self) -> str:
-    keys = ', '.join(f'{path} ({hint})' for path, hint in self.unknown)
-    plural = 's' if len(self.unknown) > 1 else ''
+    items = ', '.join(f'{path} ({hint})' for path, hint in self.problems)
+    plural = 's' if len(self.problems) > 1 else ''
     prefix = f'{self.source}: ' if self.source else ''
-    return f'{prefix}unknown config key{plural} {keys}'
+    return f'{prefix}{self.what}{plural} {items}'
+
+
+class ConfigKeyError(ConfigError):
+  """Config keys that no setting reads: `(dotted path, hint)` pairs."""
+
+  what = 'unknown config key'
+
+
+class ConfigValueError(ConfigError):
+  """Config values a setting cannot take: `(path=value, what it must be)` pairs."""
+
+  what = 'invalid config value'
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -177,16 +193,115 @@ def merge_known_keys(*known: KnownKeys | None) -> KnownKeys | None:
   return merged
 
 
+def is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _all(test: Callable[[Any], bool], length: int | None = None) -> Callable[[Any], bool]:
+  """A test of a sequence (of `length` items, any if None) whose every item passes `test`."""
+  return lambda v: (isinstance(v, Sequence) and not isinstance(v, str)
+                    and (length is None or len(v) == length) and all(map(test, v)))
+
+
+class ValueRule(NamedTuple):
+  """What a setting must be (`expected`, in words) and its test; `allowed` pass as they are."""
+
+  expected: str
+  test: Callable[[Any], bool]
+  allowed: tuple = (None,)
+
+
+_positive = ValueRule('a positive integer', lambda v: is_int(v) and v >= 1)
+_count = ValueRule('an integer >= 0', lambda v: is_int(v) and v >= 0)
+_interval = ValueRule('an integer >= 0 (0: at the end only)', _count.test)
+_rate = ValueRule('a number >= 0', lambda v: _is_number(v) and v >= 0)
+_fraction = ValueRule('a number in [0, 1]', lambda v: _is_number(v) and 0 <= v <= 1)
+_below_one = ValueRule('a number in [0, 1)', lambda v: _is_number(v) and 0 <= v < 1)
+_share = ValueRule('a number in (0, 1]', lambda v: _is_number(v) and 0 < v <= 1)
+_factor = ValueRule('a positive number', lambda v: _is_number(v) and v > 0)
+_size = ValueRule('two positive integers', _all(_positive.test, 2))
+
+# The count, size and rate settings of both projects: {dotted path: rule}. `check_config`
+# checks those a config holds (None leaves a setting to its default, and a project adds or
+# narrows rules in `project_keys`); the code that reads them may assume them.
+VALUE_RULES: dict[str, ValueRule] = {
+    **dict.fromkeys(('batch_size', 'eval_batch_size', 'num_training_steps', 'log_summary_steps',
+                     'max_checkpoints_to_keep'), _positive),
+    **dict.fromkeys(('log_eval_steps', 'checkpoint_steps'), _interval),
+    **{f'dataset_configs.{key}': _positive for key in (
+        'num_classes', 'num_train', 'num_eval', 'max_objects', 'max_boxes', 'eval_size_divisor')},
+    **{f'dataset_configs.{key}': _count for key in ('num_threads', 'num_workers', 'prefetch')},
+    **{f'dataset_configs.{key}': _size for key in (
+        'image_size', 'crop_size', 'scale', 'eval_pad_shape', 'eval_label_pad_shape')},
+    'dataset_configs.test_scale': _size._replace(allowed=(None, 'default')),
+    'dataset_configs.canvas_sizes': ValueRule('a list of (h, w) pairs of positive integers',
+                                              _all(_size.test)),
+    'dataset_configs.ratio_range': ValueRule('(low, high): two positive numbers, low <= high',
+                                             lambda v: _all(_factor.test, 2)(v) and v[0] <= v[1]),
+    'dataset_configs.cat_max_ratio': _share,
+    'dataset_configs.flip_prob': _fraction,
+    **{f'optimizer.{key}': _rate for key in ('base_lr', 'weight_decay', 'power', 'min_lr',
+                                             'head_lr_mult', 'grad_clip_norm')},
+    **{f'optimizer.{key}': _below_one for key in ('b1', 'b2')},
+    'optimizer.warmup_steps': _count,
+    'optimizer.warmup_ratio': _fraction,
+    'optimizer.decay_steps': ValueRule('a list of integers >= 0', _all(_count.test)),
+    'optimizer.decay_factor': _rate,
+    'optimizer.layer_decay': _factor,
+    'optimizer.accumulation_steps': _positive,
+    'loss.label_smoothing': _fraction,
+    **{f'loss.{key}': _rate for key in ('aux_weight', 'cls_weight', 'box_weight',
+                                        'centerness_weight')},
+    **{f'eval.{key}': ValueRule('a positive integer or two',
+                                lambda v: _positive.test(v) or _size.test(v))
+       for key in ('crop_size', 'stride')},
+    'eval.scales': ValueRule('a list of positive numbers', _all(_factor.test)),
+    'eval.min_size': ValueRule('an integer >= 0 or two',
+                               lambda v: _count.test(v) or _all(_count.test, 2)(v)),
+    **{f'eval.{key}': _positive for key in ('pre_nms_topk', 'max_detections')},
+    **{f'eval.{key}': _fraction for key in ('score_threshold', 'iou_threshold')},
+    'model.backbone.drop_path_rate': _below_one,
+    'model.backbone.frozen_stages': _count,
+    'model.backbone.attention_chunk_size': _positive,
+    **{f'model.{head}.channels': _positive for head in ('decode_head', 'auxiliary_head', 'head')},
+    'model.neck.out_channels': _positive,
+    'model.head.num_convs': _positive,
+    'model.head.prior_prob': ValueRule('a number in (0, 1)',
+                                       lambda v: _is_number(v) and 0 < v < 1),
+    **{f'model.{head}.dropout_rate': _below_one for head in ('decode_head', 'auxiliary_head')},
+}
+
+
+def _invalid_values(config: Any, rules: Mapping[str, ValueRule]) -> list[tuple[str, str]]:
+  """`(path=value, expected ...)` of each setting of `config` that breaks its rule."""
+  invalid = []
+  for path, rule in rules.items():
+    value = config
+    for key in path.split('.'):
+      value = config_get(value, key) if value is not None else None
+    if isinstance(value, list):
+      value = tuple(value)  # as a config file writes it
+    if not any(value is a or value == a for a in rule.allowed) and not rule.test(value):
+      invalid.append((f'{path}={value!r}', f'expected {rule.expected}'))
+  return invalid
+
+
 @dataclasses.dataclass(frozen=True)
 class ProjectKeys:
   """The settings a project's configs may hold, as data.
 
-  `common` keys; `config.model`'s per model name; `config.dataset_configs`' per dataset name.
+  `common` keys; `config.model`'s per model name; `config.dataset_configs`' per dataset name;
+  the rules of their `values`.
   """
 
   common: KnownKeys
   models: Mapping[str, KnownKeys]
   datasets: Mapping[str, Sequence[str]]
+  values: Mapping[str, ValueRule] = dataclasses.field(default_factory=lambda: VALUE_RULES)
 
   def of(self, config: Any) -> KnownKeys:
     """The keys of `config`: its model's and dataset's (any one's where it names none).
@@ -207,18 +322,19 @@ class ProjectKeys:
 
 def project_keys(defaults: Any, models: Mapping[str, KnownKeys],
                  datasets: Mapping[str, Sequence[str]], common_dataset_keys: Sequence[str],
-                 scenic_prefix: str, extra: KnownKeys | None = None) -> ProjectKeys:
+                 scenic_prefix: str, extra: KnownKeys | None = None,
+                 values: Mapping[str, ValueRule] | None = None) -> ProjectKeys:
   """A project's `ProjectKeys`: the keys of `defaults` (a full config), Scenic's and `extra`.
 
   Each dataset also takes `common_dataset_keys`, and under its name in Scenic's registry
-  (`scenic_prefix + name`) also `start_step`.
+  (`scenic_prefix + name`) also `start_step`. `values` add to or replace `VALUE_RULES`.
   """
   per_dataset = {}
   for name, keys in datasets.items():
     per_dataset[name] = (*keys, *common_dataset_keys)
     per_dataset[scenic_prefix + name] = (*keys, *common_dataset_keys, 'start_step')
   common = merge_known_keys(known_keys_of(defaults), dict.fromkeys(SCENIC_KEYS), extra or {})
-  return ProjectKeys(common, dict(models), per_dataset)
+  return ProjectKeys(common, dict(models), per_dataset, {**VALUE_RULES, **(values or {})})
 
 
 def _paths(known: KnownKeys, prefix: str = '') -> list[str]:
@@ -250,7 +366,8 @@ def _hint(path: str, known_paths: Sequence[str]) -> str:
 
 
 def check_config(config: Any, keys: ProjectKeys, source: str | None = None) -> None:
-  """Raises `ConfigKeyError` naming every key of `config` (nested too) that `keys` lacks."""
+  """Raises `ConfigKeyError` naming every key of `config` (nested too) that `keys` lacks, then
+  `ConfigValueError` naming every value that breaks its rule (`ProjectKeys.values`)."""
   known = keys.of(config)
   known_paths = _paths(known)
   unknown = []
@@ -266,6 +383,8 @@ def check_config(config: Any, keys: ProjectKeys, source: str | None = None) -> N
   walk(as_dict(config), known, '')
   if unknown:
     raise ConfigKeyError(unknown, source)
+  if invalid := _invalid_values(config, keys.values):
+    raise ConfigValueError(invalid, source)
 
 
 # `--config.a.b=1`, `--config.a.b 1`, `--noconfig.a.b`: an override of config key `a.b`.

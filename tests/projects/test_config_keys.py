@@ -233,3 +233,71 @@ def test_typo_in_a_config_file_stops_main_with_one_line(tmp_path):
   assert 'unknown config key optimizer.base_rl (did you mean optimizer.base_lr?)' in errors[0]
   assert 'my_config.py' in errors[0]
   assert not (workdir / 'checkpoints').exists()
+
+
+# Issue 27 item 7: counts, sizes and rates are checked where the config enters, one line.
+BAD_VALUES = [
+    (SEG_DEMO, 'dataset_configs.num_classes', 0, 'an integer in [2, 255]'),
+    (SEG_DEMO, 'dataset_configs.num_classes', -3, 'an integer in [2, 255]'),
+    (SEG_DEMO, 'batch_size', 0, 'a positive integer'),
+    (SEG_DEMO, 'eval_batch_size', 0, 'a positive integer'),
+    (SEG_DEMO, 'num_training_steps', -1, 'a positive integer'),
+    (SEG_DEMO, 'log_summary_steps', 0, 'a positive integer'),
+    (SEG_DEMO, 'checkpoint_steps', -5, 'an integer >= 0 (0: at the end only)'),
+    (SEG_DEMO, 'dataset_configs.image_size', (0, 64), 'two positive integers'),
+    (SEG_DEMO, 'eval.stride', (48, -1), 'a positive integer or two'),
+    (SEG_DEMO, 'eval.scales', (1.0, -0.5), 'a list of positive numbers'),
+    (SEG_DEMO, 'optimizer.base_lr', -0.1, 'a number >= 0'),
+    (SEG_DEMO, 'optimizer.accumulation_steps', 0, 'a positive integer'),
+    (SEG_DEMO, 'loss.label_smoothing', 1.5, 'a number in [0, 1]'),
+    (SEG_DEMO, 'optimizer.warmup_steps', -1, 'an integer >= 0'),
+    (DET_DEMO, 'dataset_configs.num_classes', -3, 'a positive integer'),
+    (DET_DEMO, 'eval_batch_size', 0, 'a positive integer'),
+    (DET_DEMO, 'dataset_configs.max_boxes', 0, 'a positive integer'),
+    (DET_DEMO, 'eval.score_threshold', 2.0, 'a number in [0, 1]'),
+    (DET_DEMO, 'optimizer.decay_steps', (5, -1), 'a list of integers >= 0'),
+    (DET_DEMO, 'model.head.channels', 0, 'a positive integer'),
+]
+
+
+@pytest.mark.parametrize('base, path, value, expected', BAD_VALUES,
+                         ids=[f'{b.split("/")[1]}-{p}={v}' for b, p, v, _ in BAD_VALUES])
+def test_invalid_numbers_are_config_errors(tmp_path, base, path, value, expected):
+  config_file = _write_config(tmp_path, base, f'config.{path} = {value!r}')
+  with pytest.raises(ValueError) as error:
+    configs.load_config(config_file + ':runlocal', _keys(base))
+  assert str(error.value) == (f'config {config_file}: invalid config value {path}={value!r} '
+                              f'(expected {expected})')
+
+
+def test_every_invalid_number_is_listed_and_loader_settings_are_checked(tmp_path):
+  config_file = _write_config(
+      tmp_path, SEG_DEMO, 'config.batch_size = 0', 'config.eval_batch_size = -1',
+      'config.dataset_configs.num_workers = -2', 'config.dataset_configs.crop_size = (32,)',
+      'config.dataset_configs.flip_prob = 2.0', 'config.dataset_configs.test_scale = "default"',
+      'config.dataset_configs.scale = None')
+  with pytest.raises(ValueError) as error:
+    configs.load_config(config_file, _keys(SEG_DEMO))
+  message = str(error.value)
+  assert type(error.value).__name__ == 'ConfigValueError' and '\n' not in message
+  for part in ('batch_size=0 (', 'eval_batch_size=-1 (', 'num_workers=-2 (expected an integer >= 0)',
+               'crop_size=(32,) (', 'flip_prob=2.0 (expected a number in [0, 1])'):
+    assert part in message
+  assert 'test_scale' not in message and 'scale=None' not in message  # allowed values
+
+
+@pytest.mark.parametrize('project, config, flag, expected', [
+    ('cvt_segmentation', SEG_DEMO, '--config.dataset_configs.num_classes=-3',
+     'dataset_configs.num_classes=-3 (expected an integer in [2, 255])'),
+    ('cvt_detection', DET_DEMO, '--config.batch_size=0',
+     'batch_size=0 (expected a positive integer)'),
+])
+def test_invalid_number_flag_is_one_line(tmp_path, project, config, flag, expected):
+  proc = _run_main(project, f'--config={config}:runlocal', f'--workdir={tmp_path}', flag,
+                   scenic=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert errors == [f'error: config {config}:runlocal: invalid config value {expected}'], (
+      proc.stderr)
+  assert not (tmp_path / 'checkpoints').exists()

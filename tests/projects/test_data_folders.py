@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from projects.cvt_segmentation.data import folders
+from projects.training.datasets import DatasetError
 
 
 def _write_image(path, h, w, fmt=None):
@@ -130,3 +131,128 @@ def test_rgb_mask_is_rejected(tmp_path):
   ds = folders.image_mask_folders(str(tmp_path / 'i'), str(tmp_path / 'm'), num_classes=3)
   with pytest.raises(ValueError, match="mode 'RGB'"):
     ds[0]
+
+
+# Issue 27: labels that make training meaningless, and files that would pair wrongly.
+
+
+def _pairs(root, masks, image_names=None):
+  """`img/{train,val}/<i>.png` with `ann/.../<i>.png` = `masks[i]`; `build_loaders` args."""
+  for split in ('train', 'val'):
+    for i, mask in enumerate(masks):
+      _write_image(str(root / 'img' / split / f'{i}.png'), *mask.shape)
+      _write_label(str(root / 'ann' / split / f'{i}.png'), mask)
+  return {f'{split}_{kind}': str(root / folder / split) for split in ('train', 'val')
+          for kind, folder in (('images', 'img'), ('masks', 'ann'))}
+
+
+def _build(args, num_classes=2, **extra):
+  from projects.cvt_segmentation.data import builder
+
+  return builder.build_loaders('folder', batch_size=2, eval_batch_size=2, num_threads=0,
+                               crop_size=(8, 8), scale=(16, 8), num_classes=num_classes,
+                               **args, **extra)
+
+
+def _binary(h=8, w=8):
+  mask = np.zeros((h, w), np.uint8)
+  mask[2:5, 3:6] = 255
+  return mask
+
+
+def test_binary_masks_stored_as_0_255_are_an_error_naming_files(tmp_path, capsys):
+  args = _pairs(tmp_path, [_binary(), _binary(), np.zeros((8, 8))])
+  with pytest.raises(DatasetError) as error:
+    _build(args)
+  lines = str(error.value).splitlines()
+  assert len(lines) == 3 and lines[0] == 'the masks of 2 splits make training meaningless:'
+  assert lines[1].startswith(f'  train: the 3 masks hold only the values 0 and 255 (such as '
+                             f'{tmp_path}/ann/train/0.png, {tmp_path}/ann/train/1.png)')
+  assert 'only class 0 is labelled' in lines[1] and 'map 255 to 1' in lines[1]
+  assert lines[2].startswith('  validation: the 3 masks hold only the values 0 and 255')
+  # reduce_zero_label makes them all ignore: still the same finding.
+  with pytest.raises(DatasetError, match='hold only the values 0 and 255'):
+    _build(args, reduce_zero_label=True, num_classes=2)
+  assert capsys.readouterr().err == ''
+
+
+def test_masks_without_a_labelled_pixel_are_an_error(tmp_path):
+  ignore = np.full((8, 8), 255, np.uint8)
+  args = _pairs(tmp_path, [ignore, ignore])
+  with pytest.raises(DatasetError) as error:
+    _build(args)
+  assert str(error.value).splitlines() == [
+      'the masks of 2 splits make training meaningless:',
+      f'  train: the 2 masks hold only 255 (ignore); nothing to train on (such as '
+      f'{tmp_path}/ann/train/0.png, {tmp_path}/ann/train/1.png)',
+      f'  validation: the 2 masks hold only 255 (ignore); nothing to score (such as '
+      f'{tmp_path}/ann/val/0.png, {tmp_path}/ann/val/1.png)']
+
+
+def test_a_class_missing_from_the_training_masks_is_one_warning(tmp_path, capsys):
+  mask = np.zeros((8, 8), np.uint8)
+  mask[:4] = 2
+  args = _pairs(tmp_path, [mask, mask, mask])
+  _build(args, num_classes=4)
+  err = capsys.readouterr().err
+  assert err.splitlines() == [
+      'warning: train: classes 1 (class_1), 3 (class_3) of 4 appear in none of its 3 masks; '
+      'the model cannot learn them']
+  _build(args, num_classes=3, class_names=['sky', 'road', 'car'])  # rerun: cached facts
+  assert capsys.readouterr().err.splitlines() == [
+      'warning: train: class 1 (road) of 3 appears in none of its 3 masks; the model cannot '
+      'learn it']
+
+
+def test_a_folder_of_unsupported_images_names_the_types_found(tmp_path):
+  for i in range(3):
+    _write_image(str(tmp_path / 'img' / f'{i}.gif'), 4, 4, fmt='GIF')
+  (tmp_path / 'img' / 'notes.txt').write_text('x')
+  os.makedirs(tmp_path / 'ann')
+  with pytest.raises(FileNotFoundError) as error:
+    folders.image_mask_folders(str(tmp_path / 'img'), str(tmp_path / 'ann'), num_classes=2)
+  assert str(error.value) == (
+      f'no images found in {tmp_path}/img: it holds 3 .gif files, 1 .txt file; supported: '
+      '.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp')
+
+
+def test_two_images_that_would_share_one_mask_are_an_error(tmp_path):
+  _write_image(str(tmp_path / 'img' / 'a.jpg'), 4, 4)
+  _write_image(str(tmp_path / 'img' / 'a.png'), 4, 4)
+  _write_image(str(tmp_path / 'img' / 'b.png'), 4, 4)
+  for stem in ('a', 'b'):
+    _write_label(str(tmp_path / 'ann' / f'{stem}.png'), np.zeros((4, 4)))
+  with pytest.raises(DatasetError) as error:
+    folders.image_mask_folders(str(tmp_path / 'img'), str(tmp_path / 'ann'), num_classes=2)
+  assert str(error.value) == (
+      f'{tmp_path}/img/a.jpg and {tmp_path}/img/a.png would pair with the same mask '
+      f'{tmp_path}/ann/a.png; keep one image per mask (rename or remove the others)')
+
+
+def test_training_on_binary_0_255_masks_stops_with_one_error_line(tmp_path):
+  """As a user runs it: `main` on a folder config, before anything compiles."""
+  import subprocess
+  import sys
+
+  from . import trainer_support as support
+
+  args = _pairs(tmp_path / 'data', [_binary(32, 32)] * 2)
+  config = tmp_path / 'binary.py'
+  config.write_text(
+      'from projects.cvt_segmentation.configs import synthetic_demo\n\n\n'
+      'def get_config():\n'
+      "  config = synthetic_demo.get_config('runlocal')\n"
+      '  with config.unlocked():\n'
+      "    config.dataset_name = 'folder'\n"
+      f'    config.dataset_configs = dict(num_classes=2, crop_size=(32, 32), **{args!r})\n'
+      '  return config\n')
+  workdir = tmp_path / 'work'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'projects.cvt_segmentation.main', f'--config={config}',
+       f'--workdir={workdir}'], cwd=support.REPO, env=support.subprocess_env(),
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert errors == ['error: the masks of 2 splits make training meaningless:'], proc.stderr
+  assert f'train: the 2 masks hold only the values 0 and 255 (such as {tmp_path}' in proc.stderr
+  assert not (workdir / 'checkpoints').exists()

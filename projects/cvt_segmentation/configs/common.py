@@ -101,6 +101,9 @@ CONFIG_KEYS = configs.project_keys(
     scenic_prefix=SCENIC_DATASET_PREFIX,
     # Read with defaults: the optimizer's other settings, `cli.inference_settings`'s.
     extra={'optimizer': dict.fromkeys(configs.OPTIMIZER_KEYS),
-           'eval': dict.fromkeys(('min_size', 'pad_to_crop'))})
+           'eval': dict.fromkeys(('min_size', 'pad_to_crop'))},
+    # Labels are uint8 with 255 the ignore label; one class (all background) learns nothing.
+    values={'dataset_configs.num_classes': configs.ValueRule(
+        'an integer in [2, 255]', lambda v: configs.is_int(v) and 2 <= v <= 255)})
 
 load_config = functools.partial(configs.load_config, keys=CONFIG_KEYS)

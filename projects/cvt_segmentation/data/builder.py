@@ -7,6 +7,7 @@ datasets are checked when built, before training (`folders.validate_splits`).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from projects.cvt_segmentation.data import folders
@@ -46,8 +47,11 @@ def resolve_test_scale(
   return None if test_scale is None else (int(test_scale[0]), int(test_scale[1]))
 
 
-def _sources(name: str, kw: dict, validate: str = 'full'):
-  """(train source, eval source, default image size) for dataset `name`; pops its kwargs."""
+def _sources(name: str, kw: dict, validate: str = 'full', quiet: bool = False):
+  """(train source, eval source, default image size) for dataset `name`; pops its kwargs.
+
+  Folder datasets are validated; the warnings about their labels are printed unless `quiet`.
+  """
   if validate not in folders.VALIDATE_MODES:
     raise ValueError(f'validate must be one of {folders.VALIDATE_MODES}, got {validate!r}')
   if name == 'synthetic':
@@ -82,7 +86,9 @@ def _sources(name: str, kw: dict, validate: str = 'full'):
                   for split in ('train', 'val'))
   else:
     raise ValueError(f'unknown dataset {name!r}; expected one of {DATASET_NAMES}')
-  folders.validate_splits({'train': train, 'validation': val}, validate)
+  for warning in folders.validate_splits({'train': train, 'validation': val}, validate):
+    if not quiet:
+      print(f'warning: {warning}', file=sys.stderr, flush=True)
   return train, val, None
 
 
@@ -125,7 +131,7 @@ def build_loaders(name: str, *, batch_size: int, eval_batch_size: int, seed: int
         flip_prob, photometric (`TrainTransform`).
   """
   kw = dict(dataset_kwargs)
-  train_src, eval_src, image_size = _sources(name, kw, validate)
+  train_src, eval_src, image_size = _sources(name, kw, validate, quiet=process_index > 0)
   aug = dict(_TRAIN_DEFAULTS[name])
   aug.update({k: kw.pop(k) for k in _AUG_KEYS if k in kw})
   if kw:

@@ -9,6 +9,7 @@ all problems in one `DatasetError`; `ds[i]`'s checks stay as the last line of de
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -169,8 +170,23 @@ def _list_files(root: str, suffixes: Sequence[str]) -> list[str]:
   found = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames.sort()
-    found += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(tuple(suffixes))]
+    found += [os.path.join(dirpath, f) for f in filenames
+              if f.lower().endswith(tuple(x.lower() for x in suffixes))]
   return sorted(found)
+
+
+def _listed_images(image_dir: str, suffixes: Sequence[str]) -> list[str]:
+  """The images under `image_dir` ending with one of `suffixes`; none is an error naming the
+  types of file the folder holds instead."""
+  images = _list_files(image_dir, suffixes)
+  if not images:
+    kinds = collections.Counter(os.path.splitext(f)[1].lower() or '(no extension)'
+                                for f in _list_files(image_dir, ('',)))
+    held = ', '.join(f'{n} {kind} file{"s" if n > 1 else ""}' for kind, n in kinds.most_common())
+    raise FileNotFoundError(f'no images found in {image_dir}: '
+                            f'{f"it holds {held}" if held else "it is empty"}; supported: '
+                            f'{", ".join(suffixes)}')
+  return images
 
 
 def _pair(images: list[str], image_root: str, label_root: str, label_suffix: str,
@@ -183,15 +199,24 @@ def _pair(images: list[str], image_root: str, label_root: str, label_suffix: str
   if missing_masks not in MISSING_MASKS:
     raise ValueError(f'missing_masks must be one of {MISSING_MASKS}, got {missing_masks!r}')
   paired, labels, unpaired = [], [], []
+  images_of: dict[str, list[str]] = {}
   for path in images:
     rel = os.path.relpath(path, image_root)
     cut = len(image_suffix) if image_suffix is not None else len(os.path.splitext(rel)[1])
     label = os.path.join(label_root, rel[: len(rel) - cut] + label_suffix)
+    images_of.setdefault(label, []).append(path)
     if os.path.isfile(label):
       paired.append(path)
       labels.append(label)
     else:
       unpaired.append((path, label))
+  shared = [f'{" and ".join(paths)} would pair with the same mask {label}'
+            for label, paths in images_of.items() if len(paths) > 1]
+  if shared:
+    advice = 'keep one image per mask (rename or remove the others)'
+    raise DatasetError(f'{shared[0]}; {advice}' if len(shared) == 1 else
+                       f'{len(shared)} masks in {label_root} would each pair with several '
+                       f'images; {advice}:\n{listing(shared, _SHOWN)}')
   if unpaired and missing_masks == 'raise':
     lines = [_unpaired_line(image, label) for image, label in unpaired]
     raise MissingFilesError(
@@ -220,9 +245,7 @@ def ade20k(root: str, split: str = 'training', missing_masks: str = 'raise') -> 
     root = nested
   image_dir = _require_dir(os.path.join(root, 'images', split))
   label_dir = _require_dir(os.path.join(root, 'annotations', split))
-  images = _list_files(image_dir, ('.jpg',))
-  if not images:
-    raise FileNotFoundError(f'no .jpg images found in {image_dir}')
+  images = _listed_images(image_dir, ('.jpg',))
   images, labels, unpaired = _pair(images, image_dir, label_dir, '.png', '.jpg', missing_masks)
   # Raw ADE20K labels are 0..150; the check runs before reduce_zero_label.
   return SegmentationFolder(
@@ -242,9 +265,7 @@ def cityscapes(root: str, split: str = 'train', missing_masks: str = 'raise') ->
     raise ValueError(f"Cityscapes split must be 'train' or 'val', got {split!r}")
   image_dir = _require_dir(os.path.join(root, 'leftImg8bit', split))
   label_dir = _require_dir(os.path.join(root, 'gtFine', split))
-  images = _list_files(image_dir, ('_leftimg8bit.png',))
-  if not images:
-    raise FileNotFoundError(f'no *_leftImg8bit.png images found in {image_dir}')
+  images = _listed_images(image_dir, ('_leftImg8bit.png',))
   images, labels, unpaired = _pair(images, image_dir, label_dir, '_gtFine_labelIds.png',
                                    '_leftImg8bit.png', missing_masks)
   # Every byte value has a train id (unknown ids are ignored), so nothing raises.
@@ -272,9 +293,7 @@ def image_mask_folders(image_dir: str, mask_dir: str, num_classes: int,
   """
   _require_dir(image_dir)
   _require_dir(mask_dir)
-  images = _list_files(image_dir, IMAGE_EXTENSIONS)
-  if not images:
-    raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found in {image_dir}')
+  images = _listed_images(image_dir, IMAGE_EXTENSIONS)
   images, labels, unpaired = _pair(images, image_dir, mask_dir, mask_suffix, None,
                                    missing_masks)
   names = class_names if class_names is not None else [f'class_{i}' for i in range(num_classes)]
@@ -361,8 +380,9 @@ def _pair_problems(ds: SegmentationFolder, image: str, image_facts: dict | Excep
 
 
 def validate_splits(splits: Mapping[str, SegmentationFolder], mode: str = 'full',
-                    num_threads: int | None = None) -> None:
-  """Checks every file of `splits` up front; one `DatasetError` lists every bad pair.
+                    num_threads: int | None = None) -> list[str]:
+  """Checks every file of `splits` up front; one `DatasetError` lists every bad pair. Then,
+  in 'full' mode, each split's labels as a whole (`_split_labels`); returns its warnings.
 
   By `mode`: always, every image has its mask; 'headers' and 'full': files open and each
   mask is a single-channel map of its image's size; 'full': every image decodes (none is
@@ -374,6 +394,7 @@ def validate_splits(splits: Mapping[str, SegmentationFolder], mode: str = 'full'
     raise ValueError(f'validate must be one of {VALIDATE_MODES}, got {mode!r}')
   lines: list[str] = []
   total = 0
+  found: dict[str, list] = {}  # each split's mask facts, with their label values
   indexes: dict[str, data_index.FileIndex] = {}
   for name, ds in splits.items():
     total += len(ds) + len(ds.unpaired)
@@ -398,6 +419,8 @@ def validate_splits(splits: Mapping[str, SegmentationFolder], mode: str = 'full'
       problems = _pair_problems(ds, image, fi, fm)
       if problems:
         lines.append(f'{name}: {mask}: {"; ".join(problems)}')
+    if mode == 'full':
+      found[name] = mask_facts
   for index in indexes.values():
     index.save()  # before raising: a rerun after a fix rechecks only the changed files
   if lines:
@@ -411,3 +434,53 @@ def validate_splits(splits: Mapping[str, SegmentationFolder], mode: str = 'full'
         f'{listing(lines, _SHOWN)}\n'
         'Fix or remove these files; a rerun rechecks only the files that changed.'
     )
+  warnings, useless = [], []
+  for name, facts in found.items():
+    warning, error = _split_labels(name, splits[name], facts)
+    warnings += [warning] if warning else []
+    useless += [error] if error else []
+  if useless:
+    raise DatasetError(useless[0] if len(useless) == 1 else
+                       f'the masks of {len(useless)} splits make training meaningless:\n'
+                       f'{listing(useless, _SHOWN)}')
+  return warnings
+
+
+def _split_labels(name: str, ds: SegmentationFolder,
+                  facts: Sequence[dict]) -> tuple[str | None, str | None]:
+  """`(warning, error)` about the label values of a split's masks, all valid one by one:
+  an error when no pixel is labelled or the masks hold only 0 and 255 (binary masks whose
+  foreground is the ignore label), a warning naming the classes no training mask holds."""
+  values = sorted(set().union(*(f['values'] for f in facts)))
+  raw = np.asarray(values, np.uint8)
+  mapped = raw if ds.label_map is None else np.asarray(ds.label_map(raw))
+  present = set(mapped.tolist()) - {IGNORE_INDEX}
+  mapping = getattr(ds.label_map, '__name__', 'the label mapping')
+  training = name == 'train'
+  masks = f'{len(facts)} mask{"s" if len(facts) > 1 else ""}'
+  hold = f'the {masks} hold' if len(facts) > 1 else 'the mask holds'
+
+  def such_as(value: int) -> str:
+    paths = [p for p, f in zip(ds.label_paths, facts, strict=True) if value in f['values']]
+    return ', '.join(paths[:2])
+
+  if values == [0, IGNORE_INDEX]:
+    labelled = 'only class 0 is labelled' if present else 'no pixel is labelled'
+    return None, (f'{name}: {hold} only the values 0 and 255 (such as '
+                  f'{such_as(IGNORE_INDEX)}), and 255 is the ignore label: {labelled}. If 255 '
+                  'marks the foreground of binary masks, map 255 to 1 in the mask files '
+                  '(numpy: mask // 255)')
+  if not present:
+    held = ('255 (ignore)' if values == [IGNORE_INDEX] else
+            f'the values {values}, all 255 (ignore) after {mapping}')
+    return None, (f'{name}: {hold} only {held}; nothing to '
+                  f'{"train on" if training else "score"} (such as {such_as(values[0])})')
+  missing = [k for k in range(ds.num_classes) if k not in present]
+  if not training or not missing:
+    return None, None
+  shown = ', '.join(f'{k} ({ds.class_names[k]})' for k in missing[:10])
+  more = f' and {len(missing) - 10} more' if len(missing) > 10 else ''
+  one = len(missing) == 1
+  return (f'{name}: class{"" if one else "es"} {shown}{more} of {ds.num_classes} '
+          f'appear{"s" if one else ""} in none of its {masks}; the model cannot learn '
+          f'{"it" if one else "them"}'), None
