@@ -25,6 +25,7 @@ from jax.experimental import checkify
 from cvt_backbone import kernels
 from cvt_backbone.kernels import attention as attention_lib
 from cvt_backbone.kernels import depthwise as depthwise_lib
+from cvt_backbone.tools import is_int
 
 Dtype = Any
 MIN_INPUT_SIZE = 16
@@ -36,11 +37,6 @@ BN_MOMENTUM = 0.9  # = 1 - PyTorch's momentum of 0.1.
 
 # Official init: trunc_normal(std=0.02) for Linear weights and the cls token.
 _dense_init = nn.initializers.truncated_normal(0.02)
-
-
-def _is_int(value: Any) -> bool:
-  """Python and numpy integers; not bools, not floats such as 2.0."""
-  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_rate(name: str, value: Any) -> None:
@@ -99,7 +95,7 @@ class CvTSpec:
   def output_sizes(self, height: int, width: int) -> tuple[tuple[int, int], ...]:
     """The exact `(H_i, W_i)` of each stage's map: per axis `(n + 2p - k) // s + 1` per
     embedding conv (official models: `(n + 1) // 4`, then `ceil(n / 2)` twice)."""
-    if not (_is_int(height) and _is_int(width) and height >= 1 and width >= 1):
+    if not (is_int(height) and is_int(width) and height >= 1 and width >= 1):
       raise ValueError(f'height and width must be integers >= 1; got {height!r}x{width!r}.')
     sizes = []
     h, w = int(height), int(width)
@@ -363,7 +359,7 @@ class CvTStage(nn.Module):
 
 
 def _check_image_size(height: Any, width: Any) -> None:
-  if not (_is_int(height) and _is_int(width)):
+  if not (is_int(height) and is_int(width)):
     raise ValueError(f'CvT image sizes in pixels must be integers; got {height!r}x{width!r}.')
   if min(height, width) < MIN_INPUT_SIZE:
     raise ValueError(f'CvT needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels; '
@@ -483,7 +479,7 @@ class CvTBackbone(nn.Module):
 
   def __post_init__(self):
     spec = self.resolved_spec  # An unknown variant or a bad drop_path_rate fails here.
-    if not (_is_int(self.frozen_stages) and 0 <= self.frozen_stages <= spec.num_stages):
+    if not (is_int(self.frozen_stages) and 0 <= self.frozen_stages <= spec.num_stages):
       raise ValueError(f'frozen_stages must be an integer in [0, {spec.num_stages}]; '
                        f'got {self.frozen_stages!r}.')
     _check_rate('dropout_rate', self.dropout_rate)
@@ -520,7 +516,7 @@ class CvTBackbone(nn.Module):
         if feature not in names:
           raise ValueError(f'Unknown output {feature!r}; {expected}.')
         picked.add(names.index(feature))
-      elif not _is_int(feature):  # int(1.5) or True would silently pick stage 2.
+      elif not is_int(feature):  # int(1.5) or True would silently pick stage 2.
         raise ValueError(f'out_features entries must be stage names {names} or integer indices '
                          f'in [-{n}, {n - 1}]; got {feature!r} ({type(feature).__name__}) in '
                          f'out_features={self.out_features!r}.')

@@ -11,7 +11,8 @@ CvT-13/21 and 4-10% for cvt-tiny (tests/cvt_backbone/test_flops.py).
 
 from __future__ import annotations
 
-from cvt_backbone.cvt import CvTSpec, _is_int
+from cvt_backbone.cvt import CvTSpec
+from cvt_backbone.tools import is_int
 
 # The per-op keys of `stage_flops`, in the order of the forward pass.
 OPS = ('patch_embed', 'conv_proj', 'qkv', 'attention', 'attn_out', 'mlp')
@@ -25,7 +26,7 @@ def stage_flops(spec: CvTSpec, height: int, width: int, batch: int = 1,
                 in_chans: int = 3) -> dict[str, dict[str, int]]:
   """`{'stage1': {op: FLOPs for the batch, for each op of OPS}, ...}` of a CvT backbone."""
   for name, value in (('batch', batch), ('in_chans', in_chans)):
-    if not (_is_int(value) and value >= 1):
+    if not (is_int(value) and value >= 1):
       raise ValueError(f'{name} must be an integer >= 1; got {value!r}.')
   batch, channels = int(batch), int(in_chans)
   sizes = spec.output_sizes(height, width)  # Checks the sizes.
@@ -61,7 +62,7 @@ def cvt_flops(spec: CvTSpec, height: int, width: int, batch: int = 1, *,
               num_classes: int = 0, in_chans: int = 3) -> dict[str, int]:
   """FLOPs of a CvT backbone (`num_classes` 0) or classifier for the batch: each op of `OPS`
   summed over the stages, 'head' and 'total'."""
-  if not (_is_int(num_classes) and num_classes >= 0):
+  if not (is_int(num_classes) and num_classes >= 0):
     raise ValueError(f'num_classes must be an integer >= 0; got {num_classes!r}.')
   stages = stage_flops(spec, height, width, batch, in_chans)
   out = {op: sum(stage[op] for stage in stages.values()) for op in OPS}

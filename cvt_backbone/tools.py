@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -160,3 +161,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     while chunk := f.read(1 << 20):
       digest.update(chunk)
   return digest.hexdigest()
+
+
+def is_int(value: Any) -> bool:
+  """Python and numpy integers; not bools, not floats such as 2.0."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -21,6 +21,7 @@ import ml_collections
 
 from cvt_backbone import CvTBackbone
 from cvt_backbone.cvt import LOADING_KEYS, closest_key
+from cvt_backbone.tools import is_int
 
 # The settings a config may hold: {key: nested KnownKeys, or None for a value whose inside
 # is not checked here (a leaf, or a section read by code that checks it itself)}.
@@ -191,10 +192,6 @@ def merge_known_keys(*known: KnownKeys | None) -> KnownKeys | None:
     for key, value in keys.items():
       merged[key] = merge_known_keys(merged[key], value) if key in merged else value
   return merged
-
-
-def is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

@@ -216,6 +216,16 @@ def test_a_folder_of_unsupported_images_names_the_types_found(tmp_path):
       '.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp')
 
 
+def test_images_of_unsupported_types_beside_supported_ones_are_a_warning(tmp_path, caplog):
+  _write_image(str(tmp_path / 'img' / 'a.png'), 4, 4)
+  _write_image(str(tmp_path / 'img' / 'b.gif'), 4, 4, fmt='GIF')
+  _write_label(str(tmp_path / 'ann' / 'a.png'), np.zeros((4, 4)))
+  data = folders.image_mask_folders(str(tmp_path / 'img'), str(tmp_path / 'ann'), num_classes=2)
+  assert len(data) == 1
+  assert (f'{tmp_path}/img: skipped 1 image(s) of unsupported types (such as '
+          f'{tmp_path}/img/b.gif); supported: .jpg') in caplog.text
+
+
 def test_two_images_that_would_share_one_mask_are_an_error(tmp_path):
   _write_image(str(tmp_path / 'img' / 'a.jpg'), 4, 4)
   _write_image(str(tmp_path / 'img' / 'a.png'), 4, 4)

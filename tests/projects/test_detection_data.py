@@ -663,3 +663,13 @@ def test_synthetic_through_the_pipeline():
   counts = [len(source[k]['labels']) for k in range(3)]
   np.testing.assert_array_equal(batch['box_mask'].sum(1), counts)
   np.testing.assert_allclose(batch['scale_factor'], 1.25)
+
+
+@pytest.mark.parametrize('num_classes', [0, 6])
+def test_synthetic_classes_beyond_its_shapes_are_a_dataset_error(num_classes):
+  # A DatasetError: main prints it as one `error:` line (a ValueError was a traceback).
+  from projects.cvt_detection.data.synthetic import SyntheticDetection
+  from projects.training.datasets import DatasetError
+
+  with pytest.raises(DatasetError, match=rf'num_classes must be in \[1, 5\], got {num_classes}'):
+    SyntheticDetection(num_classes=num_classes)

@@ -21,7 +21,7 @@ def get_config(arg=None):
   config.experiment_name = f'coco_cvt{args.variant}_atss_1x'
   config.model.backbone.update(variant=f'cvt-{args.variant}', pretrained=args.pretrained)
   config.dataset_configs = dict(data_dir=args.data_dir, scale=(1333, 800), flip_prob=0.5,
-                                max_boxes=100, num_workers=4)
+                                max_boxes=100, num_workers=4, validate='full')
   if args.runlocal:
     common.apply_runlocal(config)
   config.lock()

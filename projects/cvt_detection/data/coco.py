@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from projects.tools.output_files import write_atomically
+from cvt_backbone.tools import is_int, write_atomically
 from projects.training import data_index
 from projects.training.datasets import DatasetError, MissingFilesError, listing
 from projects.training.images import read_stored_image
@@ -38,10 +38,6 @@ _SHOWN = 10  # invalid entries listed in an error
 def _short(value: Any, limit: int = 60) -> str:
   text = repr(value)
   return text if len(text) <= limit else text[: limit - 3] + '...'
-
-
-def _is_int(value: Any) -> bool:
-  return type(value) is int  # bool excluded
 
 
 def _is_number(value: Any) -> bool:
@@ -127,11 +123,11 @@ def load_coco_json(path: str) -> dict:
     missing = [key for key in ('id', 'file_name', 'height', 'width') if key not in info]
     if missing:
       bad.append(f'images[{k}] (id {_short(info.get("id"))}) has no {missing}')
-    elif not _is_int(info['id']):
+    elif not is_int(info['id']):
       bad.append(f'images[{k}] has id {_short(info["id"])}, not an integer')
     elif not isinstance(info['file_name'], str) or not info['file_name']:
       bad.append(f'image {info["id"]} has file_name {_short(info["file_name"])}, not a name')
-    elif not all(_is_int(info[key]) and info[key] > 0 for key in ('height', 'width')):
+    elif not all(is_int(info[key]) and info[key] > 0 for key in ('height', 'width')):
       bad.append(f'image {info["id"]} ({info["file_name"]}) has height '
                  f'{_short(info["height"])} and width {_short(info["width"])}; expected '
                  'positive integers (pixels)')
@@ -140,7 +136,7 @@ def load_coco_json(path: str) -> dict:
                      f'invalid:\n{listing(bad, _SHOWN)}')
   bad = []
   for k, category in enumerate(gt['categories']):
-    if not isinstance(category, dict) or not _is_int(category.get('id')) or 'name' not in category:
+    if not isinstance(category, dict) or not is_int(category.get('id')) or 'name' not in category:
       bad.append(f'categories[{k}] = {_short(category)}')
   if bad:
     raise DatasetError(f'{len(bad)} of the {len(gt["categories"])} categories in {path} lack an '

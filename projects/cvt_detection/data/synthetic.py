@@ -13,6 +13,7 @@ import colorsys
 
 import numpy as np
 
+from projects.training.datasets import DatasetError
 from projects.training.image_ops import resize_image
 
 SHAPES = ('rectangle', 'ellipse', 'triangle', 'ring', 'cross')
@@ -45,9 +46,11 @@ class SyntheticDetection:
                objects_per_image: tuple[int, int] = (2, 6),
                box_size: tuple[float, float] = (0.08, 0.375)):
     if not 1 <= num_classes <= len(SHAPES):
-      raise ValueError(f'num_classes must be in [1, {len(SHAPES)}] ({SHAPES}), got {num_classes}')
+      raise DatasetError(f'the synthetic dataset draws {len(SHAPES)} shapes {SHAPES}: '
+                         f'num_classes must be in [1, {len(SHAPES)}], got {num_classes}')
     if min(image_size) < 32:
-      raise ValueError(f'image_size must be at least 32x32, got {tuple(image_size)}')
+      raise DatasetError(f'the synthetic dataset needs image_size of at least 32x32, got '
+                         f'{tuple(image_size)}')
     if split not in _SPLITS:
       raise ValueError(f'split must be one of {sorted(_SPLITS)}, got {split!r}')
     if not 1 <= objects_per_image[0] <= objects_per_image[1]:

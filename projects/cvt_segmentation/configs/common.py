@@ -11,6 +11,7 @@ import functools
 import ml_collections
 
 import heads
+from cvt_backbone.tools import is_int
 from heads.registry import head_fields
 from projects.cvt_segmentation import models
 from projects.training import configs
@@ -74,7 +75,8 @@ def mmseg_config(arg: str | None, model_name: str, dataset_name: str, crop_size:
                             f'{dataset_name}_{crop_size[0]}x{crop_size[1]}_{steps // 1000}k')
   config.model.backbone.update(variant=f'cvt-{args.variant}', pretrained=args.pretrained)
   config.dataset_configs = dict(data_dir=args.data_dir, crop_size=crop_size, scale=scale,
-                                ratio_range=(0.5, 2.0), cat_max_ratio=0.75, num_workers=4)
+                                ratio_range=(0.5, 2.0), cat_max_ratio=0.75, num_workers=4,
+                                validate='full')
   config.update(num_training_steps=steps, log_eval_steps=steps // 10)
   config.optimizer.update(base_lr=1e-4, head_lr_mult=1.0)
   config.update(settings)
@@ -104,6 +106,6 @@ CONFIG_KEYS = configs.project_keys(
            'eval': dict.fromkeys(('min_size', 'pad_to_crop'))},
     # Labels are uint8 with 255 the ignore label; one class (all background) learns nothing.
     values={'dataset_configs.num_classes': configs.ValueRule(
-        'an integer in [2, 255]', lambda v: configs.is_int(v) and 2 <= v <= 255)})
+        'an integer in [2, 255]', lambda v: is_int(v) and 2 <= v <= 255)})
 
 load_config = functools.partial(configs.load_config, keys=CONFIG_KEYS)

@@ -10,6 +10,7 @@ all problems in one `DatasetError`; `ds[i]`'s checks stay as the last line of de
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -177,8 +178,13 @@ def _list_files(root: str, suffixes: Sequence[str]) -> list[str]:
 
 def _listed_images(image_dir: str, suffixes: Sequence[str]) -> list[str]:
   """The images under `image_dir` ending with one of `suffixes`; none is an error naming the
-  types of file the folder holds instead."""
+  types of file the folder holds instead, and images of other types beside them a warning."""
   images = _list_files(image_dir, suffixes)
+  others = [f for f in _list_files(image_dir, tuple(Image.registered_extensions()))
+            if not f.lower().endswith(tuple(suffixes))]
+  if images and others:
+    logging.warning('%s: skipped %d image(s) of unsupported types (such as %s); supported: %s',
+                    image_dir, len(others), others[0], ', '.join(suffixes))
   if not images:
     kinds = collections.Counter(os.path.splitext(f)[1].lower() or '(no extension)'
                                 for f in _list_files(image_dir, ('',)))
