@@ -538,3 +538,13 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     with pytest.raises(FloatingPointError, match='step 7 .*non-finite parameters'):
       checkpoints.save(mngr, 7, state, {})
   assert not list((tmp_path / 'checkpoints').iterdir())
+
+
+def test_metadata_a_checkpoint_predates_is_not_checked_but_what_it_records_is():
+  # Detection checkpoints written before the category map was recorded still resume.
+  from projects.training.checkpoints import CheckpointMismatchError, _check_metadata
+
+  expected = {'model_name': 'cvt_atss', 'num_classes': 3, 'category_ids': [1, 5, 90]}
+  _check_metadata({'model_name': 'cvt_atss', 'num_classes': 3}, expected, 'ckpt')
+  with pytest.raises(CheckpointMismatchError, match=r'category_ids: checkpoint \[1, 5\] vs'):
+    _check_metadata({**expected, 'category_ids': [1, 5]}, expected, 'ckpt')
