@@ -75,7 +75,7 @@ def test_bad_masks_in_both_splits_fail_the_build_in_one_error(tmp_path):
     _build(args)
   message = str(error.value)
   assert message.startswith('2 of the 6 image/mask pairs of the train and validation splits '
-                            'are invalid (checked: pairs, sizes, modes, label values):')
+                            'are invalid (checked: pairs, decoding, sizes, modes, label values):')
   assert _error_lines(error.value) == [
       f'  train: {wrong_size}: size 40x50 (h x w); expected 40x48, the size of its image '
       f'{tmp_path / "img/train/1.png"}',

@@ -430,8 +430,8 @@ def validate_splits(splits: Mapping[str, SegmentationFolder], mode: str = 'full'
   for index in indexes.values():
     index.save()  # before raising: a rerun after a fix rechecks only the changed files
   if lines:
-    checked = {'full': 'pairs, sizes, modes, label values', 'headers': 'pairs, sizes, modes',
-               'none': 'pairs'}[mode]
+    checked = {'full': 'pairs, decoding, sizes, modes, label values',
+               'headers': 'pairs, sizes, modes', 'none': 'pairs'}[mode]
     names = list(splits)
     names = ' and '.join([', '.join(names[:-1]), names[-1]] if len(names) > 1 else names)
     raise DatasetError(
