@@ -168,7 +168,11 @@ def _define_distributed_flags() -> None:
 
   def start() -> None:
     f = flags.FLAGS
-    launch.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    try:
+      launch.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    except ValueError as error:  # the run's settings, not a bug: one line
+      print(f'error: {error}', file=sys.stderr, flush=True)
+      sys.exit(1)
 
   # After the flags are parsed and before anything uses a JAX device.
   app.call_after_init(start)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import socket
@@ -22,6 +23,21 @@ import sys
 import time
 
 log = logging.getLogger(__name__)
+
+# Settings a cluster tunes, in seconds (environment variables, read by every process):
+# how long processes wait for each other at start, and how long a silent one lives.
+INIT_TIMEOUT = 'CVT_DISTRIBUTED_INIT_TIMEOUT'
+HEARTBEAT_TIMEOUT = 'CVT_DISTRIBUTED_HEARTBEAT_TIMEOUT'
+_DEFAULT_SECONDS = {INIT_TIMEOUT: 600, HEARTBEAT_TIMEOUT: 100}
+
+
+def _seconds(name: str) -> int:
+  value = os.environ.get(name, '').strip()
+  if not value:
+    return _DEFAULT_SECONDS[name]
+  if not value.isdigit() or int(value) == 0:
+    raise ValueError(f'{name} must be a positive whole number of seconds, got {value!r}.')
+  return int(value)
 
 
 def _cluster_detected() -> bool:
@@ -57,13 +73,46 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       raise ValueError(f'process_id {process_id} is not in [0, {num_processes}).')
   elif not _cluster_detected():
     return False
+  init_timeout, heartbeat_timeout = _seconds(INIT_TIMEOUT), _seconds(HEARTBEAT_TIMEOUT)
   # CPU devices of different processes exchange data through gloo (TCP); GPUs and TPUs
-  # use their own collectives, which this setting does not touch.
+  # use their own collectives, which these settings do not touch. The CPU backend's start
+  # exchanges device lists through the coordinator, with timeouts in minutes.
+  minutes = math.ceil(init_timeout / 60)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  jax.config.update('jax_cpu_get_local_topology_timeout_minutes', minutes)
+  jax.config.update('jax_cpu_get_global_topology_timeout_minutes', minutes + 1)
+  jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                             initialization_timeout=init_timeout,
+                             heartbeat_timeout_seconds=heartbeat_timeout)
+  _connect_cpu_collectives()
   log.info('Process %d of %d, %d local of %d devices.', jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def _connect_cpu_collectives() -> None:
+  """Connects gloo now, while the processes are in step (`jax.distributed.initialize` returns
+  in all of them together).
+
+  Gloo connects the devices of a collective at its first run and waits 30 s for a late peer
+  (JAX offers no setting), so a process still compiling its first step on a busy machine
+  killed the run. Connections are kept per device group: made here for the all-device
+  reduction of a data-parallel step and the per-process gathers (`process_allgather`), later
+  collectives wait for a slow peer without that limit.
+  """
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  if jax.default_backend() != 'cpu':
+    return
+  mesh = jax.make_mesh((jax.device_count(),), ('all',))
+  zeros = jax.make_array_from_process_local_data(
+      NamedSharding(mesh, PartitionSpec('all')), np.zeros(jax.local_device_count(), np.float32))
+  jax.block_until_ready(
+      jax.jit(jax.numpy.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))(zeros))
+  multihost_utils.sync_global_devices('gloo connected')
 
 
 def free_port() -> int:

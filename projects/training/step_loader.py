@@ -17,6 +17,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -192,14 +195,29 @@ def grain_iterator(ds, num_threads: int, num_workers: int, prefetch: int) -> Ite
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch)
-    )
+        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch),
+        worker_init_fn=functools.partial(_end_with_trainer, os.getpid()))
   it = iter(it_ds)
   try:
     yield from it
   finally:
     if hasattr(it, 'close'):  # stops worker processes and threads promptly
       it.close()
+
+
+def _end_with_trainer(trainer: int, worker_index: int, num_workers: int) -> None:
+  """In a loader worker process: exits as soon as the trainer process `trainer` has ended.
+
+  A trainer that the OOM killer, a preemption or `kill -9` ends cannot stop its workers,
+  which then ran for ever; a worker sees its parent change. (Linux's PR_SET_PDEATHSIG would
+  not do: it fires when the parent's thread ends, and Grain starts workers from threads.)
+  """
+  def watch() -> None:
+    while os.getppid() == trainer:
+      time.sleep(0.5)
+    os._exit(1)
+
+  threading.Thread(target=watch, name='end-with-trainer', daemon=True).start()
 
 
 def _ensure_absl_flags_parsed() -> None:

@@ -2,6 +2,9 @@
 
 import itertools
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -95,6 +98,29 @@ def test_grain_worker_processes_give_the_same_batches():
   assert len(got) == 4
   for s, batch in enumerate(got, start=1):
     _assert_batches_equal(batch, loader.batch(s))
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/task'), reason='needs /proc (Linux)')
+def test_loader_workers_end_when_their_trainer_is_killed():
+  # A trainer that the OOM killer, a preemption or kill -9 ends runs no clean-up: its
+  # worker processes must notice by themselves.
+  code = (
+      'import time\n'
+      'from tests.projects.test_data_loader import _train_loader\n'
+      'batches = _train_loader(num_workers=2, num_threads=1).iterate()\n'
+      'next(batches)\n'
+      'print("loading", flush=True)\n'
+      'time.sleep(300)\n')
+  trainer = subprocess.Popen([sys.executable, '-c', code], cwd=support.REPO,
+                             env=support.subprocess_env(), stdout=subprocess.PIPE, text=True)
+  try:
+    assert trainer.stdout.readline().strip() == 'loading'
+    workers = support.descendants(trainer.pid)
+    assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker)
+  finally:
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait(timeout=30)
+  support.assert_processes_end(workers)
 
 
 def test_eval_batches_are_padded():

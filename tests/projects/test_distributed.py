@@ -22,17 +22,36 @@ from . import trainer_support as support
 CONFIG = 'projects/cvt_segmentation/configs/synthetic_demo.py:runlocal'
 
 
-def _main(workdir, steps: int, *extra: str, eval_every: int = 100) -> list[str]:
+# Process 1 starts 40 s after process 0 (past gloo's 30 s connection window), as a process
+# compiling on a busy machine does: a slow peer must not kill the run.
+SLOW_PEER = """
+import runpy, sys, time
+from projects.training import launch
+initialize = launch.initialize
+def slow_initialize(*args):
+  started = initialize(*args)
+  time.sleep(40 if '--process_id=1' in sys.argv else 0)
+  return started
+launch.initialize = slow_initialize
+runpy.run_module('projects.cvt_segmentation.main', run_name='__main__')
+"""
+
+
+def _main(workdir, steps: int, *extra: str, eval_every: int = 100,
+          slow_peer: bool = False) -> list[str]:
   # A constant rate after warmup (poly power 0): the schedule then does not depend on
   # num_training_steps, so a run extended from 4 to 6 steps can equal one of 6 from the start.
-  return [sys.executable, '-m', 'projects.cvt_segmentation.main', f'--config={CONFIG}',
+  main = ['-c', SLOW_PEER] if slow_peer else ['-m', 'projects.cvt_segmentation.main']
+  return [sys.executable, *main, f'--config={CONFIG}',
           f'--workdir={workdir}', '--config.batch_size=8', f'--config.num_training_steps={steps}',
           f'--config.log_eval_steps={eval_every}', '--config.optimizer.power=0.0', *extra]
 
 
-def _two_processes(workdir, steps: int, eval_every: int = 100, **popen) -> subprocess.Popen:
+def _two_processes(workdir, steps: int, eval_every: int = 100, slow_peer: bool = False,
+                   **popen) -> subprocess.Popen:
   cmd = [sys.executable, '-m', 'projects.training.launch', '--num_processes', '2',
-         '--devices_per_process', '2', '--', *_main(workdir, steps, eval_every=eval_every)]
+         '--devices_per_process', '2', '--',
+         *_main(workdir, steps, eval_every=eval_every, slow_peer=slow_peer)]
   return subprocess.Popen(cmd, cwd=support.REPO, env=support.subprocess_env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
@@ -119,6 +138,7 @@ def test_a_killed_process_stops_the_run_and_a_restart_resumes(tmp_path):
       time.sleep(1)
     children = _children(launcher.pid)
     assert len(children) == 2
+    run = support.descendants(launcher.pid)  # the processes and their loader workers
     os.kill(children[1], signal.SIGKILL)
     killed_at = time.monotonic()
     _, err = launcher.communicate(timeout=60)
@@ -128,11 +148,10 @@ def test_a_killed_process_stops_the_run_and_a_restart_resumes(tmp_path):
   assert time.monotonic() - killed_at < 30
   assert launcher.returncode != 0
   assert 'process 1 of 2 exited with code -9; stopping the others' in err
-  for pid in children:
-    assert not os.path.exists(f'/proc/{pid}') or open(f'/proc/{pid}/stat').read().split()[2] == 'Z'
+  support.assert_processes_end(run)
 
   saved = checkpoints.latest_step(workdir)
-  restart = _two_processes(workdir, saved + 2)
+  restart = _two_processes(workdir, saved + 2, slow_peer=True)
   out, err = restart.communicate(timeout=600)
   assert restart.returncode == 0, err[-3000:]
   first = int(re.findall(r'step (\d+)/', out)[0])
@@ -140,14 +159,29 @@ def test_a_killed_process_stops_the_run_and_a_restart_resumes(tmp_path):
   assert checkpoints.latest_step(workdir) == saved + 2
 
 
-@pytest.mark.parametrize('args, message', [
-    (dict(num_processes=2), 'needs --coordinator_address'),
-    (dict(coordinator_address='h:1', num_processes=2, process_id=2), r'not in \[0, 2\)'),
-    (dict(num_processes=0), 'must be >= 1'),
+@pytest.mark.parametrize('args, env, message', [
+    (dict(num_processes=2), {}, 'needs --coordinator_address'),
+    (dict(coordinator_address='h:1', num_processes=2, process_id=2), {}, r'not in \[0, 2\)'),
+    (dict(num_processes=0), {}, 'must be >= 1'),
+    (dict(coordinator_address='h:1', num_processes=2, process_id=0),
+     {launch.HEARTBEAT_TIMEOUT: '1m'}, "CVT_DISTRIBUTED_HEARTBEAT_TIMEOUT must be a positive "
+     "whole number of seconds, got '1m'"),
 ])
-def test_bad_distributed_settings(args, message):
+def test_bad_distributed_settings(args, env, message, monkeypatch):
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
   with pytest.raises(ValueError, match=message):
     launch.initialize(**args)
+
+
+def test_a_bad_distributed_setting_is_one_error_line(tmp_path):
+  cluster = ['--coordinator_address=127.0.0.1:1', '--num_processes=2', '--process_id=0']
+  proc = subprocess.run(_main(tmp_path, 2, *cluster), cwd=support.REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env=support.subprocess_env(**{launch.INIT_TIMEOUT: '0'}))
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: CVT_DISTRIBUTED_INIT_TIMEOUT must be a positive whole number of seconds, got '0'.")
 
 
 def test_one_process_is_left_alone(monkeypatch):

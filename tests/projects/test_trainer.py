@@ -49,8 +49,10 @@ def test_killed_four_device_run_resumes_to_the_one_device_result(tmp_path):
     assert proc.poll() is None, 'the run ended before its first checkpoint'
     assert time.time() < deadline, 'no checkpoint after 300 s'
     time.sleep(0.05)
+  loader_workers = support.descendants(proc.pid)
   proc.send_signal(signal.SIGKILL)
   assert proc.wait() == -signal.SIGKILL
+  support.assert_processes_end(loader_workers)  # none left running
   killed_at = checkpoints.latest_step(resumed)
   assert killed_at is not None and killed_at < 8
 

@@ -8,10 +8,12 @@ prints the recorded scalars as JSON on its last line:
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,41 @@ def subprocess_env(**extra: str) -> dict[str, str]:
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   return env
+
+
+def descendants(pid: int) -> list[int]:
+  """The processes `pid` started, and those they started (Linux /proc)."""
+  found, todo = [], [pid]
+  while todo:
+    for path in glob.glob(f'/proc/{todo.pop()}/task/*/children'):
+      try:
+        with open(path) as f:
+          children = [int(c) for c in f.read().split()]
+      except OSError:  # ended meanwhile
+        continue
+      found += children
+      todo += children
+  return found
+
+
+def _running(pid: int) -> str | None:
+  """`pid`'s command line while it runs (not ended, not a zombie), else None."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
+        return None
+    with open(f'/proc/{pid}/cmdline') as f:
+      return f.read().replace('\0', ' ')[:200]
+  except OSError:
+    return None
+
+
+def assert_processes_end(pids: list[int], seconds: float = 10.0) -> None:
+  """Every process of `pids` ends within `seconds` (their parent was killed: none may linger)."""
+  deadline = time.monotonic() + seconds
+  while (left := {p: c for p in pids if (c := _running(p))}) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not left, f'processes left running after their parent was killed: {left}'
 
 
 def run_training_subprocess(workdir, overrides: dict[str, Any], **env: str):
