@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from cvt_backbone import CvTBackbone, count_params
 from cvt_backbone.cvt import MIN_INPUT_SIZE, VARIANTS
-from cvt_backbone.tools import HelpFormatter, image_side
+from cvt_backbone.tools import HelpFormatter, at_least
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -26,10 +26,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       formatter_class=HelpFormatter)
   parser.add_argument('--variant', default='cvt-13', choices=sorted(VARIANTS),
                       help='architecture (cvt-tiny is a small one for tests)')
-  parser.add_argument('--height', type=image_side, default=512,
+  parser.add_argument('--height', type=at_least(MIN_INPUT_SIZE), default=512,
                       help=f'input image height in pixels (at least {MIN_INPUT_SIZE}; the maps '
                       'are about H/4, H/8, H/16 high)')
-  parser.add_argument('--width', type=image_side, default=768,
+  parser.add_argument('--width', type=at_least(MIN_INPUT_SIZE), default=768,
                       help=f'input image width in pixels (at least {MIN_INPUT_SIZE})')
   return parser.parse_args(argv)
 

@@ -38,18 +38,20 @@ class HelpFormatter(argparse.HelpFormatter):
     return f'{text} (default: {default})'.replace('%', '%%') if text else f'(default: {default})'
 
 
-def image_side(text: str) -> int:
-  """An argparse type: an image side in pixels that CvT takes (`MIN_INPUT_SIZE` or more)."""
-  from cvt_backbone.cvt import MIN_INPUT_SIZE  # Here: this module imports no JAX.
+def at_least(minimum: int, unit: str = 'pixels') -> Callable[[str], int]:
+  """An argparse type: an integer of at least `minimum` (an image side: CvT's MIN_INPUT_SIZE)."""
 
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < MIN_INPUT_SIZE:
-    raise argparse.ArgumentTypeError(
-        f'expected an integer of at least {MIN_INPUT_SIZE} (pixels), got {text!r}')
-  return value
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      value = minimum - 1
+    if value < minimum:
+      raise argparse.ArgumentTypeError(
+          f'expected an integer of at least {minimum} ({unit}), got {text!r}')
+    return value
+
+  return parse
 
 
 def check_apart(outputs: Iterable[str | os.PathLike],

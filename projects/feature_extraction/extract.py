@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from cvt_backbone.cvt import VARIANTS, CvTBackbone, CvTSpec
+from cvt_backbone.cvt import MIN_INPUT_SIZE, VARIANTS, CvTBackbone, CvTSpec
 from cvt_backbone.kernels import attention as attention_lib
-from cvt_backbone.tools import image_side
+from cvt_backbone.tools import at_least
 from cvt_backbone.weights.converted import variables_digest
 from projects.feature_extraction import images as images_lib
 from projects.feature_extraction import planning, writers
@@ -442,7 +442,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--format', choices=writers.FORMATS, default='npz', help='feature file format')
   parser.add_argument('--dtype', choices=DTYPES, default='float32',
                       help='stored dtype (computed in float32)')
-  parser.add_argument('--max-side', type=image_side, default=None,
+  parser.add_argument('--max-side', type=at_least(MIN_INPUT_SIZE), default=None,
                       help='shrink images whose longer side exceeds this, keeping their aspect '
                       'ratio; images whose shorter side then falls below 16 pixels are skipped '
                       '(default: any size)')
