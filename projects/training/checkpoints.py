@@ -543,7 +543,7 @@ def restore_for_inference(config: Any, checkpoint: str | os.PathLike, *, model_c
       if others:
         hint = (f' Other checkpoints: steps {", ".join(map(str, others))} (pass one folder, '
                 f'e.g. {path / str(others[0])}, to use it).')
-        raise CheckpointCorruptError(str(error) + hint, error.reason) from error
+        raise type(error)(str(error) + hint, error.reason) from error
       raise
 
 
@@ -575,4 +575,8 @@ def _restore_variables(mngr: ocp.CheckpointManager, step: int, config: Any, mode
   variables = restored.state['variables']
   _check_shapes(abstract_state, variables, where)
   _verify(saved, 'variables', variables, where)
+  problem = _non_finite({'variables': variables})
+  if problem:  # saved by a version that kept diverged runs: its scores would be NaN
+    raise CheckpointNonFiniteError(
+        f'The checkpoint at {where} cannot be used: its variables have {problem}.', problem)
   return flax_model, variables

@@ -548,3 +548,20 @@ def test_metadata_a_checkpoint_predates_is_not_checked_but_what_it_records_is():
   _check_metadata({'model_name': 'cvt_atss', 'num_classes': 3}, expected, 'ckpt')
   with pytest.raises(CheckpointMismatchError, match=r'category_ids: checkpoint \[1, 5\] vs'):
     _check_metadata({**expected, 'category_ids': [1, 5]}, expected, 'ckpt')
+
+
+def test_a_non_finite_checkpoint_for_inference_is_refused_naming_the_others(trained, tmp_path):
+  # Written by a version that saved diverged runs: evaluate and predict would score NaNs.
+  workdir = _copy(trained, tmp_path)
+  _, state = _restore_latest(workdir)
+  nan_params = jax.tree.map(lambda x: x * np.nan, state.variables['params'])
+  _, metadata = _abstract_state()
+  _save_unchecked(workdir, 4, state.replace(variables={**state.variables, 'params': nan_params}),
+                  metadata)
+  with pytest.raises(checkpoints.CheckpointNonFiniteError) as error:
+    _inference_variables(workdir)
+  assert re.fullmatch(
+      re.escape(f'The checkpoint at {workdir / "checkpoints" / "4"} cannot be used: its '
+                'variables have non-finite parameters (') + r'(\d+) of \1 values\)\. '
+      + re.escape(f'Other checkpoints: steps 2 (pass one folder, e.g. '
+                  f'{workdir / "checkpoints" / "2"}, to use it).'), str(error.value)), error.value
