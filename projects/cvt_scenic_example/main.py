@@ -32,7 +32,7 @@ from projects.cvt_scenic_example.model import CvTLinearSegmentationModel  # noqa
 from projects.cvt_segmentation import models as segmentation_models  # noqa: E402
 from projects.cvt_segmentation.data import register_with_scenic as register_datasets  # noqa: E402
 from projects.training import configs, scenic_compat  # noqa: E402
-from projects.training.app import check_config_flags  # noqa: E402
+from projects.training.app import check_config_flags, user_errors_in_one_line  # noqa: E402
 
 
 def register() -> None:
@@ -81,7 +81,7 @@ def main(rng: jax.Array, config: Any, workdir: str, writer: Any) -> tuple[Any, A
 
 
 if __name__ == '__main__':
-  # A misspelled `--config.x` flag: one line, not the tracebacks of absl's flag parsing.
+  # A misspelled `--config.x` flag, invalid data or settings: one line, not tracebacks.
   check_config_flags(sys.argv)
   scenic_compat.quiet_library_logs()
-  app.run(main)
+  app.run(user_errors_in_one_line(main))  # bad data or settings: one `error:` line

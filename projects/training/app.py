@@ -73,7 +73,7 @@ def _config_file() -> str | None:
     return None
 
 
-def _user_errors_in_one_line(main: MainFn) -> MainFn:
+def user_errors_in_one_line(main: MainFn) -> MainFn:
   """`main` printing a user's mistakes as one line, `error: ...`, status 1.
 
   Their message says what is wrong and where; a traceback would bury it. Other exceptions
@@ -185,7 +185,7 @@ def run(main: MainFn) -> None:
   # Scenic's start-up) are noise unless asked for with --verbosity=0.
   quiet_library_logs()
   _define_distributed_flags()
-  main = _user_errors_in_one_line(main)
+  main = user_errors_in_one_line(main)
   if scenic_available():
     from scenic import app as scenic_app
 

@@ -306,6 +306,20 @@ def test_example_project_runs_under_scenic_app_quietly(tmp_path):
     assert chatter not in proc.stderr, proc.stderr[-2000:]
 
 
+def test_example_project_prints_invalid_settings_in_one_line(tmp_path):
+  # Under Scenic's app as well as the project's own main: one `error:` line, no traceback.
+  cmd = [sys.executable, '-m', 'projects.cvt_scenic_example.main',
+         '--config=projects/cvt_scenic_example/configs/synthetic.py:runlocal',
+         f'--workdir={tmp_path}', '--config.batch_size=0']
+  proc = subprocess.run(cmd, cwd=support.REPO, env=support.subprocess_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: config projects/cvt_scenic_example/configs/synthetic.py:runlocal: invalid config '
+      'value batch_size=0 (expected a positive integer)')
+
+
 def test_models_without_scenic_keep_the_protocol():
   script = textwrap.dedent('''
       import importlib.abc, sys
