@@ -26,6 +26,13 @@ logger = logging.getLogger(__name__)
 # values; once, then cached); 'headers' reads file headers only (existence, sizes, modes);
 # 'none' checks what listing the files already tells (pairs, existence).
 VALIDATE_MODES = ('full', 'headers', 'none')
+
+
+def check_validate(mode: str) -> str:
+  """`mode` if it is one of `VALIDATE_MODES`, else a ValueError naming them."""
+  if mode not in VALIDATE_MODES:
+    raise ValueError(f'validate must be one of {VALIDATE_MODES}, got {mode!r}')
+  return mode
 _FORMAT = 'cvt-dense file index'
 _VERSION = 1
 

@@ -100,8 +100,7 @@ def _sources(name: str, kw: dict[str, Any], with_train: bool = True) -> tuple[An
   """`(train source or None, eval source, ground truth)` of `name`; pops its settings."""
   if name == 'synthetic':
     validate = kw.pop('validate', 'full')  # accepted for every dataset; nothing to check here
-    if validate not in data_index.VALIDATE_MODES:
-      raise ValueError(f'validate must be one of {data_index.VALIDATE_MODES}, got {validate!r}')
+    data_index.check_validate(validate)
     settings = dict(num_classes=kw.pop('num_classes', 4),
                     image_size=tuple(kw.pop('image_size', (128, 128))))
     num_train = kw.pop('num_train', 512)

@@ -178,8 +178,7 @@ class CocoDetection:
     if invalid_boxes not in INVALID_BOXES:
       raise ValueError(f'invalid_boxes must be one of {INVALID_BOXES}, got {invalid_boxes!r}')
     self.invalid_boxes = invalid_boxes
-    if validate not in data_index.VALIDATE_MODES:
-      raise ValueError(f'validate must be one of {data_index.VALIDATE_MODES}, got {validate!r}')
+    data_index.check_validate(validate)
     if not os.path.isfile(self.annotation_file):
       raise FileNotFoundError(f'COCO annotation file not found: {self.annotation_file}')
     if not os.path.isdir(self.image_dir):

@@ -14,7 +14,7 @@ from projects.cvt_segmentation.data import folders
 from projects.cvt_segmentation.data.loader import EvalLoader, TrainLoader
 from projects.cvt_segmentation.data.synthetic import SyntheticSegmentation
 from projects.cvt_segmentation.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
-from projects.training import datasets
+from projects.training import data_index, datasets
 from projects.training.step_loader import numpy_dtype
 
 Dataset = datasets.Dataset
@@ -52,8 +52,7 @@ def _sources(name: str, kw: dict, validate: str = 'full', quiet: bool = False):
 
   Folder datasets are validated; the warnings about their labels are printed unless `quiet`.
   """
-  if validate not in folders.VALIDATE_MODES:
-    raise ValueError(f'validate must be one of {folders.VALIDATE_MODES}, got {validate!r}')
+  data_index.check_validate(validate)
   if name == 'synthetic':
     common = dict(
         num_classes=kw.pop('num_classes', 6),

@@ -25,7 +25,6 @@ IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 # PIL modes of single-channel masks (class indices); multi-channel masks are rejected.
 LABEL_MODES = ('L', 'P', 'I', 'I;16', 'I;16B', 'I;16L', '1')
-VALIDATE_MODES = data_index.VALIDATE_MODES
 MISSING_MASKS = ('raise', 'keep')
 _SHOWN = 20  # problems listed in a validation error
 
@@ -396,8 +395,7 @@ def validate_splits(splits: Mapping[str, SegmentationFolder], mode: str = 'full'
   label mapping takes them into `[0, num_classes)` or 255. Headers and values are cached
   per file in the mask folder's index: a rerun decodes only new or changed files.
   """
-  if mode not in VALIDATE_MODES:
-    raise ValueError(f'validate must be one of {VALIDATE_MODES}, got {mode!r}')
+  data_index.check_validate(mode)
   lines: list[str] = []
   total = 0
   found: dict[str, list] = {}  # each split's mask facts, with their label values
