@@ -358,10 +358,22 @@ class CvTStage(nn.Module):
     return grid.reshape(n, h, w, dim), cls_out
 
 
+def is_size(value: Any) -> bool:
+  """An integer (`is_int`) or a symbolic dimension of `jax.export` (an exported model's size)."""
+  return is_int(value) or jax.export.is_symbolic_dim(value)
+
+
 def _check_image_size(height: Any, width: Any) -> None:
-  if not (is_int(height) and is_int(width)):
+  if not (is_size(height) and is_size(width)):
     raise ValueError(f'CvT image sizes in pixels must be integers; got {height!r}x{width!r}.')
-  if min(height, width) < MIN_INPUT_SIZE:
+  try:
+    small = height < MIN_INPUT_SIZE or width < MIN_INPUT_SIZE
+  except jax.errors.InconclusiveDimensionOperation as error:
+    raise ValueError(
+        f'CvT needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels: export it with '
+        f"the symbolic sizes constrained, jax.export.symbolic_shape('b, {height}, {width}', "
+        f"constraints=('{height} >= {MIN_INPUT_SIZE}', '{width} >= {MIN_INPUT_SIZE}')).") from error
+  if small:
     raise ValueError(f'CvT needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels; '
                      f'got {height}x{width}.')
 

@@ -5,7 +5,9 @@ materializes the `[B, N, Tq, Tk]` logits (fastest when small); 'chunked' maps ov
 blocks, rematerialized in the backward pass, so memory grows linearly with the queries (a
 1024x2048 image's stage 1 has 131,072 queries x 32,768 keys: 17 GB of float32 logits);
 'fused' is `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs). 'auto' picks by
-backend, dtype and logits size. `progress_hook` reports each block's end to the host.
+backend, dtype and logits size. Sizes may be symbolic (`jax.export`): an exported model's
+'auto' is then 'chunked' in blocks that fit every image size. `progress_hook` reports each
+block's end to the host.
 """
 
 from __future__ import annotations
@@ -59,6 +61,16 @@ def check_chunk_size(chunk_size: Any, name: str = 'chunk_size') -> None:
     raise ValueError(f'{name} must be None or an integer >= 1; got {chunk_size!r}.')
 
 
+def _known(*sizes: Any) -> bool:
+  """True when every size is a number, False when some are symbolic (`jax.export`)."""
+  return all(isinstance(size, numbers.Integral) for size in sizes)
+
+
+def _ceil_div(a: Any, b: Any) -> Any:
+  """ceil(a / b) for integers and symbolic sizes alike."""
+  return (a + b - 1) // b
+
+
 def logits_bytes(batch: int, heads: int, q_len: int, kv_len: int) -> int:
   """Bytes of the float32 attention logits `[B, N, Tq, Tk]`."""
   return 4 * batch * heads * q_len * kv_len
@@ -79,11 +91,14 @@ def choose_implementation(
     budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     backend: str | None = None,
 ) -> str:
-  """The implementation 'auto' resolves to for these sizes."""
+  """The implementation 'auto' resolves to for these sizes; 'chunked' for symbolic ones
+  (known only when an exported model runs), whose memory is bounded for every size."""
   backend = backend or jax.default_backend()
   # cuDNN flash attention: linear memory, fastest; it needs half precision.
   if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return 'fused'
+  if not _known(batch, q_len, kv_len):
+    return 'chunked'
   if SOFTMAX_BUFFERS * logits_bytes(batch, heads, q_len, kv_len) <= budget_bytes:
     return 'plain'
   return 'chunked'
@@ -110,8 +125,9 @@ def _attend_key_blocks(q: jax.Array, k: jax.Array, v_t: jax.Array, scale: float)
   maximum is finite after the first.
   """
   *lead, kv_len, head_dim = k.shape
-  num_blocks = math.ceil(kv_len / KEY_BLOCK)
-  block = math.ceil(kv_len / num_blocks)
+  num_blocks = _ceil_div(kv_len, KEY_BLOCK)
+  # Equal blocks, or `KEY_BLOCK`s for symbolic sizes (simpler expressions for `jax.export`).
+  block = _ceil_div(kv_len, num_blocks) if _known(kv_len) else KEY_BLOCK
   pad = num_blocks * block - kv_len
   k = jnp.pad(k, [(0, 0)] * len(lead) + [(0, pad), (0, 0)])
   v_t = jnp.pad(v_t, [(0, 0)] * (len(lead) + 1) + [(0, pad)])
@@ -180,13 +196,14 @@ def _use_key_blocks(kv_len: int) -> bool:
 
 def _attend_chunked(q: jax.Array, k: jax.Array, v_t: jax.Array, scale: float,
                     chunk: int | None, report: _Report | None = None) -> jax.Array:
-  """Attention over blocks of `chunk` queries (`lax.map`; None: at once), each over key blocks
-  when there are 4 `KEY_BLOCK`s of keys or more; `report` is traced in after each block."""
-  q_len = q.shape[-2]
+  """Attention over equal blocks of at most `chunk` queries (`lax.map`; None: at once), each
+  over key blocks when there are 4 `KEY_BLOCK`s of keys or more, or an unknown number
+  (symbolic sizes); `report` is traced in after each block."""
+  q_len, kv_len = q.shape[-2], k.shape[-2]
   attend = _attend
-  if chunk is not None and _use_key_blocks(k.shape[-2]):
+  if chunk is not None and (not _known(kv_len) or _use_key_blocks(kv_len)):
     attend = _attend_key_blocks
-  if chunk is None or chunk >= q_len:
+  if chunk is None or (_known(q_len) and chunk >= q_len):
     # Rematerialized too: the backward pass recomputes the logits (one more Q K^T) instead
     # of keeping the softmax of every (batch, head) pair from the forward pass (CvT-13 +
     # UPerNet training at 256x256 batch 8: 270 MB of stage-1 probabilities).
@@ -194,7 +211,9 @@ def _attend_chunked(q: jax.Array, k: jax.Array, v_t: jax.Array, scale: float,
     if report is not None:
       report(0, 1, out)
     return out
-  num_chunks = math.ceil(q_len / chunk)
+  num_chunks = _ceil_div(q_len, chunk)
+  if _known(q_len):
+    chunk = _ceil_div(q_len, num_chunks)  # Equal blocks: less padding.
   pad = num_chunks * chunk - q_len
   # Padded query rows are computed and dropped: softmax is per query, so they
   # cannot affect the real rows.
@@ -278,6 +297,11 @@ def attention(
   if implementation == 'auto':
     implementation = choose_implementation(batch, heads, q_len, kv_len, q.dtype, budget_bytes)
   per_head = jax.default_backend() == 'cpu'
+  if not _known(batch, q_len, kv_len) and implementation == 'chunked':
+    # Sizes known only at run time: blocks of at most this many queries by `KEY_BLOCK` keys
+    # per (batch, head) pair, whatever the image size.
+    chunk_size = chunk_size or QUERY_BLOCK_WITH_KEY_BLOCKS
+    return _multi_head(q, k, v, scale, chunk_size, per_head, progress)
   if implementation == 'plain':
     return _multi_head(q, k, v, scale, None, per_head, progress)
   if implementation == 'fused':
