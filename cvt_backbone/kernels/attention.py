@@ -16,7 +16,6 @@ import contextlib
 import contextvars
 import functools
 import itertools
-import math
 import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
