@@ -1,8 +1,9 @@
 """ONNX export through `jax2onnx`, with symbolic batch, height and width.
 
 `to_onnx` traces the function once and returns the serialized ModelProto; `onnxruntime` then
-runs it at any size the symbolic dimensions allow. Where jax2onnx 0.17 gets symbolic sizes
-wrong, the conversion is corrected here rather than in the models.
+runs it at any size the symbolic dimensions allow. Where jax2onnx 0.17 goes wrong (symbolic
+sizes, functions it replaces while tracing), its plugins are corrected here, for the rest of
+the process, rather than the models rewritten.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def to_onnx(fn: Callable[[jax.Array], Mapping[str, jax.Array]], spec: jax.ShapeD
   _fix_symbolic_pad()
   _fast_connected_check()
   _keep_jax_functions()
-  names = list(jax.eval_shape(fn, spec))
+  names = []  # In fn's order: a traced dict comes back with sorted keys.
+  jax.eval_shape(lambda x: names.extend(fn(x)), spec)
   model = jax2onnx.to_onnx(lambda x: tuple(fn(x)[k] for k in names), [spec],
                            input_names=[input_name], output_names=names)
   # jax2onnx stamps intermediate shapes that are wrong for symbolic sizes (onnxruntime then
