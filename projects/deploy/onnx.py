@@ -8,6 +8,7 @@ the process, rather than the models rewritten.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from unittest import mock
 
@@ -64,6 +65,23 @@ def _fast_connected_check() -> None:
   output_binding._value_is_graph_connected = connected  # noqa: SLF001
 
 
+def _small_constant_broadcasts() -> None:
+  """jax2onnx stores a broadcast constant at its full size: 4 MB for each attention block's
+  `[1024, 1024]` key-block mask; large ones stay broadcasts (ONNX Expand)."""
+  from jax2onnx.plugins.jax.lax import broadcast_in_dim
+
+  inline = broadcast_in_dim._maybe_inline_constant_broadcast  # noqa: SLF001
+  if getattr(inline, '_cvt_fixed', False):
+    return
+
+  def small_inline(ctx, out_var, x_val, shape, bdims, op_shape) -> bool:
+    return (all(isinstance(d, int) for d in shape) and math.prod(shape) <= 4096
+            and inline(ctx, out_var, x_val, shape, bdims, op_shape))
+
+  small_inline._cvt_fixed = True
+  broadcast_in_dim._maybe_inline_constant_broadcast = small_inline  # noqa: SLF001
+
+
 def _keep_jax_functions() -> None:
   """jax2onnx swaps `jax.numpy` and `jax.lax` functions for ops of its own while tracing, and
   some are wrong: `jnp.concatenate` keeps the first operand's symbolic axis size (`[b, 1, C]`
@@ -104,6 +122,7 @@ def to_onnx(fn: Callable[[jax.Array], Mapping[str, jax.Array]], spec: jax.ShapeD
   _fix_symbolic_pad()
   _fast_connected_check()
   _keep_jax_functions()
+  _small_constant_broadcasts()
   names = []  # In fn's order: a traced dict comes back with sorted keys.
   jax.eval_shape(lambda x: names.extend(fn(x)), spec)
   # jax2onnx deep-copies gathers' sizes; a deep copy of a symbolic size copies its scope, which

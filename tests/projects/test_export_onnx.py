@@ -8,6 +8,7 @@ import pytest
 from jax import export
 
 from cvt_backbone.cvt import CvTBackbone
+from heads import Segmentor, build_head
 
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('jax2onnx')
@@ -66,3 +67,22 @@ def test_uint8_images_normalised_inside_and_outputs_in_the_function_order():
   session = _session(to_onnx(fn, _spec(jnp.uint8)))
   assert [o.name for o in session.get_outputs()] == ['normalised', 'channel']
   _assert_runs_as_jitted(session, fn, images)
+
+
+@pytest.mark.slow  # about a minute to convert: left out by -m "not slow"
+def test_a_segmentation_model_of_uint8_images_runs_at_any_size_as_the_jitted_one():
+  backbone = CvTBackbone(variant='cvt-tiny')
+  model = Segmentor(backbone=backbone, decode_head=build_head(
+      'upernet', num_classes=3, channels=8, feature_info=backbone.feature_info))
+  # Batch 2: BatchNorm over the 1x1 pooled map of UPerNet's PPM needs two values per channel.
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 64, 64, 3)))
+  mean, std = jnp.array([123.7, 116.3, 103.5]), jnp.array([58.4, 57.1, 57.4])
+
+  def fn(images):
+    logits = model.apply(variables, (images.astype(jnp.float32) - mean) / std)['logits']
+    return {'classes': jnp.argmax(logits, -1), 'logits': logits}
+
+  session = _session(to_onnx(fn, _spec(jnp.uint8)))
+  for shape in [(1, 97, 131, 3), (3, 53, 75, 3)]:
+    images = jax.random.randint(jax.random.PRNGKey(4), shape, 0, 256).astype(jnp.uint8)
+    _assert_runs_as_jitted(session, fn, images)
