@@ -1,0 +1,1 @@
+"""Exporting trained models for serving outside this package."""
