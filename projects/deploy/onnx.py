@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import jax
+import numpy as np
+
+from cvt_backbone.tools import is_int
 
 
 def _fix_symbolic_concatenate() -> None:
@@ -37,6 +40,36 @@ def _fix_symbolic_concatenate() -> None:
   plugin._cvt_fixed = True
 
 
+def _fix_symbolic_pad() -> None:
+  """jax2onnx's `lax.pad` takes only int pads: symbolic ones (chunked attention's) go in as a tensor."""
+  from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
+  from jax2onnx.plugins.jax.lax import _index_utils, pad
+
+  plugin = pad.PadPlugin
+  if getattr(plugin, '_cvt_fixed', False):
+    return
+  int_lower = plugin.lower
+
+  def lower(self, ctx, eqn):
+    config = eqn.params['padding_config']
+    if all(is_int(lo) and is_int(hi) and interior == 0 for lo, hi, interior in config):
+      return int_lower(self, ctx, eqn)
+    (data_var, value_var), (out_var,) = eqn.invars, eqn.outvars
+    data = ctx.get_value_for_var(data_var, name_hint=ctx.fresh_name('pad_data'))
+    value = ctx.get_value_for_var(value_var, name_hint=ctx.fresh_name('pad_cval'),
+                                  prefer_np_dtype=np.dtype(data_var.aval.dtype))
+    pads = _index_utils._lower_i64_vector(  # noqa: SLF001
+        ctx, [lo for lo, _, _ in config] + [hi for _, hi, _ in config], 'pad_pads')
+    out = ctx.builder.Pad(data, pads, value, mode='constant', _outputs=[ctx.fresh_name('Pad')])
+    out.type = data.type
+    _stamp_type_and_shape(out, tuple(out_var.aval.shape))
+    _ensure_value_metadata(ctx, out)
+    ctx.bind_value_for_var(out_var, out)
+
+  plugin.lower = lower
+  plugin._cvt_fixed = True
+
+
 def to_onnx(fn: Callable[[jax.Array], Mapping[str, jax.Array]], spec: jax.ShapeDtypeStruct, *,
             input_name: str = 'images') -> bytes:
   """A serialized ONNX model of `fn(x) -> {name: array}`.
@@ -52,6 +85,7 @@ def to_onnx(fn: Callable[[jax.Array], Mapping[str, jax.Array]], spec: jax.ShapeD
   import jax2onnx
 
   _fix_symbolic_concatenate()
+  _fix_symbolic_pad()
   names = list(jax.eval_shape(fn, spec))
   model = jax2onnx.to_onnx(lambda x: tuple(fn(x)[k] for k in names), [spec],
                            input_names=[input_name], output_names=names)
