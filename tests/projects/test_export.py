@@ -70,8 +70,9 @@ for job in jobs:
     try:
       run(np.zeros(shape, dtype))
       errors[what] = None
-    except Exception as e:
-      errors[what] = f'{type(e).__name__}: {e}'
+    except Exception as e:  # what a user's traceback shows: the error and its cause
+      errors[what] = f'{type(e).__name__}: {e}' + (f' (cause: {e.__cause__})' if e.__cause__
+                                                    else '')
   job['errors'] = errors
 json.dump({'jobs': jobs, 'jax_imported': 'jax' in sys.modules}, open(sys.argv[2], 'w'))
 '''
@@ -117,14 +118,20 @@ def _confident_detector(params) -> None:
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """`{kind: (config, checkpoint workdir) or backbone file}`."""
-  from tests.weights_support import write_converted_backbone
+  from cvt_backbone import CvTBackbone, get_spec
+  from cvt_backbone.weights.converted import save_converted
 
   root = tmp_path_factory.mktemp('runs')
   _save_checkpoint(SEGMENTATION, root / 'segmentation', {'num_classes': 6})
   _save_checkpoint(DETECTION, root / 'detection', {
       'num_classes': 4, 'category_ids': [1, 2, 3, 4],
       'class_names': ['rectangle', 'ellipse', 'triangle', 'ring']}, _confident_detector)
-  write_converted_backbone(root / 'backbone.msgpack')
+  variables = CvTBackbone(variant='cvt-tiny').init(jax.random.PRNGKey(0),
+                                                   np.zeros((1, 32, 32, 3), np.float32))
+  save_converted(root / 'backbone.msgpack', jax.tree.map(np.asarray, variables), {
+      'variant': 'cvt-tiny', 'spec': get_spec('cvt-tiny').to_dict(), 'activation': 'quick_gelu',
+      'num_classes': 0, 'backbone_only': True, 'in_chans': 3,
+      'source': {'file': 'random', 'sha256': '', 'naming': 'flax'}, 'converter': 'test'})
   return {'segmentation': ['--config', os.path.join(REPO, SEGMENTATION), '--checkpoint',
                            str(root / 'segmentation'), '--logits'],
           'detection': ['--config', os.path.join(REPO, DETECTION), '--checkpoint',
