@@ -128,7 +128,8 @@ def load_trained(config_spec: str, checkpoint: str, *, logits: bool = False
 
 
 def load_backbone(path: str) -> serving.Servable:
-  from cvt_backbone.weights.converted import load_backbone as load, load_converted
+  from cvt_backbone.weights.converted import load_backbone as load
+  from cvt_backbone.weights.converted import load_converted
 
   model, variables = load(path)
   _, saved = load_converted(path)
@@ -334,7 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = serving.input_spec(servable, args.static)
     write_artifact(path, args.format, servable, spec)
     output_files.write_json(describe(servable, args.format, spec), meta_path)
-  except (OSError, ValueError, ImportError) as e:
+  except ImportError as e:
+    print(f'error: the {args.format} format needs {e.name or e}, which the export extra '
+          'installs: pip install "cvt-dense[export]"', file=sys.stderr)
+    return command_line.EXIT_FAILED
+  except (OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return command_line.EXIT_FAILED
   print(f'exported the {servable.kind} as {args.format} to {path} (input {INPUT_NAME} '
