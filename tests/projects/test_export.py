@@ -42,6 +42,12 @@ try:
   sys.exit('cvt_backbone is importable')
 except ImportError:
   pass
+if fmt != 'stablehlo':  # TensorFlow and onnxruntime must run it without jax
+  class NoJax:
+    def find_spec(self, name, path=None, target=None):
+      if name.partition('.')[0] in ('jax', 'jaxlib', 'flax'):
+        raise ImportError(f'{name} is not installed here')
+  sys.meta_path.insert(0, NoJax())
 if fmt == 'stablehlo':
   from jax import export
   def load(path):
