@@ -98,6 +98,16 @@ def stride_level(stride: int) -> int:
   return int(level)
 
 
+def is_symbolic(*sizes: Any) -> bool:
+  """Whether a size is a symbolic dimension of `jax.export` (a model exported for every size)."""
+  return any(jax.export.is_symbolic_dim(s) for s in sizes)
+
+
+def as_size(size: Any) -> Any:
+  """`int(size)`, or `size` itself if it is symbolic."""
+  return size if is_symbolic(size) else int(size)
+
+
 def check_images(images: jax.Array, owner: str) -> jax.Array:
   """Returns `images` if they are `[N, H, W, C]`; raises on other ranks and on NCHW."""
   if getattr(images, 'ndim', None) != 4:

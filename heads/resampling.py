@@ -1,21 +1,31 @@
 """Resizing and adaptive pooling of `[N, H, W, C]` maps, equal to PyTorch's `F.interpolate`
 and `nn.AdaptiveAvgPool2d` to the pixel: converted weights give the reference heads' logits only
 if these agree on sizes that are not multiples of each other (62/31/16 maps for 250 px).
-Index arithmetic is static (shapes are Python ints at trace time)."""
+Index tables are numpy at trace time for static sizes, the same float32 arithmetic on `iota`
+in the graph where a size is symbolic (a model exported once for every size)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from heads.features import as_size, is_symbolic
+
 
 def _spatial_size(size: Sequence[int]) -> tuple[int, int]:
   if len(size) != 2:
     raise ValueError(f'Expected a (height, width) size, got {tuple(size)}.')
-  return int(size[0]), int(size[1])
+  return as_size(size[0]), as_size(size[1])
+
+
+def _xp(*sizes: int) -> Any:
+  """numpy for static sizes (index tables built at trace time), jax.numpy where a size is a
+  symbolic dimension of `jax.export` (the same float32 arithmetic, on `iota` in the graph)."""
+  return jnp if is_symbolic(*sizes) else np
 
 
 def _check_nhwc(x: jax.Array, what: str) -> None:
@@ -23,20 +33,27 @@ def _check_nhwc(x: jax.Array, what: str) -> None:
     raise ValueError(f'{what} expects an [N, H, W, C] array, got shape {tuple(x.shape)}.')
 
 
-def _align_corners_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Source taps of `F.interpolate(..., mode='bilinear', align_corners=True)` along one axis."""
-  if out_size > 1:
-    scale = np.float32(in_size - 1) / np.float32(out_size - 1)
+def _bilinear_taps(in_size: int, out_size: int, align_corners: bool) -> tuple[Any, Any, Any]:
+  """Source taps of `F.interpolate(..., mode='bilinear')` along one axis: the two source rows of
+  each output and the weight of the second, from PyTorch's `area_pixel_compute_source_index`
+  in float32 like its CPU kernel (float64 positions move the weights by up to 1e-5)."""
+  xp = _xp(in_size, out_size)
+  in_f, out_f = xp.asarray(in_size, xp.float32), xp.asarray(out_size, xp.float32)
+  dst = xp.arange(out_size, dtype=xp.float32)
+  if not align_corners:
+    # max(p, 0.5) - 0.5 is max(p - 0.5, 0) exactly (the subtraction is exact), and keeps XLA
+    # from fusing the product and the subtraction into one differently rounded FMA.
+    half = xp.float32(0.5)
+    src = xp.maximum((dst + half) * (in_f / out_f), half) - half
+  elif xp is np:
+    # PyTorch samples the first pixel when there is a single output.
+    src = dst * (xp.float32(in_size - 1) / xp.float32(out_size - 1) if out_size > 1
+                 else xp.float32(0.0))
   else:
-    scale = np.float32(0.0)  # PyTorch samples the first pixel when there is a single output.
-  # float32 like PyTorch's CPU kernel: float64 positions move the weights by up to 1e-5.
-  return _taps(np.arange(out_size, dtype=np.float32) * scale, in_size)
-
-
-def _taps(src: np.ndarray, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The two source rows of each output and the weight of the second, for sources `src`."""
-  lo = np.clip(np.floor(src).astype(np.int64), 0, in_size - 1)
-  return lo, np.minimum(lo + 1, in_size - 1), (src - lo.astype(np.float32)).astype(np.float32)
+    src = dst * jnp.where(out_f > 1, (in_f - 1) / jnp.maximum(out_f - 1, 1), 0).astype(
+        jnp.float32)
+  lo = xp.clip(xp.floor(src).astype(xp.int32), 0, in_size - 1)
+  return lo, xp.minimum(lo + 1, in_size - 1), (src - lo.astype(xp.float32)).astype(xp.float32)
 
 
 def resize_bilinear(x: jax.Array, size: Sequence[int], *,
@@ -49,14 +66,14 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], *,
   n, h, w, c = x.shape
   if (h, w) == (out_h, out_w):
     return x
-  if not align_corners:
+  if not align_corners and _xp(h, w, out_h, out_w) is np:
     return jax.image.resize(x, (n, out_h, out_w, c), method='bilinear', antialias=False)
-  # align_corners=True is not a scale-and-translate of pixel areas at the edges, so it is
-  # written as two static gathers and a lerp per axis.
+  # align_corners=True is not a scale-and-translate of pixel areas at the edges, and
+  # jax.image.resize needs static sizes, so these are two gathers and a lerp per axis.
   for axis, in_size, out_size in ((1, h, out_h), (2, w, out_w)):
     if in_size == out_size:
       continue
-    lo, hi, frac = _align_corners_taps(in_size, out_size)
+    lo, hi, frac = _bilinear_taps(in_size, out_size, align_corners)
     shape = [1, 1, 1, 1]
     shape[axis] = out_size
     frac = jnp.asarray(frac, dtype=x.dtype).reshape(shape)
@@ -68,13 +85,8 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], *,
 
 def bilinear_matrix(in_size: int, out_size: int, *, align_corners: bool = False) -> np.ndarray:
   """`resize_bilinear` along one axis as an `[out_size, in_size]` float32 matrix (two taps a
-  row; PyTorch's `area_pixel_compute_source_index` in float32), to resize a block at a time."""
-  if align_corners:
-    lo, hi, frac = _align_corners_taps(in_size, out_size)
-  else:
-    scale = np.float32(in_size) / np.float32(out_size)
-    lo, hi, frac = _taps(np.maximum((np.arange(out_size, dtype=np.float32) + np.float32(0.5))
-                                    * scale - np.float32(0.5), np.float32(0.0)), in_size)
+  row), to resize a block at a time."""
+  lo, hi, frac = _bilinear_taps(in_size, out_size, align_corners)
   matrix = np.zeros((out_size, in_size), np.float32)
   rows = np.arange(out_size)
   np.add.at(matrix, (rows, lo), np.float32(1.0) - frac)
@@ -92,21 +104,22 @@ def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
     if in_size == out_size:
       continue
     # PyTorch computes the scale and the product in float32; do the same so rounding agrees.
-    scale = np.float32(in_size) / np.float32(out_size)
-    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    x = jnp.take(x, jnp.asarray(np.minimum(src, in_size - 1)), axis=axis)
+    xp = _xp(in_size, out_size)
+    scale = xp.asarray(in_size, xp.float32) / xp.asarray(out_size, xp.float32)
+    src = xp.floor(xp.arange(out_size, dtype=xp.float32) * scale).astype(xp.int32)
+    x = jnp.take(x, jnp.asarray(xp.minimum(src, in_size - 1)), axis=axis)
   return x
 
 
 def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
   """`[out_size, in_size]` weights of `nn.AdaptiveAvgPool` along one axis: bin `i` averages
   rows `floor(i * in / out)` to `ceil((i + 1) * in / out)` (aten AdaptiveAveragePooling.cpp)."""
-  weights = np.zeros((out_size, in_size), np.float32)
-  for i in range(out_size):
-    start = (i * in_size) // out_size
-    end = -((-(i + 1) * in_size) // out_size)  # ceil division
-    weights[i, start:end] = 1.0 / (end - start)
-  return weights
+  xp = _xp(in_size, out_size)
+  bins, rows = xp.arange(out_size)[:, None], xp.arange(in_size)[None, :]
+  start = (bins * in_size) // out_size
+  end = -((-(bins + 1) * in_size) // out_size)  # ceil division
+  inside = (rows >= start) & (rows < end)
+  return xp.where(inside, 1.0 / (end - start), 0.0).astype(xp.float32)
 
 
 def adaptive_avg_pool(x: jax.Array, size: int | Sequence[int]) -> jax.Array:

@@ -9,13 +9,16 @@ levels fine to coarse, each row-major; assignments are gt indices, -1 for negati
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from heads.detection.boxes import check_level_sizes, encode_ltrb, pairwise_iou
+from heads.features import as_size, is_symbolic
 
 # Anchor side in strides: mmdet's ATSS config uses `octave_base_scale=8, scales_per_octave=1`
 # (configs/atss/atss_r50_fpn_1x_coco.py), one square anchor per location.
@@ -36,31 +39,41 @@ def _check_levels(level_shapes: Sequence[tuple[int, int]], strides: Sequence[int
       raise ValueError(f'Expected (height, width) level shapes, got {tuple(shape)}.')
 
 
+def _xp(level_shapes: Sequence[tuple[int, int]]) -> Any:
+  """numpy for static level shapes, jax.numpy for symbolic ones (a model exported for any size;
+  the same values, exact in float32)."""
+  return jnp if is_symbolic(*itertools.chain(*level_shapes)) else np
+
+
 def anchor_points(level_shapes: Sequence[tuple[int, int]], strides: Sequence[int]) -> jax.Array:
   """`[P, 2]` float32 `(x, y)` cell centres of levels `(H_l, W_l)` with these strides."""
   _check_levels(level_shapes, strides)
-  points = []
+  xp, points = _xp(level_shapes), []
   for (h, w), stride in zip(level_shapes, strides, strict=True):
-    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
-    points.append(np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=-1) * stride)
-  return jnp.asarray(np.concatenate(points, axis=0), jnp.float32)
+    ys, xs = xp.meshgrid(xp.arange(h), xp.arange(w), indexing='ij')
+    points.append(xp.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=-1) * stride)
+  return jnp.asarray(xp.concatenate(points, axis=0), jnp.float32)
 
 
 def point_strides(level_shapes: Sequence[tuple[int, int]], strides: Sequence[int]) -> jax.Array:
   """Stride of every point of `anchor_points(level_shapes, strides)`: `[P]` float32."""
   _check_levels(level_shapes, strides)
-  return jnp.asarray(np.repeat(np.asarray(strides, np.float32), level_sizes_of(level_shapes)))
+  xp = _xp(level_shapes)
+  return jnp.asarray(xp.concatenate([
+      xp.full((size,), stride, xp.float32)
+      for size, stride in zip(level_sizes_of(level_shapes), strides, strict=True)]))
 
 
 def level_sizes_of(level_shapes: Sequence[tuple[int, int]]) -> tuple[int, ...]:
-  """Points per level, `H_l * W_l`, the static `level_sizes` that `atss_assign` takes."""
-  return tuple(int(h) * int(w) for h, w in level_shapes)
+  """Points per level, `H_l * W_l`, the `level_sizes` that `atss_assign` takes (static, or
+  symbolic under `jax.export`)."""
+  return tuple(as_size(h) * as_size(w) for h, w in level_shapes)
 
 
 def level_slices(level_sizes: Sequence[int]) -> list[tuple[int, int]]:
   """`(start, size)` of each level on the point axis."""
-  starts = np.cumsum((0, *level_sizes[:-1]))
-  return [(int(start), int(size)) for start, size in zip(starts, level_sizes, strict=True)]
+  sizes = [as_size(size) for size in level_sizes]
+  return list(zip(itertools.accumulate(sizes[:-1], initial=0), sizes, strict=True))
 
 
 def anchor_boxes(points: jax.Array, strides: jax.Array, scale: float = ANCHOR_SCALE) -> jax.Array:

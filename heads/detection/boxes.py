@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from heads.features import is_symbolic
+
 # Lower bound on union and enclosing areas, as mmdet's `bbox_overlaps(..., eps=1e-6)`
 # (mmdet/structures/bbox/bbox_overlaps.py).
 EPS = 1e-6
@@ -32,7 +34,9 @@ def check_shapes(owner: str, cls_logits: jax.Array,
 
 
 def check_level_sizes(level_sizes: tuple[int, ...], num_points: int) -> None:
-  if sum(level_sizes) != num_points or min(level_sizes, default=0) <= 0:
+  # A symbolic size (jax.export) is positive; comparing it could be inconclusive.
+  if (not level_sizes or sum(level_sizes) != num_points
+      or not all(is_symbolic(n) or n > 0 for n in level_sizes)):
     raise ValueError(f'level_sizes {level_sizes} must be positive and sum to the {num_points} '
                      f'points.')
 

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from heads.features import check_images, select_features, with_neck
+from heads.features import as_size, check_images, is_symbolic, select_features, with_neck
 
 
 class Detector(nn.Module):
@@ -43,12 +43,15 @@ class Detector(nn.Module):
     return dict(zip(self.head.in_features, levels, strict=True))
 
   def level_shapes(self, height: int, width: int, channels: int = 3) -> tuple[tuple[int, int], ...]:
-    """Static `(h_l, w_l)` of the head's levels for an input size, in `in_features` order.
+    """`(h_l, w_l)` of the head's levels for an input size, in `in_features` order: ints, or
+    expressions of a symbolic size (`jax.export`).
 
-    Traced with `jax.eval_shape` (no FLOPs) on the unbound module and cached per size, so data
-    pipelines and jitted losses can call it.
+    Traced with `jax.eval_shape` (no FLOPs) on the unbound module and cached per static size,
+    so data pipelines and jitted losses can call it.
     """
     module = self.clone(parent=None) if self.scope is not None else self
+    if is_symbolic(height, width):  # Belongs to one export: not cached.
+      return _level_shapes(module, height, width, int(channels))
     try:
       hash(module)
     except TypeError:  # A field holds a list or dict: fine, just not cacheable.
@@ -61,7 +64,7 @@ def _level_shapes(model: Detector, height: int, width: int,
   images = jax.ShapeDtypeStruct((1, height, width, channels), jnp.float32)
   init = functools.partial(model.init_with_output, method=Detector.pyramid, train=False)
   levels, _ = jax.eval_shape(init, jax.random.key(0), images)
-  return tuple((int(levels[name].shape[1]), int(levels[name].shape[2]))
+  return tuple((as_size(levels[name].shape[1]), as_size(levels[name].shape[2]))
                for name in model.head.in_features)
 
 
