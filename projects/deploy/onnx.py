@@ -1,8 +1,9 @@
 """ONNX export through `jax2onnx`, with symbolic batch, height and width.
 
 `to_onnx` traces the function once and returns the serialized ModelProto; `onnxruntime` then
-runs it at any size the symbolic dimensions allow. Where jax2onnx 0.17 gets symbolic sizes
-wrong, the conversion is corrected here rather than in the models.
+runs it at any size the symbolic dimensions allow. Where jax2onnx 0.17 goes wrong (symbolic
+sizes, functions it replaces while tracing), its plugins are corrected here, for the rest of
+the process, rather than the models rewritten.
 """
 
 from __future__ import annotations
@@ -12,48 +13,22 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
-from cvt_backbone.tools import is_int
-
-
-def _fix_symbolic_concatenate() -> None:
-  """jax2onnx's `jnp.concatenate` keeps only the first operand's symbolic axis size.
-
-  (`[b, 1, C]` and `[b, h*w, C]` give `[b, 1, C]`, so a later slice of the cls token off is
-  empty); the sum of the sizes is right for ints and `jax.export` dimensions alike.
-  """
-  from jax2onnx.plugins.jax.numpy import concatenate
-
-  plugin = concatenate.JnpConcatenatePlugin
-  if getattr(plugin, '_cvt_fixed', False):
-    return
-  wrong = plugin.abstract_eval
-
-  def abstract_eval(*arrays, dimension: int = 0, axis: int | None = None):
-    out = wrong(*arrays, dimension=dimension, axis=axis)
-    axis_ = (dimension if axis is None else axis) % len(out.shape)
-    shape = list(out.shape)
-    shape[axis_] = sum(a.shape[axis_] for a in arrays)
-    return out.update(shape=tuple(shape))
-
-  plugin.ensure_abstract_eval_bound()
-  plugin._PRIM.def_abstract_eval(abstract_eval)  # noqa: SLF001
-  plugin._cvt_fixed = True
-
 
 def _fix_symbolic_pad() -> None:
-  """jax2onnx's `lax.pad` takes only int pads: symbolic ones (chunked attention's) go in as a tensor."""
+  """jax2onnx's `lax.pad` takes neither symbolic pads (chunked attention's) nor symbolic
+  shapes: the pads go in as a tensor."""
   from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
   from jax2onnx.plugins.jax.lax import _index_utils, pad
 
   plugin = pad.PadPlugin
   if getattr(plugin, '_cvt_fixed', False):
     return
-  int_lower = plugin.lower
+  interior_lower = plugin.lower  # Refuses interior padding, which ONNX's Pad lacks.
 
   def lower(self, ctx, eqn):
     config = eqn.params['padding_config']
-    if all(is_int(lo) and is_int(hi) and interior == 0 for lo, hi, interior in config):
-      return int_lower(self, ctx, eqn)
+    if any(interior for _, _, interior in config):
+      return interior_lower(self, ctx, eqn)
     (data_var, value_var), (out_var,) = eqn.invars, eqn.outvars
     data = ctx.get_value_for_var(data_var, name_hint=ctx.fresh_name('pad_data'))
     value = ctx.get_value_for_var(value_var, name_hint=ctx.fresh_name('pad_cval'),
@@ -70,6 +45,46 @@ def _fix_symbolic_pad() -> None:
   plugin._cvt_fixed = True
 
 
+def _fast_connected_check() -> None:
+  """jax2onnx checks each equation's outputs against every node's outputs (quadratic: 90% of
+  the tiny backbone's conversion); a value made by a node of the graph is connected at once."""
+  from jax2onnx.converter import output_binding
+
+  slow = output_binding._value_is_graph_connected  # noqa: SLF001
+  if getattr(slow, '_cvt_fixed', False):
+    return
+
+  def connected(ctx, value) -> bool:
+    node = value.producer()
+    return (node is not None and node.graph is ctx.builder.nodes) or slow(ctx, value)
+
+  connected._cvt_fixed = True
+  output_binding._value_is_graph_connected = connected  # noqa: SLF001
+
+
+def _keep_jax_functions() -> None:
+  """jax2onnx swaps `jax.numpy` and `jax.lax` functions for ops of its own while tracing, and
+  some are wrong: `jnp.concatenate` keeps the first operand's symbolic axis size (`[b, 1, C]`
+  and `[b, h*w, C]` give `[b, 1, C]`: CvT's tokens without the cls token are empty),
+  `jnp.shape` returns a traced array (Python checks of shapes fail), `lax.fori_loop` and
+  `jnp.clip` go wrong under `vmap` (the detector's NMS per image). The originals lower to
+  `lax` primitives, which it converts."""
+  from jax2onnx.plugins import _patching, plugin_system
+
+  plugin_system.import_all_plugins()
+  for plugin in {type(p) for p in plugin_system.PLUGIN_REGISTRY.values()}:
+    if not issubclass(plugin, plugin_system.PrimitiveLeafPlugin) or '_cvt_kept' in vars(plugin):
+      continue
+    specs = plugin.binding_specs
+
+    def kept(cls, specs=specs):
+      return [s for s in specs() if not (isinstance(s, _patching.MonkeyPatchSpec) and
+                                         str(s.target) in ('jax.numpy', 'jax.lax'))]
+
+    plugin.binding_specs = classmethod(kept)
+    plugin._cvt_kept = True
+
+
 def to_onnx(fn: Callable[[jax.Array], Mapping[str, jax.Array]], spec: jax.ShapeDtypeStruct, *,
             input_name: str = 'images') -> bytes:
   """A serialized ONNX model of `fn(x) -> {name: array}`.
@@ -84,9 +99,11 @@ def to_onnx(fn: Callable[[jax.Array], Mapping[str, jax.Array]], spec: jax.ShapeD
   """
   import jax2onnx
 
-  _fix_symbolic_concatenate()
   _fix_symbolic_pad()
-  names = list(jax.eval_shape(fn, spec))
+  _fast_connected_check()
+  _keep_jax_functions()
+  names = []  # In fn's order: a traced dict comes back with sorted keys.
+  jax.eval_shape(lambda x: names.extend(fn(x)), spec)
   model = jax2onnx.to_onnx(lambda x: tuple(fn(x)[k] for k in names), [spec],
                            input_names=[input_name], output_names=names)
   # jax2onnx stamps intermediate shapes that are wrong for symbolic sizes (onnxruntime then
