@@ -1,1 +1,2 @@
-"""Exporting trained models for serving outside this package."""
+"""Deploying trained models: `cvt-export` (`export.py`) of the functions in `serving.py`, the
+ONNX route in `onnx.py`."""
