@@ -62,15 +62,16 @@ def test_segmentation_model_exports_for_every_size(name):
       np.testing.assert_allclose(got[key], expected[key], atol=1e-5, err_msg=key)
 
 
-@pytest.mark.slow  # jax reasons about the summed level sizes for minutes (see the report)
+@pytest.mark.slow  # jax.export reasons about the summed level sizes: a minute or more
 def test_detector_exports_for_every_size():
   config = detection_demo.get_config('runlocal')
   model = detection_models.get_model_cls(config.model_name)(config, {'num_classes': 4})
   variables = _init(model.flax_model)
-  # Prior 0.5 instead of 0.01: random weights then score above the threshold and NMS has work.
+  # Random weights score every point near the prior 0.01 (no detections, or only near-ties that
+  # the last bit orders): a zero bias and a 300x classifier kernel spread the scores.
   variables = jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.zeros_like(x) if 'conv_cls' in str(path) and 'bias' in str(path)
-      else x, variables)
+      lambda path, x: (x * 300.0 if 'kernel' in str(path) else x * 0.0)
+      if 'conv_cls' in str(path) else x, variables)
 
   def detect(variables, images, image_size, scale_factor):
     outputs = model.flax_model.apply(variables, images, train=False)
@@ -87,5 +88,7 @@ def test_detector_exports_for_every_size():
     got = exported.call(variables, images, image_size, scale_factor)
     assert int(expected['valid'].sum()) > 0
     np.testing.assert_allclose(got['boxes'], expected['boxes'], atol=1e-3)
-    for key in ('scores', 'classes', 'valid'):
+    # The exported forward pass may round the last bit differently (other fusions).
+    np.testing.assert_allclose(got['scores'], expected['scores'], atol=1e-5)
+    for key in ('classes', 'valid'):
       np.testing.assert_array_equal(got[key], expected[key])
