@@ -163,6 +163,8 @@ def write_savedmodel(servable: serving.Servable, spec: jax.ShapeDtypeStruct,
   import tensorflow as tf
   from jax.experimental import jax2tf
 
+  from heads.detection import nms
+
   constraints = (f'h >= {MIN_INPUT_SIZE}', f'w >= {MIN_INPUT_SIZE}') if any(
       not isinstance(d, int) for d in spec.shape[1:3]) else ()
   converted = jax2tf.convert(servable.apply, with_gradient=False,
@@ -175,8 +177,9 @@ def write_savedmodel(servable: serving.Servable, spec: jax.ShapeDtypeStruct,
   # Checked here: a wrong channel count would otherwise fail inside the XLA call, unnamed.
   module.serve = tf.function(
       lambda images: converted(module.params, tf.ensure_shape(images, shape)), autograph=False)
-  signature = module.serve.get_concrete_function(
-      tf.TensorSpec(shape, tf.as_dtype(spec.dtype), name=INPUT_NAME))
+  with nms.sorted_top_k():  # traced here
+    signature = module.serve.get_concrete_function(
+        tf.TensorSpec(shape, tf.as_dtype(spec.dtype), name=INPUT_NAME))
   tf.saved_model.save(module, folder, signatures={'serving_default': signature})
   # TensorFlow's StableHLO may be older than jax's: run it once before it is kept.
   probe = np.zeros([d if isinstance(d, int) else 32 for d in spec.shape], spec.dtype)
@@ -246,8 +249,7 @@ def describe(servable: serving.Servable, fmt: str, spec: jax.ShapeDtypeStruct
              ) -> dict[str, Any]:
   """`PATH.json`: what the artifact takes and gives, where it comes from, what made it."""
   dims = [d if isinstance(d, int) else str(d) for d in spec.shape]
-  symbolic = [name for name, d in zip('BHW', spec.shape[:3], strict=True)
-              if not isinstance(d, int)]
+  symbolic = [str(d) for d in spec.shape[:3] if not isinstance(d, int)]
   packages = ['jax', 'jaxlib', 'flax', 'cvt-dense'] + {
       'savedmodel': ['tensorflow', 'tensorflow-cpu'],
       'onnx': ['jax2onnx', 'onnx']}.get(fmt, [])
