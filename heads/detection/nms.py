@@ -58,16 +58,21 @@ def nms(boxes: jax.Array, scores: jax.Array, iou_threshold: float, max_outputs: 
   # Entries at or below the score threshold (and NaN scores) are never selectable.
   remaining = jnp.where(scores > score_threshold, scores, -jnp.inf)
 
+  # The step selects with masks rather than `x[best]` and `.at[i].set`: the same values, and
+  # ONNX converters (jax2onnx) get gathers and scatters inside a vmapped loop wrong.
   def step(i, state):
     remaining, indices = state
     best = jnp.argmax(remaining)  # first index among equal scores
-    found = remaining[best] > -jnp.inf
-    overlaps = pairwise_iou(boxes[best][None], boxes)[0] > iou_threshold
+    found = remaining.max() > -jnp.inf
+    is_best = jnp.arange(remaining.shape[0]) == best
+    best_box = jnp.where(is_best[:, None], boxes, 0.0).sum(0)  # exact: one non-zero row
+    overlaps = pairwise_iou(best_box[None], boxes)[0] > iou_threshold
     if classes is not None:
-      overlaps &= classes == classes[best]
-    suppress = found & (overlaps | (jnp.arange(remaining.shape[0]) == best))
+      overlaps &= classes == jnp.where(is_best, classes, 0).sum()
+    suppress = found & (overlaps | is_best)
     remaining = jnp.where(suppress, -jnp.inf, remaining)
-    indices = indices.at[i].set(jnp.where(found, best, -1).astype(jnp.int32))
+    best_or_none = jnp.where(found, best, -1).astype(jnp.int32)
+    indices = jnp.where(jnp.arange(max_outputs) == i, best_or_none, indices)
     return remaining, indices
 
   init = (remaining, jnp.full((max_outputs,), -1, jnp.int32))
