@@ -21,6 +21,7 @@ from heads.detection.boxes import (
     decode_ltrb,
     pairwise_iou,
 )
+from heads.features import as_size, is_symbolic
 
 # Test-time settings of mmdet's ATSS config (configs/atss/atss_r50_fpn_1x_coco.py `test_cfg`):
 # nms_pre=1000, score_thr=0.05, nms iou_threshold=0.6, max_per_img=100.
@@ -102,7 +103,7 @@ def postprocess(cls_logits: jax.Array, box_distances: jax.Array, centerness_logi
   cls_logits, box_distances, centerness_logits, points, image_sizes, scale_factors = (
       jnp.asarray(x, jnp.float32) for x in (cls_logits, box_distances, centerness_logits,
                                             points, image_sizes, scale_factors))
-  level_sizes = tuple(int(n) for n in level_sizes)
+  level_sizes = tuple(as_size(n) for n in level_sizes)
   if cls_logits.ndim != 3:
     raise ValueError(f'postprocess expects cls_logits [B, P, K], got {tuple(cls_logits.shape)}.')
   batch, num_points, num_classes = cls_logits.shape
@@ -121,9 +122,12 @@ def postprocess(cls_logits: jax.Array, box_distances: jax.Array, centerness_logi
     for start, n in level_slices(level_sizes):
       level = jax.nn.sigmoid(logits[start:start + n]).reshape(-1)  # point-major, as mmdet
       # Sigmoid is in [0, 1], so -1 ranks below every kept candidate.
-      vals, flat = jax.lax.top_k(jnp.where(level > score_threshold, level, -1.0),
-                                 min(pre_nms_topk, n * num_classes))
-      point_idx.append(flat // num_classes + start)
+      level = jnp.where(level > score_threshold, level, -1.0)
+      if is_symbolic(n):  # top_k takes a static k: pad with never-kept -1s to at least k.
+        level = jnp.concatenate([level, jnp.full((pre_nms_topk,), -1.0)])
+      vals, flat = jax.lax.top_k(level, pre_nms_topk if is_symbolic(n)
+                                 else min(pre_nms_topk, n * num_classes))
+      point_idx.append(jnp.minimum(flat // num_classes, n - 1) + start)
       classes.append(flat % num_classes)
       probs.append(vals)
     point_idx, classes, probs = (jnp.concatenate(x) for x in (point_idx, classes, probs))
