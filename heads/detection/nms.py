@@ -120,7 +120,8 @@ def postprocess(cls_logits: jax.Array, box_distances: jax.Array, centerness_logi
   def one_image(logits, distances, ctr_logits, size, scale):
     point_idx, classes, probs = [], [], []
     for start, n in level_slices(level_sizes):
-      level = jax.nn.sigmoid(logits[start:start + n]).reshape(-1)  # point-major, as mmdet
+      # lax.slice: jnp indexing at a symbolic start is a gather, which jax2onnx cannot convert.
+      level = jax.nn.sigmoid(jax.lax.slice_in_dim(logits, start, start + n)).reshape(-1)
       # Sigmoid is in [0, 1], so -1 ranks below every kept candidate.
       level = jnp.where(level > score_threshold, level, -1.0)
       if is_symbolic(n):  # top_k takes a static k: pad with never-kept -1s to at least k.
