@@ -82,16 +82,21 @@ def nms(boxes: jax.Array, scores: jax.Array, iou_threshold: float, max_outputs: 
   # Entries at or below the score threshold (and NaN scores) are never selectable.
   remaining = jnp.where(scores > score_threshold, scores, -jnp.inf)
 
+  # The step selects with masks rather than `x[best]` and `.at[i].set`: the same values, and
+  # ONNX converters (jax2onnx) get gathers and scatters inside a vmapped loop wrong.
   def step(i, state):
     remaining, indices = state
     best = jnp.argmax(remaining)  # first index among equal scores
-    found = remaining[best] > -jnp.inf
-    overlaps = pairwise_iou(boxes[best][None], boxes)[0] > iou_threshold
+    found = remaining.max() > -jnp.inf
+    is_best = jnp.arange(remaining.shape[0]) == best
+    best_box = jnp.where(is_best[:, None], boxes, 0.0).sum(0)  # exact: one non-zero row
+    overlaps = pairwise_iou(best_box[None], boxes)[0] > iou_threshold
     if classes is not None:
-      overlaps &= classes == classes[best]
-    suppress = found & (overlaps | (jnp.arange(remaining.shape[0]) == best))
+      overlaps &= classes == jnp.where(is_best, classes, 0).sum()
+    suppress = found & (overlaps | is_best)
     remaining = jnp.where(suppress, -jnp.inf, remaining)
-    indices = indices.at[i].set(jnp.where(found, best, -1).astype(jnp.int32))
+    best_or_none = jnp.where(found, best, -1).astype(jnp.int32)
+    indices = jnp.where(jnp.arange(max_outputs) == i, best_or_none, indices)
     return remaining, indices
 
   init = (remaining, jnp.full((max_outputs,), -1, jnp.int32))
@@ -138,7 +143,8 @@ def postprocess(cls_logits: jax.Array, box_distances: jax.Array, centerness_logi
   def one_image(logits, distances, ctr_logits, size, scale):
     point_idx, classes, probs = [], [], []
     for start, n in level_slices(level_sizes):
-      level = jax.nn.sigmoid(logits[start:start + n]).reshape(-1)  # point-major, as mmdet
+      # lax.slice: jnp indexing at a symbolic start is a gather, which jax2onnx cannot convert.
+      level = jax.nn.sigmoid(jax.lax.slice_in_dim(logits, start, start + n)).reshape(-1)
       # Sigmoid is in [0, 1], so -1 ranks below every kept candidate.
       level = jnp.where(level > score_threshold, level, -1.0)
       if is_symbolic(n):

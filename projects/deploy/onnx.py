@@ -105,6 +105,45 @@ def _keep_jax_functions() -> None:
     plugin._cvt_kept = True
 
 
+def _fix_batch_norm_fallback() -> None:
+  """jax2onnx's `flax.linen.BatchNorm` falls back to flax's own call (at init, as the detector's
+  `level_shapes` does for symbolic sizes) passing `use_running_average` again, which flax refuses
+  when the module was built with it."""
+  from jax2onnx.plugins.flax.linen.batch_norm import BatchNormPlugin
+
+  make = BatchNormPlugin._make_patch  # noqa: SLF001
+  if getattr(make, '_cvt_fixed', False):
+    return
+
+  def make_patch(orig_fn):
+    def orig(self, x, use_running_average=None, *, mask=None):
+      if self.use_running_average is not None:
+        use_running_average = None  # Merged from the module's own setting already.
+      return orig_fn(self, x, use_running_average=use_running_average, mask=mask)
+    return make(orig)
+
+  make_patch._cvt_fixed = True
+  BatchNormPlugin._make_patch = staticmethod(make_patch)  # noqa: SLF001
+
+
+def _symbolic_ir_shapes() -> None:
+  """A few jax2onnx plugins (`lax.rem`, the integer `%` of the detector's top-k under `vmap`)
+  build `ir.Shape`s of symbolic sizes directly, which calls `int` on them: the dims go in as
+  jax2onnx's symbolic labels."""
+  import types
+
+  import onnx_ir
+  from jax2onnx.plugins._ir_shapes import _to_ir_dim_for_shape
+  from jax2onnx.plugins.jax.lax import clamp, copy, rem, select
+
+  def shape(dims, *args, **kwargs):
+    return onnx_ir.Shape([_to_ir_dim_for_shape(d) for d in dims], *args, **kwargs)
+
+  for module in (clamp, copy, rem, select):
+    if module.ir is onnx_ir:
+      module.ir = types.SimpleNamespace(**{**vars(onnx_ir), 'Shape': shape})
+
+
 def to_onnx(fn: Callable[[jax.Array], Mapping[str, jax.Array]], spec: jax.ShapeDtypeStruct, *,
             input_name: str = 'images') -> bytes:
   """A serialized ONNX model of `fn(x) -> {name: array}`.
@@ -123,6 +162,8 @@ def to_onnx(fn: Callable[[jax.Array], Mapping[str, jax.Array]], spec: jax.ShapeD
   _fast_connected_check()
   _keep_jax_functions()
   _small_constant_broadcasts()
+  _fix_batch_norm_fallback()
+  _symbolic_ir_shapes()
   names = []  # In fn's order: a traced dict comes back with sorted keys.
   jax.eval_shape(lambda x: names.extend(fn(x)), spec)
   # jax2onnx deep-copies gathers' sizes; a deep copy of a symbolic size copies its scope, which

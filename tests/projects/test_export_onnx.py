@@ -86,3 +86,36 @@ def test_a_segmentation_model_of_uint8_images_runs_at_any_size_as_the_jitted_one
   for shape in [(1, 97, 131, 3), (3, 53, 75, 3)]:
     images = jax.random.randint(jax.random.PRNGKey(4), shape, 0, 256).astype(jnp.uint8)
     _assert_runs_as_jitted(session, fn, images)
+
+
+@pytest.mark.slow  # minutes to convert: left out by -m "not slow"
+@pytest.mark.parametrize('symbolic', [False, pytest.param(True, marks=pytest.mark.xfail(
+    reason='onnxruntime: invalid expand shape in an Expand inside the NMS Loop', strict=True))])
+def test_the_detector_with_its_nms_runs_as_the_jitted_one(symbolic):
+  from projects.cvt_detection import models
+  from projects.cvt_detection.configs import synthetic_demo
+
+  config = synthetic_demo.get_config('runlocal')
+  config.unlock()
+  config.eval.score_threshold = 0.0  # An untrained head scores 0.01: all 100 detections kept.
+  model = models.get_model_cls(config.model_name)(config, {'num_classes': 4})
+  variables = model.init_variables(jax.random.PRNGKey(0), (1, 64, 64, 3))
+
+  def fn(images):
+    outputs = model.flax_model.apply(variables, images, train=False)
+    sizes = jnp.broadcast_to(jnp.array(images.shape[1:3], jnp.float32), (images.shape[0], 2))
+    return model.detect(outputs, images.shape[1:3], sizes, jnp.ones_like(sizes))
+
+  shapes = [(1, 97, 131, 3), (3, 53, 75, 3)] if symbolic else [(2, 97, 131, 3)]
+  session = _session(to_onnx(fn, _spec() if symbolic else jax.ShapeDtypeStruct(shapes[0],
+                                                                                 jnp.float32)))
+  for shape in shapes:
+    images = jax.random.normal(jax.random.PRNGKey(5), shape)
+    want = jax.jit(fn)(images)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {'images': np.asarray(images)})))
+    assert want['valid'].sum() == 100 * shape[0]
+    np.testing.assert_allclose(got['boxes'], want['boxes'], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(got['scores'], want['scores'], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(got['classes'], want['classes'])
+    np.testing.assert_array_equal(got['valid'], want['valid'])
