@@ -344,6 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       servable = load_trained(args.config, args.checkpoint, logits=args.logits)
     spec = serving.input_spec(servable, args.static)
+    if args.format == 'onnx' and servable.kind == 'detection' and not all(
+        isinstance(d, int) for d in spec.shape):
+      raise ValueError('a detector exports to ONNX at one size (--static BxHxW, e.g. '
+                       '1x512x512): onnxruntime cannot run its NMS loop at symbolic sizes as '
+                       'jax2onnx writes it; the stablehlo and savedmodel formats take any size')
     write_artifact(path, args.format, servable, spec)
     output_files.write_json(describe(servable, args.format, spec), meta_path)
   except ImportError as e:

@@ -8,6 +8,7 @@ the process, rather than the models rewritten.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from unittest import mock
@@ -15,6 +16,33 @@ from unittest import mock
 import jax
 import numpy as np
 from jax._src.export import shape_poly
+
+
+def _subgraphs(graph):
+  for node in graph.node:
+    for attr in node.attribute:
+      yield from ([attr.g] if attr.HasField('g') else attr.graphs)
+
+
+def _names_used(graph) -> set[str]:
+  """Names read by the nodes of `graph` and of its loop bodies, and its outputs."""
+  used = {value.name for value in graph.output}
+  for node in graph.node:
+    used.update(node.input)
+  for sub in _subgraphs(graph):
+    used |= _names_used(sub)
+  return used
+
+
+def _drop_unused_initializers(graph) -> None:
+  """jax2onnx leaves constants no node reads in loop bodies; onnxruntime warns of each."""
+  used = _names_used(graph)
+  kept = [init for init in graph.initializer if init.name in used]
+  if len(kept) < len(graph.initializer):
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+  for sub in _subgraphs(graph):
+    _drop_unused_initializers(sub)
 
 
 def _fix_symbolic_pad() -> None:
@@ -168,9 +196,16 @@ def to_onnx(fn: Callable[[jax.Array], Mapping[str, jax.Array]], spec: jax.ShapeD
   jax.eval_shape(lambda x: names.extend(fn(x)), spec)
   # jax2onnx deep-copies gathers' sizes; a deep copy of a symbolic size copies its scope, which
   # fails once the scope has cached bounds (and would not compare with the original's sizes).
-  with mock.patch.object(shape_poly._DimExpr, '__deepcopy__', lambda self, memo: self):  # noqa: SLF001
-    model = jax2onnx.to_onnx(lambda x: tuple(fn(x)[k] for k in names), [spec],
-                             input_names=[input_name], output_names=names)
+  serde = logging.getLogger('onnx_ir.serde')
+  level = serde.level
+  serde.setLevel(logging.ERROR)  # A warning per constant shape of unknown type: hundreds.
+  try:
+    with mock.patch.object(shape_poly._DimExpr, '__deepcopy__', lambda self, memo: self):  # noqa: SLF001
+      model = jax2onnx.to_onnx(lambda x: tuple(fn(x)[k] for k in names), [spec],
+                               input_names=[input_name], output_names=names)
+  finally:
+    serde.setLevel(level)
+  _drop_unused_initializers(model.graph)
   # jax2onnx stamps intermediate shapes that are wrong for symbolic sizes (onnxruntime then
   # re-uses buffers of the wrong size); onnxruntime infers them itself.
   del model.graph.value_info[:]

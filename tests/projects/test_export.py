@@ -317,6 +317,9 @@ def test_segmentation_artifact_predicts_as_predict(fmt, exported, expected):
 @pytest.mark.parametrize('fmt', FORMATS)
 def test_detection_artifact_detects_as_the_model(fmt, exported, expected):
   results = exported(fmt)
+  if fmt == 'onnx':  # one size only (tests/projects/test_export_onnx.py runs it)
+    assert 'a detector exports to ONNX at one size (--static' in results['failed']['detection']
+    return
   got, _ = _outputs(results, 'detection')
   want = expected('detection')
   for shape in SHAPES:
