@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,11 @@ RUNTIMES = ('jit', 'stablehlo', 'savedmodel', 'onnx')
 
 
 def _peak_rss_gb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+  """This process's peak RSS since it started (VmHWM; `getrusage`'s ru_maxrss would carry the
+  exporting parent's peak over fork and exec)."""
+  with open('/proc/self/status') as f:
+    kib = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
+  return kib / 2**20
 
 
 def _load(runtime: str, artifact: str, weights: str):
