@@ -29,6 +29,7 @@ from cvt_backbone.cvt import MIN_INPUT_SIZE
 from cvt_backbone.tools import check_apart, file_sha256, write_atomically
 from projects.deploy import serving
 from projects.tools import command_line, output_files
+from projects.training import image_ops
 
 FORMATS = ('stablehlo', 'savedmodel', 'onnx')
 INPUT_NAME = 'images'
@@ -260,8 +261,8 @@ def describe(servable: serving.Servable, fmt: str, spec: jax.ShapeDtypeStruct
           'layout': 'NHWC [batch, height, width, channels]', 'channels': 'RGB',
           'symbolic_dims': symbolic, 'min_size': MIN_INPUT_SIZE,
           'normalization_inside': servable.normalized_inside,
-          'normalization': {'mean': list(serving.IMAGENET_MEAN),
-                            'std': list(serving.IMAGENET_STD),
+          'normalization': {'mean': list(image_ops.IMAGENET_MEAN),
+                            'std': list(image_ops.IMAGENET_STD),
                             'formula': '(x - mean) / std per channel, x in 0-255',
                             'applied': 'inside' if servable.normalized_inside else
                                        'by the caller'}},

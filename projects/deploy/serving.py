@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cvt_backbone.cvt import MIN_INPUT_SIZE
-from projects.training.image_ops import IMAGENET_MEAN, IMAGENET_STD
+from projects.training import image_ops
 
 # mmdet's `pad_size_divisor`: the detector's inputs are padded (bottom/right, zeros after
 # normalisation) to multiples of it, as `predict`'s canvases are.
@@ -45,10 +45,8 @@ class Servable:
 
 
 def normalize(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-  """uint8 `[B, H, W, 3]` -> `(x - mean) / std` per channel, as `image_ops.normalize`."""
-  x = (images.astype(jnp.float32) - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(
-      IMAGENET_STD, jnp.float32)
-  return x.astype(dtype)
+  """uint8 `[B, H, W, 3]` -> `image_ops.normalize` (traced: it is array arithmetic) in `dtype`."""
+  return image_ops.normalize(images).astype(dtype)
 
 
 def segmentation(flax_model: Any, variables: Any, *, logits: bool = False,
