@@ -13,7 +13,7 @@ import heads.segformer
 import heads.segmentation.segmentor
 import heads.semantic_fpn
 import heads.upernet
-from cvt_backbone import CvTBackbone, cvt_flops, stage_flops
+from cvt_backbone import CvT, CvTBackbone, cvt_flops, stage_flops
 from heads import HEADS, ATSSHead, Detector, Segmentor, build_head, detection_fpn
 from heads.conv_module import ConvModule
 from heads.flops import model_flops, training_step_flops
@@ -66,6 +66,22 @@ def test_conv_module_by_hand():
   # Grouped: each output reads C_in / groups channels.
   grouped = model_flops(nn.Conv(12, (3, 3), feature_group_count=2, padding=1), (1, 5, 5, 8))
   assert grouped['total'] == 2 * 5 * 5 * 9 * 4 * 12
+
+
+def _frozen_flops(backbone, height, width, batch) -> int:
+  stages = stage_flops(backbone.resolved_spec, height, width, batch).values()
+  return sum(sum(stage.values()) for stage in list(stages)[:backbone.frozen_stages])
+
+
+def test_a_lone_cvt_is_cvt_flops():
+  backbone = CvTBackbone(variant='cvt-tiny', frozen_stages=2)
+  expected = cvt_flops(backbone.resolved_spec, *SIZE, 2)['total']
+  assert model_flops(backbone, (2, *SIZE, 3)) == {'backbone': expected, 'total': expected}
+  assert training_step_flops(backbone, (2, *SIZE, 3)) == 3 * expected - 2 * _frozen_flops(
+      backbone, *SIZE, 2)
+  classifier = CvT.from_variant('cvt-tiny', num_classes=10)
+  expected = cvt_flops(classifier.resolved_spec, *SIZE, 1, num_classes=10)['total']
+  assert model_flops(classifier, (1, *SIZE, 3))['backbone'] == expected
 
 
 def test_a_layer_it_cannot_count_is_an_error():
@@ -170,9 +186,7 @@ def test_training_step_within_a_few_percent_of_xla(frozen_stages):
   ratio = _xla_flops(jax.grad(loss), *args) / step
   assert 0.97 <= ratio <= 1.05, ratio
   forward = model_flops(model, IMAGES, train=True)['total']
-  frozen = sum(sum(s.values()) for s in list(stage_flops(
-      model.backbone.resolved_spec, 128, 128, 2).values())[:frozen_stages])
-  assert step == 3 * forward - 2 * frozen
+  assert step == 3 * forward - 2 * _frozen_flops(model.backbone, 128, 128, 2)
 
 
 def test_cvt13_upernet_512():
