@@ -177,3 +177,66 @@ def test_each_head_on_the_accelerator_path_equals_the_cpu_path(name, settings, n
     cpu_bf16, out_bf16 = (jax.tree.map(lambda x: x.astype(jnp.bfloat16), x)
                           for x in (cpu_bf16, out_bf16))
   check_bf16(cpu, cpu_bf16, out_bf16)
+
+
+def _project(name):
+  """A project's synthetic demo (runlocal: cvt-tiny, batch 2): config, dataset, model class."""
+  if name == 'segmentation':
+    from projects.cvt_segmentation import models
+    from projects.cvt_segmentation.configs import synthetic_demo
+    from projects.cvt_segmentation.data import builder
+  else:
+    from projects.cvt_detection import models
+    from projects.cvt_detection.configs import synthetic_demo
+    from projects.cvt_detection.data import builder
+  from projects.training import app
+
+  config = synthetic_demo.get_config('runlocal')
+  dataset = app.build_dataset(builder.get_dataset, config)
+  return config, dataset, models.get_model_cls(config.model_name)
+
+
+@pytest.mark.parametrize('project', ['segmentation', 'detection'])
+def test_a_training_step_on_the_accelerator_path_equals_the_cpu_path(project):
+  from projects.training import loop
+
+  config, dataset, model_cls = _project(project)
+  batch = next(iter(dataset.train_iter))
+  models = {}
+  for dtype in ('float32', 'bfloat16'):
+    with config.unlocked():
+      config.model.backbone.dtype = dtype
+    models[dtype] = model_cls(config, dataset.meta_data)
+  state, tx, schedule = loop.initial_state(config, models['float32'], dataset.meta_data,
+                                           jax.random.key(0))
+
+  def run(dtype, backend, count=1, start=state):
+    """Metrics of `count` steps from `start` on one batch (the loss must go down) and the
+    lowered step."""
+    model = models[dtype]
+    loss_fn = getattr(model, 'loss_and_metrics', None) or model.loss_function
+    step = lambda s, b: loop.train_step(s, b, flax_model=model.flax_model, loss_fn=loss_fn,
+                                        tx=tx, schedule=schedule)
+    with kernels.assume_backend(backend):
+      jitted = jax.jit(step)
+      text = jitted.lower(start, batch).as_text(debug_info=True)
+      metrics = []
+      for _ in range(count):
+        start, m = jitted(start, batch)
+        metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
+    return metrics, text
+
+  (cpu,), cpu_text = run('float32', None)
+  assert attention_paths(cpu_text) == CPU_ATTENTION and grouped_convs(cpu_text) == 0
+  (accelerator,), text = run('float32', 'gpu')
+  assert attention_paths(text) == {'attention_plain_batched'} and grouped_convs(text) > 0
+  for key in ('loss', 'grad_norm'):
+    np.testing.assert_allclose(accelerator[key], cpu[key], rtol=1e-4)
+
+  bf16, text = run('bfloat16', 'gpu', count=4)
+  assert attention_paths(text) == {'attention_fused_xla'} and grouped_convs(text) > 0
+  losses = [m['loss'] for m in bf16]
+  assert np.all(np.isfinite(losses)) and np.isfinite(bf16[0]['grad_norm'])
+  assert losses[-1] < losses[0], losses
+  # The first step's loss: bfloat16 logits, float32 loss (see the module docstring).
+  assert abs(losses[0] - cpu['loss']) <= BF16_MAX_ERROR * abs(cpu['loss'])
