@@ -2,7 +2,9 @@
 
 Keep-ratio sizes (`mmcv.rescale_size`), bilinear resizing with half-pixel centres and no
 antialiasing (cv2.INTER_LINEAR, which mmcv uses), bottom-right padding, and ImageNet
-normalisation on the 0-255 scale. Pure numpy; images are `[H, W, C]` uint8 or float, RGB.
+normalisation on the 0-255 scale. numpy and OpenCV (mmcv's kernels), the latter imported
+where used: the deploy tools take the statistics and `normalize` (traced) from here on
+installs without it. Images are `[H, W, C]` uint8 or float, RGB.
 """
 
 from __future__ import annotations
@@ -31,51 +33,43 @@ def scale_size(size: Sequence[int], factor: float) -> tuple[int, int]:
   return tuple(max(1, int(s * factor + 0.5)) for s in size)
 
 
-def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Source indices and weights of OpenCV INTER_LINEAR along one axis."""
-  src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-  src = np.clip(src, 0, n_in - 1)
-  i0 = np.floor(src).astype(np.int64)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  return i0, i1, (src - i0).astype(np.float32)
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Bilinear resize `[H, W, C]` -> `[height, width, C]`, same dtype (uint8, uint16, int16,
+  float32 or float64): `cv2.resize` with INTER_LINEAR, as mmcv (half-pixel centres, no
+  antialiasing; uint8 in OpenCV's fixed point)."""
+  import cv2
 
-
-def resize_image(
-    image: np.ndarray, size: tuple[int, int], window: tuple[int, int, int, int] | None = None
-) -> np.ndarray:
-  """Bilinear resize `[H, W, C]` -> `[height, width, C]`, same dtype (uint8 rounded), with
-  half-pixel centers and no antialiasing (cv2.INTER_LINEAR).
-
-  `window=(y0, y1, x0, x1)` computes only `resize_image(image, size)[y0:y1, x0:x1]` (the
-  training pipeline resizes up to 2x, then crops).
-  """
-  h, w = image.shape[:2]
   out_h, out_w = size
-  y_lo, y_hi, x_lo, x_hi = window or (0, out_h, 0, out_w)
-  if (h, w) == (out_h, out_w):
-    return image[y_lo:y_hi, x_lo:x_hi].copy()
-  y0, y1, wy = (a[y_lo:y_hi] for a in _linear_taps(h, out_h))
-  x0, x1, wx = (a[x_lo:x_hi] for a in _linear_taps(w, out_w))
-  x = image.astype(np.float32)
-  x = x[y0] * (1 - wy)[:, None, None] + x[y1] * wy[:, None, None]
-  x = x[:, x0] * (1 - wx)[None, :, None] + x[:, x1] * wx[None, :, None]
-  if image.dtype == np.uint8:
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-  return x.astype(image.dtype)
+  if image.shape[:2] == (out_h, out_w):
+    return image.copy()
+  return cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_LINEAR).reshape(
+      (out_h, out_w) + image.shape[2:])
 
 
 def normalize(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
               std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
-  """`(image - mean) / std` per channel on the 0-255 scale; returns float32 `[H, W, 3]`."""
+  """`(image - mean) / std` per channel on the 0-255 scale; returns float32 `[..., 3]`.
+
+  numpy uint8 `[H, W, 3]` look their pixels up in the 256 normalised values of each channel
+  (the same float32 numbers, several times faster); other arrays, jax's too, are computed.
+  """
+  if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3:
+    import cv2
+
+    return cv2.LUT(image, normalize(np.arange(256, dtype=np.float32)[:, None, None], mean, std))
   image = image.astype(np.float32)
   return (image - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def pad_image(image: np.ndarray, size: tuple[int, int], pad_value: float = 0) -> np.ndarray:
-  """Pads `[h, w, ...]` at the bottom and right to `size` (mmcv `impad`); never crops."""
+  """Pads `[h, w, ...]` at the bottom and right to `size` (mmcv `impad`); never crops.
+
+  An array already of `size` is returned as it is, not copied."""
   h, w = image.shape[:2]
   if h > size[0] or w > size[1]:
     raise ValueError(f'cannot pad an array of size {(h, w)} to the smaller size {tuple(size)}')
+  if (h, w) == tuple(size):
+    return image
   out = np.full(tuple(size) + image.shape[2:], pad_value, dtype=image.dtype)
   out[:h, :w] = image
   return out

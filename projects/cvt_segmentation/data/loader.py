@@ -33,7 +33,7 @@ class TrainLoader(StepIndexedLoader):
 
   def collate(self, examples: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict:
     inputs, labels = zip(*examples, strict=True)
-    labels = np.stack(labels).astype(np.int32)
+    labels = np.stack(labels).astype(np.int32, copy=False)
     if self.pixel_batch_mask:
       batch_mask = (labels != IGNORE_INDEX).astype(np.float32)
     else:
