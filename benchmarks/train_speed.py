@@ -131,7 +131,7 @@ def _count(tree) -> int:
 
 def ours_step(head: str, variant: str, size: int, batch: int, dtype: str = 'float32',
               attention: str | None = None):
-  """Our compiled training step on random data: `(model, compiled, step, losses, info)`.
+  """Our training step on random data: `(model, lowered, compiled, step, losses, info)`.
 
   `step()` runs one step, waits for it and appends its loss to `losses`; `info` holds the
   init and compile seconds and the parameter counts. `attention` overrides the config's.
@@ -160,7 +160,8 @@ def ours_step(head: str, variant: str, size: int, batch: int, dtype: str = 'floa
   step_fn = loop.jit_train_step(flax_model=model.flax_model, loss_fn=model.loss_function,
                                 tx=tx, schedule=schedule)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, data).compile()
+  lowered = step_fn.lower(state, data)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   loop.release_freed_memory()
   losses = []
@@ -172,14 +173,14 @@ def ours_step(head: str, variant: str, size: int, batch: int, dtype: str = 'floa
 
   info = {'compile_s': compile_s, 'init_s': init_s, 'params': _count(params),
           'param_parts': {k: _count(v) for k, v in params.items()}}
-  return model, compiled, step, losses, info
+  return model, lowered, compiled, step, losses, info
 
 
 def worker_ours(head: str, variant: str, size: int, batch: int, warmup: int,
                 steps: int, dtype: str = 'float32') -> dict:
   import jax
 
-  _, compiled, step, losses, info = ours_step(head, variant, size, batch, dtype)
+  *_, compiled, step, losses, info = ours_step(head, variant, size, batch, dtype)
   memory = compiled.memory_analysis()
   temp_gb = getattr(memory, 'temp_size_in_bytes', 0) / 2**30 if memory is not None else 0.0
   first_s, times = _run_steps(step, warmup, steps)
