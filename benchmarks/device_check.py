@@ -17,12 +17,13 @@ and the next row runs in a fresh worker. MFU is the counted FLOPs per second (fo
 `cvt_backbone.flops.cvt_flops`; training: `heads.flops.training_step_flops`, 3x the forward)
 over the device's dense peak (`PEAK_TFLOPS`; on CPU the float32 matmul rate measured in the
 run). The attention column is what ran: the implementations 'auto' chose while tracing, and
-'fused' is 'fused(cuDNN)' only when the compiled program calls cuDNN's fused attention
+'fused' is 'fused(cuDNN)' only when the lowered program calls cuDNN's fused attention
 (`__cudnn$fmha`), 'fused(XLA)' otherwise. `--smoke` runs the same code on CPU with cvt-tiny
 at tiny sizes (one timed repeat) and writes JSON only to `--output`.
 
   benchmarks/device_check.sh --output "$OUT/results_gpu.json"      # on the GPU machine
-  python benchmarks/device_check.py --smoke --output smoke.json     # on CPU, about a minute
+  benchmarks/device_check.sh --parts forward,torch                  # a rerun of some rows
+  python benchmarks/device_check.py --smoke --output smoke.json     # CPU: 2-3 min on 2 cores
 
 The GPU machine has jax, flax, optax, orbax, torch and transformers but not ml_collections
 (pure Python; the configs need it). Fill the git-ignored .wheels/ once where there is a network,
@@ -58,12 +59,13 @@ DEFAULT_OUTPUT = REPO / 'benchmarks' / 'results_gpu.json'
 WHEELS = REPO / '.wheels'
 MARK = '@row '  # starts a worker's result lines; anything else on its stdout is a library's
 DTYPES = ('bfloat16', 'float32')
+PARTS_RUN = ('train', 'forward', 'torch')  # `--parts`
 TRAIN_ATTENTION = ('fused', 'plain')
 # What each mode runs: sizes as (size, batch); limits in seconds per row and for the run.
 MODES = {
     'gpu': dict(variant='cvt-13', forward=((512, 32), (1024, 8), (2048, 1)), train=(512, 16),
-                warmup=2, repeats=5, torch_device='cuda', budget_s=450,
-                limits={'device': 60, 'forward': 120, 'train': 180, 'torch_forward': 60,
+                warmup=2, repeats=5, torch_device='cuda', budget_s=460,
+                limits={'device': 60, 'forward': 90, 'train': 200, 'torch_forward': 60,
                         'torch_train': 90}),
     # The test suite's: far from the limits even on 2 busy cores.
     'smoke': dict(variant='cvt-tiny', forward=((64, 2), (96, 1)), train=(64, 2),
@@ -84,7 +86,8 @@ PEAK_TFLOPS = (
 # default, `jax_default_matmul_precision` unset).
 TF32_PRECISIONS = ('None', 'default', 'bfloat16', 'tensorfloat32', 'high')
 VERSIONS = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin', 'flax', 'optax',
-            'orbax-checkpoint', 'ml_collections', 'numpy', 'torch', 'transformers')
+            'orbax-checkpoint', 'ml_collections', 'numpy', 'torch', 'transformers',
+            'nvidia-cudnn-cu12', 'nvidia-cudnn-cu13')
 
 
 def _elapsed(start: float) -> str:
@@ -126,7 +129,7 @@ def _attention_ran(requested: str, chosen: list[str], lowered) -> dict:
                    for name in names)
   if calls and 'fused' not in names:
     label += '+cuDNN'
-  return {'attention': label, 'cudnn_fmha_calls': calls}
+  return {'attention': label, 'attention_requested': requested, 'cudnn_fmha_calls': calls}
 
 
 def _peak_memory_gb() -> float | None:
@@ -342,21 +345,23 @@ def run_rows(rows: list[dict], env: dict, limits: dict, deadline: float, report)
   return results
 
 
-def plan(mode: str) -> list[list[dict]]:
-  """The rows of a run in groups, each group in a worker of its own: the device and the first
-  training row, the second training row (each alone for its peak memory), the forward rows
-  and PyTorch's rows."""
+def plan(mode: str, parts: tuple[str, ...] = PARTS_RUN) -> list[list[dict]]:
+  """The rows of a run in groups, each group in a worker of its own, the most wanted first:
+  the device and the first training row, the second training row (each alone for its peak
+  memory), PyTorch's rows (quick: nothing to compile), the forward rows."""
   settings = MODES[mode]
   common = dict(variant=settings['variant'], warmup=settings['warmup'],
                 repeats=settings['repeats'])
   size, batch = settings['train']
   train = [dict(common, part='train', size=size, batch=batch, dtype='bfloat16', attention=name)
-           for name in TRAIN_ATTENTION]
+           for name in TRAIN_ATTENTION if 'train' in parts]
   forward = [dict(common, part='forward', size=size, batch=batch, dtype=dtype, attention='auto')
-             for dtype in DTYPES for size, batch in settings['forward']]
+             for dtype in DTYPES for size, batch in settings['forward'] if 'forward' in parts]
   torch = [dict(row, part=f'torch_{row["part"]}', attention='eager',
-                device=settings['torch_device']) for row in train[:1] + forward]
-  return [[dict(common, part='device'), train[0]], train[1:], forward, torch]
+                device=settings['torch_device'])
+           for row in train[:1] + forward if 'torch' in parts]
+  groups = [[dict(common, part='device'), *train[:1]], train[1:], torch, forward]
+  return [group for group in groups if group]
 
 
 def peak_flops(device: dict, dtype: str) -> tuple[float | None, str]:
@@ -396,7 +401,7 @@ def table(rows: list[dict]) -> list[str]:
     ratio = (row['images_per_s'] / torch['images_per_s']
              if 'images_per_s' in row and 'images_per_s' in torch else None)
     mfu = None if row.get('mfu') is None else 100 * row['mfu']
-    attention = 'error' if 'error' in row else row.get('attention', row['attention'])
+    attention = 'error' if 'error' in row else row['attention']
     lines.append(
         f'{row["part"]:<8} | {row["size"]:>5}x{row["size"]:<4}b{row["batch"]:<2} | '
         f'{row["dtype"]:<8} | {attention:<22} | {_fmt(row.get("images_per_s"), ".1f", 8)} | '
@@ -404,6 +409,15 @@ def table(rows: list[dict]) -> list[str]:
         f'{_fmt(row.get("compile_s"), ".1f", 9)} | {torch_rate:>11} | '
         f'{"-" if ratio is None else f"{ratio:.2f}x":>6}')
   return lines
+
+
+def part_names(text: str) -> tuple[str, ...]:
+  names = command_line.names(text)
+  unknown = [name for name in names if name not in PARTS_RUN]
+  if unknown:
+    raise argparse.ArgumentTypeError(
+        f'unknown part {", ".join(unknown)}; expected some of {",".join(PARTS_RUN)}')
+  return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--output', type=Path,
                       help=f'the JSON results (default: {DEFAULT_OUTPUT.relative_to(REPO)}; with '
                            '--smoke none unless given)')
+  parser.add_argument('--parts', type=part_names, default=PARTS_RUN,
+                      help=f'comma-separated parts to run, of {",".join(PARTS_RUN)} (torch: '
+                           'the PyTorch rows of the other parts given), e.g. to rerun the rows '
+                           'a run had no time left for')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   return parser
 
@@ -448,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f'{_elapsed(start)} {_label(row)} {row["attention"]}: '
             f'{row["images_per_s"]:.1f} img/s{compile_s}', flush=True)
 
-  results = [row for group in plan(mode)
+  results = [row for group in plan(mode, args.parts)
              for row in run_rows(group, env, settings['limits'], deadline, report)]
   device = results[0]
   ours = [row for row in results if row['part'] in ('train', 'forward')]
