@@ -364,13 +364,20 @@ def size_batch(text: str) -> tuple[tuple[int, int], ...]:
   return tuple(pairs)
 
 
-def head_names(text: str) -> tuple[str, ...]:
-  names = command_line.names(text)
-  unknown = [n for n in names if n not in HEADS]
-  if unknown:
-    raise argparse.ArgumentTypeError(
-        f'unknown head {", ".join(unknown)}; expected some of {",".join(HEADS)}')
-  return names
+def choice_names(kind: str, choices: tuple[str, ...]):
+  """An argparse type: comma-separated names, each one of `choices`."""
+  def parse(text: str) -> tuple[str, ...]:
+    names = command_line.names(text)
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+      raise argparse.ArgumentTypeError(
+          f'unknown {kind} {", ".join(unknown)}; expected some of {",".join(choices)}')
+    return names
+
+  return parse
+
+
+head_names = choice_names('head', HEADS)
 
 
 def variant_name(text: str) -> str:
