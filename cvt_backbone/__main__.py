@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from cvt_backbone import CvTBackbone, count_params
+from cvt_backbone import CvTBackbone, count_params, cvt_flops
 from cvt_backbone.cvt import MIN_INPUT_SIZE, VARIANTS
 from cvt_backbone.tools import HelpFormatter, at_least
 
@@ -19,8 +19,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog='python -m cvt_backbone',
       description='Build a CvT backbone with random weights, run one random image through it '
-      '(compile, then a timed run) and print each output map: shape [1, H, W, C], stride, '
-      'finite. A check that JAX, the model and the device work; no weights are read.',
+      '(compile, then a timed run) and print its FLOPs (cvt_flops), their rate and each output '
+      'map: shape [1, H, W, C], stride, finite. A check that JAX, the model and the device '
+      'work; no weights are read.',
       epilog='python -m cvt_backbone convert SRC OUT [...] runs cvt-convert instead (see '
       '`python -m cvt_backbone convert --help`).',
       formatter_class=HelpFormatter)
@@ -49,8 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   start = time.perf_counter()
   features = jax.block_until_ready(forward(variables, images))
   seconds = time.perf_counter() - start
+  gflop = cvt_flops(model.resolved_spec, args.height, args.width)['total'] / 1e9
   print(f'{args.variant} backbone, {count_params(variables["params"]):,} parameters, '
-        f'input [1, {args.height}, {args.width}, 3], {seconds * 1e3:.0f} ms on {jax.devices()[0]}')
+        f'input [1, {args.height}, {args.width}, 3], {gflop:.3g} GFLOP, {seconds * 1e3:.0f} ms '
+        f'({gflop / seconds:.0f} GFLOP/s) on {jax.devices()[0]}')
   for name, feature in features.items():
     print(f'  {name}: shape {list(feature.shape)}  stride {model.output_strides[name]}  '
           f'finite {bool(jnp.isfinite(feature).all())}')

@@ -45,7 +45,7 @@ class Scale(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param('scale', nn.initializers.constant(self.init_value), ())
-    return x * scale
+    return x * scale.astype(x.dtype)
 
 
 class TowerConv(nn.Module):
@@ -60,7 +60,7 @@ class TowerConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=self.norm == 'none',
-                kernel_init=nn.initializers.normal(self.init_std), name='conv')(x)
+                kernel_init=nn.initializers.normal(self.init_std), dtype=x.dtype, name='conv')(x)
     x = apply_norm(x, self.norm, train=train, axis_name=self.axis_name,
                    num_groups=self.num_groups)
     return nn.relu(x)
@@ -117,7 +117,8 @@ class ATSSHead(nn.Module):
     reg_convs = [TowerConv(self.channels, name=f'reg_convs_{i}', **tower)
                  for i in range(self.num_convs)]
     predictor = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)),
-                                  kernel_init=nn.initializers.normal(self.init_std))
+                                  kernel_init=nn.initializers.normal(self.init_std),
+                                  dtype=levels[0].dtype)
     conv_cls = predictor(self.num_classes, name='conv_cls',
                          bias_init=nn.initializers.constant(prior_bias(self.prior_prob)))
     conv_reg = predictor(4, name='conv_reg')

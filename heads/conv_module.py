@@ -41,17 +41,18 @@ def group_count(channels: int, num_groups: int) -> int:
 def apply_norm(x: jax.Array, norm: str, *, train: bool, axis_name: str | None = None,
                num_groups: int = 32) -> jax.Array:
   """The norm named by `norm` over the channels of `[N, H, W, C]` (a sub-module of the calling
-  compact method); 'batch' uses batch statistics in train mode, averaged over `axis_name`."""
+  compact method), output in `x`'s dtype (statistics in float32); 'batch' uses batch statistics
+  in train mode, averaged over `axis_name`."""
   if norm == 'batch':
     return nn.BatchNorm(
         use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=NORM_EPSILON,
-        axis_name=axis_name, name='batch_norm')(x)
+        axis_name=axis_name, dtype=x.dtype, name='batch_norm')(x)
   if norm == 'group':
     return nn.GroupNorm(
         num_groups=group_count(x.shape[-1], num_groups), epsilon=NORM_EPSILON,
-        name='group_norm')(x)
+        dtype=x.dtype, name='group_norm')(x)
   if norm == 'layer':
-    return nn.LayerNorm(epsilon=NORM_EPSILON, name='layer_norm')(x)
+    return nn.LayerNorm(epsilon=NORM_EPSILON, dtype=x.dtype, name='layer_norm')(x)
   if norm == 'none':
     return x
   raise ValueError(f'Unknown norm {norm!r}; expected one of {NORMS}.')

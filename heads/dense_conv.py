@@ -90,7 +90,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
 
 
 class Conv(nn.Module):
-  """`flax.linen.Conv` (same parameters, names and init) for square kernels, by `conv2d`."""
+  """`flax.linen.Conv` (same parameters, names and init) for square kernels, by `conv2d`, in
+  the dtype of its input (float32 parameters give bfloat16 compute for bfloat16 features)."""
 
   features: int
   kernel_size: int = 1
@@ -104,8 +105,8 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
-    dtype = jnp.promote_types(x.dtype, kernel.dtype)
-    y = conv2d(x.astype(dtype), kernel.astype(dtype), stride=self.stride, padding=self.padding,
+    dtype = x.dtype
+    y = conv2d(x, kernel.astype(dtype), stride=self.stride, padding=self.padding,
                dilation=self.dilation, implementation=self.implementation)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(dtype)

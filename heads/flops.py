@@ -1,17 +1,18 @@
 """Analytic forward FLOPs (multiply-add = 2) of any model of this package: a `CvTBackbone`, a
-`Segmentor`, a `Detector`, or a lone neck or head on given feature shapes.
+`Segmentor`, a `Detector`, or a lone neck or head on given feature shapes, for MFU.
 
-The model runs abstractly (`jax.eval_shape`: nothing is computed or allocated, so CvT-13 at
-2048x2048 costs a trace) with every `Conv`/`Dense` call intercepted and counted from its
-output and kernel shapes (`2 * N * Ho * Wo * kh * kw * C_in / groups * C_out`); a CvT
-backbone is `cvt_backbone.cvt_flops` (attention included), not entered. Not counted, as
-`cvt_flops` leaves out norms: biases, norms, activations, resizes and pools. XLA's cost
-analysis of the same loop-free forward is 1-5% above this for the heads at test widths
-(tests/heads/test_flops.py); resizes are matmuls in `jax.image.resize`, which XLA counts:
-CvT-13 + UPerNet at 512x512 counts 3% more, mostly the 150-class logits resized to 512.
-CvT-13 + UPerNet (150 classes), 512x512, train mode with the auxiliary head: 427.8 GFLOP per
-image forward (backbone 69.9, decode head 355.9, of which 232 the fusion conv, auxiliary
-head 1.9).
+The model runs on shapes only (`jax.eval_shape`: nothing is computed or allocated; 2 s for
+CvT-13 + UPerNet at 2048x2048) with each `Conv`/`Dense` call intercepted and counted from its
+output and kernel shapes, `2 * N * Ho * Wo * kh * kw * C_in / groups * C_out`. A CvT is
+`cvt_backbone.cvt_flops` (attention included), not entered; any other layer with a kernel is
+an error, never a silent undercount. Not counted, as `cvt_flops` leaves out norms: biases,
+norms, activations, resizes and pools. XLA's cost analysis counts these and leaves out
+multiply-adds with zero padding: on loop-free programs it is 1% below to 3.5% above this count
+(cvt-tiny models with narrow heads at 128 px, tests/heads/test_flops.py), 3.7% above for
+CvT-13 + UPerNet at 512x512 (mostly the 150-class logits resized to 512x512, by matmuls in
+`jax.image.resize`). That model (150 classes, train mode with the FCN auxiliary head) is
+427.8 GFLOP per 512x512 image forward: backbone 69.9, decode head 355.9 (232 of them the
+fusion conv), auxiliary head 1.9.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def _count(module: nn.Module, inputs: Any, call_kwargs: dict[str, Any]) -> tuple
       kernel = layer.get_variable('params', 'kernel')
       add(_part(module, layer.path, layer),
           2 * math.prod(out.shape) * math.prod(kernel.shape[:-1]))
+    elif layer.has_variable('params', 'kernel'):
+      raise ValueError(
+          f"model_flops counts CvT and the layers nn.Conv, nn.Dense and heads' dense_conv.Conv; "
+          f"{type(layer).__name__} at {'/'.join(layer.path)} has a kernel it cannot count.")
     return out
 
   def forward(variables, inputs):

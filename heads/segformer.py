@@ -28,11 +28,12 @@ class SegFormerHead(DecodeHead):
     inputs = self.inputs(features)
     size = inputs[0].shape[1:3]
     # Project before upsampling: the same result as the other order, far cheaper.
-    projected = [resize_bilinear(nn.Dense(self.channels, name=f'linear_projections_{i}')(x), size)
-                 for i, x in enumerate(inputs)]
+    dense = lambda i, x: nn.Dense(self.channels, dtype=x.dtype, name=f'linear_projections_{i}')(x)
+    projected = [resize_bilinear(dense(i, x), size) for i, x in enumerate(inputs)]
     # Coarsest first, as the reference concatenates `all_hidden_states[::-1]`.
     x = jnp.concatenate(projected[::-1], axis=-1)
-    x = nn.Conv(self.channels, (1, 1), use_bias=self.norm == 'none', name='linear_fuse')(x)
+    x = nn.Conv(self.channels, (1, 1), use_bias=self.norm == 'none', dtype=x.dtype,
+                name='linear_fuse')(x)
     return self.classify(nn.relu(apply_norm(x, train=train, **self.norm_settings)), train=train)
 
 

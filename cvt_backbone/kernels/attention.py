@@ -4,8 +4,8 @@ All compute `softmax(scale * q k^T) v` per (batch, head); they differ in memory.
 materializes the `[B, N, Tq, Tk]` logits (fastest when small); 'chunked' maps over query
 blocks, rematerialized in the backward pass, so memory grows linearly with the queries (a
 1024x2048 image's stage 1 has 131,072 queries x 32,768 keys: 17 GB of float32 logits);
-'fused' is `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs). 'auto' picks by
-backend, dtype and logits size. Sizes may be symbolic (`jax.export`): an exported model's
+'fused' is `jax.nn.dot_product_attention`: cuDNN flash attention on a GPU in half precision,
+XLA's reference elsewhere. 'auto' picks by backend (`kernels.backend`), dtype and logits size. Sizes may be symbolic (`jax.export`): an exported model's
 'auto' is then 'chunked' in blocks that fit every image size. `progress_hook` reports each
 block's end to the host.
 """
@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import functools
 import itertools
+import logging
 import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cvt_backbone.kernels import resolve
+from cvt_backbone import kernels
 
 IMPLEMENTATIONS = ('auto', 'plain', 'chunked', 'fused')
 
@@ -92,7 +93,7 @@ def choose_implementation(
 ) -> str:
   """The implementation 'auto' resolves to for these sizes; 'chunked' for symbolic ones
   (known only when an exported model runs), whose memory is bounded for every size."""
-  backend = backend or jax.default_backend()
+  backend = backend or kernels.backend()
   # cuDNN flash attention: linear memory, fastest; it needs half precision.
   if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return 'fused'
@@ -101,6 +102,13 @@ def choose_implementation(
   if SOFTMAX_BUFFERS * logits_bytes(batch, heads, q_len, kv_len) <= budget_bytes:
     return 'plain'
   return 'chunked'
+
+
+def fused_implementation(dtype) -> str:
+  """The `jax.nn.dot_product_attention` implementation 'fused' runs: 'cudnn' on a GPU in
+  half precision (cuDNN's flash attention takes no float32), else 'xla'."""
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return 'cudnn' if half and jax.default_backend() == 'gpu' else 'xla'
 
 
 def _attend(q: jax.Array, k: jax.Array, v_t: jax.Array, scale: float) -> jax.Array:
@@ -243,27 +251,29 @@ def _multi_head(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: i
   mapped over (`per_head`): CvT-13 at 1024 px, stage 2 (3 heads) 0.49 s ->
   0.18 s, stage 3 (6 heads) 0.12 s -> 0.024 s. Elsewhere the batched form is used.
   """
-  batch, q_len, heads, head_dim = q.shape
-  q, k, v_t = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
-  if per_head:
-    pairs = batch * heads
-    flat = lambda x: x.reshape(pairs, *x.shape[2:])
-    if progress is None:
-      out = lax.map(lambda qkv: _attend_chunked(*qkv, scale, chunk),
-                    (flat(q), flat(k), flat(v_t)))
-    else:
-      def pair_of(args):
-        pair, *qkv = args
-        report = lambda i, n, result: _callback(progress, pair * n + i + 1, pairs * n, result)
-        return _attend_chunked(*qkv, scale, chunk, report)
+  with jax.named_scope(f"attention_{'plain' if chunk is None else 'chunked'}_"
+                       f"{'per_head' if per_head else 'batched'}"):
+    batch, q_len, heads, head_dim = q.shape
+    q, k, v_t = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
+    if per_head:
+      pairs = batch * heads
+      flat = lambda x: x.reshape(pairs, *x.shape[2:])
+      if progress is None:
+        out = lax.map(lambda qkv: _attend_chunked(*qkv, scale, chunk),
+                      (flat(q), flat(k), flat(v_t)))
+      else:
+        def pair_of(args):
+          pair, *qkv = args
+          report = lambda i, n, result: _callback(progress, pair * n + i + 1, pairs * n, result)
+          return _attend_chunked(*qkv, scale, chunk, report)
 
-      out = lax.map(pair_of, (jnp.arange(pairs), flat(q), flat(k), flat(v_t)))
-    out = out.reshape(batch, heads, q_len, head_dim)
-  else:
-    report = None if progress is None else (
-        lambda i, n, result: _callback(progress, i + 1, n, result))
-    out = _attend_chunked(q, k, v_t, scale, chunk, report)
-  return out.transpose(0, 2, 1, 3)
+        out = lax.map(pair_of, (jnp.arange(pairs), flat(q), flat(k), flat(v_t)))
+      out = out.reshape(batch, heads, q_len, head_dim)
+    else:
+      report = None if progress is None else (
+          lambda i, n, result: _callback(progress, i + 1, n, result))
+      out = _attend_chunked(q, k, v_t, scale, chunk, report)
+    return out.transpose(0, 2, 1, 3)
 
 
 def attention(
@@ -286,16 +296,17 @@ def attention(
       (batch, head) pair on CPU, of all pairs elsewhere, or the unchunked layer. None: no
       callback in the program.
   """
-  resolve('attention', implementation, IMPLEMENTATIONS)
+  kernels.resolve('attention', implementation, IMPLEMENTATIONS)
   check_chunk_size(chunk_size)
   if progress is None and (hook := _HOOK.get()) is not None:
     fn, layers = hook
     progress = functools.partial(fn, next(layers))
   batch, q_len, heads, _ = q.shape
   kv_len = k.shape[1]
-  if implementation == 'auto':
+  chosen = implementation == 'auto'
+  if chosen:
     implementation = choose_implementation(batch, heads, q_len, kv_len, q.dtype, budget_bytes)
-  per_head = jax.default_backend() == 'cpu'
+  per_head = kernels.backend() == 'cpu'
   if not _known(batch, q_len, kv_len) and implementation == 'chunked':
     # Sizes known only at run time: blocks of at most this many queries by `KEY_BLOCK` keys
     # per (batch, head) pair, whatever the image size.
@@ -304,7 +315,19 @@ def attention(
   if implementation == 'plain':
     return _multi_head(q, k, v, scale, None, per_head, progress)
   if implementation == 'fused':
-    out = jax.nn.dot_product_attention(q, k, v, scale=scale).astype(v.dtype)
+    fused = fused_implementation(q.dtype)
+    try:
+      with jax.named_scope(f'attention_fused_{fused}'):
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=fused)
+    except (NotImplementedError, ValueError, RuntimeError) as error:
+      if not (chosen and fused == 'cudnn'):
+        raise
+      # cuDNN refuses some shapes and versions while tracing: 'auto' then takes XLA's.
+      logging.getLogger(__name__).warning('cuDNN attention refused %s: %s; using XLA attention',
+                                          tuple(q.shape), error)
+      with jax.named_scope('attention_fused_xla'):
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='xla')
+    out = out.astype(v.dtype)
     if progress is not None:
       _callback(progress, 1, 1, out)
     return out
