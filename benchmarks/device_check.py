@@ -19,7 +19,9 @@ over the device's dense peak (`PEAK_TFLOPS`; on CPU the float32 matmul rate meas
 run). The attention column is what ran: the implementations 'auto' chose while tracing, and
 'fused' is 'fused(cuDNN)' only when the lowered program calls cuDNN's fused attention
 (`__cudnn$fmha`), 'fused(XLA)' otherwise. `--smoke` runs the same code on CPU with cvt-tiny
-at tiny sizes (one timed repeat) and writes JSON only to `--output`.
+at tiny sizes (one timed repeat), the JAX side under `kernels.assume_backend('gpu')` (the GPU's
+kernels: batched attention, library convolutions, bfloat16 'fused' as XLA's reference), and
+writes JSON only to `--output`.
 
   benchmarks/device_check.sh --output "$OUT/results_gpu.json"      # on the GPU machine
   benchmarks/device_check.sh --parts forward,torch                  # a rerun of some rows
@@ -64,14 +66,14 @@ PARTS_RUN = ('train', 'forward', 'torch')  # `--parts`
 MODES = {
     'gpu': dict(variant='cvt-13', forward=((512, 32), (1024, 8), (2048, 1)), train=(512, 16),
                 train_attention=('fused', 'plain'), warmup=2, repeats=5, torch_device='cuda',
-                budget_s=460,
+                assume_backend=None, budget_s=460,
                 limits={'device': 60, 'forward': 90, 'train': 200, 'torch_forward': 60,
                         'torch_train': 90}),
     # The test suite's: far from the limits even on 2 busy cores. One training row: 'plain'
     # differs only in the attention named, and its compile would double the run (48 s).
     'smoke': dict(variant='cvt-tiny', forward=((64, 2), (96, 1)), train=(64, 2),
                   train_attention=('fused',), warmup=0, repeats=1, torch_device='cpu',
-                  budget_s=1200,
+                  assume_backend='gpu', budget_s=1200,
                   limits=dict.fromkeys(('device', 'forward', 'train', 'torch_forward',
                                         'torch_train'), 300)),
 }
@@ -264,9 +266,12 @@ PARTS = {'device': part_device, 'forward': part_forward, 'train': part_train,
 
 def worker(rows: list[dict]) -> None:
   """Runs `rows` in order, printing each one's result line; a row's exception is its result."""
+  from cvt_backbone import kernels
+
   for row in rows:
     try:
-      result = PARTS[row['part']](row)
+      with kernels.assume_backend(row['assume_backend']):
+        result = PARTS[row['part']](row)
     except Exception as e:  # noqa: BLE001 (the row's error is recorded and the next row runs)
       traceback.print_exc()
       message = ' '.join(f'{type(e).__name__}: {e}'.split())[:600]
@@ -353,7 +358,7 @@ def plan(mode: str, parts: tuple[str, ...] = PARTS_RUN) -> list[list[dict]]:
   memory), PyTorch's rows (quick: nothing to compile), the forward rows."""
   settings = MODES[mode]
   common = dict(variant=settings['variant'], warmup=settings['warmup'],
-                repeats=settings['repeats'])
+                repeats=settings['repeats'], assume_backend=settings['assume_backend'])
   size, batch = settings['train']
   train = [dict(common, part='train', size=size, batch=batch, dtype='bfloat16', attention=name)
            for name in settings['train_attention'] if 'train' in parts]
@@ -445,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
   settings, start = MODES[mode], time.monotonic()
   deadline = start + settings['budget_s']
   env = _worker_env(args.smoke)
-  print(f'{_elapsed(start)} device check ({mode}): {settings["variant"]}, time budget '
+  assumed = settings['assume_backend']
+  print(f'{_elapsed(start)} device check ({mode}): {settings["variant"]}, '
+        f'{f"kernels chosen as on {assumed}, " if assumed else ""}time budget '
         f'{settings["budget_s"]} s', flush=True)
 
   def report(row):
