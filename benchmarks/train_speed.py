@@ -129,8 +129,13 @@ def _count(tree) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def worker_ours(head: str, variant: str, size: int, batch: int, warmup: int,
-                steps: int, dtype: str = 'float32') -> dict:
+def ours_step(head: str, variant: str, size: int, batch: int, dtype: str = 'float32',
+              attention: str | None = None):
+  """Our training step on random data: `(model, lowered, compiled, step, losses, info)`.
+
+  `step()` runs one step, waits for it and appends its loss to `losses`; `info` holds the
+  init and compile seconds and the parameter counts. `attention` overrides the config's.
+  """
   import jax
   import numpy as np
 
@@ -139,6 +144,8 @@ def worker_ours(head: str, variant: str, size: int, batch: int, warmup: int,
 
   config = ours_config(head, variant)
   config.model.backbone.dtype = dtype  # the backbone's compute dtype; parameters stay float32
+  if attention is not None:
+    config.model.backbone.attention = attention
   meta = {'input_shape': (batch, size, size, 3), 'num_classes': NUM_CLASSES}
   model = models.get_model_cls(config.model_name)(config, meta)
   start = time.perf_counter()
@@ -153,11 +160,10 @@ def worker_ours(head: str, variant: str, size: int, batch: int, warmup: int,
   step_fn = loop.jit_train_step(flax_model=model.flax_model, loss_fn=model.loss_function,
                                 tx=tx, schedule=schedule)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, data).compile()
+  lowered = step_fn.lower(state, data)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   loop.release_freed_memory()
-  memory = compiled.memory_analysis()
-  temp_gb = getattr(memory, 'temp_size_in_bytes', 0) / 2**30 if memory is not None else 0.0
   losses = []
 
   def step():
@@ -165,10 +171,20 @@ def worker_ours(head: str, variant: str, size: int, batch: int, warmup: int,
     state, metrics = compiled(state, data)
     losses.append(float(metrics['loss']))  # waits for the step
 
+  info = {'compile_s': compile_s, 'init_s': init_s, 'params': _count(params),
+          'param_parts': {k: _count(v) for k, v in params.items()}}
+  return model, lowered, compiled, step, losses, info
+
+
+def worker_ours(head: str, variant: str, size: int, batch: int, warmup: int,
+                steps: int, dtype: str = 'float32') -> dict:
+  import jax
+
+  *_, compiled, step, losses, info = ours_step(head, variant, size, batch, dtype)
+  memory = compiled.memory_analysis()
+  temp_gb = getattr(memory, 'temp_size_in_bytes', 0) / 2**30 if memory is not None else 0.0
   first_s, times = _run_steps(step, warmup, steps)
-  return {'times': times, 'compile_s': compile_s, 'first_step_s': first_s, 'init_s': init_s,
-          'params': _count(params),
-          'param_parts': {k: _count(v) for k, v in params.items()},
+  return {'times': times, 'first_step_s': first_s, **info,
           'first_loss': losses[0], 'last_loss': losses[-1], 'xla_temp_gb': temp_gb,
           'device': str(jax.devices()[0])}
 
@@ -260,27 +276,31 @@ def build_reference(head: str, variant: str, num_classes: int = NUM_CLASSES):
 
 
 def worker_torch(head: str, variant: str, size: int, batch: int, warmup: int, steps: int,
-                 threads: int) -> dict:
+                 threads: int, device: str = 'cpu', dtype: str = 'float32') -> dict:
+  """The reference's steps on `device`; 'bfloat16' runs the forward pass under autocast."""
   import torch
 
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   start = time.perf_counter()
-  model = build_reference(head, variant).train()
+  model = build_reference(head, variant).to(device).train()
   # mmseg's UPerNet recipe for transformers: lr 1e-4, weight decay 0.05.
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
   init_s = time.perf_counter() - start
   images, labels = _random_batch(size, batch, NUM_CLASSES)
-  images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-  labels = torch.from_numpy(labels).long()
+  images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
+  labels = torch.from_numpy(labels).long().to(device)
+  autocast = dict(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                  enabled=dtype == 'bfloat16')
   losses = []
 
   def step():
     optimizer.zero_grad(set_to_none=True)
-    loss = model(images, labels)
+    with torch.autocast(**autocast):
+      loss = model(images, labels)
     loss.backward()
     optimizer.step()
-    losses.append(loss.item())
+    losses.append(loss.item())  # waits for the step
 
   first_s, times = _run_steps(step, warmup, steps)
   parts = {name: sum(p.numel() for p in module.parameters())
@@ -288,7 +308,7 @@ def worker_torch(head: str, variant: str, size: int, batch: int, warmup: int, st
   return {'times': times, 'compile_s': 0.0, 'first_step_s': first_s, 'init_s': init_s,
           'params': sum(p.numel() for p in model.parameters()), 'param_parts': parts,
           'first_loss': losses[0], 'last_loss': losses[-1],
-          'device': f'cpu ({threads} threads)'}
+          'device': f'cpu ({threads} threads)' if device == 'cpu' else device}
 
 
 def worker_matmul_peak() -> dict:
@@ -344,13 +364,20 @@ def size_batch(text: str) -> tuple[tuple[int, int], ...]:
   return tuple(pairs)
 
 
-def head_names(text: str) -> tuple[str, ...]:
-  names = command_line.names(text)
-  unknown = [n for n in names if n not in HEADS]
-  if unknown:
-    raise argparse.ArgumentTypeError(
-        f'unknown head {", ".join(unknown)}; expected some of {",".join(HEADS)}')
-  return names
+def choice_names(kind: str, choices: tuple[str, ...]):
+  """An argparse type: comma-separated names, each one of `choices`."""
+  def parse(text: str) -> tuple[str, ...]:
+    names = command_line.names(text)
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+      raise argparse.ArgumentTypeError(
+          f'unknown {kind} {", ".join(unknown)}; expected some of {",".join(choices)}')
+    return names
+
+  return parse
+
+
+head_names = choice_names('head', HEADS)
 
 
 def variant_name(text: str) -> str:
