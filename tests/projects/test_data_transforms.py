@@ -97,6 +97,12 @@ def test_random_crop_ignores_ignore_index_and_gives_up_after_ten_tries():
   assert lab.shape == (16, 16)
 
 
+def test_random_crop_names_a_label_that_is_not_uint8():
+  label = np.zeros((8, 8), np.int32)
+  with pytest.raises(TypeError, match='label must be uint8 class ids .* got int32'):
+    T.random_crop(np.random.default_rng(0), np.zeros((8, 8, 3), np.uint8), label, (4, 4))
+
+
 def test_random_crop_smaller_image_then_pad():
   img, label = _image(10, 20), np.ones((10, 20), np.uint8)
   out, lab = T.random_crop(np.random.default_rng(0), img, label, (16, 16), 0.75)

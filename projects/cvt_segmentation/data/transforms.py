@@ -74,6 +74,9 @@ def random_crop(rng: np.random.Generator, image: np.ndarray, label: np.ndarray,
   the most frequent under `cat_max_ratio` of the labelled pixels; after 10 rejections the
   next draw is used unchecked, exactly as mmseg does. `label` is uint8.
   """
+  if label.dtype != np.uint8:
+    raise TypeError(f'random_crop: label must be uint8 class ids (255 = ignore), as the '
+                    f'datasets give them; got {label.dtype}.')
   y0, y1, x0, x1 = _crop_box(rng, label.shape, crop_size)
   if cat_max_ratio < 1.0:
     for _ in range(10):
