@@ -27,29 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
+
+import workers
 
 # Hugging Face's reference stops at 1024: at 2048 it needs about 4x the 8.9 GB it
 # takes at 1024 (stage 1 logits grow with the square of the pixel count).
 REFERENCE_MAX_SIZE = 1024
-
-
-def _peak_rss_gb() -> float:
-  # Linux reports ru_maxrss in KiB.
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _time(fn, repeats: int) -> list[float]:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return times
 
 
 def worker_jax(size: int, batch: int, repeats: int, dtype: str, attention: str) -> dict:
@@ -66,8 +51,8 @@ def worker_jax(size: int, batch: int, repeats: int, dtype: str, attention: str) 
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  jax.block_until_ready(compiled(variables, images))  # warm-up
-  times = _time(lambda: jax.block_until_ready(compiled(variables, images)), repeats)
+  run = lambda: jax.block_until_ready(compiled(variables, images))
+  _, times = workers.run_steps(run, 0, repeats)  # after one warm-up call
   return {'times': times, 'compile_s': compile_s, 'xla_flops': float(cost.get('flops', 0.0)),
           'device': str(jax.devices()[0])}
 
@@ -81,32 +66,12 @@ def worker_torch(size: int, batch: int, repeats: int, threads: int) -> dict:
   model = CvtModel(CvtConfig(), add_pooling_layer=False).eval()  # CvtConfig() is CvT-13.
   images = torch.randn(batch, 3, size, size)
   with torch.inference_mode():
-    model(pixel_values=images)  # warm-up
-    times = _time(lambda: model(pixel_values=images), repeats)
+    _, times = workers.run_steps(lambda: model(pixel_values=images), 0, repeats)
   return {'times': times, 'compile_s': 0.0, 'device': f'cpu ({threads} threads)'}
 
 
-def worker_matmul_peak() -> dict:
-  import jax
-  import jax.numpy as jnp
-
-  n = 2048
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  jax.block_until_ready(dot(a, a))
-  times = _time(lambda: jax.block_until_ready(dot(a, a)), 5)
-  return {'gflops': 2 * n**3 / min(times) / 1e9}
-
-
 def _run_worker(args: list[str]) -> dict | None:
-  cmd = [sys.executable, os.path.abspath(__file__), '--worker', *args]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
-  if proc.returncode != 0:
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    print(f'  worker {" ".join(args)} failed (exit {proc.returncode}): {" | ".join(tail)}',
-          file=sys.stderr)
-    return None
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return workers.run(__file__, ['--worker', *args], ' '.join(args))
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -133,14 +98,14 @@ def main() -> None:
   if args.worker:
     kind, *rest = args.worker
     if kind == 'peak':
-      result = worker_matmul_peak()
+      result = workers.matmul_peak()
     elif kind == 'jax':
       size, batch = int(rest[0]), int(rest[1])
       result = worker_jax(size, batch, args.repeats, args.dtype, args.attention)
     else:
       size, batch = int(rest[0]), int(rest[1])
       result = worker_torch(size, batch, args.repeats, args.torch_threads)
-    result['peak_rss_gb'] = _peak_rss_gb()
+    result['peak_rss_gb'] = workers.peak_rss_gb()
     print(json.dumps(result))
     return
 

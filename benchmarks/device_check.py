@@ -53,10 +53,11 @@ from importlib import metadata
 from pathlib import Path
 
 import train_speed  # benchmarks/, the script's folder, is on sys.path
+import workers
 
-command_line = train_speed.command_line
+from projects.tools import command_line
 
-REPO = train_speed.REPO
+REPO = workers.REPO
 DEFAULT_OUTPUT = REPO / 'benchmarks' / 'results_gpu.json'
 WHEELS = REPO / '.wheels'
 MARK = '@row '  # starts a worker's result lines; anything else on its stdout is a library's
@@ -153,7 +154,7 @@ def part_device(row: dict) -> dict:
             'device_count': jax.device_count(),
             'matmul_precision': str(getattr(jax.config, 'jax_default_matmul_precision', None))}
   if device.platform == 'cpu':
-    result['measured_peak_flops'] = train_speed.worker_matmul_peak()['gflops'] * 1e9
+    result['measured_peak_flops'] = workers.matmul_peak()['gflops'] * 1e9
   return result
 
 
@@ -188,8 +189,8 @@ def part_forward(row: dict) -> dict:
     lowered = jax.jit(model.apply).lower(variables, images)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-  _, times = train_speed._run_steps(lambda: jax.block_until_ready(compiled(variables, images)),
-                                    row['warmup'], row['repeats'])
+  _, times = workers.run_steps(lambda: jax.block_until_ready(compiled(variables, images)),
+                               row['warmup'], row['repeats'])
   return {**_median_rate(times, batch), 'compile_s': compile_s,
           'flops': cvt_flops(get_spec(row['variant']), size, size, batch)['total'],
           **_attention_ran(row['attention'], chosen, lowered)}
@@ -202,7 +203,7 @@ def part_train(row: dict) -> dict:
   with _attention_choices() as chosen:
     model, lowered, _, step, losses, info = train_speed.ours_step(
         'upernet', row['variant'], size, batch, row['dtype'], row['attention'])
-  _, times = train_speed._run_steps(step, row['warmup'], row['repeats'])
+  _, times = workers.run_steps(step, row['warmup'], row['repeats'])
   return {**_median_rate(times, batch), 'compile_s': info['compile_s'],
           'flops': training_step_flops(model.flax_model, (batch, size, size, 3)),
           'peak_memory_gb': _peak_memory_gb(), 'params': info['params'],
@@ -245,7 +246,7 @@ def part_torch_forward(row: dict) -> dict:
     if device.type == 'cuda':
       torch.cuda.synchronize()
 
-  _, times = train_speed._run_steps(forward, row['warmup'], row['repeats'])
+  _, times = workers.run_steps(forward, row['warmup'], row['repeats'])
   return {**_median_rate(times, batch), 'peak_memory_gb': _torch_peak_memory_gb(device),
           'device_name': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}
 
@@ -289,10 +290,9 @@ def worker(rows: list[dict]) -> None:
 
 
 def _worker_env(smoke: bool) -> dict:
-  wheels = sorted(str(p) for p in WHEELS.glob('*.whl'))
-  env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='false', TF_CPP_MIN_LOG_LEVEL='3',
-             PYTHONPATH=os.pathsep.join(
-                 [str(REPO), *filter(None, [os.environ.get('PYTHONPATH')]), *wheels]))
+  env = workers.environment()
+  env['PYTHONPATH'] = os.pathsep.join([env['PYTHONPATH'],
+                                       *sorted(str(p) for p in WHEELS.glob('*.whl'))])
   if smoke:
     env['JAX_PLATFORMS'] = 'cpu'
     train_speed.xla_flags.set_training_flags(env)  # XLA:CPU's, as the project mains set them

@@ -19,20 +19,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
+
+import workers
 
 RUNTIMES = ('jit', 'stablehlo', 'savedmodel', 'onnx')
-
-
-def _peak_rss_gb() -> float:
-  """This process's peak RSS since it started (VmHWM; `getrusage`'s ru_maxrss would carry the
-  exporting parent's peak over fork and exec)."""
-  with open('/proc/self/status') as f:
-    kib = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
-  return kib / 2**20
 
 
 def _load(runtime: str, artifact: str, weights: str):
@@ -71,28 +62,10 @@ def worker(runtime: str, artifact: str, weights: str, size: int, batch: int,
 
   run = _load(runtime, artifact, weights)
   images = np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype(np.float32)
-  start = time.perf_counter()
-  run(images)  # compiles (jit, StableHLO, SavedModel) or plans (ONNX)
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run(images)
-    times.append(time.perf_counter() - start)
+  # The first call compiles (jit, StableHLO, SavedModel) or plans (ONNX).
+  first, times = workers.run_steps(lambda: run(images), 0, repeats)
   return {'runtime': runtime, 'size': size, 'batch': batch, 'first_s': first,
-          'median_s': statistics.median(times), 'peak_rss_gb': _peak_rss_gb()}
-
-
-def _run_worker(args: list[str]) -> dict | None:
-  cmd = [sys.executable, os.path.abspath(__file__), '--worker', *args]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  if proc.returncode != 0:
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    print(f'  worker {" ".join(args[:1])} {args[3]} failed (exit {proc.returncode}): '
-          f'{" | ".join(tail)}', file=sys.stderr)
-    return None
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+          'median_s': statistics.median(times), 'peak_rss_gb': workers.peak_rss_gb()}
 
 
 def _export(variant: str, folder: str) -> tuple[str, dict[str, str]]:
@@ -140,7 +113,8 @@ def main() -> None:
     jobs = [(r, s) for s in (int(v) for v in args.sizes.split(',')) for r in RUNTIMES]
     jobs += [('jit', args.large), ('stablehlo', args.large)] if args.large else []
     results = [r for runtime, size in jobs if runtime in paths and (
-        r := _run_worker([runtime, paths[runtime], weights, str(size), str(args.batch)]))]
+        r := workers.run(__file__, ['--worker', runtime, paths[runtime], weights, str(size),
+                                    str(args.batch)], f'{runtime} {size}'))]
   base = {r['size']: r['median_s'] for r in results if r['runtime'] == 'jit'}
   print(f'{args.variant} backbone, float32, batch {args.batch}, {os.cpu_count()} CPU cores; '
         f'median of {args.repeats} after one warm-up call, each row its own process')

@@ -21,22 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import workers
 
 TOLERANCE = 1e-4
-
-
-def _peak_rss_gib() -> float:
-  # Linux reports ru_maxrss in KiB.
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -65,15 +57,10 @@ def worker(args: argparse.Namespace) -> dict:
   extractor = FeatureExtractor(backbone, variables, memory_budget_mb=budget_mb,
                                attention=args.attention)
   plan = extractor.plan(height, width, 1)
-  rss_before = _peak_rss_gib()
-  start = time.perf_counter()
-  maps = extractor(pixels)  # Compiles, then runs.
-  first_s = time.perf_counter() - start
-  times = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    maps = extractor(pixels)
-    times.append(time.perf_counter() - start)
+  rss_before = workers.peak_rss_gb()
+  maps = {}
+  # The first call compiles, then runs.
+  first_s, times = workers.run_steps(lambda: maps.update(extractor(pixels)), 0, args.repeats)
   np.savez(args.features, **{name: value[0] for name, value in maps.items()})
   return {
       'plan': planning.describe_plan(plan, height, width, 1, extractor.spec),
@@ -83,18 +70,9 @@ def worker(args: argparse.Namespace) -> dict:
       'first_s': first_s,
       'run_s': min(times) if times else float('nan'),
       'rss_before_gib': rss_before,
-      'rss_peak_gib': _peak_rss_gib(),
+      'rss_peak_gib': workers.peak_rss_gb(),
       'size': f'{height}x{width}',
   }
-
-
-def _run(name: str, argv: list[str]) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), '--worker', *argv]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
-  if proc.returncode != 0:
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-    raise SystemExit(f'{name} worker failed (exit {proc.returncode}):\n  ' + '\n  '.join(tail))
-  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -136,8 +114,11 @@ def main() -> int:
     results = {}
     for name, attention in (('planned', 'auto'), ('plain', 'plain')):
       features = os.path.join(tmp, f'{name}.npz')
-      results[name] = _run(name, [*common, '--attention', attention, '--budget-mb',
-                                  str(args.budget_mb), '--features', features])
+      results[name] = workers.run(__file__, ['--worker', *common, '--attention', attention,
+                                             '--budget-mb', str(args.budget_mb),
+                                             '--features', features], name)
+      if results[name] is None:
+        return 1
       results[name]['features'] = dict(np.load(features))
       r = results[name]
       print(f'{name:>8} (budget {r["budget_mb"]:g} MiB): {r["plan"]}')

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import workers
 
 
 def _measure(model_name: str, variant: str, size: tuple[int, int], eager: bool) -> dict:
@@ -57,15 +54,11 @@ def main() -> None:
   if args.side:
     print(json.dumps(_measure(args.model, args.variant, size, args.side == 'eager')))
     return
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      filter(None, [str(REPO), os.environ.get('PYTHONPATH')])),
-      JAX_ENABLE_COMPILATION_CACHE='false', TF_CPP_MIN_LOG_LEVEL='3')
-  results = []
-  for side in ('eager', 'compiled'):
-    out = subprocess.run([sys.executable, __file__, '--model', args.model, '--variant',
-                          args.variant, '--size', args.size, '--side', side],
-                         capture_output=True, text=True, env=env, check=True)
-    results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  results = [workers.run(__file__, ['--model', args.model, '--variant', args.variant,
+                                     '--size', args.size, '--side', side], side)
+             for side in ('eager', 'compiled')]
+  if None in results:
+    sys.exit(1)
   print(f'{args.model} ({args.variant}), input 2x{size[0]}x{size[1]}, '
         f'{results[0]["params"]:,} params:')
   for r in results:

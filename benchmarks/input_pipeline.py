@@ -42,18 +42,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import workers
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from projects.tools import command_line  # noqa: E402
+from projects.tools import command_line
 
 CROP = (512, 512)
 SCALE = (2048, 512)  # ADE20K's RandomResize scale
@@ -184,19 +181,10 @@ def worker(side: str, root: str, batch: int, seconds: float, core: int) -> dict:
 
 
 def _run_worker(args: argparse.Namespace, side: str, root: str, core: int) -> dict | None:
-  cmd = [sys.executable, os.path.abspath(__file__), '--batch', str(args.batch),
-         '--seconds', str(args.seconds), '--worker', side, root, str(core)]
-  env = dict(os.environ, OMP_NUM_THREADS='1', OPENCV_FOR_THREADS_NUM='1',
-             NO_ALBUMENTATIONS_UPDATE='1',
-             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])))
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  lines = proc.stdout.strip().splitlines()
-  if proc.returncode != 0 or not lines:
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    print(f'  worker {side} failed (exit {proc.returncode}): {" | ".join(tail)}',
-          file=sys.stderr, flush=True)
-    return None
-  return json.loads(lines[-1])
+  env = workers.environment(OMP_NUM_THREADS='1', OPENCV_FOR_THREADS_NUM='1',
+                            NO_ALBUMENTATIONS_UPDATE='1')
+  return workers.run(__file__, ['--batch', str(args.batch), '--seconds', str(args.seconds),
+                                '--worker', side, root, str(core)], side, env)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,18 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import workers
 
 from projects.tools import command_line
-from projects.training import xla_flags  # noqa: E402
+from projects.training import xla_flags
 
 NUM_CLASSES = 150  # ADE20K
 IGNORE_INDEX = 255
@@ -70,11 +66,6 @@ EPILOG = ('exit status: 0 when every measurement ran, 1 when any failed (its row
           'and the worker\'s last lines are printed), 2 for bad arguments.')
 
 
-def _peak_rss_gb() -> float:
-  # Linux reports ru_maxrss in KiB.
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def _random_batch(size: int, batch: int, num_classes: int):
   """`(images [B, H, W, 3] float32, labels [B, H, W] int32 with IGNORE_INDEX)`, seeded."""
   import numpy as np
@@ -84,21 +75,6 @@ def _random_batch(size: int, batch: int, num_classes: int):
   labels = rng.integers(0, num_classes, (batch, size, size), dtype=np.int32)
   labels[rng.random((batch, size, size)) < IGNORE_FRACTION] = IGNORE_INDEX
   return images, labels
-
-
-def _run_steps(step, warmup: int, steps: int) -> tuple[float, list[float]]:
-  """Runs `step()` 1 + warmup + steps times: (first step seconds, timed step seconds)."""
-  start = time.perf_counter()
-  step()
-  first_s = time.perf_counter() - start
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return first_s, times
 
 
 def ours_config(head: str, variant: str):
@@ -183,7 +159,7 @@ def worker_ours(head: str, variant: str, size: int, batch: int, warmup: int,
   *_, compiled, step, losses, info = ours_step(head, variant, size, batch, dtype)
   memory = compiled.memory_analysis()
   temp_gb = getattr(memory, 'temp_size_in_bytes', 0) / 2**30 if memory is not None else 0.0
-  first_s, times = _run_steps(step, warmup, steps)
+  first_s, times = workers.run_steps(step, warmup, steps)
   return {'times': times, 'first_step_s': first_s, **info,
           'first_loss': losses[0], 'last_loss': losses[-1], 'xla_temp_gb': temp_gb,
           'device': str(jax.devices()[0])}
@@ -302,7 +278,7 @@ def worker_torch(head: str, variant: str, size: int, batch: int, warmup: int, st
     optimizer.step()
     losses.append(loss.item())  # waits for the step
 
-  first_s, times = _run_steps(step, warmup, steps)
+  first_s, times = workers.run_steps(step, warmup, steps)
   parts = {name: sum(p.numel() for p in module.parameters())
            for name, module in model.named_children()}
   return {'times': times, 'compile_s': 0.0, 'first_step_s': first_s, 'init_s': init_s,
@@ -311,41 +287,16 @@ def worker_torch(head: str, variant: str, size: int, batch: int, warmup: int, st
           'device': f'cpu ({threads} threads)' if device == 'cpu' else device}
 
 
-def worker_matmul_peak() -> dict:
-  import jax
-  import jax.numpy as jnp
-
-  n = 2048
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  jax.block_until_ready(dot(a, a))
-  times = []
-  for _ in range(5):
-    start = time.perf_counter()
-    jax.block_until_ready(dot(a, a))
-    times.append(time.perf_counter() - start)
-  return {'gflops': 2 * n**3 / min(times) / 1e9}
-
-
 def _run_worker(args: argparse.Namespace, worker: list[str]) -> dict | None:
-  cmd = [sys.executable, os.path.abspath(__file__), '--variant', args.variant,
-         '--dtype', args.dtype,
-         '--steps', str(args.steps), '--warmup', str(args.warmup),
-         '--torch-threads', str(args.torch_threads), '--worker', *worker]
-  env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='false', TF_CPP_MIN_LOG_LEVEL='3',
-             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])))
+  env = workers.environment()
   if worker[0] == 'ours':
     xla_flags.set_training_flags(env)  # as the project mains set them
   if worker[0] == 'torch' and args.torch_omp_wait_policy != 'default':
     env['OMP_WAIT_POLICY'] = args.torch_omp_wait_policy.upper()
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  lines = proc.stdout.strip().splitlines()
-  if proc.returncode != 0 or not lines:
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    print(f'  worker {" ".join(worker)} failed (exit {proc.returncode}): {" | ".join(tail)}',
-          file=sys.stderr, flush=True)
-    return None
-  return json.loads(lines[-1])
+  return workers.run(__file__, [
+      '--variant', args.variant, '--dtype', args.dtype, '--steps', str(args.steps),
+      '--warmup', str(args.warmup), '--torch-threads', str(args.torch_threads),
+      '--worker', *worker], ' '.join(worker), env)
 
 
 def size_batch(text: str) -> tuple[tuple[int, int], ...]:
@@ -445,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.worker:
     kind, *rest = args.worker
     if kind == 'peak':
-      result = worker_matmul_peak()
+      result = workers.matmul_peak()
     else:
       head, size, batch = rest[0], int(rest[1]), int(rest[2])
       if kind == 'ours':
@@ -454,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
       else:
         result = worker_torch(head, args.variant, size, batch, args.warmup, args.steps,
                               args.torch_threads)
-    result['peak_rss_gb'] = _peak_rss_gb()
+    result['peak_rss_gb'] = workers.peak_rss_gb()
     print(json.dumps(result))
     return command_line.EXIT_OK
 

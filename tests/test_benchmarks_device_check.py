@@ -25,7 +25,7 @@ SCRIPT = REPO / 'benchmarks' / 'device_check.sh'
 GPU_MACHINE = ('jax', 'flax', 'optax', 'orbax-checkpoint', 'torch', 'transformers',
                'tensorboard')
 CARRIED_WHEELS = ('ml-collections',)
-BENCHMARKS = ('device_check', 'train_speed')  # scripts of benchmarks/, imported by name
+BENCHMARKS = ('device_check', 'train_speed', 'workers')  # modules of benchmarks/, by name
 OWN_MODULES = ('cvt_backbone', 'heads', 'projects', *BENCHMARKS)
 # (part, input, dtype, attention) of every table row, in order. The kernels chosen as on a GPU:
 # 'auto' is 'fused' in bfloat16, XLA's reference of it on a CPU.

@@ -21,6 +21,8 @@ pytest.importorskip('transformers')
 
 
 def _load_benchmark():
+  if str(SCRIPT.parent) not in sys.path:  # as when run: its folder on sys.path (for workers)
+    sys.path.insert(0, str(SCRIPT.parent))
   spec = importlib.util.spec_from_file_location('train_speed', SCRIPT)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
