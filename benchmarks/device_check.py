@@ -16,9 +16,9 @@ with a time limit; a row that raises, crashes its worker or runs out of time rec
 and the next row runs in a fresh worker. MFU is the counted FLOPs per second (forward:
 `cvt_backbone.flops.cvt_flops`; training: `heads.flops.training_step_flops`, 3x the forward)
 over the device's dense peak (`PEAK_TFLOPS`; on CPU the float32 matmul rate measured in the
-run). The attention column is what ran: the implementations 'auto' chose while tracing, and
-'fused' is 'fused(cuDNN)' only when the lowered program calls cuDNN's fused attention
-(`__cudnn$fmha`), 'fused(XLA)' otherwise. `--smoke` runs the same code on CPU with cvt-tiny
+run). The attention column is what ran, read from the lowered program (`attention.paths_in`:
+plain, chunked, fused(XLA) or fused(cuDNN); the count of cuDNN's fused attention calls,
+`__cudnn$fmha`, is recorded too). `--smoke` runs the same code on CPU with cvt-tiny
 at tiny sizes (one timed repeat), the JAX side under `kernels.assume_backend('gpu')` (the GPU's
 kernels: batched attention, library convolutions, bfloat16 'fused' as XLA's reference), and
 writes JSON only to `--output`.
@@ -107,34 +107,24 @@ def _median_rate(times: list[float], batch: int) -> dict:
 # ---- JAX worker parts ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _attention_choices():
-  """Records the implementation 'auto' chooses for each attention layer traced inside."""
-  from cvt_backbone.kernels import attention as attention_lib
-
-  chosen, original = [], attention_lib.choose_implementation
-
-  def choose(*args, **kwargs):
-    chosen.append(original(*args, **kwargs))
-    return chosen[-1]
-
-  attention_lib.choose_implementation = choose
-  try:
-    yield chosen
-  finally:
-    attention_lib.choose_implementation = original
+# The table's names of the attention paths (`kernels.attention.paths_in`).
+_LABELS = {'fused_cudnn': 'fused(cuDNN)', 'fused_xla': 'fused(XLA)'}
 
 
-def _attention_ran(requested: str, chosen: list[str], lowered) -> dict:
-  """The attention label of what ran (see the module docstring) and cuDNN's call count."""
+def _attention_ran(requested: str, lowered) -> dict:
+  """The attention label of what ran, read from the program (see the module docstring), and
+  the count of cuDNN's fused attention calls in it."""
+  from cvt_backbone.kernels import attention
+
+  text = lowered.as_text(debug_info=True)
   # JAX emits cuDNN's attention as this custom call; XLA cannot replace it by other code.
-  calls = lowered.as_text().count('__cudnn$fmha')
-  names = sorted(set(chosen)) or [requested]
-  label = '+'.join(f'fused({"cuDNN" if calls else "XLA"})' if name == 'fused' else name
-                   for name in names)
-  if calls and 'fused' not in names:
-    label += '+cuDNN'
-  return {'attention': label, 'attention_requested': requested, 'cudnn_fmha_calls': calls}
+  calls = text.count('__cudnn$fmha')
+  paths = sorted(attention.paths_in(text))
+  label = '+'.join(_LABELS.get(p, p.split('_')[0]) for p in paths) or 'none'
+  if 'fused_cudnn' in paths and not calls:
+    label += ' (no cuDNN call!)'
+  return {'attention': label, 'attention_paths': paths, 'attention_requested': requested,
+          'cudnn_fmha_calls': calls}
 
 
 def _peak_memory_gb() -> float | None:
@@ -184,31 +174,29 @@ def part_forward(row: dict) -> dict:
   key = jax.random.PRNGKey(0)
   images = jax.random.normal(key, (batch, size, size, 3), jnp.float32)
   variables = _variables(row['variant'])
-  with _attention_choices() as chosen:
-    start = time.perf_counter()
-    lowered = jax.jit(model.apply).lower(variables, images)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  lowered = jax.jit(model.apply).lower(variables, images)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
   _, times = workers.run_steps(lambda: jax.block_until_ready(compiled(variables, images)),
                                row['warmup'], row['repeats'])
   return {**_median_rate(times, batch), 'compile_s': compile_s,
           'flops': cvt_flops(get_spec(row['variant']), size, size, batch)['total'],
-          **_attention_ran(row['attention'], chosen, lowered)}
+          **_attention_ran(row['attention'], lowered)}
 
 
 def part_train(row: dict) -> dict:
   from heads.flops import training_step_flops
 
   size, batch = row['size'], row['batch']
-  with _attention_choices() as chosen:
-    model, lowered, _, step, losses, info = train_speed.ours_step(
-        'upernet', row['variant'], size, batch, row['dtype'], row['attention'])
+  model, lowered, _, step, losses, info = train_speed.ours_step(
+      'upernet', row['variant'], size, batch, row['dtype'], row['attention'])
   _, times = workers.run_steps(step, row['warmup'], row['repeats'])
   return {**_median_rate(times, batch), 'compile_s': info['compile_s'],
           'flops': training_step_flops(model.flax_model, (batch, size, size, 3)),
           'peak_memory_gb': _peak_memory_gb(), 'params': info['params'],
           'first_loss': losses[0], 'last_loss': losses[-1],
-          **_attention_ran(row['attention'], chosen, lowered)}
+          **_attention_ran(row['attention'], lowered)}
 
 
 # ---- PyTorch worker parts -----------------------------------------------------------------

@@ -24,14 +24,15 @@ import numpy as np
 import pytest
 
 from cvt_backbone import CvTBackbone, kernels
+from cvt_backbone.kernels import attention
 from heads import build_head
 from heads.atss_head import ATSSHead
 from heads.fpn import detection_fpn
 
 BF16_SLACK = 2.0
 BF16_MAX_ERROR = 0.05
-# The scopes `kernels.attention` names its paths by.
-CPU_ATTENTION = {'attention_plain_per_head'}
+# The path of attention on CPU (`kernels.attention.paths_in`).
+CPU_ATTENTION = {'plain_per_head'}
 
 
 def lower_and_run(fn, *args, backend=None):
@@ -43,8 +44,6 @@ def lower_and_run(fn, *args, backend=None):
     return jitted(*args), text
 
 
-def attention_paths(text: str) -> set[str]:
-  return set(re.findall(r'attention_(?:plain|chunked|fused)_(?:per_head|batched|xla|cudnn)', text))
 
 
 def grouped_convs(text: str) -> int:
@@ -94,17 +93,17 @@ def test_backbone_on_the_accelerator_path_equals_the_cpu_path(backbone, backend)
   variables, images = backbone
   forward = lambda dtype: (lambda v, x: CvTBackbone(variant='cvt-tiny', dtype=dtype).apply(v, x))
   cpu, cpu_text = lower_and_run(forward(jnp.float32), variables, images)
-  assert attention_paths(cpu_text) == CPU_ATTENTION and grouped_convs(cpu_text) == 0
+  assert attention.paths_in(cpu_text) == CPU_ATTENTION and grouped_convs(cpu_text) == 0
 
   out, text = lower_and_run(forward(jnp.float32), variables, images, backend=backend)
   # cvt-tiny: 4 blocks, each with q, k and v depthwise convs.
-  assert attention_paths(text) == {'attention_plain_batched'} and grouped_convs(text) == 12
+  assert attention.paths_in(text) == {'plain_batched'} and grouped_convs(text) == 12
   close_f32(out, cpu)
 
   cpu_bf16, _ = lower_and_run(forward(jnp.bfloat16), variables, images)
   out_bf16, text = lower_and_run(forward(jnp.bfloat16), variables, images, backend=backend)
-  expected = 'attention_fused_xla' if backend == 'gpu' else 'attention_plain_batched'
-  assert attention_paths(text) == {expected} and grouped_convs(text) == 12
+  expected = 'fused_xla' if backend == 'gpu' else 'plain_batched'
+  assert attention.paths_in(text) == {expected} and grouped_convs(text) == 12
   # The products run in bfloat16 (float32 parameters, cast).
   assert re.search(r'stablehlo\.dot_general.*tensor<[0-9x]+xbf16>', text)
   check_bf16(cpu, cpu_bf16, out_bf16)
@@ -227,14 +226,14 @@ def test_a_training_step_on_the_accelerator_path_equals_the_cpu_path(project):
     return metrics, text
 
   (cpu,), cpu_text = run('float32', None)
-  assert attention_paths(cpu_text) == CPU_ATTENTION and grouped_convs(cpu_text) == 0
+  assert attention.paths_in(cpu_text) == CPU_ATTENTION and grouped_convs(cpu_text) == 0
   (accelerator,), text = run('float32', 'gpu')
-  assert attention_paths(text) == {'attention_plain_batched'} and grouped_convs(text) > 0
+  assert attention.paths_in(text) == {'plain_batched'} and grouped_convs(text) > 0
   for key in ('loss', 'grad_norm'):
     np.testing.assert_allclose(accelerator[key], cpu[key], rtol=1e-4)
 
   bf16, text = run('bfloat16', 'gpu', count=4)
-  assert attention_paths(text) == {'attention_fused_xla'} and grouped_convs(text) > 0
+  assert attention.paths_in(text) == {'fused_xla'} and grouped_convs(text) > 0
   losses = [m['loss'] for m in bf16]
   assert np.all(np.isfinite(losses)) and np.isfinite(bf16[0]['grad_norm'])
   assert losses[-1] < losses[0], losses

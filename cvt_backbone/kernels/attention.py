@@ -18,6 +18,7 @@ import functools
 import itertools
 import logging
 import numbers
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -109,6 +110,14 @@ def fused_implementation(dtype) -> str:
   half precision (cuDNN's flash attention takes no float32), else 'xla'."""
   half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
   return 'cudnn' if half and jax.default_backend() == 'gpu' else 'xla'
+
+
+def paths_in(program: str) -> set[str]:
+  """The attention paths a lowered program runs, from the scopes `attention` names them by
+  (`jax.jit(f).lower(...).as_text(debug_info=True)`): 'plain_per_head', 'plain_batched',
+  'chunked_per_head', 'chunked_batched', 'fused_xla' or 'fused_cudnn'."""
+  return set(re.findall(r'attention_((?:plain|chunked)_(?:per_head|batched)|fused_(?:xla|cudnn))',
+                        program))
 
 
 def _attend(q: jax.Array, k: jax.Array, v_t: jax.Array, scale: float) -> jax.Array:
