@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -118,45 +115,6 @@ def test_processes_evaluate_every_example_once(num_examples):
   assert len(seen) == num_examples
   key = lambda x: x.tobytes()
   assert sorted(map(key, seen)) == sorted(map(key, whole))
-
-
-def _children(pid: int) -> list[int]:
-  path = f'/proc/{pid}/task/{pid}/children'
-  with open(path) as f:
-    return [int(p) for p in f.read().split()]
-
-
-@pytest.mark.slow  # about a minute or more: left out by -m "not slow"
-@pytest.mark.skipif(not os.path.exists('/proc/self/task'), reason='needs /proc (Linux)')
-def test_a_killed_process_stops_the_run_and_a_restart_resumes(tmp_path):
-  workdir = tmp_path / 'run'
-  launcher = _two_processes(workdir, 400, start_new_session=True)
-  try:
-    deadline = time.monotonic() + 300
-    while checkpoints.latest_step(workdir) is None:
-      assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
-      time.sleep(1)
-    children = _children(launcher.pid)
-    assert len(children) == 2
-    run = support.descendants(launcher.pid)  # the processes and their loader workers
-    os.kill(children[1], signal.SIGKILL)
-    killed_at = time.monotonic()
-    _, err = launcher.communicate(timeout=60)
-  finally:
-    if launcher.poll() is None:
-      os.killpg(launcher.pid, signal.SIGKILL)
-  assert time.monotonic() - killed_at < 30
-  assert launcher.returncode != 0
-  assert 'process 1 of 2 exited with code -9; stopping the others' in err
-  support.assert_processes_end(run)
-
-  saved = checkpoints.latest_step(workdir)
-  restart = _two_processes(workdir, saved + 2, slow_peer=True)
-  out, err = restart.communicate(timeout=600)
-  assert restart.returncode == 0, err[-3000:]
-  first = int(re.findall(r'step (\d+)/', out)[0])
-  assert first > saved  # resumed, not restarted from scratch
-  assert checkpoints.latest_step(workdir) == saved + 2
 
 
 @pytest.mark.parametrize('args, env, message', [
