@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -77,26 +80,61 @@ def _assert_same(a, b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.slow  # about a minute or more: left out by -m "not slow"
-def test_two_processes_train_as_one_and_their_checkpoint_restores_in_one(tmp_path):
-  two = _two_processes(tmp_path / 'two', 4, eval_every=4)
-  out, err = two.communicate(timeout=600)
-  assert two.returncode == 0, err[-3000:]
-  # Process 0 alone prints and writes TensorBoard events; the other stays quiet.
-  assert out.count('Final validation') == 1 and out.count('step 4/4') == 1
-  assert len(list((tmp_path / 'two').glob('events.out.tfevents*'))) == 1
-  # One process of 4 devices, never interrupted, for 6 steps: its step-4 validation and
-  # checkpoint are those of the 2-process run.
-  one = _one_process(tmp_path / 'uninterrupted', 6, eval_every=4)
-  assert _validation_at(out, 4) == _validation_at(one, 4)
-  _assert_same(_params(tmp_path / 'two'),
-               _params(tmp_path / 'uninterrupted' / 'checkpoints' / '4'))
+def _children(pid: int) -> list[int]:
+  path = f'/proc/{pid}/task/{pid}/children'
+  with open(path) as f:
+    return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.slow  # minutes: left out by -m "not slow"
+@pytest.mark.skipif(not os.path.exists('/proc/self/task'), reason='needs /proc (Linux)')
+def test_two_processes_killed_and_restarted_train_as_one_and_restore_in_one(tmp_path):
+  """A killed process stops the run; a restart with a slow peer resumes it and trains as one
+  process of 4 devices does; its checkpoint restores in and continues in one process."""
+  workdir = tmp_path / 'two'
+  launcher = _two_processes(workdir, 400, start_new_session=True)
+  try:
+    deadline = time.monotonic() + 300
+    while checkpoints.latest_step(workdir) is None:
+      assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
+      time.sleep(1)
+    children = _children(launcher.pid)
+    assert len(children) == 2
+    run = support.descendants(launcher.pid)  # the processes and their loader workers
+    os.kill(children[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, err = launcher.communicate(timeout=60)
+  finally:
+    if launcher.poll() is None:
+      os.killpg(launcher.pid, signal.SIGKILL)
+  assert time.monotonic() - killed_at < 30
+  assert launcher.returncode != 0
+  assert 'process 1 of 2 exited with code -9; stopping the others' in err
+  support.assert_processes_end(run)
+
+  saved = checkpoints.latest_step(workdir)
+  end = saved + 2
+  restart = _two_processes(workdir, end, eval_every=end, slow_peer=True)
+  out, err = restart.communicate(timeout=600)
+  assert restart.returncode == 0, err[-3000:]
+  first = int(re.findall(r'step (\d+)/', out)[0])
+  assert first > saved  # resumed, not restarted from scratch
+  assert checkpoints.latest_step(workdir) == end
+  # Process 0 alone prints and writes TensorBoard events (a file per run); the other stays
+  # quiet.
+  assert out.count('Final validation') == 1 and out.count(f'step {end}/{end}') == 1
+  assert len(list(workdir.glob('events.out.tfevents*'))) == 2
+  # One process of 4 devices, never interrupted, 2 steps further: its validation and
+  # checkpoint of step `end` are those of the 2-process run.
+  one = _one_process(tmp_path / 'uninterrupted', end + 2, eval_every=end)
+  assert _validation_at(out, end) == _validation_at(one, end)
+  _assert_same(_params(workdir), _params(tmp_path / 'uninterrupted' / 'checkpoints' / str(end)))
 
   # The 2-process checkpoint restores in a 1-process run, which continues to the
   # parameters of the run that was never interrupted.
-  _one_process(tmp_path / 'two', 6)
-  assert checkpoints.latest_step(tmp_path / 'two') == 6
-  _assert_same(_params(tmp_path / 'two'), _params(tmp_path / 'uninterrupted'))
+  _one_process(workdir, end + 2)
+  assert checkpoints.latest_step(workdir) == end + 2
+  _assert_same(_params(workdir), _params(tmp_path / 'uninterrupted'))
 
 
 @pytest.mark.parametrize('num_examples', [5, 8])
