@@ -1,5 +1,7 @@
 """The backbone exported by `jax.export` with symbolic batch, height and width (any size)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,14 @@ def _symbolic_images():
   return jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32)
 
 
+@functools.cache
+def _variables():
+  """Random cvt-tiny variables, one tree for every attention setting, from one compile (op by
+  op the init compiles a few hundred small programs)."""
+  return jax.jit(CvTBackbone(variant='cvt-tiny').init)(jax.random.PRNGKey(0),
+                                                        jnp.zeros((1, 64, 64, 3)))
+
+
 def test_auto_attention_of_symbolic_sizes_is_chunked():
   b, q, k = export.symbolic_shape('b, q, k')
   assert attention_lib.choose_implementation(b, 2, q, k, jnp.float32, backend='cpu') == 'chunked'
@@ -25,7 +35,7 @@ def test_auto_attention_of_symbolic_sizes_is_chunked():
 @pytest.mark.parametrize('attention', ['auto', 'plain'])
 def test_the_exported_backbone_runs_at_any_size_as_the_jitted_one(attention):
   model = CvTBackbone(variant='cvt-tiny', attention=attention)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  variables = _variables()
   apply = jax.jit(lambda x: model.apply(variables, x))
   exported = export.deserialize(export.export(apply)(_symbolic_images()).serialize())
   if attention == 'auto':  # Query blocks of one (batch, head) pair over key blocks: loops.
@@ -39,7 +49,7 @@ def test_the_exported_backbone_runs_at_any_size_as_the_jitted_one(attention):
 
 def test_an_image_under_the_minimum_is_refused_naming_the_constraint():
   model = CvTBackbone(variant='cvt-tiny', attention='plain')
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  variables = _variables()
   exported = export.export(jax.jit(lambda x: model.apply(variables, x)))(_symbolic_images())
   with pytest.raises(ValueError, match='h >= 16'):
     exported.call(jnp.zeros((1, 8, 40, 3)))
@@ -47,7 +57,7 @@ def test_an_image_under_the_minimum_is_refused_naming_the_constraint():
 
 def test_without_the_minimum_as_a_constraint_the_export_says_what_to_add():
   model = CvTBackbone(variant='cvt-tiny', attention='plain')
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  variables = _variables()
   b, h, w = export.symbolic_shape('b, h, w')
   with pytest.raises(ValueError, match="constraints=.*'h >= 16', 'w >= 16'"):
     export.export(jax.jit(lambda x: model.apply(variables, x)))(

@@ -80,56 +80,18 @@ def _assert_same(a, b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.slow  # about a minute or more: left out by -m "not slow"
-def test_two_processes_train_as_one_and_their_checkpoint_restores_in_one(tmp_path):
-  two = _two_processes(tmp_path / 'two', 4, eval_every=4)
-  out, err = two.communicate(timeout=600)
-  assert two.returncode == 0, err[-3000:]
-  # Process 0 alone prints and writes TensorBoard events; the other stays quiet.
-  assert out.count('Final validation') == 1 and out.count('step 4/4') == 1
-  assert len(list((tmp_path / 'two').glob('events.out.tfevents*'))) == 1
-  # One process of 4 devices, never interrupted, for 6 steps: its step-4 validation and
-  # checkpoint are those of the 2-process run.
-  one = _one_process(tmp_path / 'uninterrupted', 6, eval_every=4)
-  assert _validation_at(out, 4) == _validation_at(one, 4)
-  _assert_same(_params(tmp_path / 'two'),
-               _params(tmp_path / 'uninterrupted' / 'checkpoints' / '4'))
-
-  # The 2-process checkpoint restores in a 1-process run, which continues to the
-  # parameters of the run that was never interrupted.
-  _one_process(tmp_path / 'two', 6)
-  assert checkpoints.latest_step(tmp_path / 'two') == 6
-  _assert_same(_params(tmp_path / 'two'), _params(tmp_path / 'uninterrupted'))
-
-
-@pytest.mark.parametrize('num_examples', [5, 8])
-def test_processes_evaluate_every_example_once(num_examples):
-  from projects.cvt_segmentation.data import EvalLoader, EvalTransform, SyntheticSegmentation
-
-  src = SyntheticSegmentation(num_classes=4, image_size=(8, 8), num_examples=num_examples,
-                              split='validation')
-  seen = []
-  for p in range(2):
-    loader = EvalLoader(src, EvalTransform(), batch_size=4, process_index=p, process_count=2)
-    for batch in loader.iterate():
-      seen += [img for img, real in zip(batch['inputs'], batch['batch_mask'], strict=True) if real]
-  whole = [b['inputs'][i] for b in EvalLoader(src, EvalTransform(), batch_size=4).iterate()
-           for i in np.flatnonzero(b['batch_mask'])]
-  assert len(seen) == num_examples
-  key = lambda x: x.tobytes()
-  assert sorted(map(key, seen)) == sorted(map(key, whole))
-
-
 def _children(pid: int) -> list[int]:
   path = f'/proc/{pid}/task/{pid}/children'
   with open(path) as f:
     return [int(p) for p in f.read().split()]
 
 
-@pytest.mark.slow  # about a minute or more: left out by -m "not slow"
+@pytest.mark.slow  # minutes: left out by -m "not slow"
 @pytest.mark.skipif(not os.path.exists('/proc/self/task'), reason='needs /proc (Linux)')
-def test_a_killed_process_stops_the_run_and_a_restart_resumes(tmp_path):
-  workdir = tmp_path / 'run'
+def test_two_processes_killed_and_restarted_train_as_one_and_restore_in_one(tmp_path):
+  """A killed process stops the run; a restart with a slow peer resumes it and trains as one
+  process of 4 devices does; its checkpoint restores in and continues in one process."""
+  workdir = tmp_path / 'two'
   launcher = _two_processes(workdir, 400, start_new_session=True)
   try:
     deadline = time.monotonic() + 300
@@ -151,12 +113,46 @@ def test_a_killed_process_stops_the_run_and_a_restart_resumes(tmp_path):
   support.assert_processes_end(run)
 
   saved = checkpoints.latest_step(workdir)
-  restart = _two_processes(workdir, saved + 2, slow_peer=True)
+  end = saved + 2
+  restart = _two_processes(workdir, end, eval_every=end, slow_peer=True)
   out, err = restart.communicate(timeout=600)
   assert restart.returncode == 0, err[-3000:]
   first = int(re.findall(r'step (\d+)/', out)[0])
   assert first > saved  # resumed, not restarted from scratch
-  assert checkpoints.latest_step(workdir) == saved + 2
+  assert checkpoints.latest_step(workdir) == end
+  # Process 0 alone prints and writes TensorBoard events (a file per run); the other stays
+  # quiet.
+  assert out.count('Final validation') == 1 and out.count(f'step {end}/{end}') == 1
+  assert len(list(workdir.glob('events.out.tfevents*'))) == 2
+  # One process of 4 devices, never interrupted, 2 steps further: its validation and
+  # checkpoint of step `end` are those of the 2-process run.
+  one = _one_process(tmp_path / 'uninterrupted', end + 2, eval_every=end)
+  assert _validation_at(out, end) == _validation_at(one, end)
+  _assert_same(_params(workdir), _params(tmp_path / 'uninterrupted' / 'checkpoints' / str(end)))
+
+  # The 2-process checkpoint restores in a 1-process run, which continues to the
+  # parameters of the run that was never interrupted.
+  _one_process(workdir, end + 2)
+  assert checkpoints.latest_step(workdir) == end + 2
+  _assert_same(_params(workdir), _params(tmp_path / 'uninterrupted'))
+
+
+@pytest.mark.parametrize('num_examples', [5, 8])
+def test_processes_evaluate_every_example_once(num_examples):
+  from projects.cvt_segmentation.data import EvalLoader, EvalTransform, SyntheticSegmentation
+
+  src = SyntheticSegmentation(num_classes=4, image_size=(8, 8), num_examples=num_examples,
+                              split='validation')
+  seen = []
+  for p in range(2):
+    loader = EvalLoader(src, EvalTransform(), batch_size=4, process_index=p, process_count=2)
+    for batch in loader.iterate():
+      seen += [img for img, real in zip(batch['inputs'], batch['batch_mask'], strict=True) if real]
+  whole = [b['inputs'][i] for b in EvalLoader(src, EvalTransform(), batch_size=4).iterate()
+           for i in np.flatnonzero(b['batch_mask'])]
+  assert len(seen) == num_examples
+  key = lambda x: x.tobytes()
+  assert sorted(map(key, seen)) == sorted(map(key, whole))
 
 
 @pytest.mark.parametrize('args, env, message', [

@@ -37,7 +37,7 @@ def _assert_runs_as_jitted(session, fn, images, atol=1e-4):
 def backbone():
   """The tiny backbone with 'auto' attention: chunked (ONNX Loops) for symbolic sizes."""
   model = CvTBackbone(variant='cvt-tiny')
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
   fn = lambda x: model.apply(variables, x)
   return fn, _session(to_onnx(fn, _spec()))
 

@@ -103,6 +103,30 @@ def test_longer_schedule_resumes_and_records_each_evaluation(finished, tmp_path,
   assert list(steps) == ['2', '3']
 
 
+def test_checkpoint_of_another_model_is_refused(finished, tmp_path):
+  import shutil
+
+  from projects.cvt_segmentation import models
+  from projects.training import checkpoints
+
+  workdir = tmp_path / 'w'
+  shutil.copytree(finished[0], workdir)  # a cvt_upernet run
+  config = support.tiny_config(**STEPS)
+  other = support.tiny_config(**STEPS)
+  other.model_name = 'cvt_segformer'
+  other.model = models.get_model_cls('cvt_segformer').default_model_config()
+  other.model.backbone.variant = 'cvt-tiny'
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='cvt_upernet.*cvt_segformer'):
+    support.run_training(other, workdir)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match='model_name'):
+    models.restore_for_inference(other, workdir)
+  # Evaluation needs the checkpoint only, not the pretrained file the training started from.
+  with config.unlocked():
+    config.model.backbone.pretrained = str(tmp_path / 'gone.msgpack')
+  _, variables = models.restore_for_inference(config, workdir)
+  assert 'decode_head' in variables['params']
+
+
 def test_recorded_summary_keeps_nan_and_per_class_entries(tmp_path):
   evaluation = CountingEvaluation()
   loop._record_validation(str(tmp_path), 7, evaluation(None))

@@ -269,7 +269,7 @@ def test_init_from_train_state_loads_the_backbone(tmp_path):
   from cvt_backbone import CvT
 
   classifier = CvT.from_variant('cvt-tiny', num_classes=10)
-  clf_vars = classifier.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))
+  clf_vars = jax.jit(classifier.init)(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))
   from_clf = model.init_from_train_state(state, _scenic_train_state(model, clf_vars))
   _assert_tree_equal(from_clf.params['backbone'],
                      {k: v for k, v in clf_vars['params'].items() if k.startswith('stage')})

@@ -83,25 +83,6 @@ def test_folder_datasets_train_two_steps(tmp_path, dataset):
   assert checkpoints.latest_step(tmp_path / 'workdir') == 2
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
-  overrides = {'num_training_steps': 2, 'checkpoint_steps': 2, 'log_eval_steps': 2}
-  config = support.tiny_config(**overrides)
-  support.run_training(config, tmp_path)
-  other = support.tiny_config(**overrides)
-  other.model_name = 'cvt_segformer'
-  other.model = models.get_model_cls('cvt_segformer').default_model_config()
-  other.model.backbone.variant = 'cvt-tiny'
-  with pytest.raises(checkpoints.CheckpointMismatchError, match='cvt_upernet.*cvt_segformer'):
-    support.run_training(other, tmp_path)
-  with pytest.raises(checkpoints.CheckpointMismatchError, match='model_name'):
-    models.restore_for_inference(other, tmp_path)
-  # Evaluation needs the checkpoint only, not the pretrained file the training started from.
-  with config.unlocked():
-    config.model.backbone.pretrained = str(tmp_path / 'gone.msgpack')
-  _, variables = models.restore_for_inference(config, tmp_path)
-  assert 'decode_head' in variables['params']
-
-
 def test_misspelled_config_keys_are_errors():
   config = synthetic_demo.get_config('runlocal')
   with pytest.raises(AttributeError, match='optimiser'):
