@@ -96,6 +96,7 @@ def main() -> None:
   args = parser.parse_args()
 
   if args.worker:
+    workers.exit_with_parent()  # a killed run leaves no worker behind
     kind, *rest = args.worker
     if kind == 'peak':
       result = workers.matmul_peak()

@@ -428,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   if args.worker:
+    workers.exit_with_parent()  # a killed run leaves no worker behind
     worker(json.loads(args.worker))
     return command_line.EXIT_OK
 

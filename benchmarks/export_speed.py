@@ -104,6 +104,7 @@ def main() -> None:
   args = parser.parse_args()
 
   if args.worker:
+    workers.exit_with_parent()  # a killed run leaves no worker behind
     runtime, artifact, weights, size, batch = args.worker
     print(json.dumps(worker(runtime, artifact, weights, int(size), int(batch), args.repeats)))
     return

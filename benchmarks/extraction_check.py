@@ -89,6 +89,7 @@ def main() -> int:
   parser.add_argument('--features', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
+    workers.exit_with_parent()  # a killed run leaves no worker behind
     print(json.dumps(worker(args)))
     return 0
 

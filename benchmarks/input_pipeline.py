@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   if args.worker:
+    workers.exit_with_parent()  # a killed run leaves no worker behind
     side, root, core = args.worker
     print(json.dumps(worker(side, root, args.batch, args.seconds, int(core))))
     return command_line.EXIT_OK

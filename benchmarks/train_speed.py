@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                          f'{args.steps} and {args.warmup}')
 
   if args.worker:
+    workers.exit_with_parent()  # a killed run leaves no worker behind
     kind, *rest = args.worker
     if kind == 'peak':
       result = workers.matmul_peak()

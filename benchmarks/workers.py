@@ -16,6 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cvt_backbone.tools import exit_with_parent  # noqa: E402,F401  (every worker calls it)
+
 
 def environment(**extra: str) -> dict:
   """A worker's environment: this one with the repository first on PYTHONPATH, JAX's compile

@@ -16,6 +16,8 @@ import math
 import numbers
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, BinaryIO
 
@@ -168,3 +170,21 @@ def file_sha256(path: str | os.PathLike) -> str:
 def is_int(value: Any) -> bool:
   """Python and numpy integers; not bools, not floats such as 2.0."""
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def exit_with_parent(parent: int | None = None) -> None:
+  """Ends this process as soon as the process `parent` (default: the current parent) has ended.
+
+  A parent that the OOM killer, a preemption, a timeout or `kill -9` ends cannot stop its
+  workers, which then ran on, holding cores or a GPU's memory; a worker sees its parent change.
+  (Linux's PR_SET_PDEATHSIG would not do: it fires when the parent's thread ends, and Grain
+  starts workers from threads.)
+  """
+  parent = os.getppid() if parent is None else parent
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(1)
+
+  threading.Thread(target=watch, name='exit-with-parent', daemon=True).start()

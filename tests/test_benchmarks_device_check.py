@@ -140,3 +140,25 @@ def test_workers_import_only_what_the_gpu_machine_has(smoke):
       for name in imported - set(sys.stdlib_module_names) - set(OWN_MODULES)
       if not {_canonical(d) for d in distributions.get(name, [])} & allowed)
   assert not lacking, f'the workers import packages the GPU machine lacks: {lacking}'
+
+
+def test_a_killed_run_leaves_no_worker_and_no_output(tmp_path):
+  """A run ended by kill -9 (a timeout, a preemption) cannot stop its worker, which would hold
+  the GPU on: the worker ends by itself, and no partial JSON is left."""
+  from tests.projects import trainer_support as support
+
+  out = tmp_path / 'results.json'
+  run = subprocess.Popen([str(SCRIPT), '--smoke', '--output', str(out)], cwd=REPO,
+                         env=support.subprocess_env(PYTHON=sys.executable),
+                         stdout=subprocess.PIPE, text=True)
+  try:
+    for line in run.stdout:  # The device row comes from the first worker.
+      if 'device:' in line:
+        break
+    workers = support.descendants(run.pid)
+    assert workers, 'no worker process was running'
+  finally:
+    run.kill()
+    run.wait(timeout=30)
+  support.assert_processes_end(workers)
+  assert list(tmp_path.iterdir()) == []

@@ -18,14 +18,13 @@ import contextlib
 import functools
 import math
 import os
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
+from cvt_backbone.tools import exit_with_parent
 from projects.training.datasets import DatasetError
 
 # A stream long enough to never run out (Grain datasets need a finite length).
@@ -206,18 +205,9 @@ def grain_iterator(ds, num_threads: int, num_workers: int, prefetch: int) -> Ite
 
 
 def _end_with_trainer(trainer: int, worker_index: int, num_workers: int) -> None:
-  """In a loader worker process: exits as soon as the trainer process `trainer` has ended.
-
-  A trainer that the OOM killer, a preemption or `kill -9` ends cannot stop its workers,
-  which then ran for ever; a worker sees its parent change. (Linux's PR_SET_PDEATHSIG would
-  not do: it fires when the parent's thread ends, and Grain starts workers from threads.)
-  """
-  def watch() -> None:
-    while os.getppid() == trainer:
-      time.sleep(0.5)
-    os._exit(1)
-
-  threading.Thread(target=watch, name='end-with-trainer', daemon=True).start()
+  """A loader worker process exits as soon as the trainer process `trainer` has ended."""
+  del worker_index, num_workers
+  exit_with_parent(trainer)
 
 
 def _ensure_absl_flags_parsed() -> None:
