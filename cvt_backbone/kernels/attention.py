@@ -112,6 +112,12 @@ def fused_implementation(dtype) -> str:
   return 'cudnn' if half and jax.default_backend() == 'gpu' else 'xla'
 
 
+def _fused(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, implementation: str):
+  """`jax.nn.dot_product_attention` in the scope `paths_in` reads."""
+  with jax.named_scope(f'attention_fused_{implementation}'):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+
+
 def paths_in(program: str) -> set[str]:
   """The attention paths a lowered program runs, from the scopes `attention` names them by
   (`jax.jit(f).lower(...).as_text(debug_info=True)`): 'plain_per_head', 'plain_batched',
@@ -326,16 +332,14 @@ def attention(
   if implementation == 'fused':
     fused = fused_implementation(q.dtype)
     try:
-      with jax.named_scope(f'attention_fused_{fused}'):
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=fused)
+      out = _fused(q, k, v, scale, fused)
     except (NotImplementedError, ValueError, RuntimeError) as error:
       if not (chosen and fused == 'cudnn'):
         raise
       # cuDNN refuses some shapes and versions while tracing: 'auto' then takes XLA's.
       logging.getLogger(__name__).warning('cuDNN attention refused %s: %s; using XLA attention',
                                           tuple(q.shape), error)
-      with jax.named_scope('attention_fused_xla'):
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='xla')
+      out = _fused(q, k, v, scale, 'xla')
     out = out.astype(v.dtype)
     if progress is not None:
       _callback(progress, 1, 1, out)
